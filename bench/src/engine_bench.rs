@@ -1,0 +1,208 @@
+//! In-process engine benchmark: the numbers a model costs on this machine.
+//!
+//! Route decisions run through the same [`RouterAgent`] the server uses, once
+//! on an engine with the prefix cache (as served) and once on an engine
+//! without it (the baseline), in the same run. TTFT prompts start with a
+//! unique request number so that no prompt is served from the cache.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::Context;
+use flywheel_router::agents::RouterAgent;
+use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
+use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
+use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
+use flywheel_router::registry::{ServedModel, Slot};
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::stats::{Summary, summarize};
+
+/// Queries of the kind the default experts serve, cycled through.
+const QUERIES: &[&str] = &[
+    "How many vacation days do I get per year?",
+    "My laptop will not connect to the VPN from home.",
+    "How do I submit an expense report for a client dinner?",
+    "Does the Acme Widget Pro support wireless charging?",
+    "What is the parental leave policy?",
+    "I forgot my email password, how do I reset it?",
+    "When is the quarterly budget review due?",
+    "What are the dimensions of the Widget Mini?",
+    "Can I carry over unused sick days?",
+    "The printer on the third floor is jammed again.",
+];
+
+/// Arguments of `flywheel-bench engine`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// GGUF model (default: the default config's model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Route decisions measured per engine.
+    #[arg(long, default_value_t = 100)]
+    route_requests: usize,
+    /// TTFT samples.
+    #[arg(long, default_value_t = 30)]
+    ttft_requests: usize,
+    /// Decode runs (128 tokens each).
+    #[arg(long, default_value_t = 3)]
+    decode_runs: usize,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    model_bytes: u64,
+    load_ms: f64,
+    route_ms: Summary,
+    route_ms_no_prefix_cache: Summary,
+    route_prompt_tokens: u32,
+    ttft_ms: Summary,
+    ttft_prompt_tokens: u32,
+    prefill_tokens_per_second: f64,
+    decode_tokens_per_second: f64,
+    threads: usize,
+}
+
+fn options(path: &std::path::Path, prefix_cache_n: usize) -> MistralOptions {
+    MistralOptions {
+        path: path.to_path_buf(),
+        max_num_seqs: flywheel_router::config::DEFAULT_MAX_NUM_SEQS,
+        prefix_cache_n,
+        device: flywheel_router::engine::mistral::DeviceChoice::Cpu,
+    }
+}
+
+async fn route_latencies(engine: Arc<dyn Engine>, settings: &EngineSettings, n: usize) -> anyhow::Result<(Vec<f64>, u32)> {
+    let served = Arc::new(ServedModel {
+        version: "bench".into(),
+        path: PathBuf::new(),
+        size_bytes: 0,
+        loaded_at: SystemTime::now(),
+        engine,
+    });
+    let router = RouterAgent::new(&settings.router, &settings.experts, Arc::new(Slot::new("router", served.clone())))?;
+    router.warm_up(&served).await?;
+    let mut samples = Vec::with_capacity(n);
+    let mut prompt_tokens = 0;
+    for i in 0..n {
+        let d = router.decide(QUERIES[i % QUERIES.len()]).await?;
+        samples.push(d.latency_ms);
+        prompt_tokens = d.prompt_tokens;
+    }
+    Ok((samples, prompt_tokens))
+}
+
+/// A prompt of about 60 tokens, unique per `i`.
+fn ttft_prompt(i: usize) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::system(format!(
+            "Request {i}. You are the IT help desk of Acme Widgets Inc. Give short, practical troubleshooting steps."
+        )),
+        ChatMessage::user("My laptop will not connect to the VPN from home since this morning. What should I check first?"),
+    ]
+}
+
+/// Run the engine benchmark and print its table.
+///
+/// # Errors
+/// Model loading or engine failures.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let settings = EngineSettings::default();
+    let path = args.model.clone().unwrap_or_else(|| settings.models[DEFAULT_MODEL_NAME].path.clone());
+    let model_bytes = std::fs::metadata(&path).with_context(|| format!("model {}", path.display()))?.len();
+
+    let started = Instant::now();
+    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, 16)).await?);
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    eprintln!("loaded {} in {load_ms:.0} ms", path.display());
+
+    let (route, route_prompt_tokens) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
+    let baseline: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, 0)).await?);
+    let (route_nocache, _) = route_latencies(baseline, &settings, args.route_requests).await?;
+
+    let mut ttft = Vec::new();
+    let mut ttft_prompt_tokens = 0;
+    let mut prefill_tps = Vec::new();
+    for i in 0..args.ttft_requests {
+        let t = Instant::now();
+        let params = GenerateParams { max_tokens: 2, temperature: None, top_p: None };
+        let mut stream = engine.generate(ttft_prompt(i), params).await?;
+        let mut first = None;
+        while let Some(ev) = stream.next().await {
+            match ev? {
+                GenerationEvent::Delta(_) => {
+                    first.get_or_insert(t.elapsed().as_secs_f64() * 1e3);
+                }
+                GenerationEvent::Done(s) => {
+                    ttft_prompt_tokens = s.usage.prompt_tokens;
+                    prefill_tps.push(s.prefill_tokens_per_second);
+                }
+            }
+        }
+        ttft.push(first.context("no token generated")?);
+    }
+
+    let mut decode_tps = Vec::new();
+    for i in 0..args.decode_runs {
+        let params = GenerateParams { max_tokens: 128, temperature: None, top_p: None };
+        let prompt = vec![ChatMessage::user(format!("Run {i}: write a long story about a robot who learns to paint."))];
+        let mut stream = engine.generate(prompt, params).await?;
+        let (mut first, mut last, mut deltas) = (None, None, 0u32);
+        while let Some(ev) = stream.next().await {
+            if let GenerationEvent::Delta(_) = ev? {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                deltas += 1;
+            }
+        }
+        if let (Some(f), Some(l)) = (first, last) {
+            if deltas > 1 {
+                decode_tps.push(f64::from(deltas - 1) / l.duration_since(f).as_secs_f64());
+            }
+        }
+    }
+
+    let report = Report {
+        model: path.display().to_string(),
+        model_bytes,
+        load_ms,
+        route_ms: summarize(&route),
+        route_ms_no_prefix_cache: summarize(&route_nocache),
+        route_prompt_tokens,
+        ttft_ms: summarize(&ttft),
+        ttft_prompt_tokens,
+        prefill_tokens_per_second: summarize(&prefill_tps).p50,
+        decode_tokens_per_second: summarize(&decode_tps).p50,
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    print_report(&report);
+    if let Some(path) = &args.json {
+        crate::write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    println!("model            {} ({:.1} MB), {} threads", r.model, r.model_bytes as f64 / 1e6, r.threads);
+    println!("load             {:.0} ms", r.load_ms);
+    println!(
+        "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on)",
+        r.route_ms.p50, r.route_ms.p99, r.route_prompt_tokens
+    );
+    println!(
+        "route (no cache) p50 {:.1} ms  p99 {:.1} ms  -> cache speed-up {:.2}x at p50",
+        r.route_ms_no_prefix_cache.p50,
+        r.route_ms_no_prefix_cache.p99,
+        r.route_ms_no_prefix_cache.p50 / r.route_ms.p50
+    );
+    println!("TTFT             p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens)", r.ttft_ms.p50, r.ttft_ms.p99, r.ttft_prompt_tokens);
+    println!("prefill          {:.0} tok/s", r.prefill_tokens_per_second);
+    println!("decode           {:.1} tok/s", r.decode_tokens_per_second);
+}

@@ -1,0 +1,66 @@
+//! `flywheel-bench`: measure the engine and the server.
+//!
+//! - `engine`: in-process numbers for a model (load time, route decision
+//!   latency with and without the prefix cache, TTFT for a ~60-token prompt,
+//!   prefill and decode tokens/s).
+//! - `load`: a closed-loop gRPC load generator (route or streaming chat).
+//! - `ask`: send one query to a server and stream the answer.
+
+mod engine_bench;
+mod grpc_load;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "flywheel-bench", version, about = "Benchmarks and a tiny client for flywheel")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Engine numbers for a model, in process (no server).
+    Engine(engine_bench::Args),
+    /// Closed-loop gRPC load against a running server.
+    Load(grpc_load::Args),
+    /// Ask a running server one question and stream the answer.
+    Ask {
+        /// Server address.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        addr: String,
+        /// Force an expert.
+        #[arg(long)]
+        expert: Option<String>,
+        /// Answer length cap.
+        #[arg(long)]
+        max_tokens: Option<u32>,
+        /// The question.
+        query: String,
+    },
+}
+
+/// Write `value` as pretty JSON to `path`.
+pub fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Engine(args) => engine_bench::run(args).await,
+        Command::Load(args) => grpc_load::run(args).await,
+        Command::Ask { addr, expert, max_tokens, query } => grpc_load::ask(&addr, query, expert, max_tokens).await,
+    }
+}

@@ -1,0 +1,14 @@
+//! Generated gRPC code for the `flywheel.v1` API (see `flywheel/v1/flywheel.proto`).
+//!
+//! Both the server and the clients (tests, `flywheel-bench`) use these types;
+//! nothing else lives here.
+
+#![allow(missing_docs, clippy::all)]
+
+/// Messages, clients and servers of package `flywheel.v1`.
+pub mod v1 {
+    tonic::include_proto!("flywheel.v1");
+}
+
+/// Encoded file descriptor set of the API, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("flywheel_descriptor");

@@ -1,0 +1,216 @@
+//! The router agent: classifies a query into one of the configured experts.
+//!
+//! It never generates free text: the engine scores every expert name as the
+//! model's answer in one prefill ([`crate::engine::Engine::score_labels`]),
+//! and the scores are normalised over the experts. Below the confidence
+//! threshold the fallback expert answers. The system prompt (instructions and
+//! expert list) is identical for every query, so the engine's prefix cache
+//! reuses its KV and a decision costs only the query's tokens.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::{ExpertSpec, RouterSpec};
+use crate::engine::{ChatMessage, EngineError, LabelSet};
+use crate::registry::{ServedModel, Slot};
+
+/// One expert's score.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExpertScore {
+    /// Expert name.
+    pub expert: String,
+    /// Probability normalised over the experts.
+    pub probability: f32,
+    /// The model's log-probability of the expert's label.
+    pub logprob: f32,
+}
+
+/// The router's decision for one query.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RouteDecision {
+    /// The expert that answers.
+    pub expert: String,
+    /// The router's own top choice.
+    pub top_expert: String,
+    /// Probability of the top choice.
+    pub confidence: f32,
+    /// Every expert's score, best first (empty when forced).
+    pub scores: Vec<ExpertScore>,
+    /// Version of the router model (empty when forced).
+    pub router_model_version: String,
+    /// Decision time in milliseconds.
+    pub latency_ms: f64,
+    /// The caller chose the expert.
+    pub forced: bool,
+    /// Confidence was below the threshold: the fallback expert answers.
+    pub fallback: bool,
+    /// Prompt length the router model read, in tokens.
+    pub prompt_tokens: u32,
+}
+
+impl RouteDecision {
+    /// A decision made by the caller.
+    pub fn forced(expert: &str) -> Self {
+        Self {
+            expert: expert.to_string(),
+            top_expert: expert.to_string(),
+            confidence: 1.0,
+            scores: Vec::new(),
+            router_model_version: String::new(),
+            latency_ms: 0.0,
+            forced: true,
+            fallback: false,
+            prompt_tokens: 0,
+        }
+    }
+}
+
+/// The router agent.
+pub struct RouterAgent {
+    slot: Arc<Slot>,
+    labels: LabelSet,
+    system_prompt: String,
+    threshold: f32,
+    fallback: String,
+}
+
+impl RouterAgent {
+    /// A router over `experts`, using the model in `slot`.
+    ///
+    /// # Errors
+    /// [`EngineError::InvalidLabels`] when expert names are not a valid label set.
+    pub fn new(spec: &RouterSpec, experts: &[ExpertSpec], slot: Arc<Slot>) -> Result<Self, EngineError> {
+        let labels = LabelSet::new(experts.iter().map(|e| e.name.clone()).collect())?;
+        Ok(Self {
+            slot,
+            labels,
+            system_prompt: system_prompt(&spec.instructions, experts),
+            threshold: spec.confidence_threshold,
+            fallback: spec.fallback_expert.clone(),
+        })
+    }
+
+    /// The expert names, in configured order.
+    pub fn experts(&self) -> &[String] {
+        self.labels.names()
+    }
+
+    /// The chat prompt for a query.
+    pub fn prompt(&self, query: &str) -> Vec<ChatMessage> {
+        vec![ChatMessage::system(self.system_prompt.clone()), ChatMessage::user(query)]
+    }
+
+    /// Prime the engine with the fixed prompt prefix and pay one-time costs.
+    ///
+    /// # Errors
+    /// Engine failures: the model is not fit to route.
+    pub async fn warm_up(&self, model: &ServedModel) -> Result<(), EngineError> {
+        model.engine.warm_up(&self.prompt("hello")).await?;
+        // Scoring builds and caches the label plan (tokenized expert names).
+        model.engine.score_labels(&self.prompt("hello"), &self.labels).await?;
+        Ok(())
+    }
+
+    /// The model serving this router now.
+    pub fn model(&self) -> Arc<ServedModel> {
+        self.slot.current()
+    }
+
+    /// Decide which expert answers `query`.
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub async fn decide(&self, query: &str) -> Result<RouteDecision, EngineError> {
+        let model = self.slot.current();
+        let start = Instant::now();
+        let scores = model.engine.score_labels(&self.prompt(query), &self.labels).await?;
+        let latency_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok(self.decision(&scores.probabilities(), &scores.logprobs, &model.version, latency_ms, scores.prompt_tokens))
+    }
+
+    fn decision(
+        &self,
+        probs: &[f32],
+        logprobs: &[f32],
+        version: &str,
+        latency_ms: f64,
+        prompt_tokens: u32,
+    ) -> RouteDecision {
+        let mut scores: Vec<ExpertScore> = self
+            .labels
+            .names()
+            .iter()
+            .zip(probs.iter().zip(logprobs))
+            .map(|(name, (&p, &lp))| ExpertScore { expert: name.clone(), probability: p, logprob: lp })
+            .collect();
+        scores.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        let top = scores.first().map(|s| (s.expert.clone(), s.probability)).unwrap_or_default();
+        let fallback = top.1 < self.threshold;
+        RouteDecision {
+            expert: if fallback { self.fallback.clone() } else { top.0.clone() },
+            top_expert: top.0,
+            confidence: top.1,
+            scores,
+            router_model_version: version.to_string(),
+            latency_ms,
+            forced: false,
+            fallback,
+            prompt_tokens,
+        }
+    }
+}
+
+fn system_prompt(instructions: &str, experts: &[ExpertSpec]) -> String {
+    let mut s = format!("{}\n\nTeams:\n", instructions.trim());
+    for e in experts {
+        s.push_str(&format!("- {}: {}\n", e.name, e.description));
+    }
+    s.push_str("\nReply with one team name only.");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EngineSettings;
+
+    fn agent(threshold: f32) -> RouterAgent {
+        let settings = EngineSettings::default();
+        let mut spec = settings.router.clone();
+        spec.confidence_threshold = threshold;
+        let slot = Arc::new(Slot::new("router", Arc::new(crate::testing::stub_model("v1"))));
+        RouterAgent::new(&spec, &settings.experts, slot).unwrap()
+    }
+
+    #[test]
+    fn prompt_lists_every_expert_with_its_description() {
+        let a = agent(0.3);
+        let p = a.prompt("my laptop is broken");
+        assert_eq!(p.len(), 2);
+        for e in EngineSettings::default().experts {
+            assert!(p[0].content.contains(&format!("- {}: {}", e.name, e.description)));
+        }
+        assert_eq!(p[1].content, "my laptop is broken");
+    }
+
+    #[test]
+    fn picks_top_expert_and_sorts_scores() {
+        let a = agent(0.3);
+        let d = a.decision(&[0.1, 0.6, 0.1, 0.1, 0.1], &[-2.0, -0.5, -2.0, -2.0, -2.0], "v1", 3.0, 40);
+        assert_eq!(d.expert, "it");
+        assert!(!d.fallback);
+        assert_eq!(d.scores[0].expert, "it");
+        assert_eq!(d.scores.len(), 5);
+        assert_eq!(d.router_model_version, "v1");
+    }
+
+    #[test]
+    fn low_confidence_goes_to_fallback_but_keeps_top_choice() {
+        let a = agent(0.5);
+        let d = a.decision(&[0.3, 0.25, 0.15, 0.15, 0.15], &[-1.0; 5], "v1", 1.0, 10);
+        assert!(d.fallback);
+        assert_eq!(d.expert, "general");
+        assert_eq!(d.top_expert, "hr");
+        assert!((d.confidence - 0.3).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,373 @@
+//! Typed settings of the domain: models, router, experts, limits, request log.
+//!
+//! These structs deserialize from the server's TOML file (see
+//! `server/src/config.rs`, which adds the transport settings and the env/flag
+//! overrides) and are validated once, before anything is loaded or bound.
+//! Every default is a named constant with the reason for its value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::mistral::DeviceChoice;
+
+/// Default model: SmolLM2-135M-Instruct re-quantized to Q8_0 by `scripts/fetch-model.sh`.
+pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct-q8_0.gguf";
+/// Name of the default model entry.
+pub const DEFAULT_MODEL_NAME: &str = "smollm2";
+/// Below this router confidence the fallback expert answers. With five
+/// experts a uniform guess is 0.2; 0.35 asks for a clear preference.
+pub const DEFAULT_CONFIDENCE_THRESHOLD: f32 = 0.35;
+/// Longest accepted query, in characters (about 1,000 tokens: well inside
+/// SmolLM2's 8k context with the expert prompt and answer).
+pub const DEFAULT_MAX_QUERY_CHARS: usize = 4000;
+/// Requests admitted at once; more get `ResourceExhausted`. On 2 cores the
+/// engine batches up to `max_num_seqs`; the rest queue inside this bound.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// Default answer length cap (tokens).
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Request-log flush interval: the most recent records that a `kill -9` can lose.
+pub const DEFAULT_LOG_FLUSH_MS: u64 = 50;
+/// Records written per SQLite transaction at most.
+pub const DEFAULT_LOG_BATCH: usize = 512;
+/// Records queued for the log writer before submitters fall back to a
+/// blocking hand-off on the blocking pool (never dropped).
+pub const DEFAULT_LOG_QUEUE: usize = 16_384;
+/// Sequences mistral.rs schedules together.
+pub const DEFAULT_MAX_NUM_SEQS: usize = 32;
+/// Finished sequences kept in mistral.rs's prefix cache: enough that the
+/// router prefix survives interleaved answers.
+pub const DEFAULT_PREFIX_CACHE_N: usize = 16;
+
+/// Errors in the settings, each saying what to fix.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A setting has an unusable value.
+    #[error("invalid setting `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key of the setting.
+        key: String,
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// A model file and how to run it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// GGUF file.
+    pub path: PathBuf,
+    /// Version label recorded in the log; defaults to the file name without extension.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Sequences scheduled together.
+    #[serde(default = "default_max_num_seqs")]
+    pub max_num_seqs: usize,
+    /// Prefix-cache entries.
+    #[serde(default = "default_prefix_cache_n")]
+    pub prefix_cache_n: usize,
+    /// Device.
+    #[serde(default = "default_device")]
+    pub device: DeviceChoice,
+}
+
+impl ModelSpec {
+    /// The version label of this model.
+    pub fn version_label(&self) -> String {
+        self.version.clone().unwrap_or_else(|| {
+            self.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        })
+    }
+}
+
+fn default_max_num_seqs() -> usize {
+    DEFAULT_MAX_NUM_SEQS
+}
+fn default_prefix_cache_n() -> usize {
+    DEFAULT_PREFIX_CACHE_N
+}
+fn default_device() -> DeviceChoice {
+    DeviceChoice::Cpu
+}
+
+/// The router agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSpec {
+    /// Model entry (key of `[models]`).
+    pub model: String,
+    /// Instructions placed before the expert list.
+    pub instructions: String,
+    /// Below this top probability the fallback expert answers.
+    pub confidence_threshold: f32,
+    /// Expert that answers low-confidence queries.
+    pub fallback_expert: String,
+}
+
+/// One expert agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpertSpec {
+    /// Name, also the router's label for it: lowercase, no spaces.
+    pub name: String,
+    /// What it covers; shown to the router.
+    pub description: String,
+    /// System prompt of its answers.
+    pub system_prompt: String,
+    /// Model entry (key of `[models]`).
+    #[serde(default = "default_model_name")]
+    pub model: String,
+    /// Answer length cap in tokens.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 = greedy.
+    #[serde(default)]
+    pub temperature: f32,
+    /// Nucleus sampling mass.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+}
+
+fn default_model_name() -> String {
+    DEFAULT_MODEL_NAME.to_string()
+}
+
+fn default_max_tokens() -> u32 {
+    DEFAULT_MAX_TOKENS
+}
+
+/// Admission and input limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSpec {
+    /// Longest accepted query in characters.
+    pub max_query_chars: usize,
+    /// Requests admitted at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self { max_query_chars: DEFAULT_MAX_QUERY_CHARS, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+    }
+}
+
+/// The request log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSpec {
+    /// SQLite database file (created with its folder if missing).
+    pub path: PathBuf,
+    /// Longest time a record waits before it is committed (ms).
+    pub flush_interval_ms: u64,
+    /// Records per transaction at most.
+    pub batch_size: usize,
+    /// Queue length before submitters hand off on the blocking pool.
+    pub queue_capacity: usize,
+}
+
+impl Default for LogSpec {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("var/requests.db"),
+            flush_interval_ms: DEFAULT_LOG_FLUSH_MS,
+            batch_size: DEFAULT_LOG_BATCH,
+            queue_capacity: DEFAULT_LOG_QUEUE,
+        }
+    }
+}
+
+/// Everything the domain needs: models, router, experts, limits, log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSettings {
+    /// Named model files.
+    pub models: BTreeMap<String, ModelSpec>,
+    /// The router agent.
+    pub router: RouterSpec,
+    /// The expert agents, in display order.
+    pub experts: Vec<ExpertSpec>,
+    /// Admission and input limits.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// The request log.
+    #[serde(default)]
+    pub log: LogSpec,
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            model: DEFAULT_MODEL_NAME.into(),
+            instructions: "You route employee questions to the right team. \
+                Reply with the name of the one team that should answer."
+                .into(),
+            confidence_threshold: DEFAULT_CONFIDENCE_THRESHOLD,
+            fallback_expert: "general".into(),
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        let model = DEFAULT_MODEL_NAME.to_string();
+        let expert = |name: &str, description: &str, prompt: &str| ExpertSpec {
+            name: name.into(),
+            description: description.into(),
+            system_prompt: prompt.into(),
+            model: model.clone(),
+            max_tokens: DEFAULT_MAX_TOKENS,
+            temperature: 0.0,
+            top_p: None,
+        };
+        let company = "You work for Acme Widgets Inc., a fictional company.";
+        Self {
+            models: BTreeMap::from([(
+                model.clone(),
+                ModelSpec {
+                    path: PathBuf::from(DEFAULT_MODEL_PATH),
+                    version: None,
+                    max_num_seqs: DEFAULT_MAX_NUM_SEQS,
+                    prefix_cache_n: DEFAULT_PREFIX_CACHE_N,
+                    device: DeviceChoice::Cpu,
+                },
+            )]),
+            router: RouterSpec::default(),
+            experts: vec![
+                expert(
+                    "hr",
+                    "human resources: vacation, leave, benefits, payroll, hiring, workplace policies",
+                    &format!("{company} You are the HR assistant. Answer questions about leave, benefits, payroll and workplace policies briefly and kindly."),
+                ),
+                expert(
+                    "it",
+                    "IT help desk: laptops, passwords, VPN, email, software, printers, accounts",
+                    &format!("{company} You are the IT help desk. Give short, practical troubleshooting steps."),
+                ),
+                expert(
+                    "finance",
+                    "finance: expenses, reimbursements, invoices, budgets, earnings, travel costs",
+                    &format!("{company} You are the finance assistant. Answer questions about expenses, invoices, budgets and earnings briefly."),
+                ),
+                expert(
+                    "product",
+                    "product documentation: Acme widgets, features, specifications, setup, pricing",
+                    &format!("{company} You are the product documentation assistant. Explain Acme products and features briefly."),
+                ),
+                expert(
+                    "general",
+                    "anything else: small talk and general questions",
+                    &format!("{company} You are a helpful general assistant. Answer briefly."),
+                ),
+            ],
+            limits: LimitsSpec::default(),
+            log: LogSpec::default(),
+        }
+    }
+}
+
+impl EngineSettings {
+    /// Check cross-references and ranges.
+    ///
+    /// # Errors
+    /// The first problem found, naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(invalid("models", "define at least one model"));
+        }
+        for (name, m) in &self.models {
+            if m.path.as_os_str().is_empty() {
+                return Err(invalid(format!("models.{name}.path"), "must not be empty"));
+            }
+            if m.max_num_seqs == 0 {
+                return Err(invalid(format!("models.{name}.max_num_seqs"), "must be at least 1"));
+            }
+        }
+        if !self.models.contains_key(&self.router.model) {
+            return Err(invalid("router.model", format!("no model named `{}` in [models]", self.router.model)));
+        }
+        let t = self.router.confidence_threshold;
+        if !(0.0..=1.0).contains(&t) {
+            return Err(invalid("router.confidence_threshold", "must be between 0 and 1"));
+        }
+        if self.experts.is_empty() {
+            return Err(invalid("experts", "define at least one expert"));
+        }
+        for (i, e) in self.experts.iter().enumerate() {
+            let key = format!("experts[{i}]");
+            if e.name.is_empty() || e.name.chars().any(|c| c.is_whitespace() || c.is_uppercase()) {
+                return Err(invalid(format!("{key}.name"), "must be non-empty lowercase without spaces"));
+            }
+            if self.experts[..i].iter().any(|o| o.name == e.name) {
+                return Err(invalid(format!("{key}.name"), format!("expert `{}` is defined twice", e.name)));
+            }
+            if !self.models.contains_key(&e.model) {
+                return Err(invalid(format!("{key}.model"), format!("no model named `{}` in [models]", e.model)));
+            }
+            if e.max_tokens == 0 {
+                return Err(invalid(format!("{key}.max_tokens"), "must be at least 1"));
+            }
+            if !(0.0..=2.0).contains(&e.temperature) {
+                return Err(invalid(format!("{key}.temperature"), "must be between 0 and 2"));
+            }
+        }
+        if !self.experts.iter().any(|e| e.name == self.router.fallback_expert) {
+            return Err(invalid(
+                "router.fallback_expert",
+                format!("no expert named `{}`", self.router.fallback_expert),
+            ));
+        }
+        if self.limits.max_query_chars == 0 {
+            return Err(invalid("limits.max_query_chars", "must be at least 1"));
+        }
+        if self.limits.max_in_flight == 0 {
+            return Err(invalid("limits.max_in_flight", "must be at least 1"));
+        }
+        if self.log.flush_interval_ms == 0 || self.log.flush_interval_ms > 100 {
+            return Err(invalid("log.flush_interval_ms", "must be between 1 and 100"));
+        }
+        if self.log.batch_size == 0 || self.log.queue_capacity == 0 {
+            return Err(invalid("log", "batch_size and queue_capacity must be at least 1"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_define_the_five_experts() {
+        let s = EngineSettings::default();
+        s.validate().unwrap();
+        let names: Vec<_> = s.experts.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["hr", "it", "finance", "product", "general"]);
+    }
+
+    #[test]
+    fn rejects_unknown_fallback_and_model_references() {
+        let mut s = EngineSettings::default();
+        s.router.fallback_expert = "legal".into();
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid { key, .. }) if key == "router.fallback_expert"));
+        let mut s = EngineSettings::default();
+        s.experts[1].model = "missing".into();
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid { key, .. }) if key == "experts[1].model"));
+    }
+
+    #[test]
+    fn rejects_duplicate_expert_and_bad_threshold() {
+        let mut s = EngineSettings::default();
+        s.experts[2].name = "hr".into();
+        assert!(s.validate().is_err());
+        let mut s = EngineSettings::default();
+        s.router.confidence_threshold = 1.5;
+        assert!(s.validate().is_err());
+    }
+}

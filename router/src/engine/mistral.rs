@@ -1,0 +1,400 @@
+//! [`Engine`] on mistral.rs: GGUF models on CPU (or CUDA when built with the
+//! `cuda` feature).
+//!
+//! Generation sends a chat request and forwards its stream; label scoring
+//! sends the tokenized prompt as a one-token completion with a logits
+//! processor that reads the next-token distribution (the prefill's last row),
+//! so no text is generated and no label parsing is needed. Both go through
+//! mistral.rs's scheduler, so concurrent route decisions and answers batch
+//! together, and its prefix cache reuses the KV of the router's fixed prompt
+//! prefix (instructions + expert list) across decisions.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use either::Either;
+use indexmap::IndexMap;
+use mistralrs::core::{RequestMessage, TokenizationRequest};
+use mistralrs::{
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, MessageContent, Model, NormalRequest,
+    Request, Response, SamplingParams, Tensor, TokenSource,
+};
+use tokio::sync::mpsc;
+
+use super::labels::{LabelPlan, log_softmax_at};
+use super::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent,
+    GenerationSummary, LabelScores, LabelSet, TokenStream, Usage,
+};
+
+/// Which device mistral.rs runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CPU (the default, and the only device CI has).
+    Cpu,
+    /// CUDA GPU 0 when the binary was built with CUDA support, else the CPU.
+    Auto,
+}
+
+/// How to load a GGUF model.
+#[derive(Debug, Clone)]
+pub struct MistralOptions {
+    /// The `.gguf` file.
+    pub path: PathBuf,
+    /// Sequences the scheduler runs at once.
+    pub max_num_seqs: usize,
+    /// Finished sequences kept in the prefix cache.
+    pub prefix_cache_n: usize,
+    /// Device.
+    pub device: DeviceChoice,
+}
+
+/// Streaming responses buffered between the engine thread and the caller.
+/// mistral.rs awaits each send, so a small buffer keeps its loop from waiting
+/// on a slow consumer without holding many tokens.
+const RESPONSE_BUFFER: usize = 16;
+
+/// A GGUF model loaded in mistral.rs.
+pub struct MistralEngine {
+    model: Model,
+    plans: Mutex<HashMap<LabelSet, Arc<LabelPlan>>>,
+}
+
+impl MistralEngine {
+    /// Load a GGUF model from a local file. Never touches the network: the
+    /// tokenizer and chat template come from the GGUF metadata.
+    ///
+    /// # Errors
+    /// [`EngineError::ModelNotFound`] for a missing file, [`EngineError::Load`]
+    /// when mistral.rs cannot load it.
+    pub async fn load(opts: &MistralOptions) -> Result<Self, EngineError> {
+        let path = &opts.path;
+        let not_found = || EngineError::ModelNotFound { path: path.display().to_string() };
+        if !path.is_file() {
+            return Err(not_found());
+        }
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let file = path.file_name().ok_or_else(not_found)?.to_string_lossy().to_string();
+        let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
+            .with_token_source(TokenSource::None)
+            .with_max_num_seqs(opts.max_num_seqs.max(1))
+            .with_prefix_cache_n(Some(opts.prefix_cache_n));
+        if opts.device == DeviceChoice::Cpu {
+            builder = builder.with_force_cpu();
+        }
+        let model = builder.build().await.map_err(|source| EngineError::Load {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Ok(Self { model, plans: Mutex::new(HashMap::new()) })
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Request>, EngineError> {
+        self.model.inner().get_sender(None).map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
+    }
+
+    async fn tokenize(
+        &self,
+        text: Either<&[ChatMessage], &str>,
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, EngineError> {
+        let (tx, mut rx) = mpsc::channel(1);
+        let request = Request::Tokenize(TokenizationRequest {
+            text: text.map_left(to_mistral_messages).map_right(str::to_string),
+            tools: None,
+            add_generation_prompt,
+            add_special_tokens: false,
+            response: tx,
+            enable_thinking: None,
+            reasoning_effort: None,
+        });
+        self.sender()?.send(request).await.map_err(|_| EngineError::Disconnected)?;
+        rx.recv()
+            .await
+            .ok_or(EngineError::Disconnected)?
+            .map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
+    }
+
+    /// Tokenize each label as the model would write it as its whole answer,
+    /// and find the end-of-turn token that follows it.
+    async fn plan_for(&self, labels: &LabelSet) -> Result<Arc<LabelPlan>, EngineError> {
+        if let Some(plan) = lock(&self.plans).get(labels) {
+            return Ok(plan.clone());
+        }
+        let probe = [ChatMessage::user("x")];
+        let prompt = self.tokenize(Either::Left(&probe), true).await?;
+        let mut seqs = Vec::with_capacity(labels.len());
+        let mut end_token = None;
+        for name in labels.names() {
+            let answered = [
+                ChatMessage::user("x"),
+                ChatMessage { role: super::Role::Assistant, content: name.clone() },
+            ];
+            let full = self.tokenize(Either::Left(&answered), false).await?;
+            let plain = self.tokenize(Either::Right(name), false).await?;
+            let tail = full.get(prompt.len()..).unwrap_or_default();
+            if full.starts_with(&prompt) && tail.starts_with(&plain) && tail.len() > plain.len() {
+                end_token = end_token.or(Some(tail[plain.len()]));
+            }
+            seqs.push(plain);
+        }
+        let plan = Arc::new(LabelPlan::new(&seqs, end_token)?);
+        lock(&self.plans).insert(labels.clone(), plan.clone());
+        Ok(plan)
+    }
+
+    /// One prefill of `tokens`, returning the log-probabilities of `next` at its end.
+    async fn next_token_logprobs(
+        &self,
+        tokens: Vec<u32>,
+        next: Vec<u32>,
+    ) -> Result<(Vec<f32>, u32), EngineError> {
+        let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
+        let slot = captured.clone();
+        let processor = move |logits: &Tensor, _context: &[u32]| -> mistralrs::Result<Tensor> {
+            let row = logits.to_dtype(mistralrs::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            *lock(&slot) = Some(log_softmax_at(&row, &next));
+            Ok(logits.clone())
+        };
+        let sampling = SamplingParams { max_len: Some(1), ..SamplingParams::deterministic() };
+        let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
+        let prompt_tokens = tokens.len() as u32;
+        let mut request = NormalRequest::new_simple(
+            RequestMessage::CompletionTokens(tokens),
+            sampling,
+            tx,
+            0,
+            None,
+            None,
+        );
+        request.constraint = Constraint::None;
+        request.logits_processors = Some(vec![Arc::new(processor) as Arc<dyn CustomLogitsProcessor>]);
+        self.sender()?
+            .send(Request::Normal(Box::new(request)))
+            .await
+            .map_err(|_| EngineError::Disconnected)?;
+        loop {
+            match rx.recv().await {
+                Some(Response::CompletionDone(_)) | Some(Response::Done(_)) => break,
+                Some(Response::CompletionChunk(_)) | Some(Response::Chunk(_)) => continue,
+                Some(other) => return Err(response_error(other)),
+                None => return Err(EngineError::Disconnected),
+            }
+        }
+        let values = lock(&captured).take().ok_or_else(|| {
+            EngineError::Backend(anyhow::anyhow!("the engine finished without sampling a token"))
+        })?;
+        Ok((values, prompt_tokens))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain data behind; keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn to_mistral_messages(messages: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut map = IndexMap::new();
+            map.insert("role".to_string(), Either::Left(m.role.as_str().to_string()));
+            map.insert("content".to_string(), Either::Left(m.content.clone()));
+            map
+        })
+        .collect()
+}
+
+fn response_error(response: Response) -> EngineError {
+    match response {
+        Response::ValidationError(e) => EngineError::Rejected(e.to_string()),
+        Response::InternalError(e) => EngineError::Backend(anyhow::anyhow!(e.to_string())),
+        Response::ModelError(msg, _) | Response::CompletionModelError(msg, _) => {
+            EngineError::Backend(anyhow::anyhow!(msg))
+        }
+        _ => EngineError::Backend(anyhow::anyhow!("unexpected response kind from mistral.rs")),
+    }
+}
+
+fn finish_reason(s: &str) -> FinishReason {
+    match s {
+        "stop" | "eos" => FinishReason::Stop,
+        "length" => FinishReason::Length,
+        other => FinishReason::Other(other.to_string()),
+    }
+}
+
+#[async_trait]
+impl Engine for MistralEngine {
+    fn backend(&self) -> &'static str {
+        "mistralrs"
+    }
+
+    async fn generate(
+        &self,
+        messages: Vec<ChatMessage>,
+        params: GenerateParams,
+    ) -> Result<TokenStream, EngineError> {
+        let greedy = params.temperature.is_none_or(|t| t <= 0.0);
+        let sampling = SamplingParams {
+            temperature: if greedy { None } else { params.temperature },
+            top_k: if greedy { Some(1) } else { None },
+            top_p: params.top_p,
+            max_len: Some(params.max_tokens.max(1)),
+            ..SamplingParams::neutral()
+        };
+        let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
+        let mut request = NormalRequest::new_simple(
+            RequestMessage::Chat {
+                messages: to_mistral_messages(&messages),
+                enable_thinking: None,
+                reasoning_effort: None,
+            },
+            sampling,
+            tx,
+            0,
+            None,
+            None,
+        );
+        request.is_streaming = true;
+        self.sender()?
+            .send(Request::Normal(Box::new(request)))
+            .await
+            .map_err(|_| EngineError::Disconnected)?;
+        let stream = async_stream(move |out| async move {
+            loop {
+                let response = tokio::select! {
+                    r = rx.recv() => r,
+                    // The caller dropped the stream: return now, dropping `rx`,
+                    // which makes mistral.rs cancel the sequence at its next token.
+                    () = out.closed() => return,
+                };
+                let Some(response) = response else { break };
+                match response {
+                    Response::Chunk(chunk) => {
+                        let mut finished = None;
+                        for choice in chunk.choices {
+                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                                if out.send(Ok(GenerationEvent::Delta(text))).await.is_err() {
+                                    return; // caller went away: dropping `rx` cancels the sequence
+                                }
+                            }
+                            if let Some(reason) = choice.finish_reason {
+                                finished = Some(reason);
+                            }
+                        }
+                        if let Some(reason) = finished {
+                            let usage = chunk.usage.unwrap_or_default_usage();
+                            let _ = out.send(Ok(GenerationEvent::Done(usage.summary(&reason)))).await;
+                            return;
+                        }
+                    }
+                    Response::Done(done) => {
+                        let reason =
+                            done.choices.first().map(|c| c.finish_reason.clone()).unwrap_or_default();
+                        let summary = done.usage.summary(&reason);
+                        let _ = out.send(Ok(GenerationEvent::Done(summary))).await;
+                        return;
+                    }
+                    other => {
+                        let _ = out.send(Err(response_error(other))).await;
+                        return;
+                    }
+                }
+            }
+            let _ = out.send(Err(EngineError::Disconnected)).await;
+        });
+        Ok(stream)
+    }
+
+    async fn score_labels(
+        &self,
+        messages: &[ChatMessage],
+        labels: &LabelSet,
+    ) -> Result<LabelScores, EngineError> {
+        let plan = self.plan_for(labels).await?;
+        let prompt = self.tokenize(Either::Left(messages), true).await?;
+        let passes = plan.steps().iter().map(|step| {
+            let tokens: Vec<u32> = prompt.iter().chain(&step.prefix).copied().collect();
+            self.next_token_logprobs(tokens, step.next_tokens.clone())
+        });
+        let results = futures::future::try_join_all(passes).await?;
+        let step_logprobs: Vec<Vec<f32>> = results.into_iter().map(|(lp, _)| lp).collect();
+        Ok(LabelScores {
+            logprobs: plan.combine(&step_logprobs),
+            prompt_tokens: prompt.len() as u32,
+            forward_passes: plan.steps().len() as u32,
+        })
+    }
+
+    async fn warm_up(&self, messages: &[ChatMessage]) -> Result<(), EngineError> {
+        let tokens = self.tokenize(Either::Left(messages), true).await?;
+        // A normal (non-raw) request: its finished sequence enters the prefix
+        // cache, so later prompts sharing this prefix skip its prefill.
+        let (lp, _) = self.next_token_logprobs(tokens, vec![0]).await?;
+        if lp.iter().any(|v| v.is_nan()) {
+            return Err(EngineError::Backend(anyhow::anyhow!("model produced NaN logits")));
+        }
+        Ok(())
+    }
+}
+
+trait UsageExt {
+    fn unwrap_or_default_usage(self) -> mistralrs::Usage;
+}
+
+impl UsageExt for Option<mistralrs::Usage> {
+    fn unwrap_or_default_usage(self) -> mistralrs::Usage {
+        self.unwrap_or(mistralrs::Usage {
+            completion_tokens: 0,
+            prompt_tokens: 0,
+            total_tokens: 0,
+            avg_tok_per_sec: 0.0,
+            avg_prompt_tok_per_sec: 0.0,
+            avg_compl_tok_per_sec: 0.0,
+            total_time_sec: 0.0,
+            total_prompt_time_sec: 0.0,
+            total_completion_time_sec: 0.0,
+        })
+    }
+}
+
+trait SummaryExt {
+    fn summary(&self, reason: &str) -> GenerationSummary;
+}
+
+impl SummaryExt for mistralrs::Usage {
+    fn summary(&self, reason: &str) -> GenerationSummary {
+        GenerationSummary {
+            usage: Usage {
+                prompt_tokens: self.prompt_tokens as u32,
+                completion_tokens: self.completion_tokens as u32,
+            },
+            finish_reason: finish_reason(reason),
+            prefill_tokens_per_second: f64::from(self.avg_prompt_tok_per_sec),
+            decode_tokens_per_second: f64::from(self.avg_compl_tok_per_sec),
+        }
+    }
+}
+
+/// Turn a producer closure into a [`TokenStream`]: the producer runs as a task
+/// writing into a bounded channel; dropping the stream closes the channel, the
+/// producer's next send fails and it returns (dropping what it consumes).
+fn async_stream<F, Fut>(producer: F) -> TokenStream
+where
+    F: FnOnce(mpsc::Sender<Result<GenerationEvent, EngineError>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+    tokio::spawn(producer(tx));
+    Box::pin(tokio_stream_from(rx))
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

@@ -1,0 +1,130 @@
+//! A model-free [`Engine`] for measuring the server's own overhead and for
+//! tests of the pipeline's plumbing.
+//!
+//! It streams a fixed answer word by word with a configurable per-token delay
+//! and scores labels by keyword: a label named in the query scores high.
+//! It is only ever selected explicitly (`--engine stub`); it is never a
+//! fallback for a model that fails to load.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::{
+    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent,
+    GenerationSummary, LabelScores, LabelSet, Role, TokenStream, Usage,
+};
+
+/// The stub's answer, streamed one word per token.
+pub const STUB_ANSWER: &str = "This is a fixed answer from the stub engine, streamed one word at a time \
+     so that clients and benchmarks see a realistic sequence of token deltas.";
+
+/// Log-probability given to a label that the query names.
+const NAMED_LOGPROB: f32 = -0.1;
+/// Log-probability given to every other label.
+const OTHER_LOGPROB: f32 = -4.0;
+
+/// A deterministic engine with no model.
+#[derive(Debug, Clone, Default)]
+pub struct StubEngine {
+    per_token_delay: Duration,
+}
+
+impl StubEngine {
+    /// A stub that waits `per_token_delay` before each token.
+    pub fn new(per_token_delay: Duration) -> Self {
+        Self { per_token_delay }
+    }
+}
+
+fn user_text(messages: &[ChatMessage]) -> String {
+    messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content.to_lowercase()).unwrap_or_default()
+}
+
+fn word_count(messages: &[ChatMessage]) -> u32 {
+    messages.iter().map(|m| m.content.split_whitespace().count() as u32).sum()
+}
+
+#[async_trait]
+impl Engine for StubEngine {
+    fn backend(&self) -> &'static str {
+        "stub"
+    }
+
+    async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
+        let words: Vec<String> = STUB_ANSWER.split(' ').map(str::to_string).collect();
+        let n = words.len().min(params.max_tokens);
+        let finish = if n < words.len() { FinishReason::Length } else { FinishReason::Stop };
+        let delay = self.per_token_delay;
+        let prompt_tokens = word_count(&messages);
+        let stream = futures::stream::unfold(0usize, move |i| {
+            let words = words.clone();
+            let finish = finish.clone();
+            async move {
+                if i > n {
+                    return None;
+                }
+                if i == n {
+                    let done = GenerationSummary {
+                        usage: Usage { prompt_tokens, completion_tokens: n as u32 },
+                        finish_reason: finish,
+                        prefill_tokens_per_second: 0.0,
+                        decode_tokens_per_second: 0.0,
+                    };
+                    return Some((Ok(GenerationEvent::Done(done)), i + 1));
+                }
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let text = if i == 0 { words[i].clone() } else { format!(" {}", words[i]) };
+                Some((Ok(GenerationEvent::Delta(text)), i + 1))
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+
+    async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
+        let text = user_text(messages);
+        let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).collect();
+        let logprobs = labels
+            .names()
+            .iter()
+            .map(|l| if words.contains(&l.to_lowercase().as_str()) { NAMED_LOGPROB } else { OTHER_LOGPROB })
+            .collect();
+        Ok(LabelScores { logprobs, prompt_tokens: word_count(messages), forward_passes: 1 })
+    }
+
+    async fn warm_up(&self, _messages: &[ChatMessage]) -> Result<(), EngineError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn streams_words_then_done_with_usage() {
+        let e = StubEngine::default();
+        let params = GenerateParams { max_tokens: 3, temperature: None, top_p: None };
+        let events: Vec<_> = e.generate(vec![ChatMessage::user("a b")], params).await.unwrap().collect().await;
+        assert_eq!(events.len(), 4);
+        assert_eq!(events[0].as_ref().unwrap(), &GenerationEvent::Delta("This".into()));
+        match events[3].as_ref().unwrap() {
+            GenerationEvent::Done(s) => {
+                assert_eq!(s.usage, Usage { prompt_tokens: 2, completion_tokens: 3 });
+                assert_eq!(s.finish_reason, FinishReason::Length);
+            }
+            other => panic!("expected Done, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn scores_the_named_label_highest() {
+        let labels = LabelSet::new(vec!["hr".into(), "it".into()]).unwrap();
+        let s = StubEngine::default().score_labels(&[ChatMessage::user("an IT question")], &labels).await.unwrap();
+        assert!(s.logprobs[1] > s.logprobs[0]);
+    }
+}

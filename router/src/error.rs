@@ -1,0 +1,66 @@
+//! Errors of the pipeline, one enum for everything a request can hit.
+//!
+//! The server maps each variant to a gRPC status in one place
+//! (`server/src/grpc/status.rs`); [`PipelineError::status_name`] gives the
+//! name recorded in the request log.
+
+use crate::engine::EngineError;
+use crate::guardrails::Blocked;
+use crate::retrieval::RetrievalError;
+
+/// Why a request did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// The query is empty or only whitespace.
+    #[error("query must not be empty")]
+    EmptyQuery,
+    /// The query is longer than the configured limit.
+    #[error("query is {len} characters long; the limit is {max} characters")]
+    QueryTooLong {
+        /// Its length in characters.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The caller forced an expert that is not configured.
+    #[error("unknown expert `{name}`; configured experts: {known}")]
+    UnknownExpert {
+        /// The name asked for.
+        name: String,
+        /// The configured names, comma-separated.
+        known: String,
+    },
+    /// Admission control: too many requests in flight.
+    #[error("the server is at its limit of {max} requests in flight; retry later")]
+    Overloaded {
+        /// The limit.
+        max: usize,
+    },
+    /// An input rail refused the query.
+    #[error(transparent)]
+    Blocked(#[from] Blocked),
+    /// The client went away before the answer was complete.
+    #[error("request cancelled by the client")]
+    Cancelled,
+    /// The model runtime failed or rejected the request.
+    #[error("engine failure: {0}")]
+    Engine(#[from] EngineError),
+    /// Retrieval failed.
+    #[error("retrieval failure")]
+    Retrieval(#[from] RetrievalError),
+}
+
+impl PipelineError {
+    /// Status name recorded in the request log.
+    pub fn status_name(&self) -> &'static str {
+        match self {
+            PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } => "invalid_argument",
+            PipelineError::UnknownExpert { .. } => "not_found",
+            PipelineError::Overloaded { .. } => "resource_exhausted",
+            PipelineError::Blocked(_) => "permission_denied",
+            PipelineError::Cancelled => "cancelled",
+            PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",
+            PipelineError::Engine(_) | PipelineError::Retrieval(_) => "internal",
+        }
+    }
+}

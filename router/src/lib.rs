@@ -1,0 +1,32 @@
+//! flywheel's domain core: everything between a query and its answer, with no
+//! transport code.
+//!
+//! - [`engine`]: the [`engine::Engine`] trait (streaming generation, label
+//!   scoring) and its mistral.rs and stub implementations.
+//! - [`registry`]: named model slots, each an atomically swappable snapshot.
+//! - [`agents`]: the router agent (picks an expert by label scoring) and the
+//!   expert agents (answer with streaming generation).
+//! - [`guardrails`] and [`retrieval`]: the seams for input/output rails and
+//!   for retrieved passages.
+//! - [`pipeline`]: admission, validation, rails, routing, answering; every
+//!   request leaves one record in the [`log`] (SQLite, batched writer).
+//! - [`config`]: typed, validated settings; [`model_prep`]: converts GGUF
+//!   weights to the fastest CPU format.
+//!
+//! The server (`flywheel-server`) wraps [`pipeline::Pipeline`] in gRPC.
+
+pub mod agents;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod guardrails;
+pub mod log;
+pub mod model_prep;
+pub mod pipeline;
+pub mod registry;
+pub mod retrieval;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+
+pub use error::PipelineError;
+pub use pipeline::{ChatEvent, ChatOutcome, ChatStream, Pipeline, Query, RouteOutcome, Timings};

@@ -1,0 +1,355 @@
+//! The request log: one record per request, the flywheel's raw material.
+//!
+//! [`RequestLog::submit`] hands a [`RequestRecord`] to a writer thread and
+//! returns at once; the writer commits batches to SQLite (WAL) at least every
+//! `flush_interval_ms`. Durability rule: a record is on disk at most one flush
+//! interval (default 50 ms) after its request finished; `kill -9` can lose
+//! only the records of that last interval and never corrupts the file;
+//! [`RequestLog::shutdown`] commits everything queued. [`LogReader`] reads
+//! records back by request id (feedback and curation build on it).
+
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::OptionalExtension;
+use serde::{Deserialize, Serialize};
+
+pub use schema::SCHEMA_VERSION;
+
+use crate::agents::RouteDecision;
+use crate::config::LogSpec;
+use crate::guardrails::RailVerdict;
+use crate::retrieval::Passage;
+
+/// Errors of the request log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The database could not be opened or migrated.
+    #[error("cannot open request log {path}")]
+    Open {
+        /// Database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// A folder for the database could not be created.
+    #[error("cannot create folder for request log {path}")]
+    Folder {
+        /// Database file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A query failed.
+    #[error("request log query failed")]
+    Query(#[from] rusqlite::Error),
+    /// The writer has stopped.
+    #[error("the request log writer has stopped")]
+    Closed,
+}
+
+/// A passage reference as logged (the text is not copied into the log).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetrievedRef {
+    /// Document id.
+    pub doc_id: String,
+    /// Chunk id.
+    pub chunk_id: String,
+    /// Score.
+    pub score: f32,
+}
+
+impl From<&Passage> for RetrievedRef {
+    fn from(p: &Passage) -> Self {
+        Self { doc_id: p.doc_id.clone(), chunk_id: p.chunk_id.clone(), score: p.score }
+    }
+}
+
+/// One request's record.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Request id (UUIDv7).
+    pub request_id: String,
+    /// `route`, `complete` or `stream`.
+    pub kind: String,
+    /// Caller session id.
+    pub session_id: Option<String>,
+    /// Caller user id.
+    pub user_id: Option<String>,
+    /// Arrival, Unix ms.
+    pub received_at_ms: i64,
+    /// Record closed, Unix ms.
+    pub finished_at_ms: i64,
+    /// The query (after input rails).
+    pub query: String,
+    /// Final status (see the schema).
+    pub status: String,
+    /// Error message, when not ok.
+    pub error: Option<String>,
+    /// Rail verdicts.
+    pub guardrails: Vec<RailVerdict>,
+    /// Route decision, when one was made.
+    pub route: Option<RouteDecision>,
+    /// Expert that answered.
+    pub expert: Option<String>,
+    /// Its model version.
+    pub expert_model_version: Option<String>,
+    /// Passages given to the expert.
+    pub retrieved: Vec<RetrievedRef>,
+    /// Answer text as sent.
+    pub answer: Option<String>,
+    /// Prompt tokens of the expert's generation.
+    pub prompt_tokens: Option<u32>,
+    /// Completion tokens.
+    pub completion_tokens: Option<u32>,
+    /// Time to first token (ms).
+    pub ttft_ms: Option<f64>,
+    /// Whole request (ms).
+    pub total_ms: Option<f64>,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+}
+
+/// Unix time in milliseconds.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Counters of the log, shared with the writer.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    accepted: AtomicU64,
+    written: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl LogStats {
+    /// Records handed to the log.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+    /// Records committed to disk.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
+    }
+    /// Records that could not be written (SQLite errors), logged as errors.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+/// Handle to the request log; cheap to clone.
+#[derive(Clone)]
+pub struct RequestLog {
+    inner: Arc<writer::WriterHandle>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RequestLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestLog").field("path", &self.path).finish()
+    }
+}
+
+impl RequestLog {
+    /// Open (creating and migrating) the database and start the writer thread.
+    ///
+    /// # Errors
+    /// When the folder or database cannot be created or migrated.
+    pub fn open(spec: &LogSpec) -> Result<Self, LogError> {
+        let path = spec.path.clone();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LogError::Folder { path: path.clone(), source })?;
+        }
+        let mut conn = schema::open(&path).map_err(|source| LogError::Open { path: path.clone(), source })?;
+        schema::migrate(&mut conn).map_err(|source| LogError::Open { path: path.clone(), source })?;
+        let inner = writer::WriterHandle::start(
+            conn,
+            Duration::from_millis(spec.flush_interval_ms),
+            spec.batch_size,
+            spec.queue_capacity,
+        );
+        Ok(Self { inner: Arc::new(inner), path })
+    }
+
+    /// Database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &LogStats {
+        self.inner.stats()
+    }
+
+    /// Queue a record for writing; never blocks the caller and never drops
+    /// the record while the log is open.
+    pub fn submit(&self, record: RequestRecord) {
+        self.inner.submit(record);
+    }
+
+    /// Commit everything queued so far, then return.
+    ///
+    /// # Errors
+    /// [`LogError::Closed`] after shutdown.
+    pub async fn flush(&self) -> Result<(), LogError> {
+        self.inner.flush().await
+    }
+
+    /// Commit everything queued and stop the writer. Later submits are
+    /// counted as failed.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown().await;
+    }
+
+    /// A reader on the same database.
+    ///
+    /// # Errors
+    /// When the database cannot be opened.
+    pub fn reader(&self) -> Result<LogReader, LogError> {
+        LogReader::open(&self.path)
+    }
+}
+
+/// Reads records back.
+pub struct LogReader {
+    conn: rusqlite::Connection,
+}
+
+impl LogReader {
+    /// Open a database for reading.
+    ///
+    /// # Errors
+    /// When it cannot be opened.
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let conn = schema::open(path).map_err(|source| LogError::Open { path: path.to_path_buf(), source })?;
+        Ok(Self { conn })
+    }
+
+    /// The record of `request_id`, if any.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, LogError> {
+        let sql = format!("SELECT {} FROM requests WHERE request_id = ?1", writer::COLUMNS.join(", "));
+        Ok(self.conn.query_row(&sql, [request_id], writer::record_from_row).optional()?)
+    }
+
+    /// Number of records.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn count(&self) -> Result<u64, LogError> {
+        Ok(self.conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))? as u64)
+    }
+
+    /// The most recent `limit` records, newest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn recent(&self, limit: usize) -> Result<Vec<RequestRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM requests ORDER BY received_at_ms DESC, request_id DESC LIMIT ?1",
+            writer::COLUMNS.join(", ")
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([limit as i64], writer::record_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// SQLite's integrity check; `"ok"` for a sound file.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn integrity_check(&self) -> Result<String, LogError> {
+        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
+
+    /// Schema version of the file.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn schema_version(&self) -> Result<i64, LogError> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path) -> LogSpec {
+        LogSpec { path: dir.join("sub/requests.db"), ..LogSpec::default() }
+    }
+
+    fn record(id: &str) -> RequestRecord {
+        RequestRecord {
+            request_id: id.into(),
+            kind: "complete".into(),
+            query: "q".into(),
+            status: "ok".into(),
+            route: Some(RouteDecision::forced("hr")),
+            answer: Some("a".into()),
+            retrieved: vec![RetrievedRef { doc_id: "d".into(), chunk_id: "d#1".into(), score: 0.5 }],
+            ..RequestRecord::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn records_round_trip_by_request_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        log.submit(record("a"));
+        log.submit(record("b"));
+        log.flush().await.unwrap();
+        let reader = log.reader().unwrap();
+        assert_eq!(reader.count().unwrap(), 2);
+        assert_eq!(reader.get("a").unwrap().unwrap(), record("a"));
+        assert!(reader.get("zzz").unwrap().is_none());
+        assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
+        assert_eq!(log.stats().written(), 2);
+    }
+
+    #[tokio::test]
+    async fn shutdown_commits_everything_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        for i in 0..1000 {
+            log.submit(record(&format!("r{i}")));
+        }
+        log.shutdown().await;
+        assert_eq!(LogReader::open(&dir.path().join("sub/requests.db")).unwrap().count().unwrap(), 1000);
+    }
+
+    #[tokio::test]
+    async fn records_reach_disk_within_the_flush_interval_without_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        log.submit(record("x"));
+        let reader = log.reader().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_millis(2_000);
+        while reader.get("x").unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "record not committed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_records_and_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = RequestLog::open(&spec(dir.path())).unwrap();
+            log.submit(record("keep"));
+            log.shutdown().await;
+        }
+        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        assert!(log.reader().unwrap().get("keep").unwrap().is_some());
+    }
+}

@@ -1,0 +1,106 @@
+//! The request-log schema and its migrations.
+//!
+//! The schema version is SQLite's `PRAGMA user_version`; [`migrate`] applies
+//! every migration above it in one transaction, so a database is always at a
+//! known version. Append migrations, never edit a released one.
+//!
+//! Version 1, table `requests` (one row per request, rejected ones included):
+//!
+//! | column | type | meaning |
+//! |---|---|---|
+//! | `request_id` | TEXT PK | UUIDv7, also returned to the client |
+//! | `kind` | TEXT | `route`, `complete` or `stream` |
+//! | `session_id`, `user_id` | TEXT NULL | caller-supplied ids |
+//! | `received_at_ms` | INTEGER | Unix time the request arrived (ms) |
+//! | `finished_at_ms` | INTEGER | Unix time its record was closed (ms) |
+//! | `query` | TEXT | the query as routed (after input rails) |
+//! | `status` | TEXT | `ok`, `invalid_argument`, `not_found`, `resource_exhausted`, `permission_denied`, `cancelled`, `internal` |
+//! | `error` | TEXT NULL | error message for non-ok requests |
+//! | `guardrails` | TEXT | JSON array of rail verdicts |
+//! | `route_expert`, `route_top_expert` | TEXT NULL | chosen and top-scored expert |
+//! | `route_confidence` | REAL NULL | top probability |
+//! | `route_scores` | TEXT NULL | JSON array `{expert, probability, logprob}` |
+//! | `route_forced`, `route_fallback` | INTEGER NULL | 0/1 |
+//! | `router_model_version` | TEXT NULL | model that decided |
+//! | `route_latency_ms` | REAL NULL | decision time |
+//! | `expert`, `expert_model_version` | TEXT NULL | who answered, on which model |
+//! | `retrieved` | TEXT | JSON array of passages `{doc_id, chunk_id, score}` |
+//! | `answer` | TEXT NULL | the answer as sent (partial when cancelled) |
+//! | `prompt_tokens`, `completion_tokens` | INTEGER NULL | expert token counts |
+//! | `ttft_ms`, `total_ms` | REAL NULL | time to first token, whole request |
+//! | `finish_reason` | TEXT NULL | `stop`, `length`, ... |
+
+use rusqlite::Connection;
+
+/// Current schema version.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // v1
+    "CREATE TABLE requests (
+        request_id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        session_id TEXT,
+        user_id TEXT,
+        received_at_ms INTEGER NOT NULL,
+        finished_at_ms INTEGER NOT NULL,
+        query TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        guardrails TEXT NOT NULL DEFAULT '[]',
+        route_expert TEXT,
+        route_top_expert TEXT,
+        route_confidence REAL,
+        route_scores TEXT,
+        route_forced INTEGER,
+        route_fallback INTEGER,
+        router_model_version TEXT,
+        route_latency_ms REAL,
+        expert TEXT,
+        expert_model_version TEXT,
+        retrieved TEXT NOT NULL DEFAULT '[]',
+        answer TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        ttft_ms REAL,
+        total_ms REAL,
+        finish_reason TEXT
+    );
+    CREATE INDEX requests_received_at ON requests(received_at_ms);
+    CREATE INDEX requests_session ON requests(session_id, received_at_ms);",
+];
+
+/// Bring `conn` to [`SCHEMA_VERSION`].
+///
+/// # Errors
+/// SQLite errors, or a database newer than this binary.
+pub fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if current > SCHEMA_VERSION {
+        return Err(rusqlite::Error::InvalidParameterName(format!(
+            "request log schema version {current} is newer than this binary's {SCHEMA_VERSION}"
+        )));
+    }
+    let tx = conn.transaction()?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+    }
+    tx.commit()
+}
+
+/// Open a connection in WAL mode with the settings the log relies on.
+///
+/// `synchronous = NORMAL` in WAL mode: a committed transaction survives a
+/// process crash (`kill -9`); only an OS crash or power loss can drop the
+/// last commits, and the file is never corrupt either way.
+///
+/// # Errors
+/// SQLite errors.
+pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}

@@ -1,0 +1,273 @@
+//! The log's writer thread: batches records into SQLite transactions.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rusqlite::{Connection, Row, params};
+use tokio::sync::oneshot;
+
+use super::{LogError, LogStats, RequestRecord};
+use crate::agents::RouteDecision;
+
+enum Command {
+    Record(Box<RequestRecord>),
+    Flush(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+pub(super) struct WriterHandle {
+    tx: SyncSender<Command>,
+    stats: Arc<LogStats>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl WriterHandle {
+    pub(super) fn start(conn: Connection, interval: Duration, batch: usize, capacity: usize) -> Self {
+        let (tx, rx) = sync_channel(capacity);
+        let stats = Arc::new(LogStats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("request-log".into())
+            .spawn(move || run(conn, rx, interval, batch, &thread_stats))
+            .expect("spawning the request-log thread");
+        Self { tx, stats, thread: Mutex::new(Some(thread)) }
+    }
+
+    pub(super) fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+
+    pub(super) fn submit(&self, record: RequestRecord) {
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        match self.tx.try_send(Command::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(TrySendError::Full(cmd)) => {
+                // The writer is a full queue behind: wait for room on the
+                // blocking pool rather than on the caller's task.
+                let tx = self.tx.clone();
+                let stats = self.stats.clone();
+                let send = move || {
+                    if tx.send(cmd).is_err() {
+                        stats.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                };
+                match tokio::runtime::Handle::try_current() {
+                    Ok(handle) => drop(handle.spawn_blocking(send)),
+                    Err(_) => send(),
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("request log is closed; a record was not written");
+            }
+        }
+    }
+
+    pub(super) async fn flush(&self) -> Result<(), LogError> {
+        let (done, wait) = oneshot::channel();
+        self.send_blocking(Command::Flush(done)).await?;
+        wait.await.map_err(|_| LogError::Closed)
+    }
+
+    pub(super) async fn shutdown(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.send_blocking(Command::Shutdown(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+        let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
+    async fn send_blocking(&self, cmd: Command) -> Result<(), LogError> {
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || tx.send(cmd))
+            .await
+            .map_err(|_| LogError::Closed)?
+            .map_err(|_| LogError::Closed)
+    }
+}
+
+fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batch: usize, stats: &LogStats) {
+    let mut batch: Vec<Box<RequestRecord>> = Vec::with_capacity(max_batch);
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    loop {
+        // Block for the first command, then gather until the interval since
+        // it has passed: a record waits at most one interval to be committed.
+        let first = match rx.recv() {
+            Ok(cmd) => cmd,
+            Err(_) => return, // every handle is gone
+        };
+        let deadline = Instant::now() + interval;
+        let mut shutdown = None;
+        let mut next = Some(first);
+        loop {
+            match next.take() {
+                Some(Command::Record(r)) => batch.push(r),
+                Some(Command::Flush(done)) => {
+                    waiters.push(done);
+                    break;
+                }
+                Some(Command::Shutdown(done)) => {
+                    // Drain whatever is still queued before stopping.
+                    while let Ok(cmd) = rx.try_recv() {
+                        match cmd {
+                            Command::Record(r) => batch.push(r),
+                            Command::Flush(d) | Command::Shutdown(d) => waiters.push(d),
+                        }
+                    }
+                    shutdown = Some(done);
+                    break;
+                }
+                None => {}
+            }
+            if batch.len() >= max_batch {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(cmd) => next = Some(cmd),
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        write_batch(&mut conn, &mut batch, stats);
+        for w in waiters.drain(..) {
+            let _ = w.send(());
+        }
+        if let Some(done) = shutdown {
+            let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+            let _ = done.send(());
+            return;
+        }
+    }
+}
+
+fn write_batch(conn: &mut Connection, batch: &mut Vec<Box<RequestRecord>>, stats: &LogStats) {
+    if batch.is_empty() {
+        return;
+    }
+    let n = batch.len() as u64;
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(INSERT)?;
+            for r in batch.iter() {
+                insert(&mut stmt, r)?;
+            }
+        }
+        tx.commit()
+    })();
+    match result {
+        Ok(()) => {
+            stats.written.fetch_add(n, Ordering::Relaxed);
+        }
+        Err(error) => {
+            stats.failed.fetch_add(n, Ordering::Relaxed);
+            tracing::error!(%error, records = n, "request log batch failed");
+        }
+    }
+    batch.clear();
+}
+
+pub(super) const COLUMNS: &[&str] = &[
+    "request_id", "kind", "session_id", "user_id", "received_at_ms", "finished_at_ms", "query",
+    "status", "error", "guardrails", "route_expert", "route_top_expert", "route_confidence",
+    "route_scores", "route_forced", "route_fallback", "router_model_version", "route_latency_ms",
+    "expert", "expert_model_version", "retrieved", "answer", "prompt_tokens", "completion_tokens",
+    "ttft_ms", "total_ms", "finish_reason",
+];
+
+const INSERT: &str = "INSERT OR REPLACE INTO requests (request_id, kind, session_id, user_id, \
+    received_at_ms, finished_at_ms, query, status, error, guardrails, route_expert, route_top_expert, \
+    route_confidence, route_scores, route_forced, route_fallback, router_model_version, route_latency_ms, \
+    expert, expert_model_version, retrieved, answer, prompt_tokens, completion_tokens, ttft_ms, total_ms, \
+    finish_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
+    ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn insert(stmt: &mut rusqlite::CachedStatement<'_>, r: &RequestRecord) -> rusqlite::Result<usize> {
+    let route = r.route.as_ref();
+    stmt.execute(params![
+        r.request_id,
+        r.kind,
+        r.session_id,
+        r.user_id,
+        r.received_at_ms,
+        r.finished_at_ms,
+        r.query,
+        r.status,
+        r.error,
+        json(&r.guardrails),
+        route.map(|d| &d.expert),
+        route.map(|d| &d.top_expert),
+        route.map(|d| f64::from(d.confidence)),
+        route.map(|d| json(&d.scores)),
+        route.map(|d| d.forced),
+        route.map(|d| d.fallback),
+        route.map(|d| &d.router_model_version),
+        route.map(|d| d.latency_ms),
+        r.expert,
+        r.expert_model_version,
+        json(&r.retrieved),
+        r.answer,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.ttft_ms,
+        r.total_ms,
+        r.finish_reason,
+    ])
+}
+
+fn parse<T: serde::de::DeserializeOwned + Default>(s: Option<String>) -> T {
+    s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
+}
+
+pub(super) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> {
+    let route = match row.get::<_, Option<String>>("route_expert")? {
+        Some(expert) => Some(RouteDecision {
+            expert,
+            top_expert: row.get::<_, Option<String>>("route_top_expert")?.unwrap_or_default(),
+            confidence: row.get::<_, Option<f64>>("route_confidence")?.unwrap_or_default() as f32,
+            scores: parse(row.get("route_scores")?),
+            router_model_version: row.get::<_, Option<String>>("router_model_version")?.unwrap_or_default(),
+            latency_ms: row.get::<_, Option<f64>>("route_latency_ms")?.unwrap_or_default(),
+            forced: row.get::<_, Option<bool>>("route_forced")?.unwrap_or_default(),
+            fallback: row.get::<_, Option<bool>>("route_fallback")?.unwrap_or_default(),
+            prompt_tokens: 0,
+        }),
+        None => None,
+    };
+    Ok(RequestRecord {
+        request_id: row.get("request_id")?,
+        kind: row.get("kind")?,
+        session_id: row.get("session_id")?,
+        user_id: row.get("user_id")?,
+        received_at_ms: row.get("received_at_ms")?,
+        finished_at_ms: row.get("finished_at_ms")?,
+        query: row.get("query")?,
+        status: row.get("status")?,
+        error: row.get("error")?,
+        guardrails: parse(row.get("guardrails")?),
+        route,
+        expert: row.get("expert")?,
+        expert_model_version: row.get("expert_model_version")?,
+        retrieved: parse(row.get("retrieved")?),
+        answer: row.get("answer")?,
+        prompt_tokens: row.get("prompt_tokens")?,
+        completion_tokens: row.get("completion_tokens")?,
+        ttft_ms: row.get("ttft_ms")?,
+        total_ms: row.get("total_ms")?,
+        finish_reason: row.get("finish_reason")?,
+    })
+}

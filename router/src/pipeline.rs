@@ -1,0 +1,600 @@
+//! The request pipeline: admission, validation, input rails, routing,
+//! retrieval, expert generation, output rails, request log.
+//!
+//! Every entry point ([`Pipeline::route`], [`Pipeline::complete`],
+//! [`Pipeline::stream`]) leaves exactly one [`RequestRecord`], whether the
+//! request succeeded, was rejected, failed or was cancelled. Answers are
+//! produced by one producer task per request writing into a bounded channel;
+//! `complete` collects the same stream, so both paths share one code path.
+//! The producer owns the admission permit and the model snapshots (`Arc`s
+//! taken once), so a hot-swap never changes a request mid-flight.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::agents::expert::Overrides;
+use crate::agents::{ExpertAgent, RouteDecision, RouterAgent};
+use crate::config::{EngineSettings, LimitsSpec};
+use crate::engine::{EngineError, FinishReason, GenerationEvent, Usage};
+use crate::error::PipelineError;
+use crate::guardrails::{InputRails, OutputRails, PassThrough};
+use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
+use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
+use crate::retrieval::{NoRetrieval, Retriever};
+
+/// Answer events buffered between the producer and the caller.
+const EVENT_BUFFER: usize = 32;
+
+/// A query and its options.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Query {
+    /// The user's text.
+    pub text: String,
+    /// Caller session id.
+    pub session_id: Option<String>,
+    /// Caller user id.
+    pub user_id: Option<String>,
+    /// Force this expert instead of routing.
+    pub expert: Option<String>,
+    /// Generation overrides.
+    pub overrides: Overrides,
+}
+
+/// Timings of an answered request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Arrival to first answer token (ms).
+    pub ttft_ms: f64,
+    /// Arrival to last token (ms).
+    pub total_ms: f64,
+    /// Router decision (ms).
+    pub route_ms: f64,
+    /// Engine prefill speed (tokens/s).
+    pub prefill_tokens_per_second: f64,
+    /// Engine decode speed (tokens/s).
+    pub decode_tokens_per_second: f64,
+}
+
+/// One event of an answer stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatEvent {
+    /// First event: who answers.
+    Start {
+        /// Request id.
+        request_id: String,
+        /// The route decision.
+        route: RouteDecision,
+        /// Model version of the answering expert.
+        expert_model_version: String,
+    },
+    /// Answer text.
+    Delta(String),
+    /// Last event of a successful answer.
+    End {
+        /// Token counts.
+        usage: Usage,
+        /// Timings.
+        timings: Timings,
+        /// Why generation stopped.
+        finish_reason: String,
+    },
+}
+
+/// The result of a route-only request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteOutcome {
+    /// Request id.
+    pub request_id: String,
+    /// The decision.
+    pub route: RouteDecision,
+}
+
+/// A whole answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatOutcome {
+    /// Request id.
+    pub request_id: String,
+    /// The route decision.
+    pub route: RouteDecision,
+    /// Model version of the answering expert.
+    pub expert_model_version: String,
+    /// The answer.
+    pub answer: String,
+    /// Token counts.
+    pub usage: Usage,
+    /// Timings.
+    pub timings: Timings,
+    /// Why generation stopped.
+    pub finish_reason: String,
+}
+
+/// A stream of answer events; dropping it cancels the generation.
+pub struct ChatStream {
+    rx: mpsc::Receiver<Result<ChatEvent, PipelineError>>,
+}
+
+impl Stream for ChatStream {
+    type Item = Result<ChatEvent, PipelineError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// A snapshot of the pipeline's state for status endpoints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineStatus {
+    /// Requests admitted now.
+    pub in_flight: usize,
+    /// Admission limit.
+    pub max_in_flight: usize,
+}
+
+/// The guardrailed router + experts pipeline.
+pub struct Pipeline {
+    router: RouterAgent,
+    experts: BTreeMap<String, ExpertAgent>,
+    expert_order: Vec<String>,
+    input_rails: Arc<dyn InputRails>,
+    output_rails: Arc<dyn OutputRails>,
+    retriever: Arc<dyn Retriever>,
+    log: RequestLog,
+    registry: Arc<ModelRegistry>,
+    admission: Arc<Semaphore>,
+    limits: LimitsSpec,
+}
+
+struct Admitted {
+    permit: OwnedSemaphorePermit,
+    record: RequestRecord,
+    start: Instant,
+    query: String,
+}
+
+impl Pipeline {
+    /// Build the pipeline over loaded models, with pass-through rails and no retrieval.
+    ///
+    /// # Errors
+    /// When a slot is missing or the expert names are not a valid label set.
+    pub fn new(settings: &EngineSettings, registry: Arc<ModelRegistry>, log: RequestLog) -> Result<Self, PipelineError> {
+        let missing = |slot: &str| EngineError::ModelNotFound { path: format!("slot {slot}") };
+        let router_slot = registry.slot(ROUTER_SLOT).ok_or_else(|| missing(ROUTER_SLOT))?.clone();
+        let router = RouterAgent::new(&settings.router, &settings.experts, router_slot)?;
+        let mut experts = BTreeMap::new();
+        for e in &settings.experts {
+            let name = expert_slot(&e.name);
+            let slot = registry.slot(&name).ok_or_else(|| missing(&name))?.clone();
+            experts.insert(e.name.clone(), ExpertAgent::new(e.clone(), slot));
+        }
+        Ok(Self {
+            router,
+            experts,
+            expert_order: settings.experts.iter().map(|e| e.name.clone()).collect(),
+            input_rails: Arc::new(PassThrough),
+            output_rails: Arc::new(PassThrough),
+            retriever: Arc::new(NoRetrieval),
+            log,
+            registry,
+            admission: Arc::new(Semaphore::new(settings.limits.max_in_flight)),
+            limits: settings.limits.clone(),
+        })
+    }
+
+    /// Use these input and output rails.
+    pub fn with_rails(mut self, input: Arc<dyn InputRails>, output: Arc<dyn OutputRails>) -> Self {
+        self.input_rails = input;
+        self.output_rails = output;
+        self
+    }
+
+    /// Use this retriever.
+    pub fn with_retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
+        self.retriever = retriever;
+        self
+    }
+
+    /// Warm every model and prime the router's prompt prefix.
+    ///
+    /// # Errors
+    /// The first model that fails: it is not fit to serve.
+    pub async fn warm_up(&self) -> Result<(), EngineError> {
+        self.router.warm_up(&self.router.model()).await?;
+        for e in self.experts.values() {
+            let model = e.model();
+            model.engine.warm_up(&e.prompt("hello", &[])).await?;
+        }
+        Ok(())
+    }
+
+    /// Expert names in configured order.
+    pub fn experts(&self) -> &[String] {
+        &self.expert_order
+    }
+
+    /// The model registry.
+    pub fn registry(&self) -> &Arc<ModelRegistry> {
+        &self.registry
+    }
+
+    /// The request log.
+    pub fn log(&self) -> &RequestLog {
+        &self.log
+    }
+
+    /// Admission state.
+    pub fn status(&self) -> PipelineStatus {
+        let max = self.limits.max_in_flight;
+        PipelineStatus { in_flight: max - self.admission.available_permits().min(max), max_in_flight: max }
+    }
+
+    fn fail(&self, mut record: RequestRecord, start: Instant, error: PipelineError) -> PipelineError {
+        record.status = error.status_name().to_string();
+        record.error = Some(error.to_string());
+        record.total_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+        record.finished_at_ms = unix_ms(SystemTime::now());
+        tracing::debug!(request_id = %record.request_id, status = %record.status, "request rejected");
+        self.log.submit(record);
+        error
+    }
+
+    /// Admission, validation and input rails, common to every entry point.
+    fn admit(&self, kind: &str, query: &Query) -> Result<Admitted, PipelineError> {
+        let start = Instant::now();
+        let record = RequestRecord {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            kind: kind.to_string(),
+            session_id: query.session_id.clone(),
+            user_id: query.user_id.clone(),
+            received_at_ms: unix_ms(SystemTime::now()),
+            query: query.text.clone(),
+            ..RequestRecord::default()
+        };
+        let permit = match self.admission.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let max = self.limits.max_in_flight;
+                return Err(self.fail(record, start, PipelineError::Overloaded { max }));
+            }
+        };
+        if query.text.trim().is_empty() {
+            return Err(self.fail(record, start, PipelineError::EmptyQuery));
+        }
+        let len = query.text.chars().count();
+        if len > self.limits.max_query_chars {
+            return Err(self.fail(record, start, PipelineError::QueryTooLong { len, max: self.limits.max_query_chars }));
+        }
+        let mut record = record;
+        let text = match self.input_rails.check(&query.text) {
+            Ok(check) => {
+                record.guardrails = check.verdicts;
+                check.rewritten.unwrap_or_else(|| query.text.clone())
+            }
+            Err(blocked) => {
+                record.guardrails = blocked.verdicts.clone();
+                return Err(self.fail(record, start, PipelineError::Blocked(blocked)));
+            }
+        };
+        // The log keeps the query as the model saw it (redacted by rails).
+        record.query = text.clone();
+        Ok(Admitted { permit, record, start, query: text })
+    }
+
+    async fn decide(&self, query: &Query, text: &str) -> Result<RouteDecision, PipelineError> {
+        match &query.expert {
+            Some(name) if !name.is_empty() => {
+                if self.experts.contains_key(name) {
+                    Ok(RouteDecision::forced(name))
+                } else {
+                    Err(PipelineError::UnknownExpert { name: name.clone(), known: self.expert_order.join(", ") })
+                }
+            }
+            _ => Ok(self.router.decide(text).await?),
+        }
+    }
+
+    /// Route a query without answering it.
+    ///
+    /// # Errors
+    /// Invalid input, overload, a blocking rail, or an engine failure.
+    pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
+        let Admitted { permit, mut record, start, query: text } = self.admit("route", &query)?;
+        let result = self.decide(&Query { expert: None, ..query }, &text).await;
+        drop(permit);
+        match result {
+            Ok(route) => {
+                record.status = "ok".into();
+                record.route = Some(route.clone());
+                record.total_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+                record.finished_at_ms = unix_ms(SystemTime::now());
+                let request_id = record.request_id.clone();
+                self.log.submit(record);
+                Ok(RouteOutcome { request_id, route })
+            }
+            Err(e) => Err(self.fail(record, start, e)),
+        }
+    }
+
+    /// Route and answer, returning the whole answer.
+    ///
+    /// # Errors
+    /// As [`Pipeline::stream`], plus failures during generation.
+    pub async fn complete(&self, query: Query) -> Result<ChatOutcome, PipelineError> {
+        let mut stream = self.start_answer("complete", query).await?;
+        let mut outcome = ChatOutcome {
+            request_id: String::new(),
+            route: RouteDecision::forced(""),
+            expert_model_version: String::new(),
+            answer: String::new(),
+            usage: Usage::default(),
+            timings: Timings::default(),
+            finish_reason: String::new(),
+        };
+        while let Some(event) = stream.next().await {
+            match event? {
+                ChatEvent::Start { request_id, route, expert_model_version } => {
+                    outcome.request_id = request_id;
+                    outcome.route = route;
+                    outcome.expert_model_version = expert_model_version;
+                }
+                ChatEvent::Delta(text) => outcome.answer.push_str(&text),
+                ChatEvent::End { usage, timings, finish_reason } => {
+                    outcome.usage = usage;
+                    outcome.timings = timings;
+                    outcome.finish_reason = finish_reason;
+                }
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Route and stream the answer: `Start`, then `Delta`s, then `End`.
+    ///
+    /// # Errors
+    /// Invalid input, overload, a blocking rail, an unknown forced expert or
+    /// a routing failure are returned here; failures during generation arrive
+    /// on the stream.
+    ///
+    /// # Cancel safety
+    /// Dropping the stream stops generation; the request is logged as cancelled.
+    pub async fn stream(&self, query: Query) -> Result<ChatStream, PipelineError> {
+        self.start_answer("stream", query).await
+    }
+
+    async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
+        let Admitted { permit, mut record, start, query: text } = self.admit(kind, &query)?;
+        let route = match self.decide(&query, &text).await {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail(record, start, e)),
+        };
+        record.route = Some(route.clone());
+        let expert = self.experts.get(&route.expert).expect("routes name configured experts");
+        let model = expert.model();
+        record.expert = Some(route.expert.clone());
+        record.expert_model_version = Some(model.version.clone());
+        let passages = match self.retriever.retrieve(&route.expert, &text).await {
+            Ok(p) => p,
+            Err(e) => return Err(self.fail(record, start, e.into())),
+        };
+        record.retrieved = passages.iter().map(RetrievedRef::from).collect();
+        let tokens = match model.engine.generate(expert.prompt(&text, &passages), expert.params(query.overrides)).await {
+            Ok(t) => t,
+            Err(e) => return Err(self.fail(record, start, e.into())),
+        };
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let start_event = ChatEvent::Start {
+            request_id: record.request_id.clone(),
+            route: route.clone(),
+            expert_model_version: model.version.clone(),
+        };
+        let producer = Producer {
+            tx,
+            record,
+            start,
+            route_ms: route.latency_ms,
+            filter: self.output_rails.filter(),
+            log: self.log.clone(),
+            answer: String::new(),
+            ttft_ms: None,
+        };
+        tokio::spawn(producer.run(start_event, tokens, permit, model));
+        Ok(ChatStream { rx })
+    }
+}
+
+/// Writes one answer's events and closes its record.
+struct Producer {
+    tx: mpsc::Sender<Result<ChatEvent, PipelineError>>,
+    record: RequestRecord,
+    start: Instant,
+    route_ms: f64,
+    filter: Box<dyn crate::guardrails::OutputFilter>,
+    log: RequestLog,
+    answer: String,
+    ttft_ms: Option<f64>,
+}
+
+impl Producer {
+    async fn run(
+        mut self,
+        start_event: ChatEvent,
+        mut tokens: crate::engine::TokenStream,
+        _permit: OwnedSemaphorePermit,
+        _model: Arc<crate::registry::ServedModel>,
+    ) {
+        // `_permit` and `_model` live until the answer ends: admission counts
+        // the request, and a hot-swap cannot free the model under it.
+        if self.tx.send(Ok(start_event)).await.is_err() {
+            return self.finish_cancelled();
+        }
+        loop {
+            let next = tokio::select! {
+                n = tokens.next() => n,
+                () = self.tx.closed() => return self.finish_cancelled(),
+            };
+            match next {
+                Some(Ok(GenerationEvent::Delta(text))) => {
+                    let released = self.filter.push(&text);
+                    if !released.is_empty() && !self.emit(released).await {
+                        return self.finish_cancelled();
+                    }
+                }
+                Some(Ok(GenerationEvent::Done(summary))) => {
+                    let tail = self.filter.finish();
+                    if !tail.is_empty() && !self.emit(tail).await {
+                        return self.finish_cancelled();
+                    }
+                    let total_ms = self.elapsed_ms();
+                    let timings = Timings {
+                        ttft_ms: self.ttft_ms.unwrap_or(total_ms),
+                        total_ms,
+                        route_ms: self.route_ms,
+                        prefill_tokens_per_second: summary.prefill_tokens_per_second,
+                        decode_tokens_per_second: summary.decode_tokens_per_second,
+                    };
+                    let end = ChatEvent::End {
+                        usage: summary.usage,
+                        timings,
+                        finish_reason: summary.finish_reason.as_str().to_string(),
+                    };
+                    self.record.prompt_tokens = Some(summary.usage.prompt_tokens);
+                    self.record.completion_tokens = Some(summary.usage.completion_tokens);
+                    self.record.finish_reason = Some(summary.finish_reason.as_str().to_string());
+                    let delivered = self.tx.send(Ok(end)).await.is_ok();
+                    if !delivered {
+                        return self.finish_cancelled();
+                    }
+                    return self.close("ok", None);
+                }
+                Some(Err(e)) => {
+                    let error = PipelineError::Engine(e);
+                    let status = error.status_name();
+                    let message = error.to_string();
+                    tracing::error!(request_id = %self.record.request_id, error = %message, "generation failed");
+                    let _ = self.tx.send(Err(error)).await;
+                    return self.close(status, Some(message));
+                }
+                None => {
+                    let error = PipelineError::Engine(EngineError::Disconnected);
+                    let message = error.to_string();
+                    let _ = self.tx.send(Err(error)).await;
+                    return self.close("internal", Some(message));
+                }
+            }
+        }
+    }
+
+    fn elapsed_ms(&self) -> f64 {
+        self.start.elapsed().as_secs_f64() * 1e3
+    }
+
+    async fn emit(&mut self, text: String) -> bool {
+        if self.ttft_ms.is_none() {
+            self.ttft_ms = Some(self.elapsed_ms());
+        }
+        self.answer.push_str(&text);
+        self.tx.send(Ok(ChatEvent::Delta(text))).await.is_ok()
+    }
+
+    fn finish_cancelled(self) {
+        let reason = FinishReason::Other("cancelled".into());
+        let message = PipelineError::Cancelled.to_string();
+        let mut this = self;
+        this.record.finish_reason = Some(reason.as_str().to_string());
+        this.close("cancelled", Some(message));
+    }
+
+    fn close(mut self, status: &str, error: Option<String>) {
+        let mut verdicts = std::mem::take(&mut self.record.guardrails);
+        verdicts.extend(self.filter.verdicts());
+        self.record.guardrails = verdicts;
+        self.record.status = status.to_string();
+        self.record.error = error;
+        self.record.answer = Some(std::mem::take(&mut self.answer));
+        self.record.ttft_ms = self.ttft_ms;
+        self.record.total_ms = Some(self.elapsed_ms());
+        self.record.finished_at_ms = unix_ms(SystemTime::now());
+        self.log.submit(self.record);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::stub::StubEngine;
+    use crate::testing::stub_pipeline;
+
+    fn query(text: &str) -> Query {
+        Query { text: text.into(), ..Query::default() }
+    }
+
+    async fn records(p: &Pipeline) -> Vec<RequestRecord> {
+        p.log().flush().await.unwrap();
+        p.log().reader().unwrap().recent(1000).unwrap()
+    }
+
+    #[tokio::test]
+    async fn routes_to_the_scored_expert_and_logs_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default());
+        let out = p.route(query("a finance question")).await.unwrap();
+        assert_eq!(out.route.expert, "finance");
+        assert!(!out.route.fallback);
+        let recs = records(&p).await;
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].request_id, out.request_id);
+        assert_eq!(recs[0].status, "ok");
+    }
+
+    #[tokio::test]
+    async fn unclear_query_goes_to_the_fallback_expert() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default());
+        let out = p.complete(query("nothing specific here")).await.unwrap();
+        assert!(out.route.fallback);
+        assert_eq!(out.route.expert, "general");
+        assert!(out.answer.starts_with("This is a fixed answer"));
+    }
+
+    #[tokio::test]
+    async fn every_rejection_is_logged_with_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.max_query_chars = 10;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default());
+        assert!(matches!(p.route(query("")).await, Err(PipelineError::EmptyQuery)));
+        assert!(matches!(p.complete(query("0123456789a")).await, Err(PipelineError::QueryTooLong { len: 11, max: 10 })));
+        let forced = Query { expert: Some("legal".into()), ..query("contract") };
+        assert!(matches!(p.stream(forced).await, Err(PipelineError::UnknownExpert { .. })));
+        let mut statuses: Vec<String> = records(&p).await.into_iter().map(|r| r.status).collect();
+        statuses.sort();
+        assert_eq!(statuses, ["invalid_argument", "invalid_argument", "not_found"]);
+    }
+
+    #[tokio::test]
+    async fn dropping_a_stream_cancels_and_frees_the_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.max_in_flight = 1;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::new(Duration::from_millis(50)));
+        let mut s = p.stream(query("an hr question")).await.unwrap();
+        assert!(matches!(s.next().await, Some(Ok(ChatEvent::Start { .. }))));
+        assert!(matches!(p.route(query("hr again")).await, Err(PipelineError::Overloaded { max: 1 })));
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while p.status().in_flight > 0 {
+            assert!(Instant::now() < deadline, "permit never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let recs = records(&p).await;
+        let cancelled = recs.iter().find(|r| r.kind == "stream").unwrap();
+        assert_eq!(cancelled.status, "cancelled");
+        assert!(recs.iter().any(|r| r.status == "resource_exhausted"));
+    }
+}

@@ -1,0 +1,180 @@
+//! Model slots: which loaded model serves each step, swappable atomically.
+//!
+//! A [`Slot`] ("router", "expert/hr", ...) holds an `ArcSwap` snapshot of a
+//! [`ServedModel`]. A request calls [`Slot::current`] once and keeps that `Arc`
+//! until its stream ends, so a later [`Slot::swap`] never changes a request
+//! mid-flight and the old model is freed when its last request finishes.
+//! Slots bound to the same model entry share one loaded engine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+
+use crate::config::{EngineSettings, ModelSpec};
+use crate::engine::mistral::{MistralEngine, MistralOptions};
+use crate::engine::{Engine, EngineError};
+
+/// Name of the router's slot.
+pub const ROUTER_SLOT: &str = "router";
+
+/// Name of an expert's slot.
+pub fn expert_slot(expert: &str) -> String {
+    format!("expert/{expert}")
+}
+
+/// A model version ready to serve.
+pub struct ServedModel {
+    /// Version label, recorded in every request record it serves.
+    pub version: String,
+    /// Model file.
+    pub path: PathBuf,
+    /// Size of the model file in bytes.
+    pub size_bytes: u64,
+    /// When it started serving.
+    pub loaded_at: SystemTime,
+    /// The runtime.
+    pub engine: Arc<dyn Engine>,
+}
+
+impl std::fmt::Debug for ServedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServedModel")
+            .field("version", &self.version)
+            .field("path", &self.path)
+            .field("backend", &self.engine.backend())
+            .finish()
+    }
+}
+
+/// A named, atomically swappable model binding.
+#[derive(Debug)]
+pub struct Slot {
+    name: String,
+    current: ArcSwap<ServedModel>,
+}
+
+impl Slot {
+    /// A slot serving `model`.
+    pub fn new(name: impl Into<String>, model: Arc<ServedModel>) -> Self {
+        Self { name: name.into(), current: ArcSwap::new(model) }
+    }
+
+    /// Slot name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The model serving now; hold the `Arc` for the whole request.
+    pub fn current(&self) -> Arc<ServedModel> {
+        self.current.load_full()
+    }
+
+    /// Serve `model` from now on; returns the previous one.
+    pub fn swap(&self, model: Arc<ServedModel>) -> Arc<ServedModel> {
+        self.current.swap(model)
+    }
+}
+
+/// Loads engines for model entries (mistral.rs in production; tests may
+/// supply another implementation).
+#[async_trait]
+pub trait EngineLoader: Send + Sync {
+    /// Load the model described by `spec`.
+    ///
+    /// # Errors
+    /// When the file is missing or the backend cannot load it.
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError>;
+}
+
+/// Loads GGUF models with mistral.rs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MistralLoader;
+
+#[async_trait]
+impl EngineLoader for MistralLoader {
+    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError> {
+        let engine = MistralEngine::load(&MistralOptions {
+            path: spec.path.clone(),
+            max_num_seqs: spec.max_num_seqs,
+            prefix_cache_n: spec.prefix_cache_n,
+            device: spec.device,
+        })
+        .await?;
+        Ok(Arc::new(engine))
+    }
+}
+
+/// All slots of a server.
+#[derive(Debug)]
+pub struct ModelRegistry {
+    slots: BTreeMap<String, Arc<Slot>>,
+}
+
+impl ModelRegistry {
+    /// Load every model entry that a slot uses (once each) and bind the
+    /// router slot and one slot per expert.
+    ///
+    /// # Errors
+    /// The first model that fails to load.
+    pub async fn load(settings: &EngineSettings, loader: &dyn EngineLoader) -> Result<Self, EngineError> {
+        let mut loaded: BTreeMap<&str, Arc<ServedModel>> = BTreeMap::new();
+        let bindings = std::iter::once((ROUTER_SLOT.to_string(), settings.router.model.as_str()))
+            .chain(settings.experts.iter().map(|e| (expert_slot(&e.name), e.model.as_str())));
+        let mut slots = BTreeMap::new();
+        for (slot, model_name) in bindings {
+            let served = match loaded.get(model_name) {
+                Some(m) => m.clone(),
+                None => {
+                    let spec = settings.models.get(model_name).ok_or_else(|| EngineError::ModelNotFound {
+                        path: format!("[models.{model_name}]"),
+                    })?;
+                    let served = Arc::new(ServedModel {
+                        version: spec.version_label(),
+                        path: spec.path.clone(),
+                        size_bytes: std::fs::metadata(&spec.path).map(|m| m.len()).unwrap_or(0),
+                        loaded_at: SystemTime::now(),
+                        engine: loader.load(spec).await?,
+                    });
+                    loaded.insert(model_name, served.clone());
+                    served
+                }
+            };
+            slots.insert(slot.clone(), Arc::new(Slot::new(slot, served)));
+        }
+        Ok(Self { slots })
+    }
+
+    /// A registry from ready slots (tests, benchmarks).
+    pub fn from_slots(slots: impl IntoIterator<Item = Arc<Slot>>) -> Self {
+        Self { slots: slots.into_iter().map(|s| (s.name().to_string(), s)).collect() }
+    }
+
+    /// A slot by name.
+    pub fn slot(&self, name: &str) -> Option<&Arc<Slot>> {
+        self.slots.get(name)
+    }
+
+    /// All slots, by name.
+    pub fn slots(&self) -> impl Iterator<Item = &Arc<Slot>> {
+        self.slots.values()
+    }
+}
+
+/// Serves every model entry with the model-free stub engine (only when asked
+/// for explicitly, e.g. `flywheel-server --engine stub`).
+#[derive(Debug, Default, Clone)]
+pub struct StubLoader {
+    /// Delay before each streamed token.
+    pub per_token_delay: std::time::Duration,
+}
+
+#[async_trait]
+impl EngineLoader for StubLoader {
+    async fn load(&self, _spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError> {
+        Ok(Arc::new(crate::engine::stub::StubEngine::new(self.per_token_delay)))
+    }
+}

@@ -1,0 +1,35 @@
+//! Test fixtures: served models and pipelines on the stub engine.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use crate::config::EngineSettings;
+use crate::engine::stub::StubEngine;
+use crate::log::RequestLog;
+use crate::pipeline::Pipeline;
+use crate::registry::{ModelRegistry, ServedModel, Slot, ROUTER_SLOT, expert_slot};
+
+/// A served model on the stub engine.
+pub fn stub_model(version: &str) -> ServedModel {
+    ServedModel {
+        version: version.to_string(),
+        path: "stub".into(),
+        size_bytes: 0,
+        loaded_at: SystemTime::now(),
+        engine: Arc::new(StubEngine::default()),
+    }
+}
+
+/// A registry where every slot of `settings` serves one stub model.
+pub fn stub_registry(settings: &EngineSettings, engine: StubEngine) -> ModelRegistry {
+    let model = Arc::new(ServedModel { engine: Arc::new(engine), ..stub_model("stub-v1") });
+    let names = std::iter::once(ROUTER_SLOT.to_string()).chain(settings.experts.iter().map(|e| expert_slot(&e.name)));
+    ModelRegistry::from_slots(names.map(|n| Arc::new(Slot::new(n, model.clone()))).collect::<Vec<_>>())
+}
+
+/// A pipeline on stub models with its log in `dir`.
+pub fn stub_pipeline(settings: &mut EngineSettings, dir: &std::path::Path, engine: StubEngine) -> Pipeline {
+    settings.log.path = dir.join("requests.db");
+    let log = RequestLog::open(&settings.log).expect("opening the test log");
+    Pipeline::new(settings, Arc::new(stub_registry(settings, engine)), log).expect("building the pipeline")
+}

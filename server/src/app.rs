@@ -1,0 +1,163 @@
+//! Wiring: build the pipeline from the configuration, then serve it over
+//! gRPC until a shutdown signal, in the order the house style sets:
+//! signal -> health NOT_SERVING -> stop accepting -> drain (with a
+//! deadline) -> flush the request log.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flywheel_proto::v1::admin_server::AdminServer;
+use flywheel_proto::v1::chat_server::ChatServer;
+use flywheel_proto::v1::router_server::RouterServer;
+use flywheel_router::Pipeline;
+use flywheel_router::engine::EngineError;
+use flywheel_router::log::{LogError, RequestLog};
+use flywheel_router::registry::{MistralLoader, ModelRegistry, StubLoader};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, EngineKind};
+use crate::grpc::{admin::AdminService, chat::ChatService, route::RouterService};
+
+/// Errors starting or running the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The request log could not be opened.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A model failed to load or warm up.
+    #[error("model failed to load or warm up")]
+    Engine(#[from] EngineError),
+    /// The pipeline could not be assembled.
+    #[error("cannot assemble the pipeline")]
+    Pipeline(#[from] flywheel_router::PipelineError),
+    /// The reflection service could not be built.
+    #[error("cannot build gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("gRPC transport failure")]
+    Transport(#[from] tonic::transport::Error),
+    /// The listener could not be inspected.
+    #[error("listener failure")]
+    Io(#[from] std::io::Error),
+}
+
+/// A built server, models loaded and warm, ready to serve.
+pub struct App {
+    config: Config,
+    pipeline: Arc<Pipeline>,
+}
+
+impl App {
+    /// Open the request log, load and warm the models, assemble the pipeline.
+    ///
+    /// # Errors
+    /// Any of these steps failing.
+    pub async fn build(config: Config) -> Result<Self, ServerError> {
+        let settings = &config.settings;
+        let log = RequestLog::open(&settings.log)?;
+        let started = std::time::Instant::now();
+        let registry = match config.engine {
+            EngineKind::Mistralrs => ModelRegistry::load(settings, &MistralLoader).await?,
+            EngineKind::Stub => {
+                let per_token_delay = Duration::from_millis(config.stub_token_delay_ms);
+                ModelRegistry::load(settings, &StubLoader { per_token_delay }).await?
+            }
+        };
+        let pipeline = Pipeline::new(settings, Arc::new(registry), log)?;
+        pipeline.warm_up().await?;
+        tracing::info!(
+            engine = ?config.engine,
+            experts = pipeline.experts().len(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "models loaded and warm"
+        );
+        Ok(Self { config, pipeline: Arc::new(pipeline) })
+    }
+
+    /// The pipeline (for in-process benchmarks and tests).
+    pub fn pipeline(&self) -> &Arc<Pipeline> {
+        &self.pipeline
+    }
+
+    /// The configuration it was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, then drain and flush.
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), ServerError>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let addr = listener.local_addr()?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<ChatServer<ChatService>>().await;
+        health.set_serving::<RouterServer<RouterService>>().await;
+        health.set_serving::<AdminServer<AdminService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let stop_accepting = CancellationToken::new();
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))
+            .add_service(RouterServer::new(RouterService::new(self.pipeline.clone())))
+            .add_service(AdminServer::new(AdminService::new(self.pipeline.clone())))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting.clone().cancelled_owned());
+        tokio::pin!(server);
+        tracing::info!(%addr, "flywheel-server listening");
+        let result = tokio::select! {
+            result = &mut server => result.map_err(ServerError::from),
+            () = shutdown => {
+                tracing::info!("shutdown: health NOT_SERVING, draining");
+                for service in ["", "flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin"] {
+                    health.set_service_status(service, ServingStatus::NotServing).await;
+                }
+                stop_accepting.cancel();
+                let grace = Duration::from_millis(self.config.shutdown_grace_ms);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(result) => result.map_err(ServerError::from),
+                    Err(_) => {
+                        tracing::warn!(grace_ms = grace.as_millis() as u64, "drain deadline passed; closing remaining requests");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        self.pipeline.log().shutdown().await;
+        tracing::info!(written = self.pipeline.log().stats().written(), "request log flushed; stopped");
+        result
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

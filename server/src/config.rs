@@ -1,0 +1,238 @@
+//! The server's one configuration struct: defaults, then an optional TOML
+//! file, then `FLYWHEEL_*` environment variables, then command-line flags.
+//! Validated once, before any model is loaded or any port is bound.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, ValueEnum};
+use flywheel_router::config::{ConfigError, EngineSettings, ExpertSpec, LimitsSpec, LogSpec, ModelSpec, RouterSpec};
+use serde::Deserialize;
+
+/// Default listen address: loopback only, the gRPC port convention.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// How long shutdown waits for in-flight requests before closing them.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+
+/// Which engine serves the models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// mistral.rs on the configured GGUF models.
+    #[default]
+    Mistralrs,
+    /// No model: a fixed token stream, to measure the server's own overhead.
+    Stub,
+}
+
+/// Command-line flags (each also readable from a `FLYWHEEL_*` variable).
+#[derive(Debug, Clone, Default, Parser)]
+#[command(name = "flywheel-server", version, about = "gRPC router + expert agents on mistral.rs, with a request log for the data flywheel")]
+pub struct Flags {
+    /// TOML configuration file.
+    #[arg(long, env = "FLYWHEEL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "FLYWHEEL_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Engine: `mistralrs` (default) or `stub` (no model, for overhead benchmarks).
+    #[arg(long, env = "FLYWHEEL_ENGINE", value_enum)]
+    pub engine: Option<EngineKind>,
+    /// Serve this GGUF file in every model entry.
+    #[arg(long, env = "FLYWHEEL_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Request-log database file.
+    #[arg(long, env = "FLYWHEEL_LOG_PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Requests admitted at once.
+    #[arg(long, env = "FLYWHEEL_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// Stub engine only: delay before each token, in milliseconds.
+    #[arg(long, env = "FLYWHEEL_STUB_TOKEN_DELAY_MS")]
+    pub stub_token_delay_ms: Option<u64>,
+}
+
+/// The TOML file: every section optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    engine: Option<EngineKind>,
+    shutdown_grace_ms: Option<u64>,
+    stub_token_delay_ms: Option<u64>,
+    models: Option<std::collections::BTreeMap<String, ModelSpec>>,
+    router: Option<RouterSpec>,
+    experts: Option<Vec<ExpertSpec>>,
+    limits: Option<LimitsSpec>,
+    log: Option<LogSpec>,
+}
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, field).
+        source: toml::de::Error,
+    },
+    /// A value is out of range or a reference dangles.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+}
+
+/// The server's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Engine kind.
+    pub engine: EngineKind,
+    /// Drain deadline on shutdown (ms).
+    pub shutdown_grace_ms: u64,
+    /// Stub engine per-token delay (ms).
+    pub stub_token_delay_ms: u64,
+    /// Models, router, experts, limits, log.
+    pub settings: EngineSettings,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            engine: EngineKind::default(),
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            stub_token_delay_ms: 0,
+            settings: EngineSettings::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Build from flags (which clap already merged with the environment).
+    ///
+    /// # Errors
+    /// Unreadable or invalid file, or invalid values.
+    pub fn load(flags: &Flags) -> Result<Self, LoadError> {
+        let mut config = match &flags.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        if let Some(listen) = flags.listen {
+            config.listen = listen;
+        }
+        if let Some(engine) = flags.engine {
+            config.engine = engine;
+        }
+        if let Some(model) = &flags.model {
+            for spec in config.settings.models.values_mut() {
+                spec.path = model.clone();
+            }
+        }
+        if let Some(path) = &flags.log_path {
+            config.settings.log.path = path.clone();
+        }
+        if let Some(n) = flags.max_in_flight {
+            config.settings.limits.max_in_flight = n;
+        }
+        if let Some(ms) = flags.stub_token_delay_ms {
+            config.stub_token_delay_ms = ms;
+        }
+        config.settings.validate()?;
+        Ok(config)
+    }
+
+    fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|source| LoadError::Parse { path: path.into(), source })
+    }
+
+    /// Parse a TOML document over the defaults (sections left out keep their defaults).
+    ///
+    /// # Errors
+    /// TOML syntax errors and unknown fields.
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        let file: FileConfig = toml::from_str(text)?;
+        let mut c = Self::default();
+        let s = &mut c.settings;
+        if let Some(v) = file.listen {
+            c.listen = v;
+        }
+        if let Some(v) = file.engine {
+            c.engine = v;
+        }
+        if let Some(v) = file.shutdown_grace_ms {
+            c.shutdown_grace_ms = v;
+        }
+        if let Some(v) = file.stub_token_delay_ms {
+            c.stub_token_delay_ms = v;
+        }
+        if let Some(v) = file.models {
+            s.models = v;
+        }
+        if let Some(v) = file.router {
+            s.router = v;
+        }
+        if let Some(v) = file.experts {
+            s.experts = v;
+        }
+        if let Some(v) = file.limits {
+            s.limits = v;
+        }
+        if let Some(v) = file.log {
+            s.log = v;
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_valid_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+        c.settings.validate().unwrap();
+    }
+
+    #[test]
+    fn sections_override_and_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[limits]\nmax_in_flight = 3\n[log]\npath = \"x.db\"\n").unwrap();
+        let flags = Flags { config: Some(path.clone()), ..Flags::default() };
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.settings.limits.max_in_flight, 3);
+        assert_eq!(c.settings.limits.max_query_chars, flywheel_router::config::DEFAULT_MAX_QUERY_CHARS);
+        assert_eq!(c.settings.log.path, PathBuf::from("x.db"));
+        let flags = Flags { config: Some(path), listen: Some("127.0.0.1:0".parse().unwrap()), max_in_flight: Some(9), ..Flags::default() };
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.settings.limits.max_in_flight, 9);
+    }
+
+    #[test]
+    fn unknown_field_and_bad_reference_are_clear_errors() {
+        let err = Config::from_toml("[limits]\nmax_inflight = 3\n").unwrap_err().to_string();
+        assert!(err.contains("max_inflight"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "[router]\nfallback_expert = \"legal\"\n").unwrap();
+        let err = Config::load(&Flags { config: Some(path), ..Flags::default() }).unwrap_err().to_string();
+        assert!(err.contains("router.fallback_expert") && err.contains("legal"), "{err}");
+    }
+}

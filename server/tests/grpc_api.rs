@@ -1,0 +1,205 @@
+//! The gRPC API end to end: the real server on `127.0.0.1:0`, the real
+//! SmolLM2 model, the generated tonic clients, and the request log on disk.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use flywheel_proto::v1::chat_stream_message::Event;
+use flywheel_proto::v1::{ChatRequest, GenerationOptions, ListModelsRequest, RouteRequest, StatusRequest};
+use tonic::Code;
+
+fn chat(query: &str, max_tokens: u32) -> ChatRequest {
+    ChatRequest {
+        query: query.into(),
+        session_id: Some("s-1".into()),
+        user_id: Some("u-1".into()),
+        options: Some(GenerationOptions { max_tokens: Some(max_tokens), temperature: None }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn complete_returns_an_answer_and_a_route_and_logs_one_full_record() {
+    let server = common::real_server();
+    let query = "How many vacation days do I get per year?";
+    let r = server.chat().await.complete(chat(query, 24)).await.unwrap().into_inner();
+    assert!(!r.answer.trim().is_empty(), "empty answer");
+    let route = r.route.clone().unwrap();
+    assert!(server.pipeline.experts().contains(&route.expert));
+    assert_eq!(route.scores.len(), 5);
+    let usage = r.usage.unwrap();
+    assert!(usage.prompt_tokens > 10 && usage.completion_tokens > 0 && usage.completion_tokens <= 24);
+    let timings = r.timings.unwrap();
+    assert!(timings.ttft_ms > 0.0 && timings.ttft_ms <= timings.total_ms);
+
+    let rec = server.record(&r.request_id).await;
+    assert_eq!(rec.status, "ok");
+    assert_eq!(rec.kind, "complete");
+    assert_eq!(rec.query, query);
+    assert_eq!(rec.session_id.as_deref(), Some("s-1"));
+    assert_eq!(rec.user_id.as_deref(), Some("u-1"));
+    assert_eq!(rec.answer.as_deref(), Some(r.answer.as_str()));
+    assert_eq!(rec.expert.as_deref(), Some(route.expert.as_str()));
+    assert_eq!(rec.expert_model_version.as_deref(), Some("smollm2-135m-instruct-q8_0"));
+    let logged_route = rec.route.unwrap();
+    assert_eq!(logged_route.router_model_version, "smollm2-135m-instruct-q8_0");
+    assert_eq!(logged_route.scores.len(), 5);
+    assert_eq!(rec.prompt_tokens, Some(usage.prompt_tokens));
+    assert_eq!(rec.completion_tokens, Some(usage.completion_tokens));
+    assert!(rec.ttft_ms.is_some() && rec.total_ms.is_some() && rec.finish_reason.is_some());
+    assert_eq!(server.records_with_query(query).await.len(), 1, "exactly one record per request");
+}
+
+#[tokio::test]
+async fn stream_sends_route_first_then_tokens_incrementally_then_usage() {
+    let server = common::real_server();
+    let query = "My laptop will not connect to the VPN. What should I try?";
+    let mut stream = server.chat().await.stream(chat(query, 32)).await.unwrap().into_inner();
+    let mut events = Vec::new();
+    while let Some(msg) = stream.message().await.unwrap() {
+        events.push((Instant::now(), msg.event.unwrap()));
+    }
+    let Event::Start(start) = &events[0].1 else { panic!("first message must be the start: {:?}", events[0].1) };
+    assert!(start.route.as_ref().is_some_and(|r| r.scores.len() == 5));
+    let Event::End(end) = &events.last().unwrap().1 else { panic!("last message must be the end") };
+    let deltas: Vec<&(Instant, Event)> = events.iter().filter(|(_, e)| matches!(e, Event::Delta(_))).collect();
+    assert!(deltas.len() >= 2, "expected several deltas, got {}", deltas.len());
+    assert!(deltas[0].0 < deltas.last().unwrap().0, "tokens must arrive incrementally, not at once");
+    let usage = end.usage.unwrap();
+    assert!(usage.completion_tokens as usize >= deltas.len() - 1);
+    assert!(end.timings.unwrap().ttft_ms > 0.0);
+
+    let rec = server.record(&start.request_id).await;
+    assert_eq!((rec.kind.as_str(), rec.status.as_str()), ("stream", "ok"));
+    let text: String = deltas.iter().map(|(_, e)| if let Event::Delta(d) = e { d.text.as_str() } else { "" }).collect();
+    assert_eq!(rec.answer.as_deref(), Some(text.as_str()));
+}
+
+#[tokio::test]
+async fn route_scores_every_expert_and_logs_the_decision() {
+    let server = common::real_server();
+    let query = "How do I submit an expense report for a client dinner?";
+    let r = server.router().await.route(RouteRequest { query: query.into(), ..Default::default() }).await.unwrap().into_inner();
+    let route = r.route.unwrap();
+    let mut names: Vec<&str> = route.scores.iter().map(|s| s.expert.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["finance", "general", "hr", "it", "product"]);
+    let total: f32 = route.scores.iter().map(|s| s.probability).sum();
+    assert!((total - 1.0).abs() < 1e-3, "probabilities sum to {total}");
+    assert!(route.scores.windows(2).all(|w| w[0].probability >= w[1].probability), "scores best first");
+    assert!(route.scores.iter().all(|s| s.logprob <= 0.0));
+    assert_eq!(route.top_expert, route.scores[0].expert);
+    assert!(route.latency_ms > 0.0);
+    let rec = server.record(&r.request_id).await;
+    assert_eq!((rec.kind.as_str(), rec.status.as_str()), ("route", "ok"));
+    assert_eq!(rec.route.unwrap().expert, route.expert);
+    assert!(rec.answer.is_none());
+}
+
+#[tokio::test]
+async fn forced_expert_answers_without_routing() {
+    let server = common::real_server();
+    let mut request = chat("Tell me about the Widget Mini.", 8);
+    request.expert = Some("product".into());
+    let r = server.chat().await.complete(request).await.unwrap().into_inner();
+    let route = r.route.unwrap();
+    assert!(route.forced);
+    assert_eq!(route.expert, "product");
+    assert!(route.scores.is_empty());
+    assert_eq!(server.record(&r.request_id).await.expert.as_deref(), Some("product"));
+}
+
+#[tokio::test]
+async fn bad_requests_get_their_status_and_still_leave_a_record() {
+    let server = common::real_server();
+    let mut client = server.chat().await;
+
+    let err = client.complete(chat("   ", 8)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("empty"), "{}", err.message());
+    assert_eq!(server.records_with_query("   ").await[0].status, "invalid_argument");
+
+    let long = "x".repeat(501);
+    let err = client.stream(chat(&long, 8)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("limit is 500"), "{}", err.message());
+    let rec = &server.records_with_query(&long).await[0];
+    assert_eq!(rec.status, "invalid_argument");
+    assert!(rec.error.as_deref().unwrap().contains("501"));
+
+    let mut request = chat("who handles legal contracts?", 8);
+    request.expert = Some("legal".into());
+    let err = client.complete(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(err.message().contains("legal") && err.message().contains("hr"), "{}", err.message());
+    assert_eq!(server.records_with_query("who handles legal contracts?").await[0].status, "not_found");
+
+    let err = server.router().await.route(RouteRequest::default()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn admin_lists_slots_and_status() {
+    let server = common::real_server();
+    let mut admin = server.admin().await;
+    let models = admin.list_models(ListModelsRequest {}).await.unwrap().into_inner();
+    let names: Vec<&str> = models.slots.iter().map(|s| s.slot.as_str()).collect();
+    assert!(names.contains(&"router") && names.contains(&"expert/hr") && names.contains(&"expert/general"));
+    assert!(models.slots.iter().all(|s| s.backend == "mistralrs" && s.size_bytes > 50_000_000));
+    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    assert_eq!(status.experts, ["hr", "it", "finance", "product", "general"]);
+    assert!(status.uptime_seconds > 0.0);
+    assert_eq!(status.max_in_flight, 64);
+}
+
+#[tokio::test]
+async fn health_reports_serving_and_reflection_lists_the_api() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let server = common::real_server();
+    let mut health = HealthClient::new(server.channel().await);
+    for service in ["", "flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin"] {
+        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "service `{service}`");
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(server.channel().await);
+    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("no service list") };
+    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for name in ["flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin", "grpc.health.v1.Health"] {
+        assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+    }
+}
+
+#[tokio::test]
+async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
+    let server = common::real_server();
+    let query = "Write a very long essay about the history of office printers.";
+    let mut stream = server.chat().await.stream(chat(query, 256)).await.unwrap().into_inner();
+    let Event::Start(start) = stream.message().await.unwrap().unwrap().event.unwrap() else { panic!("start first") };
+    let _first_delta = stream.message().await.unwrap().unwrap();
+    drop(stream);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rec = loop {
+        server.pipeline.log().flush().await.unwrap();
+        if let Some(rec) = server.pipeline.log().reader().unwrap().get(&start.request_id).unwrap() {
+            break rec;
+        }
+        assert!(Instant::now() < deadline, "cancelled request was never logged");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(rec.status, "cancelled");
+    assert_eq!(rec.finish_reason.as_deref(), Some("cancelled"));
+    // Far fewer tokens were produced than the 256 asked for: generation stopped.
+    let produced = rec.answer.unwrap_or_default();
+    assert!(produced.split_whitespace().count() < 100, "kept generating after cancel: {produced:?}");
+}

