@@ -69,12 +69,13 @@ struct Report {
     threads: usize,
 }
 
-fn options(path: &std::path::Path, prefix_cache_n: usize) -> MistralOptions {
+fn options(path: &std::path::Path, router: bool) -> MistralOptions {
     MistralOptions {
         path: path.to_path_buf(),
         max_num_seqs: flywheel_router::config::DEFAULT_MAX_NUM_SEQS,
-        prefix_cache_n,
+        prefix_cache_n: 0,
         device: flywheel_router::engine::mistral::DeviceChoice::Cpu,
+        router,
     }
 }
 
@@ -118,13 +119,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let model_bytes = std::fs::metadata(&path).with_context(|| format!("model {}", path.display()))?.len();
 
     let started = Instant::now();
-    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, 16)).await?);
+    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true)).await?);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
-
-    let (route, route_prompt_tokens) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
-    let baseline: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, 0)).await?);
-    let (route_nocache, _) = route_latencies(baseline, &settings, args.route_requests).await?;
+    // As served: a router engine, its prompt prefix primed in the cache.
+    let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests).await?;
+    // Baseline: the same decisions on a generation engine (no prefix cache).
+    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, false)).await?);
+    let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
 
     let mut ttft = Vec::new();
     let mut ttft_prompt_tokens = 0;

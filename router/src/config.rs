@@ -36,9 +36,11 @@ pub const DEFAULT_LOG_BATCH: usize = 512;
 pub const DEFAULT_LOG_QUEUE: usize = 16_384;
 /// Sequences mistral.rs schedules together.
 pub const DEFAULT_MAX_NUM_SEQS: usize = 32;
-/// Finished sequences kept in mistral.rs's prefix cache: enough that the
-/// router prefix survives interleaved answers.
-pub const DEFAULT_PREFIX_CACHE_N: usize = 16;
+/// Finished sequences kept in mistral.rs's prefix cache by generation
+/// engines. Off: in mistral.rs 0.8.1 that cache never evicts on CPU, so it
+/// grows with every answer. The router engine caches its prompt prefix
+/// regardless (see `engine::mistral`).
+pub const DEFAULT_PREFIX_CACHE_N: usize = 0;
 
 /// Errors in the settings, each saying what to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -69,7 +71,8 @@ pub struct ModelSpec {
     /// Sequences scheduled together.
     #[serde(default = "default_max_num_seqs")]
     pub max_num_seqs: usize,
-    /// Prefix-cache entries.
+    /// Prefix-cache entries of generation engines (0 = off; see
+    /// [`DEFAULT_PREFIX_CACHE_N`]).
     #[serde(default = "default_prefix_cache_n")]
     pub prefix_cache_n: usize,
     /// Device.
@@ -108,6 +111,8 @@ pub struct RouterSpec {
     pub confidence_threshold: f32,
     /// Expert that answers low-confidence queries.
     pub fallback_expert: String,
+    /// Remove the model's label prior (contextual calibration).
+    pub calibrate: bool,
 }
 
 /// One expert agent.
@@ -210,6 +215,7 @@ impl Default for RouterSpec {
                 .into(),
             confidence_threshold: DEFAULT_CONFIDENCE_THRESHOLD,
             fallback_expert: "general".into(),
+            calibrate: true,
         }
     }
 }

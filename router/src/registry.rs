@@ -4,7 +4,9 @@
 //! [`ServedModel`]. A request calls [`Slot::current`] once and keeps that `Arc`
 //! until its stream ends, so a later [`Slot::swap`] never changes a request
 //! mid-flight and the old model is freed when its last request finishes.
-//! Slots bound to the same model entry share one loaded engine.
+//! Expert slots bound to the same model entry share one loaded engine; the
+//! router slot always gets an engine of its own, set up for route decisions
+//! (see [`crate::engine::mistral`]), even when it uses the same file.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -83,11 +85,12 @@ impl Slot {
 /// supply another implementation).
 #[async_trait]
 pub trait EngineLoader: Send + Sync {
-    /// Load the model described by `spec`.
+    /// Load the model described by `spec`; `router` when it will make route
+    /// decisions rather than generate answers.
     ///
     /// # Errors
     /// When the file is missing or the backend cannot load it.
-    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError>;
+    async fn load(&self, spec: &ModelSpec, router: bool) -> Result<Arc<dyn Engine>, EngineError>;
 }
 
 /// Loads GGUF models with mistral.rs.
@@ -96,12 +99,13 @@ pub struct MistralLoader;
 
 #[async_trait]
 impl EngineLoader for MistralLoader {
-    async fn load(&self, spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError> {
+    async fn load(&self, spec: &ModelSpec, router: bool) -> Result<Arc<dyn Engine>, EngineError> {
         let engine = MistralEngine::load(&MistralOptions {
             path: spec.path.clone(),
             max_num_seqs: spec.max_num_seqs,
             prefix_cache_n: spec.prefix_cache_n,
             device: spec.device,
+            router,
         })
         .await?;
         Ok(Arc::new(engine))
@@ -121,12 +125,12 @@ impl ModelRegistry {
     /// # Errors
     /// The first model that fails to load.
     pub async fn load(settings: &EngineSettings, loader: &dyn EngineLoader) -> Result<Self, EngineError> {
-        let mut loaded: BTreeMap<&str, Arc<ServedModel>> = BTreeMap::new();
-        let bindings = std::iter::once((ROUTER_SLOT.to_string(), settings.router.model.as_str()))
-            .chain(settings.experts.iter().map(|e| (expert_slot(&e.name), e.model.as_str())));
+        let mut loaded: BTreeMap<(&str, bool), Arc<ServedModel>> = BTreeMap::new();
+        let bindings = std::iter::once((ROUTER_SLOT.to_string(), settings.router.model.as_str(), true))
+            .chain(settings.experts.iter().map(|e| (expert_slot(&e.name), e.model.as_str(), false)));
         let mut slots = BTreeMap::new();
-        for (slot, model_name) in bindings {
-            let served = match loaded.get(model_name) {
+        for (slot, model_name, router) in bindings {
+            let served = match loaded.get(&(model_name, router)) {
                 Some(m) => m.clone(),
                 None => {
                     let spec = settings.models.get(model_name).ok_or_else(|| EngineError::ModelNotFound {
@@ -137,9 +141,9 @@ impl ModelRegistry {
                         path: spec.path.clone(),
                         size_bytes: std::fs::metadata(&spec.path).map(|m| m.len()).unwrap_or(0),
                         loaded_at: SystemTime::now(),
-                        engine: loader.load(spec).await?,
+                        engine: loader.load(spec, router).await?,
                     });
-                    loaded.insert(model_name, served.clone());
+                    loaded.insert((model_name, router), served.clone());
                     served
                 }
             };
@@ -174,7 +178,7 @@ pub struct StubLoader {
 
 #[async_trait]
 impl EngineLoader for StubLoader {
-    async fn load(&self, _spec: &ModelSpec) -> Result<Arc<dyn Engine>, EngineError> {
+    async fn load(&self, _spec: &ModelSpec, _router: bool) -> Result<Arc<dyn Engine>, EngineError> {
         Ok(Arc::new(crate::engine::stub::StubEngine::new(self.per_token_delay)))
     }
 }

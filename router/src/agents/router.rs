@@ -6,12 +6,19 @@
 //! threshold the fallback expert answers. The system prompt (instructions and
 //! expert list) is identical for every query, so the engine's prefix cache
 //! reuses its KV and a decision costs only the query's tokens.
+//!
+//! Small models favour some label words whatever the query (SmolLM2-135M
+//! puts most of its mass on `it`, a frequent English word). With
+//! `calibrate` on, the router subtracts each label's log-probability for a
+//! content-free query ("N/A"), computed once per model version: contextual
+//! calibration (Zhao et al., 2021, "Calibrate Before Use"). The logged
+//! `logprob` stays the model's raw value; `probability` is calibrated.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::{ExpertSpec, RouterSpec};
-use crate::engine::{ChatMessage, EngineError, LabelSet};
+use crate::engine::{ChatMessage, EngineError, LabelScores, LabelSet};
 use crate::registry::{ServedModel, Slot};
 
 /// One expert's score.
@@ -65,6 +72,9 @@ impl RouteDecision {
     }
 }
 
+/// The content-free query whose label scores are the model's prior.
+const CONTENT_FREE_QUERY: &str = "N/A";
+
 /// The router agent.
 pub struct RouterAgent {
     slot: Arc<Slot>,
@@ -72,6 +82,9 @@ pub struct RouterAgent {
     system_prompt: String,
     threshold: f32,
     fallback: String,
+    calibrate: bool,
+    /// Label log-probabilities for the content-free query, per model version.
+    prior: Mutex<Option<(String, Arc<Vec<f32>>)>>,
 }
 
 impl RouterAgent {
@@ -87,6 +100,8 @@ impl RouterAgent {
             system_prompt: system_prompt(&spec.instructions, experts),
             threshold: spec.confidence_threshold,
             fallback: spec.fallback_expert.clone(),
+            calibrate: spec.calibrate,
+            prior: Mutex::new(None),
         })
     }
 
@@ -106,9 +121,28 @@ impl RouterAgent {
     /// Engine failures: the model is not fit to route.
     pub async fn warm_up(&self, model: &ServedModel) -> Result<(), EngineError> {
         model.engine.warm_up(&self.prompt("hello")).await?;
-        // Scoring builds and caches the label plan (tokenized expert names).
+        // Scoring builds and caches the label plan (tokenized expert names)
+        // and, when calibrating, the model's label prior.
+        self.prior_for(model).await?;
         model.engine.score_labels(&self.prompt("hello"), &self.labels).await?;
         Ok(())
+    }
+
+    /// The label prior of `model` (empty when not calibrating).
+    async fn prior_for(&self, model: &ServedModel) -> Result<Arc<Vec<f32>>, EngineError> {
+        if !self.calibrate {
+            return Ok(Arc::new(Vec::new()));
+        }
+        if let Some((version, prior)) = self.prior.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+            if *version == model.version {
+                return Ok(prior.clone());
+            }
+        }
+        let scores = model.engine.score_labels(&self.prompt(CONTENT_FREE_QUERY), &self.labels).await?;
+        let prior = Arc::new(scores.logprobs);
+        *self.prior.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((model.version.clone(), prior.clone()));
+        Ok(prior)
     }
 
     /// The model serving this router now.
@@ -123,9 +157,11 @@ impl RouterAgent {
     pub async fn decide(&self, query: &str) -> Result<RouteDecision, EngineError> {
         let model = self.slot.current();
         let start = Instant::now();
+        let prior = self.prior_for(&model).await?;
         let scores = model.engine.score_labels(&self.prompt(query), &self.labels).await?;
+        let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok(self.decision(&scores.probabilities(), &scores.logprobs, &model.version, latency_ms, scores.prompt_tokens))
+        Ok(self.decision(&probs, &scores.logprobs, &model.version, latency_ms, scores.prompt_tokens))
     }
 
     fn decision(
@@ -158,6 +194,14 @@ impl RouterAgent {
             prompt_tokens,
         }
     }
+}
+
+/// Scores with the prior subtracted (unchanged when `prior` is empty).
+fn calibrated(scores: &LabelScores, prior: &[f32]) -> LabelScores {
+    if prior.len() != scores.logprobs.len() {
+        return scores.clone();
+    }
+    LabelScores { logprobs: scores.logprobs.iter().zip(prior).map(|(l, p)| l - p).collect(), ..scores.clone() }
 }
 
 fn system_prompt(instructions: &str, experts: &[ExpertSpec]) -> String {
@@ -202,6 +246,16 @@ mod tests {
         assert_eq!(d.scores[0].expert, "it");
         assert_eq!(d.scores.len(), 5);
         assert_eq!(d.router_model_version, "v1");
+    }
+
+    #[test]
+    fn calibration_removes_a_label_prior() {
+        // The model prefers label 0 whatever the query; the query favours label 1.
+        let scores = LabelScores { logprobs: vec![-0.2, -1.0], prompt_tokens: 1, forward_passes: 1 };
+        let prior = [-0.1, -3.0];
+        let p = calibrated(&scores, &prior).probabilities();
+        assert!(p[1] > p[0], "{p:?}");
+        assert_eq!(calibrated(&scores, &[]), scores);
     }
 
     #[test]

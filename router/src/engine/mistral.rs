@@ -1,13 +1,26 @@
 //! [`Engine`] on mistral.rs: GGUF models on CPU (or CUDA when built with the
 //! `cuda` feature).
 //!
-//! Generation sends a chat request and forwards its stream; label scoring
-//! sends the tokenized prompt as a one-token completion with a logits
-//! processor that reads the next-token distribution (the prefill's last row),
-//! so no text is generated and no label parsing is needed. Both go through
-//! mistral.rs's scheduler, so concurrent route decisions and answers batch
-//! together, and its prefix cache reuses the KV of the router's fixed prompt
-//! prefix (instructions + expert list) across decisions.
+//! Generation sends a chat request and forwards its stream. Label scoring
+//! reads the next-token distribution at the end of the prompt's prefill, so
+//! no text is generated and no label parsing is needed; it has two modes:
+//!
+//! - **Router engines** (`MistralOptions::router`) send raw-logit requests.
+//!   mistral.rs does not add those to its prefix cache, so the cache keeps
+//!   exactly the entry primed by [`Engine::warm_up`] (the router's fixed
+//!   prompt: instructions + expert list) and every decision, repeated queries
+//!   included, prefills only the query's tokens. mistral.rs cannot batch a
+//!   raw-logit prompt with any other prompt (it fails the whole step), so a
+//!   router engine runs one scoring pass at a time and does not generate.
+//! - **Other engines** use a one-token completion with a logits processor
+//!   that records the distribution; it batches freely with other requests.
+//!
+//! Why not rely on the prefix cache for everything: in mistral.rs 0.8.1 the
+//! sequence-level prefix cache keeps every finished sequence and only evicts
+//! entries held on a GPU, so on CPU it grows with every request (about 7 MB
+//! per 150-token SmolLM2-135M sequence) and each lookup scans all entries; an
+//! exact repeat of a cached prompt also misses it. Generation engines
+//! therefore default to `prefix_cache_n = 0`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -50,6 +63,8 @@ pub struct MistralOptions {
     pub prefix_cache_n: usize,
     /// Device.
     pub device: DeviceChoice,
+    /// This engine makes route decisions (see the module docs).
+    pub router: bool,
 }
 
 /// Streaming responses buffered between the engine thread and the caller.
@@ -61,6 +76,10 @@ const RESPONSE_BUFFER: usize = 16;
 pub struct MistralEngine {
     model: Model,
     plans: Mutex<HashMap<LabelSet, Arc<LabelPlan>>>,
+    router: bool,
+    /// Router engines: held by each scoring pass (and the warm-up), so a
+    /// raw-logit prompt is never batched with another prompt.
+    prompt_gate: tokio::sync::Mutex<()>,
 }
 
 impl MistralEngine {
@@ -78,10 +97,13 @@ impl MistralEngine {
         }
         let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let file = path.file_name().ok_or_else(not_found)?.to_string_lossy().to_string();
+        // The router's cache holds only the primed prefix (raw requests are
+        // never added), so it needs one entry whatever the setting says.
+        let prefix_cache_n = if opts.router { opts.prefix_cache_n.max(1) } else { opts.prefix_cache_n };
         let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
             .with_token_source(TokenSource::None)
             .with_max_num_seqs(opts.max_num_seqs.max(1))
-            .with_prefix_cache_n(Some(opts.prefix_cache_n));
+            .with_prefix_cache_n((prefix_cache_n > 0).then_some(prefix_cache_n));
         if opts.device == DeviceChoice::Cpu {
             builder = builder.with_force_cpu();
         }
@@ -89,7 +111,12 @@ impl MistralEngine {
             path: path.display().to_string(),
             source,
         })?;
-        Ok(Self { model, plans: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            model,
+            plans: Mutex::new(HashMap::new()),
+            router: opts.router,
+            prompt_gate: tokio::sync::Mutex::new(()),
+        })
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Request>, EngineError> {
@@ -191,6 +218,41 @@ impl MistralEngine {
     }
 }
 
+impl MistralEngine {
+    /// One raw-logit prefill of `tokens` (not added to the prefix cache),
+    /// returning the log-probabilities of `next` at its end.
+    async fn raw_next_token_logprobs(&self, tokens: Vec<u32>, next: &[u32]) -> Result<Vec<f32>, EngineError> {
+        let sampling = SamplingParams { max_len: Some(1), ..SamplingParams::deterministic() };
+        let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
+        let mut request =
+            NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
+        request.return_raw_logits = true;
+        self.sender()?
+            .send(Request::Normal(Box::new(request)))
+            .await
+            .map_err(|_| EngineError::Disconnected)?;
+        match rx.recv().await {
+            Some(Response::Raw { logits_chunks, .. }) => {
+                let last = logits_chunks.last().ok_or_else(|| {
+                    EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits"))
+                })?;
+                let row = last_row(last).map_err(|e| EngineError::Backend(e.into()))?;
+                Ok(log_softmax_at(&row, next))
+            }
+            Some(other) => Err(response_error(other)),
+            None => Err(EngineError::Disconnected),
+        }
+    }
+}
+
+/// The last position's logits of a `[.., vocab]` tensor.
+fn last_row(t: &Tensor) -> mistralrs::Result<Vec<f32>> {
+    let t = t.to_dtype(mistralrs::DType::F32)?;
+    let vocab = t.dims().last().copied().unwrap_or(0);
+    let rows = t.elem_count() / vocab.max(1);
+    t.reshape((rows, vocab))?.get(rows.saturating_sub(1))?.to_vec1::<f32>()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain data behind; keep serving.
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -238,6 +300,11 @@ impl Engine for MistralEngine {
         messages: Vec<ChatMessage>,
         params: GenerateParams,
     ) -> Result<TokenStream, EngineError> {
+        if self.router {
+            return Err(EngineError::Rejected(
+                "this engine is reserved for route decisions; load another engine to generate".into(),
+            ));
+        }
         let greedy = params.temperature.is_none_or(|t| t <= 0.0);
         let sampling = SamplingParams {
             temperature: if greedy { None } else { params.temperature },
@@ -317,12 +384,20 @@ impl Engine for MistralEngine {
     ) -> Result<LabelScores, EngineError> {
         let plan = self.plan_for(labels).await?;
         let prompt = self.tokenize(Either::Left(messages), true).await?;
-        let passes = plan.steps().iter().map(|step| {
-            let tokens: Vec<u32> = prompt.iter().chain(&step.prefix).copied().collect();
-            self.next_token_logprobs(tokens, step.next_tokens.clone())
-        });
-        let results = futures::future::try_join_all(passes).await?;
-        let step_logprobs: Vec<Vec<f32>> = results.into_iter().map(|(lp, _)| lp).collect();
+        let step_tokens =
+            |step: &super::labels::PlanStep| -> Vec<u32> { prompt.iter().chain(&step.prefix).copied().collect() };
+        let step_logprobs: Vec<Vec<f32>> = if self.router {
+            let _gate = self.prompt_gate.lock().await;
+            let mut out = Vec::with_capacity(plan.steps().len());
+            for step in plan.steps() {
+                out.push(self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens).await?);
+            }
+            out
+        } else {
+            let passes =
+                plan.steps().iter().map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone()));
+            futures::future::try_join_all(passes).await?.into_iter().map(|(lp, _)| lp).collect()
+        };
         Ok(LabelScores {
             logprobs: plan.combine(&step_logprobs),
             prompt_tokens: prompt.len() as u32,
@@ -334,6 +409,7 @@ impl Engine for MistralEngine {
         let tokens = self.tokenize(Either::Left(messages), true).await?;
         // A normal (non-raw) request: its finished sequence enters the prefix
         // cache, so later prompts sharing this prefix skip its prefill.
+        let _gate = if self.router { Some(self.prompt_gate.lock().await) } else { None };
         let (lp, _) = self.next_token_logprobs(tokens, vec![0]).await?;
         if lp.iter().any(|v| v.is_nan()) {
             return Err(EngineError::Backend(anyhow::anyhow!("model produced NaN logits")));

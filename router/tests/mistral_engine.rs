@@ -1,0 +1,93 @@
+//! The mistral.rs engine on the real default model: label scoring through the
+//! router engine's cached, raw-logit path gives the same distribution as the
+//! uncached path, and scoring and generation can run concurrently on one
+//! router engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent, LabelSet};
+use futures::StreamExt;
+
+fn model() -> PathBuf {
+    if let Some(p) = std::env::var_os("FLYWHEEL_TEST_MODEL") {
+        return p.into();
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
+    flywheel_router::model_prep::fetch::ensure_default_model(&dir, "python3").expect("preparing the default model")
+}
+
+async fn engine(router: bool) -> Arc<dyn Engine> {
+    let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
+    let opts = MistralOptions { path: model(), max_num_seqs: 8, prefix_cache_n: 0, device: DeviceChoice::Cpu, router };
+    Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))
+}
+
+fn prompt(query: &str) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::system(
+            "Route the question to a team.\nTeams:\n- hr: leave, benefits, payroll\n- it: laptops, passwords, VPN\n\
+             - finance: expenses, invoices\n- general: anything else\nReply with one team name only.",
+        ),
+        ChatMessage::user(query),
+    ]
+}
+
+fn labels() -> LabelSet {
+    LabelSet::new(["hr", "it", "finance", "general"].map(String::from).to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn cached_router_scoring_matches_uncached_scoring() {
+    let router = engine(true).await;
+    let plain = engine(false).await;
+    router.warm_up(&prompt("hello")).await.unwrap();
+    // The repeat checks that an exact repeat is scored like the first time.
+    for q in ["My VPN keeps disconnecting", "How do I file an expense report?", "My VPN keeps disconnecting"] {
+        let a = router.score_labels(&prompt(q), &labels()).await.unwrap();
+        let b = plain.score_labels(&prompt(q), &labels()).await.unwrap();
+        assert_eq!(a.prompt_tokens, b.prompt_tokens);
+        for (x, y) in a.probabilities().iter().zip(b.probabilities()) {
+            assert!((x - y).abs() < 0.02, "{q}: cached {:?} vs uncached {:?}", a.probabilities(), b.probabilities());
+        }
+    }
+    let vpn = router.score_labels(&prompt("My VPN keeps disconnecting"), &labels()).await.unwrap();
+    let best = vpn.probabilities().iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    assert_eq!(labels().names()[best], "it", "{:?}", vpn.probabilities());
+}
+
+#[tokio::test]
+async fn concurrent_route_decisions_on_a_router_engine_all_succeed() {
+    let router = engine(true).await;
+    router.warm_up(&prompt("hello")).await.unwrap();
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let e = router.clone();
+            tokio::spawn(async move { e.score_labels(&prompt(&format!("question {i} about my payslip")), &labels()).await })
+        })
+        .collect();
+    for t in tasks {
+        let scores = t.await.unwrap().unwrap();
+        assert_eq!(scores.logprobs.len(), 4);
+    }
+    let params = GenerateParams { max_tokens: 4, temperature: None, top_p: None };
+    assert!(router.generate(vec![ChatMessage::user("hi")], params).await.is_err(), "router engines do not generate");
+}
+
+#[tokio::test]
+async fn generation_engine_streams_then_reports_usage() {
+    let plain = engine(false).await;
+    let params = GenerateParams { max_tokens: 8, temperature: None, top_p: None };
+    let mut s = plain.generate(vec![ChatMessage::user("Say hello")], params).await.unwrap();
+    let (mut deltas, mut done) = (0, None);
+    while let Some(ev) = s.next().await {
+        match ev.unwrap() {
+            GenerationEvent::Delta(_) => deltas += 1,
+            GenerationEvent::Done(summary) => done = Some(summary),
+        }
+    }
+    let done = done.expect("a Done event ends the stream");
+    assert!(deltas > 0 && done.usage.completion_tokens as usize >= deltas.min(8) - 1);
+    assert!(done.usage.completion_tokens <= 8);
+}
