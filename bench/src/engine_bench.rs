@@ -79,7 +79,11 @@ fn options(path: &std::path::Path, router: bool) -> MistralOptions {
     }
 }
 
-async fn route_latencies(engine: Arc<dyn Engine>, settings: &EngineSettings, n: usize) -> anyhow::Result<(Vec<f64>, u32)> {
+async fn route_latencies(
+    engine: Arc<dyn Engine>,
+    settings: &EngineSettings,
+    n: usize,
+) -> anyhow::Result<(Vec<f64>, u32)> {
     let served = Arc::new(ServedModel {
         version: "bench".into(),
         path: PathBuf::new(),
@@ -87,7 +91,11 @@ async fn route_latencies(engine: Arc<dyn Engine>, settings: &EngineSettings, n: 
         loaded_at: SystemTime::now(),
         engine,
     });
-    let router = RouterAgent::new(&settings.router, &settings.experts, Arc::new(Slot::new("router", served.clone())))?;
+    let router = RouterAgent::new(
+        &settings.router,
+        &settings.experts,
+        Arc::new(Slot::new("router", served.clone())),
+    )?;
     router.warm_up(&served).await?;
     let mut samples = Vec::with_capacity(n);
     let mut prompt_tokens = 0;
@@ -105,7 +113,9 @@ fn ttft_prompt(i: usize) -> Vec<ChatMessage> {
         ChatMessage::system(format!(
             "Request {i}. You are the IT help desk of Acme Widgets Inc. Give short, practical troubleshooting steps."
         )),
-        ChatMessage::user("My laptop will not connect to the VPN from home since this morning. What should I check first?"),
+        ChatMessage::user(
+            "My laptop will not connect to the VPN from home since this morning. What should I check first?",
+        ),
     ]
 }
 
@@ -115,8 +125,13 @@ fn ttft_prompt(i: usize) -> Vec<ChatMessage> {
 /// Model loading or engine failures.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = EngineSettings::default();
-    let path = args.model.clone().unwrap_or_else(|| settings.models[DEFAULT_MODEL_NAME].path.clone());
-    let model_bytes = std::fs::metadata(&path).with_context(|| format!("model {}", path.display()))?.len();
+    let path = args
+        .model
+        .clone()
+        .unwrap_or_else(|| settings.models[DEFAULT_MODEL_NAME].path.clone());
+    let model_bytes = std::fs::metadata(&path)
+        .with_context(|| format!("model {}", path.display()))?
+        .len();
 
     let started = Instant::now();
     let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true)).await?);
@@ -133,7 +148,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut prefill_tps = Vec::new();
     for i in 0..args.ttft_requests {
         let t = Instant::now();
-        let params = GenerateParams { max_tokens: 2, temperature: None, top_p: None };
+        let params = GenerateParams {
+            max_tokens: 2,
+            temperature: None,
+            top_p: None,
+        };
         let mut stream = engine.generate(ttft_prompt(i), params).await?;
         let mut first = None;
         while let Some(ev) = stream.next().await {
@@ -152,8 +171,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut decode_tps = Vec::new();
     for i in 0..args.decode_runs {
-        let params = GenerateParams { max_tokens: 128, temperature: None, top_p: None };
-        let prompt = vec![ChatMessage::user(format!("Run {i}: write a long story about a robot who learns to paint."))];
+        let params = GenerateParams {
+            max_tokens: 128,
+            temperature: None,
+            top_p: None,
+        };
+        let prompt = vec![ChatMessage::user(format!(
+            "Run {i}: write a long story about a robot who learns to paint."
+        ))];
         let mut stream = engine.generate(prompt, params).await?;
         let (mut first, mut last, mut deltas) = (None, None, 0u32);
         while let Some(ev) = stream.next().await {
@@ -192,7 +217,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn print_report(r: &Report) {
-    println!("model            {} ({:.1} MB), {} threads", r.model, r.model_bytes as f64 / 1e6, r.threads);
+    println!(
+        "model            {} ({:.1} MB), {} threads",
+        r.model,
+        r.model_bytes as f64 / 1e6,
+        r.threads
+    );
     println!("load             {:.0} ms", r.load_ms);
     println!(
         "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on)",
@@ -204,7 +234,10 @@ fn print_report(r: &Report) {
         r.route_ms_no_prefix_cache.p99,
         r.route_ms_no_prefix_cache.p50 / r.route_ms.p50
     );
-    println!("TTFT             p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens)", r.ttft_ms.p50, r.ttft_ms.p99, r.ttft_prompt_tokens);
+    println!(
+        "TTFT             p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens)",
+        r.ttft_ms.p50, r.ttft_ms.p99, r.ttft_prompt_tokens
+    );
     println!("prefill          {:.0} tok/s", r.prefill_tokens_per_second);
     println!("decode           {:.1} tok/s", r.decode_tokens_per_second);
 }

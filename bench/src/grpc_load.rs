@@ -103,13 +103,26 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Samp
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
     match mode {
         Mode::Route => {
-            let r = RouterClient::new(channel).route(RouteRequest { query: query.into(), ..Default::default() }).await;
-            Sample { latency_ms: ms(Instant::now()), ok: r.is_ok(), code: r.err().map(|s| s.code()), ..Sample::default() }
+            let r = RouterClient::new(channel)
+                .route(RouteRequest {
+                    query: query.into(),
+                    ..Default::default()
+                })
+                .await;
+            Sample {
+                latency_ms: ms(Instant::now()),
+                ok: r.is_ok(),
+                code: r.err().map(|s| s.code()),
+                ..Sample::default()
+            }
         }
         Mode::Chat => {
             let request = ChatRequest {
                 query: query.into(),
-                options: Some(GenerationOptions { max_tokens: Some(max_tokens), temperature: None }),
+                options: Some(GenerationOptions {
+                    max_tokens: Some(max_tokens),
+                    temperature: None,
+                }),
                 ..Default::default()
             };
             let mut sample = Sample::default();
@@ -181,7 +194,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for t in tasks {
         samples.extend(t.await?);
     }
-    let elapsed = started.elapsed().as_secs_f64().min(args.duration + 60.0).max(args.duration);
+    let elapsed = started
+        .elapsed()
+        .as_secs_f64()
+        .min(args.duration + 60.0)
+        .max(args.duration);
     let report = report(&args, &samples, elapsed);
     print_report(&report);
     if let Some(path) = &args.json {
@@ -194,7 +211,9 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64) -> Report {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut errors_by_status = std::collections::BTreeMap::new();
     for s in samples.iter().filter(|s| !s.ok) {
-        *errors_by_status.entry(format!("{:?}", s.code.unwrap_or(tonic::Code::Unknown))).or_insert(0) += 1;
+        *errors_by_status
+            .entry(format!("{:?}", s.code.unwrap_or(tonic::Code::Unknown)))
+            .or_insert(0) += 1;
     }
     let lat: Vec<f64> = ok.iter().map(|s| s.latency_ms).collect();
     let ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft_ms).collect();
@@ -221,7 +240,10 @@ fn print_report(r: &Report) {
         r.mode, r.concurrency, r.requests, r.duration_s, r.errors, r.requests_per_second, r.output_tokens_per_second
     );
     let row = |name: &str, s: &Summary| {
-        println!("  {name:<8} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  mean {:>8.2}  (ms)", s.p50, s.p90, s.p99, s.mean);
+        println!(
+            "  {name:<8} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  mean {:>8.2}  (ms)",
+            s.p50, s.p90, s.p99, s.mean
+        );
     };
     row("latency", &r.latency_ms);
     if let Some(s) = &r.ttft_ms {
@@ -241,7 +263,10 @@ pub async fn ask(addr: &str, query: String, expert: Option<String>, max_tokens: 
     let request = ChatRequest {
         query: query.clone(),
         expert,
-        options: Some(GenerationOptions { max_tokens, temperature: None }),
+        options: Some(GenerationOptions {
+            max_tokens,
+            temperature: None,
+        }),
         ..Default::default()
     };
     let mut stream = ChatClient::new(channel).stream(request).await?.into_inner();

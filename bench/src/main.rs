@@ -15,7 +15,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "flywheel-bench", version, about = "Benchmarks and a tiny client for flywheel")]
+#[command(
+    name = "flywheel-bench",
+    version,
+    about = "Benchmarks and a tiny client for flywheel"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,6 +65,11 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => engine_bench::run(args).await,
         Command::Load(args) => grpc_load::run(args).await,
-        Command::Ask { addr, expert, max_tokens, query } => grpc_load::ask(&addr, query, expert, max_tokens).await,
+        Command::Ask {
+            addr,
+            expert,
+            max_tokens,
+            query,
+        } => grpc_load::ask(&addr, query, expert, max_tokens).await,
     }
 }

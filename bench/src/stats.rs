@@ -32,7 +32,11 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 pub fn summarize(samples: &[f64]) -> Summary {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
-    let mean = if s.is_empty() { f64::NAN } else { s.iter().sum::<f64>() / s.len() as f64 };
+    let mean = if s.is_empty() {
+        f64::NAN
+    } else {
+        s.iter().sum::<f64>() / s.len() as f64
+    };
     Summary {
         n: s.len(),
         mean,

@@ -56,7 +56,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
 }
 
 /// A model file and how to run it.
@@ -84,7 +87,9 @@ impl ModelSpec {
     /// The version label of this model.
     pub fn version_label(&self) -> String {
         self.version.clone().unwrap_or_else(|| {
-            self.path.file_stem().map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+            self.path
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
         })
     }
 }
@@ -159,7 +164,10 @@ pub struct LimitsSpec {
 
 impl Default for LimitsSpec {
     fn default() -> Self {
-        Self { max_query_chars: DEFAULT_MAX_QUERY_CHARS, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+        Self {
+            max_query_chars: DEFAULT_MAX_QUERY_CHARS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
     }
 }
 
@@ -249,7 +257,9 @@ impl Default for EngineSettings {
                 expert(
                     "hr",
                     "human resources: vacation, leave, benefits, payroll, hiring, workplace policies",
-                    &format!("{company} You are the HR assistant. Answer questions about leave, benefits, payroll and workplace policies briefly and kindly."),
+                    &format!(
+                        "{company} You are the HR assistant. Answer questions about leave, benefits, payroll and workplace policies briefly and kindly."
+                    ),
                 ),
                 expert(
                     "it",
@@ -259,12 +269,16 @@ impl Default for EngineSettings {
                 expert(
                     "finance",
                     "finance: expenses, reimbursements, invoices, budgets, earnings, travel costs",
-                    &format!("{company} You are the finance assistant. Answer questions about expenses, invoices, budgets and earnings briefly."),
+                    &format!(
+                        "{company} You are the finance assistant. Answer questions about expenses, invoices, budgets and earnings briefly."
+                    ),
                 ),
                 expert(
                     "product",
                     "product documentation: Acme widgets, features, specifications, setup, pricing",
-                    &format!("{company} You are the product documentation assistant. Explain Acme products and features briefly."),
+                    &format!(
+                        "{company} You are the product documentation assistant. Explain Acme products and features briefly."
+                    ),
                 ),
                 expert(
                     "general",
@@ -296,7 +310,10 @@ impl EngineSettings {
             }
         }
         if !self.models.contains_key(&self.router.model) {
-            return Err(invalid("router.model", format!("no model named `{}` in [models]", self.router.model)));
+            return Err(invalid(
+                "router.model",
+                format!("no model named `{}` in [models]", self.router.model),
+            ));
         }
         let t = self.router.confidence_threshold;
         if !(0.0..=1.0).contains(&t) {
@@ -308,13 +325,22 @@ impl EngineSettings {
         for (i, e) in self.experts.iter().enumerate() {
             let key = format!("experts[{i}]");
             if e.name.is_empty() || e.name.chars().any(|c| c.is_whitespace() || c.is_uppercase()) {
-                return Err(invalid(format!("{key}.name"), "must be non-empty lowercase without spaces"));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    "must be non-empty lowercase without spaces",
+                ));
             }
             if self.experts[..i].iter().any(|o| o.name == e.name) {
-                return Err(invalid(format!("{key}.name"), format!("expert `{}` is defined twice", e.name)));
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("expert `{}` is defined twice", e.name),
+                ));
             }
             if !self.models.contains_key(&e.model) {
-                return Err(invalid(format!("{key}.model"), format!("no model named `{}` in [models]", e.model)));
+                return Err(invalid(
+                    format!("{key}.model"),
+                    format!("no model named `{}` in [models]", e.model),
+                ));
             }
             if e.max_tokens == 0 {
                 return Err(invalid(format!("{key}.max_tokens"), "must be at least 1"));

@@ -161,8 +161,14 @@ impl Pipeline {
     ///
     /// # Errors
     /// When a slot is missing or the expert names are not a valid label set.
-    pub fn new(settings: &EngineSettings, registry: Arc<ModelRegistry>, log: RequestLog) -> Result<Self, PipelineError> {
-        let missing = |slot: &str| EngineError::ModelNotFound { path: format!("slot {slot}") };
+    pub fn new(
+        settings: &EngineSettings,
+        registry: Arc<ModelRegistry>,
+        log: RequestLog,
+    ) -> Result<Self, PipelineError> {
+        let missing = |slot: &str| EngineError::ModelNotFound {
+            path: format!("slot {slot}"),
+        };
         let router_slot = registry.slot(ROUTER_SLOT).ok_or_else(|| missing(ROUTER_SLOT))?.clone();
         let router = RouterAgent::new(&settings.router, &settings.experts, router_slot)?;
         let mut experts = BTreeMap::new();
@@ -229,7 +235,10 @@ impl Pipeline {
     /// Admission state.
     pub fn status(&self) -> PipelineStatus {
         let max = self.limits.max_in_flight;
-        PipelineStatus { in_flight: max - self.admission.available_permits().min(max), max_in_flight: max }
+        PipelineStatus {
+            in_flight: max - self.admission.available_permits().min(max),
+            max_in_flight: max,
+        }
     }
 
     fn fail(&self, mut record: RequestRecord, start: Instant, error: PipelineError) -> PipelineError {
@@ -266,7 +275,14 @@ impl Pipeline {
         }
         let len = query.text.chars().count();
         if len > self.limits.max_query_chars {
-            return Err(self.fail(record, start, PipelineError::QueryTooLong { len, max: self.limits.max_query_chars }));
+            return Err(self.fail(
+                record,
+                start,
+                PipelineError::QueryTooLong {
+                    len,
+                    max: self.limits.max_query_chars,
+                },
+            ));
         }
         let mut record = record;
         let text = match self.input_rails.check(&query.text) {
@@ -281,7 +297,12 @@ impl Pipeline {
         };
         // The log keeps the query as the model saw it (redacted by rails).
         record.query = text.clone();
-        Ok(Admitted { permit, record, start, query: text })
+        Ok(Admitted {
+            permit,
+            record,
+            start,
+            query: text,
+        })
     }
 
     async fn decide(&self, query: &Query, text: &str) -> Result<RouteDecision, PipelineError> {
@@ -290,7 +311,10 @@ impl Pipeline {
                 if self.experts.contains_key(name) {
                     Ok(RouteDecision::forced(name))
                 } else {
-                    Err(PipelineError::UnknownExpert { name: name.clone(), known: self.expert_order.join(", ") })
+                    Err(PipelineError::UnknownExpert {
+                        name: name.clone(),
+                        known: self.expert_order.join(", "),
+                    })
                 }
             }
             _ => Ok(self.router.decide(text).await?),
@@ -302,7 +326,12 @@ impl Pipeline {
     /// # Errors
     /// Invalid input, overload, a blocking rail, or an engine failure.
     pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
-        let Admitted { permit, mut record, start, query: text } = self.admit("route", &query)?;
+        let Admitted {
+            permit,
+            mut record,
+            start,
+            query: text,
+        } = self.admit("route", &query)?;
         let result = self.decide(&Query { expert: None, ..query }, &text).await;
         drop(permit);
         match result {
@@ -336,13 +365,21 @@ impl Pipeline {
         };
         while let Some(event) = stream.next().await {
             match event? {
-                ChatEvent::Start { request_id, route, expert_model_version } => {
+                ChatEvent::Start {
+                    request_id,
+                    route,
+                    expert_model_version,
+                } => {
                     outcome.request_id = request_id;
                     outcome.route = route;
                     outcome.expert_model_version = expert_model_version;
                 }
                 ChatEvent::Delta(text) => outcome.answer.push_str(&text),
-                ChatEvent::End { usage, timings, finish_reason } => {
+                ChatEvent::End {
+                    usage,
+                    timings,
+                    finish_reason,
+                } => {
                     outcome.usage = usage;
                     outcome.timings = timings;
                     outcome.finish_reason = finish_reason;
@@ -366,7 +403,12 @@ impl Pipeline {
     }
 
     async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
-        let Admitted { permit, mut record, start, query: text } = self.admit(kind, &query)?;
+        let Admitted {
+            permit,
+            mut record,
+            start,
+            query: text,
+        } = self.admit(kind, &query)?;
         let route = match self.decide(&query, &text).await {
             Ok(r) => r,
             Err(e) => return Err(self.fail(record, start, e)),
@@ -381,7 +423,11 @@ impl Pipeline {
             Err(e) => return Err(self.fail(record, start, e.into())),
         };
         record.retrieved = passages.iter().map(RetrievedRef::from).collect();
-        let tokens = match model.engine.generate(expert.prompt(&text, &passages), expert.params(query.overrides)).await {
+        let tokens = match model
+            .engine
+            .generate(expert.prompt(&text, &passages), expert.params(query.overrides))
+            .await
+        {
             Ok(t) => t,
             Err(e) => return Err(self.fail(record, start, e.into())),
         };
@@ -531,7 +577,10 @@ mod tests {
     use crate::testing::stub_pipeline;
 
     fn query(text: &str) -> Query {
-        Query { text: text.into(), ..Query::default() }
+        Query {
+            text: text.into(),
+            ..Query::default()
+        }
     }
 
     async fn records(p: &Pipeline) -> Vec<RequestRecord> {
@@ -569,9 +618,18 @@ mod tests {
         settings.limits.max_query_chars = 10;
         let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default());
         assert!(matches!(p.route(query("")).await, Err(PipelineError::EmptyQuery)));
-        assert!(matches!(p.complete(query("0123456789a")).await, Err(PipelineError::QueryTooLong { len: 11, max: 10 })));
-        let forced = Query { expert: Some("legal".into()), ..query("contract") };
-        assert!(matches!(p.stream(forced).await, Err(PipelineError::UnknownExpert { .. })));
+        assert!(matches!(
+            p.complete(query("0123456789a")).await,
+            Err(PipelineError::QueryTooLong { len: 11, max: 10 })
+        ));
+        let forced = Query {
+            expert: Some("legal".into()),
+            ..query("contract")
+        };
+        assert!(matches!(
+            p.stream(forced).await,
+            Err(PipelineError::UnknownExpert { .. })
+        ));
         let mut statuses: Vec<String> = records(&p).await.into_iter().map(|r| r.status).collect();
         statuses.sort();
         assert_eq!(statuses, ["invalid_argument", "invalid_argument", "not_found"]);
@@ -585,7 +643,10 @@ mod tests {
         let p = stub_pipeline(&mut settings, dir.path(), StubEngine::new(Duration::from_millis(50)));
         let mut s = p.stream(query("an hr question")).await.unwrap();
         assert!(matches!(s.next().await, Some(Ok(ChatEvent::Start { .. }))));
-        assert!(matches!(p.route(query("hr again")).await, Err(PipelineError::Overloaded { max: 1 })));
+        assert!(matches!(
+            p.route(query("hr again")).await,
+            Err(PipelineError::Overloaded { max: 1 })
+        ));
         drop(s);
         let deadline = Instant::now() + Duration::from_secs(5);
         while p.status().in_flight > 0 {

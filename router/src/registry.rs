@@ -62,7 +62,10 @@ pub struct Slot {
 impl Slot {
     /// A slot serving `model`.
     pub fn new(name: impl Into<String>, model: Arc<ServedModel>) -> Self {
-        Self { name: name.into(), current: ArcSwap::new(model) }
+        Self {
+            name: name.into(),
+            current: ArcSwap::new(model),
+        }
     }
 
     /// Slot name.
@@ -126,16 +129,23 @@ impl ModelRegistry {
     /// The first model that fails to load.
     pub async fn load(settings: &EngineSettings, loader: &dyn EngineLoader) -> Result<Self, EngineError> {
         let mut loaded: BTreeMap<(&str, bool), Arc<ServedModel>> = BTreeMap::new();
-        let bindings = std::iter::once((ROUTER_SLOT.to_string(), settings.router.model.as_str(), true))
-            .chain(settings.experts.iter().map(|e| (expert_slot(&e.name), e.model.as_str(), false)));
+        let bindings = std::iter::once((ROUTER_SLOT.to_string(), settings.router.model.as_str(), true)).chain(
+            settings
+                .experts
+                .iter()
+                .map(|e| (expert_slot(&e.name), e.model.as_str(), false)),
+        );
         let mut slots = BTreeMap::new();
         for (slot, model_name, router) in bindings {
             let served = match loaded.get(&(model_name, router)) {
                 Some(m) => m.clone(),
                 None => {
-                    let spec = settings.models.get(model_name).ok_or_else(|| EngineError::ModelNotFound {
-                        path: format!("[models.{model_name}]"),
-                    })?;
+                    let spec = settings
+                        .models
+                        .get(model_name)
+                        .ok_or_else(|| EngineError::ModelNotFound {
+                            path: format!("[models.{model_name}]"),
+                        })?;
                     let served = Arc::new(ServedModel {
                         version: spec.version_label(),
                         path: spec.path.clone(),
@@ -154,7 +164,9 @@ impl ModelRegistry {
 
     /// A registry from ready slots (tests, benchmarks).
     pub fn from_slots(slots: impl IntoIterator<Item = Arc<Slot>>) -> Self {
-        Self { slots: slots.into_iter().map(|s| (s.name().to_string(), s)).collect() }
+        Self {
+            slots: slots.into_iter().map(|s| (s.name().to_string(), s)).collect(),
+        }
     }
 
     /// A slot by name.

@@ -7,7 +7,7 @@ use crate::config::EngineSettings;
 use crate::engine::stub::StubEngine;
 use crate::log::RequestLog;
 use crate::pipeline::Pipeline;
-use crate::registry::{ModelRegistry, ServedModel, Slot, ROUTER_SLOT, expert_slot};
+use crate::registry::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
 
 /// A served model on the stub engine.
 pub fn stub_model(version: &str) -> ServedModel {
@@ -22,7 +22,10 @@ pub fn stub_model(version: &str) -> ServedModel {
 
 /// A registry where every slot of `settings` serves one stub model.
 pub fn stub_registry(settings: &EngineSettings, engine: StubEngine) -> ModelRegistry {
-    let model = Arc::new(ServedModel { engine: Arc::new(engine), ..stub_model("stub-v1") });
+    let model = Arc::new(ServedModel {
+        engine: Arc::new(engine),
+        ..stub_model("stub-v1")
+    });
     let names = std::iter::once(ROUTER_SLOT.to_string()).chain(settings.experts.iter().map(|e| expert_slot(&e.name)));
     ModelRegistry::from_slots(names.map(|n| Arc::new(Slot::new(n, model.clone()))).collect::<Vec<_>>())
 }

@@ -20,7 +20,13 @@ fn model() -> PathBuf {
 
 async fn engine(router: bool) -> Arc<dyn Engine> {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
-    let opts = MistralOptions { path: model(), max_num_seqs: 8, prefix_cache_n: 0, device: DeviceChoice::Cpu, router };
+    let opts = MistralOptions {
+        path: model(),
+        max_num_seqs: 8,
+        prefix_cache_n: 0,
+        device: DeviceChoice::Cpu,
+        router,
+    };
     Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))
 }
 
@@ -44,16 +50,35 @@ async fn cached_router_scoring_matches_uncached_scoring() {
     let plain = engine(false).await;
     router.warm_up(&prompt("hello")).await.unwrap();
     // The repeat checks that an exact repeat is scored like the first time.
-    for q in ["My VPN keeps disconnecting", "How do I file an expense report?", "My VPN keeps disconnecting"] {
+    for q in [
+        "My VPN keeps disconnecting",
+        "How do I file an expense report?",
+        "My VPN keeps disconnecting",
+    ] {
         let a = router.score_labels(&prompt(q), &labels()).await.unwrap();
         let b = plain.score_labels(&prompt(q), &labels()).await.unwrap();
         assert_eq!(a.prompt_tokens, b.prompt_tokens);
         for (x, y) in a.probabilities().iter().zip(b.probabilities()) {
-            assert!((x - y).abs() < 0.02, "{q}: cached {:?} vs uncached {:?}", a.probabilities(), b.probabilities());
+            assert!(
+                (x - y).abs() < 0.02,
+                "{q}: cached {:?} vs uncached {:?}",
+                a.probabilities(),
+                b.probabilities()
+            );
         }
     }
-    let vpn = router.score_labels(&prompt("My VPN keeps disconnecting"), &labels()).await.unwrap();
-    let best = vpn.probabilities().iter().copied().enumerate().max_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let vpn = router
+        .score_labels(&prompt("My VPN keeps disconnecting"), &labels())
+        .await
+        .unwrap();
+    let best = vpn
+        .probabilities()
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap()
+        .0;
     assert_eq!(labels().names()[best], "it", "{:?}", vpn.probabilities());
 }
 
@@ -64,22 +89,39 @@ async fn concurrent_route_decisions_on_a_router_engine_all_succeed() {
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let e = router.clone();
-            tokio::spawn(async move { e.score_labels(&prompt(&format!("question {i} about my payslip")), &labels()).await })
+            tokio::spawn(async move {
+                e.score_labels(&prompt(&format!("question {i} about my payslip")), &labels())
+                    .await
+            })
         })
         .collect();
     for t in tasks {
         let scores = t.await.unwrap().unwrap();
         assert_eq!(scores.logprobs.len(), 4);
     }
-    let params = GenerateParams { max_tokens: 4, temperature: None, top_p: None };
-    assert!(router.generate(vec![ChatMessage::user("hi")], params).await.is_err(), "router engines do not generate");
+    let params = GenerateParams {
+        max_tokens: 4,
+        temperature: None,
+        top_p: None,
+    };
+    assert!(
+        router.generate(vec![ChatMessage::user("hi")], params).await.is_err(),
+        "router engines do not generate"
+    );
 }
 
 #[tokio::test]
 async fn generation_engine_streams_then_reports_usage() {
     let plain = engine(false).await;
-    let params = GenerateParams { max_tokens: 8, temperature: None, top_p: None };
-    let mut s = plain.generate(vec![ChatMessage::user("Say hello")], params).await.unwrap();
+    let params = GenerateParams {
+        max_tokens: 8,
+        temperature: None,
+        top_p: None,
+    };
+    let mut s = plain
+        .generate(vec![ChatMessage::user("Say hello")], params)
+        .await
+        .unwrap();
     let (mut deltas, mut done) = (0, None);
     while let Some(ev) = s.next().await {
         match ev.unwrap() {

@@ -76,7 +76,10 @@ impl App {
             load_ms = started.elapsed().as_millis() as u64,
             "models loaded and warm"
         );
-        Ok(Self { config, pipeline: Arc::new(pipeline) })
+        Ok(Self {
+            config,
+            pipeline: Arc::new(pipeline),
+        })
     }
 
     /// The pipeline (for in-process benchmarks and tests).
@@ -113,7 +116,10 @@ impl App {
             .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))
             .add_service(RouterServer::new(RouterService::new(self.pipeline.clone())))
             .add_service(AdminServer::new(AdminService::new(self.pipeline.clone())))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop_accepting.clone().cancelled_owned());
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                stop_accepting.clone().cancelled_owned(),
+            );
         tokio::pin!(server);
         tracing::info!(%addr, "flywheel-server listening");
         let result = tokio::select! {
@@ -135,7 +141,10 @@ impl App {
             }
         };
         self.pipeline.log().shutdown().await;
-        tracing::info!(written = self.pipeline.log().stats().written(), "request log flushed; stopped");
+        tracing::info!(
+            written = self.pipeline.log().stats().written(),
+            "request log flushed; stopped"
+        );
         result
     }
 }

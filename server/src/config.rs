@@ -27,7 +27,11 @@ pub enum EngineKind {
 
 /// Command-line flags (each also readable from a `FLYWHEEL_*` variable).
 #[derive(Debug, Clone, Default, Parser)]
-#[command(name = "flywheel-server", version, about = "gRPC router + expert agents on mistral.rs, with a request log for the data flywheel")]
+#[command(
+    name = "flywheel-server",
+    version,
+    about = "gRPC router + expert agents on mistral.rs, with a request log for the data flywheel"
+)]
 pub struct Flags {
     /// TOML configuration file.
     #[arg(long, env = "FLYWHEEL_CONFIG")]
@@ -154,8 +158,14 @@ impl Config {
     }
 
     fn from_file(path: &Path) -> Result<Self, LoadError> {
-        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.into(), source })?;
-        Self::from_toml(&text).map_err(|source| LoadError::Parse { path: path.into(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|source| LoadError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Parse a TOML document over the defaults (sections left out keep their defaults).
@@ -212,14 +222,29 @@ mod tests {
     fn sections_override_and_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");
-        std::fs::write(&path, "listen = \"127.0.0.1:7000\"\n[limits]\nmax_in_flight = 3\n[log]\npath = \"x.db\"\n").unwrap();
-        let flags = Flags { config: Some(path.clone()), ..Flags::default() };
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\n[limits]\nmax_in_flight = 3\n[log]\npath = \"x.db\"\n",
+        )
+        .unwrap();
+        let flags = Flags {
+            config: Some(path.clone()),
+            ..Flags::default()
+        };
         let c = Config::load(&flags).unwrap();
         assert_eq!(c.listen.port(), 7000);
         assert_eq!(c.settings.limits.max_in_flight, 3);
-        assert_eq!(c.settings.limits.max_query_chars, flywheel_router::config::DEFAULT_MAX_QUERY_CHARS);
+        assert_eq!(
+            c.settings.limits.max_query_chars,
+            flywheel_router::config::DEFAULT_MAX_QUERY_CHARS
+        );
         assert_eq!(c.settings.log.path, PathBuf::from("x.db"));
-        let flags = Flags { config: Some(path), listen: Some("127.0.0.1:0".parse().unwrap()), max_in_flight: Some(9), ..Flags::default() };
+        let flags = Flags {
+            config: Some(path),
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            max_in_flight: Some(9),
+            ..Flags::default()
+        };
         let c = Config::load(&flags).unwrap();
         assert_eq!(c.listen.port(), 0);
         assert_eq!(c.settings.limits.max_in_flight, 9);
@@ -227,12 +252,19 @@ mod tests {
 
     #[test]
     fn unknown_field_and_bad_reference_are_clear_errors() {
-        let err = Config::from_toml("[limits]\nmax_inflight = 3\n").unwrap_err().to_string();
+        let err = Config::from_toml("[limits]\nmax_inflight = 3\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("max_inflight"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.toml");
         std::fs::write(&path, "[router]\nfallback_expert = \"legal\"\n").unwrap();
-        let err = Config::load(&Flags { config: Some(path), ..Flags::default() }).unwrap_err().to_string();
+        let err = Config::load(&Flags {
+            config: Some(path),
+            ..Flags::default()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("router.fallback_expert") && err.contains("legal"), "{err}");
     }
 }

@@ -14,7 +14,10 @@ fn chat(query: &str, max_tokens: u32) -> ChatRequest {
         query: query.into(),
         session_id: Some("s-1".into()),
         user_id: Some("u-1".into()),
-        options: Some(GenerationOptions { max_tokens: Some(max_tokens), temperature: None }),
+        options: Some(GenerationOptions {
+            max_tokens: Some(max_tokens),
+            temperature: None,
+        }),
         ..Default::default()
     }
 }
@@ -23,7 +26,13 @@ fn chat(query: &str, max_tokens: u32) -> ChatRequest {
 async fn complete_returns_an_answer_and_a_route_and_logs_one_full_record() {
     let server = common::real_server();
     let query = "How many vacation days do I get per year?";
-    let r = server.chat().await.complete(chat(query, 24)).await.unwrap().into_inner();
+    let r = server
+        .chat()
+        .await
+        .complete(chat(query, 24))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!r.answer.trim().is_empty(), "empty answer");
     let route = r.route.clone().unwrap();
     assert!(server.pipeline.experts().contains(&route.expert));
@@ -48,7 +57,11 @@ async fn complete_returns_an_answer_and_a_route_and_logs_one_full_record() {
     assert_eq!(rec.prompt_tokens, Some(usage.prompt_tokens));
     assert_eq!(rec.completion_tokens, Some(usage.completion_tokens));
     assert!(rec.ttft_ms.is_some() && rec.total_ms.is_some() && rec.finish_reason.is_some());
-    assert_eq!(server.records_with_query(query).await.len(), 1, "exactly one record per request");
+    assert_eq!(
+        server.records_with_query(query).await.len(),
+        1,
+        "exactly one record per request"
+    );
 }
 
 #[tokio::test]
@@ -60,19 +73,29 @@ async fn stream_sends_route_first_then_tokens_incrementally_then_usage() {
     while let Some(msg) = stream.message().await.unwrap() {
         events.push((Instant::now(), msg.event.unwrap()));
     }
-    let Event::Start(start) = &events[0].1 else { panic!("first message must be the start: {:?}", events[0].1) };
+    let Event::Start(start) = &events[0].1 else {
+        panic!("first message must be the start: {:?}", events[0].1)
+    };
     assert!(start.route.as_ref().is_some_and(|r| r.scores.len() == 5));
-    let Event::End(end) = &events.last().unwrap().1 else { panic!("last message must be the end") };
+    let Event::End(end) = &events.last().unwrap().1 else {
+        panic!("last message must be the end")
+    };
     let deltas: Vec<&(Instant, Event)> = events.iter().filter(|(_, e)| matches!(e, Event::Delta(_))).collect();
     assert!(deltas.len() >= 2, "expected several deltas, got {}", deltas.len());
-    assert!(deltas[0].0 < deltas.last().unwrap().0, "tokens must arrive incrementally, not at once");
+    assert!(
+        deltas[0].0 < deltas.last().unwrap().0,
+        "tokens must arrive incrementally, not at once"
+    );
     let usage = end.usage.unwrap();
     assert!(usage.completion_tokens as usize >= deltas.len() - 1);
     assert!(end.timings.unwrap().ttft_ms > 0.0);
 
     let rec = server.record(&start.request_id).await;
     assert_eq!((rec.kind.as_str(), rec.status.as_str()), ("stream", "ok"));
-    let text: String = deltas.iter().map(|(_, e)| if let Event::Delta(d) = e { d.text.as_str() } else { "" }).collect();
+    let text: String = deltas
+        .iter()
+        .map(|(_, e)| if let Event::Delta(d) = e { d.text.as_str() } else { "" })
+        .collect();
     assert_eq!(rec.answer.as_deref(), Some(text.as_str()));
 }
 
@@ -80,14 +103,26 @@ async fn stream_sends_route_first_then_tokens_incrementally_then_usage() {
 async fn route_scores_every_expert_and_logs_the_decision() {
     let server = common::real_server();
     let query = "How do I submit an expense report for a client dinner?";
-    let r = server.router().await.route(RouteRequest { query: query.into(), ..Default::default() }).await.unwrap().into_inner();
+    let r = server
+        .router()
+        .await
+        .route(RouteRequest {
+            query: query.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let route = r.route.unwrap();
     let mut names: Vec<&str> = route.scores.iter().map(|s| s.expert.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["finance", "general", "hr", "it", "product"]);
     let total: f32 = route.scores.iter().map(|s| s.probability).sum();
     assert!((total - 1.0).abs() < 1e-3, "probabilities sum to {total}");
-    assert!(route.scores.windows(2).all(|w| w[0].probability >= w[1].probability), "scores best first");
+    assert!(
+        route.scores.windows(2).all(|w| w[0].probability >= w[1].probability),
+        "scores best first"
+    );
     assert!(route.scores.iter().all(|s| s.logprob <= 0.0));
     assert_eq!(route.top_expert, route.scores[0].expert);
     assert!(route.latency_ms > 0.0);
@@ -132,8 +167,15 @@ async fn bad_requests_get_their_status_and_still_leave_a_record() {
     request.expert = Some("legal".into());
     let err = client.complete(request).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
-    assert!(err.message().contains("legal") && err.message().contains("hr"), "{}", err.message());
-    assert_eq!(server.records_with_query("who handles legal contracts?").await[0].status, "not_found");
+    assert!(
+        err.message().contains("legal") && err.message().contains("hr"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        server.records_with_query("who handles legal contracts?").await[0].status,
+        "not_found"
+    );
 
     let err = server.router().await.route(RouteRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -146,7 +188,12 @@ async fn admin_lists_slots_and_status() {
     let models = admin.list_models(ListModelsRequest {}).await.unwrap().into_inner();
     let names: Vec<&str> = models.slots.iter().map(|s| s.slot.as_str()).collect();
     assert!(names.contains(&"router") && names.contains(&"expert/hr") && names.contains(&"expert/general"));
-    assert!(models.slots.iter().all(|s| s.backend == "mistralrs" && s.size_bytes > 50_000_000));
+    assert!(
+        models
+            .slots
+            .iter()
+            .all(|s| s.backend == "mistralrs" && s.size_bytes > 50_000_000)
+    );
     let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
     assert_eq!(status.experts, ["hr", "it", "finance", "product", "general"]);
     assert!(status.uptime_seconds > 0.0);
@@ -160,21 +207,41 @@ async fn health_reports_serving_and_reflection_lists_the_api() {
     let server = common::real_server();
     let mut health = HealthClient::new(server.channel().await);
     for service in ["", "flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin"] {
-        let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+        let r = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "service `{service}`");
     }
 
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
     let mut reflection = ServerReflectionClient::new(server.channel().await);
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
-    let mut responses = reflection.server_reflection_info(futures::stream::iter([request])).await.unwrap().into_inner();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
     let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("no service list") };
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("no service list")
+    };
     let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in ["flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin", "grpc.health.v1.Health"] {
+    for name in [
+        "flywheel.v1.Chat",
+        "flywheel.v1.Router",
+        "flywheel.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
         assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
     }
 }
@@ -184,7 +251,9 @@ async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
     let server = common::real_server();
     let query = "Write a very long essay about the history of office printers.";
     let mut stream = server.chat().await.stream(chat(query, 256)).await.unwrap().into_inner();
-    let Event::Start(start) = stream.message().await.unwrap().unwrap().event.unwrap() else { panic!("start first") };
+    let Event::Start(start) = stream.message().await.unwrap().unwrap().event.unwrap() else {
+        panic!("start first")
+    };
     let _first_delta = stream.message().await.unwrap().unwrap();
     drop(stream);
 
@@ -201,5 +270,8 @@ async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
     assert_eq!(rec.finish_reason.as_deref(), Some("cancelled"));
     // Far fewer tokens were produced than the 256 asked for: generation stopped.
     let produced = rec.answer.unwrap_or_default();
-    assert!(produced.split_whitespace().count() < 100, "kept generating after cancel: {produced:?}");
+    assert!(
+        produced.split_whitespace().count() < 100,
+        "kept generating after cancel: {produced:?}"
+    );
 }

@@ -44,13 +44,25 @@ fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("server never logged its bound address");
-    Proc { child, url: format!("http://{addr}") }
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("server never logged its bound address");
+    Proc {
+        child,
+        url: format!("http://{addr}"),
+    }
 }
 
 async fn route(url: &str, query: &str) -> Result<String, tonic::Status> {
     let mut client = RouterClient::connect(url.to_string()).await.expect("connect");
-    Ok(client.route(RouteRequest { query: query.into(), ..Default::default() }).await?.into_inner().request_id)
+    Ok(client
+        .route(RouteRequest {
+            query: query.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .request_id)
 }
 
 #[tokio::test]
@@ -69,7 +81,10 @@ async fn sigterm_drains_and_flushes_every_record() {
     let reader = LogReader::open(&db).unwrap();
     assert_eq!(reader.integrity_check().unwrap(), "ok");
     for id in &ids {
-        assert!(reader.get(id).unwrap().is_some(), "record {id} lost on graceful shutdown");
+        assert!(
+            reader.get(id).unwrap().is_some(),
+            "record {id} lost on graceful shutdown"
+        );
     }
 }
 
@@ -83,7 +98,10 @@ async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log
     let start = Instant::now();
     // Continuous traffic, then kill -9 in the middle of it.
     while start.elapsed() < Duration::from_millis(800) {
-        let q = RouteRequest { query: format!("it question {}", done.len()), ..Default::default() };
+        let q = RouteRequest {
+            query: format!("it question {}", done.len()),
+            ..Default::default()
+        };
         let id = client.route(q).await.unwrap().into_inner().request_id;
         done.push((id, Instant::now()));
     }
@@ -96,13 +114,33 @@ async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log
     // Everything finished more than one flush interval (plus commit time)
     // before the kill is on disk.
     let margin = Duration::from_millis(FLUSH_MS + 100);
-    let must_have: Vec<&String> =
-        done.iter().filter(|(_, t)| killed_at.duration_since(*t) > margin).map(|(id, _)| id).collect();
-    assert!(must_have.len() > 10, "test produced too little traffic: {}", must_have.len());
-    let missing: Vec<&&String> = must_have.iter().filter(|id| reader.get(id).unwrap().is_none()).collect();
-    assert!(missing.is_empty(), "{} of {} old-enough records lost: {:?}", missing.len(), must_have.len(), &missing[..missing.len().min(5)]);
+    let must_have: Vec<&String> = done
+        .iter()
+        .filter(|(_, t)| killed_at.duration_since(*t) > margin)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        must_have.len() > 10,
+        "test produced too little traffic: {}",
+        must_have.len()
+    );
+    let missing: Vec<&&String> = must_have
+        .iter()
+        .filter(|id| reader.get(id).unwrap().is_none())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} old-enough records lost: {:?}",
+        missing.len(),
+        must_have.len(),
+        &missing[..missing.len().min(5)]
+    );
     let lost = done.len() as u64 - reader.count().unwrap();
-    eprintln!("{} requests, {} lost to kill -9 (all within the last {FLUSH_MS} ms + margin)", done.len(), lost);
+    eprintln!(
+        "{} requests, {} lost to kill -9 (all within the last {FLUSH_MS} ms + margin)",
+        done.len(),
+        lost
+    );
 }
 
 #[tokio::test]
@@ -114,14 +152,20 @@ async fn requests_over_the_in_flight_limit_get_resource_exhausted_and_a_record()
     let server = common::start(config);
     let mut chat = server.chat().await;
     // A slow stream holds the only slot.
-    let request = ChatRequest { query: "a slow answer".into(), ..Default::default() };
+    let request = ChatRequest {
+        query: "a slow answer".into(),
+        ..Default::default()
+    };
     let mut held = chat.stream(request).await.unwrap().into_inner();
     held.message().await.unwrap().unwrap();
 
     let err = server
         .router()
         .await
-        .route(RouteRequest { query: "one more".into(), ..Default::default() })
+        .route(RouteRequest {
+            query: "one more".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
@@ -132,7 +176,14 @@ async fn requests_over_the_in_flight_limit_get_resource_exhausted_and_a_record()
 
     while held.message().await.unwrap().is_some() {}
     // The slot is free again once the stream ended.
-    let ok = server.router().await.route(RouteRequest { query: "now it fits".into(), ..Default::default() }).await;
+    let ok = server
+        .router()
+        .await
+        .route(RouteRequest {
+            query: "now it fits".into(),
+            ..Default::default()
+        })
+        .await;
     assert!(ok.is_ok(), "{ok:?}");
 }
 
@@ -148,5 +199,8 @@ fn invalid_config_exits_with_a_clear_error_before_binding() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("router.fallback_expert") && stderr.contains("legal"), "{stderr}");
+    assert!(
+        stderr.contains("router.fallback_expert") && stderr.contains("legal"),
+        "{stderr}"
+    );
 }

@@ -46,10 +46,15 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let models_dir = args.models_dir.clone();
     let python = args.python.clone();
-    let model = tokio::task::spawn_blocking(move || flywheel_router::model_prep::fetch::ensure_default_model(&models_dir, &python))
-        .await?
-        .context("preparing the default model")?;
-    let mut config = Config { listen: args.listen, ..Config::default() };
+    let model = tokio::task::spawn_blocking(move || {
+        flywheel_router::model_prep::fetch::ensure_default_model(&models_dir, &python)
+    })
+    .await?
+    .context("preparing the default model")?;
+    let mut config = Config {
+        listen: args.listen,
+        ..Config::default()
+    };
     for spec in config.settings.models.values_mut() {
         spec.path = model.clone();
     }
@@ -89,7 +94,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 async fn ask(client: &mut ChatClient<tonic::transport::Channel>, query: &str) -> anyhow::Result<()> {
     let request = ChatRequest {
         query: query.into(),
-        options: Some(GenerationOptions { max_tokens: Some(64), temperature: None }),
+        options: Some(GenerationOptions {
+            max_tokens: Some(64),
+            temperature: None,
+        }),
         ..Default::default()
     };
     let mut stream = client.stream(request).await?.into_inner();
@@ -98,7 +106,10 @@ async fn ask(client: &mut ChatClient<tonic::transport::Channel>, query: &str) ->
         match msg.event {
             Some(Event::Start(s)) => {
                 let r = s.route.unwrap_or_default();
-                println!("   -> expert `{}` (confidence {:.2}, routed in {:.0} ms)", r.expert, r.confidence, r.latency_ms);
+                println!(
+                    "   -> expert `{}` (confidence {:.2}, routed in {:.0} ms)",
+                    r.expert, r.confidence, r.latency_ms
+                );
                 print!("A: ");
             }
             Some(Event::Delta(d)) => {
@@ -109,7 +120,10 @@ async fn ask(client: &mut ChatClient<tonic::transport::Channel>, query: &str) ->
             Some(Event::End(e)) => {
                 let t = e.timings.unwrap_or_default();
                 let u = e.usage.unwrap_or_default();
-                println!("\n   [{} tokens, first token after {:.0} ms, {:.0} ms total]", u.completion_tokens, t.ttft_ms, t.total_ms);
+                println!(
+                    "\n   [{} tokens, first token after {:.0} ms, {:.0} ms total]",
+                    u.completion_tokens, t.ttft_ms, t.total_ms
+                );
             }
             None => {}
         }

@@ -59,7 +59,9 @@ impl ExpertAgent {
 
     /// Generation settings, with per-request overrides applied.
     pub fn params(&self, overrides: Overrides) -> GenerateParams {
-        let max_tokens = overrides.max_tokens.map_or(self.spec.max_tokens, |m| m.clamp(1, self.spec.max_tokens));
+        let max_tokens = overrides
+            .max_tokens
+            .map_or(self.spec.max_tokens, |m| m.clamp(1, self.spec.max_tokens));
         let temperature = overrides.temperature.unwrap_or(self.spec.temperature);
         GenerateParams {
             max_tokens: max_tokens as usize,
@@ -83,16 +85,43 @@ mod tests {
     #[test]
     fn request_cannot_raise_the_token_cap() {
         let e = hr();
-        assert_eq!(e.params(Overrides { max_tokens: Some(10_000), temperature: None }).max_tokens, 256);
-        assert_eq!(e.params(Overrides { max_tokens: Some(8), temperature: None }).max_tokens, 8);
+        assert_eq!(
+            e.params(Overrides {
+                max_tokens: Some(10_000),
+                temperature: None
+            })
+            .max_tokens,
+            256
+        );
+        assert_eq!(
+            e.params(Overrides {
+                max_tokens: Some(8),
+                temperature: None
+            })
+            .max_tokens,
+            8
+        );
         assert_eq!(e.params(Overrides::default()).temperature, None);
-        assert_eq!(e.params(Overrides { max_tokens: None, temperature: Some(0.7) }).temperature, Some(0.7f32 as f64));
+        assert_eq!(
+            e.params(Overrides {
+                max_tokens: None,
+                temperature: Some(0.7)
+            })
+            .temperature,
+            Some(0.7f32 as f64)
+        );
     }
 
     #[test]
     fn passages_are_numbered_in_the_system_prompt() {
         let e = hr();
-        let p = Passage { doc_id: "d1".into(), title: "Leave policy".into(), chunk_id: "d1#0".into(), text: "25 days".into(), score: 1.0 };
+        let p = Passage {
+            doc_id: "d1".into(),
+            title: "Leave policy".into(),
+            chunk_id: "d1#0".into(),
+            text: "25 days".into(),
+            score: 1.0,
+        };
         let prompt = e.prompt("how much leave?", &[p]);
         assert!(prompt[0].content.contains("[1] Leave policy\n25 days"));
         assert!(!e.prompt("q", &[])[0].content.contains("[1]"));

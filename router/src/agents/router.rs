@@ -112,7 +112,10 @@ impl RouterAgent {
 
     /// The chat prompt for a query.
     pub fn prompt(&self, query: &str) -> Vec<ChatMessage> {
-        vec![ChatMessage::system(self.system_prompt.clone()), ChatMessage::user(query)]
+        vec![
+            ChatMessage::system(self.system_prompt.clone()),
+            ChatMessage::user(query),
+        ]
     }
 
     /// Prime the engine with the fixed prompt prefix and pay one-time costs.
@@ -133,12 +136,20 @@ impl RouterAgent {
         if !self.calibrate {
             return Ok(Arc::new(Vec::new()));
         }
-        if let Some((version, prior)) = self.prior.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_ref() {
+        if let Some((version, prior)) = self
+            .prior
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+        {
             if *version == model.version {
                 return Ok(prior.clone());
             }
         }
-        let scores = model.engine.score_labels(&self.prompt(CONTENT_FREE_QUERY), &self.labels).await?;
+        let scores = model
+            .engine
+            .score_labels(&self.prompt(CONTENT_FREE_QUERY), &self.labels)
+            .await?;
         let prior = Arc::new(scores.logprobs);
         *self.prior.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
             Some((model.version.clone(), prior.clone()));
@@ -161,7 +172,13 @@ impl RouterAgent {
         let scores = model.engine.score_labels(&self.prompt(query), &self.labels).await?;
         let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok(self.decision(&probs, &scores.logprobs, &model.version, latency_ms, scores.prompt_tokens))
+        Ok(self.decision(
+            &probs,
+            &scores.logprobs,
+            &model.version,
+            latency_ms,
+            scores.prompt_tokens,
+        ))
     }
 
     fn decision(
@@ -177,10 +194,17 @@ impl RouterAgent {
             .names()
             .iter()
             .zip(probs.iter().zip(logprobs))
-            .map(|(name, (&p, &lp))| ExpertScore { expert: name.clone(), probability: p, logprob: lp })
+            .map(|(name, (&p, &lp))| ExpertScore {
+                expert: name.clone(),
+                probability: p,
+                logprob: lp,
+            })
             .collect();
         scores.sort_by(|a, b| b.probability.total_cmp(&a.probability));
-        let top = scores.first().map(|s| (s.expert.clone(), s.probability)).unwrap_or_default();
+        let top = scores
+            .first()
+            .map(|s| (s.expert.clone(), s.probability))
+            .unwrap_or_default();
         let fallback = top.1 < self.threshold;
         RouteDecision {
             expert: if fallback { self.fallback.clone() } else { top.0.clone() },
@@ -201,7 +225,10 @@ fn calibrated(scores: &LabelScores, prior: &[f32]) -> LabelScores {
     if prior.len() != scores.logprobs.len() {
         return scores.clone();
     }
-    LabelScores { logprobs: scores.logprobs.iter().zip(prior).map(|(l, p)| l - p).collect(), ..scores.clone() }
+    LabelScores {
+        logprobs: scores.logprobs.iter().zip(prior).map(|(l, p)| l - p).collect(),
+        ..scores.clone()
+    }
 }
 
 fn system_prompt(instructions: &str, experts: &[ExpertSpec]) -> String {
@@ -240,7 +267,13 @@ mod tests {
     #[test]
     fn picks_top_expert_and_sorts_scores() {
         let a = agent(0.3);
-        let d = a.decision(&[0.1, 0.6, 0.1, 0.1, 0.1], &[-2.0, -0.5, -2.0, -2.0, -2.0], "v1", 3.0, 40);
+        let d = a.decision(
+            &[0.1, 0.6, 0.1, 0.1, 0.1],
+            &[-2.0, -0.5, -2.0, -2.0, -2.0],
+            "v1",
+            3.0,
+            40,
+        );
         assert_eq!(d.expert, "it");
         assert!(!d.fallback);
         assert_eq!(d.scores[0].expert, "it");
@@ -251,7 +284,11 @@ mod tests {
     #[test]
     fn calibration_removes_a_label_prior() {
         // The model prefers label 0 whatever the query; the query favours label 1.
-        let scores = LabelScores { logprobs: vec![-0.2, -1.0], prompt_tokens: 1, forward_passes: 1 };
+        let scores = LabelScores {
+            logprobs: vec![-0.2, -1.0],
+            prompt_tokens: 1,
+            forward_passes: 1,
+        };
         let prior = [-0.1, -3.0];
         let p = calibrated(&scores, &prior).probabilities();
         assert!(p[1] > p[0], "{p:?}");

@@ -112,7 +112,10 @@ impl LabelPlan {
             return Err(EngineError::InvalidLabels("a label tokenizes to no tokens".into()));
         }
         let is_prefix_of_other = sequences.iter().enumerate().any(|(i, a)| {
-            sequences.iter().enumerate().any(|(j, b)| i != j && b.len() >= a.len() && b.starts_with(a))
+            sequences
+                .iter()
+                .enumerate()
+                .any(|(j, b)| i != j && b.len() >= a.len() && b.starts_with(a))
         });
         let seqs: Vec<Vec<u32>> = if is_prefix_of_other {
             let end = end_token.ok_or_else(|| {
@@ -120,7 +123,10 @@ impl LabelPlan {
                     "one label's tokens are a prefix of another's and the model has no end token".into(),
                 )
             })?;
-            sequences.iter().map(|s| s.iter().copied().chain([end]).collect()).collect()
+            sequences
+                .iter()
+                .map(|s| s.iter().copied().chain([end]).collect())
+                .collect()
         } else {
             sequences.to_vec()
         };
@@ -253,7 +259,11 @@ mod tests {
 
     #[test]
     fn probabilities_are_a_softmax_over_labels() {
-        let s = LabelScores { logprobs: vec![(0.2f32).ln(), (0.6f32).ln()], prompt_tokens: 3, forward_passes: 1 };
+        let s = LabelScores {
+            logprobs: vec![(0.2f32).ln(), (0.6f32).ln()],
+            prompt_tokens: 3,
+            forward_passes: 1,
+        };
         let p = s.probabilities();
         assert!((p[0] - 0.25).abs() < 1e-6 && (p[1] - 0.75).abs() < 1e-6);
     }

@@ -31,15 +31,15 @@ use either::Either;
 use indexmap::IndexMap;
 use mistralrs::core::{RequestMessage, TokenizationRequest};
 use mistralrs::{
-    Constraint, CustomLogitsProcessor, GgufModelBuilder, MessageContent, Model, NormalRequest,
-    Request, Response, SamplingParams, Tensor, TokenSource,
+    Constraint, CustomLogitsProcessor, GgufModelBuilder, MessageContent, Model, NormalRequest, Request, Response,
+    SamplingParams, Tensor, TokenSource,
 };
 use tokio::sync::mpsc;
 
 use super::labels::{LabelPlan, log_softmax_at};
 use super::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent,
-    GenerationSummary, LabelScores, LabelSet, TokenStream, Usage,
+    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelScores,
+    LabelSet, TokenStream, Usage,
 };
 
 /// Which device mistral.rs runs on.
@@ -91,15 +91,24 @@ impl MistralEngine {
     /// when mistral.rs cannot load it.
     pub async fn load(opts: &MistralOptions) -> Result<Self, EngineError> {
         let path = &opts.path;
-        let not_found = || EngineError::ModelNotFound { path: path.display().to_string() };
+        let not_found = || EngineError::ModelNotFound {
+            path: path.display().to_string(),
+        };
         if !path.is_file() {
             return Err(not_found());
         }
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let file = path.file_name().ok_or_else(not_found)?.to_string_lossy().to_string();
         // The router's cache holds only the primed prefix (raw requests are
         // never added), so it needs one entry whatever the setting says.
-        let prefix_cache_n = if opts.router { opts.prefix_cache_n.max(1) } else { opts.prefix_cache_n };
+        let prefix_cache_n = if opts.router {
+            opts.prefix_cache_n.max(1)
+        } else {
+            opts.prefix_cache_n
+        };
         let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), vec![file])
             .with_token_source(TokenSource::None)
             .with_max_num_seqs(opts.max_num_seqs.max(1))
@@ -120,7 +129,10 @@ impl MistralEngine {
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Request>, EngineError> {
-        self.model.inner().get_sender(None).map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
+        self.model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
     }
 
     async fn tokenize(
@@ -138,7 +150,10 @@ impl MistralEngine {
             enable_thinking: None,
             reasoning_effort: None,
         });
-        self.sender()?.send(request).await.map_err(|_| EngineError::Disconnected)?;
+        self.sender()?
+            .send(request)
+            .await
+            .map_err(|_| EngineError::Disconnected)?;
         rx.recv()
             .await
             .ok_or(EngineError::Disconnected)?
@@ -158,7 +173,10 @@ impl MistralEngine {
         for name in labels.names() {
             let answered = [
                 ChatMessage::user("x"),
-                ChatMessage { role: super::Role::Assistant, content: name.clone() },
+                ChatMessage {
+                    role: super::Role::Assistant,
+                    content: name.clone(),
+                },
             ];
             let full = self.tokenize(Either::Left(&answered), false).await?;
             let plain = self.tokenize(Either::Right(name), false).await?;
@@ -174,29 +192,25 @@ impl MistralEngine {
     }
 
     /// One prefill of `tokens`, returning the log-probabilities of `next` at its end.
-    async fn next_token_logprobs(
-        &self,
-        tokens: Vec<u32>,
-        next: Vec<u32>,
-    ) -> Result<(Vec<f32>, u32), EngineError> {
+    async fn next_token_logprobs(&self, tokens: Vec<u32>, next: Vec<u32>) -> Result<(Vec<f32>, u32), EngineError> {
         let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
         let slot = captured.clone();
         let processor = move |logits: &Tensor, _context: &[u32]| -> mistralrs::Result<Tensor> {
-            let row = logits.to_dtype(mistralrs::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let row = logits
+                .to_dtype(mistralrs::DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
             *lock(&slot) = Some(log_softmax_at(&row, &next));
             Ok(logits.clone())
         };
-        let sampling = SamplingParams { max_len: Some(1), ..SamplingParams::deterministic() };
+        let sampling = SamplingParams {
+            max_len: Some(1),
+            ..SamplingParams::deterministic()
+        };
         let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
         let prompt_tokens = tokens.len() as u32;
-        let mut request = NormalRequest::new_simple(
-            RequestMessage::CompletionTokens(tokens),
-            sampling,
-            tx,
-            0,
-            None,
-            None,
-        );
+        let mut request =
+            NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
         request.constraint = Constraint::None;
         request.logits_processors = Some(vec![Arc::new(processor) as Arc<dyn CustomLogitsProcessor>]);
         self.sender()?
@@ -211,9 +225,9 @@ impl MistralEngine {
                 None => return Err(EngineError::Disconnected),
             }
         }
-        let values = lock(&captured).take().ok_or_else(|| {
-            EngineError::Backend(anyhow::anyhow!("the engine finished without sampling a token"))
-        })?;
+        let values = lock(&captured)
+            .take()
+            .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("the engine finished without sampling a token")))?;
         Ok((values, prompt_tokens))
     }
 }
@@ -222,7 +236,10 @@ impl MistralEngine {
     /// One raw-logit prefill of `tokens` (not added to the prefix cache),
     /// returning the log-probabilities of `next` at its end.
     async fn raw_next_token_logprobs(&self, tokens: Vec<u32>, next: &[u32]) -> Result<Vec<f32>, EngineError> {
-        let sampling = SamplingParams { max_len: Some(1), ..SamplingParams::deterministic() };
+        let sampling = SamplingParams {
+            max_len: Some(1),
+            ..SamplingParams::deterministic()
+        };
         let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
         let mut request =
             NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
@@ -233,9 +250,9 @@ impl MistralEngine {
             .map_err(|_| EngineError::Disconnected)?;
         match rx.recv().await {
             Some(Response::Raw { logits_chunks, .. }) => {
-                let last = logits_chunks.last().ok_or_else(|| {
-                    EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits"))
-                })?;
+                let last = logits_chunks
+                    .last()
+                    .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits")))?;
                 let row = last_row(last).map_err(|e| EngineError::Backend(e.into()))?;
                 Ok(log_softmax_at(&row, next))
             }
@@ -295,11 +312,7 @@ impl Engine for MistralEngine {
         "mistralrs"
     }
 
-    async fn generate(
-        &self,
-        messages: Vec<ChatMessage>,
-        params: GenerateParams,
-    ) -> Result<TokenStream, EngineError> {
+    async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
         if self.router {
             return Err(EngineError::Rejected(
                 "this engine is reserved for route decisions; load another engine to generate".into(),
@@ -360,8 +373,11 @@ impl Engine for MistralEngine {
                         }
                     }
                     Response::Done(done) => {
-                        let reason =
-                            done.choices.first().map(|c| c.finish_reason.clone()).unwrap_or_default();
+                        let reason = done
+                            .choices
+                            .first()
+                            .map(|c| c.finish_reason.clone())
+                            .unwrap_or_default();
                         let summary = done.usage.summary(&reason);
                         let _ = out.send(Ok(GenerationEvent::Done(summary))).await;
                         return;
@@ -377,11 +393,7 @@ impl Engine for MistralEngine {
         Ok(stream)
     }
 
-    async fn score_labels(
-        &self,
-        messages: &[ChatMessage],
-        labels: &LabelSet,
-    ) -> Result<LabelScores, EngineError> {
+    async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
         let plan = self.plan_for(labels).await?;
         let prompt = self.tokenize(Either::Left(messages), true).await?;
         let step_tokens =
@@ -390,13 +402,22 @@ impl Engine for MistralEngine {
             let _gate = self.prompt_gate.lock().await;
             let mut out = Vec::with_capacity(plan.steps().len());
             for step in plan.steps() {
-                out.push(self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens).await?);
+                out.push(
+                    self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens)
+                        .await?,
+                );
             }
             out
         } else {
-            let passes =
-                plan.steps().iter().map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone()));
-            futures::future::try_join_all(passes).await?.into_iter().map(|(lp, _)| lp).collect()
+            let passes = plan
+                .steps()
+                .iter()
+                .map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone()));
+            futures::future::try_join_all(passes)
+                .await?
+                .into_iter()
+                .map(|(lp, _)| lp)
+                .collect()
         };
         Ok(LabelScores {
             logprobs: plan.combine(&step_logprobs),
@@ -409,7 +430,11 @@ impl Engine for MistralEngine {
         let tokens = self.tokenize(Either::Left(messages), true).await?;
         // A normal (non-raw) request: its finished sequence enters the prefix
         // cache, so later prompts sharing this prefix skip its prefill.
-        let _gate = if self.router { Some(self.prompt_gate.lock().await) } else { None };
+        let _gate = if self.router {
+            Some(self.prompt_gate.lock().await)
+        } else {
+            None
+        };
         let (lp, _) = self.next_token_logprobs(tokens, vec![0]).await?;
         if lp.iter().any(|v| v.is_nan()) {
             return Err(EngineError::Backend(anyhow::anyhow!("model produced NaN logits")));
@@ -469,8 +494,6 @@ where
     Box::pin(tokio_stream_from(rx))
 }
 
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> + Send {
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> + Send {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

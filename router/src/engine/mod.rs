@@ -51,11 +51,17 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: Role::System, content: content.into() }
+        Self {
+            role: Role::System,
+            content: content.into(),
+        }
     }
     /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: Role::User, content: content.into() }
+        Self {
+            role: Role::User,
+            content: content.into(),
+        }
     }
 }
 
@@ -175,11 +181,7 @@ pub trait Engine: Send + Sync + 'static {
     ///
     /// # Cancel safety
     /// Dropping the returned stream stops generation at the next token.
-    async fn generate(
-        &self,
-        messages: Vec<ChatMessage>,
-        params: GenerateParams,
-    ) -> Result<TokenStream, EngineError>;
+    async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError>;
 
     /// Score every label of `labels` as the model's answer to `messages`,
     /// without generating free text: label log-probabilities from the
@@ -188,11 +190,7 @@ pub trait Engine: Send + Sync + 'static {
     ///
     /// # Errors
     /// Backend failures, or a label set the tokenizer cannot separate.
-    async fn score_labels(
-        &self,
-        messages: &[ChatMessage],
-        labels: &LabelSet,
-    ) -> Result<LabelScores, EngineError>;
+    async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError>;
 
     /// Run a tiny request so that the first real request does not pay
     /// one-time costs; `messages` lets a caller prime a prompt prefix cache.

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use super::{
-    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent,
-    GenerationSummary, LabelScores, LabelSet, Role, TokenStream, Usage,
+    ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelScores,
+    LabelSet, Role, TokenStream, Usage,
 };
 
 /// The stub's answer, streamed one word per token.
@@ -38,11 +38,19 @@ impl StubEngine {
 }
 
 fn user_text(messages: &[ChatMessage]) -> String {
-    messages.iter().rev().find(|m| m.role == Role::User).map(|m| m.content.to_lowercase()).unwrap_or_default()
+    messages
+        .iter()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .map(|m| m.content.to_lowercase())
+        .unwrap_or_default()
 }
 
 fn word_count(messages: &[ChatMessage]) -> u32 {
-    messages.iter().map(|m| m.content.split_whitespace().count() as u32).sum()
+    messages
+        .iter()
+        .map(|m| m.content.split_whitespace().count() as u32)
+        .sum()
 }
 
 #[async_trait]
@@ -54,7 +62,11 @@ impl Engine for StubEngine {
     async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
         let words: Vec<String> = STUB_ANSWER.split(' ').map(str::to_string).collect();
         let n = words.len().min(params.max_tokens);
-        let finish = if n < words.len() { FinishReason::Length } else { FinishReason::Stop };
+        let finish = if n < words.len() {
+            FinishReason::Length
+        } else {
+            FinishReason::Stop
+        };
         let delay = self.per_token_delay;
         let prompt_tokens = word_count(&messages);
         let stream = futures::stream::unfold(0usize, move |i| {
@@ -66,7 +78,10 @@ impl Engine for StubEngine {
                 }
                 if i == n {
                     let done = GenerationSummary {
-                        usage: Usage { prompt_tokens, completion_tokens: n as u32 },
+                        usage: Usage {
+                            prompt_tokens,
+                            completion_tokens: n as u32,
+                        },
                         finish_reason: finish,
                         prefill_tokens_per_second: 0.0,
                         decode_tokens_per_second: 0.0,
@@ -76,7 +91,11 @@ impl Engine for StubEngine {
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                let text = if i == 0 { words[i].clone() } else { format!(" {}", words[i]) };
+                let text = if i == 0 {
+                    words[i].clone()
+                } else {
+                    format!(" {}", words[i])
+                };
                 Some((Ok(GenerationEvent::Delta(text)), i + 1))
             }
         });
@@ -89,9 +108,19 @@ impl Engine for StubEngine {
         let logprobs = labels
             .names()
             .iter()
-            .map(|l| if words.contains(&l.to_lowercase().as_str()) { NAMED_LOGPROB } else { OTHER_LOGPROB })
+            .map(|l| {
+                if words.contains(&l.to_lowercase().as_str()) {
+                    NAMED_LOGPROB
+                } else {
+                    OTHER_LOGPROB
+                }
+            })
             .collect();
-        Ok(LabelScores { logprobs, prompt_tokens: word_count(messages), forward_passes: 1 })
+        Ok(LabelScores {
+            logprobs,
+            prompt_tokens: word_count(messages),
+            forward_passes: 1,
+        })
     }
 
     async fn warm_up(&self, _messages: &[ChatMessage]) -> Result<(), EngineError> {
@@ -108,13 +137,28 @@ mod tests {
     #[tokio::test]
     async fn streams_words_then_done_with_usage() {
         let e = StubEngine::default();
-        let params = GenerateParams { max_tokens: 3, temperature: None, top_p: None };
-        let events: Vec<_> = e.generate(vec![ChatMessage::user("a b")], params).await.unwrap().collect().await;
+        let params = GenerateParams {
+            max_tokens: 3,
+            temperature: None,
+            top_p: None,
+        };
+        let events: Vec<_> = e
+            .generate(vec![ChatMessage::user("a b")], params)
+            .await
+            .unwrap()
+            .collect()
+            .await;
         assert_eq!(events.len(), 4);
         assert_eq!(events[0].as_ref().unwrap(), &GenerationEvent::Delta("This".into()));
         match events[3].as_ref().unwrap() {
             GenerationEvent::Done(s) => {
-                assert_eq!(s.usage, Usage { prompt_tokens: 2, completion_tokens: 3 });
+                assert_eq!(
+                    s.usage,
+                    Usage {
+                        prompt_tokens: 2,
+                        completion_tokens: 3
+                    }
+                );
                 assert_eq!(s.finish_reason, FinishReason::Length);
             }
             other => panic!("expected Done, got {other:?}"),
@@ -124,7 +168,10 @@ mod tests {
     #[tokio::test]
     async fn scores_the_named_label_highest() {
         let labels = LabelSet::new(vec!["hr".into(), "it".into()]).unwrap();
-        let s = StubEngine::default().score_labels(&[ChatMessage::user("an IT question")], &labels).await.unwrap();
+        let s = StubEngine::default()
+            .score_labels(&[ChatMessage::user("an IT question")], &labels)
+            .await
+            .unwrap();
         assert!(s.logprobs[1] > s.logprobs[0]);
     }
 }

