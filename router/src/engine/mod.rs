@@ -136,7 +136,7 @@ pub type TokenStream = Pin<Box<dyn Stream<Item = Result<GenerationEvent, EngineE
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     /// The model file is missing or unreadable.
-    #[error("model file {path} not found or unreadable")]
+    #[error("model file {path} not found or unreadable (`flywheel-trainer fetch-model` prepares the default model)")]
     ModelNotFound {
         /// The path that was tried.
         path: String,
