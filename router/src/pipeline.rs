@@ -210,9 +210,15 @@ impl Pipeline {
     /// The first model that fails: it is not fit to serve.
     pub async fn warm_up(&self) -> Result<(), EngineError> {
         self.router.warm_up(&self.router.model()).await?;
+        // One warm-up per loaded engine: experts sharing a model share its costs.
+        let mut warmed: Vec<*const ()> = Vec::new();
         for e in self.experts.values() {
             let model = e.model();
-            model.engine.warm_up(&e.prompt("hello", &[])).await?;
+            let id = Arc::as_ptr(&model.engine).cast::<()>();
+            if !warmed.contains(&id) {
+                model.engine.warm_up(&e.prompt("hello", &[])).await?;
+                warmed.push(id);
+            }
         }
         Ok(())
     }
