@@ -189,10 +189,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 deltas += 1;
             }
         }
-        if let (Some(f), Some(l)) = (first, last) {
-            if deltas > 1 {
-                decode_tps.push(f64::from(deltas - 1) / l.duration_since(f).as_secs_f64());
-            }
+        if let (Some(f), Some(l)) = (first, last)
+            && deltas > 1
+        {
+            decode_tps.push(f64::from(deltas - 1) / l.duration_since(f).as_secs_f64());
         }
     }
 

@@ -6,6 +6,8 @@
 //! - `load`: a closed-loop gRPC load generator (route or streaming chat).
 //! - `ask`: send one query to a server and stream the answer.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 mod engine_bench;
 mod grpc_load;
 mod stats;

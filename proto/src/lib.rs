@@ -3,6 +3,7 @@
 //! Both the server and the clients (tests, `flywheel-bench`) use these types;
 //! nothing else lives here.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 #![allow(missing_docs, clippy::all)]
 
 /// Messages, clients and servers of package `flywheel.v1`.

@@ -15,6 +15,8 @@
 //!
 //! The server (`flywheel-server`) wraps [`pipeline::Pipeline`] in gRPC.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod agents;
 pub mod config;
 pub mod engine;

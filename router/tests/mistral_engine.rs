@@ -3,6 +3,8 @@
 //! uncached path, and scoring and generation can run concurrently on one
 //! router engine.
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 use std::path::PathBuf;
 use std::sync::Arc;
 

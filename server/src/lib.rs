@@ -5,6 +5,8 @@
 //! Router, Admin) with graceful shutdown, [`grpc`] holds the thin handlers
 //! and the single error-to-status mapping, [`telemetry`] sets up tracing.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod app;
 pub mod config;
 pub mod grpc;

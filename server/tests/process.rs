@@ -4,6 +4,8 @@
 //! and its log, not the model, so they select the stub engine explicitly
 //! (`--engine stub`).
 
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -145,9 +147,11 @@ async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log
 
 #[tokio::test]
 async fn requests_over_the_in_flight_limit_get_resource_exhausted_and_a_record() {
-    let mut config = Config::default();
-    config.engine = EngineKind::Stub;
-    config.stub_token_delay_ms = 20;
+    let mut config = Config {
+        engine: EngineKind::Stub,
+        stub_token_delay_ms: 20,
+        ..Config::default()
+    };
     config.settings.limits.max_in_flight = 1;
     let server = common::start(config);
     let mut chat = server.chat().await;

@@ -4,4 +4,6 @@
 //! - Model fetching and preparation live in [`flywheel_router::model_prep`];
 //!   the binary exposes them as `fetch-model` and `prepare-model`.
 
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod demo;

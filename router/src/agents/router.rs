@@ -136,15 +136,15 @@ impl RouterAgent {
         if !self.calibrate {
             return Ok(Arc::new(Vec::new()));
         }
-        if let Some((version, prior)) = self
+        let cached = self
             .prior
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
+            .clone();
+        if let Some((version, prior)) = cached
+            && version == model.version
         {
-            if *version == model.version {
-                return Ok(prior.clone());
-            }
+            return Ok(prior);
         }
         let scores = model
             .engine

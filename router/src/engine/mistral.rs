@@ -357,10 +357,10 @@ impl Engine for MistralEngine {
                     Response::Chunk(chunk) => {
                         let mut finished = None;
                         for choice in chunk.choices {
-                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                                if out.send(Ok(GenerationEvent::Delta(text))).await.is_err() {
-                                    return; // caller went away: dropping `rx` cancels the sequence
-                                }
+                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty())
+                                && out.send(Ok(GenerationEvent::Delta(text))).await.is_err()
+                            {
+                                return; // caller went away: dropping `rx` cancels the sequence
                             }
                             if let Some(reason) = choice.finish_reason {
                                 finished = Some(reason);

@@ -101,7 +101,7 @@ impl WriterHandle {
 }
 
 fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batch: usize, stats: &LogStats) {
-    let mut batch: Vec<Box<RequestRecord>> = Vec::with_capacity(max_batch);
+    let mut batch: Vec<RequestRecord> = Vec::with_capacity(max_batch);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // Block for the first command, then gather until the interval since
@@ -115,7 +115,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
         let mut next = Some(first);
         loop {
             match next.take() {
-                Some(Command::Record(r)) => batch.push(r),
+                Some(Command::Record(r)) => batch.push(*r),
                 Some(Command::Flush(done)) => {
                     waiters.push(done);
                     break;
@@ -124,7 +124,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                     // Drain whatever is still queued before stopping.
                     while let Ok(cmd) = rx.try_recv() {
                         match cmd {
-                            Command::Record(r) => batch.push(r),
+                            Command::Record(r) => batch.push(*r),
                             Command::Flush(d) | Command::Shutdown(d) => waiters.push(d),
                         }
                     }
@@ -158,7 +158,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &mut Vec<Box<RequestRecord>>, stats: &LogStats) {
+fn write_batch(conn: &mut Connection, batch: &mut Vec<RequestRecord>, stats: &LogStats) {
     if batch.is_empty() {
         return;
     }

@@ -2,7 +2,7 @@
 //! started once per test binary on its own runtime thread, and helpers to
 //! spawn the `flywheel-server` binary as a process.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
