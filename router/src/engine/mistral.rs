@@ -192,7 +192,7 @@ impl MistralEngine {
     }
 
     /// One prefill of `tokens`, returning the log-probabilities of `next` at its end.
-    async fn next_token_logprobs(&self, tokens: Vec<u32>, next: Vec<u32>) -> Result<(Vec<f32>, u32), EngineError> {
+    async fn next_token_logprobs(&self, tokens: Vec<u32>, next: Vec<u32>) -> Result<Vec<f32>, EngineError> {
         let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
         let slot = captured.clone();
         let processor = move |logits: &Tensor, _context: &[u32]| -> mistralrs::Result<Tensor> {
@@ -208,7 +208,6 @@ impl MistralEngine {
             ..SamplingParams::deterministic()
         };
         let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
-        let prompt_tokens = tokens.len() as u32;
         let mut request =
             NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
         request.constraint = Constraint::None;
@@ -228,7 +227,7 @@ impl MistralEngine {
         let values = lock(&captured)
             .take()
             .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("the engine finished without sampling a token")))?;
-        Ok((values, prompt_tokens))
+        Ok(values)
     }
 }
 
@@ -413,11 +412,7 @@ impl Engine for MistralEngine {
                 .steps()
                 .iter()
                 .map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone()));
-            futures::future::try_join_all(passes)
-                .await?
-                .into_iter()
-                .map(|(lp, _)| lp)
-                .collect()
+            futures::future::try_join_all(passes).await?
         };
         Ok(LabelScores {
             logprobs: plan.combine(&step_logprobs),
@@ -435,7 +430,7 @@ impl Engine for MistralEngine {
         } else {
             None
         };
-        let (lp, _) = self.next_token_logprobs(tokens, vec![0]).await?;
+        let lp = self.next_token_logprobs(tokens, vec![0]).await?;
         if lp.iter().any(|v| v.is_nan()) {
             return Err(EngineError::Backend(anyhow::anyhow!("model produced NaN logits")));
         }

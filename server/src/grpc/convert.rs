@@ -1,11 +1,10 @@
 //! Conversions between domain types and `flywheel.v1` messages.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use flywheel_proto::v1 as pb;
 use flywheel_router::agents::RouteDecision;
 use flywheel_router::agents::expert::Overrides;
 use flywheel_router::engine::Usage;
+use flywheel_router::log::unix_ms;
 use flywheel_router::registry::Slot;
 use flywheel_router::{ChatEvent, Query, Timings};
 
@@ -113,8 +112,4 @@ pub fn slot(s: &Slot) -> pb::ModelSlot {
         size_bytes: m.size_bytes,
         loaded_at_unix_ms: unix_ms(m.loaded_at),
     }
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
