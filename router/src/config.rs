@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::mistral::DeviceChoice;
+use crate::feedback::FeedbackSpec;
 
 /// Default model: SmolLM2-135M-Instruct re-quantized to Q8_0 by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct-q8_0.gguf";
@@ -212,6 +213,9 @@ pub struct EngineSettings {
     /// The request log.
     #[serde(default)]
     pub log: LogSpec,
+    /// Feedback handling (implicit signals, limits).
+    #[serde(default)]
+    pub feedback: FeedbackSpec,
 }
 
 impl Default for RouterSpec {
@@ -288,6 +292,7 @@ impl Default for EngineSettings {
             ],
             limits: LimitsSpec::default(),
             log: LogSpec::default(),
+            feedback: FeedbackSpec::default(),
         }
     }
 }
@@ -366,6 +371,16 @@ impl EngineSettings {
         }
         if self.log.batch_size == 0 || self.log.queue_capacity == 0 {
             return Err(invalid("log", "batch_size and queue_capacity must be at least 1"));
+        }
+        let sim = self.feedback.rephrase_similarity;
+        if !(sim > 0.0 && sim <= 1.0) {
+            return Err(invalid("feedback.rephrase_similarity", "must be in (0, 1]"));
+        }
+        if self.feedback.max_comment_chars == 0 || self.feedback.max_sessions == 0 {
+            return Err(invalid(
+                "feedback",
+                "max_comment_chars and max_sessions must be at least 1",
+            ));
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 
 use crate::engine::EngineError;
 use crate::guardrails::Blocked;
+use crate::log::LogError;
 use crate::retrieval::RetrievalError;
 
 /// Why a request did not succeed.
@@ -48,19 +49,36 @@ pub enum PipelineError {
     /// Retrieval failed.
     #[error("retrieval failure")]
     Retrieval(#[from] RetrievalError),
+    /// Feedback names a request id the log does not hold.
+    #[error("no request with id `{request_id}` in the request log")]
+    UnknownRequest {
+        /// The id asked for.
+        request_id: String,
+    },
+    /// Feedback that cannot be recorded as given.
+    #[error("invalid feedback: {reason}")]
+    InvalidFeedback {
+        /// What is wrong and what is expected.
+        reason: String,
+    },
+    /// The request log failed.
+    #[error("request log failure")]
+    Log(#[from] LogError),
 }
 
 impl PipelineError {
     /// Status name recorded in the request log.
     pub fn status_name(&self) -> &'static str {
         match self {
-            PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } => "invalid_argument",
-            PipelineError::UnknownExpert { .. } => "not_found",
+            PipelineError::EmptyQuery
+            | PipelineError::QueryTooLong { .. }
+            | PipelineError::InvalidFeedback { .. } => "invalid_argument",
+            PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => "not_found",
             PipelineError::Overloaded { .. } => "resource_exhausted",
             PipelineError::Blocked(_) => "permission_denied",
             PipelineError::Cancelled => "cancelled",
             PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",
-            PipelineError::Engine(_) | PipelineError::Retrieval(_) => "internal",
+            PipelineError::Engine(_) | PipelineError::Retrieval(_) | PipelineError::Log(_) => "internal",
         }
     }
 }

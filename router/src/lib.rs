@@ -10,6 +10,9 @@
 //!   for retrieved passages.
 //! - [`pipeline`]: admission, validation, rails, routing, answering; every
 //!   request leaves one record in the [`log`] (SQLite, batched writer).
+//! - [`feedback`]: explicit ratings and corrections, reviewer labels and
+//!   implicit signals (rephrase, abandoned stream), joined to the log by
+//!   request id; [`similarity`]: shingles, Jaccard and MinHash near-duplicates.
 //! - [`config`]: typed, validated settings; [`model_prep`]: converts GGUF
 //!   weights to the fastest CPU format.
 //!
@@ -21,12 +24,14 @@ pub mod agents;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod feedback;
 pub mod guardrails;
 pub mod log;
 pub mod model_prep;
 pub mod pipeline;
 pub mod registry;
 pub mod retrieval;
+pub mod similarity;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 

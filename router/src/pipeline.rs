@@ -8,6 +8,11 @@
 //! `complete` collects the same stream, so both paths share one code path.
 //! The producer owns the admission permit and the model snapshots (`Arc`s
 //! taken once), so a hot-swap never changes a request mid-flight.
+//!
+//! Feedback enters here too ([`Pipeline::submit_feedback`]), and the
+//! pipeline records two implicit signals itself: a near-duplicate query from
+//! the same session soon after an answer (rephrase), and an answer the
+//! client cancelled (abandoned).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -23,6 +28,7 @@ use crate::agents::{ExpertAgent, RouteDecision, RouterAgent};
 use crate::config::{EngineSettings, LimitsSpec};
 use crate::engine::{EngineError, FinishReason, GenerationEvent, Usage};
 use crate::error::PipelineError;
+use crate::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec, Rating, SessionTracker};
 use crate::guardrails::{InputRails, OutputRails, PassThrough};
 use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
@@ -147,6 +153,8 @@ pub struct Pipeline {
     registry: Arc<ModelRegistry>,
     admission: Arc<Semaphore>,
     limits: LimitsSpec,
+    feedback: FeedbackSpec,
+    sessions: Arc<SessionTracker>,
 }
 
 struct Admitted {
@@ -188,6 +196,8 @@ impl Pipeline {
             registry,
             admission: Arc::new(Semaphore::new(settings.limits.max_in_flight)),
             limits: settings.limits.clone(),
+            feedback: settings.feedback.clone(),
+            sessions: Arc::new(SessionTracker::new(&settings.feedback)),
         })
     }
 
@@ -303,6 +313,15 @@ impl Pipeline {
         };
         // The log keeps the query as the model saw it (redacted by rails).
         record.query = text.clone();
+        if let Some(session) = &record.session_id
+            && let Some(hit) = self.sessions.check(session, &text, Instant::now())
+        {
+            let mut signal = FeedbackRecord::new(hit.previous_request_id, FeedbackKind::Rephrase);
+            signal.detail = Some(
+                serde_json::json!({"by_request_id": record.request_id, "similarity": hit.similarity}).to_string(),
+            );
+            self.log.submit_feedback(signal);
+        }
         Ok(Admitted {
             permit,
             record,
@@ -408,6 +427,101 @@ impl Pipeline {
         self.start_answer("stream", query).await
     }
 
+    /// Record feedback on a logged request and return the stored row once it
+    /// is committed to the log.
+    ///
+    /// # Errors
+    /// [`PipelineError::InvalidFeedback`] for a missing rating, a rating out
+    /// of range, an unknown corrected expert or an oversized comment;
+    /// [`PipelineError::UnknownRequest`] when the log holds no such request.
+    pub async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, PipelineError> {
+        let invalid = |reason: String| PipelineError::InvalidFeedback { reason };
+        if input.request_id.trim().is_empty() {
+            return Err(invalid("request_id is required".into()));
+        }
+        match input.rating {
+            Some(Rating::Stars(s)) if !(1..=5).contains(&s) => {
+                return Err(invalid(format!("stars must be between 1 and 5, got {s}")));
+            }
+            None if input.corrected_expert.is_none() => {
+                return Err(invalid(
+                    "give a rating (thumb up/down or 1-5 stars), a corrected expert, or both".into(),
+                ));
+            }
+            _ => {}
+        }
+        if let Some(expert) = &input.corrected_expert
+            && !self.experts.contains_key(expert)
+        {
+            return Err(invalid(format!(
+                "corrected_expert `{expert}` is not a configured expert; configured experts: {}",
+                self.expert_order.join(", ")
+            )));
+        }
+        if let Some(comment) = &input.comment {
+            let len = comment.chars().count();
+            if len > self.feedback.max_comment_chars {
+                return Err(invalid(format!(
+                    "comment is {len} characters long; the limit is {}",
+                    self.feedback.max_comment_chars
+                )));
+            }
+        }
+        if !self.request_logged(&input.request_id).await? {
+            // The record may still be queued (its request just ended).
+            self.log.flush().await?;
+            if !self.request_logged(&input.request_id).await? {
+                return Err(PipelineError::UnknownRequest {
+                    request_id: input.request_id,
+                });
+            }
+        }
+        let mut row = FeedbackRecord::new(input.request_id, FeedbackKind::Explicit);
+        row.rating = input.rating;
+        row.corrected_expert = input.corrected_expert;
+        row.comment = input.comment;
+        row.reviewer_id = input.reviewer_id;
+        self.log.submit_feedback(row.clone());
+        self.log.flush().await?;
+        Ok(row)
+    }
+
+    /// Every feedback row of a logged request, oldest first.
+    ///
+    /// # Errors
+    /// [`PipelineError::UnknownRequest`] when the log holds no such request.
+    pub async fn feedback_history(
+        &self,
+        request_id: &str,
+    ) -> Result<(RequestRecord, Vec<FeedbackRecord>), PipelineError> {
+        self.log.flush().await?;
+        let log = self.log.clone();
+        let id = request_id.to_string();
+        let read = tokio::task::spawn_blocking(move || -> Result<_, crate::log::LogError> {
+            let reader = log.reader()?;
+            Ok(match reader.get(&id)? {
+                Some(record) => Some((record, reader.feedback_for(&id)?)),
+                None => None,
+            })
+        })
+        .await
+        .map_err(|_| crate::log::LogError::Closed)??;
+        read.ok_or_else(|| PipelineError::UnknownRequest {
+            request_id: request_id.to_string(),
+        })
+    }
+
+    async fn request_logged(&self, request_id: &str) -> Result<bool, PipelineError> {
+        let log = self.log.clone();
+        let id = request_id.to_string();
+        let found = tokio::task::spawn_blocking(move || -> Result<bool, crate::log::LogError> {
+            Ok(log.reader()?.get(&id)?.is_some())
+        })
+        .await
+        .map_err(|_| crate::log::LogError::Closed)??;
+        Ok(found)
+    }
+
     async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
         let Admitted {
             permit,
@@ -450,6 +564,7 @@ impl Pipeline {
             route_ms: route.latency_ms,
             filter: self.output_rails.filter(),
             log: self.log.clone(),
+            sessions: self.sessions.clone(),
             answer: String::new(),
             ttft_ms: None,
         };
@@ -466,6 +581,7 @@ struct Producer {
     route_ms: f64,
     filter: Box<dyn crate::guardrails::OutputFilter>,
     log: RequestLog,
+    sessions: Arc<SessionTracker>,
     answer: String,
     ttft_ms: Option<f64>,
 }
@@ -557,7 +673,19 @@ impl Producer {
         let message = PipelineError::Cancelled.to_string();
         let mut this = self;
         this.record.finish_reason = Some(reason.as_str().to_string());
+        let mut signal = FeedbackRecord::new(this.record.request_id.clone(), FeedbackKind::Abandoned);
+        signal.detail = Some(
+            serde_json::json!({
+                "kind": this.record.kind,
+                "answer_chars": this.answer.chars().count(),
+                "elapsed_ms": this.elapsed_ms(),
+            })
+            .to_string(),
+        );
+        let log = this.log.clone();
         this.close("cancelled", Some(message));
+        // After the record, through the same ordered queue.
+        log.submit_feedback(signal);
     }
 
     fn close(mut self, status: &str, error: Option<String>) {
@@ -570,6 +698,12 @@ impl Producer {
         self.record.ttft_ms = self.ttft_ms;
         self.record.total_ms = Some(self.elapsed_ms());
         self.record.finished_at_ms = unix_ms(SystemTime::now());
+        if status == "ok"
+            && let Some(session) = &self.record.session_id
+        {
+            self.sessions
+                .answered(session, &self.record.request_id, &self.record.query, Instant::now());
+        }
         self.log.submit(self.record);
     }
 }
@@ -639,6 +773,114 @@ mod tests {
         let mut statuses: Vec<String> = records(&p).await.into_iter().map(|r| r.status).collect();
         statuses.sort();
         assert_eq!(statuses, ["invalid_argument", "invalid_argument", "not_found"]);
+    }
+
+    fn session_query(text: &str, session: &str) -> Query {
+        Query {
+            text: text.into(),
+            session_id: Some(session.into()),
+            ..Query::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn feedback_is_validated_and_kept_with_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default());
+        let out = p.complete(query("an hr question")).await.unwrap();
+        let id = out.request_id.clone();
+        let fb = |rating, corrected: Option<&str>| FeedbackInput {
+            request_id: id.clone(),
+            rating,
+            corrected_expert: corrected.map(str::to_string),
+            ..FeedbackInput::default()
+        };
+        let err = p.submit_feedback(fb(None, None)).await.unwrap_err();
+        assert!(matches!(err, PipelineError::InvalidFeedback { .. }), "{err}");
+        let err = p.submit_feedback(fb(Some(Rating::Stars(6)), None)).await.unwrap_err();
+        assert!(err.to_string().contains("between 1 and 5"), "{err}");
+        let err = p.submit_feedback(fb(None, Some("legal"))).await.unwrap_err();
+        assert!(err.to_string().contains("configured experts: hr"), "{err}");
+        let unknown = FeedbackInput {
+            request_id: "nope".into(),
+            rating: Some(Rating::Thumb(true)),
+            ..FeedbackInput::default()
+        };
+        assert!(matches!(
+            p.submit_feedback(unknown).await,
+            Err(PipelineError::UnknownRequest { .. })
+        ));
+        p.submit_feedback(fb(Some(Rating::Thumb(false)), None)).await.unwrap();
+        let last = p.submit_feedback(fb(Some(Rating::Stars(1)), Some("it"))).await.unwrap();
+        let (record, rows) = p.feedback_history(&id).await.unwrap();
+        assert_eq!(record.request_id, id);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(crate::feedback::latest_explicit(&rows), Some(&last));
+    }
+
+    #[tokio::test]
+    async fn feedback_on_a_just_finished_request_is_accepted() {
+        // The record may still sit in the writer's queue: no false NotFound.
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.log.flush_interval_ms = 100;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default());
+        let out = p.route(query("a finance question")).await.unwrap();
+        let input = FeedbackInput {
+            request_id: out.request_id,
+            rating: Some(Rating::Thumb(true)),
+            ..FeedbackInput::default()
+        };
+        p.submit_feedback(input).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rephrased_query_marks_the_previous_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default());
+        let first = p
+            .complete(session_query("How do I reset my VPN password?", "s1"))
+            .await
+            .unwrap();
+        // Another session asking the same thing is not a rephrase.
+        p.complete(session_query("How can I reset my VPN password", "s2"))
+            .await
+            .unwrap();
+        let second = p
+            .complete(session_query("how can i reset my vpn password", "s1"))
+            .await
+            .unwrap();
+        let (_, rows) = p.feedback_history(&first.request_id).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].kind, FeedbackKind::Rephrase);
+        assert!(rows[0].detail.as_deref().unwrap().contains(&second.request_id));
+        let (_, rows) = p.feedback_history(&second.request_id).await.unwrap();
+        assert!(rows.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_stream_is_recorded_as_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(
+            &mut EngineSettings::default(),
+            dir.path(),
+            StubEngine::new(Duration::from_millis(50)),
+        );
+        let mut s = p.stream(query("an hr question")).await.unwrap();
+        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
+            panic!("no start event")
+        };
+        drop(s);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (record, rows) = p.feedback_history(&request_id).await.unwrap();
+            if record.status == "cancelled" && !rows.is_empty() {
+                assert_eq!(rows[0].kind, FeedbackKind::Abandoned);
+                break;
+            }
+            assert!(Instant::now() < deadline, "no abandoned signal");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]

@@ -7,6 +7,11 @@
 //! only the records of that last interval and never corrupts the file;
 //! [`RequestLog::shutdown`] commits everything queued. [`LogReader`] reads
 //! records back by request id (feedback and curation build on it).
+//!
+//! Feedback rows ([`FeedbackRecord`]) travel through the same writer, so a
+//! request's record is always committed before feedback the pipeline
+//! attaches to it (e.g. an abandoned stream). [`append_feedback`] writes
+//! rows synchronously from another process (review imports).
 
 mod schema;
 mod writer;
@@ -23,6 +28,7 @@ pub use schema::SCHEMA_VERSION;
 
 use crate::agents::RouteDecision;
 use crate::config::LogSpec;
+use crate::feedback::FeedbackRecord;
 use crate::guardrails::RailVerdict;
 use crate::retrieval::Passage;
 
@@ -211,6 +217,11 @@ impl RequestLog {
         self.inner.submit(record);
     }
 
+    /// Queue a feedback row; same guarantees as [`RequestLog::submit`].
+    pub fn submit_feedback(&self, feedback: FeedbackRecord) {
+        self.inner.submit_feedback(feedback);
+    }
+
     /// Commit everything queued so far, then return.
     ///
     /// # Errors
@@ -291,6 +302,52 @@ impl LogReader {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Records received in `[since_ms, until_ms)`, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn records_between(&self, since_ms: i64, until_ms: i64) -> Result<Vec<RequestRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM requests WHERE received_at_ms >= ?1 AND received_at_ms < ?2 \
+             ORDER BY received_at_ms, request_id",
+            writer::COLUMNS.join(", ")
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([since_ms, until_ms], writer::record_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every feedback row of `request_id`, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn feedback_for(&self, request_id: &str) -> Result<Vec<FeedbackRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM feedback WHERE request_id = ?1 ORDER BY created_at_ms, feedback_id",
+            writer::FEEDBACK_COLUMNS
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([request_id], writer::feedback_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every feedback row about requests received in `[since_ms, until_ms)`,
+    /// oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn feedback_between(&self, since_ms: i64, until_ms: i64) -> Result<Vec<FeedbackRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM feedback WHERE request_id IN \
+             (SELECT request_id FROM requests WHERE received_at_ms >= ?1 AND received_at_ms < ?2) \
+             ORDER BY created_at_ms, feedback_id",
+            writer::FEEDBACK_COLUMNS
+        );
+        let mut stmt = self.conn.prepare(&sql)?;
+        let rows = stmt.query_map([since_ms, until_ms], writer::feedback_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// SQLite's integrity check; `"ok"` for a sound file.
     ///
     /// # Errors
@@ -306,6 +363,30 @@ impl LogReader {
     pub fn schema_version(&self) -> Result<i64, LogError> {
         Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
     }
+}
+
+/// Append feedback rows to the log at `path` in one transaction (for jobs
+/// outside the server, such as review imports). Safe while the server runs:
+/// SQLite's WAL serializes the writers.
+///
+/// # Errors
+/// When the database cannot be opened, migrated or written.
+pub fn append_feedback(path: &Path, rows: &[FeedbackRecord]) -> Result<(), LogError> {
+    let open_error = |source| LogError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut conn = schema::open(path).map_err(open_error)?;
+    schema::migrate(&mut conn).map_err(open_error)?;
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare_cached(writer::INSERT_FEEDBACK)?;
+        for row in rows {
+            writer::insert_feedback(&mut stmt, row)?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -379,6 +460,46 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "record not committed");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn feedback_joins_its_request_and_keeps_history() {
+        use crate::feedback::{FeedbackKind, Rating, latest_explicit};
+        let dir = tempfile::tempdir().unwrap();
+        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        log.submit(record("a"));
+        let mut down = FeedbackRecord::new("a", FeedbackKind::Explicit);
+        down.rating = Some(Rating::Thumb(false));
+        down.created_at_ms = 1;
+        let mut fix = FeedbackRecord::new("a", FeedbackKind::Explicit);
+        fix.rating = Some(Rating::Stars(2));
+        fix.corrected_expert = Some("it".into());
+        fix.created_at_ms = 2;
+        log.submit_feedback(down.clone());
+        log.submit_feedback(fix.clone());
+        log.flush().await.unwrap();
+        let reader = log.reader().unwrap();
+        let rows = reader.feedback_for("a").unwrap();
+        assert_eq!(rows, vec![down, fix.clone()]);
+        assert_eq!(latest_explicit(&rows), Some(&fix));
+        let (corrected, score): (String, f64) = reader
+            .conn
+            .query_row(
+                "SELECT corrected_expert, score FROM latest_explicit_feedback WHERE request_id = 'a'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((corrected.as_str(), score), ("it", -0.5));
+        let joined: i64 = reader
+            .conn
+            .query_row("SELECT COUNT(*) FROM request_feedback WHERE query = 'q'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(joined, 2);
+        // Another process appends reviews while the writer is open.
+        let review = FeedbackRecord::new("a", FeedbackKind::Review);
+        append_feedback(log.path(), std::slice::from_ref(&review)).unwrap();
+        assert_eq!(reader.feedback_for("a").unwrap().len(), 3);
     }
 
     #[tokio::test]

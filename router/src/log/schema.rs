@@ -29,11 +29,29 @@
 //! | `prompt_tokens`, `completion_tokens` | INTEGER NULL | expert token counts |
 //! | `ttft_ms`, `total_ms` | REAL NULL | time to first token, whole request |
 //! | `finish_reason` | TEXT NULL | `stop`, `length`, ... |
+//!
+//! Version 2, table `feedback` (any number of rows per request: history is
+//! kept, readers take the latest of a kind):
+//!
+//! | column | type | meaning |
+//! |---|---|---|
+//! | `feedback_id` | TEXT PK | UUIDv7 |
+//! | `request_id` | TEXT | the request it is about (joins `requests`) |
+//! | `created_at_ms` | INTEGER | Unix time it was recorded (ms) |
+//! | `kind` | TEXT | `explicit`, `review`, `rephrase` (implicit), `abandoned` (implicit) |
+//! | `rating_scale`, `rating` | TEXT, INTEGER NULL | `thumb` (1 / -1) or `stars` (1-5) |
+//! | `score` | REAL NULL | the rating on one scale, -1 to 1 |
+//! | `corrected_expert` | TEXT NULL | the expert that should have answered |
+//! | `comment`, `reviewer_id` | TEXT NULL | free text, who gave it |
+//! | `detail` | TEXT NULL | evidence of an implicit signal (JSON) |
+//!
+//! Views: `request_feedback` (every feedback row joined with its request)
+//! and `latest_explicit_feedback` (the newest explicit row per request).
 
 use rusqlite::Connection;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -68,6 +86,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX requests_received_at ON requests(received_at_ms);
     CREATE INDEX requests_session ON requests(session_id, received_at_ms);",
+    // v2
+    "CREATE TABLE feedback (
+        feedback_id TEXT PRIMARY KEY,
+        request_id TEXT NOT NULL,
+        created_at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        rating_scale TEXT,
+        rating INTEGER,
+        score REAL,
+        corrected_expert TEXT,
+        comment TEXT,
+        reviewer_id TEXT,
+        detail TEXT
+    );
+    CREATE INDEX feedback_request ON feedback(request_id, created_at_ms);
+    CREATE INDEX feedback_created ON feedback(created_at_ms);
+    CREATE VIEW request_feedback AS
+        SELECT r.request_id, r.kind AS request_kind, r.received_at_ms, r.session_id, r.user_id, r.query,
+               r.status, r.route_expert, r.router_model_version, r.expert, r.expert_model_version,
+               f.feedback_id, f.created_at_ms AS feedback_at_ms, f.kind AS feedback_kind, f.rating_scale,
+               f.rating, f.score, f.corrected_expert, f.comment, f.reviewer_id, f.detail
+        FROM requests r JOIN feedback f ON f.request_id = r.request_id;
+    CREATE VIEW latest_explicit_feedback AS
+        SELECT f.* FROM feedback f
+        WHERE f.kind = 'explicit' AND NOT EXISTS (
+            SELECT 1 FROM feedback g
+            WHERE g.request_id = f.request_id AND g.kind = 'explicit'
+              AND (g.created_at_ms > f.created_at_ms
+                   OR (g.created_at_ms = f.created_at_ms AND g.feedback_id > f.feedback_id)));",
 ];
 
 /// Bring `conn` to [`SCHEMA_VERSION`].

@@ -11,9 +11,11 @@ use tokio::sync::oneshot;
 
 use super::{LogError, LogStats, RequestRecord};
 use crate::agents::RouteDecision;
+use crate::feedback::{FeedbackKind, FeedbackRecord, Rating};
 
 enum Command {
     Record(Box<RequestRecord>),
+    Feedback(Box<FeedbackRecord>),
     Flush(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -46,7 +48,15 @@ impl WriterHandle {
 
     pub(super) fn submit(&self, record: RequestRecord) {
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Command::Record(Box::new(record))) {
+        self.enqueue(Command::Record(Box::new(record)));
+    }
+
+    pub(super) fn submit_feedback(&self, feedback: FeedbackRecord) {
+        self.enqueue(Command::Feedback(Box::new(feedback)));
+    }
+
+    fn enqueue(&self, command: Command) {
+        match self.tx.try_send(command) {
             Ok(()) => {}
             Err(TrySendError::Full(cmd)) => {
                 // The writer is a full queue behind: wait for room on the
@@ -102,6 +112,7 @@ impl WriterHandle {
 
 fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batch: usize, stats: &LogStats) {
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(max_batch);
+    let mut feedback: Vec<FeedbackRecord> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // Block for the first command, then gather until the interval since
@@ -116,6 +127,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
         loop {
             match next.take() {
                 Some(Command::Record(r)) => batch.push(*r),
+                Some(Command::Feedback(f)) => feedback.push(*f),
                 Some(Command::Flush(done)) => {
                     waiters.push(done);
                     break;
@@ -125,6 +137,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                     while let Ok(cmd) = rx.try_recv() {
                         match cmd {
                             Command::Record(r) => batch.push(*r),
+                            Command::Feedback(f) => feedback.push(*f),
                             Command::Flush(d) | Command::Shutdown(d) => waiters.push(d),
                         }
                     }
@@ -133,7 +146,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                 }
                 None => {}
             }
-            if batch.len() >= max_batch {
+            if batch.len() + feedback.len() >= max_batch {
                 break;
             }
             let now = Instant::now();
@@ -146,7 +159,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        write_batch(&mut conn, &mut batch, stats);
+        write_batch(&mut conn, &mut batch, &mut feedback, stats);
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
@@ -158,8 +171,13 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
     }
 }
 
-fn write_batch(conn: &mut Connection, batch: &mut Vec<RequestRecord>, stats: &LogStats) {
-    if batch.is_empty() {
+fn write_batch(
+    conn: &mut Connection,
+    batch: &mut Vec<RequestRecord>,
+    feedback: &mut Vec<FeedbackRecord>,
+    stats: &LogStats,
+) {
+    if batch.is_empty() && feedback.is_empty() {
         return;
     }
     let n = batch.len() as u64;
@@ -170,16 +188,22 @@ fn write_batch(conn: &mut Connection, batch: &mut Vec<RequestRecord>, stats: &Lo
             for r in batch.iter() {
                 insert(&mut stmt, r)?;
             }
+            let mut stmt = tx.prepare_cached(INSERT_FEEDBACK)?;
+            for f in feedback.iter() {
+                insert_feedback(&mut stmt, f)?;
+            }
         }
         tx.commit()
     })();
+    let feedback_rows = feedback.len();
+    feedback.clear();
     match result {
         Ok(()) => {
             stats.written.fetch_add(n, Ordering::Relaxed);
         }
         Err(error) => {
             stats.failed.fetch_add(n, Ordering::Relaxed);
-            tracing::error!(%error, records = n, "request log batch failed");
+            tracing::error!(%error, records = n, feedback_rows, "request log batch failed");
         }
     }
     batch.clear();
@@ -221,6 +245,49 @@ const INSERT: &str = "INSERT OR REPLACE INTO requests (request_id, kind, session
     expert, expert_model_version, retrieved, answer, prompt_tokens, completion_tokens, ttft_ms, total_ms, \
     finish_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
     ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+
+pub(super) const FEEDBACK_COLUMNS: &str = "feedback_id, request_id, created_at_ms, kind, rating_scale, rating, \
+    corrected_expert, comment, reviewer_id, detail";
+
+pub(super) const INSERT_FEEDBACK: &str = "INSERT OR REPLACE INTO feedback (feedback_id, request_id, created_at_ms, \
+    kind, rating_scale, rating, score, corrected_expert, comment, reviewer_id, detail) \
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+pub(super) fn insert_feedback(stmt: &mut rusqlite::CachedStatement<'_>, f: &FeedbackRecord) -> rusqlite::Result<usize> {
+    let stored = f.rating.map(Rating::stored);
+    stmt.execute(params![
+        f.feedback_id,
+        f.request_id,
+        f.created_at_ms,
+        f.kind.as_str(),
+        stored.map(|(scale, _)| scale),
+        stored.map(|(_, v)| v),
+        f.rating.map(Rating::score),
+        f.corrected_expert,
+        f.comment,
+        f.reviewer_id,
+        f.detail,
+    ])
+}
+
+pub(super) fn feedback_from_row(row: &Row<'_>) -> rusqlite::Result<FeedbackRecord> {
+    let kind: String = row.get("kind")?;
+    let scale: Option<String> = row.get("rating_scale")?;
+    let value: Option<i64> = row.get("rating")?;
+    Ok(FeedbackRecord {
+        feedback_id: row.get("feedback_id")?,
+        request_id: row.get("request_id")?,
+        created_at_ms: row.get("created_at_ms")?,
+        // Rows are only written by this module, so an unknown kind means a
+        // newer writer; treat it as explicit rather than fail the read.
+        kind: FeedbackKind::parse(&kind).unwrap_or(FeedbackKind::Explicit),
+        rating: scale.zip(value).and_then(|(s, v)| Rating::from_stored(&s, v)),
+        corrected_expert: row.get("corrected_expert")?,
+        comment: row.get("comment")?,
+        reviewer_id: row.get("reviewer_id")?,
+        detail: row.get("detail")?,
+    })
+}
 
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".into())

@@ -8,8 +8,10 @@ use tonic::{Code, Status};
 /// a generic message; their cause goes to the server log.
 pub fn to_status(error: &PipelineError) -> Status {
     let code = match error {
-        PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } => Code::InvalidArgument,
-        PipelineError::UnknownExpert { .. } => Code::NotFound,
+        PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } | PipelineError::InvalidFeedback { .. } => {
+            Code::InvalidArgument
+        }
+        PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => Code::NotFound,
         PipelineError::Overloaded { .. } => Code::ResourceExhausted,
         PipelineError::Blocked(_) => Code::PermissionDenied,
         PipelineError::Cancelled => Code::Cancelled,
@@ -21,7 +23,7 @@ pub fn to_status(error: &PipelineError) -> Status {
             | EngineError::Backend(_) => Code::Internal,
             EngineError::Disconnected => Code::Unavailable,
         },
-        PipelineError::Retrieval(_) => Code::Internal,
+        PipelineError::Retrieval(_) | PipelineError::Log(_) => Code::Internal,
     };
     match code {
         Code::Internal | Code::Unavailable => {

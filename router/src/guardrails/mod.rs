@@ -7,6 +7,8 @@
 //! [`PassThrough`] allows everything and reports nothing; concrete rails
 //! (jailbreak, PII, topic, limits) plug in here.
 
+pub mod pii;
+
 use serde::{Deserialize, Serialize};
 
 /// What a rail decided about one text.
