@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use flywheel_proto::v1::admin_server::AdminServer;
 use flywheel_proto::v1::chat_server::ChatServer;
+use flywheel_proto::v1::feedback_server::FeedbackServer;
 use flywheel_proto::v1::router_server::RouterServer;
 use flywheel_router::Pipeline;
 use flywheel_router::engine::EngineError;
@@ -21,7 +22,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, EngineKind};
-use crate::grpc::{admin::AdminService, chat::ChatService, route::RouterService};
+use crate::grpc::{admin::AdminService, chat::ChatService, feedback::FeedbackService, route::RouterService};
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +106,7 @@ impl App {
         health.set_serving::<ChatServer<ChatService>>().await;
         health.set_serving::<RouterServer<RouterService>>().await;
         health.set_serving::<AdminServer<AdminService>>().await;
+        health.set_serving::<FeedbackServer<FeedbackService>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -116,6 +118,7 @@ impl App {
             .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))
             .add_service(RouterServer::new(RouterService::new(self.pipeline.clone())))
             .add_service(AdminServer::new(AdminService::new(self.pipeline.clone())))
+            .add_service(FeedbackServer::new(FeedbackService::new(self.pipeline.clone())))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),
                 stop_accepting.clone().cancelled_owned(),
@@ -126,7 +129,13 @@ impl App {
             result = &mut server => result.map_err(ServerError::from),
             () = shutdown => {
                 tracing::info!("shutdown: health NOT_SERVING, draining");
-                for service in ["", "flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin"] {
+                for service in [
+                    "",
+                    "flywheel.v1.Chat",
+                    "flywheel.v1.Router",
+                    "flywheel.v1.Admin",
+                    "flywheel.v1.Feedback",
+                ] {
                     health.set_service_status(service, ServingStatus::NotServing).await;
                 }
                 stop_accepting.cancel();

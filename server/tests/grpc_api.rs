@@ -8,7 +8,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use flywheel_proto::v1::chat_stream_message::Event;
-use flywheel_proto::v1::{ChatRequest, GenerationOptions, ListModelsRequest, RouteRequest, StatusRequest};
+use flywheel_proto::v1::feedback_request::Rating;
+use flywheel_proto::v1::{
+    ChatRequest, FeedbackHistoryRequest, FeedbackRequest, GenerationOptions, ListModelsRequest, RouteRequest,
+    StatusRequest, Thumb,
+};
 use tonic::Code;
 
 fn chat(query: &str, max_tokens: u32) -> ChatRequest {
@@ -208,7 +212,13 @@ async fn health_reports_serving_and_reflection_lists_the_api() {
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let server = common::real_server();
     let mut health = HealthClient::new(server.channel().await);
-    for service in ["", "flywheel.v1.Chat", "flywheel.v1.Router", "flywheel.v1.Admin"] {
+    for service in [
+        "",
+        "flywheel.v1.Chat",
+        "flywheel.v1.Router",
+        "flywheel.v1.Admin",
+        "flywheel.v1.Feedback",
+    ] {
         let r = health
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -242,6 +252,7 @@ async fn health_reports_serving_and_reflection_lists_the_api() {
         "flywheel.v1.Chat",
         "flywheel.v1.Router",
         "flywheel.v1.Admin",
+        "flywheel.v1.Feedback",
         "grpc.health.v1.Health",
     ] {
         assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
@@ -276,4 +287,118 @@ async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
         produced.split_whitespace().count() < 100,
         "kept generating after cancel: {produced:?}"
     );
+    // The abandoned answer is an implicit feedback signal on the request.
+    let history = server
+        .feedback()
+        .await
+        .history(FeedbackHistoryRequest {
+            request_id: start.request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.status, "cancelled");
+    assert!(history.feedback.iter().any(|f| f.kind == "abandoned"), "{history:?}");
+}
+
+fn feedback(request_id: &str, rating: Option<Rating>, corrected: Option<&str>) -> FeedbackRequest {
+    FeedbackRequest {
+        request_id: request_id.into(),
+        rating,
+        corrected_expert: corrected.map(str::to_string),
+        comment: Some("checked by a reviewer".into()),
+        reviewer_id: Some("sme-7".into()),
+    }
+}
+
+#[tokio::test]
+async fn feedback_joins_requests_by_id_keeps_history_and_rejects_bad_input() {
+    let server = common::real_server();
+    let routed = server
+        .router()
+        .await
+        .route(RouteRequest {
+            query: "My expense report was rejected, who can help?".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = routed.request_id.as_str();
+    let mut client = server.feedback().await;
+
+    let missing = client
+        .submit(feedback("0190-no-such-request", Some(Rating::Thumb(Thumb::Up.into())), None))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert!(missing.message().contains("0190-no-such-request"));
+    for (bad, hint) in [
+        (feedback(id, None, None), "give a rating"),
+        (feedback(id, Some(Rating::Stars(9)), None), "between 1 and 5"),
+        (feedback(id, Some(Rating::Thumb(Thumb::Unspecified.into())), None), "give a rating"),
+        (feedback(id, None, Some("legal")), "configured experts"),
+    ] {
+        let status = client.submit(bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(hint), "{status:?}");
+    }
+
+    client
+        .submit(feedback(id, Some(Rating::Thumb(Thumb::Down.into())), None))
+        .await
+        .unwrap();
+    let last = client
+        .submit(feedback(id, Some(Rating::Stars(2)), Some("finance")))
+        .await
+        .unwrap()
+        .into_inner();
+    let history = client
+        .history(FeedbackHistoryRequest { request_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.query, "My expense report was rejected, who can help?");
+    assert_eq!(history.routed_expert, routed.route.unwrap().expert);
+    assert_eq!(history.feedback.len(), 2);
+    let newest = history.feedback.last().unwrap();
+    assert_eq!(newest.feedback_id, last.feedback_id);
+    assert_eq!(newest.corrected_expert.as_deref(), Some("finance"));
+    assert_eq!(newest.reviewer_id.as_deref(), Some("sme-7"));
+
+    // Both live in the log file, joined by request id.
+    let reader = flywheel_router::log::LogReader::open(&server.log_path).unwrap();
+    assert_eq!(reader.feedback_for(id).unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn rephrasing_in_a_session_marks_the_earlier_answer_unsatisfactory() {
+    let server = common::real_server();
+    let mut chat_client = server.chat().await;
+    let ask = |q: &str| ChatRequest {
+        session_id: Some("rephrase-session".into()),
+        ..chat(q, 4)
+    };
+    let first = chat_client
+        .complete(ask("How do I connect to the office wifi?"))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = chat_client
+        .complete(ask("how can I connect to the office wifi"))
+        .await
+        .unwrap()
+        .into_inner();
+    let history = server
+        .feedback()
+        .await
+        .history(FeedbackHistoryRequest {
+            request_id: first.request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.feedback.len(), 1, "{history:?}");
+    assert_eq!(history.feedback[0].kind, "rephrase");
+    assert!(history.feedback[0].detail().contains(&second.request_id));
 }

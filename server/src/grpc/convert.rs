@@ -4,6 +4,8 @@ use flywheel_proto::v1 as pb;
 use flywheel_router::agents::RouteDecision;
 use flywheel_router::agents::expert::Overrides;
 use flywheel_router::engine::Usage;
+use flywheel_router::feedback::{FeedbackInput, FeedbackRecord, Rating};
+use flywheel_router::log::RequestRecord;
 use flywheel_router::log::unix_ms;
 use flywheel_router::registry::Slot;
 use flywheel_router::{ChatEvent, Query, Timings};
@@ -111,5 +113,59 @@ pub fn slot(s: &Slot) -> pb::ModelSlot {
         backend: m.engine.backend().to_string(),
         size_bytes: m.size_bytes,
         loaded_at_unix_ms: unix_ms(m.loaded_at),
+    }
+}
+
+fn rating(r: Option<pb::feedback_request::Rating>) -> Option<Rating> {
+    use pb::feedback_request::Rating as R;
+    match r? {
+        R::Thumb(t) => match pb::Thumb::try_from(t).unwrap_or(pb::Thumb::Unspecified) {
+            pb::Thumb::Up => Some(Rating::Thumb(true)),
+            pb::Thumb::Down => Some(Rating::Thumb(false)),
+            pb::Thumb::Unspecified => None,
+        },
+        // Out-of-range values become 0 stars, which the pipeline rejects
+        // with a message naming the valid range.
+        R::Stars(s) => Some(Rating::Stars(u8::try_from(s).unwrap_or(0))),
+    }
+}
+
+/// A feedback request as domain input.
+pub fn feedback_input(r: pb::FeedbackRequest) -> FeedbackInput {
+    FeedbackInput {
+        request_id: r.request_id,
+        rating: rating(r.rating),
+        corrected_expert: r.corrected_expert.filter(|e| !e.is_empty()),
+        comment: r.comment.filter(|c| !c.is_empty()),
+        reviewer_id: r.reviewer_id.filter(|c| !c.is_empty()),
+    }
+}
+
+/// A request and its feedback rows.
+pub fn feedback_history(record: RequestRecord, rows: Vec<FeedbackRecord>) -> pb::FeedbackHistoryResponse {
+    use pb::feedback_entry::Rating as R;
+    pb::FeedbackHistoryResponse {
+        request_id: record.request_id,
+        query: record.query,
+        routed_expert: record.route.as_ref().map(|r| r.expert.clone()).unwrap_or_default(),
+        router_model_version: record.route.map(|r| r.router_model_version).unwrap_or_default(),
+        status: record.status,
+        feedback: rows
+            .into_iter()
+            .map(|f| pb::FeedbackEntry {
+                feedback_id: f.feedback_id,
+                created_at_unix_ms: f.created_at_ms,
+                kind: f.kind.as_str().to_string(),
+                rating: f.rating.map(|r| match r {
+                    Rating::Thumb(true) => R::Thumb(pb::Thumb::Up.into()),
+                    Rating::Thumb(false) => R::Thumb(pb::Thumb::Down.into()),
+                    Rating::Stars(s) => R::Stars(u32::from(s)),
+                }),
+                corrected_expert: f.corrected_expert,
+                comment: f.comment,
+                reviewer_id: f.reviewer_id,
+                detail: f.detail,
+            })
+            .collect(),
     }
 }

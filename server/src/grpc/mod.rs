@@ -4,5 +4,6 @@
 pub mod admin;
 pub mod chat;
 pub mod convert;
+pub mod feedback;
 pub mod route;
 pub mod status;

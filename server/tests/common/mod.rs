@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use flywheel_proto::v1::admin_client::AdminClient;
 use flywheel_proto::v1::chat_client::ChatClient;
+use flywheel_proto::v1::feedback_client::FeedbackClient;
 use flywheel_proto::v1::router_client::RouterClient;
 use flywheel_router::Pipeline;
 use flywheel_server::{App, Config};
@@ -52,6 +53,10 @@ impl TestServer {
 
     pub async fn router(&self) -> RouterClient<Channel> {
         RouterClient::new(self.channel().await)
+    }
+
+    pub async fn feedback(&self) -> FeedbackClient<Channel> {
+        FeedbackClient::new(self.channel().await)
     }
 
     pub async fn admin(&self) -> AdminClient<Channel> {

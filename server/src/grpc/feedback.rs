@@ -1,0 +1,48 @@
+//! `flywheel.v1.Feedback`: ratings and corrections joined to logged requests.
+
+use std::sync::Arc;
+
+use flywheel_proto::v1 as pb;
+use flywheel_router::Pipeline;
+use tonic::{Request, Response, Status};
+
+use super::{convert, status::to_status};
+
+/// The Feedback service.
+pub struct FeedbackService {
+    pipeline: Arc<Pipeline>,
+}
+
+impl FeedbackService {
+    /// Record feedback through `pipeline`.
+    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+        Self { pipeline }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::feedback_server::Feedback for FeedbackService {
+    async fn submit(&self, request: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
+        let row = self
+            .pipeline
+            .submit_feedback(convert::feedback_input(request.into_inner()))
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::FeedbackResponse {
+            feedback_id: row.feedback_id,
+            created_at_unix_ms: row.created_at_ms,
+        }))
+    }
+
+    async fn history(
+        &self,
+        request: Request<pb::FeedbackHistoryRequest>,
+    ) -> Result<Response<pb::FeedbackHistoryResponse>, Status> {
+        let (record, rows) = self
+            .pipeline
+            .feedback_history(&request.into_inner().request_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::feedback_history(record, rows)))
+    }
+}
