@@ -70,9 +70,9 @@ impl PipelineError {
     /// Status name recorded in the request log.
     pub fn status_name(&self) -> &'static str {
         match self {
-            PipelineError::EmptyQuery
-            | PipelineError::QueryTooLong { .. }
-            | PipelineError::InvalidFeedback { .. } => "invalid_argument",
+            PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } | PipelineError::InvalidFeedback { .. } => {
+                "invalid_argument"
+            }
             PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => "not_found",
             PipelineError::Overloaded { .. } => "resource_exhausted",
             PipelineError::Blocked(_) => "permission_denied",

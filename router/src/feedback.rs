@@ -167,9 +167,11 @@ impl FeedbackRecord {
 /// The newest row of `kind` among `rows` (later `created_at_ms` wins; ties
 /// go to the later feedback id, which is time-ordered).
 pub fn latest(rows: &[FeedbackRecord], kind: FeedbackKind) -> Option<&FeedbackRecord> {
-    rows.iter()
-        .filter(|r| r.kind == kind)
-        .max_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.feedback_id.cmp(&b.feedback_id)))
+    rows.iter().filter(|r| r.kind == kind).max_by(|a, b| {
+        a.created_at_ms
+            .cmp(&b.created_at_ms)
+            .then(a.feedback_id.cmp(&b.feedback_id))
+    })
 }
 
 /// The newest explicit feedback: repeated feedback keeps history, latest wins.
@@ -327,7 +329,12 @@ mod tests {
         assert!(!Rating::Stars(3).is_positive() && !Rating::Stars(3).is_negative());
         assert!(Rating::Stars(4).is_positive());
         assert!(Rating::Stars(2).is_negative());
-        for r in [Rating::Thumb(true), Rating::Thumb(false), Rating::Stars(1), Rating::Stars(5)] {
+        for r in [
+            Rating::Thumb(true),
+            Rating::Thumb(false),
+            Rating::Stars(1),
+            Rating::Stars(5),
+        ] {
             let (scale, v) = r.stored();
             assert_eq!(Rating::from_stored(scale, v), Some(r));
         }

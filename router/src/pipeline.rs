@@ -317,9 +317,8 @@ impl Pipeline {
             && let Some(hit) = self.sessions.check(session, &text, Instant::now())
         {
             let mut signal = FeedbackRecord::new(hit.previous_request_id, FeedbackKind::Rephrase);
-            signal.detail = Some(
-                serde_json::json!({"by_request_id": record.request_id, "similarity": hit.similarity}).to_string(),
-            );
+            signal.detail =
+                Some(serde_json::json!({"by_request_id": record.request_id, "similarity": hit.similarity}).to_string());
             self.log.submit_feedback(signal);
         }
         Ok(Admitted {

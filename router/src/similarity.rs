@@ -178,7 +178,10 @@ mod tests {
     #[test]
     fn normalisation_ignores_case_punctuation_and_spacing() {
         assert_eq!(normalize("  Reset my PASSWORD, please!! "), "reset my password please");
-        assert_eq!(normalize("Reset my password please"), normalize("reset   my password... please"));
+        assert_eq!(
+            normalize("Reset my password please"),
+            normalize("reset   my password... please")
+        );
     }
 
     #[test]

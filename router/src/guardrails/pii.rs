@@ -61,9 +61,9 @@ fn re(pattern: &str) -> Regex {
     Regex::new(pattern).expect("PII patterns are valid regexes")
 }
 
-static EMAIL: LazyLock<Regex> = LazyLock::new(|| re(r"(?i)\b[a-z0-9][a-z0-9._%+\-]*@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}\b"));
-static IBAN: LazyLock<Regex> =
-    LazyLock::new(|| re(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"));
+static EMAIL: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?i)\b[a-z0-9][a-z0-9._%+\-]*@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}\b"));
+static IBAN: LazyLock<Regex> = LazyLock::new(|| re(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"));
 static CARD: LazyLock<Regex> = LazyLock::new(|| re(r"\b\d(?:[ \-]?\d){12,18}\b"));
 static SSN: LazyLock<Regex> = LazyLock::new(|| re(r"\b(\d{3})([ \-])(\d{2})([ \-])(\d{4})\b"));
 static IPV4: LazyLock<Regex> = LazyLock::new(|| re(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"));
@@ -90,7 +90,7 @@ pub fn luhn_valid(s: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// ISO 13616 IBAN check: length 15-34, country letters, mod 97 == 1.
@@ -111,7 +111,11 @@ pub fn iban_valid(s: &str) -> bool {
             'A'..='Z' => c as u32 - 'A' as u32 + 10,
             _ => return false,
         };
-        rem = if v >= 10 { (rem * 100 + v) % 97 } else { (rem * 10 + v) % 97 };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
     }
     rem == 1
 }
@@ -122,7 +126,8 @@ fn ssn_valid(area: &str, group: &str, serial: &str) -> bool {
 }
 
 fn ipv4_valid(s: &str) -> bool {
-    s.split('.').all(|o| o.parse::<u32>().is_ok_and(|v| v <= 255) && (o == "0" || !o.starts_with('0')))
+    s.split('.')
+        .all(|o| o.parse::<u32>().is_ok_and(|v| v <= 255) && (o == "0" || !o.starts_with('0')))
 }
 
 /// Every PII entity in `text`, in text order, without overlaps.
@@ -241,7 +246,11 @@ mod tests {
         assert!(!iban_valid("DE89370400440532013001"));
         assert!(!iban_valid("DE8937040044"));
         assert_eq!(kinds("pay to DE89 3704 0044 0532 0130 00 today"), [PiiKind::Iban]);
-        assert!(kinds("pay to DE89 3704 0044 0532 0130 01").iter().all(|k| *k != PiiKind::Iban));
+        assert!(
+            kinds("pay to DE89 3704 0044 0532 0130 01")
+                .iter()
+                .all(|k| *k != PiiKind::Iban)
+        );
     }
 
     #[test]
@@ -268,7 +277,10 @@ mod tests {
     fn redaction_uses_typed_numbered_placeholders() {
         let (out, spans) = redact("mail a@b.com or c@d.org, again a@b.com; card 4111 1111 1111 1111");
         assert_eq!(spans.len(), 4);
-        assert_eq!(out, "mail <EMAIL_1> or <EMAIL_2>, again <EMAIL_1>; card <CREDIT_CARD_1>");
+        assert_eq!(
+            out,
+            "mail <EMAIL_1> or <EMAIL_2>, again <EMAIL_1>; card <CREDIT_CARD_1>"
+        );
         assert!(!contains_pii(&out));
     }
 }

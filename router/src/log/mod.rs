@@ -493,7 +493,9 @@ mod tests {
         assert_eq!((corrected.as_str(), score), ("it", -0.5));
         let joined: i64 = reader
             .conn
-            .query_row("SELECT COUNT(*) FROM request_feedback WHERE query = 'q'", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM request_feedback WHERE query = 'q'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(joined, 2);
         // Another process appends reviews while the writer is open.

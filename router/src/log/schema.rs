@@ -151,3 +151,35 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_1_log_upgrades_in_place_and_keeps_its_records() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO requests (request_id, kind, received_at_ms, finished_at_ms, query, status) \
+             VALUES ('old', 'route', 1, 2, 'q', 'ok')",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        conn.execute(
+            "INSERT INTO feedback (feedback_id, request_id, created_at_ms, kind) VALUES ('f', 'old', 3, 'explicit')",
+            [],
+        )
+        .unwrap();
+        let joined: String = conn
+            .query_row("SELECT query FROM request_feedback WHERE feedback_id = 'f'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(joined, "q");
+        // Migrating again is a no-op.
+        migrate(&mut conn).unwrap();
+    }
+}
