@@ -55,6 +55,12 @@ pub struct CurateArgs {
     /// Labelled file to add (JSONL or CSV with `text` and `label`; repeatable).
     #[arg(long = "import")]
     pub imports: Vec<PathBuf>,
+    /// Text column of imported files.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Label column of imported files (e.g. `scenario` for HWU64's experts).
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
     /// Keep this test split (a `test.jsonl` of an earlier run) frozen.
     #[arg(long)]
     pub frozen_test: Option<PathBuf>,
@@ -178,6 +184,10 @@ impl CurateArgs {
                 feedback_kinds: self.feedback_kinds.clone(),
             },
             imports: self.imports.clone(),
+            columns: crate::curate::dataset::Columns {
+                text: self.text_column.clone(),
+                label: self.label_column.clone(),
+            },
             frozen_test: self.frozen_test.clone(),
             review_out: self.review_out.clone(),
             spec,

@@ -176,7 +176,9 @@ mod tests {
         )
         .unwrap();
         let joined: String = conn
-            .query_row("SELECT query FROM request_feedback WHERE feedback_id = 'f'", [], |r| r.get(0))
+            .query_row("SELECT query FROM request_feedback WHERE feedback_id = 'f'", [], |r| {
+                r.get(0)
+            })
             .unwrap();
         assert_eq!(joined, "q");
         // Migrating again is a no-op.

@@ -83,13 +83,43 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
     }
 }
 
-/// Read labelled examples from a `.jsonl` or `.csv` file; rows without a
-/// source are tagged `default_source`.
+/// Which columns (CSV) or fields (JSONL) hold the text and the label.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Columns {
+    /// Text column.
+    pub text: String,
+    /// Label column.
+    pub label: String,
+}
+
+impl Default for Columns {
+    fn default() -> Self {
+        Self {
+            text: "text".into(),
+            label: "label".into(),
+        }
+    }
+}
+
+/// Read labelled examples from a `.jsonl` or `.csv` file with `text` and
+/// `label` columns; rows without a source are tagged `default_source`.
 ///
 /// # Errors
 /// A missing file, a row without `text` or `label` (with its line), an
 /// unsupported extension.
 pub fn read_examples(path: &Path, default_source: LabelSource) -> Result<Vec<Example>, CurateError> {
+    read_examples_with(path, default_source, &Columns::default())
+}
+
+/// [`read_examples`] with other column names (e.g. HWU64's `scenario` as the label).
+///
+/// # Errors
+/// As [`read_examples`].
+pub fn read_examples_with(
+    path: &Path,
+    default_source: LabelSource,
+    columns: &Columns,
+) -> Result<Vec<Example>, CurateError> {
     let ext = path
         .extension()
         .and_then(|e| e.to_str())
@@ -104,7 +134,18 @@ pub fn read_examples(path: &Path, default_source: LabelSource) -> Result<Vec<Exa
                 if line.trim().is_empty() {
                     continue;
                 }
-                let row: Row = serde_json::from_str(&line).map_err(|e| parse_error(path, i + 1, e.to_string()))?;
+                let mut value: serde_json::Value =
+                    serde_json::from_str(&line).map_err(|e| parse_error(path, i + 1, e.to_string()))?;
+                if let Some(obj) = value.as_object_mut() {
+                    for (from, to) in [(&columns.text, "text"), (&columns.label, "label")] {
+                        if from != to
+                            && let Some(v) = obj.remove(from.as_str())
+                        {
+                            obj.insert(to.into(), v);
+                        }
+                    }
+                }
+                let row: Row = serde_json::from_value(value).map_err(|e| parse_error(path, i + 1, e.to_string()))?;
                 out.push(example(path, i + 1, row, default_source)?);
             }
         }
@@ -116,9 +157,9 @@ pub fn read_examples(path: &Path, default_source: LabelSource) -> Result<Vec<Exa
                 .headers()
                 .map_err(|e| parse_error(path, 1, e.to_string()))?
                 .clone();
-            for (name, wanted) in [("text", "text"), ("label", "label")] {
+            for name in [&columns.text, &columns.label] {
                 if !headers.iter().any(|h| h == name) {
-                    return Err(parse_error(path, 1, format!("no `{wanted}` column in the header")));
+                    return Err(parse_error(path, 1, format!("no `{name}` column in the header")));
                 }
             }
             for (i, record) in reader.records().enumerate() {
@@ -132,8 +173,8 @@ pub fn read_examples(path: &Path, default_source: LabelSource) -> Result<Vec<Exa
                         .filter(|s| !s.is_empty())
                 };
                 let row = Row {
-                    text: get("text"),
-                    label: get("label").map(serde_json::Value::String),
+                    text: get(&columns.text),
+                    label: get(&columns.label).map(serde_json::Value::String),
                     source: None,
                     request_id: get("request_id"),
                 };
@@ -219,6 +260,21 @@ mod tests {
         let rows = read_examples(&c, LabelSource::Import).unwrap();
         assert_eq!(rows[0].text, "hello, world");
         assert_eq!(rows[0].source, LabelSource::Import);
+        let other = Columns {
+            text: "text".into(),
+            label: "id".into(),
+        };
+        assert_eq!(
+            read_examples_with(&c, LabelSource::Import, &other).unwrap()[0].label,
+            "1"
+        );
+        std::fs::write(&j, "{\"query\":\"hi\",\"scenario\":\"greet\"}\n").unwrap();
+        let hwu = Columns {
+            text: "query".into(),
+            label: "scenario".into(),
+        };
+        let rows = read_examples_with(&j, LabelSource::Import, &hwu).unwrap();
+        assert_eq!((rows[0].text.as_str(), rows[0].label.as_str()), ("hi", "greet"));
     }
 
     #[test]

@@ -204,6 +204,8 @@ pub struct CurateOptions {
     pub filters: Filters,
     /// External labelled files to add.
     pub imports: Vec<PathBuf>,
+    /// Column names of the imported files.
+    pub columns: dataset::Columns,
     /// A test split to keep as is (from an earlier cycle).
     pub frozen_test: Option<PathBuf>,
     /// Review queue file (default `<out>/review_queue.csv`).
@@ -300,6 +302,8 @@ pub struct Manifest {
     pub log: Option<PathBuf>,
     /// Files imported.
     pub imports: Vec<PathBuf>,
+    /// Their text and label columns.
+    pub columns: dataset::Columns,
     /// Filters applied.
     pub filters: Filters,
     /// Settings (seed, fractions, thresholds).
@@ -435,7 +439,7 @@ pub async fn run(opts: &CurateOptions, judge: Option<&Judge>) -> Result<Manifest
     }
     let (queue, judge_report) = attribute(&unsatisfied, judge, opts.spec.min_judge_score, &opts.out).await?;
     for path in &opts.imports {
-        let rows = dataset::read_examples(path, LabelSource::Import)?;
+        let rows = dataset::read_examples_with(path, LabelSource::Import, &opts.columns)?;
         selection.imported += rows.len();
         examples.extend(rows);
     }
@@ -443,7 +447,7 @@ pub async fn run(opts: &CurateOptions, judge: Option<&Judge>) -> Result<Manifest
     let spec = opts.spec.split();
     let (splits, frozen, dropped) = match &opts.frozen_test {
         Some(path) => {
-            let test = dataset::read_examples(path, LabelSource::Import)?;
+            let test = dataset::read_examples_with(path, LabelSource::Import, &opts.columns)?;
             let frozen = FrozenTest {
                 path: path.clone(),
                 sha256: export::sha256_file(path)?,
@@ -507,6 +511,7 @@ pub async fn run(opts: &CurateOptions, judge: Option<&Judge>) -> Result<Manifest
         tool_version: env!("CARGO_PKG_VERSION").into(),
         log: opts.log.clone(),
         imports: opts.imports.clone(),
+        columns: opts.columns.clone(),
         filters: opts.filters.clone(),
         spec: opts.spec.clone(),
         selection,
