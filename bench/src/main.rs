@@ -4,12 +4,14 @@
 //!   latency with and without the prefix cache, TTFT for a ~60-token prompt,
 //!   prefill and decode tokens/s).
 //! - `load`: a closed-loop gRPC load generator (route or streaming chat).
+//! - `rails`: latency of the input rails (jailbreak, PII, all together).
 //! - `ask`: send one query to a server and stream the answer.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod engine_bench;
 mod grpc_load;
+mod rails_bench;
 mod stats;
 
 use std::path::PathBuf;
@@ -31,6 +33,8 @@ struct Cli {
 enum Command {
     /// Engine numbers for a model, in process (no server).
     Engine(engine_bench::Args),
+    /// Input-rail latency on ~200-character queries, in process.
+    Rails(rails_bench::Args),
     /// Closed-loop gRPC load against a running server.
     Load(grpc_load::Args),
     /// Ask a running server one question and stream the answer.
@@ -67,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => engine_bench::run(args).await,
         Command::Load(args) => grpc_load::run(args).await,
+        Command::Rails(args) => rails_bench::run(args).await,
         Command::Ask {
             addr,
             expert,

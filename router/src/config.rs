@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::mistral::DeviceChoice;
 use crate::feedback::FeedbackSpec;
+use crate::guardrails::rails::RailsSpec;
 
 /// Default model: SmolLM2-135M-Instruct re-quantized to Q8_0 by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct-q8_0.gguf";
@@ -216,6 +217,9 @@ pub struct EngineSettings {
     /// Feedback handling (implicit signals, limits).
     #[serde(default)]
     pub feedback: FeedbackSpec,
+    /// Guardrails.
+    #[serde(default)]
+    pub rails: RailsSpec,
 }
 
 impl Default for RouterSpec {
@@ -293,6 +297,7 @@ impl Default for EngineSettings {
             limits: LimitsSpec::default(),
             log: LogSpec::default(),
             feedback: FeedbackSpec::default(),
+            rails: RailsSpec::default(),
         }
     }
 }
@@ -375,6 +380,9 @@ impl EngineSettings {
         let sim = self.feedback.rephrase_similarity;
         if !(sim > 0.0 && sim <= 1.0) {
             return Err(invalid("feedback.rephrase_similarity", "must be in (0, 1]"));
+        }
+        if let Err((key, reason)) = self.rails.validate() {
+            return Err(invalid(key, reason));
         }
         if self.feedback.max_comment_chars == 0 || self.feedback.max_sessions == 0 {
             return Err(invalid(

@@ -6,6 +6,7 @@
 
 use crate::engine::EngineError;
 use crate::guardrails::Blocked;
+use crate::guardrails::rails::RailsError;
 use crate::log::LogError;
 use crate::retrieval::RetrievalError;
 
@@ -40,6 +41,14 @@ pub enum PipelineError {
     /// An input rail refused the query.
     #[error(transparent)]
     Blocked(#[from] Blocked),
+    /// An input rail found the query malformed (control characters, mixed scripts).
+    #[error("invalid query ({rail} rail): {reason}")]
+    InvalidInput {
+        /// The rail.
+        rail: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// The client went away before the answer was complete.
     #[error("request cancelled by the client")]
     Cancelled,
@@ -61,6 +70,9 @@ pub enum PipelineError {
         /// What is wrong and what is expected.
         reason: String,
     },
+    /// Rails could not be (re)configured.
+    #[error(transparent)]
+    Rails(#[from] RailsError),
     /// The request log failed.
     #[error("request log failure")]
     Log(#[from] LogError),
@@ -70,9 +82,13 @@ impl PipelineError {
     /// Status name recorded in the request log.
     pub fn status_name(&self) -> &'static str {
         match self {
-            PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } | PipelineError::InvalidFeedback { .. } => {
-                "invalid_argument"
-            }
+            PipelineError::EmptyQuery
+            | PipelineError::QueryTooLong { .. }
+            | PipelineError::InvalidFeedback { .. }
+            | PipelineError::InvalidInput { .. }
+            | PipelineError::Rails(RailsError::InvalidSpec { .. }) => "invalid_argument",
+            PipelineError::Rails(RailsError::Embedder { .. }) => "failed_precondition",
+            PipelineError::Rails(RailsError::Head(_)) => "internal",
             PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => "not_found",
             PipelineError::Overloaded { .. } => "resource_exhausted",
             PipelineError::Blocked(_) => "permission_denied",

@@ -6,8 +6,9 @@
 //! - [`registry`]: named model slots, each an atomically swappable snapshot.
 //! - [`agents`]: the router agent (picks an expert by label scoring) and the
 //!   expert agents (answer with streaming generation).
-//! - [`guardrails`] and [`retrieval`]: the seams for input/output rails and
-//!   for retrieved passages.
+//! - [`guardrails`]: limits, PII (input and streamed output), jailbreak
+//!   (sentence embedding [`embed`] + trained head) and topic rails;
+//!   [`retrieval`]: the seam for retrieved passages.
 //! - [`pipeline`]: admission, validation, rails, routing, answering; every
 //!   request leaves one record in the [`log`] (SQLite, batched writer).
 //! - [`feedback`]: explicit ratings and corrections, reviewer labels and
@@ -22,6 +23,7 @@
 
 pub mod agents;
 pub mod config;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod feedback;

@@ -29,7 +29,8 @@ use crate::config::{EngineSettings, LimitsSpec};
 use crate::engine::{EngineError, FinishReason, GenerationEvent, Usage};
 use crate::error::PipelineError;
 use crate::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec, Rating, SessionTracker};
-use crate::guardrails::{InputRails, OutputRails, PassThrough};
+use crate::guardrails::rails::{RailSet, RailsSpec, TopicPolicy};
+use crate::guardrails::{RailRejection, RailVerdict, Rails};
 use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{NoRetrieval, Retriever};
@@ -146,8 +147,7 @@ pub struct Pipeline {
     router: RouterAgent,
     experts: BTreeMap<String, ExpertAgent>,
     expert_order: Vec<String>,
-    input_rails: Arc<dyn InputRails>,
-    output_rails: Arc<dyn OutputRails>,
+    rails: arc_swap::ArcSwap<Rails>,
     retriever: Arc<dyn Retriever>,
     log: RequestLog,
     registry: Arc<ModelRegistry>,
@@ -189,8 +189,7 @@ impl Pipeline {
             router,
             experts,
             expert_order: settings.experts.iter().map(|e| e.name.clone()).collect(),
-            input_rails: Arc::new(PassThrough),
-            output_rails: Arc::new(PassThrough),
+            rails: arc_swap::ArcSwap::from_pointee(Rails::pass_through()),
             retriever: Arc::new(NoRetrieval),
             log,
             registry,
@@ -201,11 +200,39 @@ impl Pipeline {
         })
     }
 
-    /// Use these input and output rails.
-    pub fn with_rails(mut self, input: Arc<dyn InputRails>, output: Arc<dyn OutputRails>) -> Self {
-        self.input_rails = input;
-        self.output_rails = output;
+    /// Use these rails.
+    pub fn with_rails(self, rails: Rails) -> Self {
+        self.rails.store(Arc::new(rails));
         self
+    }
+
+    /// Replace the rails while serving: requests already past their rails
+    /// keep the snapshot they took; new requests get these.
+    pub fn set_rails(&self, rails: Rails) {
+        self.rails.store(Arc::new(rails));
+    }
+
+    /// The rails in force now.
+    pub fn rails(&self) -> Arc<Rails> {
+        self.rails.load_full()
+    }
+
+    /// Replace the rails with the settings of a `[rails]` TOML table,
+    /// reusing the loaded embedder; returns the settings now in force.
+    ///
+    /// # Errors
+    /// [`PipelineError::Rails`]: malformed settings, or an embedder that
+    /// cannot be loaded. The old rails stay in force.
+    pub async fn reconfigure_rails(&self, toml_text: &str) -> Result<RailsSpec, PipelineError> {
+        let spec = RailSet::parse_spec(toml_text)?;
+        let embedder = self.rails().set.as_ref().and_then(|s| s.embedder());
+        let load = spec.clone();
+        let set = tokio::task::spawn_blocking(move || RailSet::load(load, embedder))
+            .await
+            .map_err(|_| PipelineError::Engine(EngineError::Disconnected))??;
+        self.set_rails(Rails::configured(Arc::new(set)));
+        tracing::info!("rails reconfigured");
+        Ok(spec)
     }
 
     /// Use this retriever.
@@ -268,7 +295,7 @@ impl Pipeline {
     }
 
     /// Admission, validation and input rails, common to every entry point.
-    fn admit(&self, kind: &str, query: &Query) -> Result<Admitted, PipelineError> {
+    async fn admit(&self, kind: &str, query: &Query, rails: &Rails) -> Result<Admitted, PipelineError> {
         let start = Instant::now();
         let record = RequestRecord {
             request_id: uuid::Uuid::now_v7().to_string(),
@@ -301,14 +328,23 @@ impl Pipeline {
             ));
         }
         let mut record = record;
-        let text = match self.input_rails.check(&query.text) {
+        let text = match rails.input.check(&query.text).await {
             Ok(check) => {
                 record.guardrails = check.verdicts;
                 check.rewritten.unwrap_or_else(|| query.text.clone())
             }
-            Err(blocked) => {
-                record.guardrails = blocked.verdicts.clone();
-                return Err(self.fail(record, start, PipelineError::Blocked(blocked)));
+            Err(rejection) => {
+                record.guardrails = rejection.verdicts().to_vec();
+                let error = match rejection {
+                    RailRejection::Blocked(blocked) => {
+                        if let Some(q) = &blocked.logged_query {
+                            record.query = q.clone();
+                        }
+                        PipelineError::Blocked(blocked)
+                    }
+                    RailRejection::Invalid { rail, reason, .. } => PipelineError::InvalidInput { rail, reason },
+                };
+                return Err(self.fail(record, start, error));
             }
         };
         // The log keeps the query as the model saw it (redacted by rails).
@@ -350,16 +386,20 @@ impl Pipeline {
     /// # Errors
     /// Invalid input, overload, a blocking rail, or an engine failure.
     pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
+        let rails = self.rails.load_full();
         let Admitted {
             permit,
             mut record,
             start,
             query: text,
-        } = self.admit("route", &query)?;
+        } = self.admit("route", &query, &rails).await?;
         let result = self.decide(&Query { expert: None, ..query }, &text).await;
         drop(permit);
         match result {
             Ok(route) => {
+                if let Some(v) = topic_verdict(&rails, &route) {
+                    record.guardrails.push(v);
+                }
                 record.status = "ok".into();
                 record.route = Some(route.clone());
                 record.total_ms = Some(start.elapsed().as_secs_f64() * 1e3);
@@ -522,17 +562,25 @@ impl Pipeline {
     }
 
     async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
+        let rails = self.rails.load_full();
         let Admitted {
             permit,
             mut record,
             start,
             query: text,
-        } = self.admit(kind, &query)?;
+        } = self.admit(kind, &query, &rails).await?;
         let route = match self.decide(&query, &text).await {
             Ok(r) => r,
             Err(e) => return Err(self.fail(record, start, e)),
         };
         record.route = Some(route.clone());
+        if let Some(v) = topic_verdict(&rails, &route) {
+            let refuse = v.decision == "refuse";
+            record.guardrails.push(v);
+            if refuse {
+                return Ok(self.refuse(record, start, route, &rails.topic.refusal, permit));
+            }
+        }
         let expert = self.experts.get(&route.expert).expect("routes name configured experts");
         let model = expert.model();
         record.expert = Some(route.expert.clone());
@@ -561,7 +609,7 @@ impl Pipeline {
             record,
             start,
             route_ms: route.latency_ms,
-            filter: self.output_rails.filter(),
+            filter: rails.output.filter(),
             log: self.log.clone(),
             sessions: self.sessions.clone(),
             answer: String::new(),
@@ -570,6 +618,75 @@ impl Pipeline {
         tokio::spawn(producer.run(start_event, tokens, permit, model));
         Ok(ChatStream { rx })
     }
+}
+
+impl Pipeline {
+    /// Answer with the topic rail's refusal: no model runs.
+    fn refuse(
+        &self,
+        mut record: RequestRecord,
+        start: Instant,
+        route: RouteDecision,
+        refusal: &str,
+        permit: OwnedSemaphorePermit,
+    ) -> ChatStream {
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let events = [
+            ChatEvent::Start {
+                request_id: record.request_id.clone(),
+                route: route.clone(),
+                expert_model_version: REFUSAL_VERSION.into(),
+            },
+            ChatEvent::Delta(refusal.to_string()),
+            ChatEvent::End {
+                usage: Usage::default(),
+                timings: Timings {
+                    ttft_ms: total_ms,
+                    total_ms,
+                    route_ms: route.latency_ms,
+                    ..Timings::default()
+                },
+                finish_reason: "refused".into(),
+            },
+        ];
+        for e in events {
+            // The buffer holds all three events, so this never waits.
+            let _ = tx.try_send(Ok(e));
+        }
+        drop(permit);
+        record.expert = None;
+        record.expert_model_version = Some(REFUSAL_VERSION.into());
+        record.answer = Some(refusal.to_string());
+        record.finish_reason = Some("refused".into());
+        record.status = "ok".into();
+        record.ttft_ms = Some(total_ms);
+        record.total_ms = Some(total_ms);
+        record.finished_at_ms = unix_ms(SystemTime::now());
+        self.log.submit(record);
+        ChatStream { rx }
+    }
+}
+
+/// Model version recorded for answers the topic rail gave instead of an expert.
+pub const REFUSAL_VERSION: &str = "topic-refusal";
+
+/// The topic rail's verdict on a routed query: only low-confidence
+/// (fallback) decisions are out of scope; forced experts never are.
+fn topic_verdict(rails: &Rails, route: &RouteDecision) -> Option<RailVerdict> {
+    if !rails.topic.enabled || !route.fallback || route.forced {
+        return None;
+    }
+    let decision = match rails.topic.policy {
+        TopicPolicy::Fallback => "fallback",
+        TopicPolicy::Refuse => "refuse",
+    };
+    Some(RailVerdict {
+        rail: "topic".into(),
+        decision: decision.into(),
+        score: Some(route.confidence),
+        latency_ms: 0.0,
+    })
 }
 
 /// Writes one answer's events and closes its record.

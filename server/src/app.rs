@@ -13,6 +13,8 @@ use flywheel_proto::v1::feedback_server::FeedbackServer;
 use flywheel_proto::v1::router_server::RouterServer;
 use flywheel_router::Pipeline;
 use flywheel_router::engine::EngineError;
+use flywheel_router::guardrails::Rails;
+use flywheel_router::guardrails::rails::{RailSet, RailsError};
 use flywheel_router::log::{LogError, RequestLog};
 use flywheel_router::registry::{MistralLoader, ModelRegistry, StubLoader};
 use tokio::net::TcpListener;
@@ -33,6 +35,9 @@ pub enum ServerError {
     /// A model failed to load or warm up.
     #[error("model failed to load or warm up")]
     Engine(#[from] EngineError),
+    /// The guardrails could not be built.
+    #[error("cannot build the guardrails")]
+    Rails(#[from] RailsError),
     /// The pipeline could not be assembled.
     #[error("cannot assemble the pipeline")]
     Pipeline(#[from] flywheel_router::PipelineError),
@@ -69,7 +74,12 @@ impl App {
                 ModelRegistry::load(settings, &StubLoader { per_token_delay }).await?
             }
         };
-        let pipeline = Pipeline::new(settings, Arc::new(registry), log)?;
+        let rails_spec = settings.rails.clone();
+        let rail_set = tokio::task::spawn_blocking(move || RailSet::load(rails_spec, None))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let pipeline =
+            Pipeline::new(settings, Arc::new(registry), log)?.with_rails(Rails::configured(Arc::new(rail_set)));
         pipeline.warm_up().await?;
         tracing::info!(
             engine = ?config.engine,

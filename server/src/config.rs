@@ -51,6 +51,9 @@ pub struct Flags {
     /// Requests admitted at once.
     #[arg(long, env = "FLYWHEEL_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
+    /// Folder of the jailbreak rail's sentence embedder (all-MiniLM-L6-v2).
+    #[arg(long, env = "FLYWHEEL_EMBEDDER")]
+    pub embedder: Option<PathBuf>,
     /// Stub engine only: delay before each token, in milliseconds.
     #[arg(long, env = "FLYWHEEL_STUB_TOKEN_DELAY_MS")]
     pub stub_token_delay_ms: Option<u64>,
@@ -70,6 +73,7 @@ struct FileConfig {
     limits: Option<LimitsSpec>,
     log: Option<LogSpec>,
     feedback: Option<flywheel_router::feedback::FeedbackSpec>,
+    rails: Option<flywheel_router::guardrails::rails::RailsSpec>,
 }
 
 /// Errors loading the configuration.
@@ -151,6 +155,9 @@ impl Config {
         if let Some(n) = flags.max_in_flight {
             config.settings.limits.max_in_flight = n;
         }
+        if let Some(dir) = &flags.embedder {
+            config.settings.rails.jailbreak.embedder_dir = dir.clone();
+        }
         if let Some(ms) = flags.stub_token_delay_ms {
             config.stub_token_delay_ms = ms;
         }
@@ -207,6 +214,9 @@ impl Config {
         if let Some(v) = file.feedback {
             s.feedback = v;
         }
+        if let Some(v) = file.rails {
+            s.rails = v;
+        }
         Ok(c)
     }
 }
@@ -220,6 +230,34 @@ mod tests {
         let c = Config::from_toml("").unwrap();
         assert_eq!(c, Config::default());
         c.settings.validate().unwrap();
+    }
+
+    #[test]
+    fn rails_and_feedback_sections_parse_with_per_kind_policies() {
+        use flywheel_router::guardrails::pii::PiiKind;
+        use flywheel_router::guardrails::rails::{PiiPolicy, TopicPolicy};
+        let c = Config::from_toml(
+            "[rails.pii]\npolicies = { ssn = \"block\", email = \"allow\" }\n\
+             [rails.topic]\npolicy = \"refuse\"\n[rails.jailbreak]\nthreshold = 0.8\n\
+             [feedback]\nrephrase_window_s = 30\n",
+        )
+        .unwrap();
+        let r = &c.settings.rails;
+        assert_eq!(r.pii.policies[&PiiKind::Ssn], PiiPolicy::Block);
+        assert_eq!(r.pii.policies[&PiiKind::Email], PiiPolicy::Allow);
+        assert_eq!(r.topic.policy, TopicPolicy::Refuse);
+        assert_eq!(r.jailbreak.threshold, Some(0.8));
+        assert_eq!(c.settings.feedback.rephrase_window_s, 30);
+        c.settings.validate().unwrap();
+        let bad = Config::from_toml("[rails.jailbreak]\nthreshold = 1.5\n").unwrap();
+        assert!(
+            bad.settings
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("rails.jailbreak.threshold")
+        );
+        assert!(Config::from_toml("[rails.pii]\npolicies = { passport = \"block\" }\n").is_err());
     }
 
     #[test]

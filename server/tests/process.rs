@@ -31,6 +31,8 @@ fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel-server"))
         .args(["--engine", "stub", "--listen", "127.0.0.1:0", "--log-path"])
         .arg(db)
+        .arg("--embedder")
+        .arg(common::embedder_dir())
         .args(extra)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())

@@ -46,11 +46,13 @@ pub struct DemoArgs {
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let models_dir = args.models_dir.clone();
     let python = args.python.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        flywheel_router::model_prep::fetch::ensure_default_model(&models_dir, &python)
+    let (model, embedder) = tokio::task::spawn_blocking(move || {
+        let fetch = flywheel_router::model_prep::fetch::ensure_default_model;
+        let embedder = flywheel_router::model_prep::fetch::ensure_embedder(&models_dir, &python);
+        fetch(&models_dir, &python).and_then(|m| embedder.map(|e| (m, e)))
     })
     .await?
-    .context("preparing the default model")?;
+    .context("preparing the default model and the embedder")?;
     let mut config = Config {
         listen: args.listen,
         ..Config::default()
@@ -58,6 +60,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for spec in config.settings.models.values_mut() {
         spec.path = model.clone();
     }
+    config.settings.rails.jailbreak.embedder_dir = embedder;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -3,6 +3,7 @@
 //! - [`demo`]: the main job on the embedded defaults (server + sample queries).
 //! - [`curate`]: from the request log and feedback to a clean, leak-free,
 //!   reproducible ground-truth dataset (judge, review queue, dedup, split).
+//! - [`rails`]: guardrail datasets, jailbreak-head training, rail evaluation.
 //! - Model fetching and preparation live in [`flywheel_router::model_prep`];
 //!   the binary exposes them as `fetch-model` and `prepare-model`.
 
@@ -11,3 +12,4 @@
 pub mod cli;
 pub mod curate;
 pub mod demo;
+pub mod rails;

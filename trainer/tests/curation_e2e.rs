@@ -63,12 +63,21 @@ fn model_path() -> PathBuf {
     flywheel_router::model_prep::fetch::ensure_default_model(&dir, "python3").unwrap()
 }
 
+fn embedder_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
+        return PathBuf::from(path);
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
+    flywheel_router::model_prep::fetch::ensure_embedder(&dir, "python3").unwrap()
+}
+
 fn start_server(log: &Path, model: &Path) -> std::net::SocketAddr {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
     config.settings.log.path = log.to_path_buf();
+    config.settings.rails.jailbreak.embedder_dir = embedder_dir();
     for spec in config.settings.models.values_mut() {
         spec.path = model.to_path_buf();
     }

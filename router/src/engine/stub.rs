@@ -46,6 +46,17 @@ fn user_text(messages: &[ChatMessage]) -> String {
         .unwrap_or_default()
 }
 
+/// A query containing this marker is answered with the text after it
+/// (word by word), so tests can make the stub say something specific, such
+/// as PII for the output rails.
+pub const ECHO_MARKER: &str = "echo:";
+
+fn echoed(messages: &[ChatMessage]) -> Option<&str> {
+    let user = messages.iter().rev().find(|m| m.role == Role::User)?;
+    let at = user.content.find(ECHO_MARKER)?;
+    Some(user.content[at + ECHO_MARKER.len()..].trim())
+}
+
 fn word_count(messages: &[ChatMessage]) -> u32 {
     messages
         .iter()
@@ -60,7 +71,11 @@ impl Engine for StubEngine {
     }
 
     async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
-        let words: Vec<String> = STUB_ANSWER.split(' ').map(str::to_string).collect();
+        let words: Vec<String> = echoed(&messages)
+            .unwrap_or(STUB_ANSWER)
+            .split(' ')
+            .map(str::to_string)
+            .collect();
         let n = words.len().min(params.max_tokens);
         let finish = if n < words.len() {
             FinishReason::Length

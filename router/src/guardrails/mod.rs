@@ -4,11 +4,15 @@
 //! The pipeline calls [`InputRails::check`] on every query-bearing request and
 //! an [`OutputFilter`] on every answer delta. Each rail reports a
 //! [`RailVerdict`] that goes into the request record. The default
-//! [`PassThrough`] allows everything and reports nothing; concrete rails
-//! (jailbreak, PII, topic, limits) plug in here.
+//! [`PassThrough`] allows everything and reports nothing; [`rails::RailSet`]
+//! is the configured set (limits, PII, jailbreak; the topic policy is applied
+//! by the pipeline after routing).
 
+pub mod jailbreak;
 pub mod pii;
+pub mod rails;
 
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 /// What a rail decided about one text.
@@ -44,15 +48,45 @@ pub struct Blocked {
     pub message: String,
     /// Every rail's verdict, including the blocking one.
     pub verdicts: Vec<RailVerdict>,
+    /// The query as it may be logged (PII redacted); `None` logs it as received.
+    pub logged_query: Option<String>,
+}
+
+/// Why the input rails stopped a query.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RailRejection {
+    /// A policy rail refused it (`PermissionDenied`).
+    Blocked(Blocked),
+    /// The input itself is unacceptable (`InvalidArgument`): control
+    /// characters, mixed scripts.
+    Invalid {
+        /// The rail.
+        rail: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+        /// Verdicts so far.
+        verdicts: Vec<RailVerdict>,
+    },
+}
+
+impl RailRejection {
+    /// The verdicts gathered.
+    pub fn verdicts(&self) -> &[RailVerdict] {
+        match self {
+            RailRejection::Blocked(b) => &b.verdicts,
+            RailRejection::Invalid { verdicts, .. } => verdicts,
+        }
+    }
 }
 
 /// The input rails of a pipeline.
+#[async_trait]
 pub trait InputRails: Send + Sync {
     /// Check a query.
     ///
     /// # Errors
-    /// [`Blocked`] when a rail refuses the query.
-    fn check(&self, query: &str) -> Result<InputCheck, Blocked>;
+    /// [`RailRejection`] when a rail refuses the query.
+    async fn check(&self, query: &str) -> Result<InputCheck, RailRejection>;
 }
 
 /// Filters one answer stream; created per request.
@@ -72,12 +106,50 @@ pub trait OutputRails: Send + Sync {
     fn filter(&self) -> Box<dyn OutputFilter>;
 }
 
+/// The rails a pipeline runs, swapped as one snapshot on reconfiguration.
+pub struct Rails {
+    /// Input rails.
+    pub input: std::sync::Arc<dyn InputRails>,
+    /// Output rails.
+    pub output: std::sync::Arc<dyn OutputRails>,
+    /// What happens to out-of-scope queries.
+    pub topic: rails::TopicSpec,
+    /// The configured rail set these rails come from, if any.
+    pub set: Option<std::sync::Arc<rails::RailSet>>,
+}
+
+impl Rails {
+    /// Rails that allow everything; low-confidence queries go to the fallback expert.
+    pub fn pass_through() -> Self {
+        Self {
+            input: std::sync::Arc::new(PassThrough),
+            output: std::sync::Arc::new(PassThrough),
+            topic: rails::TopicSpec {
+                enabled: false,
+                ..rails::TopicSpec::default()
+            },
+            set: None,
+        }
+    }
+
+    /// The configured rail set.
+    pub fn configured(set: std::sync::Arc<rails::RailSet>) -> Self {
+        Self {
+            topic: set.spec().topic.clone(),
+            input: set.clone(),
+            output: set.clone(),
+            set: Some(set),
+        }
+    }
+}
+
 /// Rails that allow everything: the default until rails are configured.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PassThrough;
 
+#[async_trait]
 impl InputRails for PassThrough {
-    fn check(&self, _query: &str) -> Result<InputCheck, Blocked> {
+    async fn check(&self, _query: &str) -> Result<InputCheck, RailRejection> {
         Ok(InputCheck::default())
     }
 }

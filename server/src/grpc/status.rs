@@ -2,15 +2,17 @@
 
 use flywheel_router::PipelineError;
 use flywheel_router::engine::EngineError;
+use flywheel_router::guardrails::rails::RailsError;
 use tonic::{Code, Status};
 
 /// Map a pipeline error to the status the client sees. Internal failures get
 /// a generic message; their cause goes to the server log.
 pub fn to_status(error: &PipelineError) -> Status {
     let code = match error {
-        PipelineError::EmptyQuery | PipelineError::QueryTooLong { .. } | PipelineError::InvalidFeedback { .. } => {
-            Code::InvalidArgument
-        }
+        PipelineError::EmptyQuery
+        | PipelineError::QueryTooLong { .. }
+        | PipelineError::InvalidFeedback { .. }
+        | PipelineError::InvalidInput { .. } => Code::InvalidArgument,
         PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => Code::NotFound,
         PipelineError::Overloaded { .. } => Code::ResourceExhausted,
         PipelineError::Blocked(_) => Code::PermissionDenied,
@@ -23,7 +25,11 @@ pub fn to_status(error: &PipelineError) -> Status {
             | EngineError::Backend(_) => Code::Internal,
             EngineError::Disconnected => Code::Unavailable,
         },
-        PipelineError::Retrieval(_) | PipelineError::Log(_) => Code::Internal,
+        PipelineError::Rails(RailsError::InvalidSpec { .. }) => Code::InvalidArgument,
+        PipelineError::Rails(RailsError::Embedder { .. }) => Code::FailedPrecondition,
+        PipelineError::Retrieval(_) | PipelineError::Log(_) | PipelineError::Rails(RailsError::Head(_)) => {
+            Code::Internal
+        }
     };
     match code {
         Code::Internal | Code::Unavailable => {

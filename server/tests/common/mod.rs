@@ -26,6 +26,17 @@ pub fn model_path() -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot prepare the default model in {}: {e}", dir.display()))
 }
 
+/// The sentence embedder of the jailbreak rail (`FLYWHEEL_TEST_EMBEDDER`, or
+/// fetched into the workspace's `models/` folder on first use).
+pub fn embedder_dir() -> PathBuf {
+    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
+        return PathBuf::from(path);
+    }
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
+    flywheel_router::model_prep::fetch::ensure_embedder(&dir, "python3")
+        .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
+}
+
 /// A running in-process server.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
@@ -92,6 +103,9 @@ pub fn start(mut config: Config) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.settings.log.path = dir.path().join("requests.db");
+    if config.settings.rails.jailbreak.embedder_dir.is_relative() {
+        config.settings.rails.jailbreak.embedder_dir = embedder_dir();
+    }
     let log_path = config.settings.log.path.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -126,6 +140,7 @@ pub fn real_server() -> &'static TestServer {
             spec.path = model.clone();
         }
         config.settings.limits.max_query_chars = 500;
+        config.settings.rails.jailbreak.embedder_dir = embedder_dir();
         start(config)
     })
 }

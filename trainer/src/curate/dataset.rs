@@ -53,8 +53,10 @@ pub struct Example {
 struct Row {
     text: Option<String>,
     label: Option<serde_json::Value>,
+    /// A label source written by curation; other values (free-text
+    /// provenance of external files) are ignored.
     #[serde(default)]
-    source: Option<LabelSource>,
+    source: Option<serde_json::Value>,
     #[serde(default)]
     request_id: Option<String>,
 }
@@ -205,7 +207,10 @@ fn example(path: &Path, line: usize, row: Row, default_source: LabelSource) -> R
     Ok(Example {
         text,
         label: label.trim().to_string(),
-        source: row.source.unwrap_or(default_source),
+        source: row
+            .source
+            .and_then(|v| serde_json::from_value::<LabelSource>(v).ok())
+            .unwrap_or(default_source),
         request_id: row.request_id,
     })
 }

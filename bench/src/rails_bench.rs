@@ -1,0 +1,105 @@
+//! `flywheel-bench rails`: latency of each input rail and of all of them
+//! together on 200-character queries, in process, as the server runs them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use flywheel_router::embed::Embedder;
+use flywheel_router::guardrails::InputRails;
+use flywheel_router::guardrails::jailbreak::Head;
+use flywheel_router::guardrails::pii;
+use flywheel_router::guardrails::rails::{JailbreakDetector, RailSet, RailsSpec};
+use serde::Serialize;
+
+use crate::stats::{Summary, summarize};
+
+/// Options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Embedder folder.
+    #[arg(long, default_value = "models/all-minilm-l6-v2")]
+    pub embedder: PathBuf,
+    /// Timed repetitions per measurement.
+    #[arg(long, default_value_t = 200)]
+    pub iterations: usize,
+    /// Benchmark this query instead of the built-in ~200-character ones.
+    #[arg(long)]
+    pub query: Option<String>,
+    /// Write the report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// Queries of about 200 characters, benign, with and without PII.
+const QUERIES: &[&str] = &[
+    "I moved to a new apartment last month and I need to update my home address for payroll and benefits. Can you tell me which form to use and who approves it?",
+    "My laptop keeps disconnecting from the office VPN every few minutes since yesterday's update. I already restarted it twice. What should I try next, and whom do I call?",
+    "Please reimburse the client dinner from last Thursday; the receipt total is 184 dollars and my corporate card ending 4111 was declined, so I paid with my own card instead.",
+    "Can you send the product specification sheet for the Acme Widget Pro to jane.doe@example.com before Friday? The customer wants to compare power draw and mounting options.",
+];
+
+#[derive(Debug, Serialize)]
+struct Report {
+    query_chars_mean: f64,
+    embed_ms: Summary,
+    jailbreak_ms: Summary,
+    pii_ms: Summary,
+    all_input_rails_ms: Summary,
+    iterations: usize,
+    /// Jailbreak probability of each query.
+    jailbreak_probability: Vec<f32>,
+}
+
+/// Run the benchmark.
+///
+/// # Errors
+/// Embedder loading or failures.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let embedder = Arc::new(Embedder::load(&args.embedder)?);
+    let head = Head::builtin()?;
+    let detector = JailbreakDetector::new(embedder.clone(), head.clone(), None);
+    let rails = RailSet::new(
+        RailsSpec::default(),
+        Some(Arc::new(JailbreakDetector::new(embedder.clone(), head, None))),
+    );
+    // Warm-up: first calls allocate and fill caches.
+    for q in QUERIES {
+        detector.score(q)?;
+        let _ = rails.check(q).await;
+    }
+    let (mut embed, mut jb, mut pii_ms, mut all) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let queries: Vec<&str> = match &args.query {
+        Some(q) => vec![q.as_str()],
+        None => QUERIES.to_vec(),
+    };
+    for i in 0..args.iterations {
+        let q = queries[i % queries.len()];
+        let t = Instant::now();
+        embedder.embed(q)?;
+        embed.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        detector.score(q)?;
+        jb.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let _ = pii::detect(q);
+        pii_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let _ = rails.check(q).await;
+        all.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let report = Report {
+        query_chars_mean: queries.iter().map(|q| q.chars().count() as f64).sum::<f64>() / queries.len() as f64,
+        embed_ms: summarize(&embed),
+        jailbreak_ms: summarize(&jb),
+        pii_ms: summarize(&pii_ms),
+        all_input_rails_ms: summarize(&all),
+        iterations: args.iterations,
+        jailbreak_probability: queries.iter().map(|q| detector.score(q)).collect::<Result<_, _>>()?,
+    };
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if let Some(p) = &args.json {
+        crate::write_json(p, &report)?;
+    }
+    Ok(())
+}

