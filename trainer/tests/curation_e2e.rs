@@ -273,11 +273,21 @@ async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
         unsatisfied
     );
 
-    // Cleaning: the PII query, the exact repeat and the near-duplicate go
-    // (when they were labelled at all).
+    // Cleaning: the exact repeat and the near-duplicate go (when they were
+    // labelled at all). The PII rail redacted the e-mail before it was
+    // logged, so no logged example carries raw PII.
     let count = |q: &str| labelled_texts.iter().filter(|t| **t == q).count();
     assert_eq!(m.clean.input, positive + corrected);
-    assert_eq!(m.clean.pii, count("Please send my payslip to jane.doe@example.com"));
+    assert_eq!(m.clean.pii, 0);
+    let train_text = std::fs::read_to_string(first.join("train.jsonl")).unwrap()
+        + &std::fs::read_to_string(first.join("test.jsonl")).unwrap();
+    assert!(!train_text.contains("jane.doe@example.com"));
+    if count("Please send my payslip to jane.doe@example.com") == 1 {
+        assert!(
+            train_text.contains("Please send my payslip to <EMAIL_1>"),
+            "{train_text}"
+        );
+    }
     assert_eq!(
         m.clean.exact_duplicates,
         count("How do I reset my email password?").saturating_sub(1)
@@ -380,7 +390,13 @@ async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
     );
     assert_eq!(m2.leakage.train_test, 0);
 
-    // Filters select by feedback kind.
+    // Filters select by feedback kind; imported rows with PII are dropped.
+    let pii_file = dir.path().join("with_pii.jsonl");
+    std::fs::write(
+        &pii_file,
+        "{\"text\":\"wire the refund to DE89 3704 0044 0532 0130 00\",\"label\":\"finance\"}\n",
+    )
+    .unwrap();
     let only = dir.path().join("rephrased");
     trainer(&[
         "curate",
@@ -392,6 +408,10 @@ async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
         "rephrase",
         "--import",
         first.join("train.jsonl").to_str().unwrap(),
+        "--import",
+        pii_file.to_str().unwrap(),
     ]);
-    assert_eq!(manifest(&only).selection.candidates, 1);
+    let m3 = manifest(&only);
+    assert_eq!(m3.selection.candidates, 1);
+    assert_eq!(m3.clean.pii, 1);
 }
