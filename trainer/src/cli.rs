@@ -10,7 +10,7 @@ use flywheel_router::registry::EngineLoader;
 use flywheel_router::registry::MistralLoader;
 use serde::Deserialize;
 
-use crate::curate::judge::Judge;
+use crate::curate::judge::{Judge, JudgeMode};
 use crate::curate::select::Filters;
 use crate::curate::{CurateOptions, CurationSpec, Manifest, review};
 
@@ -70,6 +70,10 @@ pub struct CurateArgs {
     /// GGUF model that judges unsatisfactory requests (none: all go to review).
     #[arg(long)]
     pub judge_model: Option<PathBuf>,
+    /// How the judge answers: `generate` (three-line format, parsed) or
+    /// `choice` (label scoring; never malformed, suits small models).
+    #[arg(long, value_enum, default_value_t = JudgeMode::Generate)]
+    pub judge_mode: JudgeMode,
     /// Test share of each label.
     #[arg(long)]
     pub test_fraction: Option<f64>,
@@ -213,8 +217,9 @@ pub async fn curate(args: CurateArgs) -> anyhow::Result<Manifest> {
                 .context("the server config defines no model")?;
             spec.path = path.clone();
             spec.version = None;
+            // Choice mode scores labels, which the router engine does best.
             let engine = MistralLoader
-                .load(&spec, false)
+                .load(&spec, args.judge_mode == JudgeMode::Choice)
                 .await
                 .with_context(|| format!("loading judge model {}", path.display()))?;
             let experts = settings
@@ -222,7 +227,7 @@ pub async fn curate(args: CurateArgs) -> anyhow::Result<Manifest> {
                 .iter()
                 .map(|e| (e.name.clone(), e.description.clone()))
                 .collect();
-            Some(Judge::new(engine, spec.version_label(), experts))
+            Some(Judge::new(engine, spec.version_label(), experts).with_mode(args.judge_mode))
         }
         None => None,
     };

@@ -324,6 +324,24 @@ async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
         assert!(first.join(name).exists(), "{name}");
     }
 
+    // The constrained judge always yields a verdict, even from a 135M model.
+    let choice = dir.path().join("cycle1-choice");
+    trainer(&[
+        "curate",
+        "--log",
+        log.to_str().unwrap(),
+        "--out",
+        choice.to_str().unwrap(),
+        "--judge-model",
+        model.to_str().unwrap(),
+        "--judge-mode",
+        "choice",
+    ]);
+    let jc = manifest(&choice).judge.unwrap();
+    assert_eq!(jc.judged, unsatisfied);
+    assert_eq!(jc.causes.values().sum::<usize>(), unsatisfied);
+    assert!(jc.malformed.is_empty(), "{:?}", jc.malformed);
+
     // Review: the queue holds the judge-flagged and uncertain requests;
     // reviewers label them and the labels go back into the log.
     let queue_path = first.join("review_queue.csv");

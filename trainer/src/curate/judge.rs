@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use flywheel_router::engine::labels::LabelSet;
 use flywheel_router::engine::{ChatMessage, Engine, EngineError, GenerateParams, GenerationEvent};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -185,11 +186,26 @@ pub fn parse_verdict(text: &str, experts: &[String]) -> Result<Verdict, ParseErr
 /// Judge answer length cap (tokens): three short lines.
 const JUDGE_MAX_TOKENS: usize = 48;
 
+/// How the judge answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum JudgeMode {
+    /// Free generation in the three-line format, parsed strictly (for
+    /// models that follow instructions).
+    #[default]
+    Generate,
+    /// Constrained choice: the engine scores every cause label (and, for a
+    /// wrong route, every expert) as the answer; the confidence is the top
+    /// probability in tenths. Never malformed; suits small models.
+    Choice,
+}
+
 /// Runs judge prompts on an engine.
 pub struct Judge {
     engine: Arc<dyn Engine>,
     model_version: String,
     experts: Vec<(String, String)>,
+    mode: JudgeMode,
 }
 
 /// The judge's raw answer and what was read from it.
@@ -212,7 +228,58 @@ impl Judge {
             engine,
             model_version,
             experts,
+            mode: JudgeMode::Generate,
         }
+    }
+
+    /// Use `mode`.
+    pub fn with_mode(mut self, mode: JudgeMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// Constrained choice over the causes, then over the experts for a wrong route.
+    async fn choose(&self, case: &Case<'_>) -> Result<(String, Verdict), EngineError> {
+        let mut messages = prompt(case, &self.experts);
+        if let Some(system) = messages.first_mut() {
+            system.content.push_str("\nReply with the cause only.");
+        }
+        let causes = LabelSet::new(Cause::ALL.iter().map(|c| c.as_str().to_string()).collect())?;
+        let probs = self.engine.score_labels(&messages, &causes).await?.probabilities();
+        let (best, p) = probs
+            .iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap_or((Cause::ALL.len() - 1, 0.0));
+        let cause = Cause::ALL[best];
+        let mut raw = format!(
+            "choice: {}",
+            causes
+                .names()
+                .iter()
+                .zip(&probs)
+                .map(|(n, p)| format!("{n}={p:.3}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let mut expert = None;
+        if cause == Cause::WrongRoute && !self.experts.is_empty() {
+            let names = LabelSet::new(self.experts.iter().map(|(n, _)| n.clone()).collect())?;
+            let mut ask = prompt(case, &self.experts);
+            if let Some(system) = ask.first_mut() {
+                system
+                    .content
+                    .push_str("\nReply with the name of the team that should answer only.");
+            }
+            let ep = self.engine.score_labels(&ask, &names).await?.probabilities();
+            if let Some((i, _)) = ep.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)) {
+                expert = Some(names.names()[i].clone());
+                raw.push_str(&format!(" expert={}", names.names()[i]));
+            }
+        }
+        let score = ((p * 10.0).round() as u8).clamp(1, 10);
+        Ok((raw, Verdict { cause, score, expert }))
     }
 
     /// The judge model's version.
@@ -225,6 +292,15 @@ impl Judge {
     /// # Errors
     /// Engine failures (a malformed answer is not an error).
     pub async fn judge(&self, request_id: &str, case: &Case<'_>) -> Result<Judgement, EngineError> {
+        if self.mode == JudgeMode::Choice {
+            let (raw, verdict) = self.choose(case).await?;
+            return Ok(Judgement {
+                request_id: request_id.to_string(),
+                model_version: self.model_version.clone(),
+                raw,
+                verdict: Ok(verdict),
+            });
+        }
         let params = GenerateParams {
             max_tokens: JUDGE_MAX_TOKENS,
             temperature: None,
@@ -319,6 +395,67 @@ mod tests {
         // An unknown expert is dropped, not mapped to a known one.
         let v = parse_verdict("cause: wrong_route\nscore: 6\nexpert: legal", &e).unwrap();
         assert_eq!(v.expert, None);
+    }
+
+    /// An engine whose label scores are fixed: `bad_generation` for causes,
+    /// `it` for experts.
+    struct Fixed;
+
+    #[async_trait::async_trait]
+    impl Engine for Fixed {
+        fn backend(&self) -> &'static str {
+            "fixed"
+        }
+        async fn generate(
+            &self,
+            _: Vec<ChatMessage>,
+            _: GenerateParams,
+        ) -> Result<flywheel_router::engine::TokenStream, EngineError> {
+            Err(EngineError::Rejected("choice mode must not generate".into()))
+        }
+        async fn score_labels(
+            &self,
+            _: &[ChatMessage],
+            labels: &LabelSet,
+        ) -> Result<flywheel_router::engine::labels::LabelScores, EngineError> {
+            let logprobs = labels
+                .names()
+                .iter()
+                .map(|n| if n == "wrong_route" || n == "it" { -0.1 } else { -3.0 })
+                .collect();
+            Ok(flywheel_router::engine::labels::LabelScores {
+                logprobs,
+                prompt_tokens: 1,
+                forward_passes: 1,
+            })
+        }
+        async fn warm_up(&self, _: &[ChatMessage]) -> Result<(), EngineError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn choice_mode_scores_causes_and_experts_without_generating() {
+        let judge = Judge::new(
+            Arc::new(Fixed),
+            "fixed-v1".into(),
+            vec![("hr".into(), "people".into()), ("it".into(), "computers".into())],
+        )
+        .with_mode(JudgeMode::Choice);
+        let case = Case {
+            query: "reset my password",
+            routed_expert: "hr",
+            answer: "",
+            comment: None,
+            rails: &[],
+        };
+        let j = judge.judge("r1", &case).await.unwrap();
+        let v = j.verdict.unwrap();
+        assert_eq!(v.cause, Cause::WrongRoute);
+        assert_eq!(v.expert.as_deref(), Some("it"));
+        // exp(-0.1) against four exp(-3.0): p = 0.82 -> 8 of 10.
+        assert_eq!(v.score, 8);
+        assert!(j.raw.starts_with("choice: wrong_route="), "{}", j.raw);
     }
 
     #[test]
