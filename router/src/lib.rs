@@ -14,6 +14,8 @@
 //! - [`feedback`]: explicit ratings and corrections, reviewer labels and
 //!   implicit signals (rephrase, abandoned stream), joined to the log by
 //!   request id; [`similarity`]: shingles, Jaccard and MinHash near-duplicates.
+//! - [`observe`]: hooks through which the server's metrics see every
+//!   finished request and every inter-token gap.
 //! - [`config`]: typed, validated settings; [`model_prep`]: converts GGUF
 //!   weights to the fastest CPU format.
 //!
@@ -30,6 +32,7 @@ pub mod feedback;
 pub mod guardrails;
 pub mod log;
 pub mod model_prep;
+pub mod observe;
 pub mod pipeline;
 pub mod registry;
 pub mod retrieval;

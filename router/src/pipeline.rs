@@ -32,6 +32,7 @@ use crate::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec,
 use crate::guardrails::rails::{RailSet, RailsSpec, TopicPolicy};
 use crate::guardrails::{RailRejection, RailVerdict, Rails};
 use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
+use crate::observe::{NoObserver, Observer};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{NoRetrieval, Retriever};
 
@@ -155,6 +156,7 @@ pub struct Pipeline {
     limits: LimitsSpec,
     feedback: FeedbackSpec,
     sessions: Arc<SessionTracker>,
+    observer: Arc<dyn Observer>,
 }
 
 struct Admitted {
@@ -197,7 +199,14 @@ impl Pipeline {
             limits: settings.limits.clone(),
             feedback: settings.feedback.clone(),
             sessions: Arc::new(SessionTracker::new(&settings.feedback)),
+            observer: Arc::new(NoObserver),
         })
+    }
+
+    /// Report finished requests and inter-token gaps to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = observer;
+        self
     }
 
     /// Use these rails.
@@ -290,6 +299,7 @@ impl Pipeline {
         record.total_ms = Some(start.elapsed().as_secs_f64() * 1e3);
         record.finished_at_ms = unix_ms(SystemTime::now());
         tracing::debug!(request_id = %record.request_id, status = %record.status, "request rejected");
+        self.observer.request_finished(&record);
         self.log.submit(record);
         error
     }
@@ -405,6 +415,7 @@ impl Pipeline {
                 record.total_ms = Some(start.elapsed().as_secs_f64() * 1e3);
                 record.finished_at_ms = unix_ms(SystemTime::now());
                 let request_id = record.request_id.clone();
+                self.observer.request_finished(&record);
                 self.log.submit(record);
                 Ok(RouteOutcome { request_id, route })
             }
@@ -612,6 +623,8 @@ impl Pipeline {
             filter: rails.output.filter(),
             log: self.log.clone(),
             sessions: self.sessions.clone(),
+            observer: self.observer.clone(),
+            last_delta: None,
             answer: String::new(),
             ttft_ms: None,
         };
@@ -663,6 +676,7 @@ impl Pipeline {
         record.ttft_ms = Some(total_ms);
         record.total_ms = Some(total_ms);
         record.finished_at_ms = unix_ms(SystemTime::now());
+        self.observer.request_finished(&record);
         self.log.submit(record);
         ChatStream { rx }
     }
@@ -698,6 +712,8 @@ struct Producer {
     filter: Box<dyn crate::guardrails::OutputFilter>,
     log: RequestLog,
     sessions: Arc<SessionTracker>,
+    observer: Arc<dyn Observer>,
+    last_delta: Option<Instant>,
     answer: String,
     ttft_ms: Option<f64>,
 }
@@ -780,6 +796,12 @@ impl Producer {
         if self.ttft_ms.is_none() {
             self.ttft_ms = Some(self.elapsed_ms());
         }
+        let now = Instant::now();
+        if let Some(last) = self.last_delta.replace(now) {
+            let expert = self.record.expert.as_deref().unwrap_or_default();
+            self.observer
+                .inter_token(expert, now.duration_since(last).as_secs_f64());
+        }
         self.answer.push_str(&text);
         self.tx.send(Ok(ChatEvent::Delta(text))).await.is_ok()
     }
@@ -820,6 +842,7 @@ impl Producer {
             self.sessions
                 .answered(session, &self.record.request_id, &self.record.query, Instant::now());
         }
+        self.observer.request_finished(&self.record);
         self.log.submit(self.record);
     }
 }

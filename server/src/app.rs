@@ -25,6 +25,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{Config, EngineKind};
 use crate::grpc::{admin::AdminService, chat::ChatService, feedback::FeedbackService, route::RouterService};
+use crate::metrics::Metrics;
 
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,7 @@ pub enum ServerError {
 pub struct App {
     config: Config,
     pipeline: Arc<Pipeline>,
+    metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -78,8 +80,10 @@ impl App {
         let rail_set = tokio::task::spawn_blocking(move || RailSet::load(rails_spec, None))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
-        let pipeline =
-            Pipeline::new(settings, Arc::new(registry), log)?.with_rails(Rails::configured(Arc::new(rail_set)));
+        let metrics = Arc::new(Metrics::new());
+        let pipeline = Pipeline::new(settings, Arc::new(registry), log)?
+            .with_rails(Rails::configured(Arc::new(rail_set)))
+            .with_observer(metrics.clone());
         pipeline.warm_up().await?;
         tracing::info!(
             engine = ?config.engine,
@@ -90,6 +94,7 @@ impl App {
         Ok(Self {
             config,
             pipeline: Arc::new(pipeline),
+            metrics,
         })
     }
 
@@ -103,14 +108,52 @@ impl App {
         &self.config
     }
 
-    /// Serve on `listener` until `shutdown` resolves, then drain and flush.
+    /// The metrics the pipeline reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Serve on `listener` until `shutdown` resolves, then drain and flush;
+    /// metrics on `config.metrics_listen` when set.
     ///
     /// # Errors
-    /// Transport failures.
+    /// Transport failures, or a metrics address that cannot be bound.
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), ServerError>
     where
         F: Future<Output = ()> + Send,
     {
+        let metrics = match self.config.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        self.serve_with_metrics(listener, metrics, shutdown).await
+    }
+
+    /// [`App::serve`] with an already bound metrics listener (tests use `127.0.0.1:0`).
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn serve_with_metrics<F>(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: F,
+    ) -> Result<(), ServerError>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let stop_metrics = CancellationToken::new();
+        if let Some(m) = metrics_listener {
+            let flush_s = self.config.settings.log.flush_interval_ms as f64 / 1e3;
+            tokio::spawn(crate::metrics::serve(
+                m,
+                self.metrics.clone(),
+                self.pipeline.clone(),
+                flush_s,
+                stop_metrics.clone(),
+            ));
+        }
+        let _stop_metrics = stop_metrics.drop_guard();
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChatServer<ChatService>>().await;

@@ -57,6 +57,9 @@ pub struct Flags {
     /// Stub engine only: delay before each token, in milliseconds.
     #[arg(long, env = "FLYWHEEL_STUB_TOKEN_DELAY_MS")]
     pub stub_token_delay_ms: Option<u64>,
+    /// Serve Prometheus metrics (`GET /metrics`) on this address (off when unset).
+    #[arg(long, env = "FLYWHEEL_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The TOML file: every section optional.
@@ -67,6 +70,7 @@ struct FileConfig {
     engine: Option<EngineKind>,
     shutdown_grace_ms: Option<u64>,
     stub_token_delay_ms: Option<u64>,
+    metrics_listen: Option<SocketAddr>,
     models: Option<std::collections::BTreeMap<String, ModelSpec>>,
     router: Option<RouterSpec>,
     experts: Option<Vec<ExpertSpec>>,
@@ -112,6 +116,8 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Stub engine per-token delay (ms).
     pub stub_token_delay_ms: u64,
+    /// Prometheus metrics address (off when `None`).
+    pub metrics_listen: Option<SocketAddr>,
     /// Models, router, experts, limits, log.
     pub settings: EngineSettings,
 }
@@ -123,6 +129,7 @@ impl Default for Config {
             engine: EngineKind::default(),
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stub_token_delay_ms: 0,
+            metrics_listen: None,
             settings: EngineSettings::default(),
         }
     }
@@ -158,6 +165,9 @@ impl Config {
         if let Some(dir) = &flags.embedder {
             config.settings.rails.jailbreak.embedder_dir = dir.clone();
         }
+        if let Some(addr) = flags.metrics_listen {
+            config.metrics_listen = Some(addr);
+        }
         if let Some(ms) = flags.stub_token_delay_ms {
             config.stub_token_delay_ms = ms;
         }
@@ -192,6 +202,9 @@ impl Config {
         }
         if let Some(v) = file.shutdown_grace_ms {
             c.shutdown_grace_ms = v;
+        }
+        if let Some(v) = file.metrics_listen {
+            c.metrics_listen = Some(v);
         }
         if let Some(v) = file.stub_token_delay_ms {
             c.stub_token_delay_ms = v;

@@ -99,7 +99,17 @@ impl TestServer {
 
 /// Start a server with `config` on a runtime of its own that lives as long
 /// as the test process.
-pub fn start(mut config: Config) -> TestServer {
+pub fn start(config: Config) -> TestServer {
+    start_inner(config, false).0
+}
+
+/// [`start`], also serving metrics on `127.0.0.1:0`; returns that address.
+pub fn start_with_metrics(config: Config) -> (TestServer, std::net::SocketAddr) {
+    let (server, metrics) = start_inner(config, true);
+    (server, metrics.expect("metrics address"))
+}
+
+fn start_inner(mut config: Config, with_metrics: bool) -> (TestServer, Option<std::net::SocketAddr>) {
     let dir = tempfile::tempdir().unwrap();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.settings.log.path = dir.path().join("requests.db");
@@ -116,18 +126,29 @@ pub fn start(mut config: Config) -> TestServer {
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
             let addr = listener.local_addr().unwrap();
+            let metrics = if with_metrics {
+                Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap())
+            } else {
+                None
+            };
+            let metrics_addr = metrics.as_ref().map(|m| m.local_addr().unwrap());
             let app = App::build(config).await.expect("building the server");
-            tx.send((addr, app.pipeline().clone())).unwrap();
-            app.serve(listener, std::future::pending()).await.unwrap();
+            tx.send((addr, app.pipeline().clone(), metrics_addr)).unwrap();
+            app.serve_with_metrics(listener, metrics, std::future::pending())
+                .await
+                .unwrap();
         });
     });
-    let (addr, pipeline) = rx.recv().expect("server thread died while starting");
-    TestServer {
-        addr,
-        pipeline,
-        log_path,
-        _dir: dir,
-    }
+    let (addr, pipeline, metrics) = rx.recv().expect("server thread died while starting");
+    (
+        TestServer {
+            addr,
+            pipeline,
+            log_path,
+            _dir: dir,
+        },
+        metrics,
+    )
 }
 
 /// The shared server on the real default model (default config).

@@ -1,0 +1,22 @@
+//! Observation hooks: how the pipeline tells an observer (the server's
+//! metrics) what happened, without knowing about any metrics system.
+//!
+//! [`Observer::request_finished`] sees every request record as it is handed
+//! to the log (so metrics and the log always agree), and
+//! [`Observer::inter_token`] sees each gap between two streamed deltas.
+
+use crate::log::RequestRecord;
+
+/// Receives pipeline events; implementations must be cheap and non-blocking.
+pub trait Observer: Send + Sync {
+    /// A request ended (any status), with its final record.
+    fn request_finished(&self, _record: &RequestRecord) {}
+    /// Time between two consecutive answer deltas of `expert` (seconds).
+    fn inter_token(&self, _expert: &str, _seconds: f64) {}
+}
+
+/// Observes nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl Observer for NoObserver {}

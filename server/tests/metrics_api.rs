@@ -1,0 +1,93 @@
+//! Prometheus metrics over HTTP after real gRPC traffic: the named series
+//! appear with the traffic's labels (stub engine, selected explicitly, with
+//! a per-token delay so that inter-token gaps exist; real rails).
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use flywheel_proto::v1::{ChatRequest, RouteRequest};
+use flywheel_server::Config;
+use flywheel_server::config::EngineKind;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_expose_the_named_series_after_traffic() {
+    let (server, metrics) = common::start_with_metrics(Config {
+        engine: EngineKind::Stub,
+        stub_token_delay_ms: 2,
+        ..Config::default()
+    });
+    server
+        .router()
+        .await
+        .route(RouteRequest {
+            query: "an it question".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = server
+        .chat()
+        .await
+        .stream(ChatRequest {
+            query: "an hr question".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while stream.message().await.unwrap().is_some() {}
+    let bad = server
+        .chat()
+        .await
+        .complete(ChatRequest {
+            query: String::new(),
+            ..Default::default()
+        })
+        .await;
+    assert!(bad.is_err());
+    server.pipeline.log().flush().await.unwrap();
+
+    let page = get(metrics, "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    for series in [
+        r#"flywheel_requests_total{kind="route",expert="",status="ok"} 1"#,
+        r#"flywheel_requests_total{kind="stream",expert="hr",status="ok"} 1"#,
+        r#"flywheel_requests_total{kind="complete",expert="",status="invalid_argument"} 1"#,
+        r#"flywheel_ttft_seconds_count{expert="hr"} 1"#,
+        r#"flywheel_ttft_seconds_bucket{le="0.025",expert="hr"}"#,
+        r#"flywheel_inter_token_latency_seconds_bucket{le="0.005",expert="hr"}"#,
+        r#"flywheel_route_decision_seconds_count{kind="route"} 1"#,
+        r#"flywheel_request_duration_seconds_count{kind="stream"} 1"#,
+        r#"flywheel_rail_verdicts_total{rail="jailbreak",decision="allow"} 2"#,
+        r#"flywheel_rail_verdicts_total{rail="pii_output",decision="allow"} 1"#,
+        "flywheel_in_flight_requests 0",
+        "flywheel_request_log_queue_depth 0",
+        "flywheel_request_log_written_records 3",
+        r#"flywheel_model_info{slot="router",version="#,
+        r#"flywheel_model_info{slot="expert/hr",version="#,
+        "# EOF",
+    ] {
+        assert!(page.contains(series), "missing `{series}` in\n{page}");
+    }
+    // Every streamed token after the first is one inter-token observation.
+    let itl_count: u64 = page
+        .lines()
+        .find(|l| l.starts_with(r#"flywheel_inter_token_latency_seconds_count{expert="hr"}"#))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(itl_count >= 10, "{itl_count}");
+    assert!(get(metrics, "/other").await.starts_with("HTTP/1.1 404"));
+}
