@@ -22,6 +22,7 @@ use std::time::{Instant, SystemTime};
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::Instrument;
 
 use crate::agents::expert::Overrides;
 use crate::agents::{ExpertAgent, RouteDecision, RouterAgent};
@@ -338,7 +339,12 @@ impl Pipeline {
             ));
         }
         let mut record = record;
-        let text = match rails.input.check(&query.text).await {
+        let text = match rails
+            .input
+            .check(&query.text)
+            .instrument(tracing::info_span!("rails", request_id = %record.request_id))
+            .await
+        {
             Ok(check) => {
                 record.guardrails = check.verdicts;
                 check.rewritten.unwrap_or_else(|| query.text.clone())
@@ -403,7 +409,10 @@ impl Pipeline {
             start,
             query: text,
         } = self.admit("route", &query, &rails).await?;
-        let result = self.decide(&Query { expert: None, ..query }, &text).await;
+        let result = self
+            .decide(&Query { expert: None, ..query }, &text)
+            .instrument(tracing::info_span!("route", request_id = %record.request_id))
+            .await;
         drop(permit);
         match result {
             Ok(route) => {
@@ -580,7 +589,11 @@ impl Pipeline {
             start,
             query: text,
         } = self.admit(kind, &query, &rails).await?;
-        let route = match self.decide(&query, &text).await {
+        let route = match self
+            .decide(&query, &text)
+            .instrument(tracing::info_span!("route", request_id = %record.request_id))
+            .await
+        {
             Ok(r) => r,
             Err(e) => return Err(self.fail(record, start, e)),
         };
@@ -596,7 +609,12 @@ impl Pipeline {
         let model = expert.model();
         record.expert = Some(route.expert.clone());
         record.expert_model_version = Some(model.version.clone());
-        let passages = match self.retriever.retrieve(&route.expert, &text).await {
+        let passages = match self
+            .retriever
+            .retrieve(&route.expert, &text)
+            .instrument(tracing::info_span!("retrieval", request_id = %record.request_id, expert = %route.expert))
+            .await
+        {
             Ok(p) => p,
             Err(e) => return Err(self.fail(record, start, e.into())),
         };
@@ -628,7 +646,13 @@ impl Pipeline {
             answer: String::new(),
             ttft_ms: None,
         };
-        tokio::spawn(producer.run(start_event, tokens, permit, model));
+        let span = tracing::info_span!(
+            "generation",
+            request_id = %producer.record.request_id,
+            expert = %route.expert,
+            model_version = %model.version
+        );
+        tokio::spawn(producer.run(start_event, tokens, permit, model).instrument(span));
         Ok(ChatStream { rx })
     }
 }
@@ -843,6 +867,13 @@ impl Producer {
                 .answered(session, &self.record.request_id, &self.record.query, Instant::now());
         }
         self.observer.request_finished(&self.record);
+        tracing::debug!(
+            request_id = %self.record.request_id,
+            status = %self.record.status,
+            completion_tokens = self.record.completion_tokens,
+            ttft_ms = self.record.ttft_ms,
+            "answer finished; record handed to the log"
+        );
         self.log.submit(self.record);
     }
 }
