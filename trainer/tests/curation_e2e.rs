@@ -56,19 +56,11 @@ const SILENT: &str = "What is a good book to read this weekend?";
 const UNCORRECTED: usize = 2;
 
 fn model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_MODEL") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
-    flywheel_router::model_prep::fetch::ensure_default_model(&dir, "python3").unwrap()
+    flywheel_router::testing::test_model()
 }
 
 fn embedder_dir() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
-    flywheel_router::model_prep::fetch::ensure_embedder(&dir, "python3").unwrap()
+    flywheel_router::testing::test_embedder()
 }
 
 fn start_server(log: &Path, model: &Path) -> std::net::SocketAddr {

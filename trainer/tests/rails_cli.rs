@@ -9,11 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn embedder_dir() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
-    flywheel_router::model_prep::fetch::ensure_embedder(&dir, "python3").unwrap()
+    flywheel_router::testing::test_embedder()
 }
 
 fn trainer(args: &[&str]) -> String {

