@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::CurateError;
+use super::{CurateError, io};
 
 /// Where an example's label came from, strongest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -78,13 +78,6 @@ fn label_string(v: serde_json::Value) -> Option<String> {
     }
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
-    move |source| CurateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Which columns (CSV) or fields (JSONL) hold the text and the label.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Columns {
@@ -127,12 +120,12 @@ pub fn read_examples_with(
         .and_then(|e| e.to_str())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let file = std::fs::File::open(path).map_err(io_error(path))?;
+    let file = std::fs::File::open(path).map_err(io(path))?;
     let mut out = Vec::new();
     match ext.as_str() {
         "jsonl" | "json" => {
             for (i, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(io_error(path))?;
+                let line = line.map_err(io(path))?;
                 if line.trim().is_empty() {
                     continue;
                 }

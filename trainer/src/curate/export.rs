@@ -14,15 +14,8 @@ use parquet::file::writer::SerializedFileWriter;
 use parquet::schema::parser::parse_message_type;
 use sha2::{Digest, Sha256};
 
-use super::CurateError;
 use super::dataset::{Example, WrittenFile};
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
-    move |source| CurateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
+use super::{CurateError, io};
 
 /// SHA-256 of a file, hex.
 ///

@@ -92,6 +92,14 @@ pub enum CurateError {
     Leak(usize),
 }
 
+/// Maps an I/O error on `path` to [`CurateError::Io`].
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
+    move |source| CurateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 /// Seed's split: 60% train, 40% test.
 pub const DEFAULT_TEST_FRACTION: f64 = 0.4;
 /// Default seed of the split order.
@@ -328,13 +336,6 @@ pub struct Manifest {
 
 /// Manifest file name in the output folder.
 pub const MANIFEST: &str = "manifest.json";
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
-    move |source| CurateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 async fn attribute(
     unsatisfied: &[select::Candidate],

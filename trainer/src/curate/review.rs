@@ -9,7 +9,7 @@ use flywheel_router::feedback::{FeedbackKind, FeedbackRecord};
 use flywheel_router::log::{LogReader, append_feedback};
 use serde::{Deserialize, Serialize};
 
-use super::CurateError;
+use super::{CurateError, io};
 
 /// One row of the review queue.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -36,13 +36,6 @@ pub struct ReviewItem {
     pub reviewed_expert: Option<String>,
     /// To fill in: who reviewed.
     pub reviewer_id: Option<String>,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CurateError + '_ {
-    move |source| CurateError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 fn is_csv(path: &Path) -> bool {
