@@ -46,6 +46,11 @@ struct Report {
     jailbreak_ms: Summary,
     pii_ms: Summary,
     all_input_rails_ms: Summary,
+    /// One MiniLM feed-forward product at 50 tokens (50x384 by 384x1536, f32,
+    /// candle on CPU): the unit cost that bounds the encoder's latency.
+    ffn_matmul_50_tokens_ms: Summary,
+    /// Its throughput (GFLOP/s).
+    ffn_matmul_gflops: f64,
     iterations: usize,
     /// Jailbreak probability of each query.
     jailbreak_probability: Vec<f32>,
@@ -88,12 +93,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = rails.check(q).await;
         all.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let mut matmul = Vec::new();
+    {
+        use candle_core::{Device, Tensor};
+        let d = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (1536, 384), &d)?;
+        let x = Tensor::randn(0f32, 1.0, (50, 384), &d)?;
+        for _ in 0..10 {
+            x.matmul(&w.t()?)?;
+        }
+        for _ in 0..args.iterations {
+            let t = Instant::now();
+            x.matmul(&w.t()?)?;
+            matmul.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    let matmul = summarize(&matmul);
     let report = Report {
         query_chars_mean: queries.iter().map(|q| q.chars().count() as f64).sum::<f64>() / queries.len() as f64,
         embed_ms: summarize(&embed),
         jailbreak_ms: summarize(&jb),
         pii_ms: summarize(&pii_ms),
         all_input_rails_ms: summarize(&all),
+        ffn_matmul_gflops: 2.0 * 50.0 * 384.0 * 1536.0 / (matmul.p50 / 1e3) / 1e9,
+        ffn_matmul_50_tokens_ms: matmul,
         iterations: args.iterations,
         jailbreak_probability: queries.iter().map(|q| detector.score(q)).collect::<Result<_, _>>()?,
     };
