@@ -1,4 +1,5 @@
-//! gRPC clients: a closed-loop load generator and a one-shot `ask`.
+//! gRPC clients: a load generator (closed loop: N concurrent clients; open
+//! loop: Poisson arrivals at a rate) and a one-shot `ask`.
 //!
 //! Talks to the server only through the generated `flywheel.v1` clients.
 //! Per request it records end-to-end latency and, for streaming chat, time to
@@ -38,12 +39,33 @@ pub struct Args {
     /// Request kind.
     #[arg(long, value_enum, default_value_t = Mode::Route)]
     mode: Mode,
-    /// Concurrent clients.
+    /// Concurrent clients (closed loop).
     #[arg(long, default_value_t = 4)]
     concurrency: usize,
+    /// Open loop instead: Poisson arrivals at this many requests per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seed of the open loop's arrival times.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
     /// Measured duration in seconds.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
+    /// Stop after this many measured requests instead (whichever comes first).
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Queries to send, one per line (plain text, or JSONL with `query` or `text`).
+    #[arg(long)]
+    queries: Option<PathBuf>,
+    /// SLO on time to first token (ms) for goodput.
+    #[arg(long)]
+    slo_ttft_ms: Option<f64>,
+    /// SLO on a request's mean inter-token latency (ms) for goodput.
+    #[arg(long)]
+    slo_itl_ms: Option<f64>,
+    /// SLO on end-to-end latency (ms) for goodput.
+    #[arg(long)]
+    slo_latency_ms: Option<f64>,
     /// Warm-up requests per client (not measured).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -78,7 +100,10 @@ struct Sample {
 #[derive(Debug, Serialize)]
 pub struct Report {
     mode: Mode,
+    /// `closed` (N clients) or `open` (Poisson arrivals).
+    arrival: &'static str,
     concurrency: usize,
+    rate: Option<f64>,
     duration_s: f64,
     requests: usize,
     errors: usize,
@@ -88,6 +113,62 @@ pub struct Report {
     latency_ms: Summary,
     ttft_ms: Option<Summary>,
     itl_ms: Option<Summary>,
+    /// Successful requests per second that met every SLO given.
+    goodput_requests_per_second: f64,
+    /// Share of successful requests that met every SLO given.
+    slo_attainment: f64,
+}
+
+/// The SLOs a request must meet to count toward goodput.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Slo {
+    ttft_ms: Option<f64>,
+    itl_ms: Option<f64>,
+    latency_ms: Option<f64>,
+}
+
+impl Slo {
+    fn met(&self, s: &Sample) -> bool {
+        let mean_itl = (!s.itl_ms.is_empty()).then(|| s.itl_ms.iter().sum::<f64>() / s.itl_ms.len() as f64);
+        s.ok && self.ttft_ms.is_none_or(|max| s.ttft_ms.is_none_or(|t| t <= max))
+            && self.itl_ms.is_none_or(|max| mean_itl.is_none_or(|t| t <= max))
+            && self.latency_ms.is_none_or(|max| s.latency_ms <= max)
+    }
+}
+
+/// Exponential inter-arrival gaps (seconds) of a Poisson process at `rate`/s.
+fn arrivals(rate: f64, seed: u64) -> impl Iterator<Item = f64> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let exp = (rate > 0.0 && rate.is_finite())
+        .then(|| rand_distr::Exp::new(rate).ok())
+        .flatten();
+    std::iter::from_fn(move || exp.as_ref().map(|e| e.sample(&mut rng)))
+}
+
+fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
+    let Some(path) = path else {
+        return Ok(QUERIES.iter().map(|q| (*q).to_string()).collect());
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        if line.trim_start().starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+            let q = v
+                .get("query")
+                .or_else(|| v.get("text"))
+                .and_then(|q| q.as_str())
+                .with_context(|| format!("{}:{}: no `query` or `text` field", path.display(), i + 1))?;
+            out.push(q.to_string());
+        } else {
+            out.push(line.to_string());
+        }
+    }
+    anyhow::ensure!(!out.is_empty(), "{} holds no queries", path.display());
+    Ok(out)
 }
 
 async fn connect(addr: &str) -> anyhow::Result<Channel> {
@@ -167,39 +248,75 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Samp
 /// Run the load and print its report.
 ///
 /// # Errors
-/// Connection failures.
+/// Connection failures, unreadable query files.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(rate) = args.rate {
+        anyhow::ensure!(
+            rate > 0.0 && rate.is_finite(),
+            "--rate must be a positive number of requests per second"
+        );
+    }
     let channel = connect(&args.addr).await?;
+    let queries = std::sync::Arc::new(load_queries(args.queries.as_ref())?);
     let deadline = Duration::from_secs_f64(args.duration);
-    let mut tasks = Vec::new();
+    let budget = args.requests.unwrap_or(usize::MAX);
+    let (mode, max_tokens) = (args.mode, args.max_tokens);
+    // Warm-up, not measured.
+    for i in 0..args.warmup.max(1) {
+        one(channel.clone(), mode, &queries[i % queries.len()], max_tokens).await;
+    }
     let started = Instant::now();
-    for c in 0..args.concurrency {
-        let channel = channel.clone();
-        let (mode, max_tokens, warmup) = (args.mode, args.max_tokens, args.warmup);
-        tasks.push(tokio::spawn(async move {
-            for i in 0..warmup {
-                one(channel.clone(), mode, QUERIES[(c + i) % QUERIES.len()], max_tokens).await;
-            }
-            let start = Instant::now();
-            let mut samples = Vec::new();
-            let mut i = c;
-            while start.elapsed() < deadline {
-                samples.push(one(channel.clone(), mode, QUERIES[i % QUERIES.len()], max_tokens).await);
-                i += 1;
-            }
-            samples
-        }));
-    }
     let mut samples = Vec::new();
-    for t in tasks {
-        samples.extend(t.await?);
+    match args.rate {
+        Some(rate) => {
+            // Open loop: requests start on schedule whether or not earlier
+            // ones finished, so queueing shows up in the latencies.
+            let mut tasks = Vec::new();
+            let mut at = 0.0;
+            for (i, gap) in arrivals(rate, args.seed).enumerate() {
+                at += gap;
+                if at > args.duration || i >= budget {
+                    break;
+                }
+                tokio::time::sleep_until(tokio::time::Instant::from_std(started + Duration::from_secs_f64(at))).await;
+                let (channel, queries) = (channel.clone(), queries.clone());
+                tasks.push(tokio::spawn(async move {
+                    one(channel, mode, &queries[i % queries.len()], max_tokens).await
+                }));
+            }
+            for t in tasks {
+                samples.push(t.await?);
+            }
+        }
+        None => {
+            let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let mut tasks = Vec::new();
+            for c in 0..args.concurrency {
+                let (channel, queries, sent) = (channel.clone(), queries.clone(), sent.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut samples = Vec::new();
+                    let mut i = c;
+                    while started.elapsed() < deadline
+                        && sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < budget
+                    {
+                        samples.push(one(channel.clone(), mode, &queries[i % queries.len()], max_tokens).await);
+                        i += 1;
+                    }
+                    samples
+                }));
+            }
+            for t in tasks {
+                samples.extend(t.await?);
+            }
+        }
     }
-    let elapsed = started
-        .elapsed()
-        .as_secs_f64()
-        .min(args.duration + 60.0)
-        .max(args.duration);
-    let report = report(&args, &samples, elapsed);
+    let elapsed = started.elapsed().as_secs_f64();
+    let slo = Slo {
+        ttft_ms: args.slo_ttft_ms,
+        itl_ms: args.slo_itl_ms,
+        latency_ms: args.slo_latency_ms,
+    };
+    let report = report(&args, &samples, elapsed, &slo);
     print_report(&report);
     if let Some(path) = &args.json {
         crate::write_json(path, &report)?;
@@ -207,7 +324,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn report(args: &Args, samples: &[Sample], elapsed_s: f64) -> Report {
+fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut errors_by_status = std::collections::BTreeMap::new();
     for s in samples.iter().filter(|s| !s.ok) {
@@ -219,9 +336,12 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64) -> Report {
     let ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft_ms).collect();
     let itl: Vec<f64> = ok.iter().flat_map(|s| s.itl_ms.iter().copied()).collect();
     let tokens: u32 = ok.iter().map(|s| s.tokens_out).sum();
+    let good = ok.iter().filter(|s| slo.met(s)).count();
     Report {
         mode: args.mode,
+        arrival: if args.rate.is_some() { "open" } else { "closed" },
         concurrency: args.concurrency,
+        rate: args.rate,
         duration_s: elapsed_s,
         requests: samples.len(),
         errors: samples.len() - ok.len(),
@@ -231,13 +351,31 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64) -> Report {
         latency_ms: summarize(&lat),
         ttft_ms: (!ttft.is_empty()).then(|| summarize(&ttft)),
         itl_ms: (!itl.is_empty()).then(|| summarize(&itl)),
+        goodput_requests_per_second: good as f64 / elapsed_s,
+        slo_attainment: if ok.is_empty() {
+            0.0
+        } else {
+            good as f64 / ok.len() as f64
+        },
     }
 }
 
 fn print_report(r: &Report) {
+    let load = match r.rate {
+        Some(rate) => format!("open loop {rate} req/s"),
+        None => format!("x{}", r.concurrency),
+    };
     println!(
-        "{:?} x{}: {} requests in {:.1} s, {} errors, {:.1} req/s, {:.1} output tok/s",
-        r.mode, r.concurrency, r.requests, r.duration_s, r.errors, r.requests_per_second, r.output_tokens_per_second
+        "{:?} {load}: {} requests in {:.1} s, {} errors {:?}, {:.1} req/s, {:.1} output tok/s, goodput {:.1} req/s ({:.1}% within SLO)",
+        r.mode,
+        r.requests,
+        r.duration_s,
+        r.errors,
+        r.errors_by_status,
+        r.requests_per_second,
+        r.output_tokens_per_second,
+        r.goodput_requests_per_second,
+        100.0 * r.slo_attainment
     );
     let row = |name: &str, s: &Summary| {
         println!(
@@ -300,4 +438,54 @@ pub async fn ask(addr: &str, query: String, expert: Option<String>, max_tokens: 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(ok: bool, ttft: f64, itl: &[f64], latency: f64) -> Sample {
+        Sample {
+            latency_ms: latency,
+            ttft_ms: Some(ttft),
+            itl_ms: itl.to_vec(),
+            tokens_out: itl.len() as u32 + 1,
+            ok,
+            code: None,
+        }
+    }
+
+    #[test]
+    fn goodput_counts_successes_within_every_slo() {
+        let slo = Slo {
+            ttft_ms: Some(500.0),
+            itl_ms: Some(30.0),
+            latency_ms: None,
+        };
+        assert!(slo.met(&sample(true, 400.0, &[20.0, 40.0], 900.0))); // mean ITL 30
+        assert!(!slo.met(&sample(true, 600.0, &[20.0], 900.0)));
+        assert!(!slo.met(&sample(true, 400.0, &[50.0, 40.0], 900.0)));
+        assert!(!slo.met(&sample(false, 1.0, &[1.0], 1.0)));
+        assert!(Slo::default().met(&sample(true, 1e9, &[1e9], 1e9)));
+    }
+
+    #[test]
+    fn open_loop_arrivals_have_the_requested_rate_and_are_seeded() {
+        let gaps: Vec<f64> = arrivals(50.0, 7).take(20_000).collect();
+        let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+        assert!((mean - 0.02).abs() < 0.001, "mean gap {mean}");
+        let again: Vec<f64> = arrivals(50.0, 7).take(5).collect();
+        assert_eq!(&gaps[..5], &again[..]);
+        assert_eq!(arrivals(0.0, 1).next(), None);
+    }
+
+    #[test]
+    fn query_files_take_plain_lines_or_jsonl() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("q.jsonl");
+        std::fs::write(&p, "{\"query\":\"a\"}\n\n{\"text\":\"b\",\"label\":\"x\"}\nplain c\n").unwrap();
+        assert_eq!(load_queries(Some(&p)).unwrap(), ["a", "b", "plain c"]);
+        std::fs::write(&p, "{\"label\":\"x\"}\n").unwrap();
+        assert!(load_queries(Some(&p)).unwrap_err().to_string().contains("no `query`"));
+    }
 }
