@@ -7,9 +7,12 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
+use common::trainer;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flywheel_proto::v1::chat_client::ChatClient;
@@ -88,21 +91,6 @@ fn start_server(log: &Path, model: &Path) -> std::net::SocketAddr {
         });
     });
     rx.recv().expect("server thread died while starting")
-}
-
-fn trainer(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel-trainer"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "flywheel-trainer {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 fn manifest(dir: &Path) -> Manifest {

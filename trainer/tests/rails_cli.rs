@@ -5,25 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
+use common::trainer;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 fn embedder_dir() -> PathBuf {
     flywheel_router::testing::test_embedder()
-}
-
-fn trainer(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_flywheel-trainer"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{args:?}: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 #[test]
