@@ -226,24 +226,41 @@ pub fn contains_pii(text: &str) -> bool {
 /// `<PHONE_2>`...); the same value gets the same placeholder.
 pub fn redact(text: &str) -> (String, Vec<PiiSpan>) {
     let spans = detect(text);
-    let mut out = String::with_capacity(text.len());
-    let mut seen: Vec<(PiiKind, &str)> = Vec::new();
-    let mut pos = 0;
-    for s in &spans {
-        out.push_str(&text[pos..s.start]);
-        let value = &text[s.start..s.end];
-        let n = match seen.iter().filter(|(k, _)| *k == s.kind).position(|(_, v)| *v == value) {
-            Some(i) => i + 1,
-            None => {
-                seen.push((s.kind, value));
-                seen.iter().filter(|(k, _)| *k == s.kind).count()
-            }
-        };
-        out.push_str(&format!("<{}_{}>", s.kind.tag(), n));
-        pos = s.end;
+    (Redactor::default().apply(text, &spans), spans)
+}
+
+/// Numbers placeholders per kind, the same value always getting the same one.
+#[derive(Debug, Default)]
+pub struct Redactor {
+    seen: Vec<(PiiKind, String)>,
+}
+
+impl Redactor {
+    /// Replace `spans` (sorted, non-overlapping) of `text` by placeholders.
+    pub fn apply(&mut self, text: &str, spans: &[PiiSpan]) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut pos = 0;
+        for s in spans {
+            out.push_str(&text[pos..s.start]);
+            let value = &text[s.start..s.end];
+            let n = match self
+                .seen
+                .iter()
+                .filter(|(k, _)| *k == s.kind)
+                .position(|(_, v)| v == value)
+            {
+                Some(i) => i + 1,
+                None => {
+                    self.seen.push((s.kind, value.to_string()));
+                    self.seen.iter().filter(|(k, _)| *k == s.kind).count()
+                }
+            };
+            out.push_str(&format!("<{}_{}>", s.kind.tag(), n));
+            pos = s.end;
+        }
+        out.push_str(&text[pos..]);
+        out
     }
-    out.push_str(&text[pos..]);
-    (out, spans)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::jailbreak::{Head, signals};
-use super::pii::{self, PiiKind, PiiSpan};
+use super::pii::{self, PiiKind, PiiSpan, Redactor};
 use super::{Blocked, InputCheck, InputRails, OutputFilter, OutputRails, RailRejection, RailVerdict};
 use crate::embed::Embedder;
 
@@ -392,12 +392,15 @@ impl RailSet {
         Ok(cleaned)
     }
 
+    /// The query to continue with (or, when blocked, to log) and the verdict.
     fn pii_input(&self, text: &str) -> (Option<String>, Option<PiiKind>, RailVerdict) {
         let start = Instant::now();
         let spans: Vec<PiiSpan> = pii::detect(text);
         if let Some(s) = spans.iter().find(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Block) {
+            // A blocked query is still logged: with every entity redacted.
+            let logged = Redactor::default().apply(text, &spans);
             return (
-                None,
+                Some(logged),
                 Some(s.kind),
                 verdict("pii", "block", Some(spans.len() as f32), start),
             );
@@ -439,14 +442,8 @@ impl InputRails for RailSet {
             (None, None, None)
         };
         verdicts.extend(pii_verdict);
-        // What may be logged: never the raw PII.
-        let safe = redacted.clone().unwrap_or_else(|| {
-            if pii_block.is_some() {
-                Redactor::default().apply(&text, &pii::detect(&text))
-            } else {
-                text.clone()
-            }
-        });
+        // What may be logged (and, unless blocked, routed): never the raw PII.
+        let safe = redacted.unwrap_or_else(|| text.clone());
         if let Some(task) = jailbreak {
             let (score, latency_ms) = task.await.unwrap_or_else(|_| {
                 (
@@ -517,40 +514,6 @@ impl OutputRails for RailSet {
         } else {
             Box::new(super::PassThrough)
         }
-    }
-}
-
-/// Numbers placeholders per kind, the same value always getting the same one.
-#[derive(Debug, Default)]
-pub struct Redactor {
-    seen: Vec<(PiiKind, String)>,
-}
-
-impl Redactor {
-    /// Replace `spans` (sorted, non-overlapping) of `text` by placeholders.
-    pub fn apply(&mut self, text: &str, spans: &[PiiSpan]) -> String {
-        let mut out = String::with_capacity(text.len());
-        let mut pos = 0;
-        for s in spans {
-            out.push_str(&text[pos..s.start]);
-            let value = &text[s.start..s.end];
-            let n = match self
-                .seen
-                .iter()
-                .filter(|(k, _)| *k == s.kind)
-                .position(|(_, v)| v == value)
-            {
-                Some(i) => i + 1,
-                None => {
-                    self.seen.push((s.kind, value.to_string()));
-                    self.seen.iter().filter(|(k, _)| *k == s.kind).count()
-                }
-            };
-            out.push_str(&format!("<{}_{}>", s.kind.tag(), n));
-            pos = s.end;
-        }
-        out.push_str(&text[pos..]);
-        out
     }
 }
 
