@@ -72,6 +72,10 @@ pub struct MistralOptions {
 /// on a slow consumer without holding many tokens.
 const RESPONSE_BUFFER: usize = 16;
 
+/// Longest wait for mistral.rs to retire a raw-logit sequence (normally one
+/// decode step, a few ms).
+const RAW_SEQUENCE_RETIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A GGUF model loaded in mistral.rs.
 pub struct MistralEngine {
     model: Model,
@@ -160,12 +164,21 @@ impl MistralEngine {
             .map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
     }
 
+    /// Tokens of a chat prompt, ready for the model's answer (the prompt a
+    /// route decision prefills; the trainer builds its sequences with it).
+    ///
+    /// # Errors
+    /// The engine stopped or its chat template failed.
+    pub async fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        self.tokenize(Either::Left(messages), true).await
+    }
+
     /// Tokenize each label as the model would write it as its whole answer,
     /// and find the end-of-turn token that follows it.
-    async fn plan_for(&self, labels: &LabelSet) -> Result<Arc<LabelPlan>, EngineError> {
-        if let Some(plan) = lock(&self.plans).get(labels) {
-            return Ok(plan.clone());
-        }
+    ///
+    /// # Errors
+    /// The engine stopped.
+    pub async fn label_tokens(&self, labels: &LabelSet) -> Result<(Vec<Vec<u32>>, Option<u32>), EngineError> {
         let probe = [ChatMessage::user("x")];
         let prompt = self.tokenize(Either::Left(&probe), true).await?;
         let mut seqs = Vec::with_capacity(labels.len());
@@ -186,6 +199,14 @@ impl MistralEngine {
             }
             seqs.push(plain);
         }
+        Ok((seqs, end_token))
+    }
+
+    async fn plan_for(&self, labels: &LabelSet) -> Result<Arc<LabelPlan>, EngineError> {
+        if let Some(plan) = lock(&self.plans).get(labels) {
+            return Ok(plan.clone());
+        }
+        let (seqs, end_token) = self.label_tokens(labels).await?;
         let plan = Arc::new(LabelPlan::new(&seqs, end_token)?);
         lock(&self.plans).insert(labels.clone(), plan.clone());
         Ok(plan)
@@ -247,7 +268,7 @@ impl MistralEngine {
             .send(Request::Normal(Box::new(request)))
             .await
             .map_err(|_| EngineError::Disconnected)?;
-        match rx.recv().await {
+        let result = match rx.recv().await {
             Some(Response::Raw { logits_chunks, .. }) => {
                 let last = logits_chunks
                     .last()
@@ -257,7 +278,17 @@ impl MistralEngine {
             }
             Some(other) => Err(response_error(other)),
             None => Err(EngineError::Disconnected),
-        }
+        };
+        // mistral.rs 0.8.1 answers a raw-logit request from its prompt step
+        // but keeps the sequence scheduled for one more step; a raw prompt
+        // arriving meanwhile can be batched with it, which fails the step and
+        // stops the engine. Wait until the engine drops the sequence (its
+        // response channel closes) before the caller may send the next one.
+        let _ = tokio::time::timeout(RAW_SEQUENCE_RETIRE_TIMEOUT, async {
+            while rx.recv().await.is_some() {}
+        })
+        .await;
+        result
     }
 }
 
