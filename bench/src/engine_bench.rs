@@ -90,6 +90,7 @@ async fn route_latencies(
         size_bytes: 0,
         loaded_at: SystemTime::now(),
         engine,
+        task: None,
     });
     let router = RouterAgent::new(
         &settings.router,

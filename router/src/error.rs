@@ -9,6 +9,7 @@ use crate::guardrails::Blocked;
 use crate::guardrails::rails::RailsError;
 use crate::log::LogError;
 use crate::retrieval::RetrievalError;
+use crate::store::StoreError;
 
 /// Why a request did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +77,30 @@ pub enum PipelineError {
     /// The request log failed.
     #[error("request log failure")]
     Log(#[from] LogError),
+    /// A model slot that does not exist.
+    #[error("unknown model slot `{slot}`; slots: {known}")]
+    UnknownSlot {
+        /// The slot asked for.
+        slot: String,
+        /// The slots, comma-separated.
+        known: String,
+    },
+    /// Promotion needs a model registry and the server has none.
+    #[error("this server has no model registry; set `registry_dir` (FLYWHEEL_REGISTRY_DIR) to promote models")]
+    NoModelStore,
+    /// The model registry refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A model failed to load, warm up or validate; the slot keeps its model.
+    #[error("model version `{version}` was rejected and the slot keeps serving `{serving}`: {reason}")]
+    ModelRejected {
+        /// The version tried.
+        version: String,
+        /// The version still serving.
+        serving: String,
+        /// Why, with its causes.
+        reason: String,
+    },
 }
 
 impl PipelineError {
@@ -95,6 +120,13 @@ impl PipelineError {
             PipelineError::Cancelled => "cancelled",
             PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",
             PipelineError::Engine(_) | PipelineError::Retrieval(_) | PipelineError::Log(_) => "internal",
+            PipelineError::UnknownSlot { .. } | PipelineError::Store(StoreError::UnknownVersion(_)) => "not_found",
+            PipelineError::Store(StoreError::InvalidVersion(_)) => "invalid_argument",
+            PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
+            PipelineError::NoModelStore
+            | PipelineError::ModelRejected { .. }
+            | PipelineError::Store(StoreError::NothingToRollBack(_)) => "failed_precondition",
+            PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",
         }
     }
 }

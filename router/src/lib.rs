@@ -3,7 +3,8 @@
 //!
 //! - [`engine`]: the [`engine::Engine`] trait (streaming generation, label
 //!   scoring) and its mistral.rs and stub implementations.
-//! - [`registry`]: named model slots, each an atomically swappable snapshot.
+//! - [`registry`]: named model slots, each an atomically swappable snapshot;
+//!   [`store`]: the registry on disk (model versions, what each slot serves).
 //! - [`agents`]: the router agent (picks an expert by label scoring) and the
 //!   expert agents (answer with streaming generation).
 //! - [`guardrails`]: limits, PII (input and streamed output), jailbreak
@@ -17,7 +18,8 @@
 //! - [`observe`]: hooks through which the server's metrics see every
 //!   finished request and every inter-token gap.
 //! - [`config`]: typed, validated settings; [`model_prep`]: converts GGUF
-//!   weights to the fastest CPU format.
+//!   weights to the fastest CPU format; [`task`]: the prompt and labels a
+//!   fine-tuned model carries in its metadata.
 //!
 //! The server (`flywheel-server`) wraps [`pipeline::Pipeline`] in gRPC.
 
@@ -37,6 +39,8 @@ pub mod pipeline;
 pub mod registry;
 pub mod retrieval;
 pub mod similarity;
+pub mod store;
+pub mod task;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use crate::config::{EngineSettings, ModelSpec};
 use crate::engine::mistral::{MistralEngine, MistralOptions};
 use crate::engine::{Engine, EngineError};
+use crate::task::{TrainedTask, read_task};
 
 /// Name of the router's slot.
 pub const ROUTER_SLOT: &str = "router";
@@ -40,6 +41,41 @@ pub struct ServedModel {
     pub loaded_at: SystemTime,
     /// The runtime.
     pub engine: Arc<dyn Engine>,
+    /// The task it was fine-tuned for (`None`: a base model, prompted zero-shot).
+    pub task: Option<TrainedTask>,
+}
+
+impl ServedModel {
+    /// Load the model `spec` describes; `router` when it will make route decisions.
+    ///
+    /// # Errors
+    /// A missing or unreadable file, or a backend that cannot load it.
+    pub async fn load(spec: &ModelSpec, loader: &dyn EngineLoader, router: bool) -> Result<Self, EngineError> {
+        let (size_bytes, task) = match std::fs::metadata(&spec.path) {
+            Ok(meta) => {
+                let task = read_task(&spec.path).map_err(|e| EngineError::Load {
+                    path: spec.path.display().to_string(),
+                    source: e.into(),
+                })?;
+                (meta.len(), task)
+            }
+            // The stub engine runs without a model file.
+            Err(_) if !loader.requires_file() => (0, None),
+            Err(_) => {
+                return Err(EngineError::ModelNotFound {
+                    path: spec.path.display().to_string(),
+                });
+            }
+        };
+        Ok(Self {
+            version: spec.version_label(),
+            path: spec.path.clone(),
+            size_bytes,
+            loaded_at: SystemTime::now(),
+            engine: loader.load(spec, router).await?,
+            task,
+        })
+    }
 }
 
 impl std::fmt::Debug for ServedModel {
@@ -94,6 +130,11 @@ pub trait EngineLoader: Send + Sync {
     /// # Errors
     /// When the file is missing or the backend cannot load it.
     async fn load(&self, spec: &ModelSpec, router: bool) -> Result<Arc<dyn Engine>, EngineError>;
+
+    /// Whether the model file must exist (false for engines that run without one).
+    fn requires_file(&self) -> bool {
+        true
+    }
 }
 
 /// Loads GGUF models with mistral.rs.
@@ -119,6 +160,9 @@ impl EngineLoader for MistralLoader {
 #[derive(Debug)]
 pub struct ModelRegistry {
     slots: BTreeMap<String, Arc<Slot>>,
+    /// How each slot's model was loaded (the template for promotions), and
+    /// whether the slot makes route decisions.
+    specs: BTreeMap<String, (ModelSpec, bool)>,
 }
 
 impl ModelRegistry {
@@ -136,6 +180,7 @@ impl ModelRegistry {
                 .map(|e| (expert_slot(&e.name), e.model.as_str(), false)),
         );
         let mut slots = BTreeMap::new();
+        let mut specs = BTreeMap::new();
         for (slot, model_name, router) in bindings {
             let served = match loaded.get(&(model_name, router)) {
                 Some(m) => m.clone(),
@@ -146,27 +191,31 @@ impl ModelRegistry {
                         .ok_or_else(|| EngineError::ModelNotFound {
                             path: format!("[models.{model_name}]"),
                         })?;
-                    let served = Arc::new(ServedModel {
-                        version: spec.version_label(),
-                        path: spec.path.clone(),
-                        size_bytes: std::fs::metadata(&spec.path).map(|m| m.len()).unwrap_or(0),
-                        loaded_at: SystemTime::now(),
-                        engine: loader.load(spec, router).await?,
-                    });
+                    let served = Arc::new(ServedModel::load(spec, loader, router).await?);
                     loaded.insert((model_name, router), served.clone());
                     served
                 }
             };
+            if let Some(spec) = settings.models.get(model_name) {
+                specs.insert(slot.clone(), (spec.clone(), router));
+            }
             slots.insert(slot.clone(), Arc::new(Slot::new(slot, served)));
         }
-        Ok(Self { slots })
+        Ok(Self { slots, specs })
     }
 
     /// A registry from ready slots (tests, benchmarks).
     pub fn from_slots(slots: impl IntoIterator<Item = Arc<Slot>>) -> Self {
         Self {
             slots: slots.into_iter().map(|s| (s.name().to_string(), s)).collect(),
+            specs: BTreeMap::new(),
         }
+    }
+
+    /// How `slot`'s model was configured and whether it routes (`None` for
+    /// slots built with [`ModelRegistry::from_slots`]).
+    pub fn spec(&self, slot: &str) -> Option<&(ModelSpec, bool)> {
+        self.specs.get(slot)
     }
 
     /// A slot by name.
@@ -186,11 +235,22 @@ impl ModelRegistry {
 pub struct StubLoader {
     /// Delay before each streamed token.
     pub per_token_delay: std::time::Duration,
+    /// Sign every streamed word with the model's version (hot-swap tests).
+    pub sign_tokens: bool,
 }
 
 #[async_trait]
 impl EngineLoader for StubLoader {
-    async fn load(&self, _spec: &ModelSpec, _router: bool) -> Result<Arc<dyn Engine>, EngineError> {
-        Ok(Arc::new(crate::engine::stub::StubEngine::new(self.per_token_delay)))
+    async fn load(&self, spec: &ModelSpec, _router: bool) -> Result<Arc<dyn Engine>, EngineError> {
+        use crate::engine::stub::StubEngine;
+        Ok(Arc::new(if self.sign_tokens {
+            StubEngine::signed(self.per_token_delay, spec.version_label())
+        } else {
+            StubEngine::new(self.per_token_delay)
+        }))
+    }
+
+    fn requires_file(&self) -> bool {
+        false
     }
 }

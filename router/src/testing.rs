@@ -17,6 +17,7 @@ pub fn stub_model(version: &str) -> ServedModel {
         size_bytes: 0,
         loaded_at: SystemTime::now(),
         engine: Arc::new(StubEngine::default()),
+        task: None,
     }
 }
 

@@ -16,7 +16,8 @@ use flywheel_router::engine::EngineError;
 use flywheel_router::guardrails::Rails;
 use flywheel_router::guardrails::rails::{RailSet, RailsError};
 use flywheel_router::log::{LogError, RequestLog};
-use flywheel_router::registry::{MistralLoader, ModelRegistry, StubLoader};
+use flywheel_router::registry::{EngineLoader, MistralLoader, ModelRegistry, StubLoader};
+use flywheel_router::store::{ModelStore, StoreError};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,9 @@ pub enum ServerError {
     /// The pipeline could not be assembled.
     #[error("cannot assemble the pipeline")]
     Pipeline(#[from] flywheel_router::PipelineError),
+    /// The model registry could not be opened.
+    #[error("cannot open the model registry")]
+    Store(#[from] StoreError),
     /// The reflection service could not be built.
     #[error("cannot build gRPC reflection")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -69,21 +73,28 @@ impl App {
         let settings = &config.settings;
         let log = RequestLog::open(&settings.log)?;
         let started = std::time::Instant::now();
-        let registry = match config.engine {
-            EngineKind::Mistralrs => ModelRegistry::load(settings, &MistralLoader).await?,
-            EngineKind::Stub => {
-                let per_token_delay = Duration::from_millis(config.stub_token_delay_ms);
-                ModelRegistry::load(settings, &StubLoader { per_token_delay }).await?
-            }
+        let loader: Arc<dyn EngineLoader> = match config.engine {
+            EngineKind::Mistralrs => Arc::new(MistralLoader),
+            EngineKind::Stub => Arc::new(StubLoader {
+                per_token_delay: Duration::from_millis(config.stub_token_delay_ms),
+                sign_tokens: config.stub_sign_tokens,
+            }),
         };
+        let registry = ModelRegistry::load(settings, loader.as_ref()).await?;
         let rails_spec = settings.rails.clone();
         let rail_set = tokio::task::spawn_blocking(move || RailSet::load(rails_spec, None))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
         let metrics = Arc::new(Metrics::new());
-        let pipeline = Pipeline::new(settings, Arc::new(registry), log)?
+        let mut pipeline = Pipeline::new(settings, Arc::new(registry), log)?
             .with_rails(Rails::configured(Arc::new(rail_set)))
             .with_observer(metrics.clone());
+        if let Some(dir) = &config.registry_dir {
+            pipeline = pipeline.with_model_store(ModelStore::open(dir)?, loader);
+            for (slot, version) in pipeline.restore_promoted().await? {
+                tracing::info!(slot, version, "serving the last promoted version");
+            }
+        }
         pipeline.warm_up().await?;
         tracing::info!(
             engine = ?config.engine,
@@ -170,7 +181,10 @@ impl App {
             .add_service(reflection)
             .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))
             .add_service(RouterServer::new(RouterService::new(self.pipeline.clone())))
-            .add_service(AdminServer::new(AdminService::new(self.pipeline.clone())))
+            .add_service(AdminServer::new(AdminService::new(
+                self.pipeline.clone(),
+                self.config.admin_token.clone(),
+            )))
             .add_service(FeedbackServer::new(FeedbackService::new(self.pipeline.clone())))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(listener),

@@ -11,6 +11,8 @@ use serde::Deserialize;
 
 /// Default listen address: loopback only, the gRPC port convention.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// Shortest accepted admin token: a guessable token is no protection.
+pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// How long shutdown waits for in-flight requests before closing them.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
 
@@ -60,6 +62,12 @@ pub struct Flags {
     /// Serve Prometheus metrics (`GET /metrics`) on this address (off when unset).
     #[arg(long, env = "FLYWHEEL_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Model registry folder (versions that `Admin.Promote` can serve); promotion is off when unset.
+    #[arg(long, env = "FLYWHEEL_REGISTRY_DIR")]
+    pub registry_dir: Option<PathBuf>,
+    /// Token that mutating Admin calls must present (`authorization: Bearer <token>`).
+    #[arg(long, env = "FLYWHEEL_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
 }
 
 /// The TOML file: every section optional.
@@ -70,7 +78,10 @@ struct FileConfig {
     engine: Option<EngineKind>,
     shutdown_grace_ms: Option<u64>,
     stub_token_delay_ms: Option<u64>,
+    stub_sign_tokens: Option<bool>,
     metrics_listen: Option<SocketAddr>,
+    registry_dir: Option<PathBuf>,
+    admin_token: Option<String>,
     models: Option<std::collections::BTreeMap<String, ModelSpec>>,
     router: Option<RouterSpec>,
     experts: Option<Vec<ExpertSpec>>,
@@ -116,8 +127,16 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Stub engine per-token delay (ms).
     pub stub_token_delay_ms: u64,
+    /// Stub engine: sign every streamed word with the model version
+    /// (`word@version`), so tests see which model produced each token.
+    pub stub_sign_tokens: bool,
     /// Prometheus metrics address (off when `None`).
     pub metrics_listen: Option<SocketAddr>,
+    /// Model registry folder (promotion off when `None`).
+    pub registry_dir: Option<PathBuf>,
+    /// Token of mutating Admin calls (`UpdateRails`, `Promote`, `Rollback`);
+    /// without one those calls are refused.
+    pub admin_token: Option<String>,
     /// Models, router, experts, limits, log.
     pub settings: EngineSettings,
 }
@@ -129,7 +148,10 @@ impl Default for Config {
             engine: EngineKind::default(),
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stub_token_delay_ms: 0,
+            stub_sign_tokens: false,
             metrics_listen: None,
+            registry_dir: None,
+            admin_token: None,
             settings: EngineSettings::default(),
         }
     }
@@ -171,6 +193,22 @@ impl Config {
         if let Some(ms) = flags.stub_token_delay_ms {
             config.stub_token_delay_ms = ms;
         }
+        if let Some(dir) = &flags.registry_dir {
+            config.registry_dir = Some(dir.clone());
+        }
+        if let Some(token) = &flags.admin_token {
+            config.admin_token = Some(token.clone());
+        }
+        if config
+            .admin_token
+            .as_ref()
+            .is_some_and(|t| t.trim().len() < MIN_ADMIN_TOKEN_LEN)
+        {
+            return Err(LoadError::Invalid(ConfigError::Invalid {
+                key: "admin_token".into(),
+                reason: format!("use at least {MIN_ADMIN_TOKEN_LEN} characters"),
+            }));
+        }
         config.settings.validate()?;
         Ok(config)
     }
@@ -209,6 +247,9 @@ impl Config {
         if let Some(v) = file.stub_token_delay_ms {
             c.stub_token_delay_ms = v;
         }
+        c.stub_sign_tokens = file.stub_sign_tokens.unwrap_or(false);
+        c.registry_dir = file.registry_dir;
+        c.admin_token = file.admin_token;
         if let Some(v) = file.models {
             s.models = v;
         }

@@ -15,6 +15,15 @@ use flywheel_server::Config;
 use flywheel_server::config::EngineKind;
 use tonic::Code;
 
+const ADMIN_TOKEN: &str = "rails-test-admin-token";
+
+fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    r
+}
+
 fn stub_server(tweak: impl FnOnce(&mut Config)) -> common::TestServer {
     let mut config = Config {
         engine: EngineKind::Stub,
@@ -161,7 +170,7 @@ async fn pii_in_answers_is_redacted_in_the_stream_and_the_log() {
 
 #[tokio::test]
 async fn out_of_scope_queries_follow_the_topic_policy_changed_without_restart() {
-    let server = stub_server(|_| {});
+    let server = stub_server(|c| c.admin_token = Some(ADMIN_TOKEN.into()));
     // The stub router names no expert for this query: low confidence.
     let vague = "nothing specific here";
     let first = server.chat().await.complete(ask(vague)).await.unwrap().into_inner();
@@ -178,15 +187,15 @@ async fn out_of_scope_queries_follow_the_topic_policy_changed_without_restart() 
         "not toml [",
     ] {
         let err = admin
-            .update_rails(UpdateRailsRequest { toml: bad.into() })
+            .update_rails(authorized(UpdateRailsRequest { toml: bad.into() }))
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
     }
     let updated = admin
-        .update_rails(UpdateRailsRequest {
+        .update_rails(authorized(UpdateRailsRequest {
             toml: "[topic]\npolicy = \"refuse\"\nrefusal = \"I can only help with work questions.\"".into(),
-        })
+        }))
         .await
         .unwrap()
         .into_inner();

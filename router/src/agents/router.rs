@@ -110,7 +110,8 @@ impl RouterAgent {
         self.labels.names()
     }
 
-    /// The chat prompt for a query.
+    /// The zero-shot chat prompt for a query (instructions and expert list),
+    /// used for base models.
     pub fn prompt(&self, query: &str) -> Vec<ChatMessage> {
         vec![
             ChatMessage::system(self.system_prompt.clone()),
@@ -118,22 +119,63 @@ impl RouterAgent {
         ]
     }
 
-    /// Prime the engine with the fixed prompt prefix and pay one-time costs.
+    /// The prompt `model` gets for `query`: a fine-tuned model is prompted
+    /// exactly as it was trained, a base model zero-shot.
+    pub fn prompt_for(&self, model: &ServedModel, query: &str) -> Vec<ChatMessage> {
+        match &model.task {
+            Some(task) => vec![
+                ChatMessage::system(task.system_prompt.clone()),
+                ChatMessage::user(query),
+            ],
+            None => self.prompt(query),
+        }
+    }
+
+    /// Check that `model` can route to this router's experts: a fine-tuned
+    /// model must have been trained on exactly this label set.
     ///
     /// # Errors
-    /// Engine failures: the model is not fit to route.
+    /// [`EngineError::InvalidLabels`] naming both label sets.
+    pub fn check_model(&self, model: &ServedModel) -> Result<(), EngineError> {
+        let Some(task) = &model.task else { return Ok(()) };
+        let mut trained = task.labels.clone();
+        let mut served = self.labels.names().to_vec();
+        trained.sort();
+        served.sort();
+        if trained == served {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidLabels(format!(
+                "model {} was trained for labels [{}] but this server routes to [{}]",
+                model.version,
+                trained.join(", "),
+                served.join(", ")
+            )))
+        }
+    }
+
+    /// Check `model`, prime the engine with the fixed prompt prefix and pay
+    /// one-time costs.
+    ///
+    /// # Errors
+    /// A label mismatch or engine failures: the model is not fit to route.
     pub async fn warm_up(&self, model: &ServedModel) -> Result<(), EngineError> {
-        model.engine.warm_up(&self.prompt("hello")).await?;
+        self.check_model(model)?;
+        model.engine.warm_up(&self.prompt_for(model, "hello")).await?;
         // Scoring builds and caches the label plan (tokenized expert names)
         // and, when calibrating, the model's label prior.
         self.prior_for(model).await?;
-        model.engine.score_labels(&self.prompt("hello"), &self.labels).await?;
+        model
+            .engine
+            .score_labels(&self.prompt_for(model, "hello"), &self.labels)
+            .await?;
         Ok(())
     }
 
-    /// The label prior of `model` (empty when not calibrating).
+    /// The label prior of `model` (empty when not calibrating, and for
+    /// fine-tuned models, whose label scores need no correction).
     async fn prior_for(&self, model: &ServedModel) -> Result<Arc<Vec<f32>>, EngineError> {
-        if !self.calibrate {
+        if !self.calibrate || model.task.is_some() {
             return Ok(Arc::new(Vec::new()));
         }
         let cached = self
@@ -148,7 +190,7 @@ impl RouterAgent {
         }
         let scores = model
             .engine
-            .score_labels(&self.prompt(CONTENT_FREE_QUERY), &self.labels)
+            .score_labels(&self.prompt_for(model, CONTENT_FREE_QUERY), &self.labels)
             .await?;
         let prior = Arc::new(scores.logprobs);
         *self.prior.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -169,7 +211,10 @@ impl RouterAgent {
         let model = self.slot.current();
         let start = Instant::now();
         let prior = self.prior_for(&model).await?;
-        let scores = model.engine.score_labels(&self.prompt(query), &self.labels).await?;
+        let scores = model
+            .engine
+            .score_labels(&self.prompt_for(&model, query), &self.labels)
+            .await?;
         let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
         Ok(self.decision(

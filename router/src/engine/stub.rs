@@ -28,12 +28,25 @@ const OTHER_LOGPROB: f32 = -4.0;
 #[derive(Debug, Clone, Default)]
 pub struct StubEngine {
     per_token_delay: Duration,
+    signature: Option<String>,
 }
 
 impl StubEngine {
     /// A stub that waits `per_token_delay` before each token.
     pub fn new(per_token_delay: Duration) -> Self {
-        Self { per_token_delay }
+        Self {
+            per_token_delay,
+            signature: None,
+        }
+    }
+
+    /// A stub that appends `@<signature>` to every word it streams, so a test
+    /// can tell which loaded model produced each token of an answer.
+    pub fn signed(per_token_delay: Duration, signature: impl Into<String>) -> Self {
+        Self {
+            per_token_delay,
+            signature: Some(signature.into()),
+        }
     }
 }
 
@@ -74,7 +87,10 @@ impl Engine for StubEngine {
         let words: Vec<String> = echoed(&messages)
             .unwrap_or(STUB_ANSWER)
             .split(' ')
-            .map(str::to_string)
+            .map(|w| match &self.signature {
+                Some(sig) => format!("{w}@{sig}"),
+                None => w.to_string(),
+            })
             .collect();
         let n = words.len().min(params.max_tokens);
         let finish = if n < words.len() {

@@ -103,6 +103,26 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
         .collect();
     metadata.push(("general.file_type", &file_type));
     metadata.sort_by_key(|(k, _)| *k);
+    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    write_gguf(output, &metadata, &refs)?;
+    let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
+    Ok(PrepReport {
+        converted,
+        kept,
+        output_bytes,
+    })
+}
+
+/// Write a GGUF file atomically: into a temporary file in the same folder,
+/// synced, then renamed over `output`, so readers never see a partial model.
+///
+/// # Errors
+/// I/O failures and tensors candle cannot serialize.
+pub fn write_gguf(
+    output: &Path,
+    metadata: &[(&str, &gguf_file::Value)],
+    tensors: &[(&str, &QTensor)],
+) -> Result<(), PrepError> {
     let dir = output
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -115,8 +135,7 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
     })?;
     let tmp = tmp_file.path().to_path_buf();
     let mut writer = BufWriter::new(tmp_file);
-    let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    gguf_file::write(&mut writer, &metadata, &refs).map_err(|source| PrepError::Gguf {
+    gguf_file::write(&mut writer, metadata, tensors).map_err(|source| PrepError::Gguf {
         path: tmp.clone(),
         source,
     })?;
@@ -135,12 +154,7 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
         path: output.into(),
         source: e.error,
     })?;
-    let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
-    Ok(PrepReport {
-        converted,
-        kept,
-        output_bytes,
-    })
+    Ok(())
 }
 
 #[cfg(test)]

@@ -37,6 +37,9 @@ use crate::observe::{NoObserver, Observer};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{NoRetrieval, Retriever};
 
+mod promotion;
+pub use promotion::SwapReport;
+
 /// Answer events buffered between the producer and the caller.
 const EVENT_BUFFER: usize = 32;
 
@@ -158,6 +161,7 @@ pub struct Pipeline {
     feedback: FeedbackSpec,
     sessions: Arc<SessionTracker>,
     observer: Arc<dyn Observer>,
+    promotion: promotion::Promotion,
 }
 
 struct Admitted {
@@ -201,6 +205,7 @@ impl Pipeline {
             feedback: settings.feedback.clone(),
             sessions: Arc::new(SessionTracker::new(&settings.feedback)),
             observer: Arc::new(NoObserver),
+            promotion: promotion::Promotion::default(),
         })
     }
 

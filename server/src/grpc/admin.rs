@@ -14,14 +14,45 @@ use super::status::to_status;
 pub struct AdminService {
     pipeline: Arc<Pipeline>,
     started: Instant,
+    token: Option<String>,
+}
+
+/// Metadata key of the admin token.
+const AUTHORIZATION: &str = "authorization";
+
+/// Equal strings, in time that does not depend on where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl AdminService {
-    /// Report on `pipeline`, counting uptime from now.
-    pub fn new(pipeline: Arc<Pipeline>) -> Self {
+    /// Report on `pipeline`, counting uptime from now; mutating calls need `token`.
+    pub fn new(pipeline: Arc<Pipeline>, token: Option<String>) -> Self {
         Self {
             pipeline,
             started: Instant::now(),
+            token,
+        }
+    }
+
+    /// Check the bearer token of a mutating call.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(expected) = &self.token else {
+            return Err(Status::failed_precondition(
+                "admin calls are disabled: set `admin_token` (FLYWHEEL_ADMIN_TOKEN) on the server",
+            ));
+        };
+        let given = request
+            .metadata()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if same_secret(t.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(_) => Err(Status::unauthenticated("wrong admin token")),
+            None => Err(Status::unauthenticated(
+                "missing admin token: send metadata `authorization: Bearer <admin_token>`",
+            )),
         }
     }
 
@@ -63,6 +94,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::UpdateRailsRequest>,
     ) -> Result<Response<pb::UpdateRailsResponse>, Status> {
+        self.authorize(&request)?;
         let spec = self
             .pipeline
             .reconfigure_rails(&request.into_inner().toml)
@@ -71,5 +103,38 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::UpdateRailsResponse {
             toml: convert::rails_toml(&spec),
         }))
+    }
+
+    async fn promote(&self, request: Request<pb::PromoteRequest>) -> Result<Response<pb::SwapResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let report = self
+            .pipeline
+            .promote(&r.slot, &r.version)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::swap(&report)))
+    }
+
+    async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::SwapResponse>, Status> {
+        self.authorize(&request)?;
+        let report = self
+            .pipeline
+            .rollback(&request.into_inner().slot)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::swap(&report)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(same_secret(b"abcdefgh", b"abcdefgh"));
+        assert!(!same_secret(b"abcdefgh", b"abcdefgx"));
+        assert!(!same_secret(b"abc", b"abcd"));
     }
 }

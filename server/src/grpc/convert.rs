@@ -104,6 +104,18 @@ pub fn event(e: ChatEvent) -> pb::ChatStreamMessage {
 }
 
 /// A model slot.
+/// A promotion or rollback report.
+pub fn swap(r: &flywheel_router::pipeline::SwapReport) -> pb::SwapResponse {
+    pb::SwapResponse {
+        slot: r.slot.clone(),
+        previous_version: r.previous_version.clone(),
+        version: r.version.clone(),
+        load_ms: r.load_ms,
+        warm_ms: r.warm_ms,
+    }
+}
+
+/// A slot and the model it serves.
 pub fn slot(s: &Slot) -> pb::ModelSlot {
     let m = s.current();
     pb::ModelSlot {

@@ -3,6 +3,7 @@
 use flywheel_router::PipelineError;
 use flywheel_router::engine::EngineError;
 use flywheel_router::guardrails::rails::RailsError;
+use flywheel_router::store::StoreError;
 use tonic::{Code, Status};
 
 /// Map a pipeline error to the status the client sees. Internal failures get
@@ -30,6 +31,15 @@ pub fn to_status(error: &PipelineError) -> Status {
         PipelineError::Retrieval(_) | PipelineError::Log(_) | PipelineError::Rails(RailsError::Head(_)) => {
             Code::Internal
         }
+        PipelineError::UnknownSlot { .. } => Code::NotFound,
+        PipelineError::NoModelStore | PipelineError::ModelRejected { .. } => Code::FailedPrecondition,
+        PipelineError::Store(e) => match e {
+            StoreError::UnknownVersion(_) => Code::NotFound,
+            StoreError::InvalidVersion(_) => Code::InvalidArgument,
+            StoreError::VersionExists(_) => Code::AlreadyExists,
+            StoreError::NothingToRollBack(_) => Code::FailedPrecondition,
+            StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
+        },
     };
     match code {
         Code::Internal | Code::Unavailable => {

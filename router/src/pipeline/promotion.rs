@@ -1,0 +1,236 @@
+//! Promotion and rollback: swap the model of a slot while serving.
+//!
+//! The new version is loaded and warmed beside the old one (a fine-tuned
+//! router is also checked against the experts' label set); only then is the
+//! slot's `ArcSwap` stored. Requests in flight keep the `Arc` they took and
+//! finish on the old model, which is dropped when the last of them ends. A
+//! model that fails to load, validate or warm is rejected and the slot keeps
+//! serving what it served. Every swap is recorded in the [`ModelStore`] so a
+//! restarted server serves the last promoted versions.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::Pipeline;
+use crate::config::ModelSpec;
+use crate::error::PipelineError;
+use crate::registry::{EngineLoader, ROUTER_SLOT, ServedModel, Slot};
+use crate::store::{Binding, ModelStore};
+
+/// Promotion state of a pipeline.
+#[derive(Default)]
+pub(super) struct Promotion {
+    store: Option<ModelStore>,
+    loader: Option<Arc<dyn EngineLoader>>,
+    /// One swap at a time: two promotions of one slot must not interleave
+    /// their load, swap and record steps.
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// What a promotion or rollback did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SwapReport {
+    /// The slot.
+    pub slot: String,
+    /// Version served before.
+    pub previous_version: String,
+    /// Version served now.
+    pub version: String,
+    /// Time to load the new model.
+    pub load_ms: f64,
+    /// Time to check and warm it.
+    pub warm_ms: f64,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl Pipeline {
+    /// Promote versions from `store`, loading them with `loader`.
+    pub fn with_model_store(mut self, store: ModelStore, loader: Arc<dyn EngineLoader>) -> Self {
+        self.promotion.store = Some(store);
+        self.promotion.loader = Some(loader);
+        self
+    }
+
+    /// The model registry on disk, if any.
+    pub fn model_store(&self) -> Option<&ModelStore> {
+        self.promotion.store.as_ref()
+    }
+
+    fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
+        self.registry
+            .slot(slot)
+            .cloned()
+            .ok_or_else(|| PipelineError::UnknownSlot {
+                slot: slot.to_string(),
+                known: self
+                    .registry
+                    .slots()
+                    .map(|s| s.name().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn store_and_loader(&self) -> Result<(&ModelStore, &Arc<dyn EngineLoader>), PipelineError> {
+        match (&self.promotion.store, &self.promotion.loader) {
+            (Some(s), Some(l)) => Ok((s, l)),
+            _ => Err(PipelineError::NoModelStore),
+        }
+    }
+
+    /// Load `binding` for `slot`, check and warm it, without swapping.
+    async fn prepare(&self, slot: &Slot, binding: &Binding) -> Result<(ServedModel, f64, f64), PipelineError> {
+        let (_, loader) = self.store_and_loader()?;
+        let serving = slot.current().version.clone();
+        let rejected = |e: &dyn std::error::Error| PipelineError::ModelRejected {
+            version: binding.version.clone(),
+            serving: serving.clone(),
+            reason: chain(e),
+        };
+        let (template, router) = self
+            .registry
+            .spec(slot.name())
+            .cloned()
+            .ok_or_else(|| PipelineError::NoModelStore)?;
+        let spec = ModelSpec {
+            path: binding.path.clone(),
+            version: Some(binding.version.clone()),
+            ..template
+        };
+        let start = Instant::now();
+        let model = ServedModel::load(&spec, loader.as_ref(), router)
+            .await
+            .map_err(|e| rejected(&e))?;
+        let load_ms = start.elapsed().as_secs_f64() * 1e3;
+        let start = Instant::now();
+        if slot.name() == ROUTER_SLOT {
+            self.router.warm_up(&model).await.map_err(|e| rejected(&e))?;
+        } else {
+            if let Some(task) = &model.task {
+                let reason = format!(
+                    "it is a classifier fine-tuned for labels [{}]; promote it to the `{ROUTER_SLOT}` slot",
+                    task.labels.join(", ")
+                );
+                return Err(PipelineError::ModelRejected {
+                    version: binding.version.clone(),
+                    serving,
+                    reason,
+                });
+            }
+            let expert = self
+                .experts
+                .values()
+                .find(|e| crate::registry::expert_slot(e.name()) == slot.name());
+            let prompt = match expert {
+                Some(e) => e.prompt("hello", &[]),
+                None => vec![crate::engine::ChatMessage::user("hello")],
+            };
+            model.engine.warm_up(&prompt).await.map_err(|e| rejected(&e))?;
+        }
+        Ok((model, load_ms, start.elapsed().as_secs_f64() * 1e3))
+    }
+
+    async fn swap_to(&self, slot_name: &str, binding: Binding, rollback: bool) -> Result<SwapReport, PipelineError> {
+        let _one_at_a_time = self.promotion.lock.lock().await;
+        let (store, _) = self.store_and_loader()?;
+        let slot = self.slot_named(slot_name)?;
+        let (model, load_ms, warm_ms) = self.prepare(&slot, &binding).await?;
+        let new = Arc::new(model);
+        let old = slot.swap(new.clone());
+        let old_binding = Binding {
+            version: old.version.clone(),
+            path: old.path.clone(),
+        };
+        let recorded = if rollback {
+            store.record_rollback(slot_name).map(drop)
+        } else {
+            store.record_promotion(slot_name, old_binding, binding.clone())
+        };
+        if let Err(e) = recorded {
+            // Keep memory and disk in agreement: the swap did not happen.
+            slot.swap(old);
+            return Err(e.into());
+        }
+        tracing::info!(
+            slot = slot_name,
+            from = %old.version,
+            to = %new.version,
+            rollback,
+            load_ms,
+            warm_ms,
+            "model swapped"
+        );
+        Ok(SwapReport {
+            slot: slot_name.to_string(),
+            previous_version: old.version.clone(),
+            version: new.version.clone(),
+            load_ms,
+            warm_ms,
+        })
+    }
+
+    /// Serve `version` (from the model registry) in `slot`.
+    ///
+    /// # Errors
+    /// Unknown slot or version, no registry, or a model that fails to load,
+    /// validate or warm ([`PipelineError::ModelRejected`]; the slot keeps its model).
+    pub async fn promote(&self, slot: &str, version: &str) -> Result<SwapReport, PipelineError> {
+        let (store, _) = self.store_and_loader()?;
+        self.slot_named(slot)?;
+        let path = store.model_path(version)?;
+        self.swap_to(
+            slot,
+            Binding {
+                version: version.to_string(),
+                path,
+            },
+            false,
+        )
+        .await
+    }
+
+    /// Serve again the version `slot` served before its current one.
+    ///
+    /// # Errors
+    /// Nothing to roll back to, or the previous model fails to load.
+    pub async fn rollback(&self, slot: &str) -> Result<SwapReport, PipelineError> {
+        let (store, _) = self.store_and_loader()?;
+        self.slot_named(slot)?;
+        let previous = store.previous(slot)?;
+        self.swap_to(slot, previous, true).await
+    }
+
+    /// At startup: serve in each slot the version last promoted to it, when
+    /// it differs from the configured one. Returns `(slot, version)` pairs.
+    ///
+    /// # Errors
+    /// A recorded version that no longer loads.
+    pub async fn restore_promoted(&self) -> Result<Vec<(String, String)>, PipelineError> {
+        let Ok((store, _)) = self.store_and_loader() else {
+            return Ok(Vec::new());
+        };
+        let mut restored = Vec::new();
+        for slot in self.registry.slots() {
+            let Some(binding) = store.slot(slot.name())?.serving else {
+                continue;
+            };
+            if binding.version == slot.current().version && binding.path == slot.current().path {
+                continue;
+            }
+            let (model, _, _) = self.prepare(slot, &binding).await?;
+            slot.swap(Arc::new(model));
+            restored.push((slot.name().to_string(), binding.version));
+        }
+        Ok(restored)
+    }
+}

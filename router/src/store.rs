@@ -1,0 +1,336 @@
+//! The model registry on disk: model versions, and which one each slot serves.
+//!
+//! ```text
+//! <root>/versions/<version>/model.gguf      the served file
+//! <root>/versions/<version>/manifest.json   how it was made (optional)
+//! <root>/slots.json                         per slot: serving version + history
+//! ```
+//!
+//! The trainer adds versions ([`ModelStore::add`]); the server resolves a
+//! version to its file when promoting and records every promotion and
+//! rollback, so a restarted server serves what was last promoted. Every file
+//! is written to a temporary name and renamed, so a crash never leaves a
+//! half-copied model or a torn `slots.json`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Name of the model file inside a version folder.
+pub const MODEL_FILE: &str = "model.gguf";
+/// Name of the manifest inside a version folder.
+pub const MANIFEST_FILE: &str = "manifest.json";
+const SLOTS_FILE: &str = "slots.json";
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `slots.json` is not valid.
+    #[error("{path} is corrupt")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No such version.
+    #[error("model version `{0}` is not in the registry")]
+    UnknownVersion(String),
+    /// A version name that cannot be a folder name.
+    #[error("invalid version name `{0}`: use letters, digits, `.`, `_` and `-`")]
+    InvalidVersion(String),
+    /// The version exists with different content.
+    #[error("model version `{0}` already exists with a different file; pick another version name")]
+    VersionExists(String),
+    /// Rollback with nothing served before.
+    #[error("slot `{0}` has no earlier version to roll back to")]
+    NothingToRollBack(String),
+}
+
+/// A version bound to a slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    /// Version label.
+    pub version: String,
+    /// Model file.
+    pub path: PathBuf,
+}
+
+/// One slot's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotState {
+    /// What it serves.
+    pub serving: Option<Binding>,
+    /// What it served before, oldest first (rollback pops the last).
+    #[serde(default)]
+    pub history: Vec<Binding>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct SlotsFile {
+    slots: BTreeMap<String, SlotState>,
+}
+
+/// The registry folder.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+}
+
+fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 128
+        && !v.starts_with('.')
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl ModelStore {
+    /// Open (creating) the registry at `root`.
+    ///
+    /// # Errors
+    /// The folder cannot be created.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        let versions = root.join("versions");
+        std::fs::create_dir_all(&versions).map_err(io("cannot create", &versions))?;
+        Ok(Self { root })
+    }
+
+    /// The registry folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Folder of a version.
+    fn dir(&self, version: &str) -> PathBuf {
+        self.root.join("versions").join(version)
+    }
+
+    /// Copy `model` (and its `manifest`) in as `version`; returns the stored
+    /// model path. Adding the same file again under the same name is a no-op.
+    ///
+    /// # Errors
+    /// An invalid or taken version name, I/O failures.
+    pub fn add(&self, version: &str, model: &Path, manifest: Option<&Path>) -> Result<PathBuf, StoreError> {
+        if !valid_version(version) {
+            return Err(StoreError::InvalidVersion(version.to_string()));
+        }
+        let dir = self.dir(version);
+        let target = dir.join(MODEL_FILE);
+        if target.is_file() {
+            let same = std::fs::read(&target).map_err(io("cannot read", &target))?
+                == std::fs::read(model).map_err(io("cannot read", model))?;
+            return if same {
+                Ok(target)
+            } else {
+                Err(StoreError::VersionExists(version.to_string()))
+            };
+        }
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        if let Some(m) = manifest {
+            copy_atomic(m, &dir.join(MANIFEST_FILE))?;
+        }
+        copy_atomic(model, &target)?;
+        Ok(target)
+    }
+
+    /// Model file of `version`.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownVersion`].
+    pub fn model_path(&self, version: &str) -> Result<PathBuf, StoreError> {
+        if !valid_version(version) {
+            return Err(StoreError::InvalidVersion(version.to_string()));
+        }
+        let p = self.dir(version).join(MODEL_FILE);
+        if p.is_file() {
+            Ok(p)
+        } else {
+            Err(StoreError::UnknownVersion(version.to_string()))
+        }
+    }
+
+    /// Stored versions, sorted.
+    ///
+    /// # Errors
+    /// The folder cannot be listed.
+    pub fn versions(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("versions");
+        let mut out: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(io("cannot list", &dir))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().join(MODEL_FILE).is_file())
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn read_slots(&self) -> Result<SlotsFile, StoreError> {
+        let path = self.root.join(SLOTS_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt { path, source }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SlotsFile::default()),
+            Err(e) => Err(io("cannot read", &path)(e)),
+        }
+    }
+
+    fn write_slots(&self, slots: &SlotsFile) -> Result<(), StoreError> {
+        let path = self.root.join(SLOTS_FILE);
+        let bytes = serde_json::to_vec_pretty(slots).map_err(|source| StoreError::Corrupt {
+            path: path.clone(),
+            source,
+        })?;
+        write_atomic(&path, &bytes)
+    }
+
+    /// State of `slot` (default when never recorded).
+    ///
+    /// # Errors
+    /// Unreadable `slots.json`.
+    pub fn slot(&self, slot: &str) -> Result<SlotState, StoreError> {
+        Ok(self.read_slots()?.slots.remove(slot).unwrap_or_default())
+    }
+
+    /// Record that `slot` now serves `new`, having served `old`.
+    ///
+    /// # Errors
+    /// I/O failures.
+    pub fn record_promotion(&self, slot: &str, old: Binding, new: Binding) -> Result<(), StoreError> {
+        let mut file = self.read_slots()?;
+        let state = file.slots.entry(slot.to_string()).or_default();
+        state.history.push(old);
+        state.serving = Some(new);
+        self.write_slots(&file)
+    }
+
+    /// The version `slot` served before its current one.
+    ///
+    /// # Errors
+    /// [`StoreError::NothingToRollBack`].
+    pub fn previous(&self, slot: &str) -> Result<Binding, StoreError> {
+        self.slot(slot)?
+            .history
+            .last()
+            .cloned()
+            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))
+    }
+
+    /// Record a rollback of `slot` to its previous version.
+    ///
+    /// # Errors
+    /// [`StoreError::NothingToRollBack`], I/O failures.
+    pub fn record_rollback(&self, slot: &str) -> Result<Binding, StoreError> {
+        let mut file = self.read_slots()?;
+        let state = file.slots.entry(slot.to_string()).or_default();
+        let prev = state
+            .history
+            .pop()
+            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))?;
+        state.serving = Some(prev.clone());
+        self.write_slots(&file)?;
+        Ok(prev)
+    }
+}
+
+fn temp_in(path: &Path) -> Result<tempfile::NamedTempFile, StoreError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    tempfile::NamedTempFile::new_in(dir).map_err(io("cannot create a file in", dir))
+}
+
+fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), StoreError> {
+    tmp.as_file().sync_all().map_err(io("cannot sync", path))?;
+    tmp.persist(path).map_err(|e| io("cannot rename into", path)(e.error))?;
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut tmp = temp_in(path)?;
+    tmp.write_all(bytes).map_err(io("cannot write", path))?;
+    persist(tmp, path)
+}
+
+fn copy_atomic(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let mut tmp = temp_in(to)?;
+    let mut src = std::fs::File::open(from).map_err(io("cannot open", from))?;
+    std::io::copy(&mut src, &mut tmp).map_err(io("cannot copy", from))?;
+    persist(tmp, to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binding(v: &str) -> Binding {
+        Binding {
+            version: v.into(),
+            path: PathBuf::from(format!("/m/{v}")),
+        }
+    }
+
+    #[test]
+    fn add_is_idempotent_and_refuses_a_different_file_under_a_taken_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path().join("reg")).unwrap();
+        let a = dir.path().join("a.gguf");
+        let b = dir.path().join("b.gguf");
+        std::fs::write(&a, b"model a").unwrap();
+        std::fs::write(&b, b"model b").unwrap();
+        let p = store.add("v1", &a, None).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"model a");
+        assert_eq!(store.add("v1", &a, None).unwrap(), p);
+        assert!(matches!(store.add("v1", &b, None), Err(StoreError::VersionExists(_))));
+        assert!(matches!(
+            store.add("../x", &b, None),
+            Err(StoreError::InvalidVersion(_))
+        ));
+        assert_eq!(store.versions().unwrap(), vec!["v1"]);
+        assert!(matches!(store.model_path("v2"), Err(StoreError::UnknownVersion(_))));
+    }
+
+    #[test]
+    fn promotions_and_rollbacks_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            store.previous("router"),
+            Err(StoreError::NothingToRollBack(_))
+        ));
+        store
+            .record_promotion("router", binding("base"), binding("v1"))
+            .unwrap();
+        store.record_promotion("router", binding("v1"), binding("v2")).unwrap();
+        let reopened = ModelStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.slot("router").unwrap().serving, Some(binding("v2")));
+        assert_eq!(reopened.record_rollback("router").unwrap(), binding("v1"));
+        assert_eq!(reopened.record_rollback("router").unwrap(), binding("base"));
+        assert!(matches!(
+            reopened.record_rollback("router"),
+            Err(StoreError::NothingToRollBack(_))
+        ));
+        assert_eq!(reopened.slot("router").unwrap().serving, Some(binding("base")));
+    }
+}

@@ -1,0 +1,81 @@
+//! The task a fine-tuned model was trained for, read from its GGUF metadata.
+//!
+//! `flywheel-trainer train` writes the system prompt of its training prompts
+//! and the label set into the merged model (`flywheel.task.*` keys). A model
+//! carrying them is a trained classifier: the router prompts it exactly as it
+//! was trained (no expert list, no calibration) and refuses to serve it for a
+//! label set it was not trained on. A model without them (the base model) is
+//! prompted with instructions and the expert list, zero-shot.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+
+/// GGUF key of the training prompts' system prompt.
+pub const SYSTEM_PROMPT_KEY: &str = "flywheel.task.system_prompt";
+/// GGUF key of the label set (array of strings).
+pub const LABELS_KEY: &str = "flywheel.task.labels";
+
+/// A fine-tuned model's task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrainedTask {
+    /// System prompt the model was trained with.
+    pub system_prompt: String,
+    /// Labels it answers with.
+    pub labels: Vec<String>,
+}
+
+/// Errors reading a model's task.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The file could not be opened.
+    #[error("cannot open model {path}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The GGUF header is unreadable or a task key has the wrong type.
+    #[error("cannot read the GGUF header of {path}")]
+    Gguf {
+        /// The file.
+        path: String,
+        /// candle's error.
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+/// Read the task of the GGUF model at `path` (header only); `None` for a
+/// model that was not fine-tuned by flywheel.
+///
+/// # Errors
+/// Unreadable file or header.
+pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
+    let file = std::fs::File::open(path).map_err(|source| TaskError::Io {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let gguf = |source| TaskError::Gguf {
+        path: path.display().to_string(),
+        source,
+    };
+    let content = gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(gguf)?;
+    let (Some(prompt), Some(labels)) = (
+        content.metadata.get(SYSTEM_PROMPT_KEY),
+        content.metadata.get(LABELS_KEY),
+    ) else {
+        return Ok(None);
+    };
+    let system_prompt = prompt.to_string().map_err(gguf)?.clone();
+    let labels = labels
+        .to_vec()
+        .map_err(gguf)?
+        .iter()
+        .map(|v| v.to_string().cloned())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(gguf)?;
+    Ok(Some(TrainedTask { system_prompt, labels }))
+}

@@ -1,0 +1,291 @@
+//! `Admin.Promote` / `Admin.Rollback` through a real client: hot swaps under
+//! streaming load with no failed request and no answer mixing two models,
+//! rejection of corrupt or mismatched models, and the admin token.
+//!
+//! The stub engine signs every word it streams with its model version
+//! (`word@version`), so the request log shows which model produced each token.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use candle_core::quantized::{QTensor, gguf_file};
+use flywheel_proto::v1 as pb;
+use flywheel_proto::v1::chat_stream_message::Event;
+use flywheel_router::store::ModelStore;
+use flywheel_server::{Config, config::EngineKind};
+use tonic::Code;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+const EXPERT_SLOT: &str = "expert/hr";
+
+/// A GGUF file with metadata only (the stub engine needs no weights);
+/// `labels` makes it a fine-tuned classifier for those labels.
+fn write_model(path: &Path, name: &str, labels: Option<&[&str]>) {
+    let name = gguf_file::Value::String(name.into());
+    let prompt = gguf_file::Value::String("Reply with the label.".into());
+    let labels =
+        labels.map(|l| gguf_file::Value::Array(l.iter().map(|s| gguf_file::Value::String((*s).into())).collect()));
+    let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.name", &name)];
+    if let Some(l) = &labels {
+        meta.push((flywheel_router::task::SYSTEM_PROMPT_KEY, &prompt));
+        meta.push((flywheel_router::task::LABELS_KEY, l));
+    }
+    let none: [(&str, &QTensor); 0] = [];
+    flywheel_router::model_prep::write_gguf(path, &meta, &none).unwrap();
+}
+
+struct Setup {
+    server: common::TestServer,
+    _dir: tempfile::TempDir,
+}
+
+fn setup(token: Option<&str>) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path().join("registry")).unwrap();
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        let file = dir.path().join(format!("{v}.gguf"));
+        write_model(&file, v, None);
+        store.add(v, &file, None).unwrap();
+    }
+    let corrupt = dir.path().join("corrupt.gguf");
+    std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00 this is not a model").unwrap();
+    store.add("corrupt", &corrupt, None).unwrap();
+    let other = dir.path().join("other-labels.gguf");
+    write_model(&other, "other", Some(&["alpha", "beta"]));
+    store.add("other-labels", &other, None).unwrap();
+    let trained = dir.path().join("trained.gguf");
+    write_model(
+        &trained,
+        "trained",
+        Some(&["hr", "it", "finance", "product", "general"]),
+    );
+    store.add("trained-router", &trained, None).unwrap();
+
+    let config = Config {
+        engine: EngineKind::Stub,
+        stub_token_delay_ms: 1,
+        stub_sign_tokens: true,
+        registry_dir: Some(store.root().to_path_buf()),
+        admin_token: token.map(str::to_string),
+        ..Config::default()
+    };
+    Setup {
+        server: common::start(config),
+        _dir: dir,
+    }
+}
+
+fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    r
+}
+
+fn promote(slot: &str, version: &str) -> tonic::Request<pb::PromoteRequest> {
+    authorized(pb::PromoteRequest {
+        slot: slot.into(),
+        version: version.into(),
+    })
+}
+
+async fn serving(server: &common::TestServer, slot: &str) -> String {
+    let slots = server
+        .admin()
+        .await
+        .list_models(pb::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slots;
+    slots.into_iter().find(|s| s.slot == slot).unwrap().version
+}
+
+/// One streamed answer; `Err` on any failure.
+async fn stream_once(client: &mut pb::chat_client::ChatClient<tonic::transport::Channel>) -> Result<(), tonic::Status> {
+    let request = pb::ChatRequest {
+        query: "How many vacation days do I get?".into(),
+        expert: Some("hr".into()),
+        ..Default::default()
+    };
+    let mut stream = client.stream(request).await?.into_inner();
+    let mut ended = false;
+    while let Some(msg) = stream.message().await? {
+        ended |= matches!(msg.event, Some(Event::End(_)));
+    }
+    if ended {
+        Ok(())
+    } else {
+        Err(tonic::Status::internal("stream ended without its end message"))
+    }
+}
+
+#[tokio::test]
+async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
+    let s = setup(Some(TOKEN));
+    let server = &s.server;
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut client = server.chat().await;
+        let (stop, done) = (stop.clone(), done.clone());
+        clients.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match stream_once(&mut client).await {
+                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        failures.push(e.to_string());
+                        0
+                    }
+                };
+            }
+            failures
+        }));
+    }
+    let mut admin = server.admin().await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for v in ["v1", "v2", "v3", "v4", "v5"] {
+        let r = admin.promote(promote(EXPERT_SLOT, v)).await.unwrap().into_inner();
+        assert_eq!(r.version, v);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let r = admin
+        .rollback(authorized(pb::RollbackRequest {
+            slot: EXPERT_SLOT.into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.previous_version.as_str(), r.version.as_str()), ("v5", "v4"));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        let failures = c.await.unwrap();
+        assert!(failures.is_empty(), "failed requests during swaps: {failures:?}");
+    }
+    assert_eq!(serving(server, EXPERT_SLOT).await, "v4");
+
+    // From the log: every answer's words carry exactly one signature, the
+    // version the record says served it; several versions served traffic.
+    server.pipeline.log().flush().await.unwrap();
+    let records = server.pipeline.log().reader().unwrap().recent(1_000_000).unwrap();
+    assert!(records.len() >= done.load(Ordering::Relaxed));
+    let mut versions = std::collections::BTreeSet::new();
+    for rec in records.iter().filter(|r| r.kind == "stream") {
+        assert_eq!(rec.status, "ok", "{:?}", rec.error);
+        let served = rec.expert_model_version.clone().unwrap();
+        let answer = rec.answer.as_deref().unwrap();
+        for word in answer.split_whitespace() {
+            let sig = word.rsplit_once('@').map(|(_, v)| v).unwrap();
+            assert_eq!(sig, served, "answer mixes models: {answer}");
+        }
+        versions.insert(served);
+    }
+    assert!(versions.len() >= 4, "traffic served by {versions:?}");
+}
+
+#[tokio::test]
+async fn a_model_that_fails_to_load_or_validate_is_rejected_and_the_old_one_keeps_serving() {
+    let s = setup(Some(TOKEN));
+    let server = &s.server;
+    let mut admin = server.admin().await;
+    admin.promote(promote(EXPERT_SLOT, "v2")).await.unwrap();
+
+    let err = admin.promote(promote(EXPERT_SLOT, "corrupt")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("keeps serving `v2`"), "{}", err.message());
+    assert_eq!(serving(server, EXPERT_SLOT).await, "v2");
+
+    let err = admin.promote(promote("router", "other-labels")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("alpha, beta"), "{}", err.message());
+
+    let err = admin.promote(promote(EXPERT_SLOT, "trained-router")).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("router"), "{}", err.message());
+
+    // A classifier trained for exactly the configured experts may route.
+    let r = admin
+        .promote(promote("router", "trained-router"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.version, "trained-router");
+
+    let err = admin.promote(promote(EXPERT_SLOT, "v9")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = admin.promote(promote("expert/nobody", "v1")).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("expert/hr"),
+        "lists the slots: {}",
+        err.message()
+    );
+
+    let mut chat = server.chat().await;
+    stream_once(&mut chat).await.expect("the server still answers");
+}
+
+#[tokio::test]
+async fn admin_calls_need_the_configured_token() {
+    let s = setup(Some(TOKEN));
+    let mut admin = s.server.admin().await;
+    let plain = pb::PromoteRequest {
+        slot: EXPERT_SLOT.into(),
+        version: "v1".into(),
+    };
+    let err = admin.promote(plain.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let mut wrong = tonic::Request::new(plain.clone());
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(admin.promote(wrong).await.unwrap_err().code(), Code::Unauthenticated);
+    let err = admin
+        .update_rails(pb::UpdateRailsRequest { toml: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(serving(&s.server, EXPERT_SLOT).await, "smollm2-135m-instruct-q8_0");
+
+    let without = setup(None);
+    let err = without
+        .server
+        .admin()
+        .await
+        .promote(promote(EXPERT_SLOT, "v1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("admin_token"));
+}
+
+#[tokio::test]
+async fn a_restarted_server_serves_the_last_promoted_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path().join("registry")).unwrap();
+    let file = dir.path().join("v7.gguf");
+    write_model(&file, "v7", None);
+    store.add("v7", &file, None).unwrap();
+    let config = || {
+        Config {
+            engine: EngineKind::Stub,
+            registry_dir: Some(store.root().to_path_buf()),
+            admin_token: Some(TOKEN.into()),
+            ..Config::default()
+        }
+    };
+    let first = common::start(config());
+    first.admin().await.promote(promote(EXPERT_SLOT, "v7")).await.unwrap();
+    let second = common::start(config());
+    assert_eq!(serving(&second, EXPERT_SLOT).await, "v7");
+    assert_eq!(serving(&second, "expert/it").await, "smollm2-135m-instruct-q8_0");
+}
