@@ -5,6 +5,7 @@
 //!   prefill and decode tokens/s).
 //! - `load`: a closed-loop gRPC load generator (route or streaming chat).
 //! - `rails`: latency of the input rails (jailbreak, PII, all together).
+//! - `swap`: streaming load while a slot is promoted and rolled back.
 //! - `ask`: send one query to a server and stream the answer.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -13,6 +14,7 @@ mod engine_bench;
 mod grpc_load;
 mod rails_bench;
 mod stats;
+mod swap_bench;
 
 use std::path::PathBuf;
 
@@ -37,6 +39,8 @@ enum Command {
     Rails(rails_bench::Args),
     /// Closed-loop gRPC load against a running server.
     Load(grpc_load::Args),
+    /// Streaming load while a slot is promoted and rolled back (latency during swaps vs steady).
+    Swap(swap_bench::Args),
     /// Ask a running server one question and stream the answer.
     Ask {
         /// Server address.
@@ -72,6 +76,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Engine(args) => engine_bench::run(args).await,
         Command::Load(args) => grpc_load::run(args).await,
         Command::Rails(args) => rails_bench::run(args).await,
+        Command::Swap(args) => swap_bench::run(args).await,
         Command::Ask {
             addr,
             expert,

@@ -134,7 +134,11 @@ pub fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
     Ok(now_ms - n * unit_ms)
 }
 
-fn settings(server_config: Option<&Path>) -> anyhow::Result<EngineSettings> {
+/// The engine settings of a server config file (defaults without one).
+///
+/// # Errors
+/// Unreadable or invalid file.
+pub fn settings(server_config: Option<&Path>) -> anyhow::Result<EngineSettings> {
     Ok(match server_config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

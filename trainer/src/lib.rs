@@ -4,6 +4,11 @@
 //! - [`curate`]: from the request log and feedback to a clean, leak-free,
 //!   reproducible ground-truth dataset (judge, review queue, dedup, split).
 //! - [`rails`]: guardrail datasets, jailbreak-head training, rail evaluation.
+//! - [`eval`]: a model file measured through the router's own code (accuracy,
+//!   per-class metrics, latency, McNemar between two models).
+//! - [`promote`]: the gate (candidate vs incumbent on a frozen test set) and
+//!   `Admin.Promote` / `Admin.Rollback` on the live server.
+//! - [`finetune`]: LoRA / full fine-tuning in candle, merged GGUF and PEFT outputs.
 //! - Model fetching and preparation live in [`flywheel_router::model_prep`];
 //!   the binary exposes them as `fetch-model` and `prepare-model`.
 
@@ -12,4 +17,7 @@
 pub mod cli;
 pub mod curate;
 pub mod demo;
+pub mod eval;
+pub mod finetune;
+pub mod promote;
 pub mod rails;

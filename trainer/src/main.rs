@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, demo, rails};
+use flywheel_trainer::{cli, demo, eval, finetune, promote, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -20,6 +20,14 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Build a ground-truth dataset from the request log and feedback (and/or labelled files).
     Curate(Box<cli::CurateArgs>),
+    /// Fine-tune a model on labelled text (LoRA or full) and write the merged GGUF, PEFT adapter and manifest.
+    Train(Box<finetune::TrainArgs>),
+    /// Evaluate a model file (optionally against another) on a labelled test set, as the server serves it.
+    Eval(Box<eval::EvalArgs>),
+    /// Gate a trained model against the one a server slot serves, then promote it (hot swap).
+    Promote(Box<promote::PromoteArgs>),
+    /// Make a server slot serve its previous model version again.
+    Rollback(promote::ServerArgs),
     /// Import a reviewed review queue back into the request log as `review` labels.
     ReviewImport(cli::ReviewImportArgs),
     /// Build the jailbreak train/test sets (split by template) from the shared data.
@@ -54,6 +62,37 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
         Command::Curate(args) => cli::curate(*args).await.map(drop),
+        Command::Train(args) => {
+            let m = finetune::run(&args).await?;
+            println!(
+                "{}: {} examples, {} steps in {:.0} s ({:.0} tok/s), final loss {:.4}, train accuracy {:.1}% -> {}",
+                m.version,
+                m.data.examples,
+                m.training.steps,
+                m.training.seconds,
+                m.training.tokens_per_second,
+                m.training.final_loss,
+                m.training.final_train_accuracy * 100.0,
+                m.model_file
+            );
+            Ok(())
+        }
+        Command::Eval(args) => {
+            let report = eval::run(&args).await?;
+            print!("{}", eval::render(&report));
+            Ok(())
+        }
+        Command::Promote(args) => {
+            let report = promote::promote(&args).await?;
+            print!("{}", promote::render(&report));
+            anyhow::ensure!(report.decision.pass, "promotion refused by the gate");
+            Ok(())
+        }
+        Command::Rollback(args) => {
+            let r = promote::rollback(&args).await?;
+            println!("{}: {} -> {}", r.slot, r.previous_version, r.version);
+            Ok(())
+        }
         Command::ReviewImport(args) => cli::review_import(args).map(drop),
         Command::RailsData(args) => rails::build_data(&args),
         Command::TrainRails(args) => rails::train_head(&args).map(drop),

@@ -1,0 +1,463 @@
+//! `flywheel-trainer eval`: measure a model file as the server would serve it.
+//!
+//! The model is loaded with the server's loader into a router slot and every
+//! test query goes through the router agent's own decision code (prompt,
+//! label scoring, calibration for base models), so the artifact measured is
+//! the artifact served. The report has accuracy, per-class precision, recall
+//! and F1, macro-F1, the confusion matrix, decision latency percentiles and
+//! the model size; two models compared on the same frozen test set also get
+//! McNemar's exact test, so a promotion is not decided by noise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use flywheel_router::agents::RouterAgent;
+use flywheel_router::config::{EngineSettings, ExpertSpec, ModelSpec, RouterSpec};
+use flywheel_router::registry::{MistralLoader, ServedModel, Slot};
+use serde::{Deserialize, Serialize};
+
+use crate::curate::dataset::{Columns, Example, LabelSource, read_examples_with};
+
+/// `flywheel-trainer eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Model file (GGUF) to evaluate.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Compare with this model on the same test set (e.g. the incumbent).
+    #[arg(long)]
+    pub against: Option<PathBuf>,
+    /// Labelled test data: JSONL or CSV with `text` and `label`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Text column.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Label column.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Server config whose router instructions and expert descriptions
+    /// prompt base (not fine-tuned) models; without it they see the bare labels.
+    #[arg(long)]
+    pub server_config: Option<PathBuf>,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+/// Precision, recall and F1 of one label.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassMetrics {
+    /// Label.
+    pub label: String,
+    /// Precision.
+    pub precision: f64,
+    /// Recall.
+    pub recall: f64,
+    /// F1.
+    pub f1: f64,
+    /// Test examples with this label.
+    pub support: usize,
+}
+
+/// Evaluation of one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelReport {
+    /// Model file.
+    pub model: String,
+    /// Version label.
+    pub version: String,
+    /// File size in bytes.
+    pub size_bytes: u64,
+    /// Fine-tuned (prompted as trained) or base (zero-shot prompt).
+    pub fine_tuned: bool,
+    /// Test examples.
+    pub n: usize,
+    /// Share predicted right.
+    pub accuracy: f64,
+    /// Mean F1 over labels.
+    pub macro_f1: f64,
+    /// Per label.
+    pub per_class: Vec<ClassMetrics>,
+    /// Label order of the confusion matrix.
+    pub labels: Vec<String>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<usize>>,
+    /// Decision latency median (ms).
+    pub latency_p50_ms: f64,
+    /// Decision latency 99th percentile (ms).
+    pub latency_p99_ms: f64,
+    /// Whether each example was predicted right, in test-file order.
+    pub correct: Vec<bool>,
+}
+
+/// McNemar's exact test between two models on the same examples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Accuracy of the model minus that of the other.
+    pub accuracy_delta: f64,
+    /// Examples only the model gets right.
+    pub only_model_right: usize,
+    /// Examples only the other gets right.
+    pub only_other_right: usize,
+    /// Two-sided exact p-value (binomial on the discordant pairs).
+    pub p_value: f64,
+}
+
+/// The JSON report: `accuracy` at the top level is the evaluated model's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    /// Accuracy of `--model`.
+    pub accuracy: f64,
+    /// Test file.
+    pub data: String,
+    /// `--model`.
+    pub model: ModelReport,
+    /// `--against`, when given.
+    pub against: Option<ModelReport>,
+    /// Model vs against.
+    pub comparison: Option<Comparison>,
+}
+
+/// Two-sided exact McNemar p-value for `b` and `c` discordant pairs.
+pub fn mcnemar_p(b: usize, c: usize) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // log C(n, i) accumulated in log space: n can be in the thousands.
+    let mut log_c = 0.0f64;
+    let mut tail = 0.0f64;
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    for i in 0..=k {
+        if i > 0 {
+            log_c += ((n - i + 1) as f64).ln() - (i as f64).ln();
+        }
+        tail += (log_c + ln_half_n).exp();
+    }
+    (2.0 * tail).min(1.0)
+}
+
+/// Compare two per-example correctness vectors.
+pub fn compare(model: &ModelReport, other: &ModelReport) -> Comparison {
+    let b = model
+        .correct
+        .iter()
+        .zip(&other.correct)
+        .filter(|(m, o)| **m && !**o)
+        .count();
+    let c = model
+        .correct
+        .iter()
+        .zip(&other.correct)
+        .filter(|(m, o)| !**m && **o)
+        .count();
+    Comparison {
+        accuracy_delta: model.accuracy - other.accuracy,
+        only_model_right: b,
+        only_other_right: c,
+        p_value: mcnemar_p(b, c),
+    }
+}
+
+/// Metrics of predictions against truths over `labels`.
+pub fn score(labels: &[String], truth: &[String], pred: &[String]) -> (f64, f64, Vec<ClassMetrics>, Vec<Vec<usize>>) {
+    let index: BTreeMap<&str, usize> = labels.iter().enumerate().map(|(i, l)| (l.as_str(), i)).collect();
+    let mut confusion = vec![vec![0usize; labels.len()]; labels.len()];
+    let mut right = 0;
+    for (t, p) in truth.iter().zip(pred) {
+        if let (Some(&ti), Some(&pi)) = (index.get(t.as_str()), index.get(p.as_str())) {
+            confusion[ti][pi] += 1;
+        }
+        right += usize::from(t == p);
+    }
+    let per_class: Vec<ClassMetrics> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let tp = confusion[i][i] as f64;
+            let predicted: usize = confusion.iter().map(|row| row[i]).sum();
+            let support: usize = confusion[i].iter().sum();
+            let precision = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
+            let recall = if support == 0 { 0.0 } else { tp / support as f64 };
+            let f1 = if precision + recall == 0.0 {
+                0.0
+            } else {
+                2.0 * precision * recall / (precision + recall)
+            };
+            ClassMetrics {
+                label: l.clone(),
+                precision,
+                recall,
+                f1,
+                support,
+            }
+        })
+        .collect();
+    let macro_f1 = per_class.iter().map(|c| c.f1).sum::<f64>() / labels.len().max(1) as f64;
+    (right as f64 / truth.len().max(1) as f64, macro_f1, per_class, confusion)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
+/// Router settings for evaluation: the server config's instructions and
+/// expert descriptions where it has them, the bare label otherwise.
+fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::Result<(RouterSpec, Vec<ExpertSpec>)> {
+    let configured = match server_config {
+        Some(p) => Some(crate::cli::settings(Some(p))?),
+        None => None,
+    };
+    let mut router = configured
+        .as_ref()
+        .map(|s| s.router.clone())
+        .unwrap_or_else(|| RouterSpec {
+            instructions: "You classify messages. Reply with the name of the one category that fits.".into(),
+            ..RouterSpec::default()
+        });
+    router.confidence_threshold = 0.0;
+    let experts = labels
+        .iter()
+        .map(|l| {
+            let description = configured
+                .as_ref()
+                .and_then(|s| s.experts.iter().find(|e| &e.name == l))
+                .map(|e| e.description.clone())
+                .unwrap_or_else(|| l.clone());
+            ExpertSpec {
+                name: l.clone(),
+                description,
+                ..EngineSettings::default().experts[0].clone()
+            }
+        })
+        .collect();
+    router.fallback_expert = labels.first().cloned().unwrap_or_default();
+    Ok((router, experts))
+}
+
+/// The version a training run gave the model (its `manifest.json` beside the file).
+fn manifest_version(model: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(model.parent()?.join("manifest.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    Some(v["version"].as_str()?.to_string())
+}
+
+/// The label set to evaluate on: the test labels plus every label a
+/// fine-tuned model among `models` was trained for (it may answer any of them).
+///
+/// # Errors
+/// A model whose header cannot be read.
+pub fn label_space(test_labels: &[String], models: &[&Path]) -> anyhow::Result<Vec<String>> {
+    let mut labels = test_labels.to_vec();
+    for m in models {
+        if let Some(task) = flywheel_router::task::read_task(m)? {
+            labels.extend(task.labels);
+        }
+    }
+    labels.sort();
+    labels.dedup();
+    Ok(labels)
+}
+
+/// Evaluate the model at `path` on `examples` through the router agent.
+///
+/// # Errors
+/// The model fails to load or to score.
+pub async fn evaluate_model(
+    path: &Path,
+    examples: &[Example],
+    labels: &[String],
+    server_config: Option<&Path>,
+) -> anyhow::Result<ModelReport> {
+    let spec = ModelSpec {
+        path: path.to_path_buf(),
+        version: manifest_version(path),
+        ..EngineSettings::default()
+            .models
+            .into_values()
+            .next()
+            .context("default model entry")?
+    };
+    let served = Arc::new(
+        ServedModel::load(&spec, &MistralLoader, true)
+            .await
+            .with_context(|| format!("loading {}", path.display()))?,
+    );
+    let (router_spec, experts) = router_settings(labels, server_config)?;
+    let agent = RouterAgent::new(&router_spec, &experts, Arc::new(Slot::new("router", served.clone())))?;
+    agent.warm_up(&served).await?;
+    let mut preds = Vec::with_capacity(examples.len());
+    let mut latencies = Vec::with_capacity(examples.len());
+    let bar = indicatif::ProgressBar::new(examples.len() as u64);
+    for e in examples {
+        let d = agent.decide(&e.text).await?;
+        latencies.push(d.latency_ms);
+        preds.push(d.top_expert);
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let truth: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
+    let (accuracy, macro_f1, per_class, confusion) = score(labels, &truth, &preds);
+    latencies.sort_by(f64::total_cmp);
+    Ok(ModelReport {
+        model: path.display().to_string(),
+        version: served.version.clone(),
+        size_bytes: served.size_bytes,
+        fine_tuned: served.task.is_some(),
+        n: examples.len(),
+        accuracy,
+        macro_f1,
+        per_class,
+        labels: labels.to_vec(),
+        confusion,
+        latency_p50_ms: percentile(&latencies, 0.5),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        correct: truth.iter().zip(&preds).map(|(t, p)| t == p).collect(),
+    })
+}
+
+/// Read the test examples and their sorted label set.
+///
+/// # Errors
+/// Unreadable data.
+pub fn read_test(
+    path: &Path,
+    text_column: &str,
+    label_column: &str,
+    limit: Option<usize>,
+) -> anyhow::Result<(Vec<Example>, Vec<String>)> {
+    let columns = Columns {
+        text: text_column.into(),
+        label: label_column.into(),
+    };
+    let mut examples = read_examples_with(path, LabelSource::Import, &columns)?;
+    if let Some(n) = limit {
+        examples.truncate(n);
+    }
+    let mut labels: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
+    labels.sort();
+    labels.dedup();
+    anyhow::ensure!(labels.len() >= 2, "{} has fewer than 2 labels", path.display());
+    Ok((examples, labels))
+}
+
+/// Run `flywheel-trainer eval`.
+///
+/// # Errors
+/// Unreadable data, models that fail to load.
+pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
+    let (examples, labels) = read_test(&args.data, &args.text_column, &args.label_column, args.limit)?;
+    let mut models = vec![args.model.as_path()];
+    models.extend(args.against.as_deref());
+    let labels = label_space(&labels, &models)?;
+    let config = args.server_config.as_deref();
+    let model = evaluate_model(&args.model, &examples, &labels, config).await?;
+    let against = match &args.against {
+        Some(p) => Some(evaluate_model(p, &examples, &labels, config).await?),
+        None => None,
+    };
+    let comparison = against.as_ref().map(|a| compare(&model, a));
+    let report = EvalReport {
+        accuracy: model.accuracy,
+        data: args.data.display().to_string(),
+        model,
+        against,
+        comparison,
+    };
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// A readable summary of a report.
+pub fn render(report: &EvalReport) -> String {
+    let mut s = String::new();
+    let mut models = vec![&report.model];
+    models.extend(report.against.as_ref());
+    s.push_str(&format!(
+        "{:<44} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
+        "model", "accuracy", "macro-F1", "p50 ms", "p99 ms", "MB"
+    ));
+    for m in &models {
+        s.push_str(&format!(
+            "{:<44} {:>8.1}% {:>9.3} {:>10.1} {:>10.1} {:>9.1}\n",
+            m.version,
+            m.accuracy * 100.0,
+            m.macro_f1,
+            m.latency_p50_ms,
+            m.latency_p99_ms,
+            m.size_bytes as f64 / 1e6
+        ));
+    }
+    s.push_str(&format!("\nper class ({}):\n", report.model.version));
+    s.push_str(&format!(
+        "{:<20} {:>9} {:>9} {:>9} {:>8}\n",
+        "label", "precision", "recall", "F1", "support"
+    ));
+    for c in &report.model.per_class {
+        s.push_str(&format!(
+            "{:<20} {:>9.3} {:>9.3} {:>9.3} {:>8}\n",
+            c.label, c.precision, c.recall, c.f1, c.support
+        ));
+    }
+    if let Some(c) = &report.comparison {
+        s.push_str(&format!(
+            "\nMcNemar: {} right only with the model, {} only with the other; p = {:.4} ({})\n",
+            c.only_model_right,
+            c.only_other_right,
+            c.p_value,
+            if c.p_value < 0.05 {
+                "significant at 5%"
+            } else {
+                "not significant at 5%"
+            }
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mcnemar_matches_the_exact_binomial() {
+        // b = 0, c = 5: p = 2 * 0.5^5 = 0.0625.
+        assert!((mcnemar_p(0, 5) - 0.0625).abs() < 1e-12);
+        // b = 1, c = 9: p = 2 * (1 + 10) / 1024.
+        assert!((mcnemar_p(1, 9) - 22.0 / 1024.0).abs() < 1e-12);
+        assert_eq!(mcnemar_p(4, 4), 1.0);
+        assert_eq!(mcnemar_p(0, 0), 1.0);
+        // Large counts stay finite and symmetric.
+        let p = mcnemar_p(400, 480);
+        assert!(p > 0.0 && p < 0.01, "{p}");
+        assert_eq!(mcnemar_p(480, 400), p);
+    }
+
+    #[test]
+    fn score_counts_per_class_metrics() {
+        let labels: Vec<String> = ["a", "b"].map(String::from).to_vec();
+        let truth: Vec<String> = ["a", "a", "b", "b"].map(String::from).to_vec();
+        let pred: Vec<String> = ["a", "b", "b", "b"].map(String::from).to_vec();
+        let (acc, macro_f1, per, conf) = score(&labels, &truth, &pred);
+        assert_eq!(acc, 0.75);
+        assert_eq!(conf, vec![vec![1, 1], vec![0, 2]]);
+        assert_eq!(per[0].precision, 1.0);
+        assert_eq!(per[0].recall, 0.5);
+        assert!((per[1].precision - 2.0 / 3.0).abs() < 1e-12);
+        assert!((macro_f1 - (2.0 / 3.0 + 0.8) / 2.0).abs() < 1e-12);
+    }
+}

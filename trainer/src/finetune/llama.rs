@@ -1,0 +1,518 @@
+//! A trainable Llama in candle, read from (and written back to) GGUF.
+//!
+//! The forward pass matches the GGUF Llama that mistral.rs serves (interleaved
+//! rotary embedding on the GGUF's permuted Q/K rows, RMS norms, SwiGLU MLP,
+//! grouped-query attention, tied or separate output head), built only from
+//! ops candle can differentiate. Base weights are dequantized to f32 and stay
+//! constants; trainable parameters are the [`LoraAdapter`]s and, with full
+//! fine-tuning, the weights of the trained blocks ([`Weight::Trained`]).
+//!
+//! Training only ever needs a few positions' logits (the answer tokens), so
+//! the head is applied to gathered hidden rows ([`Llama::logits`]) rather
+//! than to every position.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek};
+
+use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+
+use super::lora::LoraAdapter;
+use super::{FinetuneError, gguf_err};
+
+/// Longest sequence the rotary tables cover. Router prompts are tens of
+/// tokens; the label plans add a handful.
+pub const MAX_POSITIONS: usize = 2048;
+
+/// The linear layers of a block, in GGUF order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Attention output projection.
+    O,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection.
+    Up,
+    /// MLP down projection.
+    Down,
+}
+
+impl Target {
+    /// All targets, in block order.
+    pub const ALL: [Target; 7] = [
+        Target::Q,
+        Target::K,
+        Target::V,
+        Target::O,
+        Target::Gate,
+        Target::Up,
+        Target::Down,
+    ];
+
+    /// Tensor name inside a GGUF block (`blk.N.<name>.weight`).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Target::Q => "attn_q",
+            Target::K => "attn_k",
+            Target::V => "attn_v",
+            Target::O => "attn_output",
+            Target::Gate => "ffn_gate",
+            Target::Up => "ffn_up",
+            Target::Down => "ffn_down",
+        }
+    }
+
+    /// Module path inside a Hugging Face Llama layer (PEFT naming).
+    pub fn hf_module(self) -> &'static str {
+        match self {
+            Target::Q => "self_attn.q_proj",
+            Target::K => "self_attn.k_proj",
+            Target::V => "self_attn.v_proj",
+            Target::O => "self_attn.o_proj",
+            Target::Gate => "mlp.gate_proj",
+            Target::Up => "mlp.up_proj",
+            Target::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Short name used on the command line and in PEFT's `target_modules`.
+    pub fn short(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// Parse `q`, `q_proj`, `gate`, ...
+    pub fn parse(s: &str) -> Option<Target> {
+        let s = s.trim().to_ascii_lowercase();
+        let s = s.strip_suffix("_proj").unwrap_or(&s);
+        Some(match s {
+            "q" => Target::Q,
+            "k" => Target::K,
+            "v" => Target::V,
+            "o" => Target::O,
+            "gate" => Target::Gate,
+            "up" => Target::Up,
+            "down" => Target::Down,
+            _ => return None,
+        })
+    }
+}
+
+/// Shape of a Llama model, from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LlamaConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Hidden size.
+    pub n_embd: usize,
+    /// Attention heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// MLP inner size.
+    pub n_ff: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RMS norm epsilon.
+    pub rms_eps: f64,
+    /// Rotary base frequency.
+    pub rope_base: f32,
+}
+
+impl LlamaConfig {
+    /// Per-head size.
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Read the shape from GGUF metadata (architecture `llama`).
+    ///
+    /// # Errors
+    /// Another architecture, or a missing key.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, FinetuneError> {
+        let arch = content
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(FinetuneError::Unsupported(format!(
+                "architecture `{arch}`: fine-tuning supports Llama-architecture GGUF models (SmolLM2 is one)"
+            )));
+        }
+        let get = |key: &str| -> Result<&gguf_file::Value, FinetuneError> {
+            content
+                .metadata
+                .get(key)
+                .ok_or_else(|| FinetuneError::Unsupported(format!("GGUF metadata has no `{key}`")))
+        };
+        let u = |key: &str| -> Result<usize, FinetuneError> { Ok(get(key)?.to_u32().map_err(gguf_err)? as usize) };
+        let n_embd = u("llama.embedding_length")?;
+        let vocab = content
+            .tensor_infos
+            .get("token_embd.weight")
+            .map(|t| t.shape.dims()[0])
+            .ok_or_else(|| FinetuneError::Unsupported("GGUF has no token_embd.weight".into()))?;
+        Ok(Self {
+            n_layer: u("llama.block_count")?,
+            n_embd,
+            n_head: u("llama.attention.head_count")?,
+            n_kv_head: u("llama.attention.head_count_kv")?,
+            n_ff: u("llama.feed_forward_length")?,
+            vocab,
+            rms_eps: f64::from(
+                get("llama.attention.layer_norm_rms_epsilon")?
+                    .to_f32()
+                    .map_err(gguf_err)?,
+            ),
+            rope_base: get("llama.rope.freq_base")
+                .and_then(|v| v.to_f32().map_err(gguf_err))
+                .unwrap_or(10_000.0),
+        })
+    }
+}
+
+/// A weight matrix: a constant, or a parameter under full fine-tuning.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    /// Not trained.
+    Frozen(Tensor),
+    /// Trained (full fine-tuning).
+    Trained(Var),
+}
+
+impl Weight {
+    /// The current value.
+    pub fn tensor(&self) -> &Tensor {
+        match self {
+            Weight::Frozen(t) => t,
+            Weight::Trained(v) => v.as_tensor(),
+        }
+    }
+}
+
+/// A linear layer `y = x Wᵀ` (+ LoRA).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Weight,
+    /// Low-rank adapter, if any.
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    /// Apply to `x` of shape `[n, in]`; `dropout` masks the adapter's input.
+    ///
+    /// # Errors
+    /// Shape mismatches.
+    pub fn forward(&self, x: &Tensor, dropout: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let y = x.matmul(&self.weight.tensor().t()?)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(lora) => {
+                let xin = match dropout {
+                    Some(mask) => x.mul(mask)?,
+                    None => x.clone(),
+                };
+                y + lora.delta(&xin)?
+            }
+        }
+    }
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// Norm before attention.
+    pub attn_norm: Weight,
+    /// Norm before the MLP.
+    pub ffn_norm: Weight,
+    /// q, k, v, o, gate, up, down in [`Target::ALL`] order.
+    pub linears: Vec<Linear>,
+}
+
+impl Block {
+    /// The linear layer for `target`.
+    pub fn linear(&self, target: Target) -> &Linear {
+        &self.linears[target as usize]
+    }
+
+    /// Mutable access to the linear layer for `target`.
+    pub fn linear_mut(&mut self, target: Target) -> &mut Linear {
+        &mut self.linears[target as usize]
+    }
+}
+
+/// The model: embedding, blocks, final norm and head.
+#[derive(Debug)]
+pub struct Llama {
+    /// Shape.
+    pub cfg: LlamaConfig,
+    /// `[vocab, n_embd]`, also the head when the model ties them.
+    pub embed: Tensor,
+    /// Blocks, bottom first.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub norm: Tensor,
+    /// Separate output head `[vocab, n_embd]`, `None` when tied to the embedding.
+    pub output: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// The quantized tensors of a GGUF file, kept to write untouched tensors back
+/// bit for bit.
+pub type Originals = HashMap<String, QTensor>;
+
+impl Llama {
+    /// Read a GGUF Llama, keeping its first `keep_layers` blocks (all when `None`).
+    ///
+    /// # Errors
+    /// Unsupported architecture, unreadable tensors, `keep_layers` out of range.
+    pub fn from_gguf<R: Read + Seek>(
+        content: &gguf_file::Content,
+        reader: &mut R,
+        keep_layers: Option<usize>,
+    ) -> Result<(Self, Originals), FinetuneError> {
+        let mut cfg = LlamaConfig::from_gguf(content)?;
+        if let Some(k) = keep_layers {
+            if k == 0 || k > cfg.n_layer {
+                return Err(FinetuneError::Invalid(format!(
+                    "--keep-layers {k}: the base has {} blocks; keep between 1 and {}",
+                    cfg.n_layer, cfg.n_layer
+                )));
+            }
+            cfg.n_layer = k;
+        }
+        let dev = Device::Cpu;
+        let mut originals = Originals::new();
+        for name in content.tensor_infos.keys() {
+            if let Some(layer) = block_index(name)
+                && layer >= cfg.n_layer
+            {
+                continue;
+            }
+            let q = content.tensor(reader, name, &dev).map_err(gguf_err)?;
+            originals.insert(name.clone(), q);
+        }
+        let deq = |name: &str| -> Result<Tensor, FinetuneError> {
+            originals
+                .get(name)
+                .ok_or_else(|| FinetuneError::Unsupported(format!("GGUF has no tensor `{name}`")))?
+                .dequantize(&dev)
+                .map_err(gguf_err)
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let linears = Target::ALL
+                .iter()
+                .map(|t| {
+                    Ok(Linear {
+                        weight: Weight::Frozen(deq(&format!("blk.{i}.{}.weight", t.gguf_name()))?),
+                        lora: None,
+                    })
+                })
+                .collect::<Result<Vec<_>, FinetuneError>>()?;
+            blocks.push(Block {
+                attn_norm: Weight::Frozen(deq(&format!("blk.{i}.attn_norm.weight"))?),
+                ffn_norm: Weight::Frozen(deq(&format!("blk.{i}.ffn_norm.weight"))?),
+                linears,
+            });
+        }
+        let output = if originals.contains_key("output.weight") {
+            Some(deq("output.weight")?)
+        } else {
+            None
+        };
+        let embed = deq("token_embd.weight")?;
+        let norm = deq("output_norm.weight")?;
+        Ok((Self::assemble(cfg, embed, blocks, norm, output)?, originals))
+    }
+
+    /// A model from parts (tests build tiny random models this way).
+    ///
+    /// # Errors
+    /// Tensor creation failures.
+    pub fn assemble(
+        cfg: LlamaConfig,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        output: Option<Tensor>,
+    ) -> Result<Self, FinetuneError> {
+        let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base).map_err(gguf_err)?;
+        Ok(Self {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            output,
+            cos,
+            sin,
+        })
+    }
+
+    /// Token embeddings of `tokens` (`[b, t]` u32) → `[b, t, d]`.
+    ///
+    /// # Errors
+    /// Out-of-vocabulary ids.
+    pub fn embed(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        self.embed
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((b, t, self.cfg.n_embd))
+    }
+
+    /// Run blocks `range` over hidden states `x` (`[b, t, d]`, causal).
+    /// `dropout` gives, per call, a keep-mask for an adapter input (`None`: no dropout).
+    ///
+    /// # Errors
+    /// Shape mismatches.
+    pub fn blocks_forward(
+        &self,
+        x: &Tensor,
+        range: std::ops::Range<usize>,
+        dropout: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let mask = causal_mask(t, x.device())?;
+        let mut x = x.clone();
+        for block in &self.blocks[range] {
+            x = self.block_forward(block, &x, b, t, &mask, dropout)?;
+        }
+        Ok(x)
+    }
+
+    fn block_forward(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        b: usize,
+        t: usize,
+        mask: &Tensor,
+        dropout: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>,
+    ) -> candle_core::Result<Tensor> {
+        let cfg = &self.cfg;
+        let (d, hd) = (cfg.n_embd, cfg.head_dim());
+        let x2 = x.reshape((b * t, d))?;
+        let h = candle_nn::ops::rms_norm_slow(&x2, block.attn_norm.tensor(), cfg.rms_eps as f32)?;
+        let lin =
+            |target: Target, input: &Tensor, drop: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>| {
+                let l = block.linear(target);
+                let mask = if l.lora.is_some() { drop(input.dims())? } else { None };
+                l.forward(input, mask.as_ref())
+            };
+        let q = lin(Target::Q, &h, dropout)?;
+        let k = lin(Target::K, &h, dropout)?;
+        let v = lin(Target::V, &h, dropout)?;
+        let heads = |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+            x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(q, cfg.n_head)?;
+        let k = heads(k, cfg.n_kv_head)?;
+        let v = heads(v, cfg.n_kv_head)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
+        let rep = cfg.n_head / cfg.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
+        let att = att.broadcast_add(mask)?;
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
+        let x2 = (x2 + lin(Target::O, &y, dropout)?)?;
+        let h = candle_nn::ops::rms_norm_slow(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
+        let gate = lin(Target::Gate, &h, dropout)?.silu()?;
+        let up = lin(Target::Up, &h, dropout)?;
+        let down = lin(Target::Down, &(gate * up)?, dropout)?;
+        (x2 + down)?.reshape((b, t, d))
+    }
+
+    /// Logits of hidden rows `h` (`[n, d]`, after the last block): final norm and head.
+    ///
+    /// # Errors
+    /// Shape mismatches.
+    pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
+        let h = candle_nn::ops::rms_norm_slow(h, &self.norm, self.cfg.rms_eps as f32)?;
+        h.matmul(&self.output.as_ref().unwrap_or(&self.embed).t()?)
+    }
+
+    /// Logits at the last position of `tokens` (`[b, t]`): the next-token
+    /// distribution, as the serving engine computes it.
+    ///
+    /// # Errors
+    /// Shape mismatches.
+    pub fn next_token_logits(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = tokens.dims2()?;
+        let x = self.embed(tokens)?;
+        let h = self.blocks_forward(&x, 0..self.blocks.len(), &mut |_| Ok(None))?;
+        self.logits(&h.i((.., t - 1, ..))?)
+    }
+
+    /// Every trainable variable, in a stable order (block, target, A then B).
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            for (name, w) in [("attn_norm", &block.attn_norm), ("ffn_norm", &block.ffn_norm)] {
+                if let Weight::Trained(v) = w {
+                    out.push((format!("blk.{i}.{name}.weight"), v.clone()));
+                }
+            }
+            for target in Target::ALL {
+                let l = block.linear(target);
+                if let Weight::Trained(v) = &l.weight {
+                    out.push((format!("blk.{i}.{}.weight", target.gguf_name()), v.clone()));
+                }
+                if let Some(lora) = &l.lora {
+                    out.push((format!("blk.{i}.{}.lora_a", target.gguf_name()), lora.a.clone()));
+                    out.push((format!("blk.{i}.{}.lora_b", target.gguf_name()), lora.b.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Block index of a GGUF tensor name (`blk.N.…`).
+pub fn block_index(name: &str) -> Option<usize> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+fn rope_tables(head_dim: usize, base: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+        .collect();
+    let theta = Tensor::new(theta.as_slice(), &Device::Cpu)?;
+    let idx = Tensor::arange(0, MAX_POSITIONS as u32, &Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .reshape((MAX_POSITIONS, 1))?;
+    let freqs = idx.matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((freqs.cos()?, freqs.sin()?))
+}
+
+/// Additive causal mask `[t, t]`: 0 on and below the diagonal, a large
+/// negative number above (not -inf, so masked rows never produce NaN gradients).
+fn causal_mask(t: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(v, (t, t), dev)
+}
