@@ -48,6 +48,9 @@ pub struct EvalArgs {
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Write the confusion matrix of `--model` as a PNG here.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 /// Precision, recall and F1 of one label.
@@ -378,6 +381,11 @@ pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.plot {
+        let m = &report.model;
+        let title = format!("{}: accuracy {:.1}% on {} examples", m.version, m.accuracy * 100.0, m.n);
+        crate::plot::confusion_png(&m.labels, &m.confusion, &title, path)?;
     }
     Ok(report)
 }

@@ -6,6 +6,7 @@
 //! - [`rails`]: guardrail datasets, jailbreak-head training, rail evaluation.
 //! - [`eval`]: a model file measured through the router's own code (accuracy,
 //!   per-class metrics, latency, McNemar between two models).
+//! - [`plot`]: PNG figures (the confusion matrix).
 //! - [`promote`]: the gate (candidate vs incumbent on a frozen test set) and
 //!   `Admin.Promote` / `Admin.Rollback` on the live server.
 //! - [`finetune`]: LoRA / full fine-tuning in candle, merged GGUF and PEFT outputs.
@@ -19,5 +20,6 @@ pub mod curate;
 pub mod demo;
 pub mod eval;
 pub mod finetune;
+pub mod plot;
 pub mod promote;
 pub mod rails;

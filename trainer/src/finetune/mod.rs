@@ -222,6 +222,9 @@ pub struct DataInfo {
     pub path: String,
     /// SHA-256 of the file.
     pub sha256: String,
+    /// SHA-256 of the curation `manifest.json` beside the file, when the
+    /// data came from `flywheel-trainer curate` (links the model to its curation run).
+    pub curation_manifest_sha256: Option<String>,
     /// Rows read.
     pub rows: usize,
     /// Examples trained on.
@@ -546,6 +549,12 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         data: DataInfo {
             path: args.data.display().to_string(),
             sha256: data_sha,
+            curation_manifest_sha256: args
+                .data
+                .parent()
+                .map(|d| d.join("manifest.json"))
+                .filter(|m| m.is_file())
+                .and_then(|m| sha256_file(&m).ok()),
             rows: n_rows,
             examples: examples.len() - skipped,
             skipped_too_long: skipped,
