@@ -5,6 +5,7 @@
 //!   prefill and decode tokens/s).
 //! - `load`: a closed-loop gRPC load generator (route or streaming chat).
 //! - `rails`: latency of the input rails (jailbreak, PII, all together).
+//! - `shadow`: live latency without vs with a shadow, same run.
 //! - `swap`: streaming load while a slot is promoted and rolled back.
 //! - `ask`: send one query to a server and stream the answer.
 
@@ -13,6 +14,7 @@
 mod engine_bench;
 mod grpc_load;
 mod rails_bench;
+mod shadow_bench;
 mod stats;
 mod swap_bench;
 
@@ -39,6 +41,8 @@ enum Command {
     Rails(rails_bench::Args),
     /// Closed-loop gRPC load against a running server.
     Load(grpc_load::Args),
+    /// Live latency without vs with a shadow of a slot, back to back.
+    Shadow(shadow_bench::Args),
     /// Streaming load while a slot is promoted and rolled back (latency during swaps vs steady).
     Swap(swap_bench::Args),
     /// Ask a running server one question and stream the answer.
@@ -77,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Load(args) => grpc_load::run(args).await,
         Command::Rails(args) => rails_bench::run(args).await,
         Command::Swap(args) => swap_bench::run(args).await,
+        Command::Shadow(args) => shadow_bench::run(args).await,
         Command::Ask {
             addr,
             expert,

@@ -91,6 +91,18 @@ pub enum PipelineError {
     /// The model registry refused or failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Shadow settings that cannot be used.
+    #[error("invalid shadow: {reason}")]
+    InvalidShadow {
+        /// What to fix.
+        reason: String,
+    },
+    /// No shadow is set on the slot.
+    #[error("no shadow is set on slot `{slot}`")]
+    NoShadow {
+        /// The slot.
+        slot: String,
+    },
     /// A model failed to load, warm up or validate; the slot keeps its model.
     #[error("model version `{version}` was rejected and the slot keeps serving `{serving}`: {reason}")]
     ModelRejected {
@@ -123,7 +135,9 @@ impl PipelineError {
             PipelineError::UnknownSlot { .. } | PipelineError::Store(StoreError::UnknownVersion(_)) => "not_found",
             PipelineError::Store(StoreError::InvalidVersion(_)) => "invalid_argument",
             PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
+            PipelineError::InvalidShadow { .. } => "invalid_argument",
             PipelineError::NoModelStore
+            | PipelineError::NoShadow { .. }
             | PipelineError::ModelRejected { .. }
             | PipelineError::Store(StoreError::NothingToRollBack(_)) => "failed_precondition",
             PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",

@@ -4,7 +4,8 @@
 //! - [`engine`]: the [`engine::Engine`] trait (streaming generation, label
 //!   scoring) and its mistral.rs and stub implementations.
 //! - [`registry`]: named model slots, each an atomically swappable snapshot;
-//!   [`store`]: the registry on disk (model versions, what each slot serves).
+//!   [`store`]: the registry on disk (model versions, what each slot serves);
+//!   [`shadow`]: candidate models mirrored on a sample of live requests.
 //! - [`agents`]: the router agent (picks an expert by label scoring) and the
 //!   expert agents (answer with streaming generation).
 //! - [`guardrails`]: limits, PII (input and streamed output), jailbreak
@@ -38,6 +39,7 @@ pub mod observe;
 pub mod pipeline;
 pub mod registry;
 pub mod retrieval;
+pub mod shadow;
 pub mod similarity;
 pub mod store;
 pub mod task;

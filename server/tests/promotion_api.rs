@@ -275,13 +275,11 @@ async fn a_restarted_server_serves_the_last_promoted_version() {
     let file = dir.path().join("v7.gguf");
     write_model(&file, "v7", None);
     store.add("v7", &file, None).unwrap();
-    let config = || {
-        Config {
-            engine: EngineKind::Stub,
-            registry_dir: Some(store.root().to_path_buf()),
-            admin_token: Some(TOKEN.into()),
-            ..Config::default()
-        }
+    let config = || Config {
+        engine: EngineKind::Stub,
+        registry_dir: Some(store.root().to_path_buf()),
+        admin_token: Some(TOKEN.into()),
+        ..Config::default()
     };
     let first = common::start(config());
     first.admin().await.promote(promote(EXPERT_SLOT, "v7")).await.unwrap();

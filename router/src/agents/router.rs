@@ -208,12 +208,19 @@ impl RouterAgent {
     /// # Errors
     /// Engine failures.
     pub async fn decide(&self, query: &str) -> Result<RouteDecision, EngineError> {
-        let model = self.slot.current();
+        self.decide_with(&self.slot.current(), query).await
+    }
+
+    /// Decide with `model` instead of the slot's (shadow runs of a candidate).
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub async fn decide_with(&self, model: &ServedModel, query: &str) -> Result<RouteDecision, EngineError> {
         let start = Instant::now();
-        let prior = self.prior_for(&model).await?;
+        let prior = self.prior_for(model).await?;
         let scores = model
             .engine
-            .score_labels(&self.prompt_for(&model, query), &self.labels)
+            .score_labels(&self.prompt_for(model, query), &self.labels)
             .await?;
         let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;

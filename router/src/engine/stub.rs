@@ -29,6 +29,18 @@ const OTHER_LOGPROB: f32 = -4.0;
 pub struct StubEngine {
     per_token_delay: Duration,
     signature: Option<String>,
+    misbehaviour: Option<Misbehaviour>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// A fault a test injects into a stub model, after its first `after` calls
+/// to `generate` / `score_labels` (so warm-up still succeeds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Every later call fails.
+    FailAfter(usize),
+    /// Every later call never returns.
+    HangAfter(usize),
 }
 
 impl StubEngine {
@@ -37,6 +49,25 @@ impl StubEngine {
         Self {
             per_token_delay,
             signature: None,
+            misbehaviour: None,
+            calls: Default::default(),
+        }
+    }
+
+    /// This stub with a fault injected.
+    pub fn misbehaving(mut self, m: Misbehaviour) -> Self {
+        self.misbehaviour = Some(m);
+        self
+    }
+
+    async fn maybe_misbehave(&self) -> Result<(), EngineError> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match self.misbehaviour {
+            Some(Misbehaviour::FailAfter(k)) if n >= k => {
+                Err(EngineError::Backend(anyhow::anyhow!("injected failure")))
+            }
+            Some(Misbehaviour::HangAfter(k)) if n >= k => std::future::pending().await,
+            _ => Ok(()),
         }
     }
 
@@ -44,8 +75,8 @@ impl StubEngine {
     /// can tell which loaded model produced each token of an answer.
     pub fn signed(per_token_delay: Duration, signature: impl Into<String>) -> Self {
         Self {
-            per_token_delay,
             signature: Some(signature.into()),
+            ..Self::new(per_token_delay)
         }
     }
 }
@@ -84,6 +115,7 @@ impl Engine for StubEngine {
     }
 
     async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
+        self.maybe_misbehave().await?;
         let words: Vec<String> = echoed(&messages)
             .unwrap_or(STUB_ANSWER)
             .split(' ')
@@ -134,6 +166,7 @@ impl Engine for StubEngine {
     }
 
     async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
+        self.maybe_misbehave().await?;
         let text = user_text(messages);
         let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).collect();
         let logprobs = labels

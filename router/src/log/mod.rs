@@ -222,6 +222,11 @@ impl RequestLog {
         self.inner.submit_feedback(feedback);
     }
 
+    /// Queue a shadow-run record; same guarantees as [`RequestLog::submit`].
+    pub fn submit_shadow(&self, shadow: crate::shadow::ShadowRecord) {
+        self.inner.submit_shadow(shadow);
+    }
+
     /// Commit everything queued so far, then return.
     ///
     /// # Errors
@@ -328,6 +333,18 @@ impl LogReader {
         );
         let mut stmt = self.conn.prepare(&sql)?;
         let rows = stmt.query_map([request_id], writer::feedback_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Shadow runs of `slot`, oldest first.
+    ///
+    /// # Errors
+    /// SQLite errors.
+    pub fn shadow_records(&self, slot: &str) -> Result<Vec<crate::shadow::ShadowRecord>, LogError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT * FROM shadow WHERE slot = ?1 ORDER BY created_at_ms, rowid")?;
+        let rows = stmt.query_map([slot], writer::shadow_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -47,11 +47,16 @@
 //!
 //! Views: `request_feedback` (every feedback row joined with its request)
 //! and `latest_explicit_feedback` (the newest explicit row per request).
+//!
+//! Table `shadow` (v3): one row per shadow run of a candidate model, under
+//! the live request's id: `slot`, `version` and `live_version`, `output`
+//! (the shadow's expert or answer; NULL when it failed) and `live_output`,
+//! `agree` (1/0), `latency_ms` and `live_latency_ms`, `error`, `created_at_ms`.
 
 use rusqlite::Connection;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -115,6 +120,22 @@ const MIGRATIONS: &[&str] = &[
             WHERE g.request_id = f.request_id AND g.kind = 'explicit'
               AND (g.created_at_ms > f.created_at_ms
                    OR (g.created_at_ms = f.created_at_ms AND g.feedback_id > f.feedback_id)));",
+    // v3: shadow runs of candidate models, under the live request's id
+    "CREATE TABLE shadow (
+        request_id TEXT NOT NULL,
+        slot TEXT NOT NULL,
+        version TEXT NOT NULL,
+        live_version TEXT NOT NULL,
+        live_output TEXT NOT NULL,
+        output TEXT,
+        agree INTEGER,
+        latency_ms REAL,
+        live_latency_ms REAL,
+        error TEXT,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX shadow_slot ON shadow(slot, created_at_ms);
+    CREATE INDEX shadow_request ON shadow(request_id);",
 ];
 
 /// Bring `conn` to [`SCHEMA_VERSION`].

@@ -12,10 +12,12 @@ use tokio::sync::oneshot;
 use super::{LogError, LogStats, RequestRecord};
 use crate::agents::RouteDecision;
 use crate::feedback::{FeedbackKind, FeedbackRecord, Rating};
+use crate::shadow::ShadowRecord;
 
 enum Command {
     Record(Box<RequestRecord>),
     Feedback(Box<FeedbackRecord>),
+    Shadow(Box<ShadowRecord>),
     Flush(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
@@ -53,6 +55,10 @@ impl WriterHandle {
 
     pub(super) fn submit_feedback(&self, feedback: FeedbackRecord) {
         self.enqueue(Command::Feedback(Box::new(feedback)));
+    }
+
+    pub(super) fn submit_shadow(&self, shadow: ShadowRecord) {
+        self.enqueue(Command::Shadow(Box::new(shadow)));
     }
 
     fn enqueue(&self, command: Command) {
@@ -113,6 +119,7 @@ impl WriterHandle {
 fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batch: usize, stats: &LogStats) {
     let mut batch: Vec<RequestRecord> = Vec::with_capacity(max_batch);
     let mut feedback: Vec<FeedbackRecord> = Vec::new();
+    let mut shadows: Vec<ShadowRecord> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
         // Block for the first command, then gather until the interval since
@@ -128,6 +135,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
             match next.take() {
                 Some(Command::Record(r)) => batch.push(*r),
                 Some(Command::Feedback(f)) => feedback.push(*f),
+                Some(Command::Shadow(r)) => shadows.push(*r),
                 Some(Command::Flush(done)) => {
                     waiters.push(done);
                     break;
@@ -138,6 +146,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                         match cmd {
                             Command::Record(r) => batch.push(*r),
                             Command::Feedback(f) => feedback.push(*f),
+                            Command::Shadow(r) => shadows.push(*r),
                             Command::Flush(d) | Command::Shutdown(d) => waiters.push(d),
                         }
                     }
@@ -146,7 +155,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                 }
                 None => {}
             }
-            if batch.len() + feedback.len() >= max_batch {
+            if batch.len() + feedback.len() + shadows.len() >= max_batch {
                 break;
             }
             let now = Instant::now();
@@ -159,7 +168,7 @@ fn run(mut conn: Connection, rx: Receiver<Command>, interval: Duration, max_batc
                 Err(RecvTimeoutError::Disconnected) => break,
             }
         }
-        write_batch(&mut conn, &mut batch, &mut feedback, stats);
+        write_batch(&mut conn, &mut batch, &mut feedback, &mut shadows, stats);
         for w in waiters.drain(..) {
             let _ = w.send(());
         }
@@ -175,9 +184,10 @@ fn write_batch(
     conn: &mut Connection,
     batch: &mut Vec<RequestRecord>,
     feedback: &mut Vec<FeedbackRecord>,
+    shadows: &mut Vec<ShadowRecord>,
     stats: &LogStats,
 ) {
-    if batch.is_empty() && feedback.is_empty() {
+    if batch.is_empty() && feedback.is_empty() && shadows.is_empty() {
         return;
     }
     let n = batch.len() as u64;
@@ -192,11 +202,28 @@ fn write_batch(
             for f in feedback.iter() {
                 insert_feedback(&mut stmt, f)?;
             }
+            let mut stmt = tx.prepare_cached(INSERT_SHADOW)?;
+            for r in shadows.iter() {
+                stmt.execute(params![
+                    r.request_id,
+                    r.slot,
+                    r.version,
+                    r.live_version,
+                    r.live_output,
+                    r.output,
+                    r.agree,
+                    r.latency_ms,
+                    r.live_latency_ms,
+                    r.error,
+                    r.created_at_ms,
+                ])?;
+            }
         }
         tx.commit()
     })();
     let feedback_rows = feedback.len();
     feedback.clear();
+    shadows.clear();
     match result {
         Ok(()) => {
             stats.written.fetch_add(n, Ordering::Relaxed);
@@ -207,6 +234,25 @@ fn write_batch(
         }
     }
     batch.clear();
+}
+
+const INSERT_SHADOW: &str = "INSERT INTO shadow (request_id, slot, version, live_version, live_output, output, \
+     agree, latency_ms, live_latency_ms, error, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+
+pub(super) fn shadow_from_row(row: &Row<'_>) -> rusqlite::Result<ShadowRecord> {
+    Ok(ShadowRecord {
+        request_id: row.get("request_id")?,
+        slot: row.get("slot")?,
+        version: row.get("version")?,
+        live_version: row.get("live_version")?,
+        live_output: row.get("live_output")?,
+        output: row.get("output")?,
+        agree: row.get("agree")?,
+        latency_ms: row.get("latency_ms")?,
+        live_latency_ms: row.get("live_latency_ms")?,
+        error: row.get("error")?,
+        created_at_ms: row.get("created_at_ms")?,
+    })
 }
 
 pub(super) const COLUMNS: &[&str] = &[

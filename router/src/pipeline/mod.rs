@@ -38,6 +38,7 @@ use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{NoRetrieval, Retriever};
 
 mod promotion;
+mod shadowing;
 pub use promotion::SwapReport;
 
 /// Answer events buffered between the producer and the caller.
@@ -149,7 +150,7 @@ pub struct PipelineStatus {
 
 /// The guardrailed router + experts pipeline.
 pub struct Pipeline {
-    router: RouterAgent,
+    router: Arc<RouterAgent>,
     experts: BTreeMap<String, ExpertAgent>,
     expert_order: Vec<String>,
     rails: arc_swap::ArcSwap<Rails>,
@@ -162,6 +163,7 @@ pub struct Pipeline {
     sessions: Arc<SessionTracker>,
     observer: Arc<dyn Observer>,
     promotion: promotion::Promotion,
+    shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::shadow::Shadow>>>,
 }
 
 struct Admitted {
@@ -185,7 +187,7 @@ impl Pipeline {
             path: format!("slot {slot}"),
         };
         let router_slot = registry.slot(ROUTER_SLOT).ok_or_else(|| missing(ROUTER_SLOT))?.clone();
-        let router = RouterAgent::new(&settings.router, &settings.experts, router_slot)?;
+        let router = Arc::new(RouterAgent::new(&settings.router, &settings.experts, router_slot)?);
         let mut experts = BTreeMap::new();
         for e in &settings.experts {
             let name = expert_slot(&e.name);
@@ -206,6 +208,7 @@ impl Pipeline {
             sessions: Arc::new(SessionTracker::new(&settings.feedback)),
             observer: Arc::new(NoObserver),
             promotion: promotion::Promotion::default(),
+            shadows: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
         })
     }
 
@@ -421,6 +424,7 @@ impl Pipeline {
         drop(permit);
         match result {
             Ok(route) => {
+                self.mirror_route(&record.request_id, &text, &route);
                 if let Some(v) = topic_verdict(&rails, &route) {
                     record.guardrails.push(v);
                 }
@@ -602,6 +606,7 @@ impl Pipeline {
             Ok(r) => r,
             Err(e) => return Err(self.fail(record, start, e)),
         };
+        self.mirror_route(&record.request_id, &text, &route);
         record.route = Some(route.clone());
         if let Some(v) = topic_verdict(&rails, &route) {
             let refuse = v.decision == "refuse";
@@ -624,11 +629,10 @@ impl Pipeline {
             Err(e) => return Err(self.fail(record, start, e.into())),
         };
         record.retrieved = passages.iter().map(RetrievedRef::from).collect();
-        let tokens = match model
-            .engine
-            .generate(expert.prompt(&text, &passages), expert.params(query.overrides))
-            .await
-        {
+        let prompt = expert.prompt(&text, &passages);
+        let params = expert.params(query.overrides);
+        self.mirror_answer(&record.request_id, &route.expert, &model.version, &prompt, &params);
+        let tokens = match model.engine.generate(prompt, params).await {
             Ok(t) => t,
             Err(e) => return Err(self.fail(record, start, e.into())),
         };

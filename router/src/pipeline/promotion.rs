@@ -66,7 +66,7 @@ impl Pipeline {
         self.promotion.store.as_ref()
     }
 
-    fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
+    pub(super) fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
         self.registry
             .slot(slot)
             .cloned()
@@ -81,7 +81,7 @@ impl Pipeline {
             })
     }
 
-    fn store_and_loader(&self) -> Result<(&ModelStore, &Arc<dyn EngineLoader>), PipelineError> {
+    pub(super) fn store_and_loader(&self) -> Result<(&ModelStore, &Arc<dyn EngineLoader>), PipelineError> {
         match (&self.promotion.store, &self.promotion.loader) {
             (Some(s), Some(l)) => Ok((s, l)),
             _ => Err(PipelineError::NoModelStore),
@@ -89,7 +89,11 @@ impl Pipeline {
     }
 
     /// Load `binding` for `slot`, check and warm it, without swapping.
-    async fn prepare(&self, slot: &Slot, binding: &Binding) -> Result<(ServedModel, f64, f64), PipelineError> {
+    pub(super) async fn prepare(
+        &self,
+        slot: &Slot,
+        binding: &Binding,
+    ) -> Result<(ServedModel, f64, f64), PipelineError> {
         let (_, loader) = self.store_and_loader()?;
         let serving = slot.current().version.clone();
         let rejected = |e: &dyn std::error::Error| PipelineError::ModelRejected {

@@ -125,6 +125,46 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::swap(&report)))
     }
+
+    async fn set_shadow(&self, request: Request<pb::SetShadowRequest>) -> Result<Response<pb::ShadowReport>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let concurrency = match r.max_concurrency {
+            0 => flywheel_router::shadow::DEFAULT_SHADOW_CONCURRENCY,
+            n => n as usize,
+        };
+        let report = self
+            .pipeline
+            .set_shadow(&r.slot, &r.version, r.fraction, concurrency)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::shadow(&report)))
+    }
+
+    async fn clear_shadow(
+        &self,
+        request: Request<pb::ShadowSlotRequest>,
+    ) -> Result<Response<pb::ShadowReport>, Status> {
+        self.authorize(&request)?;
+        let report = self
+            .pipeline
+            .clear_shadow(&request.into_inner().slot)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::shadow(&report)))
+    }
+
+    async fn shadow_report(
+        &self,
+        request: Request<pb::ShadowSlotRequest>,
+    ) -> Result<Response<pb::ShadowReport>, Status> {
+        let report = self
+            .pipeline
+            .shadow_report(&request.into_inner().slot)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::shadow(&report)))
+    }
 }
 
 #[cfg(test)]

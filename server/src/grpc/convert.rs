@@ -115,6 +115,28 @@ pub fn swap(r: &flywheel_router::pipeline::SwapReport) -> pb::SwapResponse {
     }
 }
 
+/// A shadow report.
+pub fn shadow(r: &flywheel_router::shadow::ShadowReport) -> pb::ShadowReport {
+    pb::ShadowReport {
+        slot: r.slot.clone(),
+        version: r.version.clone(),
+        fraction: r.fraction,
+        sampled: r.sampled,
+        mirrored: r.mirrored,
+        skipped: r.skipped,
+        failed: r.failed,
+        logged: r.logged as u64,
+        agreement: r.agreement,
+        labelled: r.labelled as u64,
+        live_accuracy: r.live_accuracy,
+        shadow_accuracy: r.shadow_accuracy,
+        live_p50_ms: r.live_p50_ms,
+        live_p99_ms: r.live_p99_ms,
+        shadow_p50_ms: r.shadow_p50_ms,
+        shadow_p99_ms: r.shadow_p99_ms,
+    }
+}
+
 /// A slot and the model it serves.
 pub fn slot(s: &Slot) -> pb::ModelSlot {
     let m = s.current();

@@ -32,7 +32,10 @@ pub fn to_status(error: &PipelineError) -> Status {
             Code::Internal
         }
         PipelineError::UnknownSlot { .. } => Code::NotFound,
-        PipelineError::NoModelStore | PipelineError::ModelRejected { .. } => Code::FailedPrecondition,
+        PipelineError::InvalidShadow { .. } => Code::InvalidArgument,
+        PipelineError::NoModelStore | PipelineError::NoShadow { .. } | PipelineError::ModelRejected { .. } => {
+            Code::FailedPrecondition
+        }
         PipelineError::Store(e) => match e {
             StoreError::UnknownVersion(_) => Code::NotFound,
             StoreError::InvalidVersion(_) => Code::InvalidArgument,
