@@ -97,6 +97,18 @@ pub enum PipelineError {
         /// What to fix.
         reason: String,
     },
+    /// A/B split weights that cannot be used.
+    #[error("invalid split: {reason}")]
+    InvalidSplit {
+        /// What to fix.
+        reason: String,
+    },
+    /// No split is set on the slot.
+    #[error("no A/B split is set on slot `{slot}`")]
+    NoSplit {
+        /// The slot.
+        slot: String,
+    },
     /// No shadow is set on the slot.
     #[error("no shadow is set on slot `{slot}`")]
     NoShadow {
@@ -135,9 +147,10 @@ impl PipelineError {
             PipelineError::UnknownSlot { .. } | PipelineError::Store(StoreError::UnknownVersion(_)) => "not_found",
             PipelineError::Store(StoreError::InvalidVersion(_)) => "invalid_argument",
             PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
-            PipelineError::InvalidShadow { .. } => "invalid_argument",
+            PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => "invalid_argument",
             PipelineError::NoModelStore
             | PipelineError::NoShadow { .. }
+            | PipelineError::NoSplit { .. }
             | PipelineError::ModelRejected { .. }
             | PipelineError::Store(StoreError::NothingToRollBack(_)) => "failed_precondition",
             PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",

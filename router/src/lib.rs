@@ -5,7 +5,8 @@
 //!   scoring) and its mistral.rs and stub implementations.
 //! - [`registry`]: named model slots, each an atomically swappable snapshot;
 //!   [`store`]: the registry on disk (model versions, what each slot serves);
-//!   [`shadow`]: candidate models mirrored on a sample of live requests.
+//!   [`shadow`]: candidate models mirrored on a sample of live requests;
+//!   [`split`]: A/B splits of live traffic between versions.
 //! - [`agents`]: the router agent (picks an expert by label scoring) and the
 //!   expert agents (answer with streaming generation).
 //! - [`guardrails`]: limits, PII (input and streamed output), jailbreak
@@ -41,6 +42,7 @@ pub mod registry;
 pub mod retrieval;
 pub mod shadow;
 pub mod similarity;
+pub mod split;
 pub mod store;
 pub mod task;
 #[cfg(any(test, feature = "test-util"))]

@@ -39,6 +39,7 @@ use crate::retrieval::{NoRetrieval, Retriever};
 
 mod promotion;
 mod shadowing;
+mod splitting;
 pub use promotion::SwapReport;
 
 /// Answer events buffered between the producer and the caller.
@@ -164,6 +165,7 @@ pub struct Pipeline {
     observer: Arc<dyn Observer>,
     promotion: promotion::Promotion,
     shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::shadow::Shadow>>>,
+    splits: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::split::Split>>>,
 }
 
 struct Admitted {
@@ -209,6 +211,7 @@ impl Pipeline {
             observer: Arc::new(NoObserver),
             promotion: promotion::Promotion::default(),
             shadows: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
+            splits: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
         })
     }
 
@@ -389,7 +392,7 @@ impl Pipeline {
         })
     }
 
-    async fn decide(&self, query: &Query, text: &str) -> Result<RouteDecision, PipelineError> {
+    async fn decide(&self, query: &Query, text: &str, request_id: &str) -> Result<RouteDecision, PipelineError> {
         match &query.expert {
             Some(name) if !name.is_empty() => {
                 if self.experts.contains_key(name) {
@@ -401,7 +404,15 @@ impl Pipeline {
                     })
                 }
             }
-            _ => Ok(self.router.decide(text).await?),
+            _ => match self.split_model(
+                ROUTER_SLOT,
+                query.session_id.as_deref(),
+                query.user_id.as_deref(),
+                request_id,
+            ) {
+                Some(model) => Ok(self.router.decide_with(&model, text).await?),
+                None => Ok(self.router.decide(text).await?),
+            },
         }
     }
 
@@ -418,7 +429,7 @@ impl Pipeline {
             query: text,
         } = self.admit("route", &query, &rails).await?;
         let result = self
-            .decide(&Query { expert: None, ..query }, &text)
+            .decide(&Query { expert: None, ..query }, &text, &record.request_id)
             .instrument(tracing::info_span!("route", request_id = %record.request_id))
             .await;
         drop(permit);
@@ -599,7 +610,7 @@ impl Pipeline {
             query: text,
         } = self.admit(kind, &query, &rails).await?;
         let route = match self
-            .decide(&query, &text)
+            .decide(&query, &text, &record.request_id)
             .instrument(tracing::info_span!("route", request_id = %record.request_id))
             .await
         {
@@ -616,7 +627,14 @@ impl Pipeline {
             }
         }
         let expert = self.experts.get(&route.expert).expect("routes name configured experts");
-        let model = expert.model();
+        let model = self
+            .split_model(
+                &expert_slot(&route.expert),
+                query.session_id.as_deref(),
+                query.user_id.as_deref(),
+                &record.request_id,
+            )
+            .unwrap_or_else(|| expert.model());
         record.expert = Some(route.expert.clone());
         record.expert_model_version = Some(model.version.clone());
         let passages = match self

@@ -165,6 +165,38 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::shadow(&report)))
     }
+
+    async fn set_split(&self, request: Request<pb::SetSplitRequest>) -> Result<Response<pb::SplitReport>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let mut weights: Vec<(String, f64)> = r.weights.into_iter().collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        let report = self
+            .pipeline
+            .set_split(&r.slot, &weights)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::split(&report)))
+    }
+
+    async fn clear_split(&self, request: Request<pb::SplitSlotRequest>) -> Result<Response<pb::SplitReport>, Status> {
+        self.authorize(&request)?;
+        let report = self
+            .pipeline
+            .clear_split(&request.into_inner().slot)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::split(&report)))
+    }
+
+    async fn split_report(&self, request: Request<pb::SplitSlotRequest>) -> Result<Response<pb::SplitReport>, Status> {
+        let report = self
+            .pipeline
+            .split_report(&request.into_inner().slot)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::split(&report)))
+    }
 }
 
 #[cfg(test)]

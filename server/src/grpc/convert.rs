@@ -137,6 +137,32 @@ pub fn shadow(r: &flywheel_router::shadow::ShadowReport) -> pb::ShadowReport {
     }
 }
 
+/// An A/B split report.
+pub fn split(r: &flywheel_router::split::SplitReport) -> pb::SplitReport {
+    pb::SplitReport {
+        slot: r.slot.clone(),
+        arms: r
+            .arms
+            .iter()
+            .map(|a| pb::ArmReport {
+                version: a.version.clone(),
+                weight: a.weight,
+                requests: a.requests as u64,
+                rated: a.rated as u64,
+                positive: a.positive as u64,
+                positive_rate: a.positive_rate,
+                ci_low: a.ci_low,
+                ci_high: a.ci_high,
+                p50_ms: a.p50_ms,
+                p99_ms: a.p99_ms,
+                mean_completion_tokens: a.mean_completion_tokens,
+            })
+            .collect(),
+        p_value: r.p_value,
+        recommendation: r.recommendation.clone(),
+    }
+}
+
 /// A slot and the model it serves.
 pub fn slot(s: &Slot) -> pb::ModelSlot {
     let m = s.current();

@@ -32,10 +32,11 @@ pub fn to_status(error: &PipelineError) -> Status {
             Code::Internal
         }
         PipelineError::UnknownSlot { .. } => Code::NotFound,
-        PipelineError::InvalidShadow { .. } => Code::InvalidArgument,
-        PipelineError::NoModelStore | PipelineError::NoShadow { .. } | PipelineError::ModelRejected { .. } => {
-            Code::FailedPrecondition
-        }
+        PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => Code::InvalidArgument,
+        PipelineError::NoModelStore
+        | PipelineError::NoShadow { .. }
+        | PipelineError::NoSplit { .. }
+        | PipelineError::ModelRejected { .. } => Code::FailedPrecondition,
         PipelineError::Store(e) => match e {
             StoreError::UnknownVersion(_) => Code::NotFound,
             StoreError::InvalidVersion(_) => Code::InvalidArgument,

@@ -1,0 +1,164 @@
+//! A/B splits wired into the pipeline (see [`crate::split`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::Pipeline;
+use crate::error::PipelineError;
+use crate::feedback::latest_explicit;
+use crate::log::unix_ms;
+use crate::registry::{ROUTER_SLOT, ServedModel};
+use crate::shadow::percentile;
+use crate::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};
+use crate::store::Binding;
+
+impl Pipeline {
+    /// Split `slot`'s live traffic between versions (from the model registry)
+    /// by weight; replaces any split of that slot.
+    ///
+    /// # Errors
+    /// Invalid weights, an unknown slot or version, no registry, or a version
+    /// that fails to load, validate or warm.
+    pub async fn set_split(&self, slot: &str, weights: &[(String, f64)]) -> Result<SplitReport, PipelineError> {
+        validate(weights).map_err(|reason| PipelineError::InvalidSplit { reason })?;
+        let (store, _) = self.store_and_loader()?;
+        let target = self.slot_named(slot)?;
+        let mut arms = Vec::with_capacity(weights.len());
+        for (version, weight) in weights {
+            let binding = Binding {
+                version: version.clone(),
+                path: store.model_path(version)?,
+            };
+            let (model, _, _) = self.prepare(&target, &binding).await?;
+            arms.push(Arm {
+                version: version.clone(),
+                weight: *weight,
+                model: Arc::new(model),
+            });
+        }
+        let split = Arc::new(Split {
+            slot: slot.to_string(),
+            arms,
+            since_ms: unix_ms(SystemTime::now()),
+        });
+        let mut map: BTreeMap<String, Arc<Split>> = (**self.splits.load()).clone();
+        map.insert(slot.to_string(), split);
+        self.splits.store(Arc::new(map));
+        tracing::info!(slot, arms = weights.len(), "split set");
+        self.split_report(slot).await
+    }
+
+    /// End `slot`'s split (the slot's own model serves everything again);
+    /// returns the final report.
+    ///
+    /// # Errors
+    /// [`PipelineError::NoSplit`] when the slot has no split.
+    pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, PipelineError> {
+        let report = self.split_report(slot).await?;
+        let mut map: BTreeMap<String, Arc<Split>> = (**self.splits.load()).clone();
+        map.remove(slot);
+        self.splits.store(Arc::new(map));
+        Ok(report)
+    }
+
+    /// Per arm since the split started: requests, positive-feedback rate with
+    /// its interval, latency of the slot's step, tokens; a recommendation only
+    /// when significant.
+    ///
+    /// # Errors
+    /// No split on the slot, log failures.
+    pub async fn split_report(&self, slot: &str) -> Result<SplitReport, PipelineError> {
+        let split = self
+            .split_of(slot)
+            .ok_or_else(|| PipelineError::NoSplit { slot: slot.to_string() })?;
+        self.log.flush().await?;
+        let reader = self.log.reader()?;
+        let routing = slot == ROUTER_SLOT;
+        let expert = slot.strip_prefix("expert/").map(str::to_string);
+        let s = split.clone();
+        let arms = tokio::task::spawn_blocking(move || {
+            let records = reader.records_between(s.since_ms, i64::MAX)?;
+            let mut out = Vec::new();
+            for arm in &s.arms {
+                let mine: Vec<_> = records
+                    .iter()
+                    .filter(|r| r.status == "ok")
+                    .filter(|r| {
+                        if routing {
+                            r.route
+                                .as_ref()
+                                .is_some_and(|d| !d.forced && d.router_model_version == arm.version)
+                        } else {
+                            r.expert == expert && r.expert_model_version.as_deref() == Some(arm.version.as_str())
+                        }
+                    })
+                    .collect();
+                let (mut rated, mut positive) = (0, 0);
+                for r in &mine {
+                    let feedback = reader.feedback_for(&r.request_id)?;
+                    if let Some(score) = latest_explicit(&feedback).and_then(|f| f.rating).map(|x| x.score()) {
+                        rated += 1;
+                        positive += usize::from(score > 0.0);
+                    }
+                }
+                let latency: Vec<f64> = mine
+                    .iter()
+                    .filter_map(|r| {
+                        if routing {
+                            r.route.as_ref().map(|d| d.latency_ms)
+                        } else {
+                            r.total_ms
+                        }
+                    })
+                    .collect();
+                let tokens: Vec<f64> = mine.iter().filter_map(|r| r.completion_tokens.map(f64::from)).collect();
+                let ci = wilson(positive, rated);
+                out.push(ArmReport {
+                    version: arm.version.clone(),
+                    weight: arm.weight,
+                    requests: mine.len(),
+                    rated,
+                    positive,
+                    positive_rate: (rated > 0).then(|| positive as f64 / rated as f64),
+                    ci_low: ci.map(|c| c.0),
+                    ci_high: ci.map(|c| c.1),
+                    p50_ms: percentile(&latency, 0.5),
+                    p99_ms: percentile(&latency, 0.99),
+                    mean_completion_tokens: (!tokens.is_empty())
+                        .then(|| tokens.iter().sum::<f64>() / tokens.len() as f64),
+                });
+            }
+            Ok::<_, crate::log::LogError>(out)
+        })
+        .await
+        .map_err(|_| PipelineError::Log(crate::log::LogError::Closed))??;
+        let mut report = SplitReport {
+            slot: slot.to_string(),
+            arms,
+            ..Default::default()
+        };
+        recommend(&mut report);
+        Ok(report)
+    }
+
+    pub(super) fn split_of(&self, slot: &str) -> Option<Arc<Split>> {
+        let map = self.splits.load();
+        if map.is_empty() {
+            return None;
+        }
+        map.get(slot).cloned()
+    }
+
+    /// The model of `slot` for this request when the slot is split.
+    pub(super) fn split_model(
+        &self,
+        slot: &str,
+        session_id: Option<&str>,
+        user_id: Option<&str>,
+        request_id: &str,
+    ) -> Option<Arc<ServedModel>> {
+        let split = self.split_of(slot)?;
+        Some(split.pick(session_id, user_id, request_id).model.clone())
+    }
+}
