@@ -16,8 +16,9 @@ use flywheel_proto::v1::chat_stream_message::Event;
 use flywheel_proto::v1::router_client::RouterClient;
 use flywheel_proto::v1::{ChatRequest, GenerationOptions, RouteRequest};
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::admin::connect;
 use crate::stats::{Summary, summarize};
 
 /// What each request does.
@@ -169,14 +170,6 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     }
     anyhow::ensure!(!out.is_empty(), "{} holds no queries", path.display());
     Ok(out)
-}
-
-async fn connect(addr: &str) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(addr.to_string())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))
 }
 
 async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Sample {

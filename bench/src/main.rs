@@ -11,6 +11,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod admin;
 mod engine_bench;
 mod grpc_load;
 mod rails_bench;

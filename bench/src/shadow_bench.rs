@@ -18,6 +18,7 @@ use flywheel_proto::v1::router_client::RouterClient;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
+use crate::admin::{authorized, connect};
 use crate::stats::{Summary, summarize};
 
 /// Arguments of `flywheel-bench shadow`.
@@ -137,22 +138,12 @@ async fn phase(channel: &tonic::transport::Channel, args: &Args) -> (Vec<f64>, u
     (o.0.clone(), o.1)
 }
 
-fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().context("token")?);
-    Ok(r)
-}
-
 /// Run the benchmark.
 ///
 /// # Errors
 /// The server cannot be reached or refuses the shadow.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let channel = connect(&args.addr).await?;
     let mut admin = AdminClient::new(channel.clone());
     let (without, failed_a) = phase(&channel, &args).await;
     admin

@@ -21,6 +21,7 @@ use flywheel_proto::v1::chat_stream_message::Event;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
+use crate::admin::{authorized, connect};
 use crate::stats::{Summary, summarize};
 
 /// Arguments of `flywheel-bench swap`.
@@ -115,22 +116,12 @@ async fn stream_once(client: &mut ChatClient<tonic::transport::Channel>, query: 
     }
 }
 
-fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().context("token")?);
-    Ok(r)
-}
-
 /// Run the benchmark.
 ///
 /// # Errors
 /// The server cannot be reached or refuses a swap.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(args.addr.clone())?
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", args.addr))?;
+    let channel = connect(&args.addr).await?;
     let stop = Arc::new(AtomicBool::new(false));
     let done: Arc<Mutex<Vec<Done>>> = Arc::new(Mutex::new(Vec::new()));
     let mut clients = Vec::new();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
 use flywheel_proto::v1::chat_stream_message::Event;
 use flywheel_router::store::ModelStore;
@@ -24,20 +24,22 @@ use tonic::Code;
 const TOKEN: &str = "test-admin-token-0123456789";
 const EXPERT_SLOT: &str = "expert/hr";
 
-/// A GGUF file with metadata only (the stub engine needs no weights);
-/// `labels` makes it a fine-tuned classifier for those labels.
+/// A stub model; `labels` makes it a fine-tuned classifier for those labels.
 fn write_model(path: &Path, name: &str, labels: Option<&[&str]>) {
-    let name = gguf_file::Value::String(name.into());
-    let prompt = gguf_file::Value::String("Reply with the label.".into());
-    let labels =
-        labels.map(|l| gguf_file::Value::Array(l.iter().map(|s| gguf_file::Value::String((*s).into())).collect()));
-    let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.name", &name)];
-    if let Some(l) = &labels {
-        meta.push((flywheel_router::task::SYSTEM_PROMPT_KEY, &prompt));
-        meta.push((flywheel_router::task::LABELS_KEY, l));
-    }
-    let none: [(&str, &QTensor); 0] = [];
-    flywheel_router::model_prep::write_gguf(path, &meta, &none).unwrap();
+    let extra: Vec<(&str, gguf_file::Value)> = match labels {
+        Some(l) => vec![
+            (
+                flywheel_router::task::SYSTEM_PROMPT_KEY,
+                gguf_file::Value::String("Reply with the label.".into()),
+            ),
+            (
+                flywheel_router::task::LABELS_KEY,
+                gguf_file::Value::Array(l.iter().map(|s| gguf_file::Value::String((*s).into())).collect()),
+            ),
+        ],
+        None => Vec::new(),
+    };
+    common::write_stub_model(path, name, &extra);
 }
 
 struct Setup {
@@ -82,10 +84,7 @@ fn setup(token: Option<&str>) -> Setup {
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
+    common::authorized(message, TOKEN)
 }
 
 fn promote(slot: &str, version: &str) -> tonic::Request<pb::PromoteRequest> {

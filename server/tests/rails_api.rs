@@ -18,10 +18,7 @@ use tonic::Code;
 const ADMIN_TOKEN: &str = "rails-test-admin-token";
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
-    r
+    common::authorized(message, ADMIN_TOKEN)
 }
 
 fn stub_server(tweak: impl FnOnce(&mut Config)) -> common::TestServer {

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use candle_core::quantized::{QTensor, gguf_file};
+use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
 use flywheel_router::store::ModelStore;
 use flywheel_server::{Config, config::EngineKind};
@@ -19,14 +19,16 @@ use tonic::Code;
 const TOKEN: &str = "shadow-test-admin-token-42";
 
 fn write_model(path: &Path, name: &str, fault: Option<&str>) {
-    let name = gguf_file::Value::String(name.into());
-    let fault = fault.map(|f| gguf_file::Value::String(f.into()));
-    let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.name", &name)];
-    if let Some(f) = &fault {
-        meta.push((flywheel_router::registry::STUB_FAULT_KEY, f));
-    }
-    let none: [(&str, &QTensor); 0] = [];
-    flywheel_router::model_prep::write_gguf(path, &meta, &none).unwrap();
+    let extra: Vec<(&str, gguf_file::Value)> = fault
+        .map(|f| {
+            (
+                flywheel_router::registry::STUB_FAULT_KEY,
+                gguf_file::Value::String(f.into()),
+            )
+        })
+        .into_iter()
+        .collect();
+    common::write_stub_model(path, name, &extra);
 }
 
 struct Setup {
@@ -56,10 +58,7 @@ fn setup() -> Setup {
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
+    common::authorized(message, TOKEN)
 }
 
 fn set(slot: &str, version: &str, fraction: f64, max_concurrency: u32) -> tonic::Request<pb::SetShadowRequest> {

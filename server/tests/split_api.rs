@@ -8,7 +8,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::quantized::{QTensor, gguf_file};
 use flywheel_proto::v1 as pb;
 use flywheel_router::store::ModelStore;
 use flywheel_server::{Config, config::EngineKind};
@@ -17,9 +16,7 @@ use tonic::Code;
 const TOKEN: &str = "split-test-admin-token-77";
 
 fn write_model(path: &Path, name: &str) {
-    let name = gguf_file::Value::String(name.into());
-    let none: [(&str, &QTensor); 0] = [];
-    flywheel_router::model_prep::write_gguf(path, &[("general.name", &name)], &none).unwrap();
+    common::write_stub_model(path, name, &[]);
 }
 
 fn setup() -> (common::TestServer, tempfile::TempDir) {
@@ -40,10 +37,7 @@ fn setup() -> (common::TestServer, tempfile::TempDir) {
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    r
+    common::authorized(message, TOKEN)
 }
 
 fn split(slot: &str, weights: &[(&str, f64)]) -> tonic::Request<pb::SetSplitRequest> {

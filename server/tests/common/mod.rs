@@ -153,3 +153,26 @@ pub fn real_server() -> &'static TestServer {
         start(config)
     })
 }
+
+/// `message` with the metadata `authorization: Bearer <token>`.
+pub fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    r
+}
+
+/// A GGUF file with metadata only (the stub engine needs no weights):
+/// `general.name` plus `extra` key/value pairs.
+pub fn write_stub_model(
+    path: &std::path::Path,
+    name: &str,
+    extra: &[(&str, candle_core::quantized::gguf_file::Value)],
+) {
+    use candle_core::quantized::{QTensor, gguf_file};
+    let name = gguf_file::Value::String(name.into());
+    let mut meta: Vec<(&str, &gguf_file::Value)> = vec![("general.name", &name)];
+    meta.extend(extra.iter().map(|(k, v)| (*k, v)));
+    let none: [(&str, &QTensor); 0] = [];
+    flywheel_router::model_prep::write_gguf(path, &meta, &none).unwrap();
+}

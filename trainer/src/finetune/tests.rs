@@ -114,6 +114,17 @@ fn hyper(trained_blocks: usize) -> Hyper {
     }
 }
 
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn predict(model: &Llama, tokens: &[u32]) -> u32 {
     let t = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu).unwrap();
     let logits = model.next_token_logits(&t).unwrap();
@@ -167,14 +178,7 @@ fn resumed_run_matches_uninterrupted_run() {
     let resumed = run(None, Some((&half, 3)));
     assert_eq!(straight.len(), resumed.len());
     for (name, t) in &straight {
-        let diff = (t - &resumed[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(t, &resumed[name]);
         assert_eq!(diff, 0.0, "{name} differs after resuming");
     }
 }
@@ -207,26 +211,12 @@ fn merged_gguf_reads_back_with_the_trained_logits_and_prunes_blocks() {
     let tokens = Tensor::new(&[[1u32, 5, 2, 11]], &Device::Cpu).unwrap();
     let a = model.next_token_logits(&tokens).unwrap();
     let b = merged.next_token_logits(&tokens).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(&a, &b);
     assert!(diff < 1e-4, "max logit difference {diff}");
     // Untouched tensors are copied bit for bit.
     let untouched = export::read_tensor(&out, "blk.0.attn_q.weight").unwrap();
     let original = originals["blk.0.attn_q.weight"].dequantize(&Device::Cpu).unwrap();
-    let d0 = (untouched - original)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d0 = max_abs_diff(&untouched, &original);
     assert_eq!(d0, 0.0);
     // The PEFT adapter holds A and B for every adapted module of the trained block.
     export::write_peft(&dir.path().join("adapter"), &model, &h, "tiny.gguf").unwrap();
