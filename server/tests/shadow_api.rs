@@ -70,6 +70,26 @@ fn set(slot: &str, version: &str, fraction: f64, max_concurrency: u32) -> tonic:
     })
 }
 
+/// The router shadow's report once `done` holds: shadow runs are detached and
+/// log when they finish, so poll (up to 5 s) rather than sleep.
+async fn settled(
+    admin: &mut pb::admin_client::AdminClient<tonic::transport::Channel>,
+    done: impl Fn(&pb::ShadowReport) -> bool,
+) -> pb::ShadowReport {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = admin
+            .shadow_report(pb::ShadowSlotRequest { slot: "router".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if done(&r) || Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 const QUERIES: [&str; 4] = [
     "my laptop it is broken",
     "hr question about leave",
@@ -118,12 +138,7 @@ async fn the_fraction_is_mirrored_on_every_request_path() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await; // detached runs finish
-    let report = admin
-        .shadow_report(pb::ShadowSlotRequest { slot: "router".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let report = settled(&mut admin, |r| r.logged == r.mirrored).await;
     assert_eq!(report.skipped, 0);
     assert_eq!(report.mirrored, report.logged);
     assert_eq!(report.agreement, Some(1.0), "the same stub decides the same");
@@ -187,12 +202,7 @@ async fn a_failing_or_hanging_candidate_leaves_live_answers_identical_and_on_tim
     admin.set_shadow(set("router", "failing", 1.0, 4)).await.unwrap();
     let (with_failure, _) = answers(server, None).await;
     assert_eq!(with_failure, baseline);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = admin
-        .shadow_report(pb::ShadowSlotRequest { slot: "router".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = settled(&mut admin, |r| r.failed == r.mirrored && r.mirrored > 0).await;
     assert_eq!(r.failed, r.mirrored);
     assert!(r.mirrored >= 10, "{r:?}");
     let rows = server
@@ -285,12 +295,7 @@ async fn shadow_settings_are_validated_and_feedback_labels_score_both_models() {
             .await
             .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = admin
-        .shadow_report(pb::ShadowSlotRequest { slot: "router".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let r = settled(&mut admin, |r| r.logged == r.mirrored).await;
     assert_eq!(r.labelled, 2);
     assert_eq!(
         r.live_accuracy,
