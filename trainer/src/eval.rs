@@ -19,6 +19,7 @@ use flywheel_router::registry::{MistralLoader, ServedModel, Slot};
 use serde::{Deserialize, Serialize};
 
 use crate::curate::dataset::{Columns, Example, LabelSource, read_examples_with};
+use crate::rails::eval::percentile;
 
 /// `flywheel-trainer eval`.
 #[derive(Debug, Clone, clap::Args)]
@@ -207,14 +208,6 @@ pub fn score(labels: &[String], truth: &[String], pred: &[String]) -> (f64, f64,
     (right as f64 / truth.len().max(1) as f64, macro_f1, per_class, confusion)
 }
 
-fn percentile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 /// Router settings for evaluation: the server config's instructions and
 /// expert descriptions where it has them, the bare label otherwise.
 fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::Result<(RouterSpec, Vec<ExpertSpec>)> {
@@ -250,7 +243,7 @@ fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::R
 }
 
 /// The version a training run gave the model (its `manifest.json` beside the file).
-fn manifest_version(model: &Path) -> Option<String> {
+pub fn manifest_version(model: &Path) -> Option<String> {
     let text = std::fs::read_to_string(model.parent()?.join("manifest.json")).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     Some(v["version"].as_str()?.to_string())

@@ -166,12 +166,7 @@ pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     anyhow::ensure!(model.is_file(), "{} is not a model file", model.display());
     let version = match (&args.version, &manifest) {
         (Some(v), _) => v.clone(),
-        (None, Some(m)) => {
-            let text = std::fs::read_to_string(m)?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).with_context(|| format!("parsing {}", m.display()))?;
-            v["version"].as_str().context("manifest has no `version`")?.to_string()
-        }
+        (None, Some(_)) => eval::manifest_version(&model).context("the manifest has no `version`")?,
         (None, None) => format!("ft-{}", &crate::curate::export::sha256_file(&model)?[..12]),
     };
     let mut client = admin(&args.server).await?;

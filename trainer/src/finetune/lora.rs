@@ -70,21 +70,11 @@ mod tests {
 
     use super::*;
     use crate::finetune::llama::{Linear, Weight};
+    use crate::finetune::max_abs_diff;
 
     fn random(shape: (usize, usize), rng: &mut StdRng) -> Tensor {
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random_range(-1.0..1.0)).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

@@ -636,5 +636,15 @@ fn load_checkpoint(dir: &Path, fingerprint: &str) -> Result<Option<Saved>, Finet
     Ok(Some((progress, state)))
 }
 
+/// Largest absolute difference between two tensors (tests).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("same-shape f32 tensors")
+}
+
 #[cfg(test)]
 mod tests;

@@ -114,17 +114,6 @@ fn hyper(trained_blocks: usize) -> Hyper {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 fn predict(model: &Llama, tokens: &[u32]) -> u32 {
     let t = Tensor::from_vec(tokens.to_vec(), (1, tokens.len()), &Device::Cpu).unwrap();
     let logits = model.next_token_logits(&t).unwrap();
