@@ -51,9 +51,7 @@ fn setup(token: Option<&str>) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path().join("registry")).unwrap();
     for v in ["v1", "v2", "v3", "v4", "v5"] {
-        let file = dir.path().join(format!("{v}.gguf"));
-        write_model(&file, v, None);
-        store.add(v, &file, None).unwrap();
+        common::register_stub(&store, dir.path(), v, &[]);
     }
     let corrupt = dir.path().join("corrupt.gguf");
     std::fs::write(&corrupt, b"GGUF\x03\x00\x00\x00 this is not a model").unwrap();

@@ -7,29 +7,14 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
 use flywheel_router::store::ModelStore;
-use flywheel_server::{Config, config::EngineKind};
 use tonic::Code;
 
 const TOKEN: &str = "shadow-test-admin-token-42";
-
-fn write_model(path: &Path, name: &str, fault: Option<&str>) {
-    let extra: Vec<(&str, gguf_file::Value)> = fault
-        .map(|f| {
-            (
-                flywheel_router::registry::STUB_FAULT_KEY,
-                gguf_file::Value::String(f.into()),
-            )
-        })
-        .into_iter()
-        .collect();
-    common::write_stub_model(path, name, &extra);
-}
 
 struct Setup {
     server: common::TestServer,
@@ -41,18 +26,19 @@ fn setup() -> Setup {
     let store = ModelStore::open(dir.path().join("registry")).unwrap();
     // Router warm-up scores twice (label prior, then a probe): faults start after.
     for (v, fault) in [("cand", None), ("failing", Some("fail:2")), ("hanging", Some("hang:2"))] {
-        let file = dir.path().join(format!("{v}.gguf"));
-        write_model(&file, v, fault);
-        store.add(v, &file, None).unwrap();
+        let extra: Vec<(&str, gguf_file::Value)> = fault
+            .map(|f| {
+                (
+                    flywheel_router::registry::STUB_FAULT_KEY,
+                    gguf_file::Value::String(f.into()),
+                )
+            })
+            .into_iter()
+            .collect();
+        common::register_stub(&store, dir.path(), v, &extra);
     }
-    let config = Config {
-        engine: EngineKind::Stub,
-        registry_dir: Some(store.root().to_path_buf()),
-        admin_token: Some(TOKEN.into()),
-        ..Config::default()
-    };
     Setup {
-        server: common::start(config),
+        server: common::start(common::stub_config(store.root(), Some(TOKEN))),
         _dir: dir,
     }
 }

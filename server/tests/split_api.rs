@@ -6,34 +6,20 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
 use flywheel_proto::v1 as pb;
 use flywheel_router::store::ModelStore;
-use flywheel_server::{Config, config::EngineKind};
 use tonic::Code;
 
 const TOKEN: &str = "split-test-admin-token-77";
-
-fn write_model(path: &Path, name: &str) {
-    common::write_stub_model(path, name, &[]);
-}
 
 fn setup() -> (common::TestServer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path().join("registry")).unwrap();
     for v in ["a", "b"] {
-        let file = dir.path().join(format!("{v}.gguf"));
-        write_model(&file, v);
-        store.add(v, &file, None).unwrap();
+        common::register_stub(&store, dir.path(), v, &[]);
     }
-    let config = Config {
-        engine: EngineKind::Stub,
-        registry_dir: Some(store.root().to_path_buf()),
-        admin_token: Some(TOKEN.into()),
-        ..Config::default()
-    };
-    (common::start(config), dir)
+    (common::start(common::stub_config(store.root(), Some(TOKEN))), dir)
 }
 
 fn authorized<T>(message: T) -> tonic::Request<T> {

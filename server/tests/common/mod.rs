@@ -176,3 +176,25 @@ pub fn write_stub_model(
     let none: [(&str, &QTensor); 0] = [];
     flywheel_router::model_prep::write_gguf(path, &meta, &none).unwrap();
 }
+
+/// Write a stub model for `version` in `dir` and add it to `store`.
+pub fn register_stub(
+    store: &flywheel_router::store::ModelStore,
+    dir: &std::path::Path,
+    version: &str,
+    extra: &[(&str, candle_core::quantized::gguf_file::Value)],
+) {
+    let file = dir.join(format!("{version}.gguf"));
+    write_stub_model(&file, version, extra);
+    store.add(version, &file, None).unwrap();
+}
+
+/// A stub-engine config promoting from `registry`, with `token` as admin token.
+pub fn stub_config(registry: &std::path::Path, token: Option<&str>) -> Config {
+    Config {
+        engine: flywheel_server::config::EngineKind::Stub,
+        registry_dir: Some(registry.to_path_buf()),
+        admin_token: token.map(str::to_string),
+        ..Config::default()
+    }
+}
