@@ -144,7 +144,8 @@ impl PipelineError {
             PipelineError::Cancelled => "cancelled",
             PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",
             PipelineError::Engine(_) | PipelineError::Retrieval(_) | PipelineError::Log(_) => "internal",
-            PipelineError::UnknownSlot { .. } | PipelineError::Store(StoreError::UnknownVersion(_)) => "not_found",
+            PipelineError::UnknownSlot { .. }
+            | PipelineError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => "not_found",
             PipelineError::Store(StoreError::InvalidVersion(_)) => "invalid_argument",
             PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
             PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => "invalid_argument",
@@ -152,7 +153,7 @@ impl PipelineError {
             | PipelineError::NoShadow { .. }
             | PipelineError::NoSplit { .. }
             | PipelineError::ModelRejected { .. }
-            | PipelineError::Store(StoreError::NothingToRollBack(_)) => "failed_precondition",
+            | PipelineError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => "failed_precondition",
             PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",
         }
     }

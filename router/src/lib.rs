@@ -29,6 +29,7 @@
 
 pub mod agents;
 pub mod config;
+pub mod cycles;
 pub mod embed;
 pub mod engine;
 pub mod error;

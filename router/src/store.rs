@@ -59,6 +59,12 @@ pub enum StoreError {
     /// Rollback with nothing served before.
     #[error("slot `{0}` has no earlier version to roll back to")]
     NothingToRollBack(String),
+    /// Another flywheel cycle holds the registry's cycle lock.
+    #[error("another flywheel cycle is running on {0} (see Admin.ListCycles); wait for it to finish")]
+    CycleRunning(PathBuf),
+    /// No such cycle record.
+    #[error("no flywheel cycle `{0}` in the registry")]
+    UnknownCycle(String),
 }
 
 /// A version bound to a slot.
@@ -91,7 +97,7 @@ pub struct ModelStore {
     root: PathBuf,
 }
 
-fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+pub(crate) fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         action,
         path: path.to_path_buf(),
@@ -267,7 +273,7 @@ fn persist(tmp: tempfile::NamedTempFile, path: &Path) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut tmp = temp_in(path)?;
     tmp.write_all(bytes).map_err(io("cannot write", path))?;
     persist(tmp, path)

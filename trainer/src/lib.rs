@@ -17,6 +17,7 @@
 
 pub mod cli;
 pub mod curate;
+pub mod cycle;
 pub mod demo;
 pub mod eval;
 pub mod finetune;

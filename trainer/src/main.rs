@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, demo, eval, finetune, promote, rails};
+use flywheel_trainer::{cli, cycle, demo, eval, finetune, promote, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -26,6 +26,8 @@ enum Command {
     Eval(Box<eval::EvalArgs>),
     /// Gate a trained model against the one a server slot serves, then promote it (hot swap).
     Promote(Box<promote::PromoteArgs>),
+    /// One turn of the flywheel against a live server (curate, fine-tune, evaluate, gate, promote), once or on a cadence.
+    Cycle(Box<cycle::CycleArgs>),
     /// Make a server slot serve its previous model version again.
     Rollback(promote::ServerArgs),
     /// Import a reviewed review queue back into the request log as `review` labels.
@@ -61,6 +63,12 @@ async fn main() -> anyhow::Result<()> {
     flywheel_server::telemetry::init();
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args).await,
+        Command::Cycle(args) => {
+            let records = cycle::run(&args).await?;
+            let failed = records.iter().filter(|r| r.status == flywheel_router::cycles::CycleStatus::Failed).count();
+            anyhow::ensure!(failed == 0, "{failed} cycle(s) failed; see Admin.ListCycles");
+            Ok(())
+        }
         Command::Curate(args) => cli::curate(*args).await.map(drop),
         Command::Train(args) => {
             let m = finetune::run(&args).await?;

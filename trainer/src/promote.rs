@@ -130,8 +130,8 @@ pub struct PromoteReport {
     pub promoted: bool,
 }
 
-/// An Admin client whose calls carry the bearer token.
-async fn admin(args: &ServerArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
+/// An Admin client connected to the server (mutating calls add the token with `authorized`).
+pub async fn admin(args: &ServerArgs) -> anyhow::Result<AdminClient<tonic::transport::Channel>> {
     AdminClient::connect(args.server.clone())
         .await
         .with_context(|| format!("connecting to {}", args.server))
@@ -157,11 +157,29 @@ fn candidate_files(candidate: &Path) -> (PathBuf, Option<PathBuf>) {
     }
 }
 
-/// Run `flywheel-trainer promote`.
+/// Run `flywheel-trainer promote`: [`assess`], then [`apply`] when the gate passes.
 ///
 /// # Errors
 /// The gate refuses, the server refuses, or something cannot be read or reached.
 pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
+    let mut report = assess(args).await?;
+    if report.decision.pass && !args.dry_run {
+        apply(args, &report.version).await?;
+        report.promoted = true;
+    }
+    if let Some(path) = &args.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// Evaluate the candidate and the slot's serving model on the test set and
+/// apply the gate; changes nothing.
+///
+/// # Errors
+/// Unreadable files, an unreachable server, evaluation failures.
+pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     let (model, manifest) = candidate_files(&args.candidate);
     anyhow::ensure!(model.is_file(), "{} is not a model file", model.display());
     let version = match (&args.version, &manifest) {
@@ -170,11 +188,7 @@ pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
         (None, None) => format!("ft-{}", &crate::curate::export::sha256_file(&model)?[..12]),
     };
     let mut client = admin(&args.server).await?;
-    let slots = client.list_models(pb::ListModelsRequest {}).await?.into_inner().slots;
-    let current = slots
-        .iter()
-        .find(|s| s.slot == args.server.slot)
-        .with_context(|| format!("the server has no slot `{}`", args.server.slot))?;
+    let current = serving(&mut client, &args.server.slot).await?;
     let (examples, labels) = eval::read_test(&args.test, &args.text_column, &args.label_column, None)?;
     let labels = eval::label_space(&labels, &[Path::new(&current.path), &model])?;
     let config = args.server_config.as_deref();
@@ -183,36 +197,54 @@ pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     let candidate = eval::evaluate_model(&model, &examples, &labels, config).await?;
     let comparison = eval::compare(&candidate, &incumbent);
     let decision = gate(&candidate, &incumbent, args.tolerance, args.max_p99_ms);
-    let mut report = PromoteReport {
+    Ok(PromoteReport {
         accuracy: candidate.accuracy,
-        version: version.clone(),
+        version,
         candidate,
         incumbent,
         comparison,
         decision,
         promoted: false,
-    };
-    if report.decision.pass && !args.dry_run {
-        let store = ModelStore::open(&args.registry_dir)?;
-        store.add(&version, &model, manifest.as_deref())?;
-        let request = authorized(
-            pb::PromoteRequest {
-                slot: args.server.slot.clone(),
-                version: version.clone(),
-            },
-            &args.server.admin_token,
-        )?;
-        client
-            .promote(request)
-            .await
-            .context("the server refused the promotion")?;
-        report.promoted = true;
-    }
-    if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
-    Ok(report)
+    })
+}
+
+/// What `slot` serves now.
+///
+/// # Errors
+/// The server cannot be reached or has no such slot.
+pub async fn serving(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    slot: &str,
+) -> anyhow::Result<pb::ModelSlot> {
+    let slots = client.list_models(pb::ListModelsRequest {}).await?.into_inner().slots;
+    slots
+        .into_iter()
+        .find(|s| s.slot == slot)
+        .with_context(|| format!("the server has no slot `{slot}`"))
+}
+
+/// Add the candidate to the registry as `version` and ask the server to
+/// swap it into the slot (no gate: call [`assess`] first).
+///
+/// # Errors
+/// Registry failures, or the server refuses.
+pub async fn apply(args: &PromoteArgs, version: &str) -> anyhow::Result<()> {
+    let (model, manifest) = candidate_files(&args.candidate);
+    let store = ModelStore::open(&args.registry_dir)?;
+    store.add(version, &model, manifest.as_deref())?;
+    let request = authorized(
+        pb::PromoteRequest {
+            slot: args.server.slot.clone(),
+            version: version.to_string(),
+        },
+        &args.server.admin_token,
+    )?;
+    admin(&args.server)
+        .await?
+        .promote(request)
+        .await
+        .context("the server refused the promotion")?;
+    Ok(())
 }
 
 /// A readable summary of a promotion.

@@ -66,6 +66,22 @@ impl Pipeline {
         self.promotion.store.as_ref()
     }
 
+    /// The flywheel cycles recorded in the registry, newest first (`limit` 0 = all).
+    ///
+    /// # Errors
+    /// No registry, or unreadable records.
+    pub fn cycles(&self, limit: usize) -> Result<Vec<crate::cycles::CycleRecord>, PipelineError> {
+        let store = self.model_store().ok_or(PipelineError::NoModelStore)?;
+        let Some(journal) = crate::cycles::CycleJournal::existing(store.root()) else {
+            return Ok(Vec::new());
+        };
+        let mut all = journal.list()?;
+        if limit > 0 {
+            all.truncate(limit);
+        }
+        Ok(all)
+    }
+
     pub(super) fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
         self.registry
             .slot(slot)

@@ -197,6 +197,25 @@ impl pb::admin_server::Admin for AdminService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::split(&report)))
     }
+
+    async fn list_cycles(
+        &self,
+        request: Request<pb::ListCyclesRequest>,
+    ) -> Result<Response<pb::ListCyclesResponse>, Status> {
+        let request = request.into_inner();
+        let limit = if request.id.is_some() { 0 } else { request.limit as usize };
+        let mut cycles = self.pipeline.cycles(limit).map_err(|e| to_status(&e))?;
+        if let Some(id) = &request.id {
+            cycles.retain(|c| &c.id == id);
+            if cycles.is_empty() {
+                let missing = flywheel_router::store::StoreError::UnknownCycle(id.clone());
+                return Err(to_status(&missing.into()));
+            }
+        }
+        Ok(Response::new(pb::ListCyclesResponse {
+            cycles: cycles.iter().map(convert::cycle).collect(),
+        }))
+    }
 }
 
 #[cfg(test)]

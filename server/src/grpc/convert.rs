@@ -234,3 +234,38 @@ pub fn feedback_history(record: RequestRecord, rows: Vec<FeedbackRecord>) -> pb:
 pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec) -> String {
     toml::to_string(spec).unwrap_or_default()
 }
+
+/// A flywheel cycle record.
+pub fn cycle(c: &flywheel_router::cycles::CycleRecord) -> pb::Cycle {
+    let metrics = c.metrics.as_ref();
+    let dataset = c.dataset.as_ref();
+    pb::Cycle {
+        id: c.id.clone(),
+        status: c.status.as_str().into(),
+        stages: c
+            .stages
+            .iter()
+            .map(|s| pb::CycleStage {
+                stage: s.stage.clone(),
+                seconds: s.seconds,
+            })
+            .collect(),
+        trigger: c.trigger.clone(),
+        slot: c.slot.clone(),
+        started_unix_ms: c.started_unix_ms,
+        updated_unix_ms: c.updated_unix_ms,
+        finished_unix_ms: c.finished_unix_ms,
+        dataset_dir: dataset.map(|d| d.dir.display().to_string()).unwrap_or_default(),
+        train_examples: dataset.map_or(0, |d| u32::try_from(d.train).unwrap_or(u32::MAX)),
+        test_examples: dataset.map_or(0, |d| u32::try_from(d.test).unwrap_or(u32::MAX)),
+        candidate_version: c.candidate_version.clone().unwrap_or_default(),
+        incumbent_version: metrics.map(|m| m.incumbent_version.clone()).unwrap_or_default(),
+        candidate_accuracy: metrics.map_or(0.0, |m| m.candidate_accuracy),
+        incumbent_accuracy: metrics.map_or(0.0, |m| m.incumbent_accuracy),
+        p_value: metrics.map_or(0.0, |m| m.p_value),
+        decision: c.decision.clone(),
+        promoted: c.promoted,
+        error: c.error.clone(),
+        resumed: c.resumed,
+    }
+}

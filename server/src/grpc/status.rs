@@ -41,7 +41,8 @@ pub fn to_status(error: &PipelineError) -> Status {
             StoreError::UnknownVersion(_) => Code::NotFound,
             StoreError::InvalidVersion(_) => Code::InvalidArgument,
             StoreError::VersionExists(_) => Code::AlreadyExists,
-            StoreError::NothingToRollBack(_) => Code::FailedPrecondition,
+            StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_) => Code::FailedPrecondition,
+            StoreError::UnknownCycle(_) => Code::NotFound,
             StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
         },
     };

@@ -1,0 +1,451 @@
+//! `flywheel-trainer cycle`: one turn of the flywheel against a live server
+//! (curate the log and feedback, fine-tune, evaluate candidate against
+//! incumbent on the frozen test split, gate, promote), once or on a cadence.
+//!
+//! Every cycle has a record in the registry's journal
+//! ([`flywheel_router::cycles`]), written at each stage and readable through
+//! `Admin.ListCycles`. One cycle runs at a time (an OS file lock in the
+//! registry). A cycle that dies keeps its record `running`; the next cycle
+//! resumes it from the first stage not done (curation of the same log window,
+//! training from its checkpoint). A cycle that fails or is refused by the
+//! gate never touches the serving model.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use flywheel_router::cycles::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
+use flywheel_router::log::{LogReader, unix_ms};
+
+use crate::curate::select::Filters;
+use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};
+use crate::finetune::{self, TrainArgs};
+use crate::promote::{self, PromoteArgs, PromoteReport, ServerArgs};
+
+/// Fewest curated training examples a cycle trains on; below, it is `skipped`.
+pub const DEFAULT_MIN_EXAMPLES: usize = 40;
+/// Frozen test split shared by every cycle of a work folder.
+const FROZEN_TEST: &str = "frozen_test.jsonl";
+/// The gate's report inside a cycle's folder (read back when resuming).
+const GATE_REPORT: &str = "gate.json";
+
+/// `flywheel-trainer cycle`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CycleArgs {
+    /// Server, admin token, slot.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// The server's request log (SQLite).
+    #[arg(long, env = "FLYWHEEL_LOG_PATH")]
+    pub log: PathBuf,
+    /// The server's model registry (holds the models and the cycle journal).
+    #[arg(long, env = "FLYWHEEL_REGISTRY_DIR")]
+    pub registry_dir: PathBuf,
+    /// Folder for the cycles' datasets and training outputs.
+    #[arg(long, default_value = "var/cycles")]
+    pub work_dir: PathBuf,
+    /// Server config (router instructions and expert descriptions for a base incumbent).
+    #[arg(long)]
+    pub server_config: Option<PathBuf>,
+    /// Training settings.
+    #[command(flatten)]
+    pub training: TrainingKnobs,
+    /// Test share of each label when the first cycle creates the frozen test split.
+    #[arg(long, default_value_t = curate::DEFAULT_TEST_FRACTION)]
+    pub test_fraction: f64,
+    /// Skip (and record why) when fewer curated training examples.
+    #[arg(long, default_value_t = DEFAULT_MIN_EXAMPLES)]
+    pub min_examples: usize,
+    /// Accepted accuracy loss against the incumbent (absolute).
+    #[arg(long, default_value_t = promote::DEFAULT_TOLERANCE)]
+    pub tolerance: f64,
+    /// Largest accepted p99 decision latency of the candidate, in ms.
+    #[arg(long)]
+    pub max_p99_ms: Option<f64>,
+    /// Run continuously: start a cycle whenever this many new feedback rows were logged.
+    #[arg(long)]
+    pub every_labels: Option<u64>,
+    /// Run continuously: start a cycle at this interval (e.g. 30m, 6h).
+    #[arg(long, value_parser = parse_duration)]
+    pub every: Option<Duration>,
+    /// How often the continuous mode checks the log.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub poll: Duration,
+    /// Stop the continuous mode after this many cycles.
+    #[arg(long)]
+    pub max_cycles: Option<usize>,
+    /// What started the cycle, as recorded (`manual` unless a cadence did).
+    #[arg(long, hide = true, default_value = "manual")]
+    pub trigger: String,
+}
+
+/// The fine-tuning settings a cycle exposes (the rest keep `train`'s defaults).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainingKnobs {
+    /// Base model every cycle fine-tunes (the dataset grows; training restarts from the base).
+    #[arg(long, default_value = flywheel_router::config::DEFAULT_MODEL_PATH)]
+    pub base: PathBuf,
+    /// Passes over the data.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Train only the top N blocks.
+    #[arg(long, default_value_t = 8)]
+    pub trained_blocks: usize,
+    /// Keep only the first k blocks of the base (smaller, faster model).
+    #[arg(long)]
+    pub keep_layers: Option<usize>,
+    /// Use at most this many training examples (stratified sample).
+    #[arg(long)]
+    pub max_train_examples: Option<usize>,
+    /// Seed of sampling, initialisation and order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `"90s"`, `"30m"`, `"6h"`, `"1d"` or plain seconds.
+///
+/// # Errors
+/// Anything else.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration: use e.g. 90s, 30m, 6h, 1d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("`{s}` has an unknown unit: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn now_ms() -> i64 {
+    unix_ms(std::time::SystemTime::now())
+}
+
+/// Feedback rows in the log (the cadence's counter).
+fn feedback_rows(log: &Path) -> anyhow::Result<u64> {
+    let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", log.display()))?;
+    Ok(reader.feedback_between(0, i64::MAX)?.len() as u64)
+}
+
+impl CycleArgs {
+    fn train_args(&self, data: &Path, out: &Path) -> anyhow::Result<TrainArgs> {
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let k = &self.training;
+        let mut argv: Vec<String> = vec![
+            "train".into(),
+            "--data".into(),
+            data.display().to_string(),
+            "--out".into(),
+            out.display().to_string(),
+            "--base".into(),
+            k.base.display().to_string(),
+            "--epochs".into(),
+            k.epochs.to_string(),
+            "--trained-blocks".into(),
+            k.trained_blocks.to_string(),
+            "--seed".into(),
+            k.seed.to_string(),
+        ];
+        if let Some(n) = k.keep_layers {
+            argv.extend(["--keep-layers".into(), n.to_string()]);
+        }
+        if let Some(n) = k.max_train_examples {
+            argv.extend(["--max-examples".into(), n.to_string()]);
+        }
+        if k.quiet {
+            argv.push("--quiet".into());
+        }
+        Ok(Wrap::try_parse_from(argv).context("building the training settings")?.args)
+    }
+
+    fn promote_args(&self, candidate: &Path, test: &Path) -> PromoteArgs {
+        PromoteArgs {
+            server: self.server.clone(),
+            candidate: candidate.to_path_buf(),
+            version: None,
+            test: test.to_path_buf(),
+            text_column: "text".into(),
+            label_column: "label".into(),
+            server_config: self.server_config.clone(),
+            tolerance: self.tolerance,
+            max_p99_ms: self.max_p99_ms,
+            registry_dir: self.registry_dir.clone(),
+            report: None,
+            dry_run: false,
+        }
+    }
+}
+
+/// Run one cycle (resuming an interrupted one first, if any) and return its record.
+///
+/// # Errors
+/// Another cycle is running, or the journal cannot be written. Failures of
+/// the stages themselves end in a `failed` record, not an error.
+pub async fn run_once(args: &CycleArgs) -> anyhow::Result<CycleRecord> {
+    let journal = CycleJournal::open(&args.registry_dir)?;
+    let _lock = journal.lock()?;
+    let interrupted = journal
+        .list()?
+        .into_iter()
+        .find(|r| r.status == CycleStatus::Running && r.slot == args.server.slot);
+    let mut record = match interrupted {
+        Some(mut r) => {
+            r.resumed += 1;
+            tracing::warn!(cycle = %r.id, next = ?r.next_stage(), "resuming an interrupted cycle");
+            println!("resuming interrupted cycle {} at stage {}", r.id, r.next_stage().unwrap_or("end"));
+            r
+        }
+        None => {
+            let now = now_ms();
+            let id = format!("cycle-{now}");
+            let mut r = CycleRecord::new(id.clone(), &args.trigger, &args.server.slot, now, args.work_dir.join(&id));
+            r.labels_seen = feedback_rows(&args.log)?;
+            r
+        }
+    };
+    journal.write(&record)?;
+    if let Err(e) = stages(args, &journal, &mut record).await {
+        tracing::error!(cycle = %record.id, error = %format!("{e:#}"), "cycle failed");
+        record.status = CycleStatus::Failed;
+        record.error = Some(format!("{e:#}"));
+    }
+    record.finished_unix_ms = Some(now_ms());
+    record.updated_unix_ms = now_ms();
+    journal.write(&record)?;
+    Ok(record)
+}
+
+async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleRecord) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&record.work_dir).with_context(|| format!("creating {}", record.work_dir.display()))?;
+    let data_dir = record.work_dir.join("data");
+    let model_dir = record.work_dir.join("model");
+    let frozen = args.work_dir.join(FROZEN_TEST);
+    let mut gate: Option<PromoteReport> = None;
+    while let Some(stage) = record.next_stage() {
+        println!("[{}] {stage}", record.id);
+        let t = Instant::now();
+        match stage {
+            "curate" => {
+                let dataset = curate_stage(args, record, &data_dir, &frozen).await?;
+                let enough = dataset.train >= args.min_examples;
+                record.dataset = Some(dataset);
+                if !enough {
+                    record.status = CycleStatus::Skipped;
+                    record.error = Some(format!(
+                        "{} curated training examples, fewer than --min-examples {}",
+                        record.dataset.as_ref().map_or(0, |d| d.train),
+                        args.min_examples
+                    ));
+                    finish_stage(journal, record, stage, t)?;
+                    return Ok(());
+                }
+            }
+            "train" => {
+                let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir)?;
+                let manifest = finetune::run(&train).await.context("fine-tuning")?;
+                println!(
+                    "  {}: {} examples, {} steps in {:.0} s, train accuracy {:.1}%",
+                    manifest.version,
+                    manifest.data.examples,
+                    manifest.training.steps,
+                    manifest.training.seconds,
+                    manifest.training.final_train_accuracy * 100.0
+                );
+                record.candidate_version = Some(manifest.version);
+            }
+            "evaluate" => {
+                let report = promote::assess(&args.promote_args(&model_dir, &frozen)).await?;
+                let path = record.work_dir.join(GATE_REPORT);
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "  candidate {} {:.1}% vs incumbent {} {:.1}% on {} test examples (p = {:.3}): {}",
+                    report.version,
+                    report.candidate.accuracy * 100.0,
+                    report.incumbent.version,
+                    report.incumbent.accuracy * 100.0,
+                    report.candidate.n,
+                    report.comparison.p_value,
+                    if report.decision.pass { "passes the gate" } else { "refused" }
+                );
+                record.metrics = Some(CycleMetrics {
+                    incumbent_version: report.incumbent.version.clone(),
+                    incumbent_accuracy: report.incumbent.accuracy,
+                    candidate_accuracy: report.candidate.accuracy,
+                    p_value: report.comparison.p_value,
+                    n: report.candidate.n,
+                    candidate_p99_ms: report.candidate.latency_p99_ms,
+                    incumbent_p99_ms: report.incumbent.latency_p99_ms,
+                });
+                record.decision = report.decision.reasons.clone();
+                gate = Some(report);
+            }
+            "promote" => {
+                let report = match gate.take() {
+                    Some(r) => r,
+                    None => {
+                        let path = record.work_dir.join(GATE_REPORT);
+                        serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+                            .with_context(|| format!("parsing {}", path.display()))?
+                    }
+                };
+                if report.decision.pass {
+                    let mut client = promote::admin(&args.server).await?;
+                    // Resumed after the swap but before the record: already done.
+                    let serving = promote::serving(&mut client, &args.server.slot).await?;
+                    if serving.version != report.version {
+                        promote::apply(&args.promote_args(&model_dir, &frozen), &report.version).await?;
+                    }
+                    record.promoted = true;
+                    record.status = CycleStatus::Promoted;
+                    println!("  `{}` now serves `{}`", report.version, args.server.slot);
+                } else {
+                    record.status = CycleStatus::Rejected;
+                    println!("  the gate refused `{}`; `{}` is untouched", report.version, args.server.slot);
+                }
+            }
+            other => anyhow::bail!("unknown cycle stage `{other}`"),
+        }
+        finish_stage(journal, record, stage, t)?;
+    }
+    Ok(())
+}
+
+fn finish_stage(journal: &CycleJournal, record: &mut CycleRecord, stage: &str, t: Instant) -> anyhow::Result<()> {
+    record.stages.push(StageTime {
+        stage: stage.into(),
+        seconds: t.elapsed().as_secs_f64(),
+    });
+    record.updated_unix_ms = now_ms();
+    journal.write(record)?;
+    Ok(())
+}
+
+async fn curate_stage(
+    args: &CycleArgs,
+    record: &CycleRecord,
+    out: &Path,
+    frozen: &Path,
+) -> anyhow::Result<CycleDataset> {
+    let frozen_exists = frozen.is_file();
+    let opts = CurateOptions {
+        log: Some(args.log.clone()),
+        out: out.to_path_buf(),
+        filters: Filters {
+            until_ms: Some(record.log_until_ms),
+            ..Filters::default()
+        },
+        imports: Vec::new(),
+        columns: curate::dataset::Columns {
+            text: "text".into(),
+            label: "label".into(),
+        },
+        frozen_test: frozen_exists.then(|| frozen.to_path_buf()),
+        review_out: None,
+        spec: CurationSpec {
+            test_fraction: args.test_fraction,
+            ..CurationSpec::default()
+        },
+    };
+    opts.spec.validate()?;
+    let manifest = curate::run(&opts, None).await.context("curating the log")?;
+    let test_file = out.join("test.jsonl");
+    if !frozen_exists {
+        // The first cycle's test split stays the test split of every later cycle.
+        let tmp = frozen.with_extension("jsonl.tmp");
+        std::fs::copy(&test_file, &tmp).with_context(|| format!("copying {}", test_file.display()))?;
+        std::fs::rename(&tmp, frozen).with_context(|| format!("writing {}", frozen.display()))?;
+    }
+    let count = |name: &str| manifest.splits.get(name).map_or(0, |s| s.total);
+    let dataset = CycleDataset {
+        dir: out.to_path_buf(),
+        train: count("train"),
+        test: count("test"),
+        manifest_sha256: curate::export::sha256_file(&out.join(MANIFEST))?,
+    };
+    println!(
+        "  {} labelled requests -> {} train / {} test examples (frozen test: {})",
+        manifest.selection.labelled.values().sum::<usize>(),
+        dataset.train,
+        dataset.test,
+        frozen.display()
+    );
+    Ok(dataset)
+}
+
+/// Run `flywheel-trainer cycle`: once, or on the cadence until `max_cycles`.
+///
+/// # Errors
+/// As [`run_once`], and an unreadable log.
+pub async fn run(args: &CycleArgs) -> anyhow::Result<Vec<CycleRecord>> {
+    if args.every_labels.is_none() && args.every.is_none() {
+        let record = run_once(args).await?;
+        print_record(&record);
+        return Ok(vec![record]);
+    }
+    let journal = CycleJournal::open(&args.registry_dir)?;
+    let mut done = Vec::new();
+    let mut last_start = Instant::now();
+    let mut last_labels = journal
+        .list()?
+        .into_iter()
+        .find(|r| r.slot == args.server.slot)
+        .map_or(0, |r| r.labels_seen);
+    loop {
+        let labels = feedback_rows(&args.log)?;
+        let by_labels = args.every_labels.is_some_and(|n| labels.saturating_sub(last_labels) >= n);
+        let by_time = args.every.is_some_and(|d| last_start.elapsed() >= d);
+        if by_labels || by_time {
+            let mut a = args.clone();
+            a.trigger = if by_labels { "labels" } else { "interval" }.into();
+            last_start = Instant::now();
+            let record = run_once(&a).await?;
+            print_record(&record);
+            last_labels = record.labels_seen.max(labels);
+            done.push(record);
+            if args.max_cycles.is_some_and(|m| done.len() >= m) {
+                return Ok(done);
+            }
+        }
+        tokio::time::sleep(args.poll).await;
+    }
+}
+
+fn print_record(r: &CycleRecord) {
+    let stages: Vec<String> = r.stages.iter().map(|s| format!("{} {:.0}s", s.stage, s.seconds)).collect();
+    println!(
+        "cycle {}: {}{} [{}]",
+        r.id,
+        r.status.as_str(),
+        r.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default(),
+        stages.join(", ")
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_refuse_others() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("30m").unwrap(), Duration::from_secs(1800));
+        assert_eq!(parse_duration("6h").unwrap(), Duration::from_secs(21_600));
+        assert_eq!(parse_duration("1d").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+}
