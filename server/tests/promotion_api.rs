@@ -284,3 +284,68 @@ async fn a_restarted_server_serves_the_last_promoted_version() {
     assert_eq!(serving(&second, EXPERT_SLOT).await, "v7");
     assert_eq!(serving(&second, "expert/it").await, "smollm2-135m-instruct-q8_0");
 }
+
+#[tokio::test]
+async fn list_cycles_serves_the_journal_records_newest_first() {
+    use flywheel_router::cycles::{CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry");
+    ModelStore::open(&registry).unwrap();
+    let server = common::start(common::stub_config(&registry, Some(TOKEN)));
+    let mut admin = server.admin().await;
+    // A registry without cycles lists none.
+    let none = admin.list_cycles(pb::ListCyclesRequest::default()).await.unwrap().into_inner();
+    assert!(none.cycles.is_empty());
+
+    let journal = CycleJournal::open(&registry).unwrap();
+    let mut done = CycleRecord::new("cycle-100".into(), "labels", "router", 100, dir.path().join("w"));
+    done.status = CycleStatus::Promoted;
+    done.promoted = true;
+    done.candidate_version = Some("ft-abc".into());
+    done.stages.push(StageTime {
+        stage: "curate".into(),
+        seconds: 2.0,
+    });
+    done.metrics = Some(CycleMetrics {
+        incumbent_version: "base".into(),
+        incumbent_accuracy: 0.34,
+        candidate_accuracy: 0.89,
+        p_value: 1e-9,
+        n: 400,
+        candidate_p99_ms: 300.0,
+        incumbent_p99_ms: 500.0,
+    });
+    journal.write(&done).unwrap();
+    let running = CycleRecord::new("cycle-200".into(), "interval", "router", 200, dir.path().join("w2"));
+    journal.write(&running).unwrap();
+
+    let all = admin.list_cycles(pb::ListCyclesRequest::default()).await.unwrap().into_inner();
+    let ids: Vec<&str> = all.cycles.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["cycle-200", "cycle-100"]);
+    assert_eq!(all.cycles[0].status, "running");
+    let one = admin
+        .list_cycles(pb::ListCyclesRequest {
+            limit: 0,
+            id: Some("cycle-100".into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = &one.cycles[0];
+    assert_eq!((c.status.as_str(), c.promoted, c.candidate_version.as_str()), ("promoted", true, "ft-abc"));
+    assert_eq!((c.incumbent_accuracy, c.candidate_accuracy, c.stages.len()), (0.34, 0.89, 1));
+    let newest = admin
+        .list_cycles(pb::ListCyclesRequest { limit: 1, id: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(newest.cycles.len(), 1);
+    let missing = admin
+        .list_cycles(pb::ListCyclesRequest {
+            limit: 0,
+            id: Some("cycle-9".into()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+}

@@ -137,7 +137,7 @@ fn feedback_rows(log: &Path) -> anyhow::Result<u64> {
 }
 
 impl CycleArgs {
-    fn train_args(&self, data: &Path, out: &Path) -> anyhow::Result<TrainArgs> {
+    fn train_args(&self, data: &Path, out: &Path, labels: &[String]) -> anyhow::Result<TrainArgs> {
         #[derive(Parser)]
         struct Wrap {
             #[command(flatten)]
@@ -159,6 +159,9 @@ impl CycleArgs {
             "--seed".into(),
             k.seed.to_string(),
         ];
+        if !labels.is_empty() {
+            argv.extend(["--labels".into(), labels.join(",")]);
+        }
         if let Some(n) = k.keep_layers {
             argv.extend(["--keep-layers".into(), n.to_string()]);
         }
@@ -254,7 +257,15 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                 }
             }
             "train" => {
-                let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir)?;
+                // The server accepts a model trained for exactly its experts.
+                let experts = promote::admin(&args.server)
+                    .await?
+                    .status(flywheel_proto::v1::StatusRequest {})
+                    .await
+                    .context("asking the server for its experts")?
+                    .into_inner()
+                    .experts;
+                let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir, &experts)?;
                 let manifest = finetune::run(&train).await.context("fine-tuning")?;
                 println!(
                     "  {}: {} examples, {} steps in {:.0} s, train accuracy {:.1}%",
@@ -438,6 +449,113 @@ fn print_record(r: &CycleRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::eval::{Comparison, ModelReport};
+    use crate::promote::Decision;
+
+    fn args(root: &Path) -> CycleArgs {
+        CycleArgs {
+            server: ServerArgs {
+                // Nothing listens here: a resumed cycle refused by the gate needs no server.
+                server: "http://127.0.0.1:9".into(),
+                admin_token: "t".repeat(16),
+                slot: "router".into(),
+            },
+            log: root.join("requests.db"),
+            registry_dir: root.join("registry"),
+            work_dir: root.join("cycles"),
+            server_config: None,
+            training: TrainingKnobs {
+                base: root.join("base.gguf"),
+                epochs: 1,
+                trained_blocks: 1,
+                keep_layers: None,
+                max_train_examples: None,
+                seed: 0,
+                quiet: true,
+            },
+            test_fraction: 0.4,
+            min_examples: 1,
+            tolerance: 0.01,
+            max_p99_ms: None,
+            every_labels: None,
+            every: None,
+            poll: Duration::from_secs(1),
+            max_cycles: None,
+            trigger: "manual".into(),
+        }
+    }
+
+    fn model(version: &str, accuracy: f64) -> ModelReport {
+        ModelReport {
+            model: format!("{version}.gguf"),
+            version: version.into(),
+            size_bytes: 1,
+            fine_tuned: version != "base",
+            n: 10,
+            accuracy,
+            macro_f1: accuracy,
+            per_class: Vec::new(),
+            labels: Vec::new(),
+            confusion: Vec::new(),
+            latency_p50_ms: 1.0,
+            latency_p99_ms: 2.0,
+            correct: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_cycle_resumes_at_its_first_unfinished_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = args(dir.path());
+        let journal = CycleJournal::open(&args.registry_dir).unwrap();
+        // A cycle that died after evaluating: its record still says running.
+        let work = args.work_dir.join("cycle-1");
+        std::fs::create_dir_all(&work).unwrap();
+        let mut dead = CycleRecord::new("cycle-1".into(), "manual", "router", 1, work.clone());
+        for stage in ["curate", "train", "evaluate"] {
+            dead.stages.push(StageTime {
+                stage: stage.into(),
+                seconds: 1.0,
+            });
+        }
+        journal.write(&dead).unwrap();
+        let refused = PromoteReport {
+            accuracy: 0.5,
+            version: "ft-1".into(),
+            candidate: model("ft-1", 0.5),
+            incumbent: model("base", 0.8),
+            comparison: Comparison {
+                accuracy_delta: -0.3,
+                only_model_right: 0,
+                only_other_right: 3,
+                p_value: 0.25,
+            },
+            decision: Decision {
+                pass: false,
+                reasons: vec!["accuracy 50.0% is below the incumbent's 80.0% minus 1.0 points".into()],
+            },
+            promoted: false,
+        };
+        std::fs::write(work.join(GATE_REPORT), serde_json::to_vec(&refused).unwrap()).unwrap();
+
+        let record = run_once(&args).await.unwrap();
+        assert_eq!(record.id, "cycle-1");
+        assert_eq!(record.resumed, 1);
+        assert_eq!(record.status, CycleStatus::Rejected, "{record:?}");
+        assert_eq!(record.stages.len(), 4);
+        assert!(!record.promoted && record.finished_unix_ms.is_some());
+        assert_eq!(journal.get("cycle-1").unwrap(), record);
+    }
+
+    #[tokio::test]
+    async fn a_second_cycle_is_refused_while_one_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = args(dir.path());
+        let held = CycleJournal::open(&args.registry_dir).unwrap().lock().unwrap();
+        let err = run_once(&args).await.unwrap_err();
+        assert!(err.to_string().contains("another flywheel cycle is running"), "{err}");
+        drop(held);
+    }
 
     #[test]
     fn durations_parse_with_units_and_refuse_others() {

@@ -16,8 +16,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Start the server on the default config and ask it sample questions.
-    Demo(demo::DemoArgs),
+    /// The flywheel end to end: serve, replay traffic, feedback, curate, fine-tune, evaluate, promote, replay, report.
+    Demo(Box<demo::DemoArgs>),
     /// Build a ground-truth dataset from the request log and feedback (and/or labelled files).
     Curate(Box<cli::CurateArgs>),
     /// Fine-tune a model on labelled text (LoRA or full) and write the merged GGUF, PEFT adapter and manifest.
@@ -62,7 +62,7 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     flywheel_server::telemetry::init();
     match Cli::parse().command {
-        Command::Demo(args) => demo::run(args).await,
+        Command::Demo(args) => demo::run(*args).await.map(drop),
         Command::Cycle(args) => {
             let records = cycle::run(&args).await?;
             let failed = records.iter().filter(|r| r.status == flywheel_router::cycles::CycleStatus::Failed).count();

@@ -1,4 +1,5 @@
-//! PNG figures of the trainer's reports (the confusion matrix of `eval`).
+//! PNG figures of the trainer's reports (the confusion matrix of `eval`,
+//! the latency CDFs of `demo`).
 //!
 //! Drawn with `image` (already in the dependency tree through mistral.rs)
 //! and text rasterized with `ab_glyph` from a system TrueType font:
@@ -170,6 +171,93 @@ pub fn confusion_png(labels: &[String], matrix: &[Vec<usize>], title: &str, path
     })
 }
 
+/// Colours of the CDF series, in order.
+const SERIES: [Rgb<u8>; 4] = [
+    Rgb([202, 0, 32]),
+    Rgb([33, 102, 172]),
+    Rgb([77, 175, 74]),
+    Rgb([152, 78, 163]),
+];
+
+/// Empirical CDFs of `series` (name, samples) on one linear axis from 0 to
+/// the largest sample, with p50 and p99 in the legend.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn cdf_png(series: &[(String, Vec<f64>)], title: &str, unit: &str, path: &Path) -> Result<(), PlotError> {
+    const W: u32 = 760;
+    const H: u32 = 440;
+    const PLOT_L: u32 = 70;
+    const PLOT_T: u32 = 48;
+    const PLOT_W: u32 = 640;
+    const PLOT_H: u32 = 300;
+    let font = load_font();
+    let font = font.as_ref();
+    let mut img = RgbImage::from_pixel(W, H, WHITE);
+    text(&mut img, font, MARGIN as f32, 10.0, 16.0, INK, title);
+    let max = series
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .fold(0.0_f64, f64::max)
+        .max(1e-9);
+    let grey = Rgb([200, 200, 200]);
+    for i in 0..=4u32 {
+        let y = PLOT_T + PLOT_H - i * PLOT_H / 4;
+        for x in PLOT_L..=PLOT_L + PLOT_W {
+            img.put_pixel(x, y, if i == 0 { INK } else { grey });
+        }
+        text(&mut img, font, 20.0, y as f32 - 7.0, 11.0, INK, &format!("{:.2}", f64::from(i) / 4.0));
+        let x = PLOT_L + i * PLOT_W / 4;
+        for y in PLOT_T..=PLOT_T + PLOT_H {
+            img.put_pixel(x, y, if i == 0 { INK } else { grey });
+        }
+        let label = format!("{:.0}", max * f64::from(i) / 4.0);
+        let tw = text_width(font, 11.0, &label);
+        text(&mut img, font, x as f32 - tw / 2.0, (PLOT_T + PLOT_H + 6) as f32, 11.0, INK, &label);
+    }
+    text(&mut img, font, (PLOT_L + PLOT_W / 2 - 30) as f32, (PLOT_T + PLOT_H + 22) as f32, 12.0, INK, unit);
+    for (k, (name, values)) in series.iter().enumerate() {
+        let color = SERIES[k % SERIES.len()];
+        let mut v = values.clone();
+        v.sort_by(f64::total_cmp);
+        let n = v.len().max(1) as f64;
+        let px = |x: f64| PLOT_L + ((x / max).clamp(0.0, 1.0) * f64::from(PLOT_W)).round() as u32;
+        let py = |q: f64| PLOT_T + PLOT_H - (q.clamp(0.0, 1.0) * f64::from(PLOT_H)).round() as u32;
+        let mut prev = (px(0.0), py(0.0));
+        for (i, x) in v.iter().enumerate() {
+            let (x1, y_low, y_high) = (px(*x), py(i as f64 / n), py((i + 1) as f64 / n));
+            // Horizontal run to this sample, then the step up.
+            for xx in prev.0.min(x1)..=prev.0.max(x1) {
+                thick(&mut img, xx, y_low, color);
+            }
+            for yy in y_high..=y_low {
+                thick(&mut img, x1, yy, color);
+            }
+            prev = (x1, y_high);
+        }
+        let p50 = crate::rails::eval::percentile(&v, 0.5);
+        let p99 = crate::rails::eval::percentile(&v, 0.99);
+        let ly = (PLOT_T + PLOT_H + 40 + k as u32 * 16) as f32;
+        for dx in 0..18 {
+            thick(&mut img, PLOT_L + dx, ly as u32 + 7, color);
+        }
+        let legend = format!("{name}: p50 {p50:.0}, p99 {p99:.0} {unit} (n = {})", v.len());
+        text(&mut img, font, (PLOT_L + 24) as f32, ly, 12.0, INK, &legend);
+    }
+    img.save(path).map_err(|source| PlotError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn thick(img: &mut RgbImage, x: u32, y: u32, color: Rgb<u8>) {
+    for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
+        if x + dx < img.width() && y + dy < img.height() {
+            img.put_pixel(x + dx, y + dy, color);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,5 +275,18 @@ mod tests {
         assert!(center(0, 0).0[2] > center(0, 0).0[0] && center(0, 0).0[0] < 80);
         assert!(center(0, 1).0[0] > 240 && center(0, 1).0[1] < 240);
         assert_eq!(center(1, 1), WHITE);
+    }
+
+    #[test]
+    fn cdf_png_draws_each_series_in_its_colour_left_of_the_slower_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cdf.png");
+        let fast: Vec<f64> = (1..=50).map(f64::from).collect();
+        let slow: Vec<f64> = (51..=100).map(f64::from).collect();
+        cdf_png(&[("fast".into(), fast), ("slow".into(), slow)], "t", "ms", &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let first_x = |c: Rgb<u8>| (0..img.width()).find(|&x| (48..348).any(|y| *img.get_pixel(x, y) == c));
+        let (fast_x, slow_x) = (first_x(SERIES[0]).unwrap(), first_x(SERIES[1]).unwrap());
+        assert!(fast_x < slow_x, "fast starts at {fast_x}, slow at {slow_x}");
     }
 }

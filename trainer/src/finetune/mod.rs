@@ -107,6 +107,11 @@ pub struct TrainArgs {
     /// Label column.
     #[arg(long, default_value = "label")]
     pub label_column: String,
+    /// The model's label set, comma-separated (default: the labels in the
+    /// data). A server only accepts a model trained for exactly its experts,
+    /// so name them all, including any the data lacks.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
     /// Use at most this many examples, sampled stratified by label with the seed.
     #[arg(long)]
     pub max_examples: Option<usize>,
@@ -380,7 +385,19 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             args.label_column
         )));
     }
-    let labels = LabelSet::new(label_counts.keys().cloned().collect())?;
+    let labels = if args.labels.is_empty() {
+        LabelSet::new(label_counts.keys().cloned().collect())?
+    } else {
+        let outside: Vec<&String> = label_counts.keys().filter(|l| !args.labels.contains(l)).collect();
+        if !outside.is_empty() {
+            return Err(FinetuneError::Invalid(format!(
+                "{} has labels {outside:?} that are not in --labels {:?}",
+                args.data.display(),
+                args.labels
+            )));
+        }
+        LabelSet::new(args.labels.clone())?
+    };
     let hyper = Hyper {
         rank: args.rank,
         alpha: args.alpha,

@@ -1,0 +1,117 @@
+//! The flywheel end to end, CI-sized: `flywheel-trainer demo --quick` as a
+//! process on a small labelled traffic file (four HWU64 scenarios, so the
+//! experts come from the file's labels). It starts the real server with the
+//! real SmolLM2 router, replays the traffic through the gRPC API, gives
+//! feedback, runs a cycle (curate, a short LoRA run, evaluation, gate,
+//! promotion under background traffic) and replays again. Asserts that the
+//! router got more accurate, that the promoted version decided the second
+//! replay, that no request failed, and that the cycle's record says so.
+
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+
+use std::path::Path;
+
+use flywheel_router::cycles::{CycleJournal, CycleStatus};
+use flywheel_trainer::demo::report::DemoReport;
+use flywheel_trainer::demo::traffic::HWU64_TRAFFIC;
+
+/// Four scenarios the zero-shot router confuses (its expert descriptions
+/// are only the label names), so a short training run has room to show.
+const LABELS: [&str; 4] = ["general", "iot", "play", "qa"];
+
+fn write_traffic(path: &Path) -> usize {
+    let mut reader = csv::Reader::from_reader(HWU64_TRAFFIC.as_bytes());
+    let mut writer = csv::Writer::from_path(path).unwrap();
+    writer.write_record(["query", "scenario"]).unwrap();
+    let mut n = 0;
+    for row in reader.records() {
+        let row = row.unwrap();
+        if LABELS.contains(&&row[1]) {
+            writer.write_record([&row[0], &row[1]]).unwrap();
+            n += 1;
+        }
+    }
+    writer.flush().unwrap();
+    n
+}
+
+#[test]
+fn one_cycle_makes_the_router_more_accurate_without_a_failed_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let traffic = dir.path().join("traffic.csv");
+    assert!(write_traffic(&traffic) > 200);
+    let out = dir.path().join("demo");
+    let models = flywheel_router::testing::test_model().canonicalize().unwrap();
+    let models_dir = models.parent().unwrap().to_str().unwrap();
+    let stdout = common::trainer(&[
+        "demo",
+        "--quick",
+        "--traffic",
+        traffic.to_str().unwrap(),
+        "--text-column",
+        "query",
+        "--label-column",
+        "scenario",
+        "--requests",
+        "140",
+        // Every wrong route gets a reviewer's label, and the short run makes
+        // more passes: enough signal for a clear gain in a CI-sized run.
+        "--reviewer-share",
+        "1.0",
+        "--epochs",
+        "10",
+        "--background-pause-ms",
+        "300",
+        "--out",
+        out.to_str().unwrap(),
+        "--models-dir",
+        models_dir,
+    ]);
+    let report: DemoReport = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    let summary = format!("{stdout}\n{}", std::fs::read_to_string(out.join("report.md")).unwrap());
+
+    // The experts came from the file's labels.
+    assert_eq!(report.experts, 4, "{summary}");
+    let config = std::fs::read_to_string(out.join("server.toml")).unwrap();
+    for label in LABELS {
+        assert!(config.contains(&format!("name = \"{label}\"")), "{config}");
+    }
+
+    // The cycle promoted a fine-tuned router through the gate.
+    let cycle = &report.cycle;
+    assert_eq!(cycle.status, CycleStatus::Promoted, "{summary}");
+    let stages: Vec<&str> = cycle.stages.iter().map(|s| s.stage.as_str()).collect();
+    assert_eq!(stages, ["curate", "train", "evaluate", "promote"]);
+    let version = cycle.candidate_version.clone().unwrap();
+    let metrics = cycle.metrics.clone().unwrap();
+    assert!(metrics.candidate_accuracy >= metrics.incumbent_accuracy - 0.01, "{summary}");
+
+    // More accurate after the cycle, on the whole replay and on the requests
+    // that never reached training.
+    assert!(report.after.accuracy_all > report.before.accuracy_all, "{summary}");
+    assert!(report.after.accuracy_held_out > report.before.accuracy_held_out, "{summary}");
+    assert!(report.after.held_out > 0);
+
+    // The promoted version decided every answered request of the second
+    // replay; the first was the base model's.
+    assert_eq!(report.after.router_version, version, "{summary}");
+    assert_eq!(
+        report.after.served_by_version,
+        report.after.requests - report.after.refused,
+        "{summary}"
+    );
+    assert_ne!(report.before.router_version, version);
+
+    // No request failed: not in the replays, not while the model was swapped.
+    assert_eq!((report.before.failed, report.after.failed), (0, 0), "{summary}");
+    assert!(report.background.requests > 0);
+    assert_eq!(report.background.failed, 0, "{summary}");
+
+    // The journal in the registry holds the same record (what Admin.ListCycles serves).
+    let journal = CycleJournal::open(&out.join("registry")).unwrap();
+    assert_eq!(journal.get(&cycle.id).unwrap(), *cycle);
+    assert!(out.join("route_latency.png").is_file());
+    println!("{summary}");
+}
