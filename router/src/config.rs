@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_QUERY_CHARS: usize = 4000;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// Default answer length cap (tokens).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Passages per answer: three short chunks fit a 135M model's useful context.
+pub const DEFAULT_TOP_K: usize = 3;
+/// Candidates per retriever before fusion: deep enough for RRF to reorder.
+pub const DEFAULT_RETRIEVAL_CANDIDATES: usize = 20;
+/// Passage tokens per prompt: three default chunks (~200 tokens each) and headroom.
+pub const DEFAULT_MAX_CONTEXT_TOKENS: usize = 640;
 /// Request-log flush interval: the most recent records that a `kill -9` can lose.
 pub const DEFAULT_LOG_FLUSH_MS: u64 = 50;
 /// Records written per SQLite transaction at most.
@@ -144,6 +150,53 @@ pub struct ExpertSpec {
     /// Nucleus sampling mass.
     #[serde(default)]
     pub top_p: Option<f32>,
+    /// Folder of its knowledge base (Markdown, text, HTML); answers cite it.
+    #[serde(default)]
+    pub corpus: Option<PathBuf>,
+    /// Passages retrieved per answer.
+    #[serde(default = "default_top_k")]
+    pub top_k: usize,
+}
+
+fn default_top_k() -> usize {
+    DEFAULT_TOP_K
+}
+
+/// `[retrieval]`: how the experts' corpora are chunked, searched and fused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrievalSpec {
+    /// `bm25`, `dense` or `hybrid` (reciprocal rank fusion of both).
+    pub mode: crate::retrieval::Mode,
+    /// Candidates each retriever ranks before fusion.
+    pub candidates: usize,
+    /// RRF rank constant.
+    pub rrf_k: f32,
+    /// Token budget of the passages put into an expert's prompt.
+    pub max_context_tokens: usize,
+    /// Largest chunk in characters.
+    pub chunk_chars: usize,
+    /// Overlap between consecutive chunks of a long section, in characters.
+    pub overlap_chars: usize,
+    /// Sentence embedder (default: the jailbreak rail's, `rails.jailbreak.embedder_dir`).
+    pub embedder_dir: Option<PathBuf>,
+    /// Cache of chunk embeddings, keyed by content.
+    pub cache_dir: PathBuf,
+}
+
+impl Default for RetrievalSpec {
+    fn default() -> Self {
+        Self {
+            mode: crate::retrieval::Mode::Hybrid,
+            candidates: DEFAULT_RETRIEVAL_CANDIDATES,
+            rrf_k: crate::retrieval::index::DEFAULT_RRF_K,
+            max_context_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
+            chunk_chars: crate::retrieval::chunk::DEFAULT_CHUNK_CHARS,
+            overlap_chars: crate::retrieval::chunk::DEFAULT_OVERLAP_CHARS,
+            embedder_dir: None,
+            cache_dir: PathBuf::from("var/index"),
+        }
+    }
 }
 
 fn default_model_name() -> String {
@@ -220,6 +273,9 @@ pub struct EngineSettings {
     /// Guardrails.
     #[serde(default)]
     pub rails: RailsSpec,
+    /// Retrieval over the experts' corpora.
+    #[serde(default)]
+    pub retrieval: RetrievalSpec,
 }
 
 impl Default for RouterSpec {
@@ -247,6 +303,8 @@ impl Default for EngineSettings {
             max_tokens: DEFAULT_MAX_TOKENS,
             temperature: 0.0,
             top_p: None,
+            corpus: (name != "general").then(|| PathBuf::from(format!("server/kb/{name}"))),
+            top_k: DEFAULT_TOP_K,
         };
         let company = "You work for Acme Widgets Inc., a fictional company.";
         Self {
@@ -298,6 +356,7 @@ impl Default for EngineSettings {
             log: LogSpec::default(),
             feedback: FeedbackSpec::default(),
             rails: RailsSpec::default(),
+            retrieval: RetrievalSpec::default(),
         }
     }
 }
@@ -358,11 +417,27 @@ impl EngineSettings {
             if !(0.0..=2.0).contains(&e.temperature) {
                 return Err(invalid(format!("{key}.temperature"), "must be between 0 and 2"));
             }
+            if e.top_k == 0 || e.top_k > 50 {
+                return Err(invalid(format!("{key}.top_k"), "must be between 1 and 50"));
+            }
         }
         if !self.experts.iter().any(|e| e.name == self.router.fallback_expert) {
             return Err(invalid(
                 "router.fallback_expert",
                 format!("no expert named `{}`", self.router.fallback_expert),
+            ));
+        }
+        let r = &self.retrieval;
+        if r.candidates == 0 || r.max_context_tokens < 16 || r.rrf_k <= 0.0 {
+            return Err(invalid(
+                "retrieval",
+                "candidates must be at least 1, max_context_tokens at least 16, rrf_k above 0",
+            ));
+        }
+        if r.chunk_chars < 100 || r.overlap_chars * 2 > r.chunk_chars {
+            return Err(invalid(
+                "retrieval.chunk_chars",
+                "must be at least 100, and overlap_chars at most half of it",
             ));
         }
         if self.limits.max_query_chars == 0 {

@@ -57,6 +57,7 @@ pub struct Embedder {
     cls: u32,
     sep: u32,
     dim: usize,
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -79,10 +80,12 @@ impl Embedder {
             path: dir.join(name),
             reason,
         };
+        let config_bytes = read("config.json")?;
+        let tokenizer_bytes = read("tokenizer.json")?;
         let config: Config =
-            serde_json::from_slice(&read("config.json")?).map_err(|e| invalid("config.json", e.to_string()))?;
+            serde_json::from_slice(&config_bytes).map_err(|e| invalid("config.json", e.to_string()))?;
         let mut tokenizer =
-            Tokenizer::from_bytes(read("tokenizer.json")?).map_err(|e| invalid("tokenizer.json", e.to_string()))?;
+            Tokenizer::from_bytes(&tokenizer_bytes).map_err(|e| invalid("tokenizer.json", e.to_string()))?;
         tokenizer.with_padding(None);
         tokenizer
             .with_truncation(None)
@@ -102,6 +105,19 @@ impl Embedder {
         }
         let device = Device::Cpu;
         let bytes = read("model.safetensors")?;
+        let fingerprint = {
+            use sha2::{Digest, Sha256};
+            // Config, tokenizer, and the weights' size and ends: cheap, and
+            // different for any other model.
+            let edge = bytes.len().min(1 << 20);
+            let mut h = Sha256::new();
+            h.update(&config_bytes);
+            h.update(&tokenizer_bytes);
+            h.update((bytes.len() as u64).to_le_bytes());
+            h.update(&bytes[..edge]);
+            h.update(&bytes[bytes.len() - edge..]);
+            format!("{:x}", h.finalize())
+        };
         let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, &device)?;
         let model = BertModel::load(vb, &config)?;
         Ok(Self {
@@ -111,12 +127,30 @@ impl Embedder {
             cls,
             sep,
             dim: config.hidden_size,
+            fingerprint,
         })
     }
 
     /// Embedding size.
     pub fn dim(&self) -> usize {
         self.dim
+    }
+
+    /// Identifies the model files (for caches of embeddings).
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Tokens of `text` without the special tokens.
+    ///
+    /// # Errors
+    /// Tokenization failures.
+    pub fn count_tokens(&self, text: &str) -> Result<usize, EmbedError> {
+        Ok(self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EmbedError::Tokenize(e.to_string()))?
+            .len())
     }
 
     /// Token windows of `text`, each wrapped in [CLS] ... [SEP].

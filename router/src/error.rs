@@ -85,6 +85,9 @@ pub enum PipelineError {
         /// The slots, comma-separated.
         known: String,
     },
+    /// Re-indexing needs corpora and no expert has one.
+    #[error("no expert has a corpus to index; set `corpus` on the experts that should answer from documents")]
+    NoCorpus,
     /// Promotion needs a model registry and the server has none.
     #[error("this server has no model registry; set `registry_dir` (FLYWHEEL_REGISTRY_DIR) to promote models")]
     NoModelStore,
@@ -150,6 +153,7 @@ impl PipelineError {
             PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
             PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => "invalid_argument",
             PipelineError::NoModelStore
+            | PipelineError::NoCorpus
             | PipelineError::NoShadow { .. }
             | PipelineError::NoSplit { .. }
             | PipelineError::ModelRejected { .. }

@@ -12,11 +12,13 @@ use flywheel_proto::v1::chat_server::ChatServer;
 use flywheel_proto::v1::feedback_server::FeedbackServer;
 use flywheel_proto::v1::router_server::RouterServer;
 use flywheel_router::Pipeline;
+use flywheel_router::embed::Embedder;
 use flywheel_router::engine::EngineError;
 use flywheel_router::guardrails::Rails;
 use flywheel_router::guardrails::rails::{RailSet, RailsError};
 use flywheel_router::log::{LogError, RequestLog};
 use flywheel_router::registry::{EngineLoader, MistralLoader, ModelRegistry, StubLoader};
+use flywheel_router::retrieval::{HybridRetriever, hybrid};
 use flywheel_router::store::{ModelStore, StoreError};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -43,6 +45,9 @@ pub enum ServerError {
     /// The pipeline could not be assembled.
     #[error("cannot assemble the pipeline")]
     Pipeline(#[from] flywheel_router::PipelineError),
+    /// The retrieval index could not be built.
+    #[error("cannot build the retrieval index")]
+    Retrieval(#[from] flywheel_router::retrieval::RetrievalError),
     /// The model registry could not be opened.
     #[error("cannot open the model registry")]
     Store(#[from] StoreError),
@@ -55,6 +60,28 @@ pub enum ServerError {
     /// The listener could not be inspected.
     #[error("listener failure")]
     Io(#[from] std::io::Error),
+}
+
+/// The guardrails and the experts' retriever, sharing one sentence embedder
+/// when both use the same model files (blocking).
+fn load_rails_and_retrieval(
+    settings: &flywheel_router::config::EngineSettings,
+) -> Result<(RailSet, Option<HybridRetriever>), ServerError> {
+    let rails_dir = &settings.rails.jailbreak.embedder_dir;
+    let retrieval_needs = settings.experts.iter().any(|e| e.corpus.is_some())
+        && settings.retrieval.mode != flywheel_router::retrieval::Mode::Bm25;
+    let shared = if settings.rails.jailbreak.enabled && retrieval_needs && hybrid::embedder_dir(settings) == *rails_dir {
+        let e = Embedder::load(rails_dir).map_err(|source| RailsError::Embedder {
+            dir: rails_dir.clone(),
+            source,
+        })?;
+        Some(Arc::new(e))
+    } else {
+        None
+    };
+    let rails = RailSet::load(settings.rails.clone(), shared.clone())?;
+    let retriever = hybrid::from_settings(settings, shared, &mut |_, _| {})?;
+    Ok((rails, retriever))
 }
 
 /// A built server, models loaded and warm, ready to serve.
@@ -81,14 +108,26 @@ impl App {
             }),
         };
         let registry = ModelRegistry::load(settings, loader.as_ref()).await?;
-        let rails_spec = settings.rails.clone();
-        let rail_set = tokio::task::spawn_blocking(move || RailSet::load(rails_spec, None))
+        let for_blocking = settings.clone();
+        let (rail_set, retriever) = tokio::task::spawn_blocking(move || load_rails_and_retrieval(&for_blocking))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
         let metrics = Arc::new(Metrics::new());
         let mut pipeline = Pipeline::new(settings, Arc::new(registry), log)?
             .with_rails(Rails::configured(Arc::new(rail_set)))
             .with_observer(metrics.clone());
+        if let Some(r) = retriever {
+            let stats = r.stats();
+            tracing::info!(
+                experts = stats.experts,
+                documents = stats.documents,
+                chunks = stats.chunks,
+                embedded = stats.embedded,
+                build_ms = stats.build_ms as u64,
+                "retrieval index built"
+            );
+            pipeline = pipeline.with_retriever(Arc::new(r));
+        }
         if let Some(dir) = &config.registry_dir {
             pipeline = pipeline.with_model_store(ModelStore::open(dir)?, loader);
             for (slot, version) in pipeline.restore_promoted().await? {

@@ -234,6 +234,7 @@ fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::R
             ExpertSpec {
                 name: l.clone(),
                 description,
+                corpus: None,
                 ..EngineSettings::default().experts[0].clone()
             }
         })

@@ -35,7 +35,7 @@ use crate::guardrails::{RailRejection, RailVerdict, Rails};
 use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
 use crate::observe::{NoObserver, Observer};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
-use crate::retrieval::{NoRetrieval, Retriever};
+use crate::retrieval::{IndexStats, NoRetrieval, Passage, Retriever};
 
 mod promotion;
 mod shadowing;
@@ -86,6 +86,8 @@ pub enum ChatEvent {
         route: RouteDecision,
         /// Model version of the answering expert.
         expert_model_version: String,
+        /// Passages the expert answers from (its citations), best first.
+        citations: Vec<Passage>,
     },
     /// Answer text.
     Delta(String),
@@ -118,6 +120,8 @@ pub struct ChatOutcome {
     pub route: RouteDecision,
     /// Model version of the answering expert.
     pub expert_model_version: String,
+    /// Passages the expert answered from.
+    pub citations: Vec<Passage>,
     /// The answer.
     pub answer: String,
     /// Token counts.
@@ -260,6 +264,23 @@ impl Pipeline {
     pub fn with_retriever(mut self, retriever: Arc<dyn Retriever>) -> Self {
         self.retriever = retriever;
         self
+    }
+
+    /// What the retrieval index in use holds (`None`: no corpora).
+    pub fn retrieval_stats(&self) -> Option<IndexStats> {
+        self.retriever.stats()
+    }
+
+    /// Rebuild the retrieval index from the corpora aside and swap it in.
+    ///
+    /// # Errors
+    /// [`PipelineError::NoCorpus`] without corpora; build failures (the old
+    /// index stays in use).
+    pub async fn reindex(&self) -> Result<IndexStats, PipelineError> {
+        if self.retriever.stats().is_none() {
+            return Err(PipelineError::NoCorpus);
+        }
+        Ok(self.retriever.reindex().await?)
     }
 
     /// Warm every model and prime the router's prompt prefix.
@@ -462,6 +483,7 @@ impl Pipeline {
             request_id: String::new(),
             route: RouteDecision::forced(""),
             expert_model_version: String::new(),
+            citations: Vec::new(),
             answer: String::new(),
             usage: Usage::default(),
             timings: Timings::default(),
@@ -473,10 +495,12 @@ impl Pipeline {
                     request_id,
                     route,
                     expert_model_version,
+                    citations,
                 } => {
                     outcome.request_id = request_id;
                     outcome.route = route;
                     outcome.expert_model_version = expert_model_version;
+                    outcome.citations = citations;
                 }
                 ChatEvent::Delta(text) => outcome.answer.push_str(&text),
                 ChatEvent::End {
@@ -659,6 +683,7 @@ impl Pipeline {
             request_id: record.request_id.clone(),
             route: route.clone(),
             expert_model_version: model.version.clone(),
+            citations: passages,
         };
         let producer = Producer {
             tx,
@@ -701,6 +726,7 @@ impl Pipeline {
                 request_id: record.request_id.clone(),
                 route: route.clone(),
                 expert_model_version: REFUSAL_VERSION.into(),
+                citations: Vec::new(),
             },
             ChatEvent::Delta(refusal.to_string()),
             ChatEvent::End {

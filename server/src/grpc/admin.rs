@@ -87,6 +87,7 @@ impl pb::admin_server::Admin for AdminService {
                 .as_ref()
                 .map(|s| convert::rails_toml(s.spec()))
                 .unwrap_or_default(),
+            retrieval: self.pipeline.retrieval_stats().as_ref().map(convert::index_stats),
         }))
     }
 
@@ -196,6 +197,12 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::split(&report)))
+    }
+
+    async fn reindex(&self, request: Request<pb::ReindexRequest>) -> Result<Response<pb::ReindexResponse>, Status> {
+        self.authorize(&request)?;
+        let stats = self.pipeline.reindex().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::index_stats(&stats)))
     }
 
     async fn list_cycles(

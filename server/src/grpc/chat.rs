@@ -40,6 +40,7 @@ impl pb::chat_server::Chat for ChatService {
             usage: Some(convert::usage(outcome.usage)),
             timings: Some(convert::timings(outcome.timings)),
             finish_reason: outcome.finish_reason,
+            citations: convert::citations(&outcome.citations),
         }))
     }
 

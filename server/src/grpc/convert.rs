@@ -84,10 +84,12 @@ pub fn event(e: ChatEvent) -> pb::ChatStreamMessage {
             request_id,
             route: r,
             expert_model_version,
+            citations: c,
         } => Event::Start(pb::StreamStart {
             request_id,
             route: Some(route(r)),
             expert_model_version,
+            citations: citations(&c),
         }),
         ChatEvent::Delta(text) => Event::Delta(pb::TokenDelta { text }),
         ChatEvent::End {
@@ -267,5 +269,31 @@ pub fn cycle(c: &flywheel_router::cycles::CycleRecord) -> pb::Cycle {
         promoted: c.promoted,
         error: c.error.clone(),
         resumed: c.resumed,
+    }
+}
+
+/// Passages as citations.
+pub fn citations(passages: &[flywheel_router::retrieval::Passage]) -> Vec<pb::Citation> {
+    passages
+        .iter()
+        .map(|p| pb::Citation {
+            doc_id: p.doc_id.clone(),
+            title: p.title.clone(),
+            chunk_id: p.chunk_id.clone(),
+            score: p.score,
+            text: p.text.clone(),
+        })
+        .collect()
+}
+
+/// Retrieval index statistics.
+pub fn index_stats(s: &flywheel_router::retrieval::IndexStats) -> pb::ReindexResponse {
+    let n = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    pb::ReindexResponse {
+        experts: n(s.experts),
+        documents: n(s.documents),
+        chunks: n(s.chunks),
+        embedded: n(s.embedded),
+        build_ms: s.build_ms,
     }
 }

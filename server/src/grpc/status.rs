@@ -34,6 +34,7 @@ pub fn to_status(error: &PipelineError) -> Status {
         PipelineError::UnknownSlot { .. } => Code::NotFound,
         PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => Code::InvalidArgument,
         PipelineError::NoModelStore
+        | PipelineError::NoCorpus
         | PipelineError::NoShadow { .. }
         | PipelineError::NoSplit { .. }
         | PipelineError::ModelRejected { .. } => Code::FailedPrecondition,

@@ -2,7 +2,16 @@
 //!
 //! The pipeline asks the [`Retriever`] for passages for the chosen expert and
 //! query, puts them into the expert's prompt with citation ids, and records
-//! their ids and scores in the request log. [`NoRetrieval`] returns nothing.
+//! their ids and scores in the request log. [`NoRetrieval`] returns nothing;
+//! [`HybridRetriever`] searches each expert's corpus ([`chunk`]: documents
+//! and chunks; [`index`]: BM25, dense search and their fusion).
+
+pub mod chunk;
+pub mod hybrid;
+pub mod index;
+
+pub use hybrid::{HybridRetriever, IndexStats};
+pub use index::Mode;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -35,6 +44,19 @@ pub trait Retriever: Send + Sync {
     /// # Errors
     /// Index failures.
     async fn retrieve(&self, expert: &str, query: &str) -> Result<Vec<Passage>, RetrievalError>;
+
+    /// What the index in use holds (`None`: no corpora).
+    fn stats(&self) -> Option<IndexStats> {
+        None
+    }
+
+    /// Rebuild the index from the corpora and swap it in.
+    ///
+    /// # Errors
+    /// No corpora, or the build failed (the old index stays in use).
+    async fn reindex(&self) -> Result<IndexStats, RetrievalError> {
+        Err(RetrievalError(anyhow::anyhow!("this server has no corpora to index")))
+    }
 }
 
 /// A retriever with no corpus.
