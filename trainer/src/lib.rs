@@ -23,4 +23,5 @@ pub mod eval;
 pub mod finetune;
 pub mod plot;
 pub mod promote;
+pub mod rag;
 pub mod rails;

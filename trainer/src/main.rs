@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, cycle, demo, eval, finetune, promote, rails};
+use flywheel_trainer::{cli, cycle, demo, eval, finetune, promote, rag, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -32,6 +32,10 @@ enum Command {
     Rollback(promote::ServerArgs),
     /// Import a reviewed review queue back into the request log as `review` labels.
     ReviewImport(cli::ReviewImportArgs),
+    /// Read, chunk and embed the experts' corpora (fills the embedding cache the server starts from).
+    Ingest(rag::IngestArgs),
+    /// Measure retrieval (recall@k, MRR, latency) of BM25, dense and hybrid on a labelled query set.
+    EvalRetrieval(rag::EvalArgs),
     /// Build the jailbreak train/test sets (split by template) from the shared data.
     RailsData(rails::DataArgs),
     /// Train the jailbreak rail's head on a labelled file.
@@ -69,6 +73,8 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(failed == 0, "{failed} cycle(s) failed; see Admin.ListCycles");
             Ok(())
         }
+        Command::Ingest(args) => tokio::task::spawn_blocking(move || rag::ingest(&args)).await?,
+        Command::EvalRetrieval(args) => tokio::task::spawn_blocking(move || rag::evaluate(&args).map(drop)).await?,
         Command::Curate(args) => cli::curate(*args).await.map(drop),
         Command::Train(args) => {
             let m = finetune::run(&args).await?;
