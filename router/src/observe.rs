@@ -13,6 +13,8 @@ pub trait Observer: Send + Sync {
     fn request_finished(&self, _record: &RequestRecord) {}
     /// Time between two consecutive answer deltas of `expert` (seconds).
     fn inter_token(&self, _expert: &str, _seconds: f64) {}
+    /// A retrieval for `expert` took `seconds` and gave `passages` passages.
+    fn retrieval(&self, _expert: &str, _seconds: f64, _passages: usize) {}
 }
 
 /// Observes nothing.

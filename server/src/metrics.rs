@@ -3,8 +3,9 @@
 //! [`Metrics`] implements the pipeline's [`Observer`]: it counts every
 //! finished request (by kind, expert and status) and rail verdict, and fills
 //! the TTFT, inter-token, route-decision and request-duration histograms
-//! (explicit buckets below). Gauges that describe state (requests in
-//! flight, log writer queue depth and lag, model version per slot) are read
+//! (explicit buckets below), and times retrievals. Gauges that describe
+//! state (requests in flight, log writer queue depth and lag, model version
+//! per slot, retrieval index size) are read
 //! from the pipeline at scrape time. Labels are bounded: never a request id.
 
 use std::net::SocketAddr;
@@ -35,6 +36,8 @@ pub const TTFT_BUCKETS: [f64; 12] = [0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5
 pub const ITL_BUCKETS: [f64; 11] = [0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0];
 /// Route decisions: one prefill of the query, ~0.3 s for the 135M model.
 pub const ROUTE_BUCKETS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0];
+/// Retrieval: BM25 alone well under 1 ms; with the query's embedding ~10-20 ms.
+pub const RETRIEVAL_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25];
 /// Whole requests, route-only to long answers.
 pub const DURATION_BUCKETS: [f64; 12] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0];
 
@@ -78,6 +81,9 @@ fn itl() -> Histogram {
 fn route() -> Histogram {
     Histogram::new(ROUTE_BUCKETS)
 }
+fn retrieval() -> Histogram {
+    Histogram::new(RETRIEVAL_BUCKETS)
+}
 fn duration() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -96,6 +102,10 @@ pub struct Metrics {
     log_written: Gauge,
     log_lag: Gauge<f64, AtomicU64>,
     models: Family<SlotLabels, Gauge<i64, AtomicI64>>,
+    retrieval: HistogramFamily<ExpertLabels>,
+    passages: Family<ExpertLabels, Counter>,
+    index_chunks: Gauge,
+    index_documents: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -185,6 +195,31 @@ impl Metrics {
             "Model version served by each slot (value 1)",
             models.clone(),
         );
+        let retrieval = HistogramFamily::<ExpertLabels>::new_with_constructor(retrieval as fn() -> Histogram);
+        registry.register_with_unit(
+            "flywheel_retrieval",
+            "Retrieval time of an expert's passages (query embedding, search, fusion)",
+            Unit::Seconds,
+            retrieval.clone(),
+        );
+        let passages = Family::<ExpertLabels, Counter>::default();
+        registry.register(
+            "flywheel_retrieved_passages",
+            "Passages put into expert prompts",
+            passages.clone(),
+        );
+        let index_chunks = Gauge::default();
+        registry.register(
+            "flywheel_retrieval_index_chunks",
+            "Chunks in the retrieval index in use",
+            index_chunks.clone(),
+        );
+        let index_documents = Gauge::default();
+        registry.register(
+            "flywheel_retrieval_index_documents",
+            "Documents in the retrieval index in use",
+            index_documents.clone(),
+        );
         Self {
             registry,
             requests,
@@ -198,6 +233,10 @@ impl Metrics {
             log_written,
             log_lag,
             models,
+            retrieval,
+            passages,
+            index_chunks,
+            index_documents,
         }
     }
 
@@ -210,6 +249,9 @@ impl Metrics {
         self.log_queue.set(queued as i64);
         self.log_written.set(stats.written() as i64);
         self.log_lag.set(if queued > 0 { flush_interval_s } else { 0.0 });
+        let index = pipeline.retrieval_stats().unwrap_or_default();
+        self.index_chunks.set(index.chunks as i64);
+        self.index_documents.set(index.documents as i64);
         self.models.clear();
         for slot in pipeline.registry().slots() {
             self.models
@@ -257,6 +299,14 @@ impl Observer for Metrics {
                 })
                 .inc();
         }
+    }
+
+    fn retrieval(&self, expert: &str, seconds: f64, passages: usize) {
+        let labels = ExpertLabels {
+            expert: expert.to_string(),
+        };
+        self.retrieval.get_or_create(&labels).observe(seconds);
+        self.passages.get_or_create(&labels).inc_by(passages as u64);
     }
 
     fn inter_token(&self, expert: &str, seconds: f64) {

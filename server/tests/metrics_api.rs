@@ -77,6 +77,10 @@ async fn metrics_expose_the_named_series_after_traffic() {
         "flywheel_request_log_written_records 3",
         r#"flywheel_model_info{slot="router",version="#,
         r#"flywheel_model_info{slot="expert/hr",version="#,
+        // The default config's experts answer from the demo knowledge base.
+        r#"flywheel_retrieval_seconds_count{expert="hr"} 1"#,
+        r#"flywheel_retrieved_passages_total{expert="hr"} 3"#,
+        "flywheel_retrieval_index_documents 28",
         "# EOF",
     ] {
         assert!(page.contains(series), "missing `{series}` in\n{page}");

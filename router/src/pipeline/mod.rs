@@ -661,6 +661,7 @@ impl Pipeline {
             .unwrap_or_else(|| expert.model());
         record.expert = Some(route.expert.clone());
         record.expert_model_version = Some(model.version.clone());
+        let retrieval_started = Instant::now();
         let passages = match self
             .retriever
             .retrieve(&route.expert, &text)
@@ -670,6 +671,10 @@ impl Pipeline {
             Ok(p) => p,
             Err(e) => return Err(self.fail(record, start, e.into())),
         };
+        if self.retriever.stats().is_some() {
+            self.observer
+                .retrieval(&route.expert, retrieval_started.elapsed().as_secs_f64(), passages.len());
+        }
         record.retrieved = passages.iter().map(RetrievedRef::from).collect();
         let prompt = expert.prompt(&text, &passages);
         let params = expert.params(query.overrides);
