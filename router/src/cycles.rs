@@ -316,7 +316,10 @@ mod tests {
         let new = CycleRecord::new("cycle-2".into(), "labels", "router", 2, dir.path().join("w2"));
         journal.write(&new).unwrap();
         let all = journal.list().unwrap();
-        assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["cycle-2", "cycle-1"]);
+        assert_eq!(
+            all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["cycle-2", "cycle-1"]
+        );
         assert_eq!(journal.get("cycle-1").unwrap(), old);
         assert!(matches!(journal.get("cycle-9"), Err(StoreError::UnknownCycle(_))));
         assert!(matches!(journal.get("../slots"), Err(StoreError::UnknownCycle(_))));

@@ -157,7 +157,9 @@ impl PipelineError {
             | PipelineError::NoShadow { .. }
             | PipelineError::NoSplit { .. }
             | PipelineError::ModelRejected { .. }
-            | PipelineError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => "failed_precondition",
+            | PipelineError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => {
+                "failed_precondition"
+            }
             PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",
         }
     }

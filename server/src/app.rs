@@ -70,7 +70,8 @@ fn load_rails_and_retrieval(
     let rails_dir = &settings.rails.jailbreak.embedder_dir;
     let retrieval_needs = settings.experts.iter().any(|e| e.corpus.is_some())
         && settings.retrieval.mode != flywheel_router::retrieval::Mode::Bm25;
-    let shared = if settings.rails.jailbreak.enabled && retrieval_needs && hybrid::embedder_dir(settings) == *rails_dir {
+    let shared = if settings.rails.jailbreak.enabled && retrieval_needs && hybrid::embedder_dir(settings) == *rails_dir
+    {
         let e = Embedder::load(rails_dir).map_err(|source| RailsError::Embedder {
             dir: rails_dir.clone(),
             source,

@@ -294,7 +294,11 @@ async fn list_cycles_serves_the_journal_records_newest_first() {
     let server = common::start(common::stub_config(&registry, Some(TOKEN)));
     let mut admin = server.admin().await;
     // A registry without cycles lists none.
-    let none = admin.list_cycles(pb::ListCyclesRequest::default()).await.unwrap().into_inner();
+    let none = admin
+        .list_cycles(pb::ListCyclesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(none.cycles.is_empty());
 
     let journal = CycleJournal::open(&registry).unwrap();
@@ -319,7 +323,11 @@ async fn list_cycles_serves_the_journal_records_newest_first() {
     let running = CycleRecord::new("cycle-200".into(), "interval", "router", 200, dir.path().join("w2"));
     journal.write(&running).unwrap();
 
-    let all = admin.list_cycles(pb::ListCyclesRequest::default()).await.unwrap().into_inner();
+    let all = admin
+        .list_cycles(pb::ListCyclesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
     let ids: Vec<&str> = all.cycles.iter().map(|c| c.id.as_str()).collect();
     assert_eq!(ids, ["cycle-200", "cycle-100"]);
     assert_eq!(all.cycles[0].status, "running");
@@ -332,8 +340,14 @@ async fn list_cycles_serves_the_journal_records_newest_first() {
         .unwrap()
         .into_inner();
     let c = &one.cycles[0];
-    assert_eq!((c.status.as_str(), c.promoted, c.candidate_version.as_str()), ("promoted", true, "ft-abc"));
-    assert_eq!((c.incumbent_accuracy, c.candidate_accuracy, c.stages.len()), (0.34, 0.89, 1));
+    assert_eq!(
+        (c.status.as_str(), c.promoted, c.candidate_version.as_str()),
+        ("promoted", true, "ft-abc")
+    );
+    assert_eq!(
+        (c.incumbent_accuracy, c.candidate_accuracy, c.stages.len()),
+        (0.34, 0.89, 1)
+    );
     let newest = admin
         .list_cycles(pb::ListCyclesRequest { limit: 1, id: None })
         .await

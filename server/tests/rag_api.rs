@@ -37,7 +37,10 @@ async fn a_question_only_one_document_answers_cites_that_document() {
     // Forced to the HR expert: what is tested is its retrieval, not the
     // zero-shot router's confidence.
     let r = chat
-        .complete(ask("How many weeks of paid parental leave do new parents get?", Some("hr")))
+        .complete(ask(
+            "How many weeks of paid parental leave do new parents get?",
+            Some("hr"),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -51,7 +54,10 @@ async fn a_question_only_one_document_answers_cites_that_document() {
 
     // The stream's first message carries the same citations.
     let mut stream = chat
-        .stream(ask("How many weeks of paid parental leave do new parents get?", Some("hr")))
+        .stream(ask(
+            "How many weeks of paid parental leave do new parents get?",
+            Some("hr"),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -69,11 +75,21 @@ async fn a_question_only_one_document_answers_cites_that_document() {
     assert!((record.retrieved[0].score - first.score).abs() < 1e-6);
 
     // The fallback expert has no corpus: no citations.
-    let general = chat.complete(ask("Tell me a joke", Some("general"))).await.unwrap().into_inner();
+    let general = chat
+        .complete(ask("Tell me a joke", Some("general")))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(general.citations.is_empty());
 
     // Status reports the index.
-    let status = server.admin().await.status(pb::StatusRequest {}).await.unwrap().into_inner();
+    let status = server
+        .admin()
+        .await
+        .status(pb::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let index = status.retrieval.unwrap();
     assert_eq!((index.experts, index.documents), (4, 28));
     assert!(index.chunks >= 28);
@@ -107,7 +123,13 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
 
     // Not indexed yet: the new document is not cited.
     let query = "What is the badge colour for visitors to the data centre?";
-    let before = server.chat().await.complete(ask(query, Some("it"))).await.unwrap().into_inner();
+    let before = server
+        .chat()
+        .await
+        .complete(ask(query, Some("it")))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(before.citations.iter().all(|c| c.doc_id != "it/data-centre"));
 
     // Streams run continuously while the index is rebuilt and swapped three times.
@@ -164,7 +186,13 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
     assert_eq!(failed.load(Ordering::Relaxed), 0);
     assert!(done.load(Ordering::Relaxed) >= 8, "{}", done.load(Ordering::Relaxed));
 
-    let after = server.chat().await.complete(ask(query, Some("it"))).await.unwrap().into_inner();
+    let after = server
+        .chat()
+        .await
+        .complete(ask(query, Some("it")))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after.citations[0].doc_id, "it/data-centre", "{:?}", after.citations);
 }
 

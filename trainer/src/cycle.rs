@@ -171,7 +171,9 @@ impl CycleArgs {
         if k.quiet {
             argv.push("--quiet".into());
         }
-        Ok(Wrap::try_parse_from(argv).context("building the training settings")?.args)
+        Ok(Wrap::try_parse_from(argv)
+            .context("building the training settings")?
+            .args)
     }
 
     fn promote_args(&self, candidate: &Path, test: &Path) -> PromoteArgs {
@@ -208,13 +210,23 @@ pub async fn run_once(args: &CycleArgs) -> anyhow::Result<CycleRecord> {
         Some(mut r) => {
             r.resumed += 1;
             tracing::warn!(cycle = %r.id, next = ?r.next_stage(), "resuming an interrupted cycle");
-            println!("resuming interrupted cycle {} at stage {}", r.id, r.next_stage().unwrap_or("end"));
+            println!(
+                "resuming interrupted cycle {} at stage {}",
+                r.id,
+                r.next_stage().unwrap_or("end")
+            );
             r
         }
         None => {
             let now = now_ms();
             let id = format!("cycle-{now}");
-            let mut r = CycleRecord::new(id.clone(), &args.trigger, &args.server.slot, now, args.work_dir.join(&id));
+            let mut r = CycleRecord::new(
+                id.clone(),
+                &args.trigger,
+                &args.server.slot,
+                now,
+                args.work_dir.join(&id),
+            );
             r.labels_seen = feedback_rows(&args.log)?;
             r
         }
@@ -290,7 +302,11 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     report.incumbent.accuracy * 100.0,
                     report.candidate.n,
                     report.comparison.p_value,
-                    if report.decision.pass { "passes the gate" } else { "refused" }
+                    if report.decision.pass {
+                        "passes the gate"
+                    } else {
+                        "refused"
+                    }
                 );
                 record.metrics = Some(CycleMetrics {
                     incumbent_version: report.incumbent.version.clone(),
@@ -309,8 +325,10 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     Some(r) => r,
                     None => {
                         let path = record.work_dir.join(GATE_REPORT);
-                        serde_json::from_slice(&std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
-                            .with_context(|| format!("parsing {}", path.display()))?
+                        serde_json::from_slice(
+                            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+                        )
+                        .with_context(|| format!("parsing {}", path.display()))?
                     }
                 };
                 if report.decision.pass {
@@ -325,7 +343,10 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     println!("  `{}` now serves `{}`", report.version, args.server.slot);
                 } else {
                     record.status = CycleStatus::Rejected;
-                    println!("  the gate refused `{}`; `{}` is untouched", report.version, args.server.slot);
+                    println!(
+                        "  the gate refused `{}`; `{}` is untouched",
+                        report.version, args.server.slot
+                    );
                 }
             }
             other => anyhow::bail!("unknown cycle stage `{other}`"),
@@ -417,7 +438,9 @@ pub async fn run(args: &CycleArgs) -> anyhow::Result<Vec<CycleRecord>> {
         .map_or(0, |r| r.labels_seen);
     loop {
         let labels = feedback_rows(&args.log)?;
-        let by_labels = args.every_labels.is_some_and(|n| labels.saturating_sub(last_labels) >= n);
+        let by_labels = args
+            .every_labels
+            .is_some_and(|n| labels.saturating_sub(last_labels) >= n);
         let by_time = args.every.is_some_and(|d| last_start.elapsed() >= d);
         if by_labels || by_time {
             let mut a = args.clone();
@@ -436,7 +459,11 @@ pub async fn run(args: &CycleArgs) -> anyhow::Result<Vec<CycleRecord>> {
 }
 
 fn print_record(r: &CycleRecord) {
-    let stages: Vec<String> = r.stages.iter().map(|s| format!("{} {:.0}s", s.stage, s.seconds)).collect();
+    let stages: Vec<String> = r
+        .stages
+        .iter()
+        .map(|s| format!("{} {:.0}s", s.stage, s.seconds))
+        .collect();
     println!(
         "cycle {}: {}{} [{}]",
         r.id,

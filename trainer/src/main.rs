@@ -69,7 +69,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Demo(args) => demo::run(*args).await.map(drop),
         Command::Cycle(args) => {
             let records = cycle::run(&args).await?;
-            let failed = records.iter().filter(|r| r.status == flywheel_router::cycles::CycleStatus::Failed).count();
+            let failed = records
+                .iter()
+                .filter(|r| r.status == flywheel_router::cycles::CycleStatus::Failed)
+                .count();
             anyhow::ensure!(failed == 0, "{failed} cycle(s) failed; see Admin.ListCycles");
             Ok(())
         }

@@ -206,16 +206,40 @@ pub fn cdf_png(series: &[(String, Vec<f64>)], title: &str, unit: &str, path: &Pa
         for x in PLOT_L..=PLOT_L + PLOT_W {
             img.put_pixel(x, y, if i == 0 { INK } else { grey });
         }
-        text(&mut img, font, 20.0, y as f32 - 7.0, 11.0, INK, &format!("{:.2}", f64::from(i) / 4.0));
+        text(
+            &mut img,
+            font,
+            20.0,
+            y as f32 - 7.0,
+            11.0,
+            INK,
+            &format!("{:.2}", f64::from(i) / 4.0),
+        );
         let x = PLOT_L + i * PLOT_W / 4;
         for y in PLOT_T..=PLOT_T + PLOT_H {
             img.put_pixel(x, y, if i == 0 { INK } else { grey });
         }
         let label = format!("{:.0}", max * f64::from(i) / 4.0);
         let tw = text_width(font, 11.0, &label);
-        text(&mut img, font, x as f32 - tw / 2.0, (PLOT_T + PLOT_H + 6) as f32, 11.0, INK, &label);
+        text(
+            &mut img,
+            font,
+            x as f32 - tw / 2.0,
+            (PLOT_T + PLOT_H + 6) as f32,
+            11.0,
+            INK,
+            &label,
+        );
     }
-    text(&mut img, font, (PLOT_L + PLOT_W / 2 - 30) as f32, (PLOT_T + PLOT_H + 22) as f32, 12.0, INK, unit);
+    text(
+        &mut img,
+        font,
+        (PLOT_L + PLOT_W / 2 - 30) as f32,
+        (PLOT_T + PLOT_H + 22) as f32,
+        12.0,
+        INK,
+        unit,
+    );
     for (k, (name, values)) in series.iter().enumerate() {
         let color = SERIES[k % SERIES.len()];
         let mut v = values.clone();

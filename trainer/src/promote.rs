@@ -212,10 +212,7 @@ pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
 ///
 /// # Errors
 /// The server cannot be reached or has no such slot.
-pub async fn serving(
-    client: &mut AdminClient<tonic::transport::Channel>,
-    slot: &str,
-) -> anyhow::Result<pb::ModelSlot> {
+pub async fn serving(client: &mut AdminClient<tonic::transport::Channel>, slot: &str) -> anyhow::Result<pb::ModelSlot> {
     let slots = client.list_models(pb::ListModelsRequest {}).await?.into_inner().slots;
     slots
         .into_iter()

@@ -135,7 +135,11 @@ fn read_queries(path: &Path) -> anyhow::Result<Vec<Labelled>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
             serde_json::from_str(l).with_context(|| {
-                format!("{} line {}: expected {{\"query\", \"expert\", \"doc_id\"}}", path.display(), i + 1)
+                format!(
+                    "{} line {}: expected {{\"query\", \"expert\", \"doc_id\"}}",
+                    path.display(),
+                    i + 1
+                )
             })
         })
         .collect()
@@ -176,7 +180,10 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<RetrievalReport> {
     let queries = read_queries(&args.queries)?;
     anyhow::ensure!(!queries.is_empty(), "{} has no queries", args.queries.display());
     let retriever = build(&settings, "indexing")?;
-    let depth = settings.retrieval.candidates.max(args.k.iter().copied().max().unwrap_or(5));
+    let depth = settings
+        .retrieval
+        .candidates
+        .max(args.k.iter().copied().max().unwrap_or(5));
     let mut modes = Vec::new();
     for mode in Mode::ALL {
         let mut hits = vec![0usize; args.k.len()];
@@ -207,7 +214,13 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<RetrievalReport> {
         });
     }
     let scaled = if args.scale_chunks > 0 {
-        Some(scaled_latency(&settings, &retriever, &queries, args.scale_chunks, args.repeat)?)
+        Some(scaled_latency(
+            &settings,
+            &retriever,
+            &queries,
+            args.scale_chunks,
+            args.repeat,
+        )?)
     } else {
         None
     };
@@ -219,7 +232,8 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<RetrievalReport> {
     };
     print_report(&report, &args.k);
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(report)
 }

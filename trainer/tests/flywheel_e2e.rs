@@ -86,12 +86,18 @@ fn one_cycle_makes_the_router_more_accurate_without_a_failed_request() {
     assert_eq!(stages, ["curate", "train", "evaluate", "promote"]);
     let version = cycle.candidate_version.clone().unwrap();
     let metrics = cycle.metrics.clone().unwrap();
-    assert!(metrics.candidate_accuracy >= metrics.incumbent_accuracy - 0.01, "{summary}");
+    assert!(
+        metrics.candidate_accuracy >= metrics.incumbent_accuracy - 0.01,
+        "{summary}"
+    );
 
     // More accurate after the cycle, on the whole replay and on the requests
     // that never reached training.
     assert!(report.after.accuracy_all > report.before.accuracy_all, "{summary}");
-    assert!(report.after.accuracy_held_out > report.before.accuracy_held_out, "{summary}");
+    assert!(
+        report.after.accuracy_held_out > report.before.accuracy_held_out,
+        "{summary}"
+    );
     assert!(report.after.held_out > 0);
 
     // The promoted version decided every answered request of the second

@@ -115,7 +115,9 @@ pub fn load_corpus(dir: &Path, expert: &str) -> Result<Vec<Document>, CorpusErro
     for path in paths {
         let rel = path.strip_prefix(dir).unwrap_or(&path).with_extension("");
         let id = format!("{expert}/{}", rel.to_string_lossy().replace('\\', "/"));
-        let stem = rel.file_name().map_or_else(|| id.clone(), |s| s.to_string_lossy().replace(['-', '_'], " "));
+        let stem = rel
+            .file_name()
+            .map_or_else(|| id.clone(), |s| s.to_string_lossy().replace(['-', '_'], " "));
         let text = std::fs::read_to_string(&path).map_err(io(&path))?;
         let doc = match kind(&path) {
             Some("md") => parse_markdown(&id, &stem, &text),
@@ -378,7 +380,11 @@ mod tests {
             // The next chunk starts with the end of the previous one.
             let next_body = w[1].text.strip_prefix("S\n").unwrap();
             let first_words: String = next_body.split_whitespace().take(3).collect::<Vec<_>>().join(" ");
-            assert!(w[0].text.contains(&first_words), "{first_words:?} not in {:?}", w[0].text);
+            assert!(
+                w[0].text.contains(&first_words),
+                "{first_words:?} not in {:?}",
+                w[0].text
+            );
         }
         // Every sentence of the document is in some chunk.
         let all: String = c.iter().map(|c| c.text.clone()).collect();
@@ -401,7 +407,10 @@ mod tests {
         assert_eq!(ids, ["it/a", "it/sub/b"]);
         assert_eq!(docs[0].sections[0].paragraphs, ["First para wraps.", "Second para."]);
         assert_eq!(docs[1].title, "Printer guide");
-        let text: String = chunk(&docs[1], ChunkSpec::default()).iter().map(|c| c.text.clone()).collect();
+        let text: String = chunk(&docs[1], ChunkSpec::default())
+            .iter()
+            .map(|c| c.text.clone())
+            .collect();
         assert!(text.contains("Jams") && text.contains("Open tray 2."), "{text}");
         assert!(!text.contains("x()"), "{text}");
     }

@@ -242,7 +242,11 @@ impl HybridRetriever {
             .map_err(err)??;
         let stats = set.stats.clone();
         self.inner.current.store(Arc::new(set));
-        tracing::info!(chunks = stats.chunks, build_ms = stats.build_ms, "retrieval index swapped");
+        tracing::info!(
+            chunks = stats.chunks,
+            build_ms = stats.build_ms,
+            "retrieval index swapped"
+        );
         Ok(stats)
     }
 
@@ -257,7 +261,12 @@ impl HybridRetriever {
 }
 
 impl Inner {
-    fn embed_all(&self, expert: &str, chunks: &[Chunk], progress: Progress<'_>) -> Result<(Vec<f32>, usize, usize), RetrievalError> {
+    fn embed_all(
+        &self,
+        expert: &str,
+        chunks: &[Chunk],
+        progress: Progress<'_>,
+    ) -> Result<(Vec<f32>, usize, usize), RetrievalError> {
         let Some(embedder) = &self.embedder else {
             return Ok((Vec::new(), 0, 0));
         };
@@ -377,7 +386,13 @@ impl Inner {
             if used + t > budget {
                 if out.is_empty() && budget > 0 {
                     let keep = p.text.len() * budget / t.max(1);
-                    let cut = p.text.char_indices().map(|(i, _)| i).take_while(|&i| i <= keep).last().unwrap_or(0);
+                    let cut = p
+                        .text
+                        .char_indices()
+                        .map(|(i, _)| i)
+                        .take_while(|&i| i <= keep)
+                        .last()
+                        .unwrap_or(0);
                     p.text.truncate(cut);
                     out.push(p);
                 }
@@ -447,8 +462,16 @@ mod tests {
     #[tokio::test]
     async fn answers_from_the_experts_own_corpus_within_the_budget_and_swaps_on_rebuild() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("vpn.md"), "# VPN\n\nUse SecureLink to connect the VPN.\n").unwrap();
-        std::fs::write(dir.path().join("printer.md"), "# Printers\n\nRelease print jobs with your badge.\n").unwrap();
+        std::fs::write(
+            dir.path().join("vpn.md"),
+            "# VPN\n\nUse SecureLink to connect the VPN.\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("printer.md"),
+            "# Printers\n\nRelease print jobs with your badge.\n",
+        )
+        .unwrap();
         let r = retriever(dir.path(), 1000);
         assert_eq!(r.stats().documents, 2);
         let p = r.retrieve("it", "how do I connect the vpn").await.unwrap();
@@ -458,11 +481,24 @@ mod tests {
         assert!(r.retrieve("hr", "vpn").await.unwrap().is_empty());
 
         // A new document is invisible until the rebuild swaps it in.
-        std::fs::write(dir.path().join("wifi.md"), "# Wifi\n\nJoin ACME-CORP for wireless access.\n").unwrap();
-        assert!(r.retrieve("it", "wireless ACME-CORP").await.unwrap().iter().all(|p| p.doc_id != "it/wifi"));
+        std::fs::write(
+            dir.path().join("wifi.md"),
+            "# Wifi\n\nJoin ACME-CORP for wireless access.\n",
+        )
+        .unwrap();
+        assert!(
+            r.retrieve("it", "wireless ACME-CORP")
+                .await
+                .unwrap()
+                .iter()
+                .all(|p| p.doc_id != "it/wifi")
+        );
         let stats = r.rebuild().await.unwrap();
         assert_eq!(stats.documents, 3);
-        assert_eq!(r.retrieve("it", "wireless ACME-CORP").await.unwrap()[0].doc_id, "it/wifi");
+        assert_eq!(
+            r.retrieve("it", "wireless ACME-CORP").await.unwrap()[0].doc_id,
+            "it/wifi"
+        );
 
         // A tight budget keeps the best passage, cut to fit.
         let tight = retriever(dir.path(), 3);
@@ -474,8 +510,14 @@ mod tests {
     #[test]
     fn dense_modes_need_an_embedder_and_missing_corpora_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let e = HybridRetriever::build(Vec::new(), RetrievalSpec::default(), None, dir.path().into(), &mut |_, _| {})
-            .unwrap_err();
+        let e = HybridRetriever::build(
+            Vec::new(),
+            RetrievalSpec::default(),
+            None,
+            dir.path().into(),
+            &mut |_, _| {},
+        )
+        .unwrap_err();
         assert!(format!("{:#}", e.0).contains("embedder"), "{e:?}");
         let mut settings = EngineSettings::default();
         settings.experts[0].corpus = Some(dir.path().join("nope"));

@@ -210,7 +210,11 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListCyclesRequest>,
     ) -> Result<Response<pb::ListCyclesResponse>, Status> {
         let request = request.into_inner();
-        let limit = if request.id.is_some() { 0 } else { request.limit as usize };
+        let limit = if request.id.is_some() {
+            0
+        } else {
+            request.limit as usize
+        };
         let mut cycles = self.pipeline.cycles(limit).map_err(|e| to_status(&e))?;
         if let Some(id) = &request.id {
             cycles.retain(|c| &c.id == id);

@@ -193,7 +193,11 @@ fn load_traffic(args: &DemoArgs) -> anyhow::Result<(Vec<Query>, String, String)>
                 label: "label".into(),
             };
             let q = traffic::read(&path, &columns)?;
-            (q, "HWU64 sample (CC BY 4.0)".to_string(), traffic::HWU64_CONFIG.to_string())
+            (
+                q,
+                "HWU64 sample (CC BY 4.0)".to_string(),
+                traffic::HWU64_CONFIG.to_string(),
+            )
         }
     };
     let config = match &args.server_config {
@@ -338,7 +342,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             quiet: false,
         },
         test_fraction: crate::curate::DEFAULT_TEST_FRACTION,
-        min_examples: if args.quick { 10 } else { crate::cycle::DEFAULT_MIN_EXAMPLES },
+        min_examples: if args.quick {
+            10
+        } else {
+            crate::cycle::DEFAULT_MIN_EXAMPLES
+        },
         tolerance: crate::promote::DEFAULT_TOLERANCE,
         max_p99_ms: None,
         every_labels: None,
@@ -411,7 +419,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     let failed = report.before.failed + report.after.failed + report.background.failed;
     anyhow::ensure!(failed == 0, "{failed} request(s) failed; see the request log");
     if report.cycle.status == CycleStatus::Failed {
-        anyhow::bail!("the cycle failed: {}", report.cycle.error.as_deref().unwrap_or("unknown error"));
+        anyhow::bail!(
+            "the cycle failed: {}",
+            report.cycle.error.as_deref().unwrap_or("unknown error")
+        );
     }
     Ok(report)
 }
@@ -422,7 +433,13 @@ fn write_outputs(out: &Path, report: &DemoReport, before: &Replay, after: &Repla
     let md = out.join("report.md");
     std::fs::write(&md, format!("# flywheel demo\n\n{}", report::markdown(report)))
         .with_context(|| format!("writing {}", md.display()))?;
-    let latencies = |r: &Replay| -> Vec<f64> { r.outcomes.iter().filter(|o| o.error.is_none()).map(|o| o.route_ms).collect() };
+    let latencies = |r: &Replay| -> Vec<f64> {
+        r.outcomes
+            .iter()
+            .filter(|o| o.error.is_none())
+            .map(|o| o.route_ms)
+            .collect()
+    };
     crate::plot::cdf_png(
         &[
             (format!("before: {}", report.before.router_version), latencies(before)),

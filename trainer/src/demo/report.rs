@@ -79,7 +79,10 @@ pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMa
     let route: Vec<f64> = ok.iter().map(|o| o.route_ms).collect();
     let chats: Vec<_> = ok.iter().filter(|o| o.ttft_ms.is_some()).collect();
     let ttft: Vec<f64> = chats.iter().filter_map(|o| o.ttft_ms).collect();
-    let tokens: f64 = chats.iter().map(|o| f64::from(o.completion_tokens.saturating_sub(1))).sum();
+    let tokens: f64 = chats
+        .iter()
+        .map(|o| f64::from(o.completion_tokens.saturating_sub(1)))
+        .sum();
     let decode_s: f64 = chats.iter().map(|o| o.decode_ms).sum::<f64>() / 1e3;
     let n = replay.outcomes.len();
     ReplayStats {
@@ -98,8 +101,16 @@ pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMa
         ttft_p99_ms: percentile(&ttft, 0.99),
         chats: chats.len(),
         answer_tokens_per_second: if decode_s > 0.0 { tokens / decode_s } else { 0.0 },
-        requests_per_second: if replay.seconds > 0.0 { n as f64 / replay.seconds } else { 0.0 },
-        cpu_seconds_per_1k: if n > 0 { replay.cpu_seconds / n as f64 * 1000.0 } else { 0.0 },
+        requests_per_second: if replay.seconds > 0.0 {
+            n as f64 / replay.seconds
+        } else {
+            0.0
+        },
+        cpu_seconds_per_1k: if n > 0 {
+            replay.cpu_seconds / n as f64 * 1000.0
+        } else {
+            0.0
+        },
     }
 }
 
@@ -192,7 +203,13 @@ pub fn markdown(r: &DemoReport) -> String {
     let row = |s: &mut String, name: &str, x: String, y: String, z: String| {
         s.push_str(&format!("| {name} | {x} | {y} | {z} |\n"));
     };
-    row(&mut s, "router model", b.router_version.clone(), a.router_version.clone(), String::new());
+    row(
+        &mut s,
+        "router model",
+        b.router_version.clone(),
+        a.router_version.clone(),
+        String::new(),
+    );
     row(
         &mut s,
         &format!("accuracy, live requests never rated (held out, n = {})", a.held_out),
@@ -209,13 +226,35 @@ pub fn markdown(r: &DemoReport) -> String {
             format!(
                 "{:+.1} pts, McNemar p = {}",
                 (m.candidate_accuracy - m.incumbent_accuracy) * 100.0,
-                if m.p_value < 0.001 { format!("{:.0e}", m.p_value) } else { format!("{:.3}", m.p_value) }
+                if m.p_value < 0.001 {
+                    format!("{:.0e}", m.p_value)
+                } else {
+                    format!("{:.3}", m.p_value)
+                }
             ),
         );
     }
-    row(&mut s, "accuracy, all live requests", pct(b.accuracy_all), pct(a.accuracy_all), String::new());
-    row(&mut s, "route latency p50", ms(b.route_p50_ms), ms(a.route_p50_ms), ratio(b.route_p50_ms, a.route_p50_ms));
-    row(&mut s, "route latency p99", ms(b.route_p99_ms), ms(a.route_p99_ms), ratio(b.route_p99_ms, a.route_p99_ms));
+    row(
+        &mut s,
+        "accuracy, all live requests",
+        pct(b.accuracy_all),
+        pct(a.accuracy_all),
+        String::new(),
+    );
+    row(
+        &mut s,
+        "route latency p50",
+        ms(b.route_p50_ms),
+        ms(a.route_p50_ms),
+        ratio(b.route_p50_ms, a.route_p50_ms),
+    );
+    row(
+        &mut s,
+        "route latency p99",
+        ms(b.route_p99_ms),
+        ms(a.route_p99_ms),
+        ratio(b.route_p99_ms, a.route_p99_ms),
+    );
     row(
         &mut s,
         &format!("TTFT p50 (streamed chats, n = {})", a.chats),
@@ -223,7 +262,13 @@ pub fn markdown(r: &DemoReport) -> String {
         ms(a.ttft_p50_ms),
         ratio(b.ttft_p50_ms, a.ttft_p50_ms),
     );
-    row(&mut s, "router model size", mb(b.router_bytes), mb(a.router_bytes), ratio(b.router_bytes as f64, a.router_bytes as f64));
+    row(
+        &mut s,
+        "router model size",
+        mb(b.router_bytes),
+        mb(a.router_bytes),
+        ratio(b.router_bytes as f64, a.router_bytes as f64),
+    );
     row(
         &mut s,
         "answer tokens/s (decoding)",

@@ -131,7 +131,12 @@ mod tests {
 
     #[test]
     fn the_generated_config_serves_the_labels_with_the_commonest_as_fallback() {
-        let traffic = [q("a", "weather"), q("b", "alarm"), q("c", "weather"), q("d", "card_\"x\"")];
+        let traffic = [
+            q("a", "weather"),
+            q("b", "alarm"),
+            q("c", "weather"),
+            q("d", "card_\"x\""),
+        ];
         let text = experts_config(&traffic);
         let config = flywheel_server::Config::from_toml(&text).unwrap();
         config.settings.validate().unwrap();
