@@ -14,6 +14,8 @@ use anyhow::Context;
 use flywheel_router::config::EngineSettings;
 use flywheel_router::retrieval::{HybridRetriever, Mode, hybrid};
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::rails::eval::Latency;
 use serde::{Deserialize, Serialize};
 
 /// `flywheel-trainer ingest`.
@@ -145,14 +147,6 @@ fn read_queries(path: &Path) -> anyhow::Result<Vec<Labelled>> {
         .collect()
 }
 
-fn latency(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (
-        crate::rails::eval::percentile(&v, 0.5),
-        crate::rails::eval::percentile(&v, 0.99),
-    )
-}
-
 /// Recall@k and reciprocal rank of `relevant` in `ranked` document ids.
 pub fn rank_metrics(ranked: &[String], relevant: &str, ks: &[usize]) -> (Vec<bool>, f64) {
     let pos = ranked.iter().position(|d| d == relevant);
@@ -204,7 +198,7 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<RetrievalReport> {
             }
         }
         let n = queries.len() as f64;
-        let (p50, p99) = latency(times);
+        let Latency { p50, p99, .. } = Latency::of(times);
         modes.push(ModeReport {
             mode: mode.as_str().into(),
             recall: args.k.iter().zip(&hits).map(|(k, h)| (*k, *h as f64 / n)).collect(),
@@ -270,7 +264,7 @@ fn scaled_latency(
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
     }
-    let (p50, p99) = latency(times);
+    let Latency { p50, p99, .. } = Latency::of(times);
     Ok((chunks, p50, p99))
 }
 

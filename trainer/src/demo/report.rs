@@ -6,6 +6,7 @@ use flywheel_router::cycles::CycleRecord;
 use serde::{Deserialize, Serialize};
 
 use super::replay::{BackgroundStats, FeedbackStats, Replay};
+use crate::rails::eval::Latency;
 
 /// The measurements of one replay.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -47,15 +48,6 @@ pub struct ReplayStats {
     pub cpu_seconds_per_1k: f64,
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    crate::rails::eval::percentile(&v, p)
-}
-
 /// Measure one replay; `held_out` holds the traffic positions that got no feedback.
 pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMap<String, u64>) -> ReplayStats {
     let ok: Vec<_> = replay.outcomes.iter().filter(|o| o.error.is_none()).collect();
@@ -76,9 +68,9 @@ pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMa
     };
     let all: Vec<_> = ok.iter().collect();
     let held: Vec<_> = ok.iter().filter(|o| held_out.contains(&o.index)).collect();
-    let route: Vec<f64> = ok.iter().map(|o| o.route_ms).collect();
+    let route = Latency::of(ok.iter().map(|o| o.route_ms).collect());
     let chats: Vec<_> = ok.iter().filter(|o| o.ttft_ms.is_some()).collect();
-    let ttft: Vec<f64> = chats.iter().filter_map(|o| o.ttft_ms).collect();
+    let ttft = Latency::of(chats.iter().filter_map(|o| o.ttft_ms).collect());
     let tokens: f64 = chats
         .iter()
         .map(|o| f64::from(o.completion_tokens.saturating_sub(1)))
@@ -95,10 +87,10 @@ pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMa
         accuracy_all: share(&all),
         accuracy_held_out: share(&held),
         held_out: held.len(),
-        route_p50_ms: percentile(&route, 0.5),
-        route_p99_ms: percentile(&route, 0.99),
-        ttft_p50_ms: percentile(&ttft, 0.5),
-        ttft_p99_ms: percentile(&ttft, 0.99),
+        route_p50_ms: route.p50,
+        route_p99_ms: route.p99,
+        ttft_p50_ms: ttft.p50,
+        ttft_p99_ms: ttft.p99,
         chats: chats.len(),
         answer_tokens_per_second: if decode_s > 0.0 { tokens / decode_s } else { 0.0 },
         requests_per_second: if replay.seconds > 0.0 {

@@ -43,7 +43,8 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
 }
 
 impl Latency {
-    fn of(mut v: Vec<f64>) -> Self {
+    /// The percentiles of `v` (any order).
+    pub fn of(mut v: Vec<f64>) -> Self {
         v.sort_by(f64::total_cmp);
         Self {
             p50: percentile(&v, 0.5),
