@@ -217,6 +217,7 @@ impl App {
             .build_v1()?;
         let stop_accepting = CancellationToken::new();
         let server = Server::builder()
+            .trace_fn(crate::telemetry::request_span)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))

@@ -68,6 +68,10 @@ pub struct Flags {
     /// Token that mutating Admin calls must present (`authorization: Bearer <token>`).
     #[arg(long, env = "FLYWHEEL_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. `http://127.0.0.1:4317`);
+    /// off when unset (`OTEL_EXPORTER_OTLP_ENDPOINT` also turns it on).
+    #[arg(long, env = "FLYWHEEL_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The TOML file: every section optional.
@@ -82,6 +86,7 @@ struct FileConfig {
     metrics_listen: Option<SocketAddr>,
     registry_dir: Option<PathBuf>,
     admin_token: Option<String>,
+    otlp_endpoint: Option<String>,
     models: Option<std::collections::BTreeMap<String, ModelSpec>>,
     router: Option<RouterSpec>,
     experts: Option<Vec<ExpertSpec>>,
@@ -137,6 +142,8 @@ pub struct Config {
     /// Token of mutating Admin calls (`UpdateRails`, `Promote`, `Rollback`);
     /// without one those calls are refused.
     pub admin_token: Option<String>,
+    /// OpenTelemetry collector receiving traces over OTLP/gRPC (off when `None`).
+    pub otlp_endpoint: Option<String>,
     /// Models, router, experts, limits, log.
     pub settings: EngineSettings,
 }
@@ -152,6 +159,7 @@ impl Default for Config {
             metrics_listen: None,
             registry_dir: None,
             admin_token: None,
+            otlp_endpoint: None,
             settings: EngineSettings::default(),
         }
     }
@@ -198,6 +206,19 @@ impl Config {
         }
         if let Some(token) = &flags.admin_token {
             config.admin_token = Some(token.clone());
+        }
+        if let Some(endpoint) = &flags.otlp_endpoint {
+            config.otlp_endpoint = Some(endpoint.clone());
+        }
+        if config.otlp_endpoint.is_none() {
+            // The OpenTelemetry convention, honoured so collectors set up for
+            // other services work unchanged.
+            config.otlp_endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
+                .iter()
+                .find_map(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()));
+        }
+        if let Some(endpoint) = &config.otlp_endpoint {
+            check_endpoint(endpoint)?;
         }
         if config
             .admin_token
@@ -250,6 +271,7 @@ impl Config {
         c.stub_sign_tokens = file.stub_sign_tokens.unwrap_or(false);
         c.registry_dir = file.registry_dir;
         c.admin_token = file.admin_token;
+        c.otlp_endpoint = file.otlp_endpoint;
         if let Some(v) = file.models {
             s.models = v;
         }
@@ -273,6 +295,24 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+/// An OTLP/gRPC endpoint must be an `http://` or `https://` URL with a host.
+fn check_endpoint(endpoint: &str) -> Result<(), LoadError> {
+    let invalid = |reason: &str| {
+        LoadError::Invalid(ConfigError::Invalid {
+            key: "otlp_endpoint".into(),
+            reason: format!("{reason} (got `{endpoint}`; e.g. http://127.0.0.1:4317)"),
+        })
+    };
+    let uri: tonic::codegen::http::Uri = endpoint.parse().map_err(|_| invalid("not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid("use an http:// or https:// URL"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("the URL names no host"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -362,5 +402,22 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("router.fallback_expert") && err.contains("legal"), "{err}");
+    }
+
+    #[test]
+    fn otlp_endpoint_comes_from_file_or_flag_and_must_be_a_url() {
+        let c = Config::from_toml("otlp_endpoint = \"http://collector:4317\"\n").unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("http://collector:4317"));
+        assert_eq!(Config::default().otlp_endpoint, None);
+        let flags = |e: &str| Flags {
+            otlp_endpoint: Some(e.into()),
+            ..Flags::default()
+        };
+        let c = Config::load(&flags("https://otel.example.com:4317")).unwrap();
+        assert_eq!(c.otlp_endpoint.as_deref(), Some("https://otel.example.com:4317"));
+        for bad in ["127.0.0.1:4317", "grpc://collector:4317", "not a url"] {
+            let err = Config::load(&flags(bad)).unwrap_err().to_string();
+            assert!(err.contains("otlp_endpoint") && err.contains(bad), "{err}");
+        }
     }
 }

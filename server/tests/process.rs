@@ -1,8 +1,9 @@
 //! The `flywheel-server` binary as a real process: bound-address logging,
 //! graceful shutdown on SIGTERM (drain + flush), request-log durability
-//! after `kill -9`, and admission control. These tests exercise the server
-//! and its log, not the model, so they select the stub engine explicitly
-//! (`--engine stub`).
+//! after `kill -9`, admission control, and trace export: a client's W3C
+//! trace context continued by the server's spans and exported over OTLP to
+//! a collector. These tests exercise the server and its log, not the model,
+//! so they select the stub engine explicitly (`--engine stub`).
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -28,6 +29,10 @@ struct Proc {
 }
 
 fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
+    spawn_with_env(db, extra, &[])
+}
+
+fn spawn_with_env(db: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel-server"))
         .args(["--engine", "stub", "--listen", "127.0.0.1:0", "--log-path"])
         .arg(db)
@@ -35,6 +40,7 @@ fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
         .arg(common::embedder_dir())
         .args(extra)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -43,6 +49,8 @@ fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Shown with a failing test's output.
+            eprintln!("server: {line}");
             if let Some(addr) = line.split("addr=").nth(1) {
                 let _ = tx.send(addr.split_whitespace().next().unwrap_or_default().to_string());
             }
@@ -208,5 +216,155 @@ fn invalid_config_exits_with_a_clear_error_before_binding() {
     assert!(
         stderr.contains("router.fallback_expert") && stderr.contains("legal"),
         "{stderr}"
+    );
+}
+
+/// An OTLP/gRPC trace collector on a free port, keeping every span it receives.
+mod collector {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::trace::v1::Span;
+
+    #[derive(Clone, Default)]
+    pub struct Collector(pub Arc<Mutex<Vec<Span>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Collector {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans = request
+                .into_inner()
+                .resource_spans
+                .into_iter()
+                .flat_map(|r| r.scope_spans)
+                .flat_map(|s| s.spans);
+            self.0.lock().unwrap().extend(spans);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Start it; returns its URL and the spans it has received.
+    pub async fn start() -> (String, Arc<Mutex<Vec<Span>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let collector = Collector::default();
+        let spans = collector.0.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(collector))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        (url, spans)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+// Multi-threaded: the collector must answer while the test blocks in `wait()`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trace_context_is_continued_and_exported_over_otlp() {
+    use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+    let (collector_url, spans) = collector::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("requests.db");
+    let mut server = spawn_with_env(
+        &db,
+        &["--otlp-endpoint", &collector_url],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100")],
+    );
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const PARENT: &str = "00f067aa0ba902b7";
+    let mut client = RouterClient::connect(server.url.clone()).await.unwrap();
+    let mut request = tonic::Request::new(RouteRequest {
+        query: "How many vacation days do I get per year?".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("traceparent", format!("00-{TRACE}-{PARENT}-01").parse().unwrap());
+    let traced_id = client.route(request).await.unwrap().into_inner().request_id;
+    let untraced_id = route(&server.url, "My laptop will not connect to the VPN")
+        .await
+        .unwrap();
+    drop(client);
+    // SIGTERM flushes the exporter before exit.
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(server.child.wait().unwrap().success());
+
+    let spans = spans.lock().unwrap().clone();
+    let attr = |s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .and_then(|a| a.value.clone())
+            .and_then(|v| v.value)
+            .map(|v| format!("{v:?}"))
+    };
+    let roots: Vec<_> = spans.iter().filter(|s| s.name == "flywheel.v1.Router/Route").collect();
+    assert_eq!(roots.len(), 2, "one server span per request: {:?}", names(&spans));
+    // The traced request continues the client's trace, under the client's span.
+    let root = roots
+        .iter()
+        .find(|s| hex(&s.trace_id) == TRACE)
+        .expect("no span in the client's trace");
+    assert_eq!(hex(&root.parent_span_id), PARENT);
+    assert_eq!(root.kind, SpanKind::Server as i32);
+    // Its stages are children of the server span, in the same trace.
+    for stage in ["rails", "route", "log_write"] {
+        let s = spans
+            .iter()
+            .find(|s| s.name == stage && hex(&s.trace_id) == TRACE)
+            .unwrap_or_else(|| panic!("no `{stage}` span in the client's trace: {:?}", names(&spans)));
+        assert_eq!(
+            s.parent_span_id, root.span_id,
+            "`{stage}` is not under the request span"
+        );
+        assert!(
+            attr(s, "request_id").is_some_and(|v| v.contains(&traced_id)),
+            "`{stage}` lacks the request id"
+        );
+    }
+    let route_span = spans
+        .iter()
+        .find(|s| s.name == "route" && hex(&s.trace_id) == TRACE)
+        .unwrap();
+    assert!(attr(route_span, "expert").is_some(), "the route span names the expert");
+    // A request without trace context starts its own trace.
+    let other = roots.iter().find(|s| hex(&s.trace_id) != TRACE).unwrap();
+    assert!(other.parent_span_id.is_empty());
+    assert!(spans.iter().any(|s| s.name == "log_write"
+        && attr(s, "request_id").is_some_and(|v| v.contains(&untraced_id))
+        && s.trace_id == other.trace_id));
+}
+
+fn names(spans: &[opentelemetry_proto::tonic::trace::v1::Span]) -> Vec<&str> {
+    spans.iter().map(|s| s.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_never_fails_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("requests.db");
+    // Nothing listens on port 9 (discard) here.
+    let mut server = spawn_with_env(
+        &db,
+        &["--otlp-endpoint", "http://127.0.0.1:9"],
+        &[("OTEL_BSP_SCHEDULE_DELAY", "50")],
+    );
+    for i in 0..20 {
+        route(&server.url, &format!("it question {i}")).await.unwrap();
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(
+        server.child.wait().unwrap().success(),
+        "shutdown must not fail on a dead collector"
     );
 }

@@ -64,7 +64,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    flywheel_server::telemetry::init();
+    // Logs only: the trainer exports no traces.
+    let _logs = flywheel_server::telemetry::init(None)?;
     match Cli::parse().command {
         Command::Demo(args) => demo::run(*args).await.map(drop),
         Command::Cycle(args) => {

@@ -214,6 +214,13 @@ impl RequestLog {
     /// Queue a record for writing; never blocks the caller and never drops
     /// the record while the log is open.
     pub fn submit(&self, record: RequestRecord) {
+        let _span = tracing::info_span!(
+            "log_write",
+            request_id = %record.request_id,
+            status = %record.status,
+            queued = self.inner.stats().accepted().saturating_sub(self.inner.stats().written())
+        )
+        .entered();
         self.inner.submit(record);
     }
 

@@ -191,6 +191,13 @@ fn write_batch(
         return;
     }
     let n = batch.len() as u64;
+    let _span = tracing::info_span!(
+        "log_commit",
+        records = n,
+        feedback = feedback.len(),
+        shadows = shadows.len()
+    )
+    .entered();
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction()?;
         {

@@ -449,10 +449,12 @@ impl Pipeline {
             start,
             query: text,
         } = self.admit("route", &query, &rails).await?;
+        let span = route_span(&record.request_id);
         let result = self
             .decide(&Query { expert: None, ..query }, &text, &record.request_id)
-            .instrument(tracing::info_span!("route", request_id = %record.request_id))
+            .instrument(span.clone())
             .await;
+        record_route(&span, result.as_ref().ok());
         drop(permit);
         match result {
             Ok(route) => {
@@ -633,11 +635,13 @@ impl Pipeline {
             start,
             query: text,
         } = self.admit(kind, &query, &rails).await?;
-        let route = match self
+        let span = route_span(&record.request_id);
+        let decided = self
             .decide(&query, &text, &record.request_id)
-            .instrument(tracing::info_span!("route", request_id = %record.request_id))
-            .await
-        {
+            .instrument(span.clone())
+            .await;
+        record_route(&span, decided.as_ref().ok());
+        let route = match decided {
             Ok(r) => r,
             Err(e) => return Err(self.fail(record, start, e)),
         };
@@ -761,6 +765,27 @@ impl Pipeline {
         self.observer.request_finished(&record);
         self.log.submit(record);
         ChatStream { rx }
+    }
+}
+
+/// The `route` stage's span; [`record_route`] fills in the decision.
+fn route_span(request_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "route",
+        request_id,
+        expert = tracing::field::Empty,
+        confidence = tracing::field::Empty,
+        forced = tracing::field::Empty,
+        fallback = tracing::field::Empty
+    )
+}
+
+fn record_route(span: &tracing::Span, route: Option<&RouteDecision>) {
+    if let Some(r) = route {
+        span.record("expert", r.expert.as_str());
+        span.record("confidence", r.confidence);
+        span.record("forced", r.forced);
+        span.record("fallback", r.fallback);
     }
 }
 

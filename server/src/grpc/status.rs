@@ -47,6 +47,7 @@ pub fn to_status(error: &PipelineError) -> Status {
             StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
         },
     };
+    crate::telemetry::record_status(code);
     match code {
         Code::Internal | Code::Unavailable => {
             tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
