@@ -15,6 +15,37 @@ pub trait Observer: Send + Sync {
     fn inter_token(&self, _expert: &str, _seconds: f64) {}
     /// A retrieval for `expert` took `seconds` and gave `passages` passages.
     fn retrieval(&self, _expert: &str, _seconds: f64, _passages: usize) {}
+    /// A request sampled for the shadow of `slot` by `version` ended in
+    /// `outcome`; `seconds` is the shadow run's time (`None` when skipped).
+    fn shadow(&self, _slot: &str, _version: &str, _outcome: ShadowOutcome, _seconds: Option<f64>) {}
+}
+
+/// How a sampled shadow run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowOutcome {
+    /// Not run: the shadow's concurrency limit was reached.
+    Skipped,
+    /// Ran and made the live route decision.
+    Agreed,
+    /// Ran and decided differently from live.
+    Disagreed,
+    /// Ran and answered (expert slots: answers are not compared here).
+    Answered,
+    /// Failed or missed its deadline.
+    Failed,
+}
+
+impl ShadowOutcome {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Skipped => "skipped",
+            Self::Agreed => "agreed",
+            Self::Disagreed => "disagreed",
+            Self::Answered => "answered",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// Observes nothing.

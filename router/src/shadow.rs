@@ -115,20 +115,41 @@ impl Shadow {
 
     /// Whether request `request_id` is mirrored: sampled, and a permit is
     /// free now (else counted as skipped). The permit bounds the run.
-    pub fn admit(&self, request_id: &str) -> Option<OwnedSemaphorePermit> {
+    pub fn admit(&self, request_id: &str) -> Admission {
         if sample_point(request_id) >= self.fraction {
-            return None;
+            return Admission::NotSampled;
         }
         self.stats.sampled.fetch_add(1, Ordering::Relaxed);
         match self.permits.clone().try_acquire_owned() {
             Ok(p) => {
                 self.stats.mirrored.fetch_add(1, Ordering::Relaxed);
-                Some(p)
+                Admission::Run(p)
             }
             Err(_) => {
                 self.stats.skipped.fetch_add(1, Ordering::Relaxed);
-                None
+                Admission::Skipped
             }
+        }
+    }
+}
+
+/// [`Shadow::admit`]'s answer for one request.
+#[derive(Debug)]
+pub enum Admission {
+    /// Outside the sampled fraction.
+    NotSampled,
+    /// Sampled, but the shadow is at its concurrency limit.
+    Skipped,
+    /// Run it, holding this permit until done.
+    Run(OwnedSemaphorePermit),
+}
+
+impl Admission {
+    /// The permit, when the request runs.
+    pub fn permit(self) -> Option<OwnedSemaphorePermit> {
+        match self {
+            Self::Run(p) => Some(p),
+            _ => None,
         }
     }
 }
@@ -197,11 +218,14 @@ mod tests {
     fn a_busy_shadow_skips_instead_of_queueing() {
         let model = Arc::new(crate::testing::stub_model("cand"));
         let shadow = Shadow::new("router", model, 1.0, 1);
-        let first = shadow.admit("a");
+        let first = shadow.admit("a").permit();
         assert!(first.is_some());
-        assert!(shadow.admit("b").is_none(), "no free permit: skipped");
+        assert!(
+            matches!(shadow.admit("b"), Admission::Skipped),
+            "no free permit: skipped"
+        );
         drop(first);
-        assert!(shadow.admit("c").is_some());
+        assert!(shadow.admit("c").permit().is_some());
         assert_eq!(shadow.stats.skipped.load(Ordering::Relaxed), 1);
         assert_eq!(shadow.stats.mirrored.load(Ordering::Relaxed), 2);
         assert_eq!(percentile(&[3.0, 1.0, 2.0], 0.5), Some(2.0));

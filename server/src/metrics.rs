@@ -3,7 +3,8 @@
 //! [`Metrics`] implements the pipeline's [`Observer`]: it counts every
 //! finished request (by kind, expert and status) and rail verdict, and fills
 //! the TTFT, inter-token, route-decision and request-duration histograms
-//! (explicit buckets below), and times retrievals. Gauges that describe
+//! (explicit buckets below), times retrievals and counts shadow runs by
+//! outcome. Gauges that describe
 //! state (requests in flight, log writer queue depth and lag, model version
 //! per slot, retrieval index size) are read
 //! from the pipeline at scrape time. Labels are bounded: never a request id.
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 use bytes::Bytes;
 use flywheel_router::Pipeline;
 use flywheel_router::log::RequestRecord;
-use flywheel_router::observe::Observer;
+use flywheel_router::observe::{Observer, ShadowOutcome};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -59,6 +60,18 @@ struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowLabels {
+    slot: String,
+    version: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowSlotLabels {
+    slot: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RailLabels {
     rail: String,
     decision: String,
@@ -87,6 +100,9 @@ fn retrieval() -> Histogram {
 fn duration() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
+fn shadow_run() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
 
 /// The server's metrics.
 pub struct Metrics {
@@ -106,6 +122,8 @@ pub struct Metrics {
     passages: Family<ExpertLabels, Counter>,
     index_chunks: Gauge,
     index_documents: Gauge,
+    shadow_runs: Family<ShadowLabels, Counter>,
+    shadow_seconds: HistogramFamily<ShadowSlotLabels>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -220,6 +238,19 @@ impl Metrics {
             "Documents in the retrieval index in use",
             index_documents.clone(),
         );
+        let shadow_runs = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "flywheel_shadow_runs",
+            "Requests sampled for a shadow, by outcome (skipped at the concurrency limit, agreed or disagreed with the live route, answered, failed)",
+            shadow_runs.clone(),
+        );
+        let shadow_seconds = HistogramFamily::<ShadowSlotLabels>::new_with_constructor(shadow_run as fn() -> Histogram);
+        registry.register_with_unit(
+            "flywheel_shadow_run",
+            "Time of a shadow run (route decision or whole answer)",
+            Unit::Seconds,
+            shadow_seconds.clone(),
+        );
         Self {
             registry,
             requests,
@@ -237,6 +268,8 @@ impl Metrics {
             passages,
             index_chunks,
             index_documents,
+            shadow_runs,
+            shadow_seconds,
         }
     }
 
@@ -307,6 +340,21 @@ impl Observer for Metrics {
         };
         self.retrieval.get_or_create(&labels).observe(seconds);
         self.passages.get_or_create(&labels).inc_by(passages as u64);
+    }
+
+    fn shadow(&self, slot: &str, version: &str, outcome: ShadowOutcome, seconds: Option<f64>) {
+        self.shadow_runs
+            .get_or_create(&ShadowLabels {
+                slot: slot.to_string(),
+                version: version.to_string(),
+                outcome: outcome.as_str().to_string(),
+            })
+            .inc();
+        if let Some(s) = seconds {
+            self.shadow_seconds
+                .get_or_create(&ShadowSlotLabels { slot: slot.to_string() })
+                .observe(s);
+        }
     }
 
     fn inter_token(&self, expert: &str, seconds: f64) {

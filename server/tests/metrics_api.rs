@@ -1,6 +1,7 @@
 //! Prometheus metrics over HTTP after real gRPC traffic: the named series
 //! appear with the traffic's labels (stub engine, selected explicitly, with
-//! a per-token delay so that inter-token gaps exist; real rails).
+//! a per-token delay so that inter-token gaps exist; real rails), and the
+//! shadow counters while a candidate is mirrored.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -94,4 +95,85 @@ async fn metrics_expose_the_named_series_after_traffic() {
         .unwrap();
     assert!(itl_count >= 10, "{itl_count}");
     assert!(get(metrics, "/other").await.starts_with("HTTP/1.1 404"));
+}
+
+/// The value of the series line starting with `prefix` (0 when absent).
+fn value(page: &str, prefix: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn shadow_runs_are_counted_by_outcome() {
+    use candle_core::quantized::gguf_file;
+    use flywheel_proto::v1 as pb;
+    const TOKEN: &str = "metrics-test-admin-token-42";
+    let dir = tempfile::tempdir().unwrap();
+    let store = flywheel_router::store::ModelStore::open(dir.path().join("registry")).unwrap();
+    common::register_stub(&store, dir.path(), "cand", &[]);
+    // Hangs after the router warm-up's two calls: holds its one permit.
+    let hang = gguf_file::Value::String("hang:2".into());
+    common::register_stub(
+        &store,
+        dir.path(),
+        "hanging",
+        &[(flywheel_router::registry::STUB_FAULT_KEY, hang)],
+    );
+    let (server, metrics) = common::start_with_metrics(common::stub_config(store.root(), Some(TOKEN)));
+    let mut admin = server.admin().await;
+    let mut router = server.router().await;
+    let set = |version: &str, max_concurrency| {
+        common::authorized(
+            pb::SetShadowRequest {
+                slot: "router".into(),
+                version: version.into(),
+                fraction: 1.0,
+                max_concurrency,
+            },
+            TOKEN,
+        )
+    };
+    let route = |q: &str| RouteRequest {
+        query: q.into(),
+        ..Default::default()
+    };
+    admin.set_shadow(set("cand", 4)).await.unwrap();
+    for q in ["an it question", "an hr question", "a finance question"] {
+        router.route(route(q)).await.unwrap();
+    }
+    // Shadow runs are detached: poll until all three have ended.
+    let done = r#"flywheel_shadow_run_seconds_count{slot="router"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut page = get(metrics, "/metrics").await;
+    while value(&page, done) < 3.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        page = get(metrics, "/metrics").await;
+    }
+    let cand = |outcome: &str| {
+        value(
+            &page,
+            &format!(r#"flywheel_shadow_runs_total{{slot="router",version="cand",outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(value(&page, done), 3.0, "{page}");
+    assert_eq!(cand("agreed") + cand("disagreed"), 3.0, "{page}");
+    assert_eq!(cand("skipped") + cand("failed"), 0.0);
+
+    // One permit, held by a run that hangs: the next two requests are skipped.
+    admin.set_shadow(set("hanging", 1)).await.unwrap();
+    for q in ["first", "second", "third"] {
+        router.route(route(q)).await.unwrap();
+    }
+    let page = get(metrics, "/metrics").await;
+    assert_eq!(
+        value(
+            &page,
+            r#"flywheel_shadow_runs_total{slot="router",version="hanging",outcome="skipped"}"#
+        ),
+        2.0,
+        "{page}"
+    );
 }

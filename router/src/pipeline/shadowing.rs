@@ -17,8 +17,9 @@ use crate::engine::{ChatMessage, GenerateParams, GenerationEvent};
 use crate::error::PipelineError;
 use crate::feedback::latest_explicit;
 use crate::log::unix_ms;
+use crate::observe::{Observer, ShadowOutcome};
 use crate::registry::ROUTER_SLOT;
-use crate::shadow::{SHADOW_DEADLINE, Shadow, ShadowRecord, ShadowReport, percentile};
+use crate::shadow::{Admission, SHADOW_DEADLINE, Shadow, ShadowRecord, ShadowReport, percentile};
 use crate::store::Binding;
 
 impl Pipeline {
@@ -170,6 +171,16 @@ impl Pipeline {
         })
     }
 
+    /// [`Shadow::admit`], telling the observer about skips.
+    fn admit_shadow(&self, shadow: &Shadow, request_id: &str) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let admission = shadow.admit(request_id);
+        if let Admission::Skipped = admission {
+            self.observer
+                .shadow(&shadow.slot, &shadow.model.version, ShadowOutcome::Skipped, None);
+        }
+        admission.permit()
+    }
+
     fn shadow_of(&self, slot: &str) -> Option<Arc<Shadow>> {
         let map = self.shadows.load();
         if map.is_empty() {
@@ -187,8 +198,10 @@ impl Pipeline {
         let Some(shadow) = self.shadow_of(ROUTER_SLOT) else {
             return;
         };
-        let Some(permit) = shadow.admit(request_id) else { return };
-        let (router, log) = (self.router.clone(), self.log.clone());
+        let Some(permit) = self.admit_shadow(&shadow, request_id) else {
+            return;
+        };
+        let (router, log, observer) = (self.router.clone(), self.log.clone(), self.observer.clone());
         let (request_id, text, live) = (request_id.to_string(), text.to_string(), live.clone());
         tokio::spawn(async move {
             let start = Instant::now();
@@ -205,6 +218,7 @@ impl Pipeline {
             finish(
                 &shadow,
                 &log,
+                observer.as_ref(),
                 request_id,
                 live.router_model_version,
                 live.top_expert,
@@ -229,8 +243,10 @@ impl Pipeline {
     ) {
         let slot = crate::registry::expert_slot(expert);
         let Some(shadow) = self.shadow_of(&slot) else { return };
-        let Some(permit) = shadow.admit(request_id) else { return };
-        let log = self.log.clone();
+        let Some(permit) = self.admit_shadow(&shadow, request_id) else {
+            return;
+        };
+        let (log, observer) = (self.log.clone(), self.observer.clone());
         let (request_id, live_version) = (request_id.to_string(), live_version.to_string());
         let (prompt, params) = (prompt.to_vec(), params.clone());
         tokio::spawn(async move {
@@ -257,6 +273,7 @@ impl Pipeline {
             finish(
                 &shadow,
                 &log,
+                observer.as_ref(),
                 request_id,
                 live_version,
                 String::new(),
@@ -274,6 +291,7 @@ impl Pipeline {
 fn finish(
     shadow: &Shadow,
     log: &crate::log::RequestLog,
+    observer: &dyn Observer,
     request_id: String,
     live_version: String,
     live_output: String,
@@ -289,6 +307,13 @@ fn finish(
         (Some(o), false) => Some(*o == live_output),
         _ => None,
     };
+    let outcome = match (&error, agree) {
+        (Some(_), _) => ShadowOutcome::Failed,
+        (None, Some(true)) => ShadowOutcome::Agreed,
+        (None, Some(false)) => ShadowOutcome::Disagreed,
+        (None, None) => ShadowOutcome::Answered,
+    };
+    observer.shadow(&shadow.slot, &shadow.model.version, outcome, Some(latency_ms / 1e3));
     log.submit_shadow(ShadowRecord {
         request_id,
         slot: shadow.slot.clone(),
