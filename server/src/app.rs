@@ -21,6 +21,7 @@ use flywheel_router::registry::{EngineLoader, MistralLoader, ModelRegistry, Stub
 use flywheel_router::retrieval::{HybridRetriever, hybrid};
 use flywheel_router::store::{ModelStore, StoreError};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -228,7 +229,14 @@ impl App {
             )))
             .add_service(FeedbackServer::new(FeedbackService::new(self.pipeline.clone())))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // Small gRPC frames must not wait for Nagle's algorithm (with
+                // delayed ACKs that stalls a response by ~40 ms).
+                TcpListenerStream::new(listener).map(|conn| {
+                    conn.and_then(|c| {
+                        c.set_nodelay(true)?;
+                        Ok(c)
+                    })
+                }),
                 stop_accepting.clone().cancelled_owned(),
             );
         tokio::pin!(server);
