@@ -238,6 +238,10 @@ pub struct LogSpec {
     pub batch_size: usize,
     /// Queue length before submitters hand off on the blocking pool.
     pub queue_capacity: usize,
+    /// Write records to the database (default). `false` queues and counts
+    /// them but drops them instead of writing: for measuring what logging
+    /// costs, never for serving (no flywheel without the log).
+    pub persist: bool,
 }
 
 impl Default for LogSpec {
@@ -247,6 +251,7 @@ impl Default for LogSpec {
             flush_interval_ms: DEFAULT_LOG_FLUSH_MS,
             batch_size: DEFAULT_LOG_BATCH,
             queue_capacity: DEFAULT_LOG_QUEUE,
+            persist: true,
         }
     }
 }

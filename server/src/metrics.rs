@@ -278,7 +278,7 @@ impl Metrics {
         let status = pipeline.status();
         self.in_flight.set(status.in_flight as i64);
         let stats = pipeline.log().stats();
-        let queued = stats.accepted().saturating_sub(stats.written() + stats.failed());
+        let queued = stats.queued();
         self.log_queue.set(queued as i64);
         self.log_written.set(stats.written() as i64);
         self.log_lag.set(if queued > 0 { flush_interval_s } else { 0.0 });

@@ -15,7 +15,8 @@ use opentelemetry_sdk::trace::SdkTracerProvider;
 use tonic::codegen::http;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::filter::{FilterExt as _, filter_fn};
+use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Filter used when `RUST_LOG` is unset.
@@ -71,20 +72,21 @@ impl Telemetry {
 pub fn init(otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let provider = otlp_endpoint.map(provider).transpose()?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // The log lines see events only: formatting every span's fields on every
+    // request would cost more than the request itself on the stub engine, and
+    // events already carry the request id. Spans go to the exporter.
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(SERVICE_NAME)));
-    let installed = tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
-        .with(otel)
-        .try_init()
-        .is_ok();
+        .with_writer(std::io::stderr)
+        .with_filter(filter().and(filter_fn(|meta| meta.is_event())));
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer(SERVICE_NAME))
+            .with_filter(filter())
+    });
+    let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
     if let Some(endpoint) = otlp_endpoint.filter(|_| installed) {
         tracing::info!(endpoint, "exporting traces over OTLP/gRPC");
     }

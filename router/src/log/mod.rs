@@ -138,6 +138,7 @@ pub struct LogStats {
     accepted: AtomicU64,
     written: AtomicU64,
     failed: AtomicU64,
+    discarded: AtomicU64,
 }
 
 impl LogStats {
@@ -152,6 +153,15 @@ impl LogStats {
     /// Records that could not be written (SQLite errors), logged as errors.
     pub fn failed(&self) -> u64 {
         self.failed.load(Ordering::Relaxed)
+    }
+    /// Records dropped unwritten because `log.persist` is off.
+    pub fn discarded(&self) -> u64 {
+        self.discarded.load(Ordering::Relaxed)
+    }
+    /// Records handed to the log and not yet written, failed or discarded.
+    pub fn queued(&self) -> u64 {
+        self.accepted()
+            .saturating_sub(self.written() + self.failed() + self.discarded())
     }
 }
 
@@ -194,7 +204,11 @@ impl RequestLog {
             Duration::from_millis(spec.flush_interval_ms),
             spec.batch_size,
             spec.queue_capacity,
+            spec.persist,
         );
+        if !spec.persist {
+            tracing::warn!(path = %path.display(), "log.persist = false: request records are dropped, not written");
+        }
         Ok(Self {
             inner: Arc::new(inner),
             path,
@@ -218,7 +232,7 @@ impl RequestLog {
             "log_write",
             request_id = %record.request_id,
             status = %record.status,
-            queued = self.inner.stats().accepted().saturating_sub(self.inner.stats().written())
+            queued = self.inner.stats().queued()
         )
         .entered();
         self.inner.submit(record);
@@ -454,6 +468,24 @@ mod tests {
         assert!(reader.get("zzz").unwrap().is_none());
         assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(log.stats().written(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_persistence_records_are_counted_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RequestLog::open(&LogSpec {
+            persist: false,
+            ..spec(dir.path())
+        })
+        .unwrap();
+        for i in 0..100 {
+            log.submit(record(&format!("r{i}")));
+        }
+        log.flush().await.unwrap();
+        assert_eq!(log.reader().unwrap().count().unwrap(), 0);
+        let stats = log.stats();
+        assert_eq!((stats.accepted(), stats.discarded(), stats.written()), (100, 100, 0));
+        assert_eq!(stats.queued(), 0);
     }
 
     #[tokio::test]
