@@ -31,12 +31,19 @@ pub enum Mode {
     Chat,
 }
 
-/// Arguments of `flywheel-bench load`.
+/// Arguments of `flywheel-bench load` (also `flywheel-bench` without a subcommand).
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Server address.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// Run the same load against this server first (e.g. one with request
+    /// logging off) and report the ratios of the two runs.
+    #[arg(long)]
+    baseline_addr: Option<String>,
+    /// HTTP/2 connections the clients share (round robin).
+    #[arg(long, default_value_t = 2)]
+    connections: usize,
     /// Request kind.
     #[arg(long, value_enum, default_value_t = Mode::Route)]
     mode: Mode,
@@ -76,6 +83,10 @@ pub struct Args {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write PNG figures with this path prefix: `<prefix>-cdf.png` (latency,
+    /// TTFT and ITL CDFs) and `<prefix>-timeline.png` (requests/s, p50/p99 per second).
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 const QUERIES: &[&str] = &[
@@ -89,6 +100,8 @@ const QUERIES: &[&str] = &[
 
 #[derive(Debug, Default)]
 struct Sample {
+    /// Start, in seconds from the start of the measurement.
+    at_s: f64,
     latency_ms: f64,
     ttft_ms: Option<f64>,
     itl_ms: Vec<f64>,
@@ -118,6 +131,22 @@ pub struct Report {
     goodput_requests_per_second: f64,
     /// Share of successful requests that met every SLO given.
     slo_attainment: f64,
+    /// Successful requests and latency per second of the run.
+    timeline: Vec<crate::plot::Second>,
+    /// The same load against `--baseline-addr`, run first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<Box<Report>>,
+    /// This run over the baseline: requests/s, p50 and p99 latency.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ratio: Option<Ratio>,
+}
+
+/// One run over its baseline, measured back to back.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Ratio {
+    requests_per_second: f64,
+    latency_p50: f64,
+    latency_p99: f64,
 }
 
 /// The SLOs a request must meet to count toward goodput.
@@ -172,8 +201,9 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Sample {
+async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32, epoch: Instant) -> Sample {
     let start = Instant::now();
+    let at_s = start.saturating_duration_since(epoch).as_secs_f64();
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
     match mode {
         Mode::Route => {
@@ -184,6 +214,7 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Samp
                 })
                 .await;
             Sample {
+                at_s,
                 latency_ms: ms(Instant::now()),
                 ok: r.is_ok(),
                 code: r.err().map(|s| s.code()),
@@ -199,7 +230,10 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Samp
                 }),
                 ..Default::default()
             };
-            let mut sample = Sample::default();
+            let mut sample = Sample {
+                at_s,
+                ..Sample::default()
+            };
             let mut stream = match ChatClient::new(channel).stream(request).await {
                 Ok(s) => s.into_inner(),
                 Err(status) => {
@@ -238,10 +272,11 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32) -> Samp
     }
 }
 
-/// Run the load and print its report.
+/// Run the load (against the baseline first, when one is given) and
+/// print the report.
 ///
 /// # Errors
-/// Connection failures, unreadable query files.
+/// Connection failures, unreadable query files, bad flags.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(rate) = args.rate {
         anyhow::ensure!(
@@ -249,14 +284,115 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "--rate must be a positive number of requests per second"
         );
     }
-    let channel = connect(&args.addr).await?;
+    anyhow::ensure!(args.connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!(
+        args.duration > 0.0 && args.duration.is_finite(),
+        "--duration must be a positive number of seconds"
+    );
     let queries = std::sync::Arc::new(load_queries(args.queries.as_ref())?);
+    let slo = Slo {
+        ttft_ms: args.slo_ttft_ms,
+        itl_ms: args.slo_itl_ms,
+        latency_ms: args.slo_latency_ms,
+    };
+    let baseline = match &args.baseline_addr {
+        Some(addr) => {
+            let (samples, elapsed) = drive(&args, addr, &queries).await?;
+            let r = report(&args, &samples, elapsed, &slo);
+            println!("baseline {addr}:");
+            print_report(&r);
+            Some(r)
+        }
+        None => None,
+    };
+    let (samples, elapsed) = drive(&args, &args.addr, &queries).await?;
+    let mut report = report(&args, &samples, elapsed, &slo);
+    if baseline.is_some() {
+        println!("{}:", args.addr);
+    }
+    print_report(&report);
+    if let Some(base) = baseline {
+        let ratio = Ratio {
+            requests_per_second: report.requests_per_second / base.requests_per_second,
+            latency_p50: report.latency_ms.p50 / base.latency_ms.p50,
+            latency_p99: report.latency_ms.p99 / base.latency_ms.p99,
+        };
+        println!(
+            "vs baseline: {:.3}x requests/s, {:.3}x p50, {:.3}x p99",
+            ratio.requests_per_second, ratio.latency_p50, ratio.latency_p99
+        );
+        report.ratio = Some(ratio);
+        report.baseline = Some(Box::new(base));
+    }
+    if let Some(path) = &args.json {
+        crate::write_json(path, &report)?;
+    }
+    if let Some(prefix) = &args.plot {
+        plot(prefix, &report, &samples)?;
+    }
+    Ok(())
+}
+
+/// The two figures of a run.
+fn plot(prefix: &std::path::Path, report: &Report, samples: &[Sample]) -> anyhow::Result<()> {
+    let with = |suffix: &str| {
+        let mut name = prefix.file_name().unwrap_or_default().to_os_string();
+        name.push(suffix);
+        prefix.with_file_name(name)
+    };
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
+    let latency: Vec<f64> = ok.iter().map(|s| s.latency_ms).collect();
+    let ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft_ms).collect();
+    let itl: Vec<f64> = ok.iter().flat_map(|s| s.itl_ms.iter().copied()).collect();
+    let mut series = vec![crate::plot::Series {
+        name: format!("latency (p99 {:.1} ms)", report.latency_ms.p99),
+        values: &latency,
+    }];
+    if let Some(t) = &report.ttft_ms {
+        series.push(crate::plot::Series {
+            name: format!("TTFT (p99 {:.1} ms)", t.p99),
+            values: &ttft,
+        });
+    }
+    if let Some(t) = &report.itl_ms {
+        series.push(crate::plot::Series {
+            name: format!("ITL (p99 {:.1} ms)", t.p99),
+            values: &itl,
+        });
+    }
+    let load = match report.rate {
+        Some(r) => format!("open loop {r} req/s"),
+        None => format!("{} clients", report.concurrency),
+    };
+    let title = format!("{:?}, {load}: {:.0} req/s", report.mode, report.requests_per_second);
+    let cdf = with("-cdf.png");
+    crate::plot::latency_cdf(&cdf, &title, &series)?;
+    let timeline = with("-timeline.png");
+    crate::plot::timeline(&timeline, &title, &report.timeline)?;
+    println!("figures: {} {}", cdf.display(), timeline.display());
+    Ok(())
+}
+
+/// One measured run against `addr`: warm-up, then closed or open loop.
+async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -> anyhow::Result<(Vec<Sample>, f64)> {
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        channels.push(connect(addr).await?);
+    }
+    let channel_for = |i: usize| channels[i % channels.len()].clone();
     let deadline = Duration::from_secs_f64(args.duration);
     let budget = args.requests.unwrap_or(usize::MAX);
     let (mode, max_tokens) = (args.mode, args.max_tokens);
     // Warm-up, not measured.
-    for i in 0..args.warmup.max(1) {
-        one(channel.clone(), mode, &queries[i % queries.len()], max_tokens).await;
+    for i in 0..args.warmup.max(1) * args.connections {
+        one(
+            channel_for(i),
+            mode,
+            &queries[i % queries.len()],
+            max_tokens,
+            Instant::now(),
+        )
+        .await;
     }
     let started = Instant::now();
     let mut samples = Vec::new();
@@ -272,9 +408,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     break;
                 }
                 tokio::time::sleep_until(tokio::time::Instant::from_std(started + Duration::from_secs_f64(at))).await;
-                let (channel, queries) = (channel.clone(), queries.clone());
+                let (channel, queries) = (channel_for(i), queries.clone());
                 tasks.push(tokio::spawn(async move {
-                    one(channel, mode, &queries[i % queries.len()], max_tokens).await
+                    one(channel, mode, &queries[i % queries.len()], max_tokens, started).await
                 }));
             }
             for t in tasks {
@@ -285,14 +421,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut tasks = Vec::new();
             for c in 0..args.concurrency {
-                let (channel, queries, sent) = (channel.clone(), queries.clone(), sent.clone());
+                let (channel, queries, sent) = (channel_for(c), queries.clone(), sent.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut samples = Vec::new();
                     let mut i = c;
                     while started.elapsed() < deadline
                         && sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < budget
                     {
-                        samples.push(one(channel.clone(), mode, &queries[i % queries.len()], max_tokens).await);
+                        samples
+                            .push(one(channel.clone(), mode, &queries[i % queries.len()], max_tokens, started).await);
                         i += 1;
                     }
                     samples
@@ -303,18 +440,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let slo = Slo {
-        ttft_ms: args.slo_ttft_ms,
-        itl_ms: args.slo_itl_ms,
-        latency_ms: args.slo_latency_ms,
-    };
-    let report = report(&args, &samples, elapsed, &slo);
-    print_report(&report);
-    if let Some(path) = &args.json {
-        crate::write_json(path, &report)?;
-    }
-    Ok(())
+    Ok((samples, started.elapsed().as_secs_f64()))
 }
 
 fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
@@ -350,6 +476,14 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
         } else {
             good as f64 / ok.len() as f64
         },
+        timeline: crate::plot::per_second(
+            &ok.iter().map(|s| (s.at_s, s.latency_ms)).collect::<Vec<_>>(),
+            // Requests start within the configured duration; the run ends
+            // later, when the last one finishes.
+            args.duration.min(elapsed_s),
+        ),
+        baseline: None,
+        ratio: None,
     }
 }
 
@@ -439,6 +573,7 @@ mod tests {
 
     fn sample(ok: bool, ttft: f64, itl: &[f64], latency: f64) -> Sample {
         Sample {
+            at_s: 0.0,
             latency_ms: latency,
             ttft_ms: Some(ttft),
             itl_ms: itl.to_vec(),

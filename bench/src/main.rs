@@ -3,7 +3,9 @@
 //! - `engine`: in-process numbers for a model (load time, route decision
 //!   latency with and without the prefix cache, TTFT for a ~60-token prompt,
 //!   prefill and decode tokens/s).
-//! - `load`: a closed-loop gRPC load generator (route or streaming chat).
+//! - `load` (also the default without a subcommand): the gRPC load
+//!   generator, closed loop (N clients) or open loop (Poisson arrivals),
+//!   route-only or streaming chat, with a table, JSON and PNG figures.
 //! - `rails`: latency of the input rails (jailbreak, PII, all together).
 //! - `shadow`: live latency without vs with a shadow, same run.
 //! - `swap`: streaming load while a slot is promoted and rolled back.
@@ -14,6 +16,7 @@
 mod admin;
 mod engine_bench;
 mod grpc_load;
+mod plot;
 mod rails_bench;
 mod shadow_bench;
 mod stats;
@@ -27,11 +30,17 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "flywheel-bench",
     version,
-    about = "Benchmarks and a tiny client for flywheel"
+    about = "Benchmarks and a tiny client for flywheel",
+    long_about = "Benchmarks and a tiny client for flywheel. Without a subcommand, runs the gRPC \
+                  load generator (`flywheel-bench --addr http://127.0.0.1:50051 --mode route \
+                  --concurrency 8 --duration 10 --json out.json` is `flywheel-bench load ...`).",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    load: grpc_load::Args,
 }
 
 #[derive(Debug, Subcommand)]
@@ -40,7 +49,7 @@ enum Command {
     Engine(engine_bench::Args),
     /// Input-rail latency on ~200-character queries, in process.
     Rails(rails_bench::Args),
-    /// Closed-loop gRPC load against a running server.
+    /// gRPC load against a running server (closed or open loop; the default).
     Load(grpc_load::Args),
     /// Live latency without vs with a shadow of a slot, back to back.
     Shadow(shadow_bench::Args),
@@ -77,7 +86,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    let Some(command) = cli.command else {
+        return grpc_load::run(cli.load).await;
+    };
+    match command {
         Command::Engine(args) => engine_bench::run(args).await,
         Command::Load(args) => grpc_load::run(args).await,
         Command::Rails(args) => rails_bench::run(args).await,
