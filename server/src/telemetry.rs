@@ -74,19 +74,36 @@ pub fn init(otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
     let provider = otlp_endpoint.map(provider).transpose()?;
     let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    // The log lines see events only: formatting every span's fields on every
-    // request would cost more than the request itself on the stub engine, and
-    // events already carry the request id. Spans go to the exporter.
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .with_filter(filter().and(filter_fn(|meta| meta.is_event())));
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer(SERVICE_NAME))
-            .with_filter(filter())
-    });
-    let installed = tracing_subscriber::registry().with(fmt).with(otel).try_init().is_ok();
+    // Log lines see events only: formatting every span's fields on every
+    // request would cost more than a route decision on the stub engine, and
+    // events carry the request id themselves. Spans exist only to be exported:
+    // without an exporter they are disabled at their call sites (no cost).
+    let installed = match &provider {
+        Some(p) => {
+            let otel = tracing_opentelemetry::layer()
+                .with_tracer(p.tracer(SERVICE_NAME))
+                .with_filter(filter());
+            tracing_subscriber::registry()
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .with_ansi(ansi)
+                        .with_writer(std::io::stderr)
+                        .with_filter(filter().and(filter_fn(|meta| meta.is_event()))),
+                )
+                .with(otel)
+                .try_init()
+        }
+        None => tracing_subscriber::registry()
+            .with(filter())
+            .with(filter_fn(|meta| meta.is_event()))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+    }
+    .is_ok();
     if let Some(endpoint) = otlp_endpoint.filter(|_| installed) {
         tracing::info!(endpoint, "exporting traces over OTLP/gRPC");
     }

@@ -101,11 +101,11 @@ fn echoed(messages: &[ChatMessage]) -> Option<&str> {
     Some(user.content[at + ECHO_MARKER.len()..].trim())
 }
 
-fn word_count(messages: &[ChatMessage]) -> u32 {
-    messages
-        .iter()
-        .map(|m| m.content.split_whitespace().count() as u32)
-        .sum()
+/// Prompt size in tokens, estimated at ~4 bytes per token in O(1): the stub
+/// stands in for a model when the server's own cost is measured, so it must
+/// not scan the prompt.
+fn token_estimate(messages: &[ChatMessage]) -> u32 {
+    messages.iter().map(|m| m.content.len().div_ceil(4) as u32).sum()
 }
 
 #[async_trait]
@@ -131,7 +131,7 @@ impl Engine for StubEngine {
             FinishReason::Stop
         };
         let delay = self.per_token_delay;
-        let prompt_tokens = word_count(&messages);
+        let prompt_tokens = token_estimate(&messages);
         let stream = futures::stream::unfold(0usize, move |i| {
             let words = words.clone();
             let finish = finish.clone();
@@ -182,7 +182,7 @@ impl Engine for StubEngine {
             .collect();
         Ok(LabelScores {
             logprobs,
-            prompt_tokens: word_count(messages),
+            prompt_tokens: token_estimate(messages),
             forward_passes: 1,
         })
     }
