@@ -420,4 +420,18 @@ mod tests {
             assert!(err.contains("otlp_endpoint") && err.contains(bad), "{err}");
         }
     }
+
+    #[test]
+    fn shipped_overhead_configs_are_valid_and_differ_only_in_logging() {
+        let on = Config::from_toml(include_str!("../config/overhead.toml")).unwrap();
+        let off = Config::from_toml(include_str!("../config/overhead-nolog.toml")).unwrap();
+        for c in [&on, &off] {
+            c.settings.validate().unwrap();
+            assert_eq!(c.engine, EngineKind::Stub);
+            assert!(!c.settings.rails.jailbreak.enabled && !c.settings.rails.pii.enabled);
+        }
+        assert!(on.settings.log.persist && !off.settings.log.persist);
+        assert_ne!(on.listen, off.listen);
+        assert_eq!(on.settings.rails, off.settings.rails);
+    }
 }

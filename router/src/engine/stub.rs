@@ -207,7 +207,7 @@ mod tests {
             top_p: None,
         };
         let events: Vec<_> = e
-            .generate(vec![ChatMessage::user("a b")], params)
+            .generate(vec![ChatMessage::user("12345678")], params) // ~4 bytes a token
             .await
             .unwrap()
             .collect()
