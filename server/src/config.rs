@@ -94,6 +94,7 @@ struct FileConfig {
     log: Option<LogSpec>,
     feedback: Option<flywheel_router::feedback::FeedbackSpec>,
     rails: Option<flywheel_router::guardrails::rails::RailsSpec>,
+    retrieval: Option<flywheel_router::config::RetrievalSpec>,
 }
 
 /// Errors loading the configuration.
@@ -293,6 +294,9 @@ impl Config {
         if let Some(v) = file.rails {
             s.rails = v;
         }
+        if let Some(v) = file.retrieval {
+            s.retrieval = v;
+        }
         Ok(c)
     }
 }
@@ -431,6 +435,8 @@ mod tests {
             assert!(!c.settings.rails.jailbreak.enabled && !c.settings.rails.pii.enabled);
         }
         assert!(on.settings.log.persist && !off.settings.log.persist);
+        // `[retrieval]` is read from the file (BM25 only: no query embedding).
+        assert_eq!(on.settings.retrieval.mode, flywheel_router::retrieval::Mode::Bm25);
         assert_ne!(on.listen, off.listen);
         assert_eq!(on.settings.rails, off.settings.rails);
     }
