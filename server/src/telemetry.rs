@@ -46,11 +46,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Export what is buffered and stop the exporter. A collector that is
     /// down costs a warning, never an error: telemetry must not fail a shutdown.
     pub fn shutdown(self) {

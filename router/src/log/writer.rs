@@ -151,30 +151,21 @@ fn run(
                     Command::Record(r) => batch.push(*r),
                     Command::Feedback(f) => feedback.push(*f),
                     Command::Shadow(r) => shadows.push(*r),
+                    // Once shutting down, drain everything still queued;
+                    // later flushes and shutdowns wait for this last batch.
+                    Command::Flush(done) | Command::Shutdown(done) if shutdown.is_some() => waiters.push(done),
                     Command::Flush(done) => {
                         waiters.push(done);
                         break 'gather;
                     }
-                    Command::Shutdown(done) => {
-                        // Drain whatever is still queued before stopping.
-                        while let Ok(cmd) = rx.try_recv() {
-                            match cmd {
-                                Command::Record(r) => batch.push(*r),
-                                Command::Feedback(f) => feedback.push(*f),
-                                Command::Shadow(r) => shadows.push(*r),
-                                Command::Flush(d) | Command::Shutdown(d) => waiters.push(d),
-                            }
-                        }
-                        shutdown = Some(done);
-                        break 'gather;
-                    }
+                    Command::Shutdown(done) => shutdown = Some(done),
                 }
-                if batch.len() + feedback.len() + shadows.len() >= max_batch {
+                if shutdown.is_none() && batch.len() + feedback.len() + shadows.len() >= max_batch {
                     break 'gather;
                 }
             }
             let now = Instant::now();
-            if now >= deadline {
+            if shutdown.is_some() || now >= deadline {
                 break;
             }
             std::thread::sleep((deadline - now).min(POLL));
