@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
-use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
 use flywheel_router::registry::{ServedModel, Slot};
 use futures::StreamExt;
@@ -49,6 +49,9 @@ pub struct Args {
     /// Decode runs (128 tokens each).
     #[arg(long, default_value_t = 3)]
     decode_runs: usize,
+    /// Device: `cpu`, `auto`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    device: DeviceChoice,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -67,14 +70,15 @@ struct Report {
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
     threads: usize,
+    device: String,
 }
 
-fn options(path: &std::path::Path, router: bool) -> MistralOptions {
+fn options(path: &std::path::Path, router: bool, device: DeviceChoice) -> MistralOptions {
     MistralOptions {
         path: path.to_path_buf(),
         max_num_seqs: flywheel_router::config::DEFAULT_MAX_NUM_SEQS,
         prefix_cache_n: 0,
-        device: flywheel_router::engine::mistral::DeviceChoice::Cpu,
+        device,
         router,
     }
 }
@@ -135,13 +139,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .len();
 
     let started = Instant::now();
-    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true)).await?);
+    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true, args.device)).await?);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
     // As served: a router engine, its prompt prefix primed in the cache.
     let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests).await?;
     // Baseline: the same decisions on a generation engine (no prefix cache).
-    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, false)).await?);
+    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, false, args.device)).await?);
     let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
 
     let mut ttft = Vec::new();
@@ -209,6 +213,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         prefill_tokens_per_second: summarize(&prefill_tps).p50,
         decode_tokens_per_second: summarize(&decode_tps).p50,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        device: args.device.to_string(),
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -219,10 +224,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_report(r: &Report) {
     println!(
-        "model            {} ({:.1} MB), {} threads",
+        "model            {} ({:.1} MB), {} threads, device {}",
         r.model,
         r.model_bytes as f64 / 1e6,
-        r.threads
+        r.threads,
+        r.device
     );
     println!("load             {:.0} ms", r.load_ms);
     println!(

@@ -86,7 +86,7 @@ pub struct ModelSpec {
     /// [`DEFAULT_PREFIX_CACHE_N`]).
     #[serde(default = "default_prefix_cache_n")]
     pub prefix_cache_n: usize,
-    /// Device.
+    /// Device: `cpu` (default), `auto`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: DeviceChoice,
 }
@@ -382,6 +382,9 @@ impl EngineSettings {
             if m.max_num_seqs == 0 {
                 return Err(invalid(format!("models.{name}.max_num_seqs"), "must be at least 1"));
             }
+            m.device
+                .check_supported()
+                .map_err(|e| invalid(format!("models.{name}.device"), e.to_string()))?;
         }
         if !self.models.contains_key(&self.router.model) {
             return Err(invalid(
@@ -504,5 +507,26 @@ mod tests {
         let mut s = EngineSettings::default();
         s.router.confidence_threshold = 1.5;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn a_gpu_device_is_checked_against_this_build_at_validation() {
+        let mut s = EngineSettings::default();
+        let name = s.models.keys().next().unwrap().clone();
+        s.models.get_mut(&name).unwrap().device = DeviceChoice::Cuda(0);
+        let result = s.validate();
+        if crate::device::CUDA_BUILT {
+            result.unwrap();
+        } else {
+            match result {
+                Err(ConfigError::Invalid { key, reason }) => {
+                    assert_eq!(key, format!("models.{name}.device"));
+                    assert!(reason.contains("CUDA support"), "{reason}");
+                }
+                other => panic!("expected models.{name}.device to be refused, got {other:?}"),
+            }
+        }
+        s.models.get_mut(&name).unwrap().device = DeviceChoice::Auto;
+        s.validate().unwrap();
     }
 }

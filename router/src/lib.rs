@@ -19,7 +19,7 @@
 //!   request id; [`similarity`]: shingles, Jaccard and MinHash near-duplicates.
 //! - [`observe`]: hooks through which the server's metrics see every
 //!   finished request and every inter-token gap.
-//! - [`config`]: typed, validated settings; [`model_prep`]: converts GGUF
+//! - [`config`]: typed, validated settings; [`device`]: CPU or CUDA GPU; [`model_prep`]: converts GGUF
 //!   weights to the fastest CPU format; [`task`]: the prompt and labels a
 //!   fine-tuned model carries in its metadata.
 //!
@@ -30,6 +30,7 @@
 pub mod agents;
 pub mod config;
 pub mod cycles;
+pub mod device;
 pub mod embed;
 pub mod engine;
 pub mod error;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
 use flywheel_router::config::{ConfigError, EngineSettings, ExpertSpec, LimitsSpec, LogSpec, ModelSpec, RouterSpec};
+use flywheel_router::device::DeviceChoice;
 use serde::Deserialize;
 
 /// Default listen address: loopback only, the gRPC port convention.
@@ -47,6 +48,9 @@ pub struct Flags {
     /// Serve this GGUF file in every model entry.
     #[arg(long, env = "FLYWHEEL_MODEL")]
     pub model: Option<PathBuf>,
+    /// Device of every model (`cpu`, `auto`, `cuda`, `cuda:N`), overriding `[models.*] device`.
+    #[arg(long, env = "FLYWHEEL_DEVICE")]
+    pub device: Option<DeviceChoice>,
     /// Request-log database file.
     #[arg(long, env = "FLYWHEEL_LOG_PATH")]
     pub log_path: Option<PathBuf>,
@@ -185,6 +189,11 @@ impl Config {
         if let Some(model) = &flags.model {
             for spec in config.settings.models.values_mut() {
                 spec.path = model.clone();
+            }
+        }
+        if let Some(device) = flags.device {
+            for spec in config.settings.models.values_mut() {
+                spec.device = device;
             }
         }
         if let Some(path) = &flags.log_path {
@@ -406,6 +415,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("router.fallback_expert") && err.contains("legal"), "{err}");
+    }
+
+    #[test]
+    fn the_device_flag_sets_every_model_and_is_checked_against_the_build() {
+        let c = Config::load(&Flags {
+            device: Some(DeviceChoice::Auto),
+            ..Flags::default()
+        })
+        .unwrap();
+        assert!(c.settings.models.values().all(|m| m.device == DeviceChoice::Auto));
+        let c = Config::from_toml("[models.m]\npath = \"m.gguf\"\ndevice = \"cuda:1\"\n").unwrap();
+        assert_eq!(c.settings.models["m"].device, DeviceChoice::Cuda(1));
+        assert!(Config::from_toml("[models.m]\npath = \"m.gguf\"\ndevice = \"tpu\"\n").is_err());
+        let gpu = Config::load(&Flags {
+            device: Some(DeviceChoice::Cuda(0)),
+            ..Flags::default()
+        });
+        if flywheel_router::device::CUDA_BUILT {
+            gpu.unwrap();
+        } else {
+            let err = gpu.unwrap_err().to_string();
+            assert!(err.contains(".device") && err.contains("CUDA support"), "{err}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ async fn merged_model_loads_in_the_engine_with_the_trainers_logits() {
     let dir = tempfile::tempdir().unwrap();
     let mut reader = BufReader::new(std::fs::File::open(base()).unwrap());
     let content = gguf_file::Content::read(&mut reader).unwrap();
-    let (mut model, originals) = Llama::from_gguf(&content, &mut reader, Some(3)).unwrap();
+    let (mut model, originals) = Llama::from_gguf(&content, &mut reader, Some(3), &candle_core::Device::Cpu).unwrap();
     let hyper = Hyper {
         rank: 4,
         alpha: 8.0,

@@ -42,15 +42,7 @@ use super::{
     LabelSet, TokenStream, Usage,
 };
 
-/// Which device mistral.rs runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CPU (the default, and the only device CI has).
-    Cpu,
-    /// CUDA GPU 0 when the binary was built with CUDA support, else the CPU.
-    Auto,
-}
+pub use crate::device::DeviceChoice;
 
 /// How to load a GGUF model.
 #[derive(Debug, Clone)]
@@ -117,9 +109,15 @@ impl MistralEngine {
             .with_token_source(TokenSource::None)
             .with_max_num_seqs(opts.max_num_seqs.max(1))
             .with_prefix_cache_n((prefix_cache_n > 0).then_some(prefix_cache_n));
-        if opts.device == DeviceChoice::Cpu {
-            builder = builder.with_force_cpu();
-        }
+        let device = opts.device.open().map_err(|e| EngineError::Load {
+            path: path.display().to_string(),
+            source: anyhow::Error::new(e),
+        })?;
+        builder = if device.is_cpu() {
+            builder.with_force_cpu()
+        } else {
+            builder.with_device(device)
+        };
         let model = builder.build().await.map_err(|source| EngineError::Load {
             path: path.display().to_string(),
             source,

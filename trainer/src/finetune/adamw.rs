@@ -115,9 +115,11 @@ impl AdamW {
                 .ok_or_else(|| candle_core::Error::Msg(format!("checkpoint has no `{key}`")))
         };
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            var.set(&get(name)?)?;
-            self.m[i] = get(&format!("{name}.adam_m"))?;
-            self.v[i] = get(&format!("{name}.adam_v"))?;
+            // Checkpoints are read into host memory; the run may be on a GPU.
+            let dev = var.device();
+            var.set(&get(name)?.to_device(dev)?)?;
+            self.m[i] = get(&format!("{name}.adam_m"))?.to_device(dev)?;
+            self.v[i] = get(&format!("{name}.adam_v"))?.to_device(dev)?;
         }
         self.step = step;
         Ok(())

@@ -63,7 +63,8 @@ pub fn write_merged_gguf(
     for (i, block) in model.blocks.iter().enumerate() {
         for (name, w) in [("attn_norm", &block.attn_norm), ("ffn_norm", &block.ffn_norm)] {
             if let Weight::Trained(v) = w {
-                let q = QTensor::quantize(v.as_tensor(), GgmlDType::F32).map_err(gguf_err)?;
+                let host = v.as_tensor().to_device(&Device::Cpu).map_err(gguf_err)?;
+                let q = QTensor::quantize(&host, GgmlDType::F32).map_err(gguf_err)?;
                 replaced.insert(format!("blk.{i}.{name}.weight"), q);
             }
         }
@@ -116,7 +117,9 @@ fn quantize(t: &Tensor, dtype: OutDType) -> Result<QTensor, FinetuneError> {
         OutDType::Q8_0 if last % GgmlDType::Q8_0.block_size() == 0 => GgmlDType::Q8_0,
         _ => GgmlDType::F32,
     };
-    QTensor::quantize(t, d).map_err(gguf_err)
+    // Quantized on the host: the file is written from host memory.
+    let host = t.to_device(&Device::Cpu).map_err(gguf_err)?;
+    QTensor::quantize(&host, d).map_err(gguf_err)
 }
 
 /// Undo GGUF's Q/K row permutation on a `[n_head * head_dim, cols]` matrix.

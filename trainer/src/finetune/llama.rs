@@ -280,7 +280,9 @@ pub struct Llama {
 pub type Originals = HashMap<String, QTensor>;
 
 impl Llama {
-    /// Read a GGUF Llama, keeping its first `keep_layers` blocks (all when `None`).
+    /// Read a GGUF Llama, keeping its first `keep_layers` blocks (all when
+    /// `None`), its weights dequantized on `device` (the quantized originals
+    /// stay in host memory for the export).
     ///
     /// # Errors
     /// Unsupported architecture, unreadable tensors, `keep_layers` out of range.
@@ -288,6 +290,7 @@ impl Llama {
         content: &gguf_file::Content,
         reader: &mut R,
         keep_layers: Option<usize>,
+        device: &Device,
     ) -> Result<(Self, Originals), FinetuneError> {
         let mut cfg = LlamaConfig::from_gguf(content)?;
         if let Some(k) = keep_layers {
@@ -315,6 +318,7 @@ impl Llama {
                 .get(name)
                 .ok_or_else(|| FinetuneError::Unsupported(format!("GGUF has no tensor `{name}`")))?
                 .dequantize(&dev)
+                .and_then(|t| t.to_device(device))
                 .map_err(gguf_err)
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
@@ -355,7 +359,7 @@ impl Llama {
         norm: Tensor,
         output: Option<Tensor>,
     ) -> Result<Self, FinetuneError> {
-        let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base).map_err(gguf_err)?;
+        let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base, embed.device()).map_err(gguf_err)?;
         Ok(Self {
             cfg,
             embed,
@@ -365,6 +369,11 @@ impl Llama {
             cos,
             sin,
         })
+    }
+
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
     }
 
     /// Token embeddings of `tokens` (`[b, t]` u32) → `[b, t, d]`.
@@ -495,7 +504,7 @@ pub fn block_index(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
-fn rope_tables(head_dim: usize, base: f32) -> candle_core::Result<(Tensor, Tensor)> {
+fn rope_tables(head_dim: usize, base: f32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let theta: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
@@ -505,7 +514,7 @@ fn rope_tables(head_dim: usize, base: f32) -> candle_core::Result<(Tensor, Tenso
         .to_dtype(DType::F32)?
         .reshape((MAX_POSITIONS, 1))?;
     let freqs = idx.matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    Ok((freqs.cos()?, freqs.sin()?))
+    Ok((freqs.cos()?.to_device(device)?, freqs.sin()?.to_device(device)?))
 }
 
 /// Additive causal mask `[t, t]`: 0 on and below the diagonal, a large

@@ -22,17 +22,24 @@ pub struct LoraAdapter {
 }
 
 impl LoraAdapter {
-    /// A fresh adapter for a `[out, in]` weight: `A` Kaiming-uniform from
-    /// `rng`, `B` zero.
+    /// A fresh adapter for a `[out, in]` weight on `device`: `A`
+    /// Kaiming-uniform from `rng`, `B` zero.
     ///
     /// # Errors
     /// Tensor creation failures.
-    pub fn new(out_dim: usize, in_dim: usize, rank: usize, alpha: f64, rng: &mut StdRng) -> candle_core::Result<Self> {
+    pub fn new(
+        out_dim: usize,
+        in_dim: usize,
+        rank: usize,
+        alpha: f64,
+        rng: &mut StdRng,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         // PEFT: kaiming_uniform_(a=√5) on a [r, in] matrix gives a bound of 1/√in.
         let bound = 1.0 / (in_dim as f32).sqrt();
         let a: Vec<f32> = (0..rank * in_dim).map(|_| rng.random_range(-bound..bound)).collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (rank, in_dim), &Device::Cpu)?)?;
-        let b = Var::zeros((out_dim, rank), candle_core::DType::F32, &Device::Cpu)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (rank, in_dim), device)?)?;
+        let b = Var::zeros((out_dim, rank), candle_core::DType::F32, device)?;
         Ok(Self {
             a,
             b,
@@ -81,7 +88,7 @@ mod tests {
     fn merged_weight_is_base_plus_scaled_b_times_a() {
         let mut rng = StdRng::seed_from_u64(1);
         let w = random((6, 5), &mut rng);
-        let mut lora = LoraAdapter::new(6, 5, 2, 8.0, &mut rng).unwrap();
+        let mut lora = LoraAdapter::new(6, 5, 2, 8.0, &mut rng, &Device::Cpu).unwrap();
         lora.b = Var::from_tensor(&random((6, 2), &mut rng)).unwrap();
         let merged = lora.merge(&w).unwrap();
         let (a, b) = (
@@ -122,7 +129,7 @@ mod tests {
     fn fresh_adapter_changes_nothing() {
         let mut rng = StdRng::seed_from_u64(2);
         let w = random((4, 7), &mut rng);
-        let lora = LoraAdapter::new(4, 7, 3, 16.0, &mut rng).unwrap();
+        let lora = LoraAdapter::new(4, 7, 3, 16.0, &mut rng, &Device::Cpu).unwrap();
         assert!(
             lora.a
                 .as_tensor()

@@ -121,6 +121,10 @@ pub struct TrainArgs {
     /// Keep only the first k transformer blocks of the base (a smaller, faster model).
     #[arg(long)]
     pub keep_layers: Option<usize>,
+    /// Where the training runs: `cpu`, `auto`, `cuda` or `cuda:N` (a GPU needs a
+    /// binary built with the `cuda` feature). Outputs are the same on any device.
+    #[arg(long, env = "FLYWHEEL_DEVICE", default_value = "cpu")]
+    pub device: DeviceChoice,
     /// Train only the top N blocks (of the kept ones); the rest stay frozen.
     #[arg(long, default_value_t = 8)]
     pub trained_blocks: usize,
@@ -249,6 +253,9 @@ pub struct TrainingInfo {
     pub seconds: f64,
     /// Sequence tokens through the trained blocks per second.
     pub tokens_per_second: f64,
+    /// Where it ran (`cpu`, `cuda:0`).
+    #[serde(default)]
+    pub device: String,
     /// Seconds spent computing the frozen blocks once.
     pub frozen_seconds: f64,
     /// Mean loss of the last epoch.
@@ -445,7 +452,11 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
     let file = std::fs::File::open(&args.base).map_err(io_err(&args.base))?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
-    let (mut model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers)?;
+    let device = args
+        .device
+        .open()
+        .map_err(|e| FinetuneError::Invalid(format!("--device: {e}")))?;
+    let (mut model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers, &device)?;
     let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
     let first = train::attach(&mut model, &hyper)?;
 
@@ -583,6 +594,11 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             steps: progress.step,
             seconds: progress.seconds,
             tokens_per_second: progress.tokens as f64 / progress.seconds.max(1e-9),
+            device: match device.location() {
+                candle_core::DeviceLocation::Cpu => "cpu".into(),
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                other => format!("{other:?}").to_lowercase(),
+            },
             frozen_seconds,
             final_loss: mean(&|p| p.loss),
             final_train_accuracy: mean(&|p| p.first_token_accuracy),

@@ -80,7 +80,7 @@ fn tiny_gguf(path: &Path) {
 fn load(path: &Path, keep: Option<usize>) -> (gguf_file::Content, Llama, llama::Originals) {
     let mut r = BufReader::new(std::fs::File::open(path).unwrap());
     let c = gguf_file::Content::read(&mut r).unwrap();
-    let (m, o) = Llama::from_gguf(&c, &mut r, keep).unwrap();
+    let (m, o) = Llama::from_gguf(&c, &mut r, keep, &Device::Cpu).unwrap();
     (c, m, o)
 }
 

@@ -10,7 +10,7 @@
 //! the seed and the step number, so a run resumed from a checkpoint takes
 //! exactly the steps the uninterrupted run would have taken.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -107,6 +107,7 @@ pub fn attach(model: &mut Llama, hyper: &Hyper) -> Result<usize, FinetuneError> 
         ));
     }
     let first = n - trained;
+    let device = model.device().clone();
     let mut rng = StdRng::seed_from_u64(hyper.seed);
     for block in &mut model.blocks[first..] {
         if hyper.full {
@@ -121,7 +122,8 @@ pub fn attach(model: &mut Llama, hyper: &Hyper) -> Result<usize, FinetuneError> 
         for &t in &hyper.targets {
             let l: &mut Linear = block.linear_mut(t);
             let (out_dim, in_dim) = l.weight.tensor().dims2().map_err(gguf_err)?;
-            l.lora = Some(LoraAdapter::new(out_dim, in_dim, hyper.rank, hyper.alpha, &mut rng).map_err(gguf_err)?);
+            l.lora =
+                Some(LoraAdapter::new(out_dim, in_dim, hyper.rank, hyper.alpha, &mut rng, &device).map_err(gguf_err)?);
         }
     }
     Ok(first)
@@ -178,7 +180,7 @@ impl<'m> Trainer<'m> {
                 ids.extend_from_slice(s);
                 ids.extend(std::iter::repeat_n(0u32, t - s.len()));
             }
-            let ids = Tensor::from_vec(ids, (chunk.len(), t), &Device::Cpu).map_err(gguf_err)?;
+            let ids = Tensor::from_vec(ids, (chunk.len(), t), model.device()).map_err(gguf_err)?;
             let x = model.embed(&ids).map_err(gguf_err)?;
             let h = model
                 .blocks_forward(&x, 0..first, &mut |_| Ok(None))
@@ -235,6 +237,7 @@ impl<'m> Trainer<'m> {
         let total = self.total_steps();
         let batch = self.batch(step);
         let d = self.model.cfg.n_embd;
+        let dev = self.model.device();
         let t = batch.iter().map(|&i| self.seqs[i].tokens.len()).max().unwrap_or(1);
         let mut rows = Vec::with_capacity(batch.len());
         let mut gather: Vec<u32> = Vec::new();
@@ -247,11 +250,7 @@ impl<'m> Trainer<'m> {
             rows.push(if pad == 0 {
                 c.clone()
             } else {
-                Tensor::cat(
-                    &[c, &Tensor::zeros((pad, d), DType::F32, &Device::Cpu).map_err(gguf_err)?],
-                    0,
-                )
-                .map_err(gguf_err)?
+                Tensor::cat(&[c, &Tensor::zeros((pad, d), DType::F32, dev).map_err(gguf_err)?], 0).map_err(gguf_err)?
             });
             first_rows.push(gather.len());
             for k in s.prompt_len..s.tokens.len() {
@@ -271,20 +270,20 @@ impl<'m> Trainer<'m> {
             let v: Vec<f32> = (0..n)
                 .map(|_| if rng.random::<f64>() < dropout { 0.0 } else { keep })
                 .collect();
-            Tensor::from_vec(v, dims, &Device::Cpu).map(Some)
+            Tensor::from_vec(v, dims, dev).map(Some)
         };
         let h = self
             .model
             .blocks_forward(&x, self.first..self.model.blocks.len(), &mut masks)
             .map_err(gguf_err)?;
         let n_gather = gather.len();
-        let idx = Tensor::from_vec(gather, n_gather, &Device::Cpu).map_err(gguf_err)?;
+        let idx = Tensor::from_vec(gather, n_gather, dev).map_err(gguf_err)?;
         let picked = h
             .reshape((batch.len() * t, d))
             .and_then(|h| h.index_select(&idx, 0))
             .map_err(gguf_err)?;
         let logits = self.model.logits(&picked).map_err(gguf_err)?;
-        let target_t = Tensor::from_vec(targets.clone(), n_gather, &Device::Cpu).map_err(gguf_err)?;
+        let target_t = Tensor::from_vec(targets.clone(), n_gather, dev).map_err(gguf_err)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &target_t).map_err(gguf_err)?;
         let grads = loss.backward().map_err(gguf_err)?;
         let lr = learning_rate(&self.hyper, step, total);

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""The table of bench/gpu/run.sh: reads the JSON reports in DIR, prints
+Markdown, with ratios against the same-machine PyTorch/PEFT baseline and
+the GPU issue's targets.
+
+Usage: summary.py DIR
+"""
+import json
+import os
+import sys
+
+
+def load(d, name):
+    try:
+        with open(os.path.join(d, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def fmt(v, unit="", digits=1):
+    if v is None:
+        return "n/a"
+    return f"{v:,.{digits}f}{unit}"
+
+
+def main():
+    d = sys.argv[1]
+    rows = []
+    gpu = None
+    try:
+        gpu = open(os.path.join(d, "gpu.txt")).read().strip()
+    except OSError:
+        pass
+    eng = load(d, "engine.json")
+    peft = load(d, "peft.json")
+    hf_tps = peft and peft.get("generate_tokens_per_second")
+    if eng:
+        rows.append(("model load (GGUF -> ready, in process)", fmt(eng["load_ms"], " ms", 0), ""))
+        r = eng["route_ms"]
+        rows.append((f"route decision, in process ({eng['route_prompt_tokens']}-token prompt, prefix cached)",
+                     f"p50 {fmt(r['p50'], ' ms', 2)}, p99 {fmt(r['p99'], ' ms', 2)}", "target p50 <= 5 ms"))
+        t = eng["ttft_ms"]
+        base = peft and peft.get("prefill_60_ms_p50")
+        rows.append((f"TTFT, {eng['ttft_prompt_tokens']}-token prompt, in process",
+                     f"p50 {fmt(t['p50'], ' ms', 2)}, p99 {fmt(t['p99'], ' ms', 2)}",
+                     f"PyTorch prefill of 60 tokens: {fmt(base, ' ms', 2)}" if base else ""))
+        rows.append(("prefill", fmt(eng["prefill_tokens_per_second"], " tok/s", 0), ""))
+        dec = eng["decode_tokens_per_second"]
+        rows.append(("decode, batch 1 (in process)", fmt(dec, " tok/s", 0),
+                     f"{dec / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s); target 10x" if hf_tps else "target 10x HF generate"))
+    route = load(d, "route-c1.json")
+    if route:
+        l = route["latency_ms"]
+        rows.append(("route through gRPC, 1 client", f"p50 {fmt(l['p50'], ' ms', 2)}, p99 {fmt(l['p99'], ' ms', 2)}",
+                     f"{route['requests_per_second']:.0f} req/s, {route['errors']} errors"))
+    for c in (1, 8, 32, 64):
+        chat = load(d, f"chat-c{c}.json")
+        if not chat:
+            continue
+        ttft, itl = chat.get("ttft_ms") or {}, chat.get("itl_ms") or {}
+        extra = f"TTFT p50 {fmt(ttft.get('p50'), ' ms', 1)} / p99 {fmt(ttft.get('p99'), ' ms', 1)}, ITL p50 {fmt(itl.get('p50'), ' ms', 2)}"
+        if chat["errors"]:
+            extra += f", {chat['errors']} errors {chat['errors_by_status']}"
+        rows.append((f"streaming chat through gRPC, {c} streams", fmt(chat["output_tokens_per_second"], " tok/s", 0),
+                     f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
+    peft_tps = peft and peft.get("lora_sft_tokens_per_second")
+    for blocks in (30, 8):
+        m = load(d, f"train-{blocks}.json")
+        if not m:
+            continue
+        tr = m["training"]
+        tps = tr["tokens_per_second"]
+        hy = m["hyper"]
+        total = tr["seconds"] + tr["frozen_seconds"]
+        note = (f"{tr['steps']} steps in {tr['seconds']:.1f} s (+{tr['frozen_seconds']:.1f} s for the frozen blocks, "
+                f"once: {tps * tr['seconds'] / max(total, 1e-9):,.0f} tok/s end to end), device {tr.get('device', '?')}")
+        if peft_tps:
+            note += f"; {tps / peft_tps:.1f}x PEFT ({peft_tps:,.0f} tok/s); target 3x"
+        rows.append((f"LoRA SFT r{hy['rank']}, {m['data']['examples']} examples x {hy['epochs']} epochs, "
+                     f"trained blocks {blocks}", fmt(tps, " tok/s", 0), note))
+    if peft:
+        rows.append(("baseline: PyTorch " + peft.get("torch", "") + " + PEFT LoRA SFT (bf16, 685x48, batch 8)",
+                     fmt(peft_tps, " tok/s", 0), f"{peft['lora_sft_seconds']:.1f} s for {peft['lora_sft_epochs']} epoch(s)"))
+        rows.append(("baseline: HF generate, batch 1 (bf16)", fmt(hf_tps, " tok/s", 1), ""))
+    print(f"GPU: {gpu or 'none reported'}\n")
+    print("| metric | value | notes |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+if __name__ == "__main__":
+    main()
