@@ -3,7 +3,7 @@
 on a SmolLM2-135M-shaped Llama (bf16, random weights: speed does not depend
 on the values).
 
-Measures what the GPU issue anchors on: prefill of a 60-token prompt, HF
+Measures the reference points of the GPU table: prefill of a 60-token prompt, HF
 `generate` tokens/s at batch 1, and LoRA SFT (r=16, alpha=32, all linear
 layers, AdamW) tokens/s on 685 sequences of 48 tokens, batch 8.
 

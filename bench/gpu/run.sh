@@ -5,7 +5,14 @@
 # network and no CUDA toolkit there, only the NVIDIA driver and the CUDA 13
 # libraries that PyTorch's wheels install (cuBLAS, cuRAND, NVRTC, cudart).
 #
-#   bench/gpu/run.sh [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
+#   bench/gpu/run.sh [STEPS=all] [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
+#
+# STEPS: `all`, or any of `engine` (step 1), `server` (2), `train` (3),
+# `baseline` (4) joined with `+`, in the order they should run. The packed
+# CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
+# machine cannot hold all three: `engine+server` needs flywheel-bench,
+# flywheel-server and the model; `train+baseline` flywheel-trainer, the model
+# and the data.
 #
 # Writes OUT_DIR/summary.md (the table, also printed) and OUT_DIR/report.tgz
 # (every JSON report and log).
@@ -18,6 +25,7 @@
 #   3. LoRA SFT on 685 HWU64 examples, 3 epochs, r16, all linear layers: all
 #      30 blocks (PEFT's setting) and the default top 8  (flywheel-trainer train)
 #   4. same-machine baseline: PyTorch + PEFT on the same model shape (bf16)
+#      (FLYWHEEL_GPU_F32=1 adds a full-f32 LoRA run to step 3)
 # Env: FLYWHEEL_DEVICE (cuda), FLYWHEEL_GPU_SECS (10 s per load phase),
 #      FLYWHEEL_GPU_EXAMPLES (685), FLYWHEEL_GPU_EPOCHS (3), FLYWHEEL_GPU_SAMPLES
 #      (200 route decisions in process) - smaller values
@@ -25,8 +33,13 @@
 set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
-pack="${1:-var/gpu}"
-out="${2:-${OUT:-var/gpu/out}}"
+steps="${1:-all}"
+[ "$steps" = all ] && steps="engine+server+train+baseline"
+pack="${2:-var/gpu}"
+out="${3:-${OUT:-var/gpu/out}}"
+for s in ${steps//+/ }; do
+  case "$s" in engine|server|train|baseline) ;; *) echo "usage: $0 [all|engine+server+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
 examples="${FLYWHEEL_GPU_EXAMPLES:-685}"
@@ -38,12 +51,18 @@ report="$work/report"
 rm -rf "$logs" "$report"
 mkdir -p "$work" "$logs" "$report" "$out"
 step() { echo; echo "== $* ($(date +%T))"; }
+# The table and the reports so far, rewritten after each step so that a run
+# cut short still returns what it measured.
+summarise() {
+  python3 bench/gpu/summary.py "$report" > "$out/summary.md" 2>&1
+  tar czf "$out/report.tgz" -C "$work" report logs
+}
 
 step "unpack"
 for f in flywheel-server flywheel-trainer flywheel-bench model.gguf; do
-  if [ -e "$pack/$f.xz" ]; then xz -dc "$pack/$f.xz" > "$work/$f"; elif [ -e "$pack/$f" ]; then cp "$pack/$f" "$work/$f"; fi
+  if [ -e "$pack/$f.xz" ] && [ ! "$work/$f" -nt "$pack/$f.xz" ]; then xz -dc "$pack/$f.xz" > "$work/$f"; elif [ -e "$pack/$f" ]; then cp "$pack/$f" "$work/$f"; fi
 done
-chmod +x "$work"/flywheel-*
+chmod +x "$work"/flywheel-* 2>/dev/null
 
 # cuBLAS, cuRAND, NVRTC and cudart: from the Python packages' nvidia/*/lib
 # folders (PyTorch's CUDA 13 wheels), else a CUDA install; libcuda.so.1 comes
@@ -64,56 +83,100 @@ for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /us
 done
 export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-missing="$(ldd "$work/flywheel-server" | grep 'not found' || true)"
+missing="$(ldd "$work"/flywheel-* 2>/dev/null | grep 'not found' | sort -u || true)"
 [ -n "$missing" ] && echo "MISSING LIBRARIES:" && echo "$missing"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$report/gpu.txt"
 
-step "1. engine in process ($device)"
-timeout 240 "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" \
-  --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) --json "$report/engine.json" 2>"$logs/engine.log"
-echo "exit $?"; tail -3 "$logs/engine.log"
+# Each step is bounded (FLYWHEEL_GPU_STEP_S, default 180 s per command).
+limit="${FLYWHEEL_GPU_STEP_S:-180}"
 
-step "2. gRPC server ($device)"
-rm -f "$work"/requests.db*
-"$work/flywheel-server" --config bench/gpu/server.toml --model "$work/model.gguf" --device "$device" \
-  --log-path "$work/requests.db" 2>"$logs/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 600); do
-  grep -q "listening" "$logs/server.log" 2>/dev/null && break
-  kill -0 $server 2>/dev/null || break
-  sleep 0.2
-done
-grep -o 'load_ms=[0-9]*' "$logs/server.log" | head -3
-grep -q "listening" "$logs/server.log" || { echo "server did not start:"; tail -20 "$logs/server.log"; }
-addr=http://127.0.0.1:50071
-bench() { timeout $((secs * 3 + 60)) "$work/flywheel-bench" --addr "$addr" --duration "$secs" --warmup 4 "$@"; echo "exit $?"; }
-bench --mode route --concurrency 1 --json "$report/route-c1.json"
-for c in 1 8 32 64; do
-  echo "-- chat, $c streams, up to 128 tokens"
-  bench --mode chat --concurrency "$c" --max-tokens 128 --json "$report/chat-c$c.json"
-done
-kill $server 2>/dev/null; wait $server 2>/dev/null
+run_engine() {
+  step "1. engine in process ($device)"
+  (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine.log" 2>&1) &
+  local dmon=$!
+  timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" \
+    --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
+    --json "$report/engine.json" 2>"$logs/engine.log"
+  echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine.log" | tail -5
+  kill $dmon 2>/dev/null; pkill -f "nvidia-smi dmon" 2>/dev/null
+  summarise
+}
 
-step "3. LoRA SFT ($device): $examples HWU64 examples x $epochs epochs"
-for blocks in 30 8; do
-  echo "-- r16, all linear layers, trained blocks: $blocks"
-  rm -rf "$work/ft-$blocks"
-  timeout 300 "$work/flywheel-trainer" train --data "$pack/hwu64_train.csv" --label-column scenario \
-    --max-examples "$examples" --epochs "$epochs" --base "$work/model.gguf" --out "$work/ft-$blocks" \
-    --device "$device" --trained-blocks "$blocks" 2>"$logs/train-$blocks.log" </dev/null
-  echo "exit $?"; tail -2 "$logs/train-$blocks.log"
-  [ -e "$work/ft-$blocks/manifest.json" ] && cp "$work/ft-$blocks/manifest.json" "$report/train-$blocks.json"
-done
+# serve CONFIG TAG STREAMS...: the server on CONFIG, route at 1 client and
+# chat at each stream count, reports tagged TAG.
+serve() {
+  local config=$1 tag=$2; shift 2
+  rm -f "$work"/requests.db*
+  "$work/flywheel-server" --config "$config" --model "$work/model.gguf" --device "$device" \
+    --log-path "$work/requests.db" 2>"$logs/server.log" &
+  local server=$!
+  trap "kill $server 2>/dev/null || true" EXIT
+  for _ in $(seq 600); do
+    grep -q "listening" "$logs/server.log" 2>/dev/null && break
+    kill -0 $server 2>/dev/null || break
+    sleep 0.2
+  done
+  grep -o 'load_ms=[0-9]*' "$logs/server.log" | head -1 | tee "$report/server-load$tag.txt"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=memory.used --format=csv,noheader \
+    | sed 's/^/GPU memory used with the server up: /' | tee "$report/gpu-memory$tag.txt"
+  grep -q "listening" "$logs/server.log" || { echo "server did not start:"; tail -20 "$logs/server.log"; }
+  local addr=http://127.0.0.1:50071
+  bench() { timeout $((secs * 3 + 60)) "$work/flywheel-bench" --addr "$addr" --duration "$secs" --warmup 4 "$@"; echo "exit $?"; }
+  bench --mode route --concurrency 1 --json "$report/route-c1$tag.json"
+  for c in "$@"; do
+    echo "-- chat, $c streams, up to 128 tokens"
+    bench --mode chat --concurrency "$c" --max-tokens 128 --json "$report/chat-c$c$tag.json"
+  done
+  kill $server 2>/dev/null; wait $server 2>/dev/null
+  # Route decision time of the route-only requests (the request log's route_latency_ms).
+  python3 - "$work/requests.db" "$report/route-decisions$tag.json" <<'EOF'
+import json, sqlite3, sys
+rows = sorted(r[0] for r in sqlite3.connect(sys.argv[1]).execute(
+    "SELECT route_latency_ms FROM requests WHERE kind = 'route' AND route_latency_ms IS NOT NULL"))
+q = lambda p: rows[min(len(rows) - 1, int(p * len(rows)))] if rows else None
+json.dump({"n": len(rows), "p50": q(0.5), "p90": q(0.9), "p99": q(0.99)}, open(sys.argv[2], "w"))
+print(f"route decisions in the log: n={len(rows)} p50={q(0.5)} p99={q(0.99)} ms")
+EOF
+  summarise
+}
 
-step "4. baseline: PyTorch + PEFT, same model shape"
-if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
-  timeout 240 python3 bench/gpu/peft_baseline.py "$report/peft.json" 1 >"$logs/peft.log" 2>&1
-  echo "exit $?"; tail -12 "$logs/peft.log"
-else
-  echo "skipped: no CUDA PyTorch with peft here"
-fi
+run_server() {
+  step "2. gRPC server ($device)"
+  serve bench/gpu/server.toml "" 1 8 32 64
+}
+
+train() {
+  local name=$1; shift
+  echo "-- r16, all linear layers: $*"
+  rm -rf "$work/ft-$name"
+  timeout "$limit" "$work/flywheel-trainer" train --data "$pack/hwu64_train.csv" --label-column scenario \
+    --max-examples "$examples" --epochs "$epochs" --base "$work/model.gguf" --out "$work/ft-$name" \
+    --device "$device" "$@" 2>"$logs/train-$name.log" </dev/null
+  echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/train-$name.log" | tail -2
+  [ -e "$work/ft-$name/manifest.json" ] && cp "$work/ft-$name/manifest.json" "$report/train-$name.json"
+  summarise
+}
+
+run_train() {
+  step "3. LoRA SFT ($device): $examples HWU64 examples x $epochs epochs"
+  train 8 --trained-blocks 8
+  train 30 --trained-blocks 30
+  [ -n "${FLYWHEEL_GPU_F32:-}" ] && train 30-f32 --trained-blocks 30 --tf32 false
+}
+
+run_baseline() {
+  step "4. baseline: PyTorch + PEFT, same model shape"
+  if python3 -c "import torch, peft, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
+    timeout "$limit" python3 bench/gpu/peft_baseline.py "$report/peft.json" 1 >"$logs/peft.log" 2>&1
+    echo "exit $?"; tail -12 "$logs/peft.log"
+  else
+    echo "skipped: no CUDA PyTorch with peft here"
+  fi
+  summarise
+}
+
+for s in ${steps//+/ }; do "run_$s"; done
 
 step "summary"
-python3 bench/gpu/summary.py "$report" | tee "$out/summary.md"
-tar czf "$out/report.tgz" -C "$work" report logs
+summarise
+cat "$out/summary.md"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The table of bench/gpu/run.sh: reads the JSON reports in DIR, prints
 Markdown, with ratios against the same-machine PyTorch/PEFT baseline and
-the GPU issue's targets.
+the GPU targets (decode 10x HF generate, route <= 5 ms, LoRA 3x PEFT).
 
 Usage: summary.py DIR
 """
@@ -49,6 +49,15 @@ def main():
         dec = eng["decode_tokens_per_second"]
         rows.append(("decode, batch 1 (in process)", fmt(dec, " tok/s", 0),
                      f"{dec / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s); target 10x" if hf_tps else "target 10x HF generate"))
+    try:
+        load_ms = open(os.path.join(d, "server-load.txt")).read().strip().split("=")[1]
+        rows.append(("server start: load and warm the router and answer engines", f"{int(load_ms):,} ms", ""))
+    except (OSError, IndexError, ValueError):
+        pass
+    dec = load(d, "route-decisions.json")
+    if dec and dec.get("n"):
+        rows.append(("route decision in the server, 1 client (request log)",
+                     f"p50 {fmt(dec['p50'], ' ms', 2)}, p99 {fmt(dec['p99'], ' ms', 2)}", f"{dec['n']} decisions; target <= 5 ms"))
     route = load(d, "route-c1.json")
     if route:
         l = route["latency_ms"]
@@ -65,8 +74,8 @@ def main():
         rows.append((f"streaming chat through gRPC, {c} streams", fmt(chat["output_tokens_per_second"], " tok/s", 0),
                      f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
     peft_tps = peft and peft.get("lora_sft_tokens_per_second")
-    for blocks in (30, 8):
-        m = load(d, f"train-{blocks}.json")
+    for run in ("30", "8", "30-f32"):
+        m = load(d, f"train-{run}.json")
         if not m:
             continue
         tr = m["training"]
@@ -77,8 +86,10 @@ def main():
                 f"once: {tps * tr['seconds'] / max(total, 1e-9):,.0f} tok/s end to end), device {tr.get('device', '?')}")
         if peft_tps:
             note += f"; {tps / peft_tps:.1f}x PEFT ({peft_tps:,.0f} tok/s); target 3x"
+        blocks = hy.get("trained_blocks") or "all"
+        precision = "TF32" if tr.get("tf32") else "f32"
         rows.append((f"LoRA SFT r{hy['rank']}, {m['data']['examples']} examples x {hy['epochs']} epochs, "
-                     f"trained blocks {blocks}", fmt(tps, " tok/s", 0), note))
+                     f"trained blocks {blocks}, {precision}", fmt(tps, " tok/s", 0), note))
     if peft:
         rows.append(("baseline: PyTorch " + peft.get("torch", "") + " + PEFT LoRA SFT (bf16, 685x48, batch 8)",
                      fmt(peft_tps, " tok/s", 0), f"{peft['lora_sft_seconds']:.1f} s for {peft['lora_sft_epochs']} epoch(s)"))

@@ -101,7 +101,10 @@ impl DeviceChoice {
     /// # Errors
     /// See [`DeviceError`]; `auto` never fails (it falls back to the CPU).
     pub fn open(self) -> Result<Device, DeviceError> {
-        self.open_with(CUDA_BUILT, |n| Device::new_cuda(n).map_err(|e| e.to_string()))
+        // The driver's answer only: candle appends a backtrace when RUST_BACKTRACE is set.
+        self.open_with(CUDA_BUILT, |n| {
+            Device::new_cuda(n).map_err(|e| e.to_string().lines().next().unwrap_or_default().trim().to_string())
+        })
     }
 
     /// [`Self::open`] with the build flag and the GPU probe given, so the
@@ -208,10 +211,11 @@ mod tests {
     /// without a GPU, e.g. with the link-time stub libcuda).
     #[test]
     fn this_build_opens_or_explains() {
+        let built = CUDA_BUILT;
         match DeviceChoice::Cuda(0).open() {
-            Ok(d) => assert!(CUDA_BUILT && d.is_cuda()),
-            Err(DeviceError::NotBuilt(_)) => assert!(!CUDA_BUILT),
-            Err(DeviceError::Unavailable { reason, .. }) => assert!(CUDA_BUILT && !reason.is_empty()),
+            Ok(d) => assert!(built && d.is_cuda()),
+            Err(DeviceError::NotBuilt(_)) => assert!(!built),
+            Err(DeviceError::Unavailable { reason, .. }) => assert!(built && !reason.is_empty()),
         }
         assert_eq!(DeviceChoice::Cuda(0).check_supported().is_ok(), CUDA_BUILT);
         DeviceChoice::Auto.open().unwrap();

@@ -113,11 +113,20 @@ impl MistralEngine {
             path: path.display().to_string(),
             source: anyhow::Error::new(e),
         })?;
-        builder = if device.is_cpu() {
-            builder.with_force_cpu()
-        } else {
-            builder.with_device(device)
-        };
+        if device.is_cpu() {
+            builder = builder.with_force_cpu();
+        } else if !matches!(device.location(), candle_core::DeviceLocation::Cuda { gpu_id: 0 }) {
+            // mistral.rs 0.8.1 places GGUF models on its best device (GPU 0)
+            // whatever the builder is given; refuse rather than run elsewhere.
+            return Err(EngineError::Load {
+                path: path.display().to_string(),
+                source: anyhow::anyhow!(
+                    "device `{}`: mistral.rs loads GGUF models on GPU 0 only; select the GPU with \
+                     CUDA_VISIBLE_DEVICES=N and set device = \"cuda\"",
+                    opts.device
+                ),
+            });
+        }
         let model = builder.build().await.map_err(|source| EngineError::Load {
             path: path.display().to_string(),
             source,

@@ -125,6 +125,10 @@ pub struct TrainArgs {
     /// binary built with the `cuda` feature). Outputs are the same on any device.
     #[arg(long, env = "FLYWHEEL_DEVICE", default_value = "cpu")]
     pub device: DeviceChoice,
+    /// On a GPU, run f32 matrix products on TF32 tensor cores (10-bit
+    /// mantissa inputs, f32 accumulation); `--tf32 false` keeps full f32.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tf32: bool,
     /// Train only the top N blocks (of the kept ones); the rest stay frozen.
     #[arg(long, default_value_t = 8)]
     pub trained_blocks: usize,
@@ -256,6 +260,9 @@ pub struct TrainingInfo {
     /// Where it ran (`cpu`, `cuda:0`).
     #[serde(default)]
     pub device: String,
+    /// Matrix products on TF32 tensor cores (GPU only).
+    #[serde(default)]
+    pub tf32: bool,
     /// Seconds spent computing the frozen blocks once.
     pub frozen_seconds: f64,
     /// Mean loss of the last epoch.
@@ -456,6 +463,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         .device
         .open()
         .map_err(|e| FinetuneError::Invalid(format!("--device: {e}")))?;
+    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32 && device.is_cuda());
     let (mut model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers, &device)?;
     let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
     let first = train::attach(&mut model, &hyper)?;
@@ -599,6 +607,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
                 candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
                 other => format!("{other:?}").to_lowercase(),
             },
+            tf32: args.tf32 && device.is_cuda(),
             frozen_seconds,
             final_loss: mean(&|p| p.loss),
             final_train_accuracy: mean(&|p| p.first_token_accuracy),
