@@ -125,11 +125,6 @@ impl DeviceChoice {
             Self::Cuda(n) => cuda(n).map_err(|reason| DeviceError::Unavailable { choice: self, reason }),
         }
     }
-
-    /// Whether this choice is a GPU (asked for explicitly).
-    pub fn is_cuda(self) -> bool {
-        matches!(self, Self::Cuda(_))
-    }
 }
 
 // Serde uses the same strings as the config and flags.

@@ -109,13 +109,7 @@ impl MistralEngine {
             .with_token_source(TokenSource::None)
             .with_max_num_seqs(opts.max_num_seqs.max(1))
             .with_prefix_cache_n((prefix_cache_n > 0).then_some(prefix_cache_n));
-        let device = opts.device.open().map_err(|e| EngineError::Load {
-            path: path.display().to_string(),
-            source: anyhow::Error::new(e),
-        })?;
-        if device.is_cpu() {
-            builder = builder.with_force_cpu();
-        } else if !matches!(device.location(), candle_core::DeviceLocation::Cuda { gpu_id: 0 }) {
+        if crate::device::CUDA_BUILT && matches!(opts.device, DeviceChoice::Cuda(n) if n > 0) {
             // mistral.rs 0.8.1 places GGUF models on its best device (GPU 0)
             // whatever the builder is given; refuse rather than run elsewhere.
             return Err(EngineError::Load {
@@ -126,6 +120,13 @@ impl MistralEngine {
                     opts.device
                 ),
             });
+        }
+        let device = opts.device.open().map_err(|e| EngineError::Load {
+            path: path.display().to_string(),
+            source: anyhow::Error::new(e),
+        })?;
+        if device.is_cpu() {
+            builder = builder.with_force_cpu();
         }
         let model = builder.build().await.map_err(|source| EngineError::Load {
             path: path.display().to_string(),

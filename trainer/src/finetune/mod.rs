@@ -463,7 +463,8 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         .device
         .open()
         .map_err(|e| FinetuneError::Invalid(format!("--device: {e}")))?;
-    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32 && device.is_cuda());
+    let tf32 = args.tf32 && device.is_cuda();
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     let (mut model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers, &device)?;
     let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
     let first = train::attach(&mut model, &hyper)?;
@@ -607,7 +608,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
                 candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
                 other => format!("{other:?}").to_lowercase(),
             },
-            tf32: args.tf32 && device.is_cuda(),
+            tf32,
             frozen_seconds,
             final_loss: mean(&|p| p.loss),
             final_train_accuracy: mean(&|p| p.first_token_accuracy),
