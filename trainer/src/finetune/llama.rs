@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{D, DType, Device, IndexOp, Tensor, Var};
+use candle_core::{D, Device, IndexOp, Tensor, Var};
 
 use super::lora::LoraAdapter;
 use super::{FinetuneError, gguf_err};
@@ -271,8 +271,11 @@ pub struct Llama {
     pub norm: Tensor,
     /// Separate output head `[vocab, n_embd]`, `None` when tied to the embedding.
     pub output: Option<Tensor>,
+    /// Rotary tables `[MAX_POSITIONS, head_dim]`, see [`rope_tables`].
     cos: Tensor,
     sin: Tensor,
+    /// `[1, 0, 3, 2, ...]`: swaps the two halves of each rotated pair.
+    pair_swap: Tensor,
 }
 
 /// The quantized tensors of a GGUF file, kept to write untouched tensors back
@@ -360,6 +363,8 @@ impl Llama {
         output: Option<Tensor>,
     ) -> Result<Self, FinetuneError> {
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base, embed.device()).map_err(gguf_err)?;
+        let swap: Vec<u32> = (0..cfg.head_dim() as u32).map(|i| i ^ 1).collect();
+        let pair_swap = Tensor::new(swap.as_slice(), embed.device()).map_err(gguf_err)?;
         Ok(Self {
             cfg,
             embed,
@@ -368,12 +373,23 @@ impl Llama {
             output,
             cos,
             sin,
+            pair_swap,
         })
     }
 
     /// The device the weights are on.
     pub fn device(&self) -> &Device {
         self.embed.device()
+    }
+
+    /// Rotary position embedding of `x` (`[b, heads, t, head_dim]`,
+    /// interleaved pairs as in GGUF Llama weights) at positions `0..t`:
+    /// `x·cos + swap(x)·sin`, four operations (candle's differentiable
+    /// `rope_i_slow` takes about ten, and twice that backwards).
+    fn rope(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        x.broadcast_mul(&cos)? + x.index_select(&self.pair_swap, 3)?.broadcast_mul(&sin)?
     }
 
     /// Token embeddings of `tokens` (`[b, t]` u32) → `[b, t, d]`.
@@ -399,7 +415,7 @@ impl Llama {
         dropout: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
-        let mask = causal_mask(t, x.device())?;
+        let mask = causal_mask(t, self.cfg.n_head / self.cfg.n_kv_head, x.device())?;
         let mut x = x.clone();
         for block in &self.blocks[range] {
             x = self.block_forward(block, &x, b, t, &mask, dropout)?;
@@ -435,17 +451,23 @@ impl Llama {
         let q = heads(q, cfg.n_head)?;
         let k = heads(k, cfg.n_kv_head)?;
         let v = heads(v, cfg.n_kv_head)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let q = candle_nn::rotary_emb::rope_i_slow(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i_slow(&k, &cos, &sin)?;
+        let q = self.rope(&q, t)?;
+        let k = self.rope(&k, t)?;
+        // Grouped-query attention without repeating K and V: the query heads
+        // that share a KV head are stacked along the position axis
+        // (`[b, kv, rep·t, hd]`, a free reshape of `[b, heads, t, hd]`), so
+        // one batched product per KV head covers them all; the mask is
+        // stacked the same way.
         let rep = cfg.n_head / cfg.n_kv_head;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let q = q.reshape((b, cfg.n_kv_head, rep * t, hd))?;
         let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
         let att = att.broadcast_add(mask)?;
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b * t, d))?;
+        let y = att
+            .matmul(&v)?
+            .reshape((b, cfg.n_head, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b * t, d))?;
         let x2 = (x2 + lin(Target::O, &y, dropout)?)?;
         let h = candle_nn::ops::rms_norm_slow(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
         let gate = lin(Target::Gate, &h, dropout)?.silu()?;
@@ -504,24 +526,41 @@ pub fn block_index(name: &str) -> Option<usize> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
+/// Rotary tables for interleaved pairs `(x[2i], x[2i+1])` rotated by
+/// `pos·θ_i`: `cos` holds `cos(pos·θ_i)` at both `2i` and `2i+1`, `sin` holds
+/// `-sin(pos·θ_i)` at `2i` and `+sin(pos·θ_i)` at `2i+1`, so that
+/// `rope(x) = x·cos + swap(x)·sin` (see [`Llama::rope`]).
 fn rope_tables(head_dim: usize, base: f32, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
     let theta: Vec<f32> = (0..head_dim)
         .step_by(2)
         .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
         .collect();
-    let theta = Tensor::new(theta.as_slice(), &Device::Cpu)?;
-    let idx = Tensor::arange(0, MAX_POSITIONS as u32, &Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .reshape((MAX_POSITIONS, 1))?;
-    let freqs = idx.matmul(&theta.reshape((1, theta.elem_count()))?)?;
-    Ok((freqs.cos()?.to_device(device)?, freqs.sin()?.to_device(device)?))
+    let mut cos = Vec::with_capacity(MAX_POSITIONS * head_dim);
+    let mut sin = Vec::with_capacity(MAX_POSITIONS * head_dim);
+    for pos in 0..MAX_POSITIONS {
+        for &th in &theta {
+            // Same f32 product as the position x frequency table it replaces.
+            let angle = pos as f32 * th;
+            let (s, c) = angle.sin_cos();
+            cos.extend([c, c]);
+            sin.extend([-s, s]);
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (MAX_POSITIONS, head_dim), device)?,
+        Tensor::from_vec(sin, (MAX_POSITIONS, head_dim), device)?,
+    ))
 }
 
-/// Additive causal mask `[t, t]`: 0 on and below the diagonal, a large
+/// Additive causal mask `[rep·t, t]` (`rep` copies of the `[t, t]` mask, one
+/// per query head of a KV group): 0 on and below the diagonal, a large
 /// negative number above (not -inf, so masked rows never produce NaN gradients).
-fn causal_mask(t: usize, dev: &Device) -> candle_core::Result<Tensor> {
-    let v: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { -1e9 } else { 0.0 }))
+fn causal_mask(t: usize, rep: usize, dev: &Device) -> candle_core::Result<Tensor> {
+    let v: Vec<f32> = (0..rep * t)
+        .flat_map(|row| {
+            let i = row % t;
+            (0..t).map(move |j| if j > i { -1e9 } else { 0.0 })
+        })
         .collect();
-    Tensor::from_vec(v, (t, t), dev)
+    Tensor::from_vec(v, (rep * t, t), dev)
 }
