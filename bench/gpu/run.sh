@@ -7,8 +7,9 @@
 #
 #   bench/gpu/run.sh [STEPS=all] [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
 #
-# STEPS: `all`, or any of `engine` (step 1), `server` (2), `train` (3),
-# `baseline` (4) joined with `+`, in the order they should run. The packed
+# STEPS: `all`, or any of `engine` (step 1), `server` (2), `server-bf16`
+# (2b), `train` (3), `baseline` (4) joined with `+`, in the order they should
+# run. The packed
 # CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
 # machine cannot hold all three: `engine+server` needs flywheel-bench,
 # flywheel-server and the model; `train+baseline` flywheel-trainer, the model
@@ -22,6 +23,8 @@
 #      prompt), prefill and batch-1 decode tokens/s   (flywheel-bench engine)
 #   2. the gRPC server on the GPU: route through gRPC, streaming chat at 1, 8,
 #      32 and 64 concurrent streams                    (flywheel-bench)
+#  2b. the same server with bf16 activations (f32 is the default): route,
+#      chat at 1 and 8 streams, to compare in the same run
 #   3. LoRA SFT on 685 HWU64 examples, 3 epochs, r16, all linear layers: all
 #      30 blocks (PEFT's setting) and the default top 8  (flywheel-trainer train)
 #   4. same-machine baseline: PyTorch + PEFT on the same model shape (bf16)
@@ -38,7 +41,7 @@ steps="${1:-all}"
 pack="${2:-var/gpu}"
 out="${3:-${OUT:-var/gpu/out}}"
 for s in ${steps//+/ }; do
-  case "$s" in engine|server|train|baseline) ;; *) echo "usage: $0 [all|engine+server+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+  case "$s" in engine|server|server-bf16|train|baseline) ;; *) echo "usage: $0 [all|engine+server+server-bf16+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
 done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
@@ -94,7 +97,7 @@ run_engine() {
   step "1. engine in process ($device)"
   (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine.log" 2>&1) &
   local dmon=$!
-  timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" \
+  timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" --activations f32 \
     --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
     --json "$report/engine.json" 2>"$logs/engine.log"
   echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine.log" | tail -5
@@ -143,6 +146,13 @@ EOF
 run_server() {
   step "2. gRPC server ($device)"
   serve bench/gpu/server.toml "" 1 8 32 64
+}
+
+run_server-bf16() {
+  step "2b. gRPC server ($device), bf16 activations"
+  sed 's/^device = "cuda"$/device = "cuda"\nactivations = "bf16"/' bench/gpu/server.toml > "$work/server-bf16.toml"
+  grep -q '^activations = "bf16"' "$work/server-bf16.toml" || echo "could not set bf16 activations in the config"
+  serve "$work/server-bf16.toml" "-bf16" 1 8
 }
 
 train() {

@@ -49,30 +49,33 @@ def main():
         dec = eng["decode_tokens_per_second"]
         rows.append(("decode, batch 1 (in process)", fmt(dec, " tok/s", 0),
                      f"{dec / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s); target 10x" if hf_tps else "target 10x HF generate"))
-    try:
-        load_ms = open(os.path.join(d, "server-load.txt")).read().strip().split("=")[1]
-        rows.append(("server start: load and warm the router and answer engines", f"{int(load_ms):,} ms", ""))
-    except (OSError, IndexError, ValueError):
-        pass
-    dec = load(d, "route-decisions.json")
-    if dec and dec.get("n"):
-        rows.append(("route decision in the server, 1 client (request log)",
-                     f"p50 {fmt(dec['p50'], ' ms', 2)}, p99 {fmt(dec['p99'], ' ms', 2)}", f"{dec['n']} decisions; target <= 5 ms"))
-    route = load(d, "route-c1.json")
-    if route:
-        l = route["latency_ms"]
-        rows.append(("route through gRPC, 1 client", f"p50 {fmt(l['p50'], ' ms', 2)}, p99 {fmt(l['p99'], ' ms', 2)}",
-                     f"{route['requests_per_second']:.0f} req/s, {route['errors']} errors"))
-    for c in (1, 8, 32, 64):
-        chat = load(d, f"chat-c{c}.json")
-        if not chat:
-            continue
-        ttft, itl = chat.get("ttft_ms") or {}, chat.get("itl_ms") or {}
-        extra = f"TTFT p50 {fmt(ttft.get('p50'), ' ms', 1)} / p99 {fmt(ttft.get('p99'), ' ms', 1)}, ITL p50 {fmt(itl.get('p50'), ' ms', 2)}"
-        if chat["errors"]:
-            extra += f", {chat['errors']} errors {chat['errors_by_status']}"
-        rows.append((f"streaming chat through gRPC, {c} streams", fmt(chat["output_tokens_per_second"], " tok/s", 0),
-                     f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
+    for tag, label in (("", ""), ("-bf16", ", bf16 activations")):
+        try:
+            load_ms = open(os.path.join(d, f"server-load{tag}.txt")).read().strip().split("=")[1]
+            rows.append((f"server start: load and warm the router and answer engines{label}", f"{int(load_ms):,} ms", ""))
+        except (OSError, IndexError, ValueError):
+            pass
+        dec = load(d, f"route-decisions{tag}.json")
+        if dec and dec.get("n"):
+            rows.append((f"route decision in the server, 1 client (request log){label}",
+                         f"p50 {fmt(dec['p50'], ' ms', 2)}, p99 {fmt(dec['p99'], ' ms', 2)}", f"{dec['n']} decisions; target <= 5 ms"))
+        route = load(d, f"route-c1{tag}.json")
+        if route:
+            l = route["latency_ms"]
+            rows.append((f"route through gRPC, 1 client{label}", f"p50 {fmt(l['p50'], ' ms', 2)}, p99 {fmt(l['p99'], ' ms', 2)}",
+                         f"{route['requests_per_second']:.0f} req/s, {route['errors']} errors"))
+        for c in (1, 8, 32, 64):
+            chat = load(d, f"chat-c{c}{tag}.json")
+            if not chat:
+                continue
+            ttft, itl = chat.get("ttft_ms") or {}, chat.get("itl_ms") or {}
+            extra = f"TTFT p50 {fmt(ttft.get('p50'), ' ms', 1)} / p99 {fmt(ttft.get('p99'), ' ms', 1)}, ITL p50 {fmt(itl.get('p50'), ' ms', 2)}"
+            if c == 1 and itl.get("p50") and hf_tps:
+                extra += f"; {1000 / itl['p50'] / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s), target 10x"
+            if chat["errors"]:
+                extra += f", {chat['errors']} errors {chat['errors_by_status']}"
+            rows.append((f"streaming chat through gRPC, {c} streams{label}", fmt(chat["output_tokens_per_second"], " tok/s", 0),
+                         f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
     peft_tps = peft and peft.get("lora_sft_tokens_per_second")
     for run in ("30", "8", "30-f32"):
         m = load(d, f"train-{run}.json")

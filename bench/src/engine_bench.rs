@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime};
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
-use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
 use flywheel_router::registry::{ServedModel, Slot};
 use futures::StreamExt;
@@ -52,6 +52,9 @@ pub struct Args {
     /// Device: `cpu`, `auto`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
+    /// Activation and KV-cache type: `f32`, `bf16`, `f16` or `auto`.
+    #[arg(long, default_value = "f32")]
+    activations: Activations,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -71,14 +74,16 @@ struct Report {
     decode_tokens_per_second: f64,
     threads: usize,
     device: String,
+    activations: Activations,
 }
 
-fn options(path: &std::path::Path, router: bool, device: DeviceChoice) -> MistralOptions {
+fn options(path: &std::path::Path, router: bool, device: DeviceChoice, activations: Activations) -> MistralOptions {
     MistralOptions {
         path: path.to_path_buf(),
         max_num_seqs: flywheel_router::config::DEFAULT_MAX_NUM_SEQS,
         prefix_cache_n: 0,
         device,
+        activations,
         router,
     }
 }
@@ -139,13 +144,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .len();
 
     let started = Instant::now();
-    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true, args.device)).await?);
+    let router: Arc<dyn Engine> =
+        Arc::new(MistralEngine::load(&options(&path, true, args.device, args.activations)).await?);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
     // As served: a router engine, its prompt prefix primed in the cache.
     let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests).await?;
     // Baseline: the same decisions on a generation engine (no prefix cache).
-    let engine: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, false, args.device)).await?);
+    let engine: Arc<dyn Engine> =
+        Arc::new(MistralEngine::load(&options(&path, false, args.device, args.activations)).await?);
     let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
 
     let mut ttft = Vec::new();
@@ -214,6 +221,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         decode_tokens_per_second: summarize(&decode_tps).p50,
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         device: args.device.to_string(),
+        activations: args.activations,
     };
     print_report(&report);
     if let Some(path) = &args.json {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::mistral::DeviceChoice;
+use crate::engine::mistral::{Activations, DeviceChoice};
 use crate::feedback::FeedbackSpec;
 use crate::guardrails::rails::RailsSpec;
 
@@ -89,6 +89,9 @@ pub struct ModelSpec {
     /// Device: `cpu` (default), `auto`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: DeviceChoice,
+    /// Activation and KV-cache type: `f32` (default), `bf16`, `f16` or `auto`.
+    #[serde(default)]
+    pub activations: Activations,
 }
 
 impl ModelSpec {
@@ -321,6 +324,7 @@ impl Default for EngineSettings {
                     max_num_seqs: DEFAULT_MAX_NUM_SEQS,
                     prefix_cache_n: DEFAULT_PREFIX_CACHE_N,
                     device: DeviceChoice::Cpu,
+                    activations: Activations::F32,
                 },
             )]),
             router: RouterSpec::default(),

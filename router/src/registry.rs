@@ -149,6 +149,7 @@ impl EngineLoader for MistralLoader {
             max_num_seqs: spec.max_num_seqs,
             prefix_cache_n: spec.prefix_cache_n,
             device: spec.device,
+            activations: spec.activations,
             router,
         })
         .await?;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent, LabelSet};
 use futures::StreamExt;
 
@@ -27,6 +27,7 @@ async fn engine(router: bool) -> Arc<dyn Engine> {
         max_num_seqs: 8,
         prefix_cache_n: 0,
         device: DeviceChoice::Cpu,
+        activations: Activations::F32,
         router,
     };
     Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))

@@ -330,6 +330,8 @@ fn check_endpoint(endpoint: &str) -> Result<(), LoadError> {
 
 #[cfg(test)]
 mod tests {
+    use flywheel_router::engine::mistral::Activations;
+
     use super::*;
 
     #[test]
@@ -438,6 +440,18 @@ mod tests {
             let err = gpu.unwrap_err().to_string();
             assert!(err.contains(".device") && err.contains("CUDA support"), "{err}");
         }
+    }
+
+    #[test]
+    fn activations_default_to_f32_and_unknown_types_are_refused() {
+        let c = Config::from_toml("[models.m]\npath = \"m.gguf\"\n").unwrap();
+        assert_eq!(c.settings.models["m"].activations, Activations::F32);
+        let c = Config::from_toml("[models.m]\npath = \"m.gguf\"\nactivations = \"bf16\"\n").unwrap();
+        assert_eq!(c.settings.models["m"].activations, Activations::Bf16);
+        let err = Config::from_toml("[models.m]\npath = \"m.gguf\"\nactivations = \"fp8\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
-use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, EngineError, LabelSet};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -450,6 +450,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         max_num_seqs: 1,
         prefix_cache_n: 0,
         device: DeviceChoice::Cpu,
+        activations: Activations::F32,
         router: false,
     })
     .await?;
