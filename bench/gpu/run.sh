@@ -30,6 +30,7 @@
 #   4. same-machine baseline: PyTorch + PEFT on the same model shape (bf16)
 #      (FLYWHEEL_GPU_F32=1 adds a full-f32 LoRA run to step 3)
 # Env: FLYWHEEL_DEVICE (cuda), FLYWHEEL_GPU_SECS (10 s per load phase),
+#      FLYWHEEL_GPU_STREAMS (chat stream counts of steps 2 and 2b),
 #      FLYWHEEL_GPU_EXAMPLES (685), FLYWHEEL_GPU_EPOCHS (3), FLYWHEEL_GPU_SAMPLES
 #      (200 route decisions in process) - smaller values
 #      smoke-test the script on a CPU.
@@ -111,18 +112,18 @@ serve() {
   local config=$1 tag=$2; shift 2
   rm -f "$work"/requests.db*
   "$work/flywheel-server" --config "$config" --model "$work/model.gguf" --device "$device" \
-    --log-path "$work/requests.db" 2>"$logs/server.log" &
+    --log-path "$work/requests.db" 2>"$logs/server$tag.log" &
   local server=$!
   trap "kill $server 2>/dev/null || true" EXIT
   for _ in $(seq 600); do
-    grep -q "listening" "$logs/server.log" 2>/dev/null && break
+    grep -q "listening" "$logs/server$tag.log" 2>/dev/null && break
     kill -0 $server 2>/dev/null || break
     sleep 0.2
   done
-  grep -o 'load_ms=[0-9]*' "$logs/server.log" | head -1 | tee "$report/server-load$tag.txt"
+  grep -o 'load_ms=[0-9]*' "$logs/server$tag.log" | head -1 | tee "$report/server-load$tag.txt"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=memory.used --format=csv,noheader \
     | sed 's/^/GPU memory used with the server up: /' | tee "$report/gpu-memory$tag.txt"
-  grep -q "listening" "$logs/server.log" || { echo "server did not start:"; tail -20 "$logs/server.log"; }
+  grep -q "listening" "$logs/server$tag.log" || { echo "server did not start:"; tail -20 "$logs/server$tag.log"; }
   local addr=http://127.0.0.1:50071
   bench() { timeout $((secs * 3 + 60)) "$work/flywheel-bench" --addr "$addr" --duration "$secs" --warmup 4 "$@"; echo "exit $?"; }
   bench --mode route --concurrency 1 --json "$report/route-c1$tag.json"
@@ -145,14 +146,14 @@ EOF
 
 run_server() {
   step "2. gRPC server ($device)"
-  serve bench/gpu/server.toml "" 1 8 32 64
+  serve bench/gpu/server.toml "" ${FLYWHEEL_GPU_STREAMS:-1 8 32 64}
 }
 
 run_server-bf16() {
   step "2b. gRPC server ($device), bf16 activations"
   sed 's/^device = "cuda"$/device = "cuda"\nactivations = "bf16"/' bench/gpu/server.toml > "$work/server-bf16.toml"
   grep -q '^activations = "bf16"' "$work/server-bf16.toml" || echo "could not set bf16 activations in the config"
-  serve "$work/server-bf16.toml" "-bf16" 1 8
+  serve "$work/server-bf16.toml" "-bf16" ${FLYWHEEL_GPU_STREAMS:-1 8}
 }
 
 train() {
