@@ -57,7 +57,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// An optimizer with zero moments (all variables on one device, f32).
+    /// An optimizer with zero moments (all variables on one device, of one type).
     ///
     /// # Errors
     /// Tensor allocation failures, variables on different devices or of different types.
