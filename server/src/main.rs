@@ -5,6 +5,13 @@ use anyhow::Context;
 use clap::Parser;
 use flywheel_server::{App, Config, Flags, shutdown_signal, telemetry};
 
+// Every request allocates dozens of small buffers (protobuf, h2 frames, the
+// log record); mimalloc's thread-local free lists cost less than glibc's
+// arenas for that pattern (glibc malloc/free were ~11% of the server's CPU
+// profile under route-only load).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::load(&Flags::parse()).context("invalid configuration")?;
