@@ -56,8 +56,7 @@ pub use crate::device::DeviceChoice;
 /// kernel launch on a GPU). On two CPU cores f32 routes and prefills ~10%
 /// faster than bf16 (`flywheel-bench engine`). `auto` is mistral.rs's
 /// choice: bf16 where the device multiplies it, else f16, else f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Activations {
     /// 32-bit floats.
     #[default]
@@ -81,17 +80,48 @@ impl Activations {
     }
 }
 
+impl Activations {
+    const ALL: [Self; 4] = [Self::F32, Self::Bf16, Self::F16, Self::Auto];
+
+    /// The name used in the config and on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for Activations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Activations {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            "f16" => Ok(Self::F16),
-            "auto" => Ok(Self::Auto),
-            _ => Err(format!("unknown activation type `{s}`: use f32, bf16, f16 or auto")),
-        }
+        let t = s.trim();
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(t))
+            .ok_or_else(|| format!("unknown activation type `{s}`: use f32, bf16, f16 or auto"))
+    }
+}
+
+// Serde uses the same strings as the command line (one list of names).
+impl serde::Serialize for Activations {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Activations {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
