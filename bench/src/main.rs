@@ -7,6 +7,7 @@
 //!   generator, closed loop (N clients) or open loop (Poisson arrivals),
 //!   route-only or streaming chat, with a table, JSON and PNG figures.
 //! - `rails`: latency of the input rails (jailbreak, PII, all together).
+//! - `log`: the request log's cost per record (route and chat records).
 //! - `shadow`: live latency without vs with a shadow, same run.
 //! - `swap`: streaming load while a slot is promoted and rolled back.
 //! - `ask`: send one query to a server and stream the answer.
@@ -16,6 +17,7 @@
 mod admin;
 mod engine_bench;
 mod grpc_load;
+mod log_bench;
 mod plot;
 mod rails_bench;
 mod shadow_bench;
@@ -49,6 +51,8 @@ enum Command {
     Engine(engine_bench::Args),
     /// Input-rail latency on ~200-character queries, in process.
     Rails(rails_bench::Args),
+    /// The request log's write cost per record, in process.
+    Log(log_bench::Args),
     /// gRPC load against a running server (closed or open loop; the default).
     Load(grpc_load::Args),
     /// Live latency without vs with a shadow of a slot, back to back.
@@ -70,6 +74,12 @@ enum Command {
         query: String,
     },
 }
+
+// The load generator shares the machine with the server it measures: its
+// per-request allocations (requests, h2 frames, samples) go through
+// mimalloc, as the server's do, so that it takes less CPU from the server.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Write `value` as pretty JSON to `path`.
 pub fn write_json(path: &PathBuf, value: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -94,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Engine(args) => engine_bench::run(args).await,
         Command::Load(args) => grpc_load::run(args).await,
         Command::Rails(args) => rails_bench::run(args).await,
+        Command::Log(args) => log_bench::run(args).await,
         Command::Swap(args) => swap_bench::run(args).await,
         Command::Shadow(args) => shadow_bench::run(args).await,
         Command::Ask {

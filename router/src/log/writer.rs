@@ -128,7 +128,8 @@ fn run(
     persist: bool,
     stats: &LogStats,
 ) {
-    let mut batch: Vec<RequestRecord> = Vec::with_capacity(max_batch);
+    // Records stay boxed as they came: moving them out would copy each one.
+    let mut batch: Vec<Box<RequestRecord>> = Vec::with_capacity(max_batch);
     let mut feedback: Vec<FeedbackRecord> = Vec::new();
     let mut shadows: Vec<ShadowRecord> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
@@ -148,7 +149,7 @@ fn run(
         'gather: loop {
             while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
                 match cmd {
-                    Command::Record(r) => batch.push(*r),
+                    Command::Record(r) => batch.push(r),
                     Command::Feedback(f) => feedback.push(*f),
                     Command::Shadow(r) => shadows.push(*r),
                     // Once shutting down, drain everything still queued;
@@ -189,9 +190,13 @@ fn run(
     }
 }
 
+#[allow(
+    clippy::vec_box,
+    reason = "records arrive boxed through the queue; unboxing would copy each (~600 bytes)"
+)]
 fn write_batch(
     conn: &mut Connection,
-    batch: &mut Vec<RequestRecord>,
+    batch: &mut Vec<Box<RequestRecord>>,
     feedback: &mut Vec<FeedbackRecord>,
     shadows: &mut Vec<ShadowRecord>,
     stats: &LogStats,
@@ -211,8 +216,9 @@ fn write_batch(
         let tx = conn.transaction()?;
         {
             let mut stmt = tx.prepare_cached(INSERT)?;
+            let mut json = JsonColumns::default();
             for r in batch.iter() {
-                insert(&mut stmt, r)?;
+                insert(&mut stmt, &mut json, r)?;
             }
             let mut stmt = tx.prepare_cached(INSERT_FEEDBACK)?;
             for f in feedback.iter() {
@@ -351,12 +357,37 @@ pub(super) fn feedback_from_row(row: &Row<'_>) -> rusqlite::Result<FeedbackRecor
     })
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+/// Buffers of a record's JSON columns, reused from one record to the next.
+#[derive(Default)]
+struct JsonColumns {
+    guardrails: String,
+    scores: String,
+    retrieved: String,
 }
 
-fn insert(stmt: &mut rusqlite::CachedStatement<'_>, r: &RequestRecord) -> rusqlite::Result<usize> {
+/// `v` as JSON in `buf` (its old content replaced).
+fn json_into<'b, T: serde::Serialize>(buf: &'b mut String, v: &T) -> &'b str {
+    buf.clear();
+    // Serializing these plain structs cannot fail, and serde_json writes
+    // UTF-8 only; `null` stands in should either ever change.
+    let mut bytes = std::mem::take(buf).into_bytes();
+    if serde_json::to_writer(&mut bytes, v).is_err() {
+        bytes.clear();
+        bytes.extend_from_slice(b"null");
+    }
+    *buf = String::from_utf8(bytes).unwrap_or_else(|_| "null".into());
+    buf
+}
+
+fn insert(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    json: &mut JsonColumns,
+    r: &RequestRecord,
+) -> rusqlite::Result<usize> {
     let route = r.route.as_ref();
+    let guardrails = json_into(&mut json.guardrails, &r.guardrails);
+    let scores = route.map(|d| json_into(&mut json.scores, &d.scores));
+    let retrieved = json_into(&mut json.retrieved, &r.retrieved);
     stmt.execute(params![
         r.request_id,
         r.kind,
@@ -367,18 +398,18 @@ fn insert(stmt: &mut rusqlite::CachedStatement<'_>, r: &RequestRecord) -> rusqli
         r.query,
         r.status,
         r.error,
-        json(&r.guardrails),
+        guardrails,
         route.map(|d| &d.expert),
         route.map(|d| &d.top_expert),
         route.map(|d| f64::from(d.confidence)),
-        route.map(|d| json(&d.scores)),
+        scores,
         route.map(|d| d.forced),
         route.map(|d| d.fallback),
         route.map(|d| &d.router_model_version),
         route.map(|d| d.latency_ms),
         r.expert,
         r.expert_model_version,
-        json(&r.retrieved),
+        retrieved,
         r.answer,
         r.prompt_tokens,
         r.completion_tokens,

@@ -1,0 +1,241 @@
+//! `flywheel-bench log`: what the request log costs per record, in process.
+//!
+//! Records shaped like the server's (a route-only record with five expert
+//! scores and a topic verdict; a chat record with four retrieved passages
+//! and a ~400-character answer) go through [`RequestLog`] as the server
+//! hands them over, in chunks, each chunk flushed before the next: the time
+//! per record is the writer's own cost (JSON columns, SQLite inserts, WAL
+//! commits and checkpoints), without the scheduling noise of a loaded server.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use flywheel_router::agents::{ExpertScore, RouteDecision};
+use flywheel_router::config::LogSpec;
+use flywheel_router::guardrails::RailVerdict;
+use flywheel_router::log::{RequestLog, RequestRecord, RetrievedRef};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+/// Options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Records of each kind.
+    #[arg(long, default_value_t = 100_000)]
+    pub records: usize,
+    /// Records submitted before each flush.
+    #[arg(long, default_value_t = 4096)]
+    pub chunk: usize,
+    /// Records per transaction at most (the server's `log.batch_size`).
+    #[arg(long, default_value_t = flywheel_router::config::DEFAULT_LOG_BATCH)]
+    pub batch_size: usize,
+    /// Database file (deleted first, with its WAL).
+    #[arg(long, default_value = "var/bench/log-bench.db")]
+    pub db: PathBuf,
+    /// Write the report here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Phase {
+    kind: &'static str,
+    records: usize,
+    records_per_second: f64,
+    wall_us_per_record: f64,
+    /// Process CPU time per record (all threads), where the OS reports it.
+    cpu_us_per_record: Option<f64>,
+    written: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    phases: Vec<Phase>,
+    db_bytes: u64,
+}
+
+const QUERIES: &[&str] = &[
+    "How many vacation days do I get per year?",
+    "My laptop will not connect to the VPN from home.",
+    "When is the expense report for last month due?",
+    "Does the Widget Pro support wall mounting?",
+];
+
+const EXPERTS: &[&str] = &["hr", "it", "finance", "product", "general"];
+
+/// A UUIDv7-shaped id: the millisecond clock first, then random bits.
+fn request_id(rng: &mut impl Rng) -> String {
+    let ms = flywheel_router::log::unix_ms(std::time::SystemTime::now()) as u64;
+    let r: u128 = rng.random();
+    format!(
+        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
+        ms >> 16,
+        ms & 0xffff,
+        (r >> 116) as u16 & 0xfff,
+        0x8000 | ((r >> 100) as u16 & 0x3fff),
+        r as u64 & 0xffff_ffff_ffff
+    )
+}
+
+fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
+    let now = flywheel_router::log::unix_ms(std::time::SystemTime::now());
+    let scores: Vec<ExpertScore> = EXPERTS
+        .iter()
+        .map(|e| ExpertScore {
+            expert: (*e).into(),
+            probability: rng.random_range(0.0..1.0),
+            logprob: rng.random_range(-8.0..0.0),
+        })
+        .collect();
+    RequestRecord {
+        request_id: request_id(rng),
+        kind: "route".into(),
+        received_at_ms: now,
+        finished_at_ms: now,
+        query: QUERIES[i % QUERIES.len()].into(),
+        status: "ok".into(),
+        guardrails: vec![RailVerdict {
+            rail: "topic".into(),
+            decision: "allow".into(),
+            score: Some(rng.random_range(0.0..1.0)),
+            latency_ms: 0.0,
+        }],
+        route: Some(RouteDecision {
+            expert: EXPERTS[i % EXPERTS.len()].into(),
+            top_expert: EXPERTS[i % EXPERTS.len()].into(),
+            confidence: scores[0].probability,
+            scores,
+            router_model_version: "smollm2-135m-instruct-q8_0".into(),
+            latency_ms: rng.random_range(0.0..1.0),
+            forced: false,
+            fallback: false,
+            prompt_tokens: 0,
+        }),
+        total_ms: Some(rng.random_range(0.0..1.0)),
+        ..RequestRecord::default()
+    }
+}
+
+fn chat_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
+    let mut r = route_record(i, rng);
+    r.kind = "stream".into();
+    r.session_id = Some(format!("session-{}", i % 1000));
+    r.expert = r.route.as_ref().map(|d| d.expert.clone());
+    r.expert_model_version = Some("smollm2-135m-instruct-q8_0".into());
+    r.retrieved = (0..4)
+        .map(|k| RetrievedRef {
+            doc_id: format!("policies/doc-{}.md", (i + k) % 50),
+            chunk_id: format!("doc-{}#{k}", (i + k) % 50),
+            score: rng.random_range(0.0..20.0),
+        })
+        .collect();
+    r.answer = Some("You can find this in the handbook, section 4. ".repeat(9));
+    r.prompt_tokens = Some(480);
+    r.completion_tokens = Some(96);
+    r.ttft_ms = Some(rng.random_range(10.0..100.0));
+    r.finish_reason = Some("stop".into());
+    r
+}
+
+/// CPU time of this process (user + system), from `/proc` where there is one.
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // USER_HZ is 100 on every Linux this runs on.
+    Some((utime + stime) / 100.0)
+}
+
+async fn phase(
+    log: &RequestLog,
+    kind: &'static str,
+    args: &Args,
+    make: fn(usize, &mut rand::rngs::StdRng) -> RequestRecord,
+) -> anyhow::Result<Phase> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let records: Vec<RequestRecord> = (0..args.records).map(|i| make(i, &mut rng)).collect();
+    let before = log.stats().written();
+    let cpu0 = process_cpu_s();
+    let t = Instant::now();
+    let mut records = records.into_iter();
+    loop {
+        let mut n = 0;
+        for r in records.by_ref().take(args.chunk.max(1)) {
+            log.submit(r);
+            n += 1;
+        }
+        log.flush().await?;
+        if n == 0 {
+            break;
+        }
+    }
+    let wall = t.elapsed().as_secs_f64();
+    let cpu = cpu0.zip(process_cpu_s()).map(|(a, b)| b - a);
+    let n = args.records.max(1) as f64;
+    Ok(Phase {
+        kind,
+        records: args.records,
+        records_per_second: n / wall,
+        wall_us_per_record: wall * 1e6 / n,
+        cpu_us_per_record: cpu.map(|c| c * 1e6 / n),
+        written: log.stats().written() - before,
+    })
+}
+
+/// Run the benchmark.
+///
+/// # Errors
+/// The database cannot be created or written.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = args.db.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    let log = RequestLog::open(&LogSpec {
+        path: args.db.clone(),
+        batch_size: args.batch_size,
+        ..LogSpec::default()
+    })?;
+    let mut phases = Vec::new();
+    // A short warm-up creates the tables' first pages and the statement cache.
+    let warm = Args {
+        records: args.chunk.min(args.records),
+        ..args.clone()
+    };
+    phase(&log, "warm-up", &warm, route_record).await?;
+    for (kind, make) in [
+        (
+            "route",
+            route_record as fn(usize, &mut rand::rngs::StdRng) -> RequestRecord,
+        ),
+        ("chat", chat_record),
+    ] {
+        let p = phase(&log, kind, &args, make).await?;
+        anyhow::ensure!(
+            p.written == p.records as u64,
+            "{kind}: {} of {} records written",
+            p.written,
+            p.records
+        );
+        println!(
+            "{kind:>5}: {:>9.0} records/s  {:>6.2} us/record wall  {} us/record CPU",
+            p.records_per_second,
+            p.wall_us_per_record,
+            p.cpu_us_per_record.map_or("?".into(), |c| format!("{c:.2}"))
+        );
+        phases.push(p);
+    }
+    log.shutdown().await;
+    let report = Report {
+        phases,
+        db_bytes: std::fs::metadata(&args.db).map(|m| m.len()).unwrap_or(0),
+    };
+    if let Some(p) = &args.json {
+        crate::write_json(p, &report)?;
+    }
+    Ok(())
+}
