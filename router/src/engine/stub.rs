@@ -81,15 +81,6 @@ impl StubEngine {
     }
 }
 
-fn user_text(messages: &[ChatMessage]) -> String {
-    messages
-        .iter()
-        .rev()
-        .find(|m| m.role == Role::User)
-        .map(|m| m.content.to_lowercase())
-        .unwrap_or_default()
-}
-
 /// A query containing this marker is answered with the text after it
 /// (word by word), so tests can make the stub say something specific, such
 /// as PII for the output rails.
@@ -167,18 +158,22 @@ impl Engine for StubEngine {
 
     async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
         self.maybe_misbehave().await?;
-        let text = user_text(messages);
-        let words: Vec<&str> = text.split(|c: char| !c.is_alphanumeric()).collect();
+        // A label named in the last user message (as a whole word, any
+        // case) gets the high score. No allocation: the stub stands in for
+        // the model in the server-overhead benchmark, so it must cost little.
+        let text = messages
+            .iter()
+            .rev()
+            .find(|m| m.role == Role::User)
+            .map_or("", |m| m.content.as_str());
+        let named = |label: &str| {
+            text.split(|c: char| !c.is_alphanumeric())
+                .any(|w| w.eq_ignore_ascii_case(label) || (!w.is_ascii() && w.to_lowercase() == label.to_lowercase()))
+        };
         let logprobs = labels
             .names()
             .iter()
-            .map(|l| {
-                if words.contains(&l.to_lowercase().as_str()) {
-                    NAMED_LOGPROB
-                } else {
-                    OTHER_LOGPROB
-                }
-            })
+            .map(|l| if named(l) { NAMED_LOGPROB } else { OTHER_LOGPROB })
             .collect();
         Ok(LabelScores {
             logprobs,
