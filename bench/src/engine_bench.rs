@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
@@ -43,6 +43,12 @@ pub struct Args {
     /// Route decisions measured per engine.
     #[arg(long, default_value_t = 100)]
     route_requests: usize,
+    /// Also measure decisions spaced this far apart (ms; 0 skips it): the
+    /// latency of a router that is idle when a query arrives, as opposed to
+    /// back to back, where each decision also waits for the engine to finish
+    /// with the previous one.
+    #[arg(long, default_value_t = 50)]
+    route_gap_ms: u64,
     /// TTFT samples.
     #[arg(long, default_value_t = 30)]
     ttft_requests: usize,
@@ -66,6 +72,9 @@ struct Report {
     model_bytes: u64,
     load_ms: f64,
     route_ms: Summary,
+    /// Decisions `route_gap_ms` apart (absent when not measured).
+    route_ms_idle: Option<Summary>,
+    route_gap_ms: u64,
     route_ms_no_prefix_cache: Summary,
     route_prompt_tokens: u32,
     ttft_ms: Summary,
@@ -92,7 +101,8 @@ async fn route_latencies(
     engine: Arc<dyn Engine>,
     settings: &EngineSettings,
     n: usize,
-) -> anyhow::Result<(Vec<f64>, u32)> {
+    gaps: &[Duration],
+) -> anyhow::Result<(Vec<Vec<f64>>, u32)> {
     let served = Arc::new(ServedModel {
         version: "bench".into(),
         path: PathBuf::new(),
@@ -107,14 +117,21 @@ async fn route_latencies(
         Arc::new(Slot::new("router", served.clone())),
     )?;
     router.warm_up(&served).await?;
-    let mut samples = Vec::with_capacity(n);
+    let mut runs = Vec::with_capacity(gaps.len());
     let mut prompt_tokens = 0;
-    for i in 0..n {
-        let d = router.decide(QUERIES[i % QUERIES.len()]).await?;
-        samples.push(d.latency_ms);
-        prompt_tokens = d.prompt_tokens;
+    for gap in gaps {
+        let mut samples = Vec::with_capacity(n);
+        for i in 0..n {
+            if !gap.is_zero() {
+                tokio::time::sleep(*gap).await;
+            }
+            let d = router.decide(QUERIES[i % QUERIES.len()]).await?;
+            samples.push(d.latency_ms);
+            prompt_tokens = d.prompt_tokens;
+        }
+        runs.push(samples);
     }
-    Ok((samples, prompt_tokens))
+    Ok((runs, prompt_tokens))
 }
 
 /// A prompt of about 60 tokens, unique per `i`.
@@ -149,11 +166,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
     // As served: a router engine, its prompt prefix primed in the cache.
-    let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests).await?;
+    let gap = Duration::from_millis(args.route_gap_ms);
+    let gaps: &[Duration] = if gap.is_zero() {
+        &[Duration::ZERO]
+    } else {
+        &[Duration::ZERO, gap]
+    };
+    let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests, gaps).await?;
     // Baseline: the same decisions on a generation engine (no prefix cache).
     let engine: Arc<dyn Engine> =
         Arc::new(MistralEngine::load(&options(&path, false, args.device, args.activations)).await?);
-    let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests).await?;
+    let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests, &[Duration::ZERO]).await?;
 
     let mut ttft = Vec::new();
     let mut ttft_prompt_tokens = 0;
@@ -212,8 +235,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         model: path.display().to_string(),
         model_bytes,
         load_ms,
-        route_ms: summarize(&route),
-        route_ms_no_prefix_cache: summarize(&route_nocache),
+        route_ms: summarize(&route[0]),
+        route_ms_idle: route.get(1).map(|r| summarize(r)),
+        route_gap_ms: args.route_gap_ms,
+        route_ms_no_prefix_cache: summarize(&route_nocache[0]),
         route_prompt_tokens,
         ttft_ms: summarize(&ttft),
         ttft_prompt_tokens,
@@ -243,6 +268,12 @@ fn print_report(r: &Report) {
         "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on)",
         r.route_ms.p50, r.route_ms.p99, r.route_prompt_tokens
     );
+    if let Some(idle) = &r.route_ms_idle {
+        println!(
+            "route when idle  p50 {:.1} ms  p99 {:.1} ms  (decisions {} ms apart)",
+            idle.p50, idle.p99, r.route_gap_ms
+        );
+    }
     println!(
         "route (no cache) p50 {:.1} ms  p99 {:.1} ms  -> cache speed-up {:.2}x at p50",
         r.route_ms_no_prefix_cache.p50,

@@ -11,7 +11,9 @@
 //!   prompt: instructions + expert list) and every decision, repeated queries
 //!   included, prefills only the query's tokens. mistral.rs cannot batch a
 //!   raw-logit prompt with any other prompt (it fails the whole step), so a
-//!   router engine runs one scoring pass at a time and does not generate.
+//!   router engine runs one scoring pass at a time and does not generate. It
+//!   also keeps a raw sequence for one engine step after answering; a
+//!   decision returns without waiting for that step, but the next one does.
 //! - **Other engines** use a one-token completion with a logits processor
 //!   that records the distribution; it batches freely with other requests.
 //!
@@ -157,8 +159,9 @@ pub struct MistralEngine {
     plans: Mutex<HashMap<LabelSet, Arc<LabelPlan>>>,
     router: bool,
     /// Router engines: held by each scoring pass (and the warm-up), so a
-    /// raw-logit prompt is never batched with another prompt.
-    prompt_gate: tokio::sync::Mutex<()>,
+    /// raw-logit prompt is never batched with another prompt; after the last
+    /// pass of a decision it is held until mistral.rs retires the sequence.
+    prompt_gate: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl MistralEngine {
@@ -238,7 +241,7 @@ impl MistralEngine {
             model,
             plans: Mutex::new(HashMap::new()),
             router: opts.router,
-            prompt_gate: tokio::sync::Mutex::new(()),
+            prompt_gate: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -364,8 +367,19 @@ impl MistralEngine {
 
 impl MistralEngine {
     /// One raw-logit prefill of `tokens` (not added to the prefix cache),
-    /// returning the log-probabilities of `next` at its end.
-    async fn raw_next_token_logprobs(&self, tokens: Vec<u32>, next: &[u32]) -> Result<Vec<f32>, EngineError> {
+    /// returning the log-probabilities of `next` at its end, and the
+    /// sequence's [`Retiring`] handle.
+    ///
+    /// mistral.rs 0.8.1 answers a raw-logit request from its prompt step but
+    /// keeps the sequence scheduled for one more step; a raw prompt arriving
+    /// meanwhile can be batched with it, which fails the step and stops the
+    /// engine. The caller keeps the prompt gate until [`Retiring::wait`]
+    /// returns; the answer itself need not wait for that step.
+    async fn raw_next_token_logprobs(
+        &self,
+        tokens: Vec<u32>,
+        next: &[u32],
+    ) -> (Result<Vec<f32>, EngineError>, Option<Retiring>) {
         let sampling = SamplingParams {
             max_len: Some(1),
             ..SamplingParams::deterministic()
@@ -374,31 +388,37 @@ impl MistralEngine {
         let mut request =
             NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
         request.return_raw_logits = true;
-        self.sender()?
-            .send(Request::Normal(Box::new(request)))
-            .await
-            .map_err(|_| EngineError::Disconnected)?;
+        let sent = match self.sender() {
+            Ok(sender) => sender.send(Request::Normal(Box::new(request))).await.is_ok(),
+            Err(e) => return (Err(e), None),
+        };
+        if !sent {
+            return (Err(EngineError::Disconnected), None);
+        }
         let result = match rx.recv().await {
-            Some(Response::Raw { logits_chunks, .. }) => {
-                let last = logits_chunks
-                    .last()
-                    .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits")))?;
-                let row = last_row(last).map_err(|e| EngineError::Backend(e.into()))?;
-                Ok(log_softmax_at(&row, next))
-            }
+            Some(Response::Raw { logits_chunks, .. }) => logits_chunks
+                .last()
+                .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits")))
+                .and_then(|last| last_row(last).map_err(|e| EngineError::Backend(e.into())))
+                .map(|row| log_softmax_at(&row, next)),
             Some(other) => Err(response_error(other)),
             None => Err(EngineError::Disconnected),
         };
-        // mistral.rs 0.8.1 answers a raw-logit request from its prompt step
-        // but keeps the sequence scheduled for one more step; a raw prompt
-        // arriving meanwhile can be batched with it, which fails the step and
-        // stops the engine. Wait until the engine drops the sequence (its
-        // response channel closes) before the caller may send the next one.
+        (result, Some(Retiring(rx)))
+    }
+}
+
+/// A raw-logit sequence mistral.rs still has scheduled.
+struct Retiring(mpsc::Receiver<Response>);
+
+impl Retiring {
+    /// Wait until the engine drops the sequence (its response channel
+    /// closes), at most [`RAW_SEQUENCE_RETIRE_TIMEOUT`].
+    async fn wait(mut self) {
         let _ = tokio::time::timeout(RAW_SEQUENCE_RETIRE_TIMEOUT, async {
-            while rx.recv().await.is_some() {}
+            while self.0.recv().await.is_some() {}
         })
         .await;
-        result
     }
 }
 
@@ -539,13 +559,28 @@ impl Engine for MistralEngine {
         let step_tokens =
             |step: &super::labels::PlanStep| -> Vec<u32> { prompt.iter().chain(&step.prefix).copied().collect() };
         let step_logprobs: Vec<Vec<f32>> = if self.router {
-            let _gate = self.prompt_gate.lock().await;
+            let gate = self.prompt_gate.clone().lock_owned().await;
             let mut out = Vec::with_capacity(plan.steps().len());
-            for step in plan.steps() {
-                out.push(
-                    self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens)
-                        .await?,
-                );
+            let mut steps = plan.steps().iter().peekable();
+            while let Some(step) = steps.next() {
+                let (logprobs, retiring) = self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens).await;
+                let last = steps.peek().is_none() || logprobs.is_err();
+                match retiring {
+                    // The decision is known: answer now, and let the gate go
+                    // once the engine has retired the sequence (one more
+                    // engine step that the caller need not wait for).
+                    Some(retiring) if last => {
+                        tokio::spawn(async move {
+                            retiring.wait().await;
+                            drop(gate);
+                        });
+                        out.push(logprobs?);
+                        break;
+                    }
+                    Some(retiring) => retiring.wait().await,
+                    None => {}
+                }
+                out.push(logprobs?);
             }
             out
         } else {
