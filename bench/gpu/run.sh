@@ -19,8 +19,9 @@
 # (every JSON report and log).
 #
 # Steps (each logged, a failed one does not stop the others):
-#   1. engine in process: load, route decision p50/p99, TTFT (58-token
-#      prompt), prefill and batch-1 decode tokens/s   (flywheel-bench engine)
+#   1. engine in process: load, route decision p50/p99 (back to back and
+#      idle), TTFT (58-token prompt), prefill, batch-1 decode tokens/s after a
+#      short and a ~500-token prompt                    (flywheel-bench engine)
 #   2. the gRPC server on the GPU: route through gRPC, streaming chat at 1, 8,
 #      32 and 64 concurrent streams                    (flywheel-bench)
 #  2b. the same server with bf16 activations (f32 is the default): route,
@@ -100,7 +101,7 @@ run_engine() {
   local dmon=$!
   timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" --activations f32 \
     --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
-    --json "$report/engine.json" 2>"$logs/engine.log"
+    --decode-long-prompt --json "$report/engine.json" 2>"$logs/engine.log"
   echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine.log" | tail -5
   kill $dmon 2>/dev/null; pkill -f "nvidia-smi dmon" 2>/dev/null
   summarise

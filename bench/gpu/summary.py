@@ -53,6 +53,11 @@ def main():
         dec = eng["decode_tokens_per_second"]
         rows.append(("decode, batch 1 (in process)", fmt(dec, " tok/s", 0),
                      f"{dec / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s); target 10x" if hf_tps else "target 10x HF generate"))
+        long = eng.get("decode_long_prompt")
+        if long:
+            rows.append((f"decode, batch 1, after a {long['prompt_tokens']}-token prompt (in process)",
+                         fmt(long["tokens_per_second"], " tok/s", 0),
+                         f"{long['tokens_per_second'] / dec:.2f}x the short-prompt decode"))
     for tag, label in (("", ""), ("-bf16", ", bf16 activations")):
         try:
             load_ms = open(os.path.join(d, f"server-load{tag}.txt")).read().strip().split("=")[1]

@@ -55,6 +55,10 @@ pub struct Args {
     /// Decode runs (128 tokens each).
     #[arg(long, default_value_t = 3)]
     decode_runs: usize,
+    /// Also measure decode after a ~500-token prompt (the length of an
+    /// expert's prompt with its retrieved passages).
+    #[arg(long)]
+    decode_long_prompt: bool,
     /// Device: `cpu`, `auto`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "cpu")]
     device: DeviceChoice,
@@ -81,9 +85,57 @@ struct Report {
     ttft_prompt_tokens: u32,
     prefill_tokens_per_second: f64,
     decode_tokens_per_second: f64,
+    /// Decode after a ~500-token prompt (absent unless asked for).
+    decode_long_prompt: Option<LongDecode>,
     threads: usize,
     device: String,
     activations: Activations,
+}
+
+#[derive(Debug, Serialize)]
+struct LongDecode {
+    prompt_tokens: u32,
+    tokens_per_second: f64,
+}
+
+/// Repetitions of the ~30-token passage in the long decode prompt (~500 tokens).
+const LONG_PROMPT_PASSAGES: usize = 15;
+
+/// Decode tokens/s (first token excluded) of `runs` 128-token answers to
+/// `prompt(i)`, and the prompt's length in tokens.
+async fn decode_rates(
+    engine: &dyn Engine,
+    runs: usize,
+    prompt: impl Fn(usize) -> Vec<ChatMessage>,
+) -> anyhow::Result<(Vec<f64>, u32)> {
+    let mut rates = Vec::new();
+    let mut prompt_tokens = 0;
+    for i in 0..runs {
+        let params = GenerateParams {
+            max_tokens: 128,
+            temperature: None,
+            top_p: None,
+        };
+        let mut stream = engine.generate(prompt(i), params).await?;
+        let (mut first, mut last, mut deltas) = (None, None, 0u32);
+        while let Some(ev) = stream.next().await {
+            match ev? {
+                GenerationEvent::Delta(_) => {
+                    let now = Instant::now();
+                    first.get_or_insert(now);
+                    last = Some(now);
+                    deltas += 1;
+                }
+                GenerationEvent::Done(s) => prompt_tokens = s.usage.prompt_tokens,
+            }
+        }
+        if let (Some(f), Some(l)) = (first, last)
+            && deltas > 1
+        {
+            rates.push(f64::from(deltas - 1) / l.duration_since(f).as_secs_f64());
+        }
+    }
+    Ok((rates, prompt_tokens))
 }
 
 fn options(path: &std::path::Path, router: bool, device: DeviceChoice, activations: Activations) -> MistralOptions {
@@ -204,32 +256,30 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ttft.push(first.context("no token generated")?);
     }
 
-    let mut decode_tps = Vec::new();
-    for i in 0..args.decode_runs {
-        let params = GenerateParams {
-            max_tokens: 128,
-            temperature: None,
-            top_p: None,
-        };
-        let prompt = vec![ChatMessage::user(format!(
+    let short = |i: usize| {
+        vec![ChatMessage::user(format!(
             "Run {i}: write a long story about a robot who learns to paint."
-        ))];
-        let mut stream = engine.generate(prompt, params).await?;
-        let (mut first, mut last, mut deltas) = (None, None, 0u32);
-        while let Some(ev) = stream.next().await {
-            if let GenerationEvent::Delta(_) = ev? {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                deltas += 1;
-            }
-        }
-        if let (Some(f), Some(l)) = (first, last)
-            && deltas > 1
-        {
-            decode_tps.push(f64::from(deltas - 1) / l.duration_since(f).as_secs_f64());
-        }
-    }
+        ))]
+    };
+    let decode_tps = decode_rates(engine.as_ref(), args.decode_runs, short).await?;
+    // The same, after a prompt as long as an expert's RAG prompt (retrieved
+    // passages + question): the per-token cost at a realistic context length.
+    let long = |i: usize| {
+        let passage = "Employees accrue vacation monthly; unused days carry over up to five days \
+                       into the next year, and requests go through the HR portal two weeks ahead. ";
+        vec![
+            ChatMessage::system(format!(
+                "Run {i}. Answer from these passages.\n{}",
+                passage.repeat(LONG_PROMPT_PASSAGES)
+            )),
+            ChatMessage::user("Write a long, detailed explanation of the vacation policy."),
+        ]
+    };
+    let decode_tps_long = if args.decode_long_prompt {
+        Some(decode_rates(engine.as_ref(), args.decode_runs, long).await?)
+    } else {
+        None
+    };
 
     let report = Report {
         model: path.display().to_string(),
@@ -243,7 +293,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         ttft_ms: summarize(&ttft),
         ttft_prompt_tokens,
         prefill_tokens_per_second: summarize(&prefill_tps).p50,
-        decode_tokens_per_second: summarize(&decode_tps).p50,
+        decode_tokens_per_second: summarize(&decode_tps.0).p50,
+        decode_long_prompt: decode_tps_long.map(|(tps, prompt_tokens)| LongDecode {
+            prompt_tokens,
+            tokens_per_second: summarize(&tps).p50,
+        }),
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         device: args.device.to_string(),
         activations: args.activations,
@@ -286,4 +340,10 @@ fn print_report(r: &Report) {
     );
     println!("prefill          {:.0} tok/s", r.prefill_tokens_per_second);
     println!("decode           {:.1} tok/s", r.decode_tokens_per_second);
+    if let Some(long) = &r.decode_long_prompt {
+        println!(
+            "decode, long     {:.1} tok/s  (after a {}-token prompt)",
+            long.tokens_per_second, long.prompt_tokens
+        );
+    }
 }
