@@ -239,3 +239,38 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_record_reaches_the_database_and_the_report_counts_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, json) = (dir.path().join("log.db"), dir.path().join("log.json"));
+        run(Args {
+            records: 300,
+            chunk: 64,
+            batch_size: 50,
+            db: db.clone(),
+            json: Some(json.clone()),
+        })
+        .await
+        .unwrap();
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let phases = report["phases"].as_array().unwrap();
+        assert_eq!(phases.len(), 2);
+        for (p, kind) in phases.iter().zip(["route", "chat"]) {
+            assert_eq!(p["kind"], kind);
+            assert_eq!(p["written"], 300);
+            assert!(p["records_per_second"].as_f64().unwrap() > 0.0);
+        }
+        // Warm-up (one chunk) + both phases, each id distinct, chat rows complete.
+        let reader = flywheel_router::log::LogReader::open(&db).unwrap();
+        assert_eq!(reader.count().unwrap(), 64 + 600);
+        let chat = reader.recent(1).unwrap().pop().unwrap();
+        assert_eq!(chat.kind, "stream");
+        assert_eq!(chat.retrieved.len(), 4);
+        assert!(chat.answer.is_some_and(|a| a.len() > 300));
+    }
+}
