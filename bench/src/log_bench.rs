@@ -63,20 +63,6 @@ const QUERIES: &[&str] = &[
 
 const EXPERTS: &[&str] = &["hr", "it", "finance", "product", "general"];
 
-/// A UUIDv7-shaped id: the millisecond clock first, then random bits.
-fn request_id(rng: &mut impl Rng) -> String {
-    let ms = flywheel_router::log::unix_ms(std::time::SystemTime::now()) as u64;
-    let r: u128 = rng.random();
-    format!(
-        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
-        ms >> 16,
-        ms & 0xffff,
-        (r >> 116) as u16 & 0xfff,
-        0x8000 | ((r >> 100) as u16 & 0x3fff),
-        r as u64 & 0xffff_ffff_ffff
-    )
-}
-
 fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
     let now = flywheel_router::log::unix_ms(std::time::SystemTime::now());
     let scores: Vec<ExpertScore> = EXPERTS
@@ -88,7 +74,8 @@ fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
         })
         .collect();
     RequestRecord {
-        request_id: request_id(rng),
+        // The id the server gives every request.
+        request_id: uuid::Uuid::now_v7().to_string(),
         kind: "route".into(),
         received_at_ms: now,
         finished_at_ms: now,
