@@ -360,23 +360,20 @@ pub(super) fn feedback_from_row(row: &Row<'_>) -> rusqlite::Result<FeedbackRecor
 /// Buffers of a record's JSON columns, reused from one record to the next.
 #[derive(Default)]
 struct JsonColumns {
-    guardrails: String,
-    scores: String,
-    retrieved: String,
+    guardrails: Vec<u8>,
+    scores: Vec<u8>,
+    retrieved: Vec<u8>,
 }
 
 /// `v` as JSON in `buf` (its old content replaced).
-fn json_into<'b, T: serde::Serialize>(buf: &'b mut String, v: &T) -> &'b str {
+fn json_into<'b, T: serde::Serialize>(buf: &'b mut Vec<u8>, v: &T) -> &'b str {
     buf.clear();
     // Serializing these plain structs cannot fail, and serde_json writes
     // UTF-8 only; `null` stands in should either ever change.
-    let mut bytes = std::mem::take(buf).into_bytes();
-    if serde_json::to_writer(&mut bytes, v).is_err() {
-        bytes.clear();
-        bytes.extend_from_slice(b"null");
+    if serde_json::to_writer(&mut *buf, v).is_err() {
+        return "null";
     }
-    *buf = String::from_utf8(bytes).unwrap_or_else(|_| "null".into());
-    buf
+    std::str::from_utf8(buf).unwrap_or("null")
 }
 
 fn insert(
