@@ -465,6 +465,8 @@ mod tests {
         let reader = log.reader().unwrap();
         assert_eq!(reader.count().unwrap(), 2);
         assert_eq!(reader.get("a").unwrap().unwrap(), record("a"));
+        // The second record of a batch reuses the writer's JSON buffers.
+        assert_eq!(reader.get("b").unwrap().unwrap(), record("b"));
         assert!(reader.get("zzz").unwrap().is_none());
         assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
         assert_eq!(log.stats().written(), 2);
