@@ -234,7 +234,7 @@ impl App {
                 TcpListenerStream::new(listener).map(|conn| {
                     conn.and_then(|c| {
                         c.set_nodelay(true)?;
-                        Ok(c)
+                        Ok(flywheel_proto::coalesce::CoalescedIo::new(c))
                     })
                 }),
                 stop_accepting.clone().cancelled_owned(),
