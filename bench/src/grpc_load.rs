@@ -18,7 +18,7 @@ use flywheel_proto::v1::{ChatRequest, GenerationOptions, RouteRequest};
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::admin::connect;
+use crate::admin::{connect, connect_for_load};
 use crate::stats::{Summary, summarize};
 
 /// What each request does.
@@ -163,6 +163,17 @@ impl Slo {
         s.ok && self.ttft_ms.is_none_or(|max| s.ttft_ms.is_none_or(|t| t <= max))
             && self.itl_ms.is_none_or(|max| mean_itl.is_none_or(|t| t <= max))
             && self.latency_ms.is_none_or(|max| s.latency_ms <= max)
+    }
+}
+
+/// Block the calling thread until about `due`. A sleep overshoots by up to
+/// the kernel's timer slack (50 µs by default), so it ends 60 µs short of
+/// `due`: arrivals go out up to 60 µs early rather than tens of µs late.
+fn pace_until(due: Instant) {
+    const SLACK: Duration = Duration::from_micros(60);
+    let now = Instant::now();
+    if due > now + SLACK {
+        std::thread::sleep(due - now - SLACK);
     }
 }
 
@@ -377,7 +388,7 @@ fn plot(prefix: &std::path::Path, report: &Report, samples: &[Sample]) -> anyhow
 async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -> anyhow::Result<(Vec<Sample>, f64)> {
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        channels.push(connect(addr).await?);
+        channels.push(connect_for_load(addr).await?);
     }
     let channel_for = |i: usize| channels[i % channels.len()].clone();
     let deadline = Duration::from_secs_f64(args.duration);
@@ -399,20 +410,30 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
     match args.rate {
         Some(rate) => {
             // Open loop: requests start on schedule whether or not earlier
-            // ones finished, so queueing shows up in the latencies.
-            let mut tasks = Vec::new();
-            let mut at = 0.0;
-            for (i, gap) in arrivals(rate, args.seed).enumerate() {
-                at += gap;
-                if at > args.duration || i >= budget {
-                    break;
+            // ones finished, so queueing shows up in the latencies. The
+            // schedule is kept by a plain thread: tokio's timers have 1 ms
+            // ticks, which would release the arrivals of each millisecond
+            // together (10 at once at 10,000 req/s) instead of spread out.
+            let runtime = tokio::runtime::Handle::current();
+            let channels = channels.clone();
+            let (queries, duration, seed) = (queries.clone(), args.duration, args.seed);
+            let tasks = tokio::task::spawn_blocking(move || {
+                let mut tasks = Vec::new();
+                let mut at = 0.0;
+                for (i, gap) in arrivals(rate, seed).enumerate() {
+                    at += gap;
+                    if at > duration || i >= budget {
+                        break;
+                    }
+                    pace_until(started + Duration::from_secs_f64(at));
+                    let (channel, queries) = (channels[i % channels.len()].clone(), queries.clone());
+                    tasks.push(runtime.spawn(async move {
+                        one(channel, mode, &queries[i % queries.len()], max_tokens, started).await
+                    }));
                 }
-                tokio::time::sleep_until(tokio::time::Instant::from_std(started + Duration::from_secs_f64(at))).await;
-                let (channel, queries) = (channel_for(i), queries.clone());
-                tasks.push(tokio::spawn(async move {
-                    one(channel, mode, &queries[i % queries.len()], max_tokens, started).await
-                }));
-            }
+                tasks
+            })
+            .await?;
             for t in tasks {
                 samples.push(t.await?);
             }
