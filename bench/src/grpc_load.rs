@@ -629,6 +629,110 @@ mod tests {
     }
 
     #[test]
+    fn the_pacer_never_releases_an_arrival_more_than_60_us_early() {
+        let start = Instant::now();
+        // 400 arrivals 50 µs apart: most gaps are below the sleep threshold.
+        for k in 1..=400u64 {
+            let due = start + Duration::from_micros(50 * k);
+            pace_until(due);
+            let early = due.saturating_duration_since(Instant::now());
+            assert!(
+                early <= Duration::from_micros(60),
+                "arrival {k} released {early:?} early"
+            );
+        }
+        assert!(
+            start.elapsed() >= Duration::from_micros(20_000 - 60),
+            "the schedule was not kept"
+        );
+    }
+
+    /// Answers every route with the query as its request id and expert.
+    struct Echo;
+
+    #[tonic::async_trait]
+    impl flywheel_proto::v1::router_server::Router for Echo {
+        async fn route(
+            &self,
+            request: tonic::Request<RouteRequest>,
+        ) -> Result<tonic::Response<flywheel_proto::v1::RouteResponse>, tonic::Status> {
+            let query = request.into_inner().query;
+            Ok(tonic::Response::new(flywheel_proto::v1::RouteResponse {
+                request_id: query.clone(),
+                route: Some(flywheel_proto::v1::RouteDecision {
+                    expert: query,
+                    ..Default::default()
+                }),
+            }))
+        }
+    }
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn coalesced_connections_deliver_every_answer_to_its_own_request() {
+        use clap::Parser;
+        use futures::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|c| c.map(flywheel_proto::coalesce::CoalescedIo::new));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(flywheel_proto::v1::router_server::RouterServer::new(Echo))
+                .serve_with_incoming(incoming),
+        );
+        // Coalescing on both ends, 300 requests in flight on one connection.
+        let channel = connect_for_load(&addr).await.unwrap();
+        let calls = (0..300).map(|i| {
+            let mut client = RouterClient::new(channel.clone());
+            async move {
+                let query = format!("query {i}");
+                let r = client
+                    .route(RouteRequest {
+                        query: query.clone(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(
+                    (r.request_id.as_str(), r.route.unwrap().expert.as_str()),
+                    (query.as_str(), query.as_str())
+                );
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(calls))
+            .await
+            .expect("every call is answered");
+        // The load generator's two loops over the same sockets: nothing fails or hangs.
+        let queries = std::sync::Arc::new(vec!["a".to_string(), "b".to_string()]);
+        for flags in [
+            ["--concurrency", "32", "--requests", "2000"],
+            ["--rate", "4000", "--duration", "0.5"],
+        ] {
+            let cli = Cli::try_parse_from(["load", "--addr", &addr].into_iter().chain(flags)).unwrap();
+            let (samples, _) = tokio::time::timeout(Duration::from_secs(30), drive(&cli.args, &addr, &queries))
+                .await
+                .expect("the load run finishes")
+                .unwrap();
+            assert!(samples.iter().all(|s| s.ok), "{flags:?}: failed requests");
+            match flags[0] {
+                "--concurrency" => assert_eq!(samples.len(), 2000),
+                _ => assert!(
+                    (1_500..=2_500).contains(&samples.len()),
+                    "open loop sent {}",
+                    samples.len()
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn query_files_take_plain_lines_or_jsonl() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("q.jsonl");
