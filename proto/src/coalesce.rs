@@ -121,15 +121,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescedIo<T> {
         if this.pending() == 0 {
             return Pin::new(&mut this.inner).poll_flush(cx);
         }
-        if !this.held && this.pending() < FLUSH_AT {
-            // Hold the bytes for one pass: waking the running task makes
-            // tokio requeue it at the back once this poll returns.
-            this.held = true;
-            cx.waker().wake_by_ref();
-            return Poll::Ready(Ok(()));
-        }
-        if this.held && !this.read_since_held && this.pending() < FLUSH_AT {
-            // Still the poll that held them (h2 flushes several times per poll).
+        if !this.read_since_held && this.pending() < FLUSH_AT {
+            // Hold the bytes until the next poll: waking the running task
+            // makes tokio requeue it at the back once this poll returns. h2
+            // flushes several times per poll; one wake covers them all.
+            if !this.held {
+                this.held = true;
+                cx.waker().wake_by_ref();
+            }
             return Poll::Ready(Ok(()));
         }
         ready!(this.poll_drain(cx))?;
