@@ -74,9 +74,15 @@ pub struct Args {
     /// SLO on end-to-end latency (ms) for goodput.
     #[arg(long)]
     slo_latency_ms: Option<f64>,
-    /// Warm-up requests per client (not measured).
+    /// Requests sent one after another on each connection before the load
+    /// starts, to open it (not measured).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Seconds of the same load (rate or clients) run before the measured
+    /// duration and left out of the report: connection windows, allocator
+    /// pools, caches and the server's threads reach their steady state first.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_s: f64,
     /// Chat answer length cap.
     #[arg(long, default_value_t = 32)]
     max_tokens: u32,
@@ -102,6 +108,9 @@ const QUERIES: &[&str] = &[
 struct Sample {
     /// Start, in seconds from the start of the measurement.
     at_s: f64,
+    /// Open loop: how long after its scheduled arrival the request started
+    /// (the generator's own delay; 0 in the closed loop).
+    late_ms: f64,
     latency_ms: f64,
     ttft_ms: Option<f64>,
     itl_ms: Vec<f64>,
@@ -125,6 +134,13 @@ pub struct Report {
     requests_per_second: f64,
     output_tokens_per_second: f64,
     latency_ms: Summary,
+    /// Open loop: how late requests started against their schedule, and the
+    /// latency counted from the scheduled arrival (start lateness plus
+    /// latency), which a stalled generator cannot hide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_late_ms: Option<Summary>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    latency_from_schedule_ms: Option<Summary>,
     ttft_ms: Option<Summary>,
     itl_ms: Option<Summary>,
     /// Successful requests per second that met every SLO given.
@@ -212,9 +228,18 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32, epoch: Instant) -> Sample {
+/// One request. `due` is its scheduled arrival in the open loop.
+async fn one(
+    channel: Channel,
+    mode: Mode,
+    query: &str,
+    max_tokens: u32,
+    epoch: Instant,
+    due: Option<Instant>,
+) -> Sample {
     let start = Instant::now();
     let at_s = start.saturating_duration_since(epoch).as_secs_f64();
+    let late_ms = due.map_or(0.0, |d| start.saturating_duration_since(d).as_secs_f64() * 1e3);
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
     match mode {
         Mode::Route => {
@@ -226,6 +251,7 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32, epoch: 
                 .await;
             Sample {
                 at_s,
+                late_ms,
                 latency_ms: ms(Instant::now()),
                 ok: r.is_ok(),
                 code: r.err().map(|s| s.code()),
@@ -243,6 +269,7 @@ async fn one(channel: Channel, mode: Mode, query: &str, max_tokens: u32, epoch: 
             };
             let mut sample = Sample {
                 at_s,
+                late_ms,
                 ..Sample::default()
             };
             let mut stream = match ChatClient::new(channel).stream(request).await {
@@ -299,6 +326,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.duration > 0.0 && args.duration.is_finite(),
         "--duration must be a positive number of seconds"
+    );
+    anyhow::ensure!(
+        args.warmup_s >= 0.0 && args.warmup_s.is_finite(),
+        "--warmup-s must be zero or a positive number of seconds"
     );
     let queries = std::sync::Arc::new(load_queries(args.queries.as_ref())?);
     let slo = Slo {
@@ -384,17 +415,16 @@ fn plot(prefix: &std::path::Path, report: &Report, samples: &[Sample]) -> anyhow
     Ok(())
 }
 
-/// One measured run against `addr`: warm-up, then closed or open loop.
+/// One measured run against `addr`: connections opened, `--warmup-s` of
+/// unmeasured load, then the measured closed or open loop.
 async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -> anyhow::Result<(Vec<Sample>, f64)> {
     let mut channels = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         channels.push(connect_for_load(addr).await?);
     }
     let channel_for = |i: usize| channels[i % channels.len()].clone();
-    let deadline = Duration::from_secs_f64(args.duration);
     let budget = args.requests.unwrap_or(usize::MAX);
     let (mode, max_tokens) = (args.mode, args.max_tokens);
-    // Warm-up, not measured.
     for i in 0..args.warmup.max(1) * args.connections {
         one(
             channel_for(i),
@@ -402,10 +432,15 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
             &queries[i % queries.len()],
             max_tokens,
             Instant::now(),
+            None,
         )
         .await;
     }
-    let started = Instant::now();
+    // The load runs from `begin`; what starts before `started` is warm-up.
+    let begin = Instant::now();
+    let warmup = Duration::from_secs_f64(args.warmup_s);
+    let started = begin + warmup;
+    let end = started + Duration::from_secs_f64(args.duration);
     let mut samples = Vec::new();
     match args.rate {
         Some(rate) => {
@@ -416,26 +451,41 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
             // together (10 at once at 10,000 req/s) instead of spread out.
             let runtime = tokio::runtime::Handle::current();
             let channels = channels.clone();
-            let (queries, duration, seed) = (queries.clone(), args.duration, args.seed);
+            let (queries, seed) = (queries.clone(), args.seed);
             let tasks = tokio::task::spawn_blocking(move || {
                 let mut tasks = Vec::new();
-                let mut at = 0.0;
+                let (mut at, mut measured) = (Duration::ZERO, 0usize);
                 for (i, gap) in arrivals(rate, seed).enumerate() {
-                    at += gap;
-                    if at > duration || i >= budget {
+                    at += Duration::from_secs_f64(gap);
+                    let due = begin + at;
+                    if due > end || measured >= budget {
                         break;
                     }
-                    pace_until(started + Duration::from_secs_f64(at));
+                    let in_warmup = due < started;
+                    measured += usize::from(!in_warmup);
+                    pace_until(due);
                     let (channel, queries) = (channels[i % channels.len()].clone(), queries.clone());
-                    tasks.push(runtime.spawn(async move {
-                        one(channel, mode, &queries[i % queries.len()], max_tokens, started).await
-                    }));
+                    let task = runtime.spawn(async move {
+                        one(
+                            channel,
+                            mode,
+                            &queries[i % queries.len()],
+                            max_tokens,
+                            started,
+                            Some(due),
+                        )
+                        .await
+                    });
+                    tasks.push((in_warmup, task));
                 }
                 tasks
             })
             .await?;
-            for t in tasks {
-                samples.push(t.await?);
+            for (in_warmup, t) in tasks {
+                let sample = t.await?;
+                if !in_warmup {
+                    samples.push(sample);
+                }
             }
         }
         None => {
@@ -446,11 +496,26 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                 tasks.push(tokio::spawn(async move {
                     let mut samples = Vec::new();
                     let mut i = c;
-                    while started.elapsed() < deadline
-                        && sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < budget
-                    {
-                        samples
-                            .push(one(channel.clone(), mode, &queries[i % queries.len()], max_tokens, started).await);
+                    loop {
+                        let now = Instant::now();
+                        let in_warmup = now < started;
+                        if now >= end
+                            || (!in_warmup && sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= budget)
+                        {
+                            break;
+                        }
+                        let sample = one(
+                            channel.clone(),
+                            mode,
+                            &queries[i % queries.len()],
+                            max_tokens,
+                            started,
+                            None,
+                        )
+                        .await;
+                        if !in_warmup {
+                            samples.push(sample);
+                        }
                         i += 1;
                     }
                     samples
@@ -473,6 +538,9 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
             .or_insert(0) += 1;
     }
     let lat: Vec<f64> = ok.iter().map(|s| s.latency_ms).collect();
+    let open = args.rate.is_some();
+    let late: Vec<f64> = ok.iter().map(|s| s.late_ms).collect();
+    let from_schedule: Vec<f64> = ok.iter().map(|s| s.late_ms + s.latency_ms).collect();
     let ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft_ms).collect();
     let itl: Vec<f64> = ok.iter().flat_map(|s| s.itl_ms.iter().copied()).collect();
     let tokens: u32 = ok.iter().map(|s| s.tokens_out).sum();
@@ -489,6 +557,8 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
         requests_per_second: ok.len() as f64 / elapsed_s,
         output_tokens_per_second: f64::from(tokens) / elapsed_s,
         latency_ms: summarize(&lat),
+        start_late_ms: open.then(|| summarize(&late)),
+        latency_from_schedule_ms: open.then(|| summarize(&from_schedule)),
         ttft_ms: (!ttft.is_empty()).then(|| summarize(&ttft)),
         itl_ms: (!itl.is_empty()).then(|| summarize(&itl)),
         goodput_requests_per_second: good as f64 / elapsed_s,
@@ -527,11 +597,17 @@ fn print_report(r: &Report) {
     );
     let row = |name: &str, s: &Summary| {
         println!(
-            "  {name:<8} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  mean {:>8.2}  (ms)",
+            "  {name:<13} p50 {:>8.2}  p90 {:>8.2}  p99 {:>8.2}  mean {:>8.2}  (ms)",
             s.p50, s.p90, s.p99, s.mean
         );
     };
     row("latency", &r.latency_ms);
+    if let Some(s) = &r.start_late_ms {
+        row("start late", s);
+    }
+    if let Some(s) = &r.latency_from_schedule_ms {
+        row("from schedule", s);
+    }
     if let Some(s) = &r.ttft_ms {
         row("ttft", s);
     }
@@ -595,6 +671,7 @@ mod tests {
     fn sample(ok: bool, ttft: f64, itl: &[f64], latency: f64) -> Sample {
         Sample {
             at_s: 0.0,
+            late_ms: 0.0,
             latency_ms: latency,
             ttft_ms: Some(ttft),
             itl_ms: itl.to_vec(),
@@ -616,6 +693,29 @@ mod tests {
         assert!(!slo.met(&sample(true, 400.0, &[50.0, 40.0], 900.0)));
         assert!(!slo.met(&sample(false, 1.0, &[1.0], 1.0)));
         assert!(Slo::default().met(&sample(true, 1e9, &[1e9], 1e9)));
+    }
+
+    #[test]
+    fn latency_from_schedule_adds_the_start_lateness() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["load", "--rate", "100"]).unwrap();
+        let samples: Vec<Sample> = (1..=100)
+            .map(|k| Sample {
+                late_ms: if k > 95 { 10.0 } else { 0.0 },
+                ..sample(true, 0.0, &[], f64::from(k) / 10.0)
+            })
+            .collect();
+        let r = report(&cli.args, &samples, 1.0, &Slo::default());
+        let (late, from) = (r.start_late_ms.unwrap(), r.latency_from_schedule_ms.unwrap());
+        assert_eq!((late.p50, late.p99), (0.0, 10.0));
+        // From send: 9.9 ms at p99; from schedule the five late ones are 19.6..20.0 ms.
+        assert!((r.latency_ms.p99 - 9.9).abs() < 1e-9, "{}", r.latency_ms.p99);
+        assert!((from.p99 - 19.9).abs() < 1e-9, "{}", from.p99);
+        assert!((from.p50 - r.latency_ms.p50).abs() < 1e-9);
+        // The closed loop has no schedule: neither figure is reported.
+        let closed = Cli::try_parse_from(["load"]).unwrap();
+        let r = report(&closed.args, &samples, 1.0, &Slo::default());
+        assert!(r.start_late_ms.is_none() && r.latency_from_schedule_ms.is_none());
     }
 
     #[test]
@@ -711,9 +811,10 @@ mod tests {
             .expect("every call is answered");
         // The load generator's two loops over the same sockets: nothing fails or hangs.
         let queries = std::sync::Arc::new(vec!["a".to_string(), "b".to_string()]);
+        // Half a second of warm-up load first, left out of the samples.
         for flags in [
-            ["--concurrency", "32", "--requests", "2000"],
-            ["--rate", "4000", "--duration", "0.5"],
+            ["--concurrency", "32", "--requests", "2000", "--warmup-s", "0.5"],
+            ["--rate", "4000", "--duration", "0.5", "--warmup-s", "0.5"],
         ] {
             let cli = Cli::try_parse_from(["load", "--addr", &addr].into_iter().chain(flags)).unwrap();
             let (samples, _) = tokio::time::timeout(Duration::from_secs(30), drive(&cli.args, &addr, &queries))
@@ -721,11 +822,16 @@ mod tests {
                 .expect("the load run finishes")
                 .unwrap();
             assert!(samples.iter().all(|s| s.ok), "{flags:?}: failed requests");
+            assert!(
+                samples.iter().all(|s| (0.0..0.6).contains(&s.at_s)),
+                "{flags:?}: a sample started before the measurement or after its end"
+            );
             match flags[0] {
                 "--concurrency" => assert_eq!(samples.len(), 2000),
+                // 4,000/s over the measured 0.5 s, not the 2,000 of the warm-up too.
                 _ => assert!(
                     (1_500..=2_500).contains(&samples.len()),
-                    "open loop sent {}",
+                    "open loop measured {}",
                     samples.len()
                 ),
             }
