@@ -16,9 +16,8 @@ use flywheel_proto::v1::chat_stream_message::Event;
 use flywheel_proto::v1::router_client::RouterClient;
 use flywheel_proto::v1::{ChatRequest, GenerationOptions, RouteRequest};
 use serde::Serialize;
-use tonic::transport::Channel;
 
-use crate::admin::{connect, connect_for_load};
+use crate::admin::{LoadChannel, connect, connect_for_load};
 use crate::stats::{Summary, summarize};
 
 /// What each request does.
@@ -230,7 +229,7 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
 
 /// One request. `due` is its scheduled arrival in the open loop.
 async fn one(
-    channel: Channel,
+    channel: LoadChannel,
     mode: Mode,
     query: &str,
     max_tokens: u32,
@@ -449,11 +448,15 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
             // schedule is kept by a plain thread: tokio's timers have 1 ms
             // ticks, which would release the arrivals of each millisecond
             // together (10 at once at 10,000 req/s) instead of spread out.
+            // Each request hands its sample back as it finishes, so its task
+            // is freed then: holding every task to the end grew the
+            // generator by ~4 KB a request, and the page faults of that
+            // growth stalled it for milliseconds at a time.
             let runtime = tokio::runtime::Handle::current();
             let channels = channels.clone();
             let (queries, seed) = (queries.clone(), args.seed);
-            let tasks = tokio::task::spawn_blocking(move || {
-                let mut tasks = Vec::new();
+            let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+            let pacer = tokio::task::spawn_blocking(move || {
                 let (mut at, mut measured) = (Duration::ZERO, 0usize);
                 for (i, gap) in arrivals(rate, seed).enumerate() {
                     at += Duration::from_secs_f64(gap);
@@ -464,9 +467,10 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                     let in_warmup = due < started;
                     measured += usize::from(!in_warmup);
                     pace_until(due);
-                    let (channel, queries) = (channels[i % channels.len()].clone(), queries.clone());
-                    let task = runtime.spawn(async move {
-                        one(
+                    let (channel, queries, done) =
+                        (channels[i % channels.len()].clone(), queries.clone(), done.clone());
+                    runtime.spawn(async move {
+                        let sample = one(
                             channel,
                             mode,
                             &queries[i % queries.len()],
@@ -474,19 +478,25 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                             started,
                             Some(due),
                         )
-                        .await
+                        .await;
+                        // The receiver lives until every sender is gone.
+                        let _ = done.send((in_warmup, sample));
                     });
-                    tasks.push((in_warmup, task));
                 }
-                tasks
-            })
-            .await?;
-            for (in_warmup, t) in tasks {
-                let sample = t.await?;
+                measured
+            });
+            // Senders are dropped as requests finish: the loop ends after the last.
+            while let Some((in_warmup, sample)) = finished.recv().await {
                 if !in_warmup {
                     samples.push(sample);
                 }
             }
+            let measured = pacer.await?;
+            anyhow::ensure!(
+                samples.len() == measured,
+                "{} of {measured} requests ended without a result (a request task panicked)",
+                measured - samples.len()
+            );
         }
         None => {
             let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
