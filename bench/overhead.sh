@@ -24,9 +24,11 @@ bench --baseline-addr http://127.0.0.1:50062 --concurrency 64 \
   --json var/bench/closed.json --plot var/bench/closed
 # 1,000 req/s is a tenth of the target load: what the machine's own wake-up
 # latency leaves as a floor for the tail, in the same run.
+# Steady state: 5 s of the same arrivals first, not measured (the generator is
+# a fresh process at each step; its first seconds carry start-up page faults).
 for rate in 1000 5000 10000; do
   echo "== open loop, $rate req/s (logging on)"
-  bench --rate "$rate" --json "var/bench/open-$rate.json" --plot "var/bench/open-$rate"
+  bench --rate "$rate" --warmup-s 5 --json "var/bench/open-$rate.json" --plot "var/bench/open-$rate"
 done
 echo "== streaming chat, 16 clients (stub answer, no per-token delay)"
 "$bin/flywheel-bench" --addr http://127.0.0.1:50061 --mode chat --concurrency 16 --duration "$secs" \
