@@ -24,7 +24,7 @@ pub async fn connect(addr: &str) -> anyhow::Result<Channel> {
 /// server it measures, low: the socket's writes are coalesced
 /// ([`flywheel_proto::coalesce`]), so requests sent together leave in one
 /// syscall instead of one each; and requests go from the calling task
-/// straight to hyper's connection task, where a [`Channel`] first queues
+/// straight to hyper's connection task, whereas a [`Channel`] first queues
 /// them for a buffer task of its own (one more task hop and wake-up per
 /// request).
 #[derive(Clone)]
@@ -48,8 +48,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for LoadChannel {
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> ResponseFuture {
-        // The generated clients send the path only; HTTP/2 wants the
-        // scheme and authority too.
+        // The generated clients send the path only (always one: the
+        // method's); HTTP/2 wants the scheme and authority too.
         let mut uri = std::mem::take(request.uri_mut()).into_parts();
         uri.scheme = Some(self.scheme.clone());
         uri.authority = Some(self.authority.clone());
