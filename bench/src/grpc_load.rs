@@ -494,8 +494,8 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
             let measured = pacer.await?;
             anyhow::ensure!(
                 samples.len() == measured,
-                "{} of {measured} requests ended without a result (a request task panicked)",
-                measured - samples.len()
+                "{measured} measured requests were sent but {} results came back (a request task panicked)",
+                samples.len()
             );
         }
         None => {
