@@ -437,8 +437,7 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
     }
     // The load runs from `begin`; what starts before `started` is warm-up.
     let begin = Instant::now();
-    let warmup = Duration::from_secs_f64(args.warmup_s);
-    let started = begin + warmup;
+    let started = begin + Duration::from_secs_f64(args.warmup_s);
     let end = started + Duration::from_secs_f64(args.duration);
     let mut samples = Vec::new();
     match args.rate {
@@ -549,8 +548,6 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
     }
     let lat: Vec<f64> = ok.iter().map(|s| s.latency_ms).collect();
     let open = args.rate.is_some();
-    let late: Vec<f64> = ok.iter().map(|s| s.late_ms).collect();
-    let from_schedule: Vec<f64> = ok.iter().map(|s| s.late_ms + s.latency_ms).collect();
     let ttft: Vec<f64> = ok.iter().filter_map(|s| s.ttft_ms).collect();
     let itl: Vec<f64> = ok.iter().flat_map(|s| s.itl_ms.iter().copied()).collect();
     let tokens: u32 = ok.iter().map(|s| s.tokens_out).sum();
@@ -567,8 +564,9 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
         requests_per_second: ok.len() as f64 / elapsed_s,
         output_tokens_per_second: f64::from(tokens) / elapsed_s,
         latency_ms: summarize(&lat),
-        start_late_ms: open.then(|| summarize(&late)),
-        latency_from_schedule_ms: open.then(|| summarize(&from_schedule)),
+        start_late_ms: open.then(|| summarize(&ok.iter().map(|s| s.late_ms).collect::<Vec<_>>())),
+        latency_from_schedule_ms: open
+            .then(|| summarize(&ok.iter().map(|s| s.late_ms + s.latency_ms).collect::<Vec<_>>())),
         ttft_ms: (!ttft.is_empty()).then(|| summarize(&ttft)),
         itl_ms: (!itl.is_empty()).then(|| summarize(&itl)),
         goodput_requests_per_second: good as f64 / elapsed_s,
