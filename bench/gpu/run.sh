@@ -7,9 +7,9 @@
 #
 #   bench/gpu/run.sh [STEPS=all] [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
 #
-# STEPS: `all`, or any of `engine` (step 1), `server` (2), `server-bf16`
-# (2b), `train` (3), `baseline` (4) joined with `+`, in the order they should
-# run. The packed
+# STEPS: `all`, or any of `engine` (step 1), `engine-contiguous` (1b),
+# `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
+# `baseline` (4) joined with `+`, in the order they should run. The packed
 # CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
 # machine cannot hold all three: `engine+server` needs flywheel-bench,
 # flywheel-server and the model; `train+baseline` flywheel-trainer, the model
@@ -21,11 +21,16 @@
 # Steps (each logged, a failed one does not stop the others):
 #   1. engine in process: load, route decision p50/p99 (back to back and
 #      idle), TTFT (58-token prompt), prefill, batch-1 decode tokens/s after a
-#      short and a ~500-token prompt                    (flywheel-bench engine)
+#      short and a ~500-token prompt, the generation engine with paged
+#      attention (the GPU default)                      (flywheel-bench engine)
+#  1b. the same with the contiguous KV cache (paged_attention = "off"): TTFT,
+#      prefill and decode, to compare in the same run
 #   2. the gRPC server on the GPU: route through gRPC, streaming chat at 1, 8,
 #      32 and 64 concurrent streams                    (flywheel-bench)
 #  2b. the same server with bf16 activations (f32 is the default): route,
 #      chat at 1 and 8 streams, to compare in the same run
+#  2c. the same server with the contiguous KV cache and mistral.rs's default
+#      scheduler (paged_attention = "off"): route, chat at 1, 8, 32, 64 streams
 #   3. LoRA SFT on 685 HWU64 examples, 3 epochs, r16, all linear layers: all
 #      30 blocks (PEFT's setting) and the default top 8  (flywheel-trainer train)
 #   4. same-machine baseline: PyTorch + PEFT on the same model shape (bf16)
@@ -43,7 +48,8 @@ steps="${1:-all}"
 pack="${2:-var/gpu}"
 out="${3:-${OUT:-var/gpu/out}}"
 for s in ${steps//+/ }; do
-  case "$s" in engine|server|server-bf16|train|baseline) ;; *) echo "usage: $0 [all|engine+server+server-bf16+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+  case "$s" in engine|engine-contiguous|server|server-bf16|server-contiguous|train|baseline) ;;
+    *) echo "usage: $0 [all|engine+engine-contiguous+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
 done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
@@ -95,16 +101,28 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 # Each step is bounded (FLYWHEEL_GPU_STEP_S, default 180 s per command).
 limit="${FLYWHEEL_GPU_STEP_S:-180}"
 
-run_engine() {
-  step "1. engine in process ($device)"
-  (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine.log" 2>&1) &
+# engine TAG PAGED: flywheel-bench engine with --paged-attention PAGED, report engine$TAG.json.
+engine() {
+  local tag=$1 paged=$2
+  (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine$tag.log" 2>&1) &
   local dmon=$!
   timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" --activations f32 \
+    --paged-attention "$paged" \
     --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
-    --decode-long-prompt --json "$report/engine.json" 2>"$logs/engine.log"
-  echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine.log" | tail -5
+    --decode-long-prompt --json "$report/engine$tag.json" 2>"$logs/engine$tag.log"
+  echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine$tag.log" | tail -5
   kill $dmon 2>/dev/null; pkill -f "nvidia-smi dmon" 2>/dev/null
   summarise
+}
+
+run_engine() {
+  step "1. engine in process ($device)"
+  engine "" auto
+}
+
+run_engine-contiguous() {
+  step "1b. engine in process ($device), contiguous KV cache"
+  engine "-contiguous" off
 }
 
 # serve CONFIG TAG STREAMS...: the server on CONFIG, route at 1 client and
@@ -155,6 +173,13 @@ run_server-bf16() {
   sed 's/^device = "cuda"$/device = "cuda"\nactivations = "bf16"/' bench/gpu/server.toml > "$work/server-bf16.toml"
   grep -q '^activations = "bf16"' "$work/server-bf16.toml" || echo "could not set bf16 activations in the config"
   serve "$work/server-bf16.toml" "-bf16" ${FLYWHEEL_GPU_STREAMS:-1 8}
+}
+
+run_server-contiguous() {
+  step "2c. gRPC server ($device), contiguous KV cache (paged_attention = off)"
+  sed 's/^device = "cuda"$/device = "cuda"\npaged_attention = "off"/' bench/gpu/server.toml > "$work/server-contiguous.toml"
+  grep -q '^paged_attention = "off"' "$work/server-contiguous.toml" || echo "could not turn paged attention off in the config"
+  serve "$work/server-contiguous.toml" "-contiguous" ${FLYWHEEL_GPU_STREAMS:-1 8 32 64}
 }
 
 train() {

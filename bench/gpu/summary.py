@@ -32,10 +32,27 @@ def main():
         gpu = open(os.path.join(d, "gpu.txt")).read().strip()
     except OSError:
         pass
-    eng = load(d, "engine.json")
     peft = load(d, "peft.json")
     hf_tps = peft and peft.get("generate_tokens_per_second")
+    for tag in ("", "-contiguous"):
+        engine_rows(rows, load(d, f"engine{tag}.json"), peft, hf_tps)
+    server_rows(rows, d, hf_tps)
+    train_rows(rows, d, peft)
+    print(f"GPU: {gpu or 'none reported'}\n")
+    print("| metric | value | notes |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+
+
+def kv_label(eng):
+    if eng.get("paged_attention") is None:
+        return ""
+    return ", paged attention" if eng["paged_attention"] else ", contiguous KV cache"
+
+
+def engine_rows(rows, eng, peft, hf_tps):
     if eng:
+        kv = kv_label(eng)
         rows.append(("model load (GGUF -> ready, in process)", fmt(eng["load_ms"], " ms", 0), ""))
         r = eng["route_ms"]
         rows.append((f"route decision, in process ({eng['route_prompt_tokens']}-token prompt, prefix cached)",
@@ -46,19 +63,22 @@ def main():
                          f"p50 {fmt(idle['p50'], ' ms', 2)}, p99 {fmt(idle['p99'], ' ms', 2)}", "target p50 <= 5 ms"))
         t = eng["ttft_ms"]
         base = peft and peft.get("prefill_60_ms_p50")
-        rows.append((f"TTFT, {eng['ttft_prompt_tokens']}-token prompt, in process",
+        rows.append((f"TTFT, {eng['ttft_prompt_tokens']}-token prompt, in process{kv}",
                      f"p50 {fmt(t['p50'], ' ms', 2)}, p99 {fmt(t['p99'], ' ms', 2)}",
                      f"PyTorch prefill of 60 tokens: {fmt(base, ' ms', 2)}" if base else ""))
-        rows.append(("prefill", fmt(eng["prefill_tokens_per_second"], " tok/s", 0), ""))
+        rows.append((f"prefill{kv}", fmt(eng["prefill_tokens_per_second"], " tok/s", 0), ""))
         dec = eng["decode_tokens_per_second"]
-        rows.append(("decode, batch 1 (in process)", fmt(dec, " tok/s", 0),
+        rows.append((f"decode, batch 1 (in process){kv}", fmt(dec, " tok/s", 0),
                      f"{dec / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s); target 10x" if hf_tps else "target 10x HF generate"))
         long = eng.get("decode_long_prompt")
         if long:
-            rows.append((f"decode, batch 1, after a {long['prompt_tokens']}-token prompt (in process)",
+            rows.append((f"decode, batch 1, after a {long['prompt_tokens']}-token prompt (in process){kv}",
                          fmt(long["tokens_per_second"], " tok/s", 0),
                          f"{long['tokens_per_second'] / dec:.2f}x the short-prompt decode"))
-    for tag, label in (("", ""), ("-bf16", ", bf16 activations")):
+
+
+def server_rows(rows, d, hf_tps):
+    for tag, label in (("", ""), ("-bf16", ", bf16 activations"), ("-contiguous", ", contiguous KV cache")):
         try:
             load_ms = open(os.path.join(d, f"server-load{tag}.txt")).read().strip().split("=")[1]
             rows.append((f"server start: load and warm the router and answer engines{label}", f"{int(load_ms):,} ms", ""))
@@ -85,6 +105,9 @@ def main():
                 extra += f", {chat['errors']} errors {chat['errors_by_status']}"
             rows.append((f"streaming chat through gRPC, {c} streams{label}", fmt(chat["output_tokens_per_second"], " tok/s", 0),
                          f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
+
+
+def train_rows(rows, d, peft):
     peft_tps = peft and peft.get("lora_sft_tokens_per_second")
     for run in ("30", "8", "30-f32"):
         m = load(d, f"train-{run}.json")
@@ -105,11 +128,7 @@ def main():
     if peft:
         rows.append(("baseline: PyTorch " + peft.get("torch", "") + " + PEFT LoRA SFT (bf16, 685x48, batch 8)",
                      fmt(peft_tps, " tok/s", 0), f"{peft['lora_sft_seconds']:.1f} s for {peft['lora_sft_epochs']} epoch(s)"))
-        rows.append(("baseline: HF generate, batch 1 (bf16)", fmt(hf_tps, " tok/s", 1), ""))
-    print(f"GPU: {gpu or 'none reported'}\n")
-    print("| metric | value | notes |\n|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+        rows.append(("baseline: HF generate, batch 1 (bf16)", fmt(peft.get("generate_tokens_per_second"), " tok/s", 1), ""))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
-use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions, PagedAttention};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
 use flywheel_router::registry::{ServedModel, Slot};
 use futures::StreamExt;
@@ -65,6 +65,12 @@ pub struct Args {
     /// Activation and KV-cache type: `f32`, `bf16`, `f16` or `auto`.
     #[arg(long, default_value = "f32")]
     activations: Activations,
+    /// Paged attention of the generation engine: `auto` (on a GPU), `on` or `off`.
+    #[arg(long, default_value = "auto")]
+    paged_attention: PagedAttention,
+    /// Tokens the paged KV cache holds.
+    #[arg(long, default_value_t = flywheel_router::engine::paged::DEFAULT_PAGED_KV_TOKENS)]
+    paged_kv_tokens: usize,
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -79,6 +85,8 @@ struct Report {
     /// Decisions `route_gap_ms` apart (absent when not measured).
     route_ms_idle: Option<Summary>,
     route_gap_ms: u64,
+    /// The same decisions on a generation engine: no prefix cache, or with
+    /// paged attention its block-level one.
     route_ms_no_prefix_cache: Summary,
     route_prompt_tokens: u32,
     ttft_ms: Summary,
@@ -90,6 +98,8 @@ struct Report {
     threads: usize,
     device: String,
     activations: Activations,
+    /// Whether the generation engine (TTFT, prefill, decode) ran paged attention.
+    paged_attention: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -138,14 +148,13 @@ async fn decode_rates(
     Ok((rates, prompt_tokens))
 }
 
-fn options(path: &std::path::Path, router: bool, device: DeviceChoice, activations: Activations) -> MistralOptions {
+fn options(path: &std::path::Path, router: bool, args: &Args) -> MistralOptions {
     MistralOptions {
-        path: path.to_path_buf(),
-        max_num_seqs: flywheel_router::config::DEFAULT_MAX_NUM_SEQS,
-        prefix_cache_n: 0,
-        device,
-        activations,
-        router,
+        device: args.device,
+        activations: args.activations,
+        paged_attention: args.paged_attention,
+        paged_kv_tokens: args.paged_kv_tokens,
+        ..MistralOptions::new(path, router)
     }
 }
 
@@ -213,8 +222,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .len();
 
     let started = Instant::now();
-    let router: Arc<dyn Engine> =
-        Arc::new(MistralEngine::load(&options(&path, true, args.device, args.activations)).await?);
+    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true, &args)).await?);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
     // As served: a router engine, its prompt prefix primed in the cache.
@@ -226,8 +234,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     };
     let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests, gaps).await?;
     // Baseline: the same decisions on a generation engine (no prefix cache).
-    let engine: Arc<dyn Engine> =
-        Arc::new(MistralEngine::load(&options(&path, false, args.device, args.activations)).await?);
+    let engine = MistralEngine::load(&options(&path, false, &args)).await?;
+    let paged_attention = engine.paged_attention();
+    let engine: Arc<dyn Engine> = Arc::new(engine);
     let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests, &[Duration::ZERO]).await?;
 
     let mut ttft = Vec::new();
@@ -301,6 +310,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         device: args.device.to_string(),
         activations: args.activations,
+        paged_attention,
     };
     print_report(&report);
     if let Some(path) = &args.json {
@@ -328,12 +338,21 @@ fn print_report(r: &Report) {
             idle.p50, idle.p99, r.route_gap_ms
         );
     }
+    // A paged generation engine keeps its block-level prefix cache.
+    let baseline = if r.paged_attention {
+        "route (gen. eng.)"
+    } else {
+        "route (no cache)"
+    };
     println!(
-        "route (no cache) p50 {:.1} ms  p99 {:.1} ms  -> cache speed-up {:.2}x at p50",
+        "{baseline} p50 {:.1} ms  p99 {:.1} ms  -> router engine speed-up {:.2}x at p50",
         r.route_ms_no_prefix_cache.p50,
         r.route_ms_no_prefix_cache.p99,
         r.route_ms_no_prefix_cache.p50 / r.route_ms.p50
     );
+    if r.paged_attention {
+        println!("                 TTFT, prefill and decode below: generation engine with paged attention");
+    }
     println!(
         "TTFT             p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens)",
         r.ttft_ms.p50, r.ttft_ms.p99, r.ttft_prompt_tokens

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::mistral::{Activations, DeviceChoice};
+use crate::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
 use crate::feedback::FeedbackSpec;
 use crate::guardrails::rails::RailsSpec;
 
@@ -97,7 +98,19 @@ pub struct ModelSpec {
     /// Activation and KV-cache type: `f32` (default), `bf16`, `f16` or `auto`.
     #[serde(default)]
     pub activations: Activations,
+    /// Paged attention for the entry's generation engine: `auto` (default:
+    /// on where the model runs on a GPU), `on` or `off` (see
+    /// [`crate::engine::paged`]).
+    #[serde(default)]
+    pub paged_attention: PagedAttention,
+    /// Tokens the paged KV cache holds, all running sequences together
+    /// (GPU memory: tokens x layers x 2 x KV width x activation size).
+    #[serde(default = "default_paged_kv_tokens")]
+    pub paged_kv_tokens: usize,
 }
+
+/// Smallest `paged_kv_tokens`: one long prompt.
+pub const MIN_PAGED_KV_TOKENS: usize = 2048;
 
 impl ModelSpec {
     /// The version label of this model.
@@ -115,6 +128,9 @@ fn default_max_num_seqs() -> usize {
 }
 fn default_prefix_cache_n() -> usize {
     DEFAULT_PREFIX_CACHE_N
+}
+fn default_paged_kv_tokens() -> usize {
+    DEFAULT_PAGED_KV_TOKENS
 }
 fn default_device() -> DeviceChoice {
     DeviceChoice::Cpu
@@ -330,6 +346,8 @@ impl Default for EngineSettings {
                     prefix_cache_n: DEFAULT_PREFIX_CACHE_N,
                     device: DeviceChoice::Cpu,
                     activations: Activations::F32,
+                    paged_attention: PagedAttention::Auto,
+                    paged_kv_tokens: DEFAULT_PAGED_KV_TOKENS,
                 },
             )]),
             router: RouterSpec::default(),
@@ -394,6 +412,15 @@ impl EngineSettings {
             m.device
                 .check_supported()
                 .map_err(|e| invalid(format!("models.{name}.device"), e.to_string()))?;
+            m.paged_attention
+                .check_device(m.device)
+                .map_err(|e| invalid(format!("models.{name}.paged_attention"), e))?;
+            if m.paged_kv_tokens < MIN_PAGED_KV_TOKENS {
+                return Err(invalid(
+                    format!("models.{name}.paged_kv_tokens"),
+                    format!("must be at least {MIN_PAGED_KV_TOKENS} (one long prompt)"),
+                ));
+            }
         }
         if !self.models.contains_key(&self.router.model) {
             return Err(invalid(

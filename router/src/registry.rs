@@ -151,6 +151,8 @@ impl EngineLoader for MistralLoader {
             device: spec.device,
             activations: spec.activations,
             router,
+            paged_attention: spec.paged_attention,
+            paged_kv_tokens: spec.paged_kv_tokens,
         })
         .await?;
         Ok(Arc::new(engine))

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent, LabelSet};
 use futures::StreamExt;
 
@@ -23,12 +23,8 @@ fn model() -> PathBuf {
 async fn engine(router: bool) -> Arc<dyn Engine> {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
     let opts = MistralOptions {
-        path: model(),
         max_num_seqs: 8,
-        prefix_cache_n: 0,
-        device: DeviceChoice::Cpu,
-        activations: Activations::F32,
-        router,
+        ..MistralOptions::new(model(), router)
     };
     Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))
 }
@@ -135,4 +131,49 @@ async fn generation_engine_streams_then_reports_usage() {
     let done = done.expect("a Done event ends the stream");
     assert!(deltas > 0 && done.usage.completion_tokens as usize >= deltas.min(8) - 1);
     assert!(done.usage.completion_tokens <= 8);
+}
+
+/// Paged attention is a GPU feature of mistral.rs: on the CPU `auto` keeps the
+/// contiguous cache and the model serves; `on` for a generation engine that
+/// ended up on the CPU (`device = "auto"` without a GPU) is a load error that
+/// says what to change; a router engine never uses it, so `on` does not stop
+/// the same entry from routing.
+#[tokio::test]
+async fn paged_attention_on_the_cpu_is_off_for_auto_and_an_error_for_on() {
+    use flywheel_router::engine::mistral::{DeviceChoice, PagedAttention};
+    let opts = |paged_attention, router| MistralOptions {
+        device: DeviceChoice::Auto,
+        paged_attention,
+        ..MistralOptions::new(model(), router)
+    };
+    if flywheel_router::device::CUDA_BUILT {
+        return; // `auto` may open a GPU here; this test is about the CPU.
+    }
+    let auto = MistralEngine::load(&opts(PagedAttention::Auto, false)).await.unwrap();
+    assert!(!auto.paged_attention());
+    let mut stream = auto
+        .generate(
+            vec![ChatMessage::user("Say hi.")],
+            GenerateParams {
+                max_tokens: 2,
+                temperature: None,
+                top_p: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(stream.next().await.unwrap().is_ok());
+    drop(stream);
+    drop(auto);
+
+    let Err(err) = MistralEngine::load(&opts(PagedAttention::On, false)).await else {
+        panic!("paged attention on the CPU loaded");
+    };
+    let chain = format!("{:#}", anyhow::Error::new(err));
+    assert!(
+        chain.contains("needs a GPU") && chain.contains("paged_attention = \"auto\""),
+        "{chain}"
+    );
+    let router = MistralEngine::load(&opts(PagedAttention::On, true)).await.unwrap();
+    assert!(!router.paged_attention());
 }

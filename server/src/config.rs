@@ -455,6 +455,63 @@ mod tests {
     }
 
     #[test]
+    fn paged_attention_defaults_to_auto_and_on_needs_a_device_that_can_be_a_gpu() {
+        use flywheel_router::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
+        let model = |extra: &str| format!("[models.smollm2]\npath = \"m.gguf\"\n{extra}");
+        let c = Config::from_toml(&model("")).unwrap();
+        let m = &c.settings.models["smollm2"];
+        assert_eq!(
+            (m.paged_attention, m.paged_kv_tokens),
+            (PagedAttention::Auto, DEFAULT_PAGED_KV_TOKENS)
+        );
+        c.settings.validate().unwrap();
+
+        let c = Config::from_toml(&model("paged_attention = \"off\"\npaged_kv_tokens = 4096\n")).unwrap();
+        let m = &c.settings.models["smollm2"];
+        assert_eq!((m.paged_attention, m.paged_kv_tokens), (PagedAttention::Off, 4096));
+        c.settings.validate().unwrap();
+
+        // `on` with the CPU can never hold: refused before any model is read.
+        let err = Config::from_toml(&model("paged_attention = \"on\"\n"))
+            .unwrap()
+            .settings
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models.smollm2.paged_attention") && err.contains("device = \"cpu\""),
+            "{err}"
+        );
+        // The device flag applies before the check: with `auto` it may hold.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, model("paged_attention = \"on\"\n")).unwrap();
+        let flags = |device| Flags {
+            config: Some(path.clone()),
+            device,
+            ..Flags::default()
+        };
+        assert!(Config::load(&flags(None)).is_err());
+        let c = Config::load(&flags(Some(DeviceChoice::Auto))).unwrap();
+        assert_eq!(c.settings.models["smollm2"].paged_attention, PagedAttention::On);
+
+        let err = Config::from_toml(&model("paged_kv_tokens = 100\n"))
+            .unwrap()
+            .settings
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("models.smollm2.paged_kv_tokens") && err.contains("2048"),
+            "{err}"
+        );
+        let err = Config::from_toml(&model("paged_attention = \"yes\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("yes") && err.contains("auto, on or off"), "{err}");
+    }
+
+    #[test]
     fn otlp_endpoint_comes_from_file_or_flag_and_must_be_a_url() {
         let c = Config::from_toml("otlp_endpoint = \"http://collector:4317\"\n").unwrap();
         assert_eq!(c.otlp_endpoint.as_deref(), Some("http://collector:4317"));

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, Var};
 use common::trainer;
-use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, LabelSet};
 use flywheel_trainer::finetune::export::{OutDType, TaskMeta, write_merged_gguf};
 use flywheel_trainer::finetune::llama::Llama;
@@ -73,12 +73,8 @@ async fn merged_model_loads_in_the_engine_with_the_trainers_logits() {
     write_merged_gguf(&out, &content, &model, &originals, Some(&task), OutDType::F32).unwrap();
 
     let engine = MistralEngine::load(&MistralOptions {
-        path: out.clone(),
         max_num_seqs: 1,
-        prefix_cache_n: 0,
-        device: DeviceChoice::Cpu,
-        activations: Activations::F32,
-        router: false,
+        ..MistralOptions::new(out.clone(), false)
     })
     .await
     .unwrap();

@@ -36,8 +36,9 @@ use mistralrs::core::{
     DeviceMapSetting, GGUFLoaderBuilder, GGUFSpecificConfig, MistralRsBuilder, RequestMessage, TokenizationRequest,
 };
 use mistralrs::{
-    Constraint, CustomLogitsProcessor, DefaultSchedulerMethod, MessageContent, Model, ModelDType, NormalRequest,
-    Request, Response, SamplingParams, SchedulerConfig, Tensor, TokenSource,
+    Constraint, CustomLogitsProcessor, DefaultSchedulerMethod, MemoryGpuConfig, MessageContent, Model, ModelDType,
+    NormalRequest, PagedAttentionConfig, PagedCacheType, Request, Response, SamplingParams, SchedulerConfig, Tensor,
+    TokenSource,
 };
 use tokio::sync::mpsc;
 
@@ -47,6 +48,7 @@ use super::{
     LabelSet, TokenStream, Usage,
 };
 
+pub use super::paged::PagedAttention;
 pub use crate::device::DeviceChoice;
 
 /// Number type of the activations and the KV cache around the quantized
@@ -142,6 +144,26 @@ pub struct MistralOptions {
     pub activations: Activations,
     /// This engine makes route decisions (see the module docs).
     pub router: bool,
+    /// Paged attention for a generation engine on a GPU (see [`super::paged`]).
+    pub paged_attention: PagedAttention,
+    /// Tokens the paged KV cache holds, all sequences together.
+    pub paged_kv_tokens: usize,
+}
+
+impl MistralOptions {
+    /// Options for `path` with the defaults of a `[models.*]` entry on the CPU.
+    pub fn new(path: impl Into<PathBuf>, router: bool) -> Self {
+        Self {
+            path: path.into(),
+            max_num_seqs: crate::config::DEFAULT_MAX_NUM_SEQS,
+            prefix_cache_n: 0,
+            device: DeviceChoice::Cpu,
+            activations: Activations::F32,
+            router,
+            paged_attention: PagedAttention::Auto,
+            paged_kv_tokens: super::paged::DEFAULT_PAGED_KV_TOKENS,
+        }
+    }
 }
 
 /// Streaming responses buffered between the engine thread and the caller.
@@ -162,6 +184,8 @@ pub struct MistralEngine {
     /// raw-logit prompt is never batched with another prompt; after the last
     /// pass of a decision it is held until mistral.rs retires the sequence.
     prompt_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Runs mistral.rs's paged attention (see [`super::paged`]).
+    paged: bool,
 }
 
 impl MistralEngine {
@@ -196,6 +220,22 @@ impl MistralEngine {
             source,
         };
         let device = opts.device.open().map_err(|e| load_err(anyhow::Error::new(e)))?;
+        let paged = opts
+            .paged_attention
+            .resolve(&device, opts.router)
+            .map_err(|m| load_err(anyhow::anyhow!(m)))?;
+        let paged_config = if paged {
+            Some(
+                PagedAttentionConfig::new(
+                    None,
+                    MemoryGpuConfig::ContextSize(opts.paged_kv_tokens),
+                    PagedCacheType::Auto,
+                )
+                .map_err(load_err)?,
+            )
+        } else {
+            None
+        };
         // The loader mistral.rs's `GgufModelBuilder` wraps, called directly so
         // that the model goes on the device asked for (the builder always
         // picks GPU 0) with the activation type asked for (the builder always
@@ -219,30 +259,53 @@ impl MistralEngine {
                 true,
                 DeviceMapSetting::dummy(),
                 None,
-                None,
+                paged_config,
             )
             .map_err(load_err)?;
         let max_num_seqs = NonZeroUsize::new(opts.max_num_seqs.max(1)).unwrap_or(NonZeroUsize::MIN);
-        let runner = MistralRsBuilder::new(
-            pipeline,
-            SchedulerConfig::DefaultScheduler {
-                method: DefaultSchedulerMethod::Fixed(max_num_seqs),
-            },
-            false,
-            None,
-        )
-        .with_no_kv_cache(false)
-        .with_no_prefix_cache(prefix_cache_n == 0)
-        .with_prefix_cache_n(prefix_cache_n.max(1))
-        .build()
-        .await;
+        let paged_scheduler = if paged {
+            paged_scheduler(&pipeline, max_num_seqs.get()).await
+        } else {
+            None
+        };
+        if paged && paged_scheduler.is_none() {
+            let why = "mistral.rs loaded the model without paged attention";
+            if opts.paged_attention == PagedAttention::On {
+                return Err(load_err(anyhow::anyhow!(
+                    "{why}; set paged_attention = \"auto\" or \"off\""
+                )));
+            }
+            tracing::warn!(model = %path.display(), "{why}: using the contiguous KV cache");
+        }
+        let paged = paged_scheduler.is_some();
+        if paged {
+            tracing::info!(model = %path.display(), kv_tokens = opts.paged_kv_tokens, "paged attention on");
+        }
+        let scheduler = paged_scheduler.unwrap_or(SchedulerConfig::DefaultScheduler {
+            method: DefaultSchedulerMethod::Fixed(max_num_seqs),
+        });
+        // A paged engine's prefix cache is block-level inside its KV pool
+        // (bounded, no copies), so it stays on whatever `prefix_cache_n` says.
+        let no_prefix_cache = prefix_cache_n == 0 && !paged;
+        let runner = MistralRsBuilder::new(pipeline, scheduler, false, None)
+            .with_no_kv_cache(false)
+            .with_no_prefix_cache(no_prefix_cache)
+            .with_prefix_cache_n(prefix_cache_n.max(1))
+            .build()
+            .await;
         let model = Model::new(runner);
         Ok(Self {
             model,
             plans: Mutex::new(HashMap::new()),
             router: opts.router,
             prompt_gate: Arc::new(tokio::sync::Mutex::new(())),
+            paged,
         })
+    }
+
+    /// Whether this engine runs mistral.rs's paged attention.
+    pub fn paged_attention(&self) -> bool {
+        self.paged
     }
 
     fn sender(&self) -> Result<mpsc::Sender<Request>, EngineError> {
@@ -406,6 +469,16 @@ impl MistralEngine {
         };
         (result, Some(Retiring(rx)))
     }
+}
+
+/// The PagedAttention scheduler for a pipeline loaded with paged attention
+/// (`None` when mistral.rs turned it off, e.g. for a model on the CPU).
+async fn paged_scheduler<P: ?Sized + mistralrs::core::Pipeline>(
+    pipeline: &tokio::sync::Mutex<P>,
+    max_num_seqs: usize,
+) -> Option<SchedulerConfig> {
+    let config = pipeline.lock().await.get_metadata().cache_config.clone()?;
+    Some(SchedulerConfig::PagedAttentionMeta { max_num_seqs, config })
 }
 
 /// A raw-logit sequence mistral.rs still has scheduled.

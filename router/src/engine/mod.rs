@@ -8,6 +8,7 @@
 
 pub mod labels;
 pub mod mistral;
+pub mod paged;
 pub mod stub;
 
 use std::pin::Pin;

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file;
-use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{DeviceChoice, MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, EngineError, LabelSet};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -446,12 +446,8 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         "tokenizing with the serving engine"
     );
     let engine = MistralEngine::load(&MistralOptions {
-        path: args.base.clone(),
         max_num_seqs: 1,
-        prefix_cache_n: 0,
-        device: DeviceChoice::Cpu,
-        activations: Activations::F32,
-        router: false,
+        ..MistralOptions::new(args.base.clone(), false)
     })
     .await?;
     let (seqs, skipped) = tokenize(&engine, &examples, &labels, &args.system_prompt, args.max_seq_len).await?;
