@@ -2,10 +2,12 @@
 //!
 //! The forward pass matches the GGUF Llama that mistral.rs serves (interleaved
 //! rotary embedding on the GGUF's permuted Q/K rows, RMS norms, SwiGLU MLP,
-//! grouped-query attention, tied or separate output head), built only from
-//! ops candle can differentiate. Base weights are dequantized to f32 and stay
-//! constants; trainable parameters are the [`LoraAdapter`]s and, with full
-//! fine-tuning, the weights of the trained blocks ([`Weight::Trained`]).
+//! grouped-query attention, tied or separate output head), built from ops
+//! candle can differentiate and the fused RMS norm and softmax of
+//! [`super::ops`], which bring their own backward passes. Base weights are
+//! dequantized to f32 and stay constants; trainable parameters are the
+//! [`LoraAdapter`]s and, with full fine-tuning, the weights of the trained
+//! blocks ([`Weight::Trained`]).
 //!
 //! Training only ever needs a few positions' logits (the answer tokens), so
 //! the head is applied to gathered hidden rows ([`Llama::logits`]) rather
@@ -15,7 +17,7 @@ use std::collections::HashMap;
 use std::io::{Read, Seek};
 
 use candle_core::quantized::{QTensor, gguf_file};
-use candle_core::{D, Device, IndexOp, Tensor, Var};
+use candle_core::{Device, IndexOp, Tensor, Var};
 
 use super::lora::LoraAdapter;
 use super::{FinetuneError, gguf_err};
@@ -221,7 +223,10 @@ impl Linear {
     /// # Errors
     /// Shape mismatches.
     pub fn forward(&self, x: &Tensor, dropout: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let y = x.matmul(&self.weight.tensor().t()?)?;
+        let y = match &self.weight {
+            Weight::Frozen(w) => super::ops::frozen_matmul(x, w)?,
+            Weight::Trained(w) => x.matmul(&w.as_tensor().t()?)?,
+        };
         match &self.lora {
             None => Ok(y),
             Some(lora) => {
@@ -274,6 +279,10 @@ pub struct Llama {
     /// Rotary tables `[MAX_POSITIONS, head_dim]`, see [`rope_tables`].
     cos: Tensor,
     sin: Tensor,
+    /// The same, times the attention scale `1/sqrt(head_dim)`, for the
+    /// queries: one product on q instead of one on the attention scores.
+    cos_q: Tensor,
+    sin_q: Tensor,
     /// `[1, 0, 3, 2, ...]`: swaps the two halves of each rotated pair.
     pair_swap: Tensor,
 }
@@ -365,6 +374,9 @@ impl Llama {
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base, embed.device()).map_err(gguf_err)?;
         let swap: Vec<u32> = (0..cfg.head_dim() as u32).map(|i| i ^ 1).collect();
         let pair_swap = Tensor::new(swap.as_slice(), embed.device()).map_err(gguf_err)?;
+        let scale = 1.0 / (cfg.head_dim() as f64).sqrt();
+        let cos_q = (&cos * scale).map_err(gguf_err)?;
+        let sin_q = (&sin * scale).map_err(gguf_err)?;
         Ok(Self {
             cfg,
             embed,
@@ -373,6 +385,8 @@ impl Llama {
             output,
             cos,
             sin,
+            cos_q,
+            sin_q,
             pair_swap,
         })
     }
@@ -384,12 +398,17 @@ impl Llama {
 
     /// Rotary position embedding of `x` (`[b, heads, t, head_dim]`,
     /// interleaved pairs as in GGUF Llama weights) at positions `0..t`:
-    /// `x·cos + swap(x)·sin`, four operations (candle's differentiable
-    /// `rope_i_slow` takes about ten, and twice that backwards).
-    fn rope(&self, x: &Tensor, t: usize) -> candle_core::Result<Tensor> {
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        x.broadcast_mul(&cos)? + x.index_select(&self.pair_swap, 3)?.broadcast_mul(&sin)?
+    /// `x·cos + swap(x)·sin`, four operations forward and four backward
+    /// ([`super::ops::rope`]; candle's differentiable `rope_i_slow` takes
+    /// about ten, and twice that backwards). `scaled` also multiplies by the
+    /// attention scale (for the queries).
+    fn rope(&self, x: &Tensor, t: usize, scaled: bool) -> candle_core::Result<Tensor> {
+        let (cos, sin) = if scaled {
+            (&self.cos_q, &self.sin_q)
+        } else {
+            (&self.cos, &self.sin)
+        };
+        super::ops::rope(x, &cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?, &self.pair_swap)
     }
 
     /// Token embeddings of `tokens` (`[b, t]` u32) → `[b, t, d]`.
@@ -435,7 +454,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (d, hd) = (cfg.n_embd, cfg.head_dim());
         let x2 = x.reshape((b * t, d))?;
-        let h = candle_nn::ops::rms_norm_slow(&x2, block.attn_norm.tensor(), cfg.rms_eps as f32)?;
+        let h = super::ops::rms_norm(&x2, block.attn_norm.tensor(), cfg.rms_eps as f32)?;
         let lin =
             |target: Target, input: &Tensor, drop: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>| {
                 let l = block.linear(target);
@@ -451,8 +470,8 @@ impl Llama {
         let q = heads(q, cfg.n_head)?;
         let k = heads(k, cfg.n_kv_head)?;
         let v = heads(v, cfg.n_kv_head)?;
-        let q = self.rope(&q, t)?;
-        let k = self.rope(&k, t)?;
+        let q = self.rope(&q, t, true)?;
+        let k = self.rope(&k, t, false)?;
         // Grouped-query attention without repeating K and V: the query heads
         // that share a KV head are stacked along the position axis
         // (`[b, kv, rep·t, hd]`, a free reshape of `[b, heads, t, hd]`), so
@@ -460,16 +479,14 @@ impl Llama {
         // stacked the same way.
         let rep = cfg.n_head / cfg.n_kv_head;
         let q = q.reshape((b, cfg.n_kv_head, rep * t, hd))?;
-        let att = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?;
-        let att = att.broadcast_add(mask)?;
-        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let att = super::ops::softmax_last_dim(&q.matmul(&k.t()?)?, Some(mask))?;
         let y = att
             .matmul(&v)?
             .reshape((b, cfg.n_head, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, d))?;
         let x2 = (x2 + lin(Target::O, &y, dropout)?)?;
-        let h = candle_nn::ops::rms_norm_slow(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
+        let h = super::ops::rms_norm(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
         let gate = lin(Target::Gate, &h, dropout)?.silu()?;
         let up = lin(Target::Up, &h, dropout)?;
         let down = lin(Target::Down, &(gate * up)?, dropout)?;
@@ -481,8 +498,8 @@ impl Llama {
     /// # Errors
     /// Shape mismatches.
     pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let h = candle_nn::ops::rms_norm_slow(h, &self.norm, self.cfg.rms_eps as f32)?;
-        h.matmul(&self.output.as_ref().unwrap_or(&self.embed).t()?)
+        let h = super::ops::rms_norm(h, &self.norm, self.cfg.rms_eps as f32)?;
+        super::ops::frozen_matmul(&h, self.output.as_ref().unwrap_or(&self.embed))
     }
 
     /// Logits at the last position of `tokens` (`[b, t]`): the next-token

@@ -57,9 +57,10 @@ impl LoraAdapter {
     /// # Errors
     /// Shape mismatches.
     pub fn delta(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // Scaled at rank width, the narrowest point.
         x.matmul(&self.a.as_tensor().t()?)?
-            .matmul(&self.b.as_tensor().t()?)?
-            .affine(self.scale, 0.0)
+            .affine(self.scale, 0.0)?
+            .matmul(&self.b.as_tensor().t()?)
     }
 
     /// `W + scale · B A`.

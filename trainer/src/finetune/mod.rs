@@ -17,6 +17,7 @@ pub mod adamw;
 pub mod export;
 pub mod llama;
 pub mod lora;
+pub mod ops;
 pub mod train;
 
 use std::collections::BTreeMap;
