@@ -471,13 +471,16 @@ mod tests {
         assert_eq!((m.paged_attention, m.paged_kv_tokens), (PagedAttention::Off, 4096));
         c.settings.validate().unwrap();
 
+        let refused = |extra: &str| {
+            Config::from_toml(&model(extra))
+                .unwrap()
+                .settings
+                .validate()
+                .unwrap_err()
+                .to_string()
+        };
         // `on` with the CPU can never hold: refused before any model is read.
-        let err = Config::from_toml(&model("paged_attention = \"on\"\n"))
-            .unwrap()
-            .settings
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = refused("paged_attention = \"on\"\n");
         assert!(
             err.contains("models.smollm2.paged_attention") && err.contains("device = \"cpu\""),
             "{err}"
@@ -495,12 +498,7 @@ mod tests {
         let c = Config::load(&flags(Some(DeviceChoice::Auto))).unwrap();
         assert_eq!(c.settings.models["smollm2"].paged_attention, PagedAttention::On);
 
-        let err = Config::from_toml(&model("paged_kv_tokens = 100\n"))
-            .unwrap()
-            .settings
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = refused("paged_kv_tokens = 100\n");
         assert!(
             err.contains("models.smollm2.paged_kv_tokens") && err.contains("2048"),
             "{err}"
