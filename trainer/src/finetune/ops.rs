@@ -51,7 +51,7 @@ pub fn softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
     };
     let y = candle_nn::ops::softmax_last_dim(&input)?;
     // y = softmax(x + m): dx = y ⊙ (g − Σ g⊙y)
-    attach(x, y, "fused-softmax-last-dim", |_, y, g| {
+    attach(x, y, "fused-softmax-last-dim", |y, g| {
         let dot = (g * y)?.sum_keepdim(D::Minus1)?;
         g.broadcast_sub(&dot)? * y
     })
@@ -65,7 +65,7 @@ pub fn softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     let y = x.detach().matmul(&weight.t()?)?;
     let w = weight.detach();
-    attach(x, y, "frozen-matmul", move |_, _, g| g.matmul(&w))
+    attach(x, y, "frozen-matmul", move |_, g| g.matmul(&w))
 }
 
 /// Rotary embedding `x·cos + swap(x)·sin` of `x: [.., t, d]` with constant
@@ -80,19 +80,19 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, swap: &Tensor) -> Result<Ten
     let y = (xd.broadcast_mul(cos)? + xd.index_select(swap, last)?.broadcast_mul(sin)?)?;
     let (cos, sin, swap) = (cos.detach(), sin.detach(), swap.detach());
     // dx = g·cos + swap(g·sin)
-    attach(x, y, "rope", move |_, _, g| {
+    attach(x, y, "rope", move |_, g| {
         g.broadcast_mul(&cos)? + g.broadcast_mul(&sin)?.index_select(&swap, last)?
     })
 }
 
 /// `y`, computed from `x` outside the graph, as the result of an op on `x`
-/// whose backward pass is `bwd(x, y, grad_y)` (`y` itself when `x` needs no
-/// gradient).
+/// whose backward pass gives `x`'s gradient as `bwd(y, grad_y)` (`y` itself
+/// when `x` needs no gradient).
 fn attach(
     x: &Tensor,
     y: Tensor,
     name: &'static str,
-    bwd: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    bwd: impl Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
@@ -142,7 +142,7 @@ impl Precomputed {
     }
 }
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward = Box<dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 
 struct Attached {
     y: Precomputed,
@@ -167,8 +167,8 @@ impl CustomOp1 for Attached {
         self.y.metal(self.name)
     }
 
-    fn bwd(&self, x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        (self.bwd)(x, y, g).map(Some)
+    fn bwd(&self, _x: &Tensor, y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        (self.bwd)(y, g).map(Some)
     }
 }
 
