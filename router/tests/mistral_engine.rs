@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
-use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent, LabelSet};
+use flywheel_router::engine::{
+    ChatMessage, Engine, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelSet,
+};
 use futures::StreamExt;
 
 fn model() -> PathBuf {
@@ -131,6 +133,62 @@ async fn generation_engine_streams_then_reports_usage() {
     let done = done.expect("a Done event ends the stream");
     assert!(deltas > 0 && done.usage.completion_tokens as usize >= deltas.min(8) - 1);
     assert!(done.usage.completion_tokens <= 8);
+}
+
+/// The text and summary of one greedy generation.
+async fn answer(engine: &Arc<dyn Engine>, query: &str, max_tokens: usize) -> (String, GenerationSummary) {
+    let params = GenerateParams {
+        max_tokens,
+        temperature: None,
+        top_p: None,
+    };
+    let mut s = engine.generate(vec![ChatMessage::user(query)], params).await.unwrap();
+    let (mut text, mut done) = (String::new(), None);
+    while let Some(ev) = s.next().await {
+        match ev.unwrap_or_else(|e| panic!("max_tokens {max_tokens}: {e}")) {
+            GenerationEvent::Delta(d) => text.push_str(&d),
+            GenerationEvent::Done(summary) => done = Some(summary),
+        }
+    }
+    (
+        text,
+        done.unwrap_or_else(|| panic!("max_tokens {max_tokens}: no Done event")),
+    )
+}
+
+/// Emoji and CJK characters take several byte-level tokens, so a token cap
+/// can fall inside one. mistral.rs then closes the stream without its final
+/// chunk; the engine still ends the stream with a summary: exact counts,
+/// `length`, and the text up to the last whole character.
+#[tokio::test]
+async fn an_answer_cut_inside_a_character_still_ends_with_a_summary() {
+    let plain = engine(false).await;
+    let query = "Translate to Chinese: good morning, my friend";
+    let (full, _) = answer(&plain, query, 24).await;
+    let (mut previous, mut cuts_inside) = (String::new(), 0);
+    for n in 1..=12 {
+        let (text, done) = answer(&plain, query, n).await;
+        assert_eq!(done.usage.completion_tokens as usize, n, "max_tokens {n}: {text:?}");
+        assert_eq!(done.finish_reason, FinishReason::Length, "max_tokens {n}");
+        assert!(done.usage.prompt_tokens > 10, "max_tokens {n}: {:?}", done.usage);
+        assert!(
+            full.starts_with(&text),
+            "max_tokens {n}: {text:?} is not a prefix of {full:?}"
+        );
+        assert!(
+            text.starts_with(&previous),
+            "max_tokens {n}: {text:?} after {previous:?}"
+        );
+        // The n-th token added no whole character: the cap fell inside one.
+        if text == previous && n > 1 {
+            cuts_inside += 1;
+        }
+        previous = text;
+    }
+    assert!(
+        cuts_inside > 0,
+        "no cap fell inside a character; the test needs a prompt whose answer has multi-token characters: {full:?}"
+    );
 }
 
 /// Paged attention is a GPU feature of mistral.rs: on the CPU `auto` keeps the

@@ -1,9 +1,11 @@
 //! [`Engine`] on mistral.rs: GGUF models on CPU (or CUDA when built with the
 //! `cuda` feature).
 //!
-//! Generation sends a chat request and forwards its stream. Label scoring
-//! reads the next-token distribution at the end of the prompt's prefill, so
-//! no text is generated and no label parsing is needed; it has two modes:
+//! Generation sends a chat request and forwards its stream, finishing it
+//! itself when mistral.rs closes a stream inside a character (see
+//! `SampleTally`). Label scoring reads the next-token distribution at the end
+//! of the prompt's prefill, so no text is generated and no label parsing is
+//! needed; it has two modes:
 //!
 //! - **Router engines** (`MistralOptions::router`) send raw-logit requests.
 //!   mistral.rs does not add those to its prefix cache, so the cache keeps
@@ -573,7 +575,11 @@ impl Engine for MistralEngine {
             None,
         );
         request.is_streaming = true;
-        self.sender()?
+        let tally = Arc::new(SampleTally::default());
+        request.logits_processors = Some(vec![tally.clone() as Arc<dyn CustomLogitsProcessor>]);
+        let max_len = params.max_tokens.max(1);
+        let sender = self.sender()?;
+        sender
             .send(Request::Normal(Box::new(request)))
             .await
             .map_err(|_| EngineError::Disconnected)?;
@@ -621,7 +627,21 @@ impl Engine for MistralEngine {
                     }
                 }
             }
-            let _ = out.send(Err(EngineError::Disconnected)).await;
+            // The sequence's channel closed without a final chunk. With the
+            // engine still running and tokens sampled, that is mistral.rs
+            // finishing an answer whose text ends inside a character (see
+            // `SampleTally`): finish it here. Otherwise the engine stopped.
+            let event = match tally.summary(max_len) {
+                Some(summary) if !sender.is_closed() => {
+                    tracing::debug!(
+                        completion_tokens = summary.usage.completion_tokens,
+                        "mistral.rs ended a stream inside a multi-byte character; finishing it without that character"
+                    );
+                    Ok(GenerationEvent::Done(summary))
+                }
+                _ => Err(EngineError::Disconnected),
+            };
+            let _ = out.send(event).await;
         });
         Ok(stream)
     }
@@ -725,6 +745,82 @@ impl SummaryExt for mistralrs::Usage {
     }
 }
 
+/// What mistral.rs sampled for one streamed sequence, seen from a logits
+/// processor: it runs once per sampled token, with the sequence's tokens so
+/// far, and passes the logits through unchanged.
+///
+/// mistral.rs 0.8.1 sends a streamed sequence's final chunk (finish reason
+/// and usage) only when the text so far ends on a whole UTF-8 character. An
+/// answer that stops inside a multi-byte character (cut at `max_tokens` in
+/// the middle of a CJK character or an emoji, which take several byte-level
+/// tokens) gets no final chunk: its channel just closes. The tally lets
+/// [`MistralEngine::generate`] finish such an answer with exact token counts;
+/// the unfinished character is dropped.
+#[derive(Default)]
+struct SampleTally(Mutex<Option<TallyMark>>);
+
+/// The tally after the latest sampled token.
+#[derive(Clone, Copy)]
+struct TallyMark {
+    /// Tokens sampled so far.
+    sampled: usize,
+    /// Tokens in the context at the latest call.
+    context_len: usize,
+    /// When the first and the latest token were sampled.
+    first: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl CustomLogitsProcessor for SampleTally {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        let now = std::time::Instant::now();
+        let mut mark = lock(&self.0);
+        *mark = Some(TallyMark {
+            sampled: mark.map_or(0, |m| m.sampled) + 1,
+            context_len: context.len(),
+            first: mark.map_or(now, |m| m.first),
+            last: now,
+        });
+        Ok(logits.clone())
+    }
+}
+
+impl SampleTally {
+    /// The summary of a sequence that ended after sampling, or `None` if
+    /// nothing was sampled. `max_len` is the request's token cap: a sequence
+    /// that sampled that many stopped for length, any other stopped at its end
+    /// of text (the only other stop of a request without stop strings).
+    ///
+    /// A sequence that finishes at its prompt step is sampled once more:
+    /// mistral.rs 0.8.1 sets every sequence of a prompt step running after
+    /// the step, which revives one that the step finished. That extra token
+    /// is not part of the answer (no text of it is sent when the first token
+    /// completed a character) and is not counted.
+    fn summary(&self, max_len: usize) -> Option<GenerationSummary> {
+        let mark = (*lock(&self.0))?;
+        let sampled = mark.sampled;
+        // From the second token on, the context is the whole prompt plus the
+        // tokens sampled before this call; at the first it is the prompt (the
+        // uncached part of it after a prefix-cache hit).
+        let prompt_tokens = mark.context_len.saturating_sub(sampled - 1);
+        let decode_secs = (mark.last - mark.first).as_secs_f64();
+        Some(GenerationSummary {
+            usage: Usage {
+                prompt_tokens: u32::try_from(prompt_tokens).unwrap_or(u32::MAX),
+                completion_tokens: u32::try_from(sampled.min(max_len)).unwrap_or(u32::MAX),
+            },
+            finish_reason: if sampled >= max_len { FinishReason::Length } else { FinishReason::Stop },
+            prefill_tokens_per_second: 0.0,
+            #[allow(clippy::cast_precision_loss)] // token counts are far below 2^52
+            decode_tokens_per_second: if sampled > 1 && decode_secs > 0.0 {
+                (sampled - 1) as f64 / decode_secs
+            } else {
+                0.0
+            },
+        })
+    }
+}
+
 /// Turn a producer closure into a [`TokenStream`]: the producer runs as a task
 /// writing into a bounded channel; dropping the stream closes the channel, the
 /// producer's next send fails and it returns (dropping what it consumes).
@@ -761,5 +857,63 @@ mod tests {
         let err = "fp8".parse::<Activations>().unwrap_err();
         assert!(err.contains("fp8") && err.contains("bf16"), "{err}");
         assert_eq!(Activations::default(), Activations::F32);
+    }
+
+    /// Feeds the tally as mistral.rs does: once per sampled token, with the
+    /// prompt and the tokens sampled before.
+    fn tally_of(prompt: usize, sampled: usize) -> SampleTally {
+        let tally = SampleTally::default();
+        let logits = Tensor::new(&[0.5f32, -1.0, 2.0], &mistralrs::Device::Cpu).unwrap();
+        let context: Vec<u32> = (0..u32::try_from(prompt + sampled).unwrap()).collect();
+        for k in 0..sampled {
+            let out = tally.apply(&logits, &context[..prompt + k]).unwrap();
+            assert_eq!(
+                out.to_vec1::<f32>().unwrap(),
+                vec![0.5, -1.0, 2.0],
+                "logits pass through"
+            );
+        }
+        tally
+    }
+
+    #[test]
+    fn the_sample_tally_counts_tokens_and_tells_length_from_end_of_text() {
+        assert!(
+            SampleTally::default().summary(8).is_none(),
+            "nothing sampled: no summary"
+        );
+
+        let cut = tally_of(40, 8).summary(8).unwrap();
+        assert_eq!(
+            cut.usage,
+            Usage {
+                prompt_tokens: 40,
+                completion_tokens: 8
+            }
+        );
+        assert_eq!(cut.finish_reason, FinishReason::Length);
+        assert!(cut.decode_tokens_per_second > 0.0);
+
+        let ended = tally_of(40, 5).summary(8).unwrap();
+        assert_eq!(
+            ended.usage,
+            Usage {
+                prompt_tokens: 40,
+                completion_tokens: 5
+            }
+        );
+        assert_eq!(ended.finish_reason, FinishReason::Stop);
+
+        // A one-token answer is sampled twice (mistral.rs revives a sequence
+        // its prompt step finished); the extra token is not counted.
+        let one = tally_of(40, 2).summary(1).unwrap();
+        assert_eq!(
+            one.usage,
+            Usage {
+                prompt_tokens: 40,
+                completion_tokens: 1
+            }
+        );
+        assert_eq!(one.finish_reason, FinishReason::Length);
     }
 }
