@@ -85,7 +85,9 @@ pub struct ModelSpec {
     /// Version label recorded in the log; defaults to the file name without extension.
     #[serde(default)]
     pub version: Option<String>,
-    /// Sequences scheduled together.
+    /// Answers a generation engine runs at once, batched together; more wait
+    /// in the engine until one ends (a waiting request costs nothing when its
+    /// client goes away).
     #[serde(default = "default_max_num_seqs")]
     pub max_num_seqs: usize,
     /// Prefix-cache entries of generation engines (0 = off; see

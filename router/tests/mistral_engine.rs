@@ -191,6 +191,39 @@ async fn an_answer_cut_inside_a_character_still_ends_with_a_summary() {
     );
 }
 
+/// A generation engine admits `max_num_seqs` answers at once: another one
+/// waits in the engine (nothing reaches mistral.rs, so dropping it costs
+/// nothing) until an admitted stream ends.
+#[tokio::test]
+async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
+    let opts = MistralOptions {
+        max_num_seqs: 1,
+        ..MistralOptions::new(model(), false)
+    };
+    let one: Arc<dyn Engine> = Arc::new(MistralEngine::load(&opts).await.unwrap());
+    let params = GenerateParams {
+        max_tokens: 16,
+        temperature: None,
+        top_p: None,
+    };
+    let ask = || one.generate(vec![ChatMessage::user("Say hello")], params.clone());
+    let first = ask().await.unwrap();
+    let queued = tokio::time::timeout(std::time::Duration::from_millis(500), ask()).await;
+    assert!(queued.is_err(), "a second answer started while the only slot was taken");
+    // A waiting request that is dropped leaves nothing behind: once the first
+    // stream ends, the next request starts and finishes.
+    drop(first);
+    let mut next = tokio::time::timeout(std::time::Duration::from_secs(60), ask())
+        .await
+        .expect("the slot is free again")
+        .unwrap();
+    let mut done = false;
+    while let Some(ev) = next.next().await {
+        done |= matches!(ev.unwrap(), GenerationEvent::Done(_));
+    }
+    assert!(done);
+}
+
 /// Paged attention is a GPU feature of mistral.rs: on the CPU `auto` keeps the
 /// contiguous cache and the model serves; `on` for a generation engine that
 /// ended up on the CPU (`device = "auto"` without a GPU) is a load error that

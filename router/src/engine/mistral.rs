@@ -136,7 +136,8 @@ impl<'de> serde::Deserialize<'de> for Activations {
 pub struct MistralOptions {
     /// The `.gguf` file.
     pub path: PathBuf,
-    /// Sequences the scheduler runs at once.
+    /// Sequences the scheduler runs at once; generation admits that many
+    /// answers and queues the rest itself.
     pub max_num_seqs: usize,
     /// Finished sequences kept in the prefix cache.
     pub prefix_cache_n: usize,
@@ -186,6 +187,12 @@ pub struct MistralEngine {
     /// raw-logit prompt is never batched with another prompt; after the last
     /// pass of a decision it is held until mistral.rs retires the sequence.
     prompt_gate: Arc<tokio::sync::Mutex<()>>,
+    /// Answers in mistral.rs at once (`max_num_seqs`); more wait here. A
+    /// sequence queued inside mistral.rs is prefilled before it notices that
+    /// its client went away, and its default scheduler admits every waiting
+    /// sequence whenever none runs; a request waiting here costs nothing when
+    /// cancelled, and the limit holds.
+    admission: Arc<tokio::sync::Semaphore>,
     /// Runs mistral.rs's paged attention (see [`super::paged`]).
     paged: bool,
 }
@@ -301,6 +308,7 @@ impl MistralEngine {
             plans: Mutex::new(HashMap::new()),
             router: opts.router,
             prompt_gate: Arc::new(tokio::sync::Mutex::new(())),
+            admission: Arc::new(tokio::sync::Semaphore::new(max_num_seqs.get())),
             paged,
         })
     }
@@ -578,6 +586,8 @@ impl Engine for MistralEngine {
         let tally = Arc::new(SampleTally::default());
         request.logits_processors = Some(vec![tally.clone() as Arc<dyn CustomLogitsProcessor>]);
         let max_len = params.max_tokens.max(1);
+        // Held until the stream ends or is dropped (the semaphore is never closed).
+        let admitted = self.admission.clone().acquire_owned().await.ok();
         let sender = self.sender()?;
         sender
             .send(Request::Normal(Box::new(request)))
@@ -642,6 +652,7 @@ impl Engine for MistralEngine {
                 _ => Err(EngineError::Disconnected),
             };
             let _ = out.send(event).await;
+            drop(admitted);
         });
         Ok(stream)
     }
