@@ -86,50 +86,12 @@ impl Activations {
     }
 }
 
-impl Activations {
-    const ALL: [Self; 4] = [Self::F32, Self::Bf16, Self::F16, Self::Auto];
-
-    /// The name used in the config and on the command line.
-    fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-            Self::Auto => "auto",
-        }
-    }
-}
-
-impl std::fmt::Display for Activations {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Activations {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|a| a.name().eq_ignore_ascii_case(t))
-            .ok_or_else(|| format!("unknown activation type `{s}`: use f32, bf16, f16 or auto"))
-    }
-}
-
-// Serde uses the same strings as the command line (one list of names).
-impl serde::Serialize for Activations {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Activations {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
-}
+named_setting!(Activations, "activation type", "use f32, bf16, f16 or auto", {
+    F32 => "f32",
+    Bf16 => "bf16",
+    F16 => "f16",
+    Auto => "auto",
+});
 
 /// How to load a GGUF model.
 #[derive(Debug, Clone)]
@@ -159,7 +121,7 @@ impl MistralOptions {
         Self {
             path: path.into(),
             max_num_seqs: crate::config::DEFAULT_MAX_NUM_SEQS,
-            prefix_cache_n: 0,
+            prefix_cache_n: crate::config::DEFAULT_PREFIX_CACHE_N,
             device: DeviceChoice::Cpu,
             activations: Activations::F32,
             router,

@@ -32,18 +32,13 @@ pub enum PagedAttention {
 /// Default `[models.*] paged_kv_tokens`: 64 sequences of 2,048 tokens.
 pub const DEFAULT_PAGED_KV_TOKENS: usize = 131_072;
 
+named_setting!(PagedAttention, "paged_attention", "use auto, on or off", {
+    Auto => "auto",
+    On => "on",
+    Off => "off",
+});
+
 impl PagedAttention {
-    const ALL: [Self; 3] = [Self::Auto, Self::On, Self::Off];
-
-    /// The name used in the config and on the command line.
-    fn name(self) -> &'static str {
-        match self {
-            Self::Auto => "auto",
-            Self::On => "on",
-            Self::Off => "off",
-        }
-    }
-
     /// Whether this setting can hold for a model entry on `device` before
     /// any GPU is opened (config load): `on` with `device = "cpu"` cannot.
     ///
@@ -77,37 +72,6 @@ fn on_cpu_message(why: &str) -> String {
         "paged_attention = \"on\" needs a GPU and {why}: mistral.rs has no paged attention on the \
          CPU; set paged_attention = \"auto\" (on only on a GPU) or \"off\""
     )
-}
-
-impl std::fmt::Display for PagedAttention {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for PagedAttention {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let t = s.trim();
-        Self::ALL
-            .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(t))
-            .ok_or_else(|| format!("unknown paged_attention `{s}`: use auto, on or off"))
-    }
-}
-
-// Serde uses the same strings as the command line (one list of names).
-impl serde::Serialize for PagedAttention {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for PagedAttention {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 #[cfg(test)]
