@@ -144,7 +144,7 @@ serve() {
     | sed 's/^/GPU memory used with the server up: /' | tee "$report/gpu-memory$tag.txt"
   grep -q "listening" "$logs/server$tag.log" || { echo "server did not start:"; tail -20 "$logs/server$tag.log"; }
   local addr=http://127.0.0.1:50071
-  bench() { timeout $((secs * 3 + 60)) "$work/flywheel-bench" --addr "$addr" --duration "$secs" --warmup 4 "$@"; echo "exit $?"; }
+  bench() { timeout $((secs * 3 + 60)) "$work/flywheel-bench" --addr "$addr" --duration "$secs" --drain-s "$secs" --warmup 4 "$@"; echo "exit $?"; }
   bench --mode route --concurrency 1 --json "$report/route-c1$tag.json"
   for c in "$@"; do
     echo "-- chat, $c streams, up to 128 tokens"

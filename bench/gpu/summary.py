@@ -103,6 +103,8 @@ def server_rows(rows, d, hf_tps):
                 extra += f"; {1000 / itl['p50'] / hf_tps:.1f}x HF generate ({hf_tps:.1f} tok/s), target 10x"
             if chat["errors"]:
                 extra += f", {chat['errors']} errors {chat['errors_by_status']}"
+            if chat.get("unfinished"):
+                extra += f", {chat['unfinished']} unfinished at the hard stop"
             rows.append((f"streaming chat through gRPC, {c} streams{label}", fmt(chat["output_tokens_per_second"], " tok/s", 0),
                          f"{chat['requests_per_second']:.1f} answers/s, {extra}"))
 

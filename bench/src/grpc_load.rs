@@ -61,6 +61,13 @@ pub struct Args {
     /// Stop after this many measured requests instead (whichever comes first).
     #[arg(long)]
     requests: Option<usize>,
+    /// Seconds that requests still running at the end of the measured
+    /// duration may take to finish. Those still running then are cancelled
+    /// and reported as `unfinished` (those started in the `--warmup-s` load
+    /// too), so an overloaded server still gets a report. Each `--warmup`
+    /// request gets as long to finish.
+    #[arg(long, default_value_t = 30.0)]
+    drain_s: f64,
     /// Queries to send, one per line (plain text, or JSONL with `query` or `text`).
     #[arg(long)]
     queries: Option<PathBuf>,
@@ -116,6 +123,9 @@ struct Sample {
     tokens_out: u32,
     ok: bool,
     code: Option<tonic::Code>,
+    /// Still running at the hard stop (end of the duration plus `--drain-s`)
+    /// and cancelled there.
+    unfinished: bool,
 }
 
 /// The load report.
@@ -128,7 +138,13 @@ pub struct Report {
     rate: Option<f64>,
     duration_s: f64,
     requests: usize,
+    /// Requests answered with an error status (or a stream that ended
+    /// without its summary).
     errors: usize,
+    /// Requests still running at the hard stop, cancelled there (warm-up
+    /// ones included); neither successes nor errors, and left out of every
+    /// latency figure.
+    unfinished: usize,
     errors_by_status: std::collections::BTreeMap<String, usize>,
     requests_per_second: f64,
     output_tokens_per_second: f64,
@@ -227,7 +243,8 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
-/// One request. `due` is its scheduled arrival in the open loop.
+/// One request. `due` is its scheduled arrival in the open loop; at
+/// `deadline` a request still running is cancelled and marked unfinished.
 async fn one(
     channel: LoadChannel,
     mode: Mode,
@@ -235,25 +252,28 @@ async fn one(
     max_tokens: u32,
     epoch: Instant,
     due: Option<Instant>,
+    deadline: Instant,
 ) -> Sample {
+    let deadline = tokio::time::Instant::from_std(deadline);
     let start = Instant::now();
     let at_s = start.saturating_duration_since(epoch).as_secs_f64();
     let late_ms = due.map_or(0.0, |d| start.saturating_duration_since(d).as_secs_f64() * 1e3);
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
     match mode {
         Mode::Route => {
-            let r = RouterClient::new(channel)
-                .route(RouteRequest {
-                    query: query.into(),
-                    ..Default::default()
-                })
-                .await;
+            let mut client = RouterClient::new(channel);
+            let call = client.route(RouteRequest {
+                query: query.into(),
+                ..Default::default()
+            });
+            let r = tokio::time::timeout_at(deadline, call).await;
             Sample {
                 at_s,
                 late_ms,
                 latency_ms: ms(Instant::now()),
-                ok: r.is_ok(),
-                code: r.err().map(|s| s.code()),
+                ok: matches!(r, Ok(Ok(_))),
+                code: r.as_ref().ok().and_then(|r| r.as_ref().err()).map(tonic::Status::code),
+                unfinished: r.is_err(),
                 ..Sample::default()
             }
         }
@@ -271,17 +291,28 @@ async fn one(
                 late_ms,
                 ..Sample::default()
             };
-            let mut stream = match ChatClient::new(channel).stream(request).await {
-                Ok(s) => s.into_inner(),
-                Err(status) => {
+            let mut client = ChatClient::new(channel);
+            let mut stream = match tokio::time::timeout_at(deadline, client.stream(request)).await {
+                Ok(Ok(s)) => s.into_inner(),
+                Ok(Err(status)) => {
                     sample.code = Some(status.code());
+                    sample.latency_ms = ms(Instant::now());
+                    return sample;
+                }
+                Err(_) => {
+                    sample.unfinished = true;
                     sample.latency_ms = ms(Instant::now());
                     return sample;
                 }
             };
             let mut last = None;
             loop {
-                match stream.message().await {
+                let Ok(message) = tokio::time::timeout_at(deadline, stream.message()).await else {
+                    // Dropping the stream cancels the call on the server.
+                    sample.unfinished = !sample.ok;
+                    break;
+                };
+                match message {
                     Ok(Some(msg)) => {
                         if let Some(Event::Delta(_)) = msg.event {
                             let now = Instant::now();
@@ -329,6 +360,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.warmup_s >= 0.0 && args.warmup_s.is_finite(),
         "--warmup-s must be zero or a positive number of seconds"
+    );
+    anyhow::ensure!(
+        args.drain_s >= 0.0 && args.drain_s.is_finite(),
+        "--drain-s must be zero or a positive number of seconds"
     );
     let queries = std::sync::Arc::new(load_queries(args.queries.as_ref())?);
     let slo = Slo {
@@ -424,21 +459,26 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
     let channel_for = |i: usize| channels[i % channels.len()].clone();
     let budget = args.requests.unwrap_or(usize::MAX);
     let (mode, max_tokens) = (args.mode, args.max_tokens);
+    let drain = Duration::from_secs_f64(args.drain_s);
     for i in 0..args.warmup.max(1) * args.connections {
+        let now = Instant::now();
         one(
             channel_for(i),
             mode,
             &queries[i % queries.len()],
             max_tokens,
-            Instant::now(),
+            now,
             None,
+            now + drain,
         )
         .await;
     }
     // The load runs from `begin`; what starts before `started` is warm-up.
+    // Requests start until `end`; at `stop` the ones still running are cut.
     let begin = Instant::now();
     let started = begin + Duration::from_secs_f64(args.warmup_s);
     let end = started + Duration::from_secs_f64(args.duration);
+    let stop = end + drain;
     let mut samples = Vec::new();
     match args.rate {
         Some(rate) => {
@@ -476,6 +516,7 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                             max_tokens,
                             started,
                             Some(due),
+                            stop,
                         )
                         .await;
                         // The receiver lives until every sender is gone.
@@ -485,16 +526,18 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                 measured
             });
             // Senders are dropped as requests finish: the loop ends after the last.
+            let mut cut_in_warmup = 0;
             while let Some((in_warmup, sample)) = finished.recv().await {
-                if !in_warmup {
+                cut_in_warmup += usize::from(in_warmup && sample.unfinished);
+                if kept(in_warmup, &sample) {
                     samples.push(sample);
                 }
             }
             let measured = pacer.await?;
             anyhow::ensure!(
-                samples.len() == measured,
+                samples.len() == measured + cut_in_warmup,
                 "{measured} measured requests were sent but {} results came back (a request task panicked)",
-                samples.len()
+                samples.len() - cut_in_warmup
             );
         }
         None => {
@@ -520,9 +563,10 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
                             max_tokens,
                             started,
                             None,
+                            stop,
                         )
                         .await;
-                        if !in_warmup {
+                        if kept(in_warmup, &sample) {
                             samples.push(sample);
                         }
                         i += 1;
@@ -538,10 +582,18 @@ async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -
     Ok((samples, started.elapsed().as_secs_f64()))
 }
 
+/// Whether a sample counts: everything started in the measured duration,
+/// and a warm-up request still running at the hard stop (it ran through the
+/// measurement without an answer; under overload it may be all there is).
+fn kept(in_warmup: bool, sample: &Sample) -> bool {
+    !in_warmup || sample.unfinished
+}
+
 fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut errors_by_status = std::collections::BTreeMap::new();
-    for s in samples.iter().filter(|s| !s.ok) {
+    let unfinished = samples.iter().filter(|s| s.unfinished).count();
+    for s in samples.iter().filter(|s| !s.ok && !s.unfinished) {
         *errors_by_status
             .entry(format!("{:?}", s.code.unwrap_or(tonic::Code::Unknown)))
             .or_insert(0) += 1;
@@ -559,7 +611,8 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
         rate: args.rate,
         duration_s: elapsed_s,
         requests: samples.len(),
-        errors: samples.len() - ok.len(),
+        errors: samples.len() - ok.len() - unfinished,
+        unfinished,
         errors_by_status,
         requests_per_second: ok.len() as f64 / elapsed_s,
         output_tokens_per_second: f64::from(tokens) / elapsed_s,
@@ -578,7 +631,7 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
         timeline: crate::plot::per_second(
             &ok.iter().map(|s| (s.at_s, s.latency_ms)).collect::<Vec<_>>(),
             // Requests start within the configured duration; the run ends
-            // later, when the last one finishes.
+            // later, when the last one finishes or at the hard stop.
             args.duration.min(elapsed_s),
         ),
         baseline: None,
@@ -592,12 +645,13 @@ fn print_report(r: &Report) {
         None => format!("x{}", r.concurrency),
     };
     println!(
-        "{:?} {load}: {} requests in {:.1} s, {} errors {:?}, {:.1} req/s, {:.1} output tok/s, goodput {:.1} req/s ({:.1}% within SLO)",
+        "{:?} {load}: {} requests in {:.1} s, {} errors {:?}, {} unfinished, {:.1} req/s, {:.1} output tok/s, goodput {:.1} req/s ({:.1}% within SLO)",
         r.mode,
         r.requests,
         r.duration_s,
         r.errors,
         r.errors_by_status,
+        r.unfinished,
         r.requests_per_second,
         r.output_tokens_per_second,
         r.goodput_requests_per_second,
@@ -686,6 +740,7 @@ mod tests {
             tokens_out: itl.len() as u32 + 1,
             ok,
             code: None,
+            unfinished: false,
         }
     }
 
@@ -844,6 +899,156 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// Streams one token for every query; then ends the answer, or for a
+    /// query starting with `stall` holds the stream open forever and counts
+    /// it in `cancelled` when the server drops it.
+    struct Stalling {
+        cancelled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    /// Counts the drop of a stalled stream.
+    struct CancelGuard(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for CancelGuard {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[tonic::async_trait]
+    impl flywheel_proto::v1::chat_server::Chat for Stalling {
+        type StreamStream = std::pin::Pin<
+            Box<dyn futures::Stream<Item = Result<flywheel_proto::v1::ChatStreamMessage, tonic::Status>> + Send>,
+        >;
+
+        async fn complete(
+            &self,
+            _: tonic::Request<ChatRequest>,
+        ) -> Result<tonic::Response<flywheel_proto::v1::ChatResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("stream only"))
+        }
+
+        async fn stream(
+            &self,
+            request: tonic::Request<ChatRequest>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            use flywheel_proto::v1::{ChatStreamMessage, StreamEnd, TokenDelta};
+            use futures::StreamExt;
+            let message = |event| Ok(ChatStreamMessage { event: Some(event) });
+            let first = futures::stream::iter([message(Event::Delta(TokenDelta { text: "a".into() }))]);
+            if request.into_inner().query.starts_with("stall") {
+                let guard = CancelGuard(self.cancelled.clone());
+                let stalled = futures::stream::pending().map(move |m| {
+                    let _held = &guard;
+                    m
+                });
+                Ok(tonic::Response::new(Box::pin(first.chain(stalled))))
+            } else {
+                let end = futures::stream::iter([message(Event::End(StreamEnd::default()))]);
+                Ok(tonic::Response::new(Box::pin(first.chain(end))))
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_still_running_at_the_hard_stop_are_cut_and_counted_unfinished() {
+        use clap::Parser;
+        use futures::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let cancelled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener)
+            .map(|c| c.map(flywheel_proto::coalesce::CoalescedIo::new));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(flywheel_proto::v1::chat_server::ChatServer::new(Stalling {
+                    cancelled: cancelled.clone(),
+                }))
+                .serve_with_incoming(incoming),
+        );
+        // Each client answers "ok", then stalls on the next query until the
+        // hard stop, 0.3 s after the 0.3 s of load; the one warm-up request
+        // answers. Without the stop the run never ends.
+        let queries = std::sync::Arc::new(vec!["ok".to_string(), "stall".to_string()]);
+        let cli = Cli::try_parse_from([
+            "load",
+            "--addr",
+            &addr,
+            "--mode",
+            "chat",
+            "--concurrency",
+            "4",
+            "--connections",
+            "1",
+            "--warmup",
+            "1",
+            "--warmup-s",
+            "0",
+            "--duration",
+            "0.3",
+            "--drain-s",
+            "0.3",
+        ])
+        .unwrap();
+        let t0 = Instant::now();
+        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&cli.args, &addr, &queries))
+            .await
+            .expect("the hard stop ends the run")
+            .unwrap();
+        assert!(
+            (0.55..3.0).contains(&elapsed),
+            "the run took {elapsed} s, not duration + drain"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let r = report(&cli.args, &samples, elapsed, &Slo::default());
+        // Clients 1 and 3 stall at once, 0 and 2 after one answer.
+        assert_eq!((r.requests, r.unfinished, r.errors), (6, 4, 0), "{samples:?}");
+        assert!(r.errors_by_status.is_empty());
+        assert!(samples.iter().all(|s| s.ok != s.unfinished));
+        // The stalled streams' one token arrived, but they count as neither
+        // successes nor in any latency figure.
+        assert!(samples.iter().filter(|s| s.unfinished).all(|s| s.tokens_out == 1));
+        assert_eq!(r.latency_ms.n, 2);
+        // Cutting a request cancels it on the server too.
+        let waited = Instant::now();
+        while cancelled.load(std::sync::atomic::Ordering::SeqCst) < 4 && waited.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(cancelled.load(std::sync::atomic::Ordering::SeqCst), 4);
+
+        // Under overload every request may start in the warm-up load and
+        // never finish: those are reported unfinished, not dropped as warm-up.
+        let mut flags = cli.args;
+        flags.warmup_s = 0.5;
+        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, &queries))
+            .await
+            .expect("the hard stop ends the run")
+            .unwrap();
+        let r = report(&flags, &samples, elapsed, &Slo::default());
+        assert_eq!(
+            (r.requests, r.unfinished, r.errors, r.latency_ms.n),
+            (4, 4, 0, 0),
+            "{samples:?}"
+        );
+
+        // The open loop: half the arrivals stall, warm-up ones included.
+        flags.rate = Some(100.0);
+        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, &queries))
+            .await
+            .expect("the hard stop ends the run")
+            .unwrap();
+        let r = report(&flags, &samples, elapsed, &Slo::default());
+        assert!((0.55..3.0).contains(&elapsed), "{elapsed} s");
+        assert_eq!(r.errors, 0);
+        assert!(
+            r.unfinished > r.latency_ms.n,
+            "{} unfinished, {} answered",
+            r.unfinished,
+            r.latency_ms.n
+        );
+        assert!(samples.iter().all(|s| s.ok != s.unfinished));
     }
 
     #[test]
