@@ -268,3 +268,88 @@ async fn paged_attention_on_the_cpu_is_off_for_auto_and_an_error_for_on() {
     let router = MistralEngine::load(&opts(PagedAttention::On, true)).await.unwrap();
     assert!(!router.paged_attention());
 }
+
+/// A route decision whose caller goes away (a client that cancels) while its
+/// prompt is in the engine must not take the engine down: mistral.rs 0.8.1
+/// stops its engine thread when it cannot deliver a raw-logit answer or a
+/// tokenization, failing everything else in it. Each round cancels one
+/// decision at a different point (waiting, tokenizing, in its prompt step,
+/// retiring) while another is queued behind it; the queued one succeeds.
+#[tokio::test]
+async fn route_decisions_dropped_midway_leave_the_router_serving_the_rest() {
+    let router = engine(true).await;
+    router.warm_up(&prompt("hello")).await.unwrap();
+    for (round, delay_ms) in [0u64, 1, 3, 10, 30, 60, 120, 200, 300].into_iter().enumerate() {
+        let cancelled = {
+            let r = router.clone();
+            tokio::spawn(async move {
+                let q = format!("round {round}: my laptop will not start after the update");
+                tokio::time::timeout(
+                    std::time::Duration::from_millis(delay_ms),
+                    r.score_labels(&prompt(&q), &labels()),
+                )
+                .await
+                .is_err()
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        let q = format!("round {round}: how many vacation days do I have left?");
+        let kept = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            router.score_labels(&prompt(&q), &labels()),
+        )
+        .await
+        .expect("the queued decision finishes");
+        let kept = kept.unwrap_or_else(|e| panic!("cancel after {delay_ms} ms: the queued decision failed: {e}"));
+        assert_eq!(kept.logprobs.len(), 4);
+        cancelled.await.unwrap();
+    }
+}
+
+/// The same for a generation engine: label scoring and tokenization dropped
+/// at any point leave an answer streaming beside them intact.
+#[tokio::test]
+async fn requests_dropped_midway_leave_the_answers_in_flight_intact() {
+    let plain = engine(false).await;
+    // Label plans are made once per label set: later calls go straight to
+    // the prompt's prefill.
+    plain
+        .score_labels(&prompt("my laptop will not start"), &labels())
+        .await
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 48,
+        temperature: None,
+        top_p: None,
+    };
+    let mut s = plain
+        .generate(
+            vec![ChatMessage::user("Write a short story about a lighthouse keeper.")],
+            params,
+        )
+        .await
+        .unwrap();
+    // Read the answer as it comes, so the engine is never held up on it.
+    let reader = tokio::spawn(async move {
+        let mut done = None;
+        while let Some(ev) = s.next().await {
+            if let GenerationEvent::Done(summary) = ev? {
+                done = Some(summary);
+            }
+        }
+        Ok::<_, flywheel_router::engine::EngineError>(done)
+    });
+    for delay_ms in [0u64, 1, 3, 10, 30, 60, 120, 200] {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_millis(delay_ms),
+            plain.score_labels(&prompt("my laptop will not start"), &labels()),
+        )
+        .await;
+    }
+    let done = reader
+        .await
+        .unwrap()
+        .expect("the answer streams to its end")
+        .expect("a Done event ends the stream");
+    assert_eq!(done.usage.completion_tokens, 48);
+}

@@ -42,7 +42,7 @@ use mistralrs::{
     NormalRequest, PagedAttentionConfig, PagedCacheType, Request, Response, SamplingParams, SchedulerConfig, Tensor,
     TokenSource,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedMutexGuard, mpsc};
 
 use super::labels::{LabelPlan, log_softmax_at};
 use super::{
@@ -292,7 +292,8 @@ impl MistralEngine {
         text: Either<&[ChatMessage], &str>,
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, EngineError> {
-        let (tx, mut rx) = mpsc::channel(1);
+        let (tx, rx) = mpsc::channel(1);
+        let mut inbox = Inbox::new(rx, None);
         let request = Request::Tokenize(TokenizationRequest {
             text: text.map_left(to_mistral_messages).map_right(str::to_string),
             tools: None,
@@ -306,7 +307,8 @@ impl MistralEngine {
             .send(request)
             .await
             .map_err(|_| EngineError::Disconnected)?;
-        rx.recv()
+        inbox
+            .recv()
             .await
             .ok_or(EngineError::Disconnected)?
             .map_err(|e| EngineError::Backend(anyhow::anyhow!(e)))
@@ -360,8 +362,15 @@ impl MistralEngine {
         Ok(plan)
     }
 
-    /// One prefill of `tokens`, returning the log-probabilities of `next` at its end.
-    async fn next_token_logprobs(&self, tokens: Vec<u32>, next: Vec<u32>) -> Result<Vec<f32>, EngineError> {
+    /// One prefill of `tokens`, returning the log-probabilities of `next` at
+    /// its end. A router's prompt `gate` is held until the engine lets go of
+    /// the sequence.
+    async fn next_token_logprobs(
+        &self,
+        tokens: Vec<u32>,
+        next: Vec<u32>,
+        gate: Option<OwnedMutexGuard<()>>,
+    ) -> Result<Vec<f32>, EngineError> {
         let captured: Arc<Mutex<Option<Vec<f32>>>> = Arc::new(Mutex::new(None));
         let slot = captured.clone();
         let processor = move |logits: &Tensor, _context: &[u32]| -> mistralrs::Result<Tensor> {
@@ -376,7 +385,8 @@ impl MistralEngine {
             max_len: Some(1),
             ..SamplingParams::deterministic()
         };
-        let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let mut inbox = Inbox::new(rx, gate);
         let mut request =
             NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
         request.constraint = Constraint::None;
@@ -386,7 +396,7 @@ impl MistralEngine {
             .await
             .map_err(|_| EngineError::Disconnected)?;
         loop {
-            match rx.recv().await {
+            match inbox.recv().await {
                 Some(Response::CompletionDone(_)) | Some(Response::Done(_)) => break,
                 Some(Response::CompletionChunk(_)) | Some(Response::Chunk(_)) => continue,
                 Some(other) => return Err(response_error(other)),
@@ -403,34 +413,37 @@ impl MistralEngine {
 impl MistralEngine {
     /// One raw-logit prefill of `tokens` (not added to the prefix cache),
     /// returning the log-probabilities of `next` at its end, and the
-    /// sequence's [`Retiring`] handle.
+    /// sequence's [`Inbox`], which holds the router's prompt `gate`.
     ///
     /// mistral.rs 0.8.1 answers a raw-logit request from its prompt step but
     /// keeps the sequence scheduled for one more step; a raw prompt arriving
     /// meanwhile can be batched with it, which fails the step and stops the
-    /// engine. The caller keeps the prompt gate until [`Retiring::wait`]
-    /// returns; the answer itself need not wait for that step.
+    /// engine. The gate goes back with [`Inbox::retire`], or when the inbox
+    /// is dropped, once the sequence has retired; the answer itself need not
+    /// wait for that step.
     async fn raw_next_token_logprobs(
         &self,
         tokens: Vec<u32>,
         next: &[u32],
-    ) -> (Result<Vec<f32>, EngineError>, Option<Retiring>) {
+        gate: Option<OwnedMutexGuard<()>>,
+    ) -> (Result<Vec<f32>, EngineError>, Inbox<Response>) {
         let sampling = SamplingParams {
             max_len: Some(1),
             ..SamplingParams::deterministic()
         };
-        let (tx, mut rx) = mpsc::channel(RESPONSE_BUFFER);
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let mut inbox = Inbox::new(rx, gate);
         let mut request =
             NormalRequest::new_simple(RequestMessage::CompletionTokens(tokens), sampling, tx, 0, None, None);
         request.return_raw_logits = true;
         let sent = match self.sender() {
             Ok(sender) => sender.send(Request::Normal(Box::new(request))).await.is_ok(),
-            Err(e) => return (Err(e), None),
+            Err(e) => return (Err(e), inbox),
         };
         if !sent {
-            return (Err(EngineError::Disconnected), None);
+            return (Err(EngineError::Disconnected), inbox);
         }
-        let result = match rx.recv().await {
+        let result = match inbox.recv().await {
             Some(Response::Raw { logits_chunks, .. }) => logits_chunks
                 .last()
                 .ok_or_else(|| EngineError::Backend(anyhow::anyhow!("mistral.rs returned no logits")))
@@ -439,7 +452,7 @@ impl MistralEngine {
             Some(other) => Err(response_error(other)),
             None => Err(EngineError::Disconnected),
         };
-        (result, Some(Retiring(rx)))
+        (result, inbox)
     }
 }
 
@@ -453,18 +466,81 @@ async fn paged_scheduler<P: ?Sized + mistralrs::core::Pipeline>(
     Some(SchedulerConfig::PagedAttentionMeta { max_num_seqs, config })
 }
 
-/// A raw-logit sequence mistral.rs still has scheduled.
-struct Retiring(mpsc::Receiver<Response>);
+/// The receiving end of one mistral.rs request, kept until the engine has
+/// let go of the request.
+///
+/// mistral.rs 0.8.1 stops its engine thread when it cannot deliver a
+/// tokenization, a raw-logit answer or a non-streamed answer (a panic in the
+/// engine loop: every sequence in it fails, and the next request restarts
+/// it with its caches empty). A cancelled gRPC call drops the future that
+/// waits here, so an `Inbox` dropped before the engine is done hands its
+/// receiver to a background task that takes what is still coming. It also
+/// holds a router's prompt gate, given back once the engine has retired the
+/// sequence, at most [`RAW_SEQUENCE_RETIRE_TIMEOUT`] after its answer.
+/// Streamed answers need none of this: mistral.rs cancels a streamed
+/// sequence whose receiver is gone.
+struct Inbox<T: Send + 'static> {
+    rx: Option<mpsc::Receiver<T>>,
+    gate: Option<OwnedMutexGuard<()>>,
+    /// A response arrived: the request's prompt step is done.
+    answered: bool,
+}
 
-impl Retiring {
-    /// Wait until the engine drops the sequence (its response channel
-    /// closes), at most [`RAW_SEQUENCE_RETIRE_TIMEOUT`].
-    async fn wait(mut self) {
-        let _ = tokio::time::timeout(RAW_SEQUENCE_RETIRE_TIMEOUT, async {
-            while self.0.recv().await.is_some() {}
-        })
-        .await;
+impl<T: Send + 'static> Inbox<T> {
+    fn new(rx: mpsc::Receiver<T>, gate: Option<OwnedMutexGuard<()>>) -> Self {
+        Self {
+            rx: Some(rx),
+            gate,
+            answered: false,
+        }
     }
+
+    async fn recv(&mut self) -> Option<T> {
+        let item = self.rx.as_mut()?.recv().await;
+        self.answered |= item.is_some();
+        item
+    }
+
+    /// Wait until the engine drops the request (its channel closes), at
+    /// most [`RAW_SEQUENCE_RETIRE_TIMEOUT`], and give back the gate.
+    async fn retire(mut self) -> Option<OwnedMutexGuard<()>> {
+        if let Some(rx) = self.rx.as_mut()
+            && tokio::time::timeout(RAW_SEQUENCE_RETIRE_TIMEOUT, drain(rx))
+                .await
+                .is_ok()
+        {
+            self.rx = None;
+        }
+        self.gate.take()
+    }
+}
+
+impl<T: Send + 'static> Drop for Inbox<T> {
+    fn drop(&mut self) {
+        let (Some(mut rx), gate, answered) = (self.rx.take(), self.gate.take(), self.answered) else {
+            return;
+        };
+        // Nothing can be sent any more, or no runtime to receive it on.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if rx.is_closed() {
+            return;
+        }
+        runtime.spawn(async move {
+            // An unanswered request first waits for its prompt step.
+            if answered || rx.recv().await.is_some() {
+                let _ = tokio::time::timeout(RAW_SEQUENCE_RETIRE_TIMEOUT, drain(&mut rx)).await;
+            }
+            drop(gate);
+            drain(&mut rx).await;
+        });
+    }
+}
+
+/// Receive until every sender is gone.
+async fn drain<T>(rx: &mut mpsc::Receiver<T>) {
+    while rx.recv().await.is_some() {}
 }
 
 /// The last position's logits of a `[.., vocab]` tensor.
@@ -625,35 +701,28 @@ impl Engine for MistralEngine {
         let step_tokens =
             |step: &super::labels::PlanStep| -> Vec<u32> { prompt.iter().chain(&step.prefix).copied().collect() };
         let step_logprobs: Vec<Vec<f32>> = if self.router {
-            let gate = self.prompt_gate.clone().lock_owned().await;
+            let mut gate = Some(self.prompt_gate.clone().lock_owned().await);
             let mut out = Vec::with_capacity(plan.steps().len());
             let mut steps = plan.steps().iter().peekable();
             while let Some(step) = steps.next() {
-                let (logprobs, retiring) = self.raw_next_token_logprobs(step_tokens(step), &step.next_tokens).await;
-                let last = steps.peek().is_none() || logprobs.is_err();
-                match retiring {
-                    // The decision is known: answer now, and let the gate go
-                    // once the engine has retired the sequence (one more
-                    // engine step that the caller need not wait for).
-                    Some(retiring) if last => {
-                        tokio::spawn(async move {
-                            retiring.wait().await;
-                            drop(gate);
-                        });
-                        out.push(logprobs?);
-                        break;
-                    }
-                    Some(retiring) => retiring.wait().await,
-                    None => {}
-                }
+                let (logprobs, inbox) = self
+                    .raw_next_token_logprobs(step_tokens(step), &step.next_tokens, gate.take())
+                    .await;
                 out.push(logprobs?);
+                // After the last step the decision is known: answer now. The
+                // dropped inbox lets the gate go once the engine has retired
+                // the sequence (one more engine step the caller need not
+                // wait for), as it does on an error or a cancelled call.
+                if steps.peek().is_some() {
+                    gate = inbox.retire().await;
+                }
             }
             out
         } else {
             let passes = plan
                 .steps()
                 .iter()
-                .map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone()));
+                .map(|step| self.next_token_logprobs(step_tokens(step), step.next_tokens.clone(), None));
             futures::future::try_join_all(passes).await?
         };
         Ok(LabelScores {
@@ -667,12 +736,12 @@ impl Engine for MistralEngine {
         let tokens = self.tokenize(Either::Left(messages), true).await?;
         // A normal (non-raw) request: its finished sequence enters the prefix
         // cache, so later prompts sharing this prefix skip its prefill.
-        let _gate = if self.router {
-            Some(self.prompt_gate.lock().await)
+        let gate = if self.router {
+            Some(self.prompt_gate.clone().lock_owned().await)
         } else {
             None
         };
-        let lp = self.next_token_logprobs(tokens, vec![0]).await?;
+        let lp = self.next_token_logprobs(tokens, vec![0], gate).await?;
         if lp.iter().any(|v| v.is_nan()) {
             return Err(EngineError::Backend(anyhow::anyhow!("model produced NaN logits")));
         }
