@@ -224,6 +224,47 @@ async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
     assert!(done);
 }
 
+/// On mistral.rs's default scheduler (the CPU) at most `PREFILL_SLOTS`
+/// answers wait for their prompt step inside mistral.rs; the next waits in the
+/// engine, where dropping it costs nothing, until a first token is sampled.
+#[tokio::test]
+async fn answers_wait_in_the_engine_while_the_prefill_slots_are_taken() {
+    use flywheel_router::engine::mistral::PREFILL_SLOTS;
+    let plain = engine(false).await;
+    let params = GenerateParams {
+        max_tokens: 4,
+        temperature: None,
+        top_p: None,
+    };
+    // About 300 prompt tokens: each prefill takes seconds on the CPU.
+    let long = format!(
+        "Summarize these notes in one line. {}",
+        "The quarterly review covered hiring, travel budgets and the new laptop policy. ".repeat(20)
+    );
+    let ask = |text: String| plain.generate(vec![ChatMessage::user(text)], params.clone());
+    let mut admitted = Vec::new();
+    for k in 0..PREFILL_SLOTS {
+        admitted.push(ask(format!("{k}. {long}")).await.unwrap());
+    }
+    let queued = tokio::time::timeout(std::time::Duration::from_millis(300), ask(long.clone())).await;
+    assert!(queued.is_err(), "an answer was sent while every prefill slot was taken");
+    // The first token of an admitted answer frees its slot.
+    let first = admitted[0].next().await.unwrap().unwrap();
+    assert!(matches!(first, GenerationEvent::Delta(_)), "{first:?}");
+    let mut next = tokio::time::timeout(std::time::Duration::from_secs(120), ask("Say hello".into()))
+        .await
+        .expect("a prefill slot is free again")
+        .unwrap();
+    for mut s in admitted {
+        while s.next().await.is_some() {}
+    }
+    let mut done = false;
+    while let Some(ev) = next.next().await {
+        done |= matches!(ev.unwrap(), GenerationEvent::Done(_));
+    }
+    assert!(done);
+}
+
 /// Paged attention is a GPU feature of mistral.rs: on the CPU `auto` keeps the
 /// contiguous cache and the model serves; `on` for a generation engine that
 /// ended up on the CPU (`device = "auto"` without a GPU) is a load error that

@@ -136,6 +136,17 @@ impl MistralOptions {
 /// on a slow consumer without holding many tokens.
 const RESPONSE_BUFFER: usize = 16;
 
+/// Answers waiting for their prompt step inside mistral.rs at once, on its
+/// default scheduler (the CPU). mistral.rs has no way to cancel a queued
+/// sequence: one whose client went away is still prefilled before its first
+/// token fails to send, so after a burst of cancelled calls the engine spent
+/// minutes prefilling answers nobody waited for. An answer waiting here costs
+/// nothing when cancelled. The default scheduler runs one length bucket per
+/// step, so prompts of different lengths are prefilled one at a time anyway:
+/// two slots keep the next prompt ready without a queue that work could pile
+/// up in. The paged scheduler (GPU) batches prompts and gets no such limit.
+pub const PREFILL_SLOTS: usize = 2;
+
 /// Longest wait for mistral.rs to retire a raw-logit sequence (normally one
 /// decode step, a few ms).
 const RAW_SEQUENCE_RETIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -155,6 +166,11 @@ pub struct MistralEngine {
     /// sequence whenever none runs; a request waiting here costs nothing when
     /// cancelled, and the limit holds.
     admission: Arc<tokio::sync::Semaphore>,
+    /// Generation engines on mistral.rs's default scheduler: admitted answers
+    /// whose prompt step has not run yet ([`PREFILL_SLOTS`]). An answer takes
+    /// a slot before it is sent to mistral.rs and frees it at its first
+    /// sampled token.
+    prefill: Option<Arc<tokio::sync::Semaphore>>,
     /// Runs mistral.rs's paged attention (see [`super::paged`]).
     paged: bool,
 }
@@ -271,6 +287,7 @@ impl MistralEngine {
             router: opts.router,
             prompt_gate: Arc::new(tokio::sync::Mutex::new(())),
             admission: Arc::new(tokio::sync::Semaphore::new(max_num_seqs.get())),
+            prefill: (!paged && !opts.router).then(|| Arc::new(tokio::sync::Semaphore::new(PREFILL_SLOTS))),
             paged,
         })
     }
@@ -624,8 +641,12 @@ impl Engine for MistralEngine {
         let tally = Arc::new(SampleTally::default());
         request.logits_processors = Some(vec![tally.clone() as Arc<dyn CustomLogitsProcessor>]);
         let max_len = params.max_tokens.max(1);
-        // Held until the stream ends or is dropped (the semaphore is never closed).
+        // Held until the stream ends or is dropped (the semaphores are never closed).
         let admitted = self.admission.clone().acquire_owned().await.ok();
+        if let Some(prefill) = &self.prefill {
+            // Freed by the tally at the first sampled token, or with the request.
+            tally.hold_until_sampled(prefill.clone().acquire_owned().await.ok());
+        }
         let sender = self.sender()?;
         sender
             .send(Request::Normal(Box::new(request)))
@@ -798,8 +819,14 @@ impl SummaryExt for mistralrs::Usage {
 /// tokens) gets no final chunk: its channel just closes. The tally lets
 /// [`MistralEngine::generate`] finish such an answer with exact token counts;
 /// the unfinished character is dropped.
+///
+/// It also holds the answer's prefill slot (see [`PREFILL_SLOTS`]) until the
+/// first token is sampled, which is when the prompt step has run.
 #[derive(Default)]
-struct SampleTally(Mutex<Option<TallyMark>>);
+struct SampleTally {
+    mark: Mutex<Option<TallyMark>>,
+    prefilling: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+}
 
 /// The tally after the latest sampled token.
 #[derive(Clone, Copy)]
@@ -816,7 +843,8 @@ struct TallyMark {
 impl CustomLogitsProcessor for SampleTally {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
         let now = std::time::Instant::now();
-        let mut mark = lock(&self.0);
+        drop(lock(&self.prefilling).take());
+        let mut mark = lock(&self.mark);
         *mark = Some(TallyMark {
             sampled: mark.map_or(0, |m| m.sampled) + 1,
             context_len: context.len(),
@@ -828,6 +856,11 @@ impl CustomLogitsProcessor for SampleTally {
 }
 
 impl SampleTally {
+    /// Keep `slot` until the first sampled token.
+    fn hold_until_sampled(&self, slot: Option<tokio::sync::OwnedSemaphorePermit>) {
+        *lock(&self.prefilling) = slot;
+    }
+
     /// The summary of a sequence that ended after sampling, or `None` if
     /// nothing was sampled. `max_len` is the request's token cap: a sequence
     /// that sampled that many stopped for length, any other stopped at its end
@@ -839,7 +872,7 @@ impl SampleTally {
     /// is not part of the answer (no text of it is sent when the first token
     /// completed a character) and is not counted.
     fn summary(&self, max_len: usize) -> Option<GenerationSummary> {
-        let mark = (*lock(&self.0))?;
+        let mark = (*lock(&self.mark))?;
         let sampled = mark.sampled;
         // From the second token on, the context is the whole prompt plus the
         // tokens sampled before this call; at the first it is the prompt (the
@@ -916,6 +949,22 @@ mod tests {
             );
         }
         tally
+    }
+
+    #[test]
+    fn the_prefill_slot_is_freed_at_the_first_sampled_token() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let tally = SampleTally::default();
+        tally.hold_until_sampled(Some(slots.clone().try_acquire_owned().unwrap()));
+        assert_eq!(slots.available_permits(), 0);
+        let logits = Tensor::new(&[0.5f32, -1.0], &mistralrs::Device::Cpu).unwrap();
+        tally.apply(&logits, &[1, 2, 3]).unwrap();
+        assert_eq!(slots.available_permits(), 1);
+        // A request dropped before its prompt step frees it too.
+        let tally = SampleTally::default();
+        tally.hold_until_sampled(Some(slots.clone().try_acquire_owned().unwrap()));
+        drop(tally);
+        assert_eq!(slots.available_permits(), 1);
     }
 
     #[test]
