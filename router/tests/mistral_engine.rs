@@ -25,7 +25,7 @@ fn model() -> PathBuf {
 async fn engine(router: bool) -> Arc<dyn Engine> {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
     let opts = MistralOptions {
-        max_num_seqs: 8,
+        max_num_seqs: Some(8),
         ..MistralOptions::new(model(), router)
     };
     Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))
@@ -197,7 +197,7 @@ async fn an_answer_cut_inside_a_character_still_ends_with_a_summary() {
 #[tokio::test]
 async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
     let opts = MistralOptions {
-        max_num_seqs: 1,
+        max_num_seqs: Some(1),
         ..MistralOptions::new(model(), false)
     };
     let one: Arc<dyn Engine> = Arc::new(MistralEngine::load(&opts).await.unwrap());

@@ -73,7 +73,7 @@ async fn merged_model_loads_in_the_engine_with_the_trainers_logits() {
     write_merged_gguf(&out, &content, &model, &originals, Some(&task), OutDType::F32).unwrap();
 
     let engine = MistralEngine::load(&MistralOptions {
-        max_num_seqs: 1,
+        max_num_seqs: Some(1),
         ..MistralOptions::new(out.clone(), false)
     })
     .await

@@ -49,6 +49,7 @@ use super::{
     ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelScores,
     LabelSet, TokenStream, Usage,
 };
+use crate::config::{DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS_CPU};
 
 pub use super::paged::PagedAttention;
 pub use crate::device::DeviceChoice;
@@ -98,9 +99,11 @@ named_setting!(Activations, "activation type", "use f32, bf16, f16 or auto", {
 pub struct MistralOptions {
     /// The `.gguf` file.
     pub path: PathBuf,
-    /// Sequences the scheduler runs at once; generation admits that many
-    /// answers and queues the rest itself.
-    pub max_num_seqs: usize,
+    /// Answers a generation engine runs at once; it queues the rest itself.
+    /// `None`: [`DEFAULT_MAX_NUM_SEQS`](crate::config::DEFAULT_MAX_NUM_SEQS)
+    /// with paged attention, else
+    /// [`DEFAULT_MAX_NUM_SEQS_CPU`](crate::config::DEFAULT_MAX_NUM_SEQS_CPU).
+    pub max_num_seqs: Option<usize>,
     /// Finished sequences kept in the prefix cache.
     pub prefix_cache_n: usize,
     /// Device.
@@ -120,7 +123,7 @@ impl MistralOptions {
     pub fn new(path: impl Into<PathBuf>, router: bool) -> Self {
         Self {
             path: path.into(),
-            max_num_seqs: crate::config::DEFAULT_MAX_NUM_SEQS,
+            max_num_seqs: None,
             prefix_cache_n: crate::config::DEFAULT_PREFIX_CACHE_N,
             device: DeviceChoice::Cpu,
             activations: Activations::F32,
@@ -249,9 +252,9 @@ impl MistralEngine {
                 paged_config,
             )
             .map_err(load_err)?;
-        let max_num_seqs = NonZeroUsize::new(opts.max_num_seqs.max(1)).unwrap_or(NonZeroUsize::MIN);
+        let paged_answers = opts.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS).max(1);
         let paged_scheduler = if paged {
-            paged_scheduler(&pipeline, max_num_seqs.get()).await
+            paged_scheduler(&pipeline, paged_answers).await
         } else {
             None
         };
@@ -268,8 +271,18 @@ impl MistralEngine {
         if paged {
             tracing::info!(model = %path.display(), kv_tokens = opts.paged_kv_tokens, "paged attention on");
         }
+        // Answers at once (see `MistralOptions::max_num_seqs`).
+        let answers = if paged {
+            paged_answers
+        } else {
+            opts.max_num_seqs.unwrap_or(DEFAULT_MAX_NUM_SEQS_CPU).max(1)
+        };
+        // Label-scoring passes are not admitted as answers: the default
+        // scheduler takes them beside however many answers run.
         let scheduler = paged_scheduler.unwrap_or(SchedulerConfig::DefaultScheduler {
-            method: DefaultSchedulerMethod::Fixed(max_num_seqs),
+            method: DefaultSchedulerMethod::Fixed(
+                NonZeroUsize::new(answers.max(DEFAULT_MAX_NUM_SEQS)).unwrap_or(NonZeroUsize::MIN),
+            ),
         });
         // A paged engine's prefix cache is block-level inside its KV pool
         // (bounded, no copies), so it stays on whatever `prefix_cache_n` says.
@@ -286,8 +299,9 @@ impl MistralEngine {
             plans: Mutex::new(HashMap::new()),
             router: opts.router,
             prompt_gate: Arc::new(tokio::sync::Mutex::new(())),
-            admission: Arc::new(tokio::sync::Semaphore::new(max_num_seqs.get())),
-            prefill: (!paged && !opts.router).then(|| Arc::new(tokio::sync::Semaphore::new(PREFILL_SLOTS))),
+            admission: Arc::new(tokio::sync::Semaphore::new(answers)),
+            prefill: (!paged && !opts.router && answers > PREFILL_SLOTS)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(PREFILL_SLOTS))),
             paged,
         })
     }

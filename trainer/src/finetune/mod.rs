@@ -447,7 +447,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         "tokenizing with the serving engine"
     );
     let engine = MistralEngine::load(&MistralOptions {
-        max_num_seqs: 1,
+        max_num_seqs: Some(1),
         ..MistralOptions::new(args.base.clone(), false)
     })
     .await?;
