@@ -41,6 +41,24 @@ fn prompt(query: &str) -> Vec<ChatMessage> {
     ]
 }
 
+/// Greedy decoding capped at `max_tokens`.
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        max_tokens,
+        temperature: None,
+        top_p: None,
+    }
+}
+
+/// Read a stream to its end; whether a `Done` event ended it.
+async fn ends_with_done(mut s: flywheel_router::engine::TokenStream) -> bool {
+    let mut done = false;
+    while let Some(ev) = s.next().await {
+        done |= matches!(ev.unwrap(), GenerationEvent::Done(_));
+    }
+    done
+}
+
 fn labels() -> LabelSet {
     LabelSet::new(["hr", "it", "finance", "general"].map(String::from).to_vec()).unwrap()
 }
@@ -100,11 +118,7 @@ async fn concurrent_route_decisions_on_a_router_engine_all_succeed() {
         let scores = t.await.unwrap().unwrap();
         assert_eq!(scores.logprobs.len(), 4);
     }
-    let params = GenerateParams {
-        max_tokens: 4,
-        temperature: None,
-        top_p: None,
-    };
+    let params = greedy(4);
     assert!(
         router.generate(vec![ChatMessage::user("hi")], params).await.is_err(),
         "router engines do not generate"
@@ -114,11 +128,7 @@ async fn concurrent_route_decisions_on_a_router_engine_all_succeed() {
 #[tokio::test]
 async fn generation_engine_streams_then_reports_usage() {
     let plain = engine(false).await;
-    let params = GenerateParams {
-        max_tokens: 8,
-        temperature: None,
-        top_p: None,
-    };
+    let params = greedy(8);
     let mut s = plain
         .generate(vec![ChatMessage::user("Say hello")], params)
         .await
@@ -137,12 +147,10 @@ async fn generation_engine_streams_then_reports_usage() {
 
 /// The text and summary of one greedy generation.
 async fn answer(engine: &Arc<dyn Engine>, query: &str, max_tokens: usize) -> (String, GenerationSummary) {
-    let params = GenerateParams {
-        max_tokens,
-        temperature: None,
-        top_p: None,
-    };
-    let mut s = engine.generate(vec![ChatMessage::user(query)], params).await.unwrap();
+    let mut s = engine
+        .generate(vec![ChatMessage::user(query)], greedy(max_tokens))
+        .await
+        .unwrap();
     let (mut text, mut done) = (String::new(), None);
     while let Some(ev) = s.next().await {
         match ev.unwrap_or_else(|e| panic!("max_tokens {max_tokens}: {e}")) {
@@ -201,11 +209,7 @@ async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
         ..MistralOptions::new(model(), false)
     };
     let one: Arc<dyn Engine> = Arc::new(MistralEngine::load(&opts).await.unwrap());
-    let params = GenerateParams {
-        max_tokens: 16,
-        temperature: None,
-        top_p: None,
-    };
+    let params = greedy(16);
     let ask = || one.generate(vec![ChatMessage::user("Say hello")], params.clone());
     let first = ask().await.unwrap();
     let queued = tokio::time::timeout(std::time::Duration::from_millis(500), ask()).await;
@@ -213,15 +217,11 @@ async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
     // A waiting request that is dropped leaves nothing behind: once the first
     // stream ends, the next request starts and finishes.
     drop(first);
-    let mut next = tokio::time::timeout(std::time::Duration::from_secs(60), ask())
+    let next = tokio::time::timeout(std::time::Duration::from_secs(60), ask())
         .await
         .expect("the slot is free again")
         .unwrap();
-    let mut done = false;
-    while let Some(ev) = next.next().await {
-        done |= matches!(ev.unwrap(), GenerationEvent::Done(_));
-    }
-    assert!(done);
+    assert!(ends_with_done(next).await);
 }
 
 /// On mistral.rs's default scheduler (the CPU) at most `PREFILL_SLOTS`
@@ -231,11 +231,7 @@ async fn answers_beyond_max_num_seqs_wait_until_a_stream_ends() {
 async fn answers_wait_in_the_engine_while_the_prefill_slots_are_taken() {
     use flywheel_router::engine::mistral::PREFILL_SLOTS;
     let plain = engine(false).await;
-    let params = GenerateParams {
-        max_tokens: 4,
-        temperature: None,
-        top_p: None,
-    };
+    let params = greedy(4);
     // About 300 prompt tokens: each prefill takes seconds on the CPU.
     let long = format!(
         "Summarize these notes in one line. {}",
@@ -251,18 +247,14 @@ async fn answers_wait_in_the_engine_while_the_prefill_slots_are_taken() {
     // The first token of an admitted answer frees its slot.
     let first = admitted[0].next().await.unwrap().unwrap();
     assert!(matches!(first, GenerationEvent::Delta(_)), "{first:?}");
-    let mut next = tokio::time::timeout(std::time::Duration::from_secs(120), ask("Say hello".into()))
+    let next = tokio::time::timeout(std::time::Duration::from_secs(120), ask("Say hello".into()))
         .await
         .expect("a prefill slot is free again")
         .unwrap();
     for mut s in admitted {
         while s.next().await.is_some() {}
     }
-    let mut done = false;
-    while let Some(ev) = next.next().await {
-        done |= matches!(ev.unwrap(), GenerationEvent::Done(_));
-    }
-    assert!(done);
+    assert!(ends_with_done(next).await);
 }
 
 /// Paged attention is a GPU feature of mistral.rs: on the CPU `auto` keeps the
@@ -284,14 +276,7 @@ async fn paged_attention_on_the_cpu_is_off_for_auto_and_an_error_for_on() {
     let auto = MistralEngine::load(&opts(PagedAttention::Auto, false)).await.unwrap();
     assert!(!auto.paged_attention());
     let mut stream = auto
-        .generate(
-            vec![ChatMessage::user("Say hi.")],
-            GenerateParams {
-                max_tokens: 2,
-                temperature: None,
-                top_p: None,
-            },
-        )
+        .generate(vec![ChatMessage::user("Say hi.")], greedy(2))
         .await
         .unwrap();
     assert!(stream.next().await.unwrap().is_ok());
@@ -358,11 +343,7 @@ async fn requests_dropped_midway_leave_the_answers_in_flight_intact() {
         .score_labels(&prompt("my laptop will not start"), &labels())
         .await
         .unwrap();
-    let params = GenerateParams {
-        max_tokens: 48,
-        temperature: None,
-        top_p: None,
-    };
+    let params = greedy(48);
     let mut s = plain
         .generate(
             vec![ChatMessage::user("Write a short story about a lighthouse keeper.")],

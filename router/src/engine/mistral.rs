@@ -552,12 +552,12 @@ impl<T: Send + 'static> Drop for Inbox<T> {
             return;
         };
         // Nothing can be sent any more, or no runtime to receive it on.
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
         if rx.is_closed() {
             return;
         }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         runtime.spawn(async move {
             // An unanswered request first waits for its prompt step.
             if answered || rx.recv().await.is_some() {
