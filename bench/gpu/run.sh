@@ -8,7 +8,7 @@
 #   bench/gpu/run.sh [STEPS=all] [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
 #
 # STEPS: `all`, or any of `engine` (step 1), `engine-contiguous` (1b),
-# `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
+# `engine-stored` (1c), `engine-f32` (1d), `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
 # `baseline` (4) joined with `+`, in the order they should run. The packed
 # CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
 # machine cannot hold all three: `engine+server` needs flywheel-bench,
@@ -25,6 +25,9 @@
 #      attention (the GPU default)                      (flywheel-bench engine)
 #  1b. the same with the contiguous KV cache (paged_attention = "off"): TTFT,
 #      prefill and decode, to compare in the same run
+#  1c. the same with the file's Q8_0 weights in the router engine too
+#      (weights = "stored"; the default gives routers an f32 copy)
+#  1d. the same with f32 weights in the generation engine too (weights = "f32")
 #   2. the gRPC server on the GPU: route through gRPC, streaming chat at 1, 8,
 #      32 and 64 concurrent streams                    (flywheel-bench)
 #  2b. the same server with bf16 activations (f32 is the default): route,
@@ -48,8 +51,8 @@ steps="${1:-all}"
 pack="${2:-var/gpu}"
 out="${3:-${OUT:-var/gpu/out}}"
 for s in ${steps//+/ }; do
-  case "$s" in engine|engine-contiguous|server|server-bf16|server-contiguous|train|baseline) ;;
-    *) echo "usage: $0 [all|engine+engine-contiguous+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+  case "$s" in engine|engine-contiguous|engine-stored|engine-f32|server|server-bf16|server-contiguous|train|baseline) ;;
+    *) echo "usage: $0 [all|engine+engine-contiguous+engine-stored+engine-f32+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
 done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
@@ -101,13 +104,14 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,m
 # Each step is bounded (FLYWHEEL_GPU_STEP_S, default 180 s per command).
 limit="${FLYWHEEL_GPU_STEP_S:-180}"
 
-# engine TAG PAGED: flywheel-bench engine with --paged-attention PAGED, report engine$TAG.json.
+# engine TAG PAGED [WEIGHTS]: flywheel-bench engine with --paged-attention
+# PAGED and --weights WEIGHTS (auto), report engine$TAG.json.
 engine() {
-  local tag=$1 paged=$2
+  local tag=$1 paged=$2 weights=${3:-auto}
   (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine$tag.log" 2>&1) &
   local dmon=$!
   timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" --activations f32 \
-    --paged-attention "$paged" \
+    --paged-attention "$paged" --weights "$weights" \
     --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
     --decode-long-prompt --json "$report/engine$tag.json" 2>"$logs/engine$tag.log"
   echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine$tag.log" | tail -5
@@ -123,6 +127,16 @@ run_engine() {
 run_engine-contiguous() {
   step "1b. engine in process ($device), contiguous KV cache"
   engine "-contiguous" off
+}
+
+run_engine-stored() {
+  step "1c. engine in process ($device), the file's weights in the router engine too"
+  engine "-stored" auto stored
+}
+
+run_engine-f32() {
+  step "1d. engine in process ($device), f32 weights in the generation engine too"
+  engine "-f32" auto f32
 }
 
 # serve CONFIG TAG STREAMS...: the server on CONFIG, route at 1 client and

@@ -34,7 +34,8 @@ def main():
         pass
     peft = load(d, "peft.json")
     hf_tps = peft and peft.get("generate_tokens_per_second")
-    for tag, again in (("", ""), ("-contiguous", ", second run")):
+    for tag, again in (("", ""), ("-contiguous", ", second run"), ("-stored", ", third run"),
+                       ("-f32", ", fourth run")):
         engine_rows(rows, load(d, f"engine{tag}.json"), peft, hf_tps, again)
     server_rows(rows, d, hf_tps)
     train_rows(rows, d, peft)
@@ -47,7 +48,16 @@ def main():
 def kv_label(eng):
     if eng.get("paged_attention") is None:
         return ""
-    return ", paged attention" if eng["paged_attention"] else ", contiguous KV cache"
+    kv = ", paged attention" if eng["paged_attention"] else ", contiguous KV cache"
+    if eng.get("generation_f32_weights"):
+        kv += ", f32 weights"
+    return kv
+
+
+def router_label(eng):
+    if eng.get("router_f32_weights") is None:
+        return ""
+    return ", f32 weights" if eng["router_f32_weights"] else ", weights as stored"
 
 
 def engine_rows(rows, eng, peft, hf_tps, again):
@@ -55,11 +65,12 @@ def engine_rows(rows, eng, peft, hf_tps, again):
         kv = kv_label(eng)
         rows.append((f"model load (GGUF -> ready, in process){again}", fmt(eng["load_ms"], " ms", 0), ""))
         r = eng["route_ms"]
-        rows.append((f"route decision, in process ({eng['route_prompt_tokens']}-token prompt, prefix cached){again}",
+        rw = router_label(eng)
+        rows.append((f"route decision, in process ({eng['route_prompt_tokens']}-token prompt, prefix cached{rw}){again}",
                      f"p50 {fmt(r['p50'], ' ms', 2)}, p99 {fmt(r['p99'], ' ms', 2)}", "target p50 <= 5 ms"))
         idle = eng.get("route_ms_idle")
         if idle:
-            rows.append((f"route decision, in process, router idle ({eng['route_gap_ms']} ms apart){again}",
+            rows.append((f"route decision, in process, router idle ({eng['route_gap_ms']} ms apart{rw}){again}",
                          f"p50 {fmt(idle['p50'], ' ms', 2)}, p99 {fmt(idle['p99'], ' ms', 2)}", "target p50 <= 5 ms"))
         t = eng["ttft_ms"]
         base = peft and peft.get("prefill_60_ms_p50")

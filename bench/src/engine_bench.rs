@@ -12,7 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
-use flywheel_router::engine::mistral::{Activations, DeviceChoice, MistralEngine, MistralOptions, PagedAttention};
+use flywheel_router::engine::mistral::{
+    Activations, DeviceChoice, MistralEngine, MistralOptions, PagedAttention, Weights,
+};
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
 use flywheel_router::registry::{ServedModel, Slot};
 use futures::StreamExt;
@@ -65,6 +67,10 @@ pub struct Args {
     /// Activation and KV-cache type: `f32`, `bf16`, `f16` or `auto`.
     #[arg(long, default_value = "f32")]
     activations: Activations,
+    /// Weights: `auto` (an f32 copy for the router engine, as stored for the
+    /// generation engine), `stored` or `f32` (both engines).
+    #[arg(long, default_value = "auto")]
+    weights: Weights,
     /// Paged attention of the generation engine: `auto` (on a GPU), `on` or `off`.
     #[arg(long, default_value = "auto")]
     paged_attention: PagedAttention,
@@ -98,6 +104,12 @@ struct Report {
     threads: usize,
     device: String,
     activations: Activations,
+    weights: Weights,
+    /// Whether the router engine multiplied with f32 weights.
+    router_f32_weights: bool,
+    /// Whether the generation engine (route baseline, TTFT, prefill, decode)
+    /// multiplied with f32 weights.
+    generation_f32_weights: bool,
     /// Whether the generation engine (TTFT, prefill, decode) ran paged attention.
     paged_attention: bool,
 }
@@ -152,6 +164,7 @@ fn options(path: &std::path::Path, router: bool, args: &Args) -> MistralOptions 
     MistralOptions {
         device: args.device,
         activations: args.activations,
+        weights: args.weights,
         paged_attention: args.paged_attention,
         paged_kv_tokens: args.paged_kv_tokens,
         ..MistralOptions::new(path, router)
@@ -222,7 +235,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .len();
 
     let started = Instant::now();
-    let router: Arc<dyn Engine> = Arc::new(MistralEngine::load(&options(&path, true, &args)).await?);
+    let router = MistralEngine::load(&options(&path, true, &args)).await?;
+    let router_f32_weights = router.f32_weights();
+    let router: Arc<dyn Engine> = Arc::new(router);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
     eprintln!("loaded {} in {load_ms:.0} ms", path.display());
     // As served: a router engine, its prompt prefix primed in the cache.
@@ -236,6 +251,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     // Baseline: the same decisions on a generation engine (no prefix cache).
     let engine = MistralEngine::load(&options(&path, false, &args)).await?;
     let paged_attention = engine.paged_attention();
+    let generation_f32_weights = engine.f32_weights();
     let engine: Arc<dyn Engine> = Arc::new(engine);
     let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests, &[Duration::ZERO]).await?;
 
@@ -310,6 +326,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         device: args.device.to_string(),
         activations: args.activations,
+        weights: args.weights,
+        router_f32_weights,
+        generation_f32_weights,
         paged_attention,
     };
     print_report(&report);
@@ -327,7 +346,13 @@ fn print_report(r: &Report) {
         r.threads,
         r.device
     );
-    println!("load             {:.0} ms", r.load_ms);
+    let kind = |f32: bool| if f32 { "f32" } else { "as stored" };
+    println!(
+        "load             {:.0} ms  (weights: router {}, generation {})",
+        r.load_ms,
+        kind(r.router_f32_weights),
+        kind(r.generation_f32_weights)
+    );
     println!(
         "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on)",
         r.route_ms.p50, r.route_ms.p99, r.route_prompt_tokens

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::mistral::{Activations, DeviceChoice};
+use crate::engine::mistral::{Activations, DeviceChoice, Weights};
 use crate::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
 use crate::feedback::FeedbackSpec;
 use crate::guardrails::rails::RailsSpec;
@@ -109,6 +109,11 @@ pub struct ModelSpec {
     /// Activation and KV-cache type: `f32` (default), `bf16`, `f16` or `auto`.
     #[serde(default)]
     pub activations: Activations,
+    /// Weights: `auto` (default: an f32 copy for the router engine, whose
+    /// decisions are prompt steps only; as stored for answer engines),
+    /// `stored` or `f32` (see [`Weights`]).
+    #[serde(default)]
+    pub weights: Weights,
     /// Paged attention for the entry's generation engine: `auto` (default:
     /// on where the model runs on a GPU), `on` or `off` (see
     /// [`crate::engine::paged`]).
@@ -354,6 +359,7 @@ impl Default for EngineSettings {
                     prefix_cache_n: DEFAULT_PREFIX_CACHE_N,
                     device: DeviceChoice::Cpu,
                     activations: Activations::F32,
+                    weights: Weights::Auto,
                     paged_attention: PagedAttention::Auto,
                     paged_kv_tokens: DEFAULT_PAGED_KV_TOKENS,
                 },

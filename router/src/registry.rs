@@ -150,6 +150,7 @@ impl EngineLoader for MistralLoader {
             prefix_cache_n: spec.prefix_cache_n,
             device: spec.device,
             activations: spec.activations,
+            weights: spec.weights,
             router,
             paged_attention: spec.paged_attention,
             paged_kv_tokens: spec.paged_kv_tokens,

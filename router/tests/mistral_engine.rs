@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
+use flywheel_router::engine::mistral::{MistralEngine, MistralOptions, Weights};
 use flywheel_router::engine::{
     ChatMessage, Engine, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelSet,
 };
@@ -23,12 +23,17 @@ fn model() -> PathBuf {
 }
 
 async fn engine(router: bool) -> Arc<dyn Engine> {
+    Arc::new(load(router, Weights::Auto).await)
+}
+
+async fn load(router: bool, weights: Weights) -> MistralEngine {
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
     let opts = MistralOptions {
         max_num_seqs: Some(8),
+        weights,
         ..MistralOptions::new(model(), router)
     };
-    Arc::new(MistralEngine::load(&opts).await.expect("loading the model"))
+    MistralEngine::load(&opts).await.expect("loading the model")
 }
 
 fn prompt(query: &str) -> Vec<ChatMessage> {
@@ -65,7 +70,8 @@ fn labels() -> LabelSet {
 
 #[tokio::test]
 async fn cached_router_scoring_matches_uncached_scoring() {
-    let router = engine(true).await;
+    // Same weights on both sides: this is about the cache.
+    let router: Arc<dyn Engine> = Arc::new(load(true, Weights::Stored).await);
     let plain = engine(false).await;
     router.warm_up(&prompt("hello")).await.unwrap();
     // The repeat checks that an exact repeat is scored like the first time.
@@ -99,6 +105,46 @@ async fn cached_router_scoring_matches_uncached_scoring() {
         .unwrap()
         .0;
     assert_eq!(labels().names()[best], "it", "{:?}", vpn.probabilities());
+}
+
+#[tokio::test]
+async fn router_engines_score_with_an_exact_f32_copy_of_the_weights() {
+    let f32 = load(true, Weights::Auto).await;
+    let stored = load(true, Weights::Stored).await;
+    assert!(f32.f32_weights(), "auto gives a router engine f32 weights");
+    assert!(!stored.f32_weights());
+    assert!(
+        !load(false, Weights::Auto).await.f32_weights(),
+        "answer engines keep the file's"
+    );
+    let (f32, stored): (Arc<dyn Engine>, Arc<dyn Engine>) = (Arc::new(f32), Arc::new(stored));
+    f32.warm_up(&prompt("hello")).await.unwrap();
+    stored.warm_up(&prompt("hello")).await.unwrap();
+    let best = |p: &[f32]| {
+        p.iter()
+            .copied()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .unwrap()
+            .0
+    };
+    // The same model: the products differ only by the quantized path's 8-bit
+    // activations (up to ~0.06 on an uncertain query), so decisions agree and
+    // probabilities stay close.
+    for q in [
+        "My VPN keeps disconnecting",
+        "How do I file an expense report?",
+        "How many vacation days do I have left?",
+        "What is the capital of France?",
+    ] {
+        let a = f32.score_labels(&prompt(q), &labels()).await.unwrap();
+        let b = stored.score_labels(&prompt(q), &labels()).await.unwrap();
+        let (pa, pb) = (a.probabilities(), b.probabilities());
+        assert_eq!(best(&pa), best(&pb), "{q}: f32 {pa:?} vs stored {pb:?}");
+        for (x, y) in pa.iter().zip(&pb) {
+            assert!((x - y).abs() < 0.1, "{q}: f32 {pa:?} vs stored {pb:?}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -455,6 +455,19 @@ mod tests {
     }
 
     #[test]
+    fn weights_default_to_auto_and_unknown_kinds_are_refused() {
+        use flywheel_router::engine::mistral::Weights;
+        let c = Config::from_toml("[models.m]\npath = \"m.gguf\"\n").unwrap();
+        assert_eq!(c.settings.models["m"].weights, Weights::Auto);
+        let c = Config::from_toml("[models.m]\npath = \"m.gguf\"\nweights = \"stored\"\n").unwrap();
+        assert_eq!(c.settings.models["m"].weights, Weights::Stored);
+        let err = Config::from_toml("[models.m]\npath = \"m.gguf\"\nweights = \"f16\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("f16") && err.contains("auto, stored or f32"), "{err}");
+    }
+
+    #[test]
     fn paged_attention_defaults_to_auto_and_on_needs_a_device_that_can_be_a_gpu() {
         use flywheel_router::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
         let model = |extra: &str| format!("[models.smollm2]\npath = \"m.gguf\"\n{extra}");

