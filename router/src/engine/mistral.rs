@@ -101,7 +101,7 @@ named_setting!(Activations, "activation type", "use f32, bf16, f16 or auto", {
 /// activations, which decodes fast (batch 1 reads the fewest bytes) but
 /// prefills slowly; f32 tensors go through a blocked matrix product instead.
 /// Measured on two CPU cores with SmolLM2-135M (`flywheel-bench engine
-/// --weights stored|f32`): prefill 84 -> 194 tok/s, decode 38.6 -> 13.4
+/// --weights stored|f32`): prefill 84 -> 193 tok/s, decode 38.6 -> 10-13
 /// tok/s. A router engine only runs prompt steps, so `auto` gives routers an
 /// exact f32 copy of the file (written to the temporary folder for the load
 /// and deleted after it; ~4x the Q8_0 size in memory) and answer engines the
@@ -237,13 +237,12 @@ impl F32Copy {
             return Ok(None);
         }
         let started = std::time::Instant::now();
-        let tmp = std::env::temp_dir();
         let dir = tempfile::Builder::new()
             .prefix("flywheel-f32-")
             .tempdir()
             .map_err(|source| PrepError::Io {
-                action: "cannot create the f32 copy's folder in (set TMPDIR, or weights = \"stored\")",
-                path: tmp,
+                action: "cannot create a folder in",
+                path: std::env::temp_dir(),
                 source,
             })?;
         let name = model
@@ -292,22 +291,6 @@ impl MistralEngine {
             source,
         };
         let device = opts.device.open().map_err(|e| load_err(anyhow::Error::new(e)))?;
-        // Held until mistral.rs has read the tensors (it keeps no file open).
-        let f32_copy = if opts.weights.dequantize(opts.router) {
-            F32Copy::of(path).map_err(|e| load_err(anyhow::Error::new(e)))?
-        } else {
-            None
-        };
-        let load_path = f32_copy.as_ref().map_or(path.as_path(), F32Copy::path);
-        let dir = load_path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let file = load_path
-            .file_name()
-            .ok_or_else(not_found)?
-            .to_string_lossy()
-            .to_string();
         let paged = opts
             .paged_attention
             .resolve(&device, opts.router)
@@ -324,6 +307,28 @@ impl MistralEngine {
         } else {
             None
         };
+        // Made after the cheap checks above; held until mistral.rs has read
+        // the tensors (it keeps no file open).
+        let f32_copy =
+            if opts.weights.dequantize(opts.router) {
+                F32Copy::of(path).map_err(|e| {
+                    load_err(anyhow::Error::new(e).context(
+                        "making the f32 copy of the weights (TMPDIR sets where; weights = \"stored\" skips it)",
+                    ))
+                })?
+            } else {
+                None
+            };
+        let load_path = f32_copy.as_ref().map_or(path.as_path(), F32Copy::path);
+        let dir = load_path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = load_path
+            .file_name()
+            .ok_or_else(not_found)?
+            .to_string_lossy()
+            .to_string();
         // The loader mistral.rs's `GgufModelBuilder` wraps, called directly so
         // that the model goes on the device asked for (the builder always
         // picks GPU 0) with the activation type asked for (the builder always

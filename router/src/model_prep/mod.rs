@@ -187,20 +187,33 @@ fn write_scratch(
     metadata: &[(&str, &gguf_file::Value)],
     tensors: &[(&str, &QTensor)],
 ) -> Result<(), PrepError> {
-    let io = |action| {
-        move |source| PrepError::Io {
-            action,
-            path: output.into(),
-            source,
-        }
-    };
-    let mut writer = BufWriter::new(File::create(output).map_err(io("cannot create"))?);
-    gguf_file::write(&mut writer, metadata, tensors).map_err(|source| PrepError::Gguf {
+    let file = File::create(output).map_err(|source| PrepError::Io {
+        action: "cannot create",
         path: output.into(),
         source,
     })?;
-    writer.into_inner().map_err(|e| io("cannot write")(e.into_error()))?;
+    write_buffered(file, output, metadata, tensors)?;
     Ok(())
+}
+
+/// Write GGUF content to `sink` (the file at `path`) through a buffer and
+/// hand the flushed sink back.
+fn write_buffered<W: std::io::Write + std::io::Seek>(
+    sink: W,
+    path: &Path,
+    metadata: &[(&str, &gguf_file::Value)],
+    tensors: &[(&str, &QTensor)],
+) -> Result<W, PrepError> {
+    let mut writer = BufWriter::new(sink);
+    gguf_file::write(&mut writer, metadata, tensors).map_err(|source| PrepError::Gguf {
+        path: path.into(),
+        source,
+    })?;
+    writer.into_inner().map_err(|e| PrepError::Io {
+        action: "cannot write",
+        path: path.into(),
+        source: e.into_error(),
+    })
 }
 
 /// Write a GGUF file atomically: into a temporary file in the same folder,
@@ -224,16 +237,7 @@ pub fn write_gguf(
         source,
     })?;
     let tmp = tmp_file.path().to_path_buf();
-    let mut writer = BufWriter::new(tmp_file);
-    gguf_file::write(&mut writer, metadata, tensors).map_err(|source| PrepError::Gguf {
-        path: tmp.clone(),
-        source,
-    })?;
-    let out = writer.into_inner().map_err(|e| PrepError::Io {
-        action: "cannot write",
-        path: tmp.clone(),
-        source: e.into_error(),
-    })?;
+    let out = write_buffered(tmp_file, &tmp, metadata, tensors)?;
     out.as_file().sync_all().map_err(|source| PrepError::Io {
         action: "cannot sync",
         path: tmp.clone(),
