@@ -8,7 +8,7 @@
 #   bench/gpu/run.sh [STEPS=all] [PACK_DIR=var/gpu] [OUT_DIR=$OUT or var/gpu/out]
 #
 # STEPS: `all`, or any of `engine` (step 1), `engine-contiguous` (1b),
-# `engine-stored` (1c), `engine-f32` (1d), `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
+# `engine-stored` (1c), `engine-f32` (1d), `overhead` (1e), `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
 # `baseline` (4) joined with `+`, in the order they should run. The packed
 # CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
 # machine cannot hold all three: `engine+server` needs flywheel-bench,
@@ -28,6 +28,10 @@
 #  1c. the same with the file's Q8_0 weights in the router engine too
 #      (weights = "stored"; the default gives routers an f32 copy)
 #  1d. the same with f32 weights in the generation engine too (weights = "f32")
+#  1e. per-step fixed cost: the same bench on two models made there with
+#      tiny-model.py (the model's vocabulary and tokenizer, blocks of dim 64,
+#      1 and 30 of them): decode and route latency apart from arithmetic,
+#      and the cost per block (kernel launches)         (needs numpy)
 #   2. the gRPC server on the GPU: route through gRPC, streaming chat at 1, 8,
 #      32 and 64 concurrent streams                    (flywheel-bench)
 #  2b. the same server with bf16 activations (f32 is the default): route,
@@ -51,8 +55,8 @@ steps="${1:-all}"
 pack="${2:-var/gpu}"
 out="${3:-${OUT:-var/gpu/out}}"
 for s in ${steps//+/ }; do
-  case "$s" in engine|engine-contiguous|engine-stored|engine-f32|server|server-bf16|server-contiguous|train|baseline) ;;
-    *) echo "usage: $0 [all|engine+engine-contiguous+engine-stored+engine-f32+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+  case "$s" in engine|engine-contiguous|engine-stored|engine-f32|overhead|server|server-bf16|server-contiguous|train|baseline) ;;
+    *) echo "usage: $0 [all|engine+engine-contiguous+engine-stored+engine-f32+overhead+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
 done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
@@ -73,10 +77,17 @@ summarise() {
 }
 
 step "unpack"
+# The binaries go to $work/bin; $work/flywheel-* are wrappers that run them
+# with the CUDA library path (below), which is set for them only: a Python
+# linked to a shared libpython picks another interpreter's library (and its
+# packages) from a path that lists the system's library folder.
+mkdir -p "$work/bin"
 for f in flywheel-server flywheel-trainer flywheel-bench model.gguf; do
-  if [ -e "$pack/$f.xz" ] && [ ! "$work/$f" -nt "$pack/$f.xz" ]; then xz -dc "$pack/$f.xz" > "$work/$f"; elif [ -e "$pack/$f" ]; then cp "$pack/$f" "$work/$f"; fi
+  dest="$work/$f"
+  case "$f" in flywheel-*) dest="$work/bin/$f" ;; esac
+  if [ -e "$pack/$f.xz" ] && [ ! "$dest" -nt "$pack/$f.xz" ]; then xz -dc "$pack/$f.xz" > "$dest"; elif [ -e "$pack/$f" ]; then cp "$pack/$f" "$dest"; fi
 done
-chmod +x "$work"/flywheel-* 2>/dev/null
+chmod +x "$work"/bin/flywheel-* 2>/dev/null
 
 # cuBLAS, cuRAND, NVRTC and cudart: from the Python packages' nvidia/*/lib
 # folders (PyTorch's CUDA 13 wheels), else a CUDA install; libcuda.so.1 comes
@@ -95,24 +106,30 @@ EOF
 for d in /usr/local/cuda/lib64 /usr/local/nvidia/lib64 /usr/local/nvidia/lib /usr/lib/x86_64-linux-gnu; do
   [ -d "$d" ] && libdirs="${libdirs:+$libdirs:}$d"
 done
-export LD_LIBRARY_PATH="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-missing="$(ldd "$work"/flywheel-* 2>/dev/null | grep 'not found' | sort -u || true)"
+cuda_path="${libdirs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+echo "library path of the flywheel binaries: $cuda_path"
+for b in "$work"/bin/flywheel-*; do
+  [ -e "$b" ] || continue
+  printf '#!/bin/sh\nLD_LIBRARY_PATH="%s" exec "%s" "$@"\n' "$cuda_path" "$b" > "$work/${b##*/}"
+  chmod +x "$work/${b##*/}"
+done
+missing="$(LD_LIBRARY_PATH="$cuda_path" ldd "$work"/bin/flywheel-* 2>/dev/null | grep 'not found' | sort -u || true)"
 [ -n "$missing" ] && echo "MISSING LIBRARIES:" && echo "$missing"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$report/gpu.txt"
 
 # Each step is bounded (FLYWHEEL_GPU_STEP_S, default 180 s per command).
 limit="${FLYWHEEL_GPU_STEP_S:-180}"
 
-# engine TAG PAGED [WEIGHTS]: flywheel-bench engine with --paged-attention
-# PAGED and --weights WEIGHTS (auto), report engine$TAG.json.
+# engine TAG PAGED [WEIGHTS] [MODEL] [SAMPLES]: flywheel-bench engine with
+# --paged-attention PAGED and --weights WEIGHTS (auto) on MODEL (the packed
+# one), report engine$TAG.json.
 engine() {
-  local tag=$1 paged=$2 weights=${3:-auto}
+  local tag=$1 paged=$2 weights=${3:-auto} model=${4:-$work/model.gguf} n=${5:-$samples}
   (command -v nvidia-smi >/dev/null && exec nvidia-smi dmon -s um -d 1 >"$logs/dmon-engine$tag.log" 2>&1) &
   local dmon=$!
-  timeout "$limit" "$work/flywheel-bench" engine --model "$work/model.gguf" --device "$device" --activations f32 \
+  timeout "$limit" "$work/flywheel-bench" engine --model "$model" --device "$device" --activations f32 \
     --paged-attention "$paged" --weights "$weights" \
-    --route-requests "$samples" --ttft-requests $((samples / 4 + 1)) --decode-runs $((samples / 40 + 1)) \
+    --route-requests "$n" --ttft-requests $((n / 4 + 1)) --decode-runs $((n / 40 + 1)) \
     --decode-long-prompt --json "$report/engine$tag.json" 2>"$logs/engine$tag.log"
   echo "exit $?"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/engine$tag.log" | tail -5
   kill $dmon 2>/dev/null; pkill -f "nvidia-smi dmon" 2>/dev/null
@@ -137,6 +154,17 @@ run_engine-stored() {
 run_engine-f32() {
   step "1d. engine in process ($device), f32 weights in the generation engine too"
   engine "-f32" auto f32
+}
+
+run_overhead() {
+  step "1e. per-step fixed cost ($device): models with 1 and 30 tiny blocks"
+  for layers in 1 30; do
+    if python3 bench/gpu/tiny-model.py "$work/model.gguf" "$work/tiny$layers.gguf" "$layers"; then
+      engine "-tiny$layers" auto auto "$work/tiny$layers.gguf" $((samples < 60 ? samples : 60))
+    else
+      echo "skipped: could not write the tiny model (numpy missing?)"
+    fi
+  done
 }
 
 # serve CONFIG TAG STREAMS...: the server on CONFIG, route at 1 client and

@@ -37,6 +37,7 @@ def main():
     for tag, again in (("", ""), ("-contiguous", ", second run"), ("-stored", ", third run"),
                        ("-f32", ", fourth run")):
         engine_rows(rows, load(d, f"engine{tag}.json"), peft, hf_tps, again)
+    overhead_rows(rows, d)
     server_rows(rows, d, hf_tps)
     train_rows(rows, d, peft)
     print(f"GPU: {gpu or 'none reported'}\n")
@@ -86,6 +87,27 @@ def engine_rows(rows, eng, peft, hf_tps, again):
             rows.append((f"decode, batch 1, after a {long['prompt_tokens']}-token prompt (in process){kv}",
                          fmt(long["tokens_per_second"], " tok/s", 0),
                          f"{long['tokens_per_second'] / dec:.2f}x the short-prompt decode"))
+
+
+def overhead_rows(rows, d):
+    """Step 1e: per-step fixed cost from models of 1 and 30 tiny blocks."""
+    tiny = {n: load(d, f"engine-tiny{n}.json") for n in (1, 30)}
+    ms = {n: 1000 / e["decode_tokens_per_second"] for n, e in tiny.items() if e and e.get("decode_tokens_per_second")}
+    for n, e in tiny.items():
+        if not e:
+            continue
+        r, idle = e["route_ms"], e.get("route_ms_idle") or {}
+        rows.append((f"{n} tiny block(s) (dim 64, same vocabulary): decode step, route decision",
+                     f"{fmt(ms.get(n), ' ms', 2)}/token; route p50 {fmt(r['p50'], ' ms', 2)}, idle {fmt(idle.get('p50'), ' ms', 2)}",
+                     "arithmetic negligible: engine step + per-block fixed cost"))
+    if 1 in ms and 30 in ms:
+        per_block = (ms[30] - ms[1]) / 29
+        real = load(d, "engine.json")
+        note = f"step without blocks ~{fmt(ms[1] - per_block, ' ms', 2)}"
+        if real and real.get("decode_tokens_per_second"):
+            real_ms = 1000 / real["decode_tokens_per_second"]
+            note += f"; the real model's {real_ms:.2f} ms/token is {ms[30] / real_ms:.0%} fixed cost"
+        rows.append(("decode: fixed cost per block", fmt(per_block * 1000, " us", 0), note))
 
 
 def server_rows(rows, d, hf_tps):
