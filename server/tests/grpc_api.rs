@@ -409,3 +409,165 @@ async fn rephrasing_in_a_session_marks_the_earlier_answer_unsatisfactory() {
     assert_eq!(history.feedback[0].kind, "rephrase");
     assert!(history.feedback[0].detail().contains(&second.request_id));
 }
+
+/// grpcio-tools pinned for the Python client test (it brings grpcio and
+/// protobuf; its `grpc_tools.protoc` is the official protoc).
+const GRPCIO_TOOLS: &str = "1.85.1";
+
+/// A folder holding grpcio-tools, installed with pip from PyPI on first use
+/// and kept in the target dir's scratch space.
+fn python_grpc() -> std::path::PathBuf {
+    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = scratch.join(format!("python-grpcio-tools-{GRPCIO_TOOLS}"));
+    if dir.join("grpc_tools").is_dir() {
+        return dir;
+    }
+    let staging = tempfile::tempdir_in(scratch).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(staging.path())
+        .arg(format!("grpcio-tools=={GRPCIO_TOOLS}"))
+        .output()
+        .expect("running python3 -m pip");
+    assert!(
+        out.status.success(),
+        "pip install grpcio-tools=={GRPCIO_TOOLS} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another test process may have finished first: either copy will do.
+    let _ = std::fs::rename(staging.keep(), &dir);
+    assert!(
+        dir.join("grpc_tools").is_dir(),
+        "grpcio-tools missing from {}",
+        dir.display()
+    );
+    dir
+}
+
+/// Run `python3 args...` in `cwd` with `PYTHONPATH`, killed after two
+/// minutes; returns stdout, panics with stderr on failure.
+fn python(args: &[&str], cwd: &std::path::Path, pythonpath: &str) -> String {
+    let mut child = std::process::Command::new("python3")
+        .args(args)
+        .current_dir(cwd)
+        .env("PYTHONPATH", pythonpath)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running python3");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python3 {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The README's Python client, as written there: stubs generated with its
+/// `grpc_tools.protoc` command from the proto file, then its example run
+/// against the real server (stream an answer, route, correct the route).
+#[tokio::test]
+async fn the_readme_python_client_works_against_the_server() {
+    let server = common::real_server();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = readme
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains("import grpc"))
+        .expect("a Python block with `import grpc` in the README");
+    let protoc: Vec<&str> = example
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("# python "))
+        .expect("the block opens with the protoc command")
+        .split_whitespace()
+        .collect();
+    assert!(protoc.starts_with(&["-m", "grpc_tools.protoc"]), "{protoc:?}");
+    assert!(example.contains("127.0.0.1:50051"), "the example's address changed");
+
+    let stubs = tempfile::tempdir().unwrap();
+    let out_dir = stubs.path().to_str().unwrap();
+    let args: Vec<String> = protoc
+        .iter()
+        .map(|a| match a.split_once('=') {
+            Some((flag, ".")) => format!("{flag}={out_dir}"),
+            _ => (*a).to_string(),
+        })
+        .collect();
+    let grpc = python_grpc();
+    let grpc_path = grpc.to_str().unwrap();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    python(&arg_refs, &root, grpc_path);
+
+    let script = stubs.path().join("example.py");
+    std::fs::write(&script, example.replace("127.0.0.1:50051", &server.addr.to_string())).unwrap();
+    let stdout = python(
+        &[script.to_str().unwrap()],
+        stubs.path(),
+        &format!("{grpc_path}:{out_dir}"),
+    );
+
+    // "[<request id>] -> <expert> (<confidence>)", the answer, "<n> tokens,
+    // TTFT <t> ms", then every expert's probability.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (id, expert) = lines[0]
+        .strip_prefix('[')
+        .and_then(|l| l.split_once("] -> "))
+        .unwrap_or_else(|| panic!("first line: {stdout}"));
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{stdout}");
+    let expert = expert.split(" (").next().unwrap();
+    assert!(server.pipeline.experts().contains(&expert.to_string()), "{stdout}");
+    let tokens_line = lines
+        .iter()
+        .find(|l| l.contains(" tokens, TTFT "))
+        .unwrap_or_else(|| panic!("no usage line: {stdout}"));
+    let tokens: u32 = tokens_line.split(' ').next().unwrap().parse().unwrap();
+    assert!(tokens > 0, "{stdout}");
+    let scores = lines.last().unwrap();
+    for e in server.pipeline.experts() {
+        assert!(scores.contains(&format!("'{e}': ")), "{e} missing: {stdout}");
+    }
+
+    // The streamed request and the correction reached the log.
+    assert_eq!(server.record(id).await.kind, "stream");
+    let routed = server.records_with_query("reset my password").await;
+    assert_eq!(routed.len(), 1, "{routed:?}");
+    let history = server
+        .feedback()
+        .await
+        .history(FeedbackHistoryRequest {
+            request_id: routed[0].request_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.feedback.len(), 1, "{history:?}");
+    let entry = &history.feedback[0];
+    assert_eq!(entry.corrected_expert.as_deref(), Some("it"));
+    assert_eq!(entry.reviewer_id.as_deref(), Some("sme-7"));
+    assert_eq!(
+        entry.rating,
+        Some(flywheel_proto::v1::feedback_entry::Rating::Thumb(Thumb::Down.into()))
+    );
+}
