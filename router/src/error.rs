@@ -25,6 +25,14 @@ pub enum PipelineError {
         /// The limit.
         max: usize,
     },
+    /// A request field the server cannot use as given.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
     /// The caller forced an expert that is not configured.
     #[error("unknown expert `{name}`; configured experts: {known}")]
     UnknownExpert {
@@ -136,6 +144,7 @@ impl PipelineError {
         match self {
             PipelineError::EmptyQuery
             | PipelineError::QueryTooLong { .. }
+            | PipelineError::InvalidRequest { .. }
             | PipelineError::InvalidFeedback { .. }
             | PipelineError::InvalidInput { .. }
             | PipelineError::Rails(RailsError::InvalidSpec { .. }) => "invalid_argument",

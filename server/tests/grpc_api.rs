@@ -185,6 +185,24 @@ async fn bad_requests_get_their_status_and_still_leave_a_record() {
 
     let err = server.router().await.route(RouteRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    let mut request = chat("what is the dress code?", 8);
+    request.options.as_mut().unwrap().temperature = Some(f32::NAN);
+    let err = client.complete(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("`temperature`: is NaN"), "{}", err.message());
+    let mut request = chat("what is the dress code?", 0);
+    request.session_id = Some("s".repeat(10_000));
+    let err = client.stream(request).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("`session_id`: is 10000 characters long"),
+        "{}",
+        err.message()
+    );
+    let refused = server.records_with_query("what is the dress code?").await;
+    assert_eq!(refused.len(), 2);
+    assert!(refused.iter().all(|r| r.status == "invalid_argument"));
 }
 
 #[tokio::test]

@@ -26,6 +26,30 @@ pub struct Overrides {
     pub temperature: Option<f32>,
 }
 
+impl Overrides {
+    /// Refuse values no expert can use: `Err((field, what to fix))`.
+    ///
+    /// # Errors
+    /// `max_tokens` of 0, a temperature that is negative, NaN or infinite.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.max_tokens == Some(0) {
+            return Err((
+                "max_tokens",
+                "must be at least 1 (leave it unset for the expert's default)".into(),
+            ));
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && t >= 0.0)
+        {
+            return Err((
+                "temperature",
+                format!("is {t}; use a finite number >= 0 (0 = greedy, unset = the expert's default)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl ExpertAgent {
     /// An expert answering with the model in `slot`.
     pub fn new(spec: ExpertSpec, slot: Arc<Slot>) -> Self {

@@ -45,6 +45,10 @@ pub use promotion::SwapReport;
 /// Answer events buffered between the producer and the caller.
 const EVENT_BUFFER: usize = 32;
 
+/// Longest session or user id a request may carry (characters); each one is
+/// stored with every request in the log.
+pub const MAX_ID_CHARS: usize = 256;
+
 /// A query and its options.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Query {
@@ -371,6 +375,21 @@ impl Pipeline {
             ));
         }
         let mut record = record;
+        let overlong = |id: &Option<String>| id.as_ref().map(|v| v.chars().count()).filter(|&n| n > MAX_ID_CHARS);
+        let bad_id = [("session_id", &record.session_id), ("user_id", &record.user_id)]
+            .into_iter()
+            .find_map(|(field, id)| overlong(id).map(|len| (field, len)));
+        if let Some((field, len)) = bad_id {
+            // Logged cut to the limit: the rejection, not the payload.
+            for id in [&mut record.session_id, &mut record.user_id] {
+                *id = id.take().map(|v| v.chars().take(MAX_ID_CHARS).collect());
+            }
+            let reason = format!("is {len} characters long; the limit is {MAX_ID_CHARS} characters");
+            return Err(self.fail(record, start, PipelineError::InvalidRequest { field, reason }));
+        }
+        if let Err((field, reason)) = query.overrides.check() {
+            return Err(self.fail(record, start, PipelineError::InvalidRequest { field, reason }));
+        }
         let text = match rails
             .input
             .check(&query.text)
@@ -1026,6 +1045,57 @@ mod tests {
         let mut statuses: Vec<String> = records(&p).await.into_iter().map(|r| r.status).collect();
         statuses.sort();
         assert_eq!(statuses, ["invalid_argument", "invalid_argument", "not_found"]);
+    }
+
+    #[tokio::test]
+    async fn unusable_ids_and_generation_options_are_refused_and_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default());
+        let long_user = "u".repeat(MAX_ID_CHARS + 1);
+        let Err(PipelineError::InvalidRequest { field, reason }) = p
+            .route(Query {
+                user_id: Some(long_user.clone()),
+                ..session_query("vpn broken", "s-1")
+            })
+            .await
+        else {
+            panic!("an overlong user id must be refused")
+        };
+        assert_eq!(field, "user_id");
+        assert!(reason.contains("257") && reason.contains("256"), "{reason}");
+        let with = |max_tokens: Option<u32>, temperature: Option<f32>| Query {
+            overrides: Overrides {
+                max_tokens,
+                temperature,
+            },
+            ..query("vpn broken")
+        };
+        for (q, bad) in [
+            (with(Some(0), None), "max_tokens"),
+            (with(None, Some(-0.5)), "temperature"),
+            (with(None, Some(f32::NAN)), "temperature"),
+            (with(None, Some(f32::INFINITY)), "temperature"),
+        ] {
+            match p.complete(q).await {
+                Err(PipelineError::InvalidRequest { field, .. }) => assert_eq!(field, bad),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        for q in [
+            with(Some(1), Some(0.0)),
+            with(Some(100_000), Some(1.5)),
+            with(None, None),
+        ] {
+            p.complete(q).await.unwrap();
+        }
+        let recs = records(&p).await;
+        let refused: Vec<&RequestRecord> = recs.iter().filter(|r| r.status == "invalid_argument").collect();
+        assert_eq!(refused.len(), 5);
+        let logged = refused.iter().find(|r| r.user_id.is_some()).unwrap();
+        // Logged with the ids cut to the limit, the session id as given.
+        assert_eq!(logged.user_id.as_deref(), Some(&long_user[..MAX_ID_CHARS]));
+        assert_eq!(logged.session_id.as_deref(), Some("s-1"));
+        assert!(logged.error.as_deref().unwrap().contains("user_id"));
     }
 
     fn session_query(text: &str, session: &str) -> Query {

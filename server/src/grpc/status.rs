@@ -12,6 +12,7 @@ pub fn to_status(error: &PipelineError) -> Status {
     let code = match error {
         PipelineError::EmptyQuery
         | PipelineError::QueryTooLong { .. }
+        | PipelineError::InvalidRequest { .. }
         | PipelineError::InvalidFeedback { .. }
         | PipelineError::InvalidInput { .. } => Code::InvalidArgument,
         PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => Code::NotFound,
