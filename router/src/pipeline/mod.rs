@@ -618,6 +618,12 @@ impl Pipeline {
         &self,
         request_id: &str,
     ) -> Result<(RequestRecord, Vec<FeedbackRecord>), PipelineError> {
+        if request_id.trim().is_empty() {
+            return Err(PipelineError::InvalidRequest {
+                field: "request_id",
+                reason: "is required".into(),
+            });
+        }
         self.log.flush().await?;
         let log = self.log.clone();
         let id = request_id.to_string();
@@ -1138,6 +1144,13 @@ mod tests {
         let (record, rows) = p.feedback_history(&id).await.unwrap();
         assert_eq!(record.request_id, id);
         assert_eq!(rows.len(), 2);
+        assert!(matches!(
+            p.feedback_history(" ").await,
+            Err(PipelineError::InvalidRequest {
+                field: "request_id",
+                ..
+            })
+        ));
         assert_eq!(crate::feedback::latest_explicit(&rows), Some(&last));
     }
 
