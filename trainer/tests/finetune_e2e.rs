@@ -227,3 +227,58 @@ fn train_resumes_after_interruption_and_eval_measures_the_output() {
     assert_eq!(r["model"]["version"], manifest["version"]);
     assert!(r["comparison"]["p_value"].as_f64().unwrap() <= 1.0);
 }
+
+/// Settings that cannot train are refused before any work, and a run whose
+/// loss stops being a number ends with an error instead of a model.
+#[test]
+fn bad_settings_are_refused_and_a_diverging_run_writes_no_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("toy.csv");
+    write_toy_data(&data);
+    let base = base();
+    let run = |out: &Path, extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel-trainer"))
+            .args([
+                "train",
+                "--data",
+                data.to_str().unwrap(),
+                "--base",
+                base.to_str().unwrap(),
+            ])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--keep-layers",
+                "2",
+                "--trained-blocks",
+                "2",
+            ])
+            .args(["--epochs", "2", "--batch-size", "4", "--quiet"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let refused = dir.path().join("refused");
+    for (flag, says) in [
+        ("--lr=-1", "--lr must be a positive number, not -1"),
+        ("--lr=nan", "--lr must be a positive number, not NaN"),
+        ("--alpha=0", "--alpha must be a positive number, not 0"),
+        ("--weight-decay=-0.1", "--weight-decay must be a number >= 0"),
+        ("--warmup-ratio=2", "--warmup-ratio must be in [0, 1], not 2"),
+    ] {
+        let stderr = run(&refused, &[flag]);
+        assert!(stderr.contains(says), "{flag}: {stderr}");
+    }
+    assert!(!refused.exists(), "a refused run creates nothing");
+
+    let diverged = dir.path().join("diverged");
+    let stderr = run(&diverged, &["--lr", "1e30"]);
+    assert!(
+        stderr.contains("training diverged: the loss is NaN at step"),
+        "{stderr}"
+    );
+    assert!(!diverged.join("model.gguf").exists());
+    assert!(!diverged.join("manifest.json").exists());
+}

@@ -75,6 +75,19 @@ pub enum FinetuneError {
     /// The engine used for tokenization failed.
     #[error("tokenizing with the serving engine failed")]
     Engine(#[from] EngineError),
+    /// The loss stopped being a number; no model was written.
+    #[error(
+        "training diverged: the loss is {loss} at step {step} (learning rate {lr:.2e}); no model was written. \
+         Train again with a lower --lr (into another --out if this one holds a checkpoint of this run)"
+    )]
+    Diverged {
+        /// The step whose loss was not finite (1-based).
+        step: usize,
+        /// That loss.
+        loss: f32,
+        /// The learning rate of that step.
+        lr: f64,
+    },
 }
 
 pub(crate) fn gguf_err(e: candle_core::Error) -> FinetuneError {
@@ -435,6 +448,25 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
     if !(0.0..1.0).contains(&args.dropout) {
         return Err(FinetuneError::Invalid("--dropout must be in [0, 1)".into()));
     }
+    for (flag, value) in [("--lr", args.lr), ("--alpha", args.alpha)] {
+        if !(value.is_finite() && value > 0.0) {
+            return Err(FinetuneError::Invalid(format!(
+                "{flag} must be a positive number, not {value}"
+            )));
+        }
+    }
+    if !(args.weight_decay.is_finite() && args.weight_decay >= 0.0) {
+        return Err(FinetuneError::Invalid(format!(
+            "--weight-decay must be a number >= 0, not {}",
+            args.weight_decay
+        )));
+    }
+    if !(0.0..=1.0).contains(&args.warmup_ratio) {
+        return Err(FinetuneError::Invalid(format!(
+            "--warmup-ratio must be in [0, 1], not {}",
+            args.warmup_ratio
+        )));
+    }
     if args.epochs == 0 || args.batch_size == 0 {
         return Err(FinetuneError::Invalid(
             "--epochs and --batch-size must be at least 1".into(),
@@ -515,6 +547,15 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         }
         let tokens = trainer.step_tokens(trainer.opt.step);
         let point = trainer.step()?;
+        if !point.loss.is_finite() {
+            // Nothing of this step is saved: the checkpoint on disk predates it.
+            bar.abandon();
+            return Err(FinetuneError::Diverged {
+                step: point.step,
+                loss: point.loss,
+                lr: point.lr,
+            });
+        }
         progress.tokens += tokens;
         progress.seconds = seconds_before + started.elapsed().as_secs_f64();
         let tps = progress.tokens as f64 / progress.seconds.max(1e-9);
