@@ -338,6 +338,10 @@ pub fn read_test(
         text: text_column.into(),
         label: label_column.into(),
     };
+    anyhow::ensure!(
+        limit != Some(0),
+        "--limit must be at least 1 (leave it out to use every row)"
+    );
     let mut examples = read_examples_with(path, LabelSource::Import, &columns)?;
     if let Some(n) = limit {
         examples.truncate(n);
@@ -345,7 +349,13 @@ pub fn read_test(
     let mut labels: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
     labels.sort();
     labels.dedup();
-    anyhow::ensure!(labels.len() >= 2, "{} has fewer than 2 labels", path.display());
+    anyhow::ensure!(
+        labels.len() >= 2,
+        "{}{} has {} distinct label(s); a router needs at least 2",
+        path.display(),
+        limit.map(|n| format!(" (first {n} rows)")).unwrap_or_default(),
+        labels.len()
+    );
     Ok((examples, labels))
 }
 
@@ -461,5 +471,25 @@ mod tests {
         assert_eq!(per[0].recall, 0.5);
         assert!((per[1].precision - 2.0 / 3.0).abs() < 1e-12);
         assert!((macro_f1 - (2.0 / 3.0 + 0.8) / 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn test_sets_say_why_they_cannot_be_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.csv");
+        std::fs::write(
+            &path,
+            "text,label\nwake me,alarm\nset an alarm,alarm\nrain today?,weather\n",
+        )
+        .unwrap();
+        let err = |limit| read_test(&path, "text", "label", limit).unwrap_err().to_string();
+        assert!(err(Some(0)).contains("--limit must be at least 1"), "{}", err(Some(0)));
+        let one = err(Some(2));
+        assert!(one.contains("(first 2 rows) has 1 distinct label(s)"), "{one}");
+        let (rows, labels) = read_test(&path, "text", "label", Some(3)).unwrap();
+        assert_eq!(
+            (rows.len(), labels),
+            (3, vec!["alarm".to_string(), "weather".to_string()])
+        );
     }
 }
