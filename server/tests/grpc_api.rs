@@ -161,13 +161,15 @@ async fn bad_requests_get_their_status_and_still_leave_a_record() {
     assert!(err.message().contains("empty"), "{}", err.message());
     assert_eq!(server.records_with_query("   ").await[0].status, "invalid_argument");
 
-    let long = "x".repeat(501);
+    // Refused before the rails: logged cut to the limit, PII redacted.
+    let long = format!("write to jane.doe@example.com {}", "x".repeat(480));
     let err = client.stream(chat(&long, 8)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("limit is 500"), "{}", err.message());
-    let rec = &server.records_with_query(&long).await[0];
+    let logged = format!("write to <EMAIL_1> {}", "x".repeat(470));
+    let rec = &server.records_with_query(&logged).await[0];
     assert_eq!(rec.status, "invalid_argument");
-    assert!(rec.error.as_deref().unwrap().contains("501"));
+    assert!(rec.error.as_deref().unwrap().contains("510"));
 
     let mut request = chat("who handles legal contracts?", 8);
     request.expert = Some("legal".into());

@@ -132,6 +132,14 @@ impl Rails {
         }
     }
 
+    /// `text` as the request log may keep it for a query refused before
+    /// the rails ran (see [`rails::RailSet::redact_for_log`]).
+    pub fn redact_for_log(&self, text: &str) -> String {
+        self.set
+            .as_ref()
+            .map_or_else(|| text.to_string(), |set| set.redact_for_log(text))
+    }
+
     /// The configured rail set.
     pub fn configured(set: std::sync::Arc<rails::RailSet>) -> Self {
         Self {

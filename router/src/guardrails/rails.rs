@@ -351,6 +351,16 @@ impl RailSet {
         &self.spec
     }
 
+    /// `text` as the request log may keep it when the query is refused
+    /// before the PII rail ran: entities redacted as that rail would have
+    /// (blocked and redacted kinds), or unchanged when the rail is off.
+    pub fn redact_for_log(&self, text: &str) -> String {
+        if !self.spec.pii.enabled {
+            return text.to_string();
+        }
+        self.pii_input(text).0.unwrap_or_else(|| text.to_string())
+    }
+
     fn limits(&self, text: &str, verdicts: &mut Vec<RailVerdict>) -> Result<Option<String>, RailRejection> {
         let start = Instant::now();
         let spec = &self.spec.limits;

@@ -353,11 +353,19 @@ impl Pipeline {
             query: query.text.clone(),
             ..RequestRecord::default()
         };
+        // A query refused before the rails ran is logged as the PII rail
+        // would have left it, and at most `max_query_chars` long.
+        let refuse = |mut record: RequestRecord, error: PipelineError| {
+            let max = self.limits.max_query_chars;
+            let cut: String = query.text.chars().take(max).collect();
+            record.query = rails.redact_for_log(&cut);
+            self.fail(record, start, error)
+        };
         let permit = match self.admission.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
                 let max = self.limits.max_in_flight;
-                return Err(self.fail(record, start, PipelineError::Overloaded { max }));
+                return Err(refuse(record, PipelineError::Overloaded { max }));
             }
         };
         if query.text.trim().is_empty() {
@@ -365,14 +373,8 @@ impl Pipeline {
         }
         let len = query.text.chars().count();
         if len > self.limits.max_query_chars {
-            return Err(self.fail(
-                record,
-                start,
-                PipelineError::QueryTooLong {
-                    len,
-                    max: self.limits.max_query_chars,
-                },
-            ));
+            let max = self.limits.max_query_chars;
+            return Err(refuse(record, PipelineError::QueryTooLong { len, max }));
         }
         let mut record = record;
         let overlong = |id: &Option<String>| id.as_ref().map(|v| v.chars().count()).filter(|&n| n > MAX_ID_CHARS);
@@ -385,10 +387,10 @@ impl Pipeline {
                 *id = id.take().map(|v| v.chars().take(MAX_ID_CHARS).collect());
             }
             let reason = format!("is {len} characters long; the limit is {MAX_ID_CHARS} characters");
-            return Err(self.fail(record, start, PipelineError::InvalidRequest { field, reason }));
+            return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
         }
         if let Err((field, reason)) = query.overrides.check() {
-            return Err(self.fail(record, start, PipelineError::InvalidRequest { field, reason }));
+            return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
         }
         let text = match rails
             .input
@@ -409,7 +411,11 @@ impl Pipeline {
                         }
                         PipelineError::Blocked(blocked)
                     }
-                    RailRejection::Invalid { rail, reason, .. } => PipelineError::InvalidInput { rail, reason },
+                    RailRejection::Invalid { rail, reason, .. } => {
+                        // The limits rail runs before the PII rail.
+                        record.query = rails.redact_for_log(&query.text);
+                        PipelineError::InvalidInput { rail, reason }
+                    }
                 };
                 return Err(self.fail(record, start, error));
             }
@@ -1102,6 +1108,45 @@ mod tests {
         assert_eq!(logged.user_id.as_deref(), Some(&long_user[..MAX_ID_CHARS]));
         assert_eq!(logged.session_id.as_deref(), Some("s-1"));
         assert!(logged.error.as_deref().unwrap().contains("user_id"));
+    }
+
+    #[tokio::test]
+    async fn queries_refused_before_the_rails_are_logged_redacted_and_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.max_query_chars = 40;
+        let mut spec = RailsSpec::default();
+        spec.jailbreak.enabled = false;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default())
+            .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+        let too_long = "mail jane.doe@example.com about the offsite plans for next week";
+        assert!(matches!(
+            p.route(query(too_long)).await,
+            Err(PipelineError::QueryTooLong { .. })
+        ));
+        let control = "mail jane.doe@example.com\u{0007}";
+        assert!(matches!(
+            p.route(query(control)).await,
+            Err(PipelineError::InvalidInput { .. })
+        ));
+        let long_session = Query {
+            session_id: Some("s".repeat(MAX_ID_CHARS + 1)),
+            ..query("call jane.doe@example.com")
+        };
+        assert!(matches!(
+            p.route(long_session).await,
+            Err(PipelineError::InvalidRequest { .. })
+        ));
+        let mut logged: Vec<String> = records(&p).await.into_iter().map(|r| r.query).collect();
+        logged.sort();
+        assert_eq!(
+            logged,
+            [
+                "call <EMAIL_1>",
+                "mail <EMAIL_1>\u{0007}",
+                "mail <EMAIL_1> about the offs"
+            ]
+        );
     }
 
     fn session_query(text: &str, session: &str) -> Query {
