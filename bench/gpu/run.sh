@@ -9,7 +9,7 @@
 #
 # STEPS: `all`, or any of `engine` (step 1), `engine-contiguous` (1b),
 # `engine-stored` (1c), `engine-f32` (1d), `overhead` (1e), `server` (2), `server-bf16` (2b), `server-contiguous` (2c), `train` (3),
-# `baseline` (4) joined with `+`, in the order they should run. The packed
+# `route-ft` (3b), `baseline` (4) joined with `+`, in the order they should run. The packed
 # CUDA binaries are ~20 MB each compressed, so one 64 MiB transfer to a GPU
 # machine cannot hold all three: `engine+server` needs flywheel-bench,
 # flywheel-server and the model; `train+baseline` flywheel-trainer, the model
@@ -40,6 +40,9 @@
 #      scheduler (paged_attention = "off"): route, chat at 1, 8, 32, 64 streams
 #   3. LoRA SFT on 685 HWU64 examples, 3 epochs, r16, all linear layers: all
 #      30 blocks (PEFT's setting) and the default top 8  (flywheel-trainer train)
+#  3b. route decisions of fine-tuned routers, as served (their own short
+#      prompt): the top-8 LoRA model of step 3 and one pruned to 12 blocks
+#      (trained here when missing)                      (flywheel-trainer eval)
 #   4. same-machine baseline: PyTorch + PEFT on the same model shape (bf16)
 #      (FLYWHEEL_GPU_F32=1 adds a full-f32 LoRA run to step 3)
 # Env: FLYWHEEL_DEVICE (cuda), FLYWHEEL_GPU_SECS (10 s per load phase),
@@ -51,12 +54,12 @@ set -uo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$root"
 steps="${1:-all}"
-[ "$steps" = all ] && steps="engine+server+train+baseline"
+[ "$steps" = all ] && steps="engine+server+train+route-ft+baseline"
 pack="${2:-var/gpu}"
 out="${3:-${OUT:-var/gpu/out}}"
 for s in ${steps//+/ }; do
-  case "$s" in engine|engine-contiguous|engine-stored|engine-f32|overhead|server|server-bf16|server-contiguous|train|baseline) ;;
-    *) echo "usage: $0 [all|engine+engine-contiguous+engine-stored+engine-f32+overhead+server+server-bf16+server-contiguous+train+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
+  case "$s" in engine|engine-contiguous|engine-stored|engine-f32|overhead|server|server-bf16|server-contiguous|train|route-ft|baseline) ;;
+    *) echo "usage: $0 [all|engine+engine-contiguous+engine-stored+engine-f32+overhead+server+server-bf16+server-contiguous+train+route-ft+baseline] [PACK_DIR] [OUT_DIR]" >&2; exit 2 ;; esac
 done
 device="${FLYWHEEL_DEVICE:-cuda}"
 secs="${FLYWHEEL_GPU_SECS:-10}"
@@ -241,6 +244,35 @@ run_train() {
   train 8 --trained-blocks 8
   train 30 --trained-blocks 30
   [ -n "${FLYWHEEL_GPU_F32:-}" ] && train 30-f32 --trained-blocks 30 --tf32 false
+}
+
+# Fine-tuned routers answer from their own short prompt (no expert list), and a
+# pruned one runs fewer blocks: their decisions as the server makes them, from
+# `flywheel-trainer eval` on $samples rows drawn from the training file (the
+# models' accuracy means nothing here: the packed model's weights are not the
+# real ones).
+run_route-ft() {
+  step "3b. fine-tuned routers' route decisions ($device): LoRA top 8 of 30 blocks, pruned to 12 blocks"
+  [ -e "$work/ft-8/model.gguf" ] || train 8 --trained-blocks 8
+  [ -e "$work/ft-k12/model.gguf" ] || train k12 --keep-layers 12 --trained-blocks 12
+  python3 - "$pack/hwu64_train.csv" "$work/route-test.csv" "$samples" <<'EOF'
+import csv, random, sys
+with open(sys.argv[1], newline="") as f:
+    rows = list(csv.DictReader(f))
+rows = random.Random(0).sample(rows, min(int(sys.argv[3]), len(rows)))
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=["text", "scenario"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+EOF
+  for m in 8 k12; do
+    [ -e "$work/ft-$m/model.gguf" ] || { echo "skipped ft-$m: no model"; continue; }
+    echo "-- ft-$m"
+    timeout "$limit" "$work/flywheel-trainer" eval --model "$work/ft-$m/model.gguf" --data "$work/route-test.csv" \
+      --label-column scenario --device "$device" --report "$report/route-ft-$m.json" >"$logs/route-ft-$m.out" 2>"$logs/route-ft-$m.log"
+    echo "exit $?"; head -3 "$logs/route-ft-$m.out"; grep -v '^ *[0-9]*: \|^ *at ' "$logs/route-ft-$m.log" | tail -2
+  done
+  summarise
 }
 
 run_baseline() {

@@ -40,6 +40,7 @@ def main():
     overhead_rows(rows, d)
     server_rows(rows, d, hf_tps)
     train_rows(rows, d, peft)
+    route_ft_rows(rows, d)
     print(f"GPU: {gpu or 'none reported'}\n")
     print("| metric | value | notes |\n|---|---|---|")
     for r in rows:
@@ -144,7 +145,7 @@ def server_rows(rows, d, hf_tps):
 
 def train_rows(rows, d, peft):
     peft_tps = peft and peft.get("lora_sft_tokens_per_second")
-    for run in ("30", "8", "30-f32"):
+    for run in ("30", "8", "30-f32", "k12"):
         m = load(d, f"train-{run}.json")
         if not m:
             continue
@@ -158,12 +159,29 @@ def train_rows(rows, d, peft):
             note += f"; {tps / peft_tps:.1f}x PEFT ({peft_tps:,.0f} tok/s); target 3x"
         blocks = hy.get("trained_blocks") or "all"
         precision = "TF32" if tr.get("tf32") else "f32"
+        base = m.get("base") or {}
+        kept = (f", pruned to {base['kept_blocks']} of {base['blocks']} blocks"
+                if base.get("kept_blocks") and base.get("kept_blocks") != base.get("blocks") else "")
         rows.append((f"LoRA SFT r{hy['rank']}, {m['data']['examples']} examples x {hy['epochs']} epochs, "
-                     f"trained blocks {blocks}, {precision}", fmt(tps, " tok/s", 0), note))
+                     f"trained blocks {blocks}{kept}, {precision}", fmt(tps, " tok/s", 0), note))
     if peft:
         rows.append(("baseline: PyTorch " + peft.get("torch", "") + " + PEFT LoRA SFT (bf16, 685x48, batch 8)",
                      fmt(peft_tps, " tok/s", 0), f"{peft['lora_sft_seconds']:.1f} s for {peft['lora_sft_epochs']} epoch(s)"))
         rows.append(("baseline: HF generate, batch 1 (bf16)", fmt(peft.get("generate_tokens_per_second"), " tok/s", 1), ""))
+
+
+
+def route_ft_rows(rows, d):
+    """Step 3b: fine-tuned routers' decisions (flywheel-trainer eval)."""
+    for run, label in (("8", "LoRA on the top 8 of 30 blocks"), ("k12", "pruned to 12 blocks")):
+        r = load(d, f"route-ft-{run}.json")
+        if not r:
+            continue
+        m = r["model"]
+        rows.append((f"route decision, fine-tuned router ({label}; its own prompt, no expert list)",
+                     f"p50 {fmt(m['latency_p50_ms'], ' ms', 2)}, p99 {fmt(m['latency_p99_ms'], ' ms', 2)}",
+                     f"flywheel-trainer eval, {m['n']} decisions on {m.get('device', '?')}, "
+                     f"{m['size_bytes'] / 1e6:.0f} MB; target <= 5 ms"))
 
 
 if __name__ == "__main__":

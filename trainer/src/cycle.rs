@@ -20,6 +20,7 @@ use flywheel_router::log::{LogReader, unix_ms};
 
 use crate::curate::select::Filters;
 use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};
+use crate::eval;
 use crate::finetune::{self, TrainArgs};
 use crate::promote::{self, PromoteArgs, PromoteReport, ServerArgs};
 
@@ -45,9 +46,13 @@ pub struct CycleArgs {
     /// Folder for the cycles' datasets and training outputs.
     #[arg(long, default_value = "var/cycles")]
     pub work_dir: PathBuf,
-    /// Server config (router instructions and expert descriptions for a base incumbent).
+    /// Server config (router instructions and expert descriptions for a base
+    /// incumbent; its router model entry loads the evaluated models).
     #[arg(long)]
     pub server_config: Option<PathBuf>,
+    /// Device of the evaluations, and of training when given.
+    #[command(flatten)]
+    pub device: eval::DeviceArg,
     /// Training settings.
     #[command(flatten)]
     pub training: TrainingKnobs,
@@ -171,6 +176,9 @@ impl CycleArgs {
         if k.quiet {
             argv.push("--quiet".into());
         }
+        if let Some(device) = self.device.choice {
+            argv.extend(["--device".into(), device.to_string()]);
+        }
         Ok(Wrap::try_parse_from(argv)
             .context("building the training settings")?
             .args)
@@ -185,6 +193,7 @@ impl CycleArgs {
             text_column: "text".into(),
             label_column: "label".into(),
             server_config: self.server_config.clone(),
+            device: self.device,
             tolerance: self.tolerance,
             max_p99_ms: self.max_p99_ms,
             registry_dir: self.registry_dir.clone(),
@@ -491,6 +500,7 @@ mod tests {
             registry_dir: root.join("registry"),
             work_dir: root.join("cycles"),
             server_config: None,
+            device: eval::DeviceArg::default(),
             training: TrainingKnobs {
                 base: root.join("base.gguf"),
                 epochs: 1,
@@ -518,6 +528,7 @@ mod tests {
             version: version.into(),
             size_bytes: 1,
             fine_tuned: version != "base",
+            device: "cpu".into(),
             n: 10,
             accuracy,
             macro_f1: accuracy,
@@ -582,6 +593,18 @@ mod tests {
         let err = run_once(&args).await.unwrap_err();
         assert!(err.to_string().contains("another flywheel cycle is running"), "{err}");
         drop(held);
+    }
+
+    #[test]
+    fn the_device_reaches_training_and_the_gate() {
+        use flywheel_router::device::DeviceChoice;
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = args(dir.path());
+        a.device.choice = Some(DeviceChoice::Auto);
+        let train = a.train_args(Path::new("train.jsonl"), Path::new("out"), &[]).unwrap();
+        assert_eq!(train.device, DeviceChoice::Auto);
+        let gate = a.promote_args(Path::new("out"), Path::new("test.jsonl"));
+        assert_eq!(gate.device.choice, Some(DeviceChoice::Auto));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{EngineSettings, ExpertSpec, ModelSpec, RouterSpec};
+use flywheel_router::device::DeviceChoice;
 use flywheel_router::registry::{MistralLoader, ServedModel, Slot};
 use serde::{Deserialize, Serialize};
 
@@ -40,9 +41,14 @@ pub struct EvalArgs {
     #[arg(long, default_value = "label")]
     pub label_column: String,
     /// Server config whose router instructions and expert descriptions
-    /// prompt base (not fine-tuned) models; without it they see the bare labels.
+    /// prompt base (not fine-tuned) models (without it they see the bare
+    /// labels), and whose router model entry says how models are loaded
+    /// (device, activations, weights).
     #[arg(long)]
     pub server_config: Option<PathBuf>,
+    /// Device.
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Evaluate only the first N rows.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -52,6 +58,69 @@ pub struct EvalArgs {
     /// Write the confusion matrix of `--model` as a PNG here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+/// `--device` of the commands that evaluate models (`eval`, `promote`, `cycle`).
+#[derive(Debug, Clone, Copy, Default, clap::Args)]
+pub struct DeviceArg {
+    /// Device the evaluated models run on: `cpu`, `auto`, `cuda` or `cuda:N`
+    /// (default: the router model's `device` in `--server-config`, else the
+    /// CPU). Decision latencies, and so a latency gate, are that device's.
+    #[arg(long = "device", env = "FLYWHEEL_DEVICE")]
+    pub choice: Option<DeviceChoice>,
+}
+
+/// How models are evaluated: the router's model entry they are loaded with
+/// and the server config that prompts base models.
+#[derive(Debug, Clone)]
+pub struct EvalSetup {
+    configured: Option<EngineSettings>,
+    model: ModelSpec,
+}
+
+impl EvalSetup {
+    /// The router's model entry of `server_config` (device, activations,
+    /// weights, ...; the default entry without one), on `device` when given.
+    ///
+    /// # Errors
+    /// An unreadable config, one without the router's model entry, or a
+    /// device this binary cannot use.
+    pub fn new(server_config: Option<&Path>, device: DeviceArg) -> anyhow::Result<Self> {
+        let configured = server_config.map(|p| crate::cli::settings(Some(p))).transpose()?;
+        let mut model = match &configured {
+            Some(s) => s.models.get(&s.router.model).cloned().with_context(|| {
+                format!(
+                    "{}: the router's model `{}` has no [models.{}] entry",
+                    server_config
+                        .map(Path::display)
+                        .map(|d| d.to_string())
+                        .unwrap_or_default(),
+                    s.router.model,
+                    s.router.model
+                )
+            })?,
+            None => EngineSettings::default()
+                .models
+                .into_values()
+                .next()
+                .context("default model entry")?,
+        };
+        let source = match (device.choice, server_config) {
+            (Some(d), _) => {
+                model.device = d;
+                "--device".to_string()
+            }
+            (None, Some(p)) => format!("the router model's device in {}", p.display()),
+            (None, None) => "the default device".to_string(),
+        };
+        model.device.check_supported().with_context(|| source)?;
+        Ok(Self { configured, model })
+    }
+
+    /// The device models are evaluated on.
+    pub fn device(&self) -> DeviceChoice {
+        self.model.device
+    }
 }
 
 /// Precision, recall and F1 of one label.
@@ -80,6 +149,10 @@ pub struct ModelReport {
     pub size_bytes: u64,
     /// Fine-tuned (prompted as trained) or base (zero-shot prompt).
     pub fine_tuned: bool,
+    /// Device it ran on, as asked (`auto` may have fallen back to the CPU,
+    /// with a warning in the log).
+    #[serde(default)]
+    pub device: String,
     /// Test examples.
     pub n: usize,
     /// Share predicted right.
@@ -210,11 +283,7 @@ pub fn score(labels: &[String], truth: &[String], pred: &[String]) -> (f64, f64,
 
 /// Router settings for evaluation: the server config's instructions and
 /// expert descriptions where it has them, the bare label otherwise.
-fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::Result<(RouterSpec, Vec<ExpertSpec>)> {
-    let configured = match server_config {
-        Some(p) => Some(crate::cli::settings(Some(p))?),
-        None => None,
-    };
+fn router_settings(labels: &[String], configured: Option<&EngineSettings>) -> (RouterSpec, Vec<ExpertSpec>) {
     let mut router = configured
         .as_ref()
         .map(|s| s.router.clone())
@@ -240,7 +309,7 @@ fn router_settings(labels: &[String], server_config: Option<&Path>) -> anyhow::R
         })
         .collect();
     router.fallback_expert = labels.first().cloned().unwrap_or_default();
-    Ok((router, experts))
+    (router, experts)
 }
 
 /// The version a training run gave the model (its `manifest.json` beside the file).
@@ -275,23 +344,19 @@ pub async fn evaluate_model(
     path: &Path,
     examples: &[Example],
     labels: &[String],
-    server_config: Option<&Path>,
+    setup: &EvalSetup,
 ) -> anyhow::Result<ModelReport> {
     let spec = ModelSpec {
         path: path.to_path_buf(),
         version: manifest_version(path),
-        ..EngineSettings::default()
-            .models
-            .into_values()
-            .next()
-            .context("default model entry")?
+        ..setup.model.clone()
     };
     let served = Arc::new(
         ServedModel::load(&spec, &MistralLoader, true)
             .await
             .with_context(|| format!("loading {}", path.display()))?,
     );
-    let (router_spec, experts) = router_settings(labels, server_config)?;
+    let (router_spec, experts) = router_settings(labels, setup.configured.as_ref());
     let agent = RouterAgent::new(&router_spec, &experts, Arc::new(Slot::new("router", served.clone())))?;
     agent.warm_up(&served).await?;
     let mut preds = Vec::with_capacity(examples.len());
@@ -312,6 +377,7 @@ pub async fn evaluate_model(
         version: served.version.clone(),
         size_bytes: served.size_bytes,
         fine_tuned: served.task.is_some(),
+        device: spec.device.to_string(),
         n: examples.len(),
         accuracy,
         macro_f1,
@@ -364,14 +430,14 @@ pub fn read_test(
 /// # Errors
 /// Unreadable data, models that fail to load.
 pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
+    let setup = EvalSetup::new(args.server_config.as_deref(), args.device)?;
     let (examples, labels) = read_test(&args.data, &args.text_column, &args.label_column, args.limit)?;
     let mut models = vec![args.model.as_path()];
     models.extend(args.against.as_deref());
     let labels = label_space(&labels, &models)?;
-    let config = args.server_config.as_deref();
-    let model = evaluate_model(&args.model, &examples, &labels, config).await?;
+    let model = evaluate_model(&args.model, &examples, &labels, &setup).await?;
     let against = match &args.against {
-        Some(p) => Some(evaluate_model(p, &examples, &labels, config).await?),
+        Some(p) => Some(evaluate_model(p, &examples, &labels, &setup).await?),
         None => None,
     };
     let comparison = against.as_ref().map(|a| compare(&model, a));
@@ -399,6 +465,7 @@ pub fn render(report: &EvalReport) -> String {
     let mut s = String::new();
     let mut models = vec![&report.model];
     models.extend(report.against.as_ref());
+    s.push_str(&format!("decisions on device `{}`\n", report.model.device));
     s.push_str(&format!(
         "{:<44} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
         "model", "accuracy", "macro-F1", "p50 ms", "p99 ms", "MB"
@@ -471,6 +538,65 @@ mod tests {
         assert_eq!(per[0].recall, 0.5);
         assert!((per[1].precision - 2.0 / 3.0).abs() < 1e-12);
         assert!((macro_f1 - (2.0 / 3.0 + 0.8) / 2.0).abs() < 1e-12);
+    }
+
+    /// Models are evaluated as the server config's router entry loads them,
+    /// on `--device` when given; a device this binary cannot use is refused
+    /// before anything loads, naming where it came from.
+    #[test]
+    fn models_load_as_the_router_entry_says_on_the_asked_device() {
+        use flywheel_router::engine::mistral::{Activations, Weights};
+        let dir = tempfile::tempdir().unwrap();
+        let config = |body: &str| {
+            let path = dir.path().join("server.toml");
+            std::fs::write(&path, body).unwrap();
+            path
+        };
+        let device = |d: Option<&str>| DeviceArg {
+            choice: d.map(|d| d.parse().unwrap()),
+        };
+
+        let default = EvalSetup::new(None, device(None)).unwrap();
+        assert_eq!(
+            default.model,
+            EngineSettings::default().models.into_values().next().unwrap()
+        );
+        assert_eq!(default.device(), DeviceChoice::Cpu);
+
+        let served = config(
+            "[models.small]\npath = \"s.gguf\"\nweights = \"stored\"\nactivations = \"bf16\"\n\
+             [models.big]\npath = \"b.gguf\"\n[router]\nmodel = \"small\"\n",
+        );
+        let setup = EvalSetup::new(Some(&served), device(None)).unwrap();
+        assert_eq!(
+            (setup.model.weights, setup.model.activations, setup.device()),
+            (Weights::Stored, Activations::Bf16, DeviceChoice::Cpu)
+        );
+        let setup = EvalSetup::new(Some(&served), device(Some("auto"))).unwrap();
+        assert_eq!(
+            (setup.device(), setup.model.weights),
+            (DeviceChoice::Auto, Weights::Stored)
+        );
+
+        let gpu = config("[models.m]\npath = \"m.gguf\"\ndevice = \"cuda:1\"\n[router]\nmodel = \"m\"\n");
+        let on_cpu = EvalSetup::new(Some(&gpu), device(Some("cpu"))).unwrap();
+        assert_eq!(on_cpu.device(), DeviceChoice::Cpu);
+        if !flywheel_router::device::CUDA_BUILT {
+            let err = format!("{:#}", EvalSetup::new(Some(&gpu), device(None)).unwrap_err());
+            assert!(
+                err.contains("the router model's device in") && err.contains("CUDA support"),
+                "{err}"
+            );
+            let err = format!("{:#}", EvalSetup::new(None, device(Some("cuda"))).unwrap_err());
+            assert!(err.starts_with("--device: ") && err.contains("CUDA support"), "{err}");
+        }
+
+        let orphan = config("[models.m]\npath = \"m.gguf\"\n[router]\nmodel = \"other\"\n");
+        let err = format!("{:#}", EvalSetup::new(Some(&orphan), device(None)).unwrap_err());
+        assert!(
+            err.contains("router's model `other` has no [models.other] entry"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,9 +57,13 @@ pub struct PromoteArgs {
     /// Label column.
     #[arg(long, default_value = "label")]
     pub label_column: String,
-    /// Server config (router instructions and expert descriptions for a base incumbent).
+    /// Server config (router instructions and expert descriptions for a base
+    /// incumbent; its router model entry loads both models).
     #[arg(long)]
     pub server_config: Option<PathBuf>,
+    /// Device.
+    #[command(flatten)]
+    pub device: eval::DeviceArg,
     /// Accepted accuracy loss against the incumbent (absolute, 0.01 = one point).
     #[arg(long, default_value_t = DEFAULT_TOLERANCE)]
     pub tolerance: f64,
@@ -182,6 +186,7 @@ pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
 pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     let (model, manifest) = candidate_files(&args.candidate);
     anyhow::ensure!(model.is_file(), "{} is not a model file", model.display());
+    let setup = eval::EvalSetup::new(args.server_config.as_deref(), args.device)?;
     let version = match (&args.version, &manifest) {
         (Some(v), _) => v.clone(),
         (None, Some(_)) => eval::manifest_version(&model).context("the manifest has no `version`")?,
@@ -191,10 +196,9 @@ pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     let current = serving(&mut client, &args.server.slot).await?;
     let (examples, labels) = eval::read_test(&args.test, &args.text_column, &args.label_column, None)?;
     let labels = eval::label_space(&labels, &[Path::new(&current.path), &model])?;
-    let config = args.server_config.as_deref();
-    tracing::info!(incumbent = %current.version, candidate = %version, n = examples.len(), "evaluating");
-    let incumbent = eval::evaluate_model(Path::new(&current.path), &examples, &labels, config).await?;
-    let candidate = eval::evaluate_model(&model, &examples, &labels, config).await?;
+    tracing::info!(incumbent = %current.version, candidate = %version, n = examples.len(), device = %setup.device(), "evaluating");
+    let incumbent = eval::evaluate_model(Path::new(&current.path), &examples, &labels, &setup).await?;
+    let candidate = eval::evaluate_model(&model, &examples, &labels, &setup).await?;
     let comparison = eval::compare(&candidate, &incumbent);
     let decision = gate(&candidate, &incumbent, args.tolerance, args.max_p99_ms);
     Ok(PromoteReport {
@@ -300,6 +304,7 @@ mod tests {
             version: "v".into(),
             size_bytes: 1,
             fine_tuned: true,
+            device: "cpu".into(),
             n: 100,
             accuracy,
             macro_f1: accuracy,

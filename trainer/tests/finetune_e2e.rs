@@ -218,11 +218,13 @@ fn train_resumes_after_interruption_and_eval_measures_the_output() {
         report.to_str().unwrap(),
     ]);
     assert!(table.contains("McNemar"), "{table}");
+    assert!(table.contains("decisions on device `cpu`"), "{table}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let acc = r["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
     assert_eq!(r["model"]["fine_tuned"], true);
     assert_eq!(r["against"]["fine_tuned"], false);
+    assert_eq!(r["model"]["device"], "cpu");
     assert_eq!(r["model"]["n"], 24);
     assert_eq!(r["model"]["version"], manifest["version"]);
     assert!(r["comparison"]["p_value"].as_f64().unwrap() <= 1.0);

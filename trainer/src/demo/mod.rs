@@ -332,6 +332,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         registry_dir: args.out.join("registry"),
         work_dir: args.out.join("cycles"),
         server_config: Some(server_config.clone()),
+        device: crate::eval::DeviceArg::default(),
         training: TrainingKnobs {
             base: model.clone(),
             epochs: args.epochs.unwrap_or(if args.quick { 6 } else { 3 }),
