@@ -8,6 +8,7 @@
 //! the pipeline's stage spans (`rails`, `route`, `retrieval`, `generation`)
 //! and the log writer's `log_write` nest under it.
 
+use flywheel_router::engine::mistral::is_false_alarm;
 use opentelemetry::propagation::Extractor;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -83,14 +84,14 @@ pub fn init(otlp_endpoint: Option<&str>) -> Result<Telemetry, TelemetryError> {
                     tracing_subscriber::fmt::layer()
                         .with_ansi(ansi)
                         .with_writer(std::io::stderr)
-                        .with_filter(filter().and(filter_fn(|meta| meta.is_event()))),
+                        .with_filter(filter().and(filter_fn(|meta| meta.is_event() && !is_false_alarm(meta)))),
                 )
                 .with(otel)
                 .try_init()
         }
         None => tracing_subscriber::registry()
             .with(filter())
-            .with(filter_fn(|meta| meta.is_event()))
+            .with(filter_fn(|meta| meta.is_event() && !is_false_alarm(meta)))
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_ansi(ansi)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor, Var};
-use common::trainer;
+use common::{trainer, trainer_output};
 use flywheel_router::engine::mistral::{MistralEngine, MistralOptions};
 use flywheel_router::engine::{ChatMessage, Engine, LabelSet};
 use flywheel_trainer::finetune::export::{OutDType, TaskMeta, write_merged_gguf};
@@ -206,7 +206,7 @@ fn train_resumes_after_interruption_and_eval_measures_the_output() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("checkpoint of a different run"));
 
     let report = dir.path().join("report.json");
-    let table = trainer(&[
+    let (table, log) = trainer_output(&[
         "eval",
         "--model",
         out.join("model.gguf").to_str().unwrap(),
@@ -219,6 +219,8 @@ fn train_resumes_after_interruption_and_eval_measures_the_output() {
     ]);
     assert!(table.contains("McNemar"), "{table}");
     assert!(table.contains("decisions on device `cpu`"), "{table}");
+    // mistral.rs's false "mix of GPU and CPU" warning on every CPU load is dropped.
+    assert!(!log.contains("mix of GPU and CPU"), "{log}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let acc = r["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));

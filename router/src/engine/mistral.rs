@@ -54,6 +54,20 @@ use crate::config::{DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS_CPU};
 pub use super::paged::PagedAttention;
 pub use crate::device::DeviceChoice;
 
+/// mistral.rs 0.8.1 warns on every CPU load that the "device mapping
+/// contains a mix of GPU and CPU" and that it disables paged attention,
+/// whatever was asked. flywheel decides paged attention itself (never on the
+/// CPU; `paged_attention = "on"` with a CPU device is refused at config load),
+/// so on a CPU-only machine the line is false and only alarms: it is dropped,
+/// by call site (target, file, line; a later mistral.rs moves the line and
+/// the warning shows again).
+pub fn is_false_alarm(meta: &tracing::Metadata<'_>) -> bool {
+    meta.target() == "mistralrs_core::pipeline::gguf"
+        && *meta.level() == tracing::Level::WARN
+        && meta.file().is_some_and(|f| f.ends_with("pipeline/gguf.rs"))
+        && meta.line() == Some(407)
+}
+
 /// Number type of the activations and the KV cache around the quantized
 /// weights (`[models.*] activations`).
 ///
