@@ -240,7 +240,7 @@ fn bad_settings_are_refused_and_a_diverging_run_writes_no_model() {
     let data = dir.path().join("toy.csv");
     write_toy_data(&data);
     let base = base();
-    let run = |out: &Path, extra: &[&str]| {
+    let run_with = |out: &Path, extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_flywheel-trainer"))
             .args([
                 "train",
@@ -249,20 +249,20 @@ fn bad_settings_are_refused_and_a_diverging_run_writes_no_model() {
                 "--base",
                 base.to_str().unwrap(),
             ])
-            .args([
-                "--out",
-                out.to_str().unwrap(),
-                "--keep-layers",
-                "2",
-                "--trained-blocks",
-                "2",
-            ])
+            .args(["--out", out.to_str().unwrap()])
             .args(["--epochs", "2", "--batch-size", "4", "--quiet"])
             .args(extra)
             .output()
             .unwrap();
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let run = |out: &Path, extra: &[&str]| {
+        let args: Vec<&str> = ["--keep-layers", "2", "--trained-blocks", "2"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        run_with(out, &args)
     };
     let refused = dir.path().join("refused");
     for (flag, says) in [
@@ -275,6 +275,32 @@ fn bad_settings_are_refused_and_a_diverging_run_writes_no_model() {
         let stderr = run(&refused, &[flag]);
         assert!(stderr.contains(says), "{flag}: {stderr}");
     }
+    // Block counts the base cannot take are refused from its header, before
+    // the examples are tokenized; sequences that all exceed the length cap
+    // say so.
+    for (args, says) in [
+        (&["--keep-layers", "99"][..], "--keep-layers 99: the base has 30 blocks"),
+        (
+            &["--keep-layers", "2", "--trained-blocks", "3"][..],
+            "--trained-blocks 3: the model has 2 blocks",
+        ),
+        (
+            &["--trained-blocks", "31"][..],
+            "--trained-blocks 31: the model has 30 blocks",
+        ),
+    ] {
+        let stderr = run_with(&refused, args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+        assert!(
+            !stderr.contains("tokenizing"),
+            "{args:?} was refused only after tokenizing: {stderr}"
+        );
+    }
+    let stderr = run(&refused, &["--max-seq-len", "4"]);
+    assert!(
+        stderr.contains("examples are longer than --max-seq-len 4 tokens") && stderr.contains("raise --max-seq-len"),
+        "{stderr}"
+    );
     assert!(!refused.exists(), "a refused run creates nothing");
 
     let diverged = dir.path().join("diverged");

@@ -336,7 +336,8 @@ pub fn stratified_sample(examples: Vec<Example>, n: usize, seed: u64) -> Vec<Exa
 }
 
 /// Build the training sequences of `examples` with the serving engine's
-/// tokenizer and chat template: `[system, user(text)]` + label tokens + end of turn.
+/// tokenizer and chat template: `[system, user(text)]` + label tokens + end of
+/// turn; and the lengths of those left out for being over `max_seq_len`.
 ///
 /// # Errors
 /// Engine failures.
@@ -346,7 +347,7 @@ pub async fn tokenize(
     labels: &LabelSet,
     system_prompt: &str,
     max_seq_len: usize,
-) -> Result<(Vec<Sequence>, usize), FinetuneError> {
+) -> Result<(Vec<Sequence>, Vec<usize>), FinetuneError> {
     let (label_tokens, end) = engine.label_tokens(labels).await?;
     let answers: BTreeMap<&str, Vec<u32>> = labels
         .names()
@@ -358,7 +359,7 @@ pub async fn tokenize(
         })
         .collect();
     let mut out = Vec::with_capacity(examples.len());
-    let mut skipped = 0;
+    let mut too_long = Vec::new();
     for e in examples {
         let mut tokens = engine
             .chat_tokens(&[ChatMessage::system(system_prompt), ChatMessage::user(&e.text)])
@@ -366,12 +367,12 @@ pub async fn tokenize(
         let prompt_len = tokens.len();
         tokens.extend(&answers[e.label.as_str()]);
         if tokens.len() > max_seq_len {
-            skipped += 1;
+            too_long.push(tokens.len());
             continue;
         }
         out.push(Sequence { tokens, prompt_len });
     }
-    Ok((out, skipped))
+    Ok((out, too_long))
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FinetuneError + '_ {
@@ -472,6 +473,30 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             "--epochs and --batch-size must be at least 1".into(),
         ));
     }
+    args.device
+        .check_supported()
+        .map_err(|e| FinetuneError::Invalid(format!("--device: {e}")))?;
+    // The base's shape, from its header: block counts it cannot take are
+    // refused before the examples are tokenized.
+    let file = std::fs::File::open(&args.base).map_err(io_err(&args.base))?;
+    let mut reader = BufReader::new(file);
+    let content = gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
+    let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
+    let blocks = match args.keep_layers {
+        Some(k) if k == 0 || k > base_blocks => {
+            return Err(FinetuneError::Invalid(format!(
+                "--keep-layers {k}: the base has {base_blocks} blocks; keep between 1 and {base_blocks}"
+            )));
+        }
+        Some(k) => k,
+        None => base_blocks,
+    };
+    if args.trained_blocks == 0 || args.trained_blocks > blocks {
+        return Err(FinetuneError::Invalid(format!(
+            "--trained-blocks {}: the model has {blocks} blocks; train between 1 and {blocks}",
+            args.trained_blocks
+        )));
+    }
 
     tracing::info!(
         examples = examples.len(),
@@ -483,12 +508,18 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
         ..MistralOptions::new(args.base.clone(), false)
     })
     .await?;
-    let (seqs, skipped) = tokenize(&engine, &examples, &labels, &args.system_prompt, args.max_seq_len).await?;
+    let (seqs, too_long) = tokenize(&engine, &examples, &labels, &args.system_prompt, args.max_seq_len).await?;
     drop(engine);
+    let skipped = too_long.len();
+    if seqs.is_empty() {
+        return Err(FinetuneError::Invalid(format!(
+            "all {skipped} examples are longer than --max-seq-len {} tokens (system prompt, query and \
+             label; the shortest takes {}): raise --max-seq-len",
+            args.max_seq_len,
+            too_long.iter().min().copied().unwrap_or_default()
+        )));
+    }
 
-    let file = std::fs::File::open(&args.base).map_err(io_err(&args.base))?;
-    let mut reader = BufReader::new(file);
-    let content = gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
     let device = args
         .device
         .open()
@@ -496,7 +527,6 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
     let tf32 = args.tf32 && device.is_cuda();
     candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
     let (mut model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers, &device)?;
-    let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
     let first = train::attach(&mut model, &hyper)?;
 
     let data_sha = sha256_file(&args.data)?;
