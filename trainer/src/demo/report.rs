@@ -120,6 +120,9 @@ pub struct Stage {
 pub struct DemoReport {
     /// Where the traffic came from.
     pub traffic: String,
+    /// Device of the models (server, training, evaluations), as asked.
+    #[serde(default)]
+    pub device: String,
     /// Requests per replay.
     pub requests: usize,
     /// Experts (the traffic's labels).
@@ -172,10 +175,11 @@ pub fn markdown(r: &DemoReport) -> String {
     let m = r.cycle.metrics.as_ref();
     let mut s = String::new();
     s.push_str(&format!(
-        "Traffic: {} ({} requests per replay, {} experts). Feedback: {} thumbs up, {} thumbs down, {} reviewer corrections ({} noisy), {} silent.\n\n",
+        "Traffic: {} ({} requests per replay, {} experts; models on `{}`). Feedback: {} thumbs up, {} thumbs down, {} reviewer corrections ({} noisy), {} silent.\n\n",
         r.traffic,
         r.requests,
         r.experts,
+        r.device,
         r.feedback.thumbs_up,
         r.feedback.thumbs_down,
         r.feedback.corrected,
