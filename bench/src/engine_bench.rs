@@ -3,7 +3,9 @@
 //! Route decisions run through the same [`RouterAgent`] the server uses, once
 //! on an engine with the prefix cache (as served) and once on an engine
 //! without it (the baseline), in the same run. TTFT prompts start with a
-//! unique request number so that no prompt is served from the cache.
+//! unique request number so that no prompt is served from the cache. A
+//! fine-tuned router (a model file with a trained task) is prompted as the
+//! server prompts it: its own system prompt, its labels as the experts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,12 +13,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
-use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings};
+use flywheel_router::config::{DEFAULT_MODEL_NAME, EngineSettings, ExpertSpec, RouterSpec};
 use flywheel_router::engine::mistral::{
     Activations, DeviceChoice, MistralEngine, MistralOptions, PagedAttention, Weights,
 };
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
 use flywheel_router::registry::{ServedModel, Slot};
+use flywheel_router::task::{TrainedTask, read_task};
 use futures::StreamExt;
 use serde::Serialize;
 
@@ -95,6 +98,8 @@ struct Report {
     /// paged attention its block-level one.
     route_ms_no_prefix_cache: Summary,
     route_prompt_tokens: u32,
+    /// The model file carries a trained task: decisions used its prompt and labels.
+    fine_tuned: bool,
     ttft_ms: Summary,
     ttft_prompt_tokens: u32,
     prefill_tokens_per_second: f64,
@@ -171,9 +176,34 @@ fn options(path: &std::path::Path, router: bool, args: &Args) -> MistralOptions 
     }
 }
 
+/// The router's settings: the configured ones for a base model; for a
+/// fine-tuned one its labels as the experts (the first as the fallback), as
+/// a server configured for it would route.
+fn router_settings(settings: &EngineSettings, task: Option<&TrainedTask>) -> (RouterSpec, Vec<ExpertSpec>) {
+    let Some(task) = task else {
+        return (settings.router.clone(), settings.experts.clone());
+    };
+    let experts = task
+        .labels
+        .iter()
+        .map(|l| ExpertSpec {
+            name: l.clone(),
+            description: l.clone(),
+            corpus: None,
+            ..settings.experts[0].clone()
+        })
+        .collect();
+    let router = RouterSpec {
+        fallback_expert: task.labels.first().cloned().unwrap_or_default(),
+        ..settings.router.clone()
+    };
+    (router, experts)
+}
+
 async fn route_latencies(
     engine: Arc<dyn Engine>,
     settings: &EngineSettings,
+    task: Option<&TrainedTask>,
     n: usize,
     gaps: &[Duration],
 ) -> anyhow::Result<(Vec<Vec<f64>>, u32)> {
@@ -183,13 +213,10 @@ async fn route_latencies(
         size_bytes: 0,
         loaded_at: SystemTime::now(),
         engine,
-        task: None,
+        task: task.cloned(),
     });
-    let router = RouterAgent::new(
-        &settings.router,
-        &settings.experts,
-        Arc::new(Slot::new("router", served.clone())),
-    )?;
+    let (router_spec, experts) = router_settings(settings, task);
+    let router = RouterAgent::new(&router_spec, &experts, Arc::new(Slot::new("router", served.clone())))?;
     router.warm_up(&served).await?;
     let mut runs = Vec::with_capacity(gaps.len());
     let mut prompt_tokens = 0;
@@ -233,6 +260,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let model_bytes = std::fs::metadata(&path)
         .with_context(|| format!("model {}", path.display()))?
         .len();
+    let task = read_task(&path).with_context(|| format!("model {}", path.display()))?;
 
     let started = Instant::now();
     let router = MistralEngine::load(&options(&path, true, &args)).await?;
@@ -247,13 +275,21 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     } else {
         &[Duration::ZERO, gap]
     };
-    let (route, route_prompt_tokens) = route_latencies(router, &settings, args.route_requests, gaps).await?;
+    let (route, route_prompt_tokens) =
+        route_latencies(router, &settings, task.as_ref(), args.route_requests, gaps).await?;
     // Baseline: the same decisions on a generation engine (no prefix cache).
     let engine = MistralEngine::load(&options(&path, false, &args)).await?;
     let paged_attention = engine.paged_attention();
     let generation_f32_weights = engine.f32_weights();
     let engine: Arc<dyn Engine> = Arc::new(engine);
-    let (route_nocache, _) = route_latencies(engine.clone(), &settings, args.route_requests, &[Duration::ZERO]).await?;
+    let (route_nocache, _) = route_latencies(
+        engine.clone(),
+        &settings,
+        task.as_ref(),
+        args.route_requests,
+        &[Duration::ZERO],
+    )
+    .await?;
 
     let mut ttft = Vec::new();
     let mut ttft_prompt_tokens = 0;
@@ -315,6 +351,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         route_gap_ms: args.route_gap_ms,
         route_ms_no_prefix_cache: summarize(&route_nocache[0]),
         route_prompt_tokens,
+        fine_tuned: task.is_some(),
         ttft_ms: summarize(&ttft),
         ttft_prompt_tokens,
         prefill_tokens_per_second: summarize(&prefill_tps).p50,
@@ -354,8 +391,15 @@ fn print_report(r: &Report) {
         kind(r.generation_f32_weights)
     );
     println!(
-        "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on)",
-        r.route_ms.p50, r.route_ms.p99, r.route_prompt_tokens
+        "route decision   p50 {:.1} ms  p99 {:.1} ms  ({} prompt tokens, prefix cache on{})",
+        r.route_ms.p50,
+        r.route_ms.p99,
+        r.route_prompt_tokens,
+        if r.fine_tuned {
+            "; fine-tuned: its own prompt"
+        } else {
+            ""
+        }
     );
     if let Some(idle) = &r.route_ms_idle {
         println!(
@@ -389,5 +433,53 @@ fn print_report(r: &Report) {
             "decode, long     {:.1} tok/s  (after a {}-token prompt)",
             long.tokens_per_second, long.prompt_tokens
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use flywheel_router::engine::stub::StubEngine;
+
+    use super::*;
+
+    fn served(task: Option<TrainedTask>) -> ServedModel {
+        ServedModel {
+            version: "m".into(),
+            path: PathBuf::new(),
+            size_bytes: 0,
+            loaded_at: SystemTime::now(),
+            engine: Arc::new(StubEngine::new(Duration::ZERO)),
+            task,
+        }
+    }
+
+    /// A fine-tuned router routes to its own labels (the server refuses a
+    /// model trained for other labels than its experts); a base model to the
+    /// configured experts.
+    #[test]
+    fn a_fine_tuned_router_gets_its_labels_as_the_experts() {
+        let settings = EngineSettings::default();
+        let task = TrainedTask {
+            system_prompt: "Route.".into(),
+            labels: vec!["alarm".into(), "music".into(), "weather".into()],
+        };
+        let (spec, experts) = router_settings(&settings, Some(&task));
+        let names: Vec<&str> = experts.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["alarm", "music", "weather"]);
+        assert_eq!(spec.fallback_expert, "alarm");
+        let model = Arc::new(served(Some(task.clone())));
+        let router = RouterAgent::new(&spec, &experts, Arc::new(Slot::new("router", model.clone()))).unwrap();
+        router.check_model(&model).unwrap();
+        // The configured experts would refuse it.
+        let base = RouterAgent::new(
+            &settings.router,
+            &settings.experts,
+            Arc::new(Slot::new("router", model.clone())),
+        )
+        .unwrap();
+        assert!(base.check_model(&model).is_err());
+
+        let (spec, experts) = router_settings(&settings, None);
+        assert_eq!((spec, experts), (settings.router.clone(), settings.experts.clone()));
     }
 }
