@@ -87,19 +87,15 @@ impl EvalSetup {
     /// device this binary cannot use.
     pub fn new(server_config: Option<&Path>, device: DeviceArg) -> anyhow::Result<Self> {
         let configured = server_config.map(|p| crate::cli::settings(Some(p))).transpose()?;
-        let mut model = match &configured {
-            Some(s) => s.models.get(&s.router.model).cloned().with_context(|| {
+        let mut model = match (&configured, server_config) {
+            (Some(s), Some(path)) => s.models.get(&s.router.model).cloned().with_context(|| {
+                let name = &s.router.model;
                 format!(
-                    "{}: the router's model `{}` has no [models.{}] entry",
-                    server_config
-                        .map(Path::display)
-                        .map(|d| d.to_string())
-                        .unwrap_or_default(),
-                    s.router.model,
-                    s.router.model
+                    "{}: the router's model `{name}` has no [models.{name}] entry",
+                    path.display()
                 )
             })?,
-            None => EngineSettings::default()
+            _ => EngineSettings::default()
                 .models
                 .into_values()
                 .next()

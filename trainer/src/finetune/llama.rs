@@ -136,6 +136,21 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
+    /// The blocks left after keeping the first `keep_layers` (all when `None`).
+    ///
+    /// # Errors
+    /// `keep_layers` outside 1..=the base's block count.
+    pub fn kept_blocks(&self, keep_layers: Option<usize>) -> Result<usize, FinetuneError> {
+        let n = self.n_layer;
+        match keep_layers {
+            Some(k) if k == 0 || k > n => Err(FinetuneError::Invalid(format!(
+                "--keep-layers {k}: the base has {n} blocks; keep between 1 and {n}"
+            ))),
+            Some(k) => Ok(k),
+            None => Ok(n),
+        }
+    }
+
     /// Per-head size.
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
@@ -305,15 +320,7 @@ impl Llama {
         device: &Device,
     ) -> Result<(Self, Originals), FinetuneError> {
         let mut cfg = LlamaConfig::from_gguf(content)?;
-        if let Some(k) = keep_layers {
-            if k == 0 || k > cfg.n_layer {
-                return Err(FinetuneError::Invalid(format!(
-                    "--keep-layers {k}: the base has {} blocks; keep between 1 and {}",
-                    cfg.n_layer, cfg.n_layer
-                )));
-            }
-            cfg.n_layer = k;
-        }
+        cfg.n_layer = cfg.kept_blocks(keep_layers)?;
         let dev = Device::Cpu;
         let mut originals = Originals::new();
         for name in content.tensor_infos.keys() {

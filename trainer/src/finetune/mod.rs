@@ -481,22 +481,9 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
     let file = std::fs::File::open(&args.base).map_err(io_err(&args.base))?;
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
-    let base_blocks = llama::LlamaConfig::from_gguf(&content)?.n_layer;
-    let blocks = match args.keep_layers {
-        Some(k) if k == 0 || k > base_blocks => {
-            return Err(FinetuneError::Invalid(format!(
-                "--keep-layers {k}: the base has {base_blocks} blocks; keep between 1 and {base_blocks}"
-            )));
-        }
-        Some(k) => k,
-        None => base_blocks,
-    };
-    if args.trained_blocks == 0 || args.trained_blocks > blocks {
-        return Err(FinetuneError::Invalid(format!(
-            "--trained-blocks {}: the model has {blocks} blocks; train between 1 and {blocks}",
-            args.trained_blocks
-        )));
-    }
+    let base = llama::LlamaConfig::from_gguf(&content)?;
+    let base_blocks = base.n_layer;
+    train::first_trained_block(base.kept_blocks(args.keep_layers)?, hyper.trained_blocks)?;
 
     tracing::info!(
         examples = examples.len(),

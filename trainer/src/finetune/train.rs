@@ -89,24 +89,31 @@ pub struct CurvePoint {
     pub lr: f64,
 }
 
-/// Give `model` its trainable parameters; returns the first trained block.
+/// The first of the top `trained_blocks` of `n` blocks (all when `None`).
 ///
 /// # Errors
-/// Invalid settings (rank 0, no targets, more trained blocks than the model has).
-pub fn attach(model: &mut Llama, hyper: &Hyper) -> Result<usize, FinetuneError> {
-    let n = model.blocks.len();
-    let trained = hyper.trained_blocks.unwrap_or(n);
+/// `trained_blocks` outside 1..=`n`.
+pub fn first_trained_block(n: usize, trained_blocks: Option<usize>) -> Result<usize, FinetuneError> {
+    let trained = trained_blocks.unwrap_or(n);
     if trained == 0 || trained > n {
         return Err(FinetuneError::Invalid(format!(
             "--trained-blocks {trained}: the model has {n} blocks; train between 1 and {n}"
         )));
     }
+    Ok(n - trained)
+}
+
+/// Give `model` its trainable parameters; returns the first trained block.
+///
+/// # Errors
+/// Invalid settings (rank 0, no targets, more trained blocks than the model has).
+pub fn attach(model: &mut Llama, hyper: &Hyper) -> Result<usize, FinetuneError> {
+    let first = first_trained_block(model.blocks.len(), hyper.trained_blocks)?;
     if !hyper.full && (hyper.rank == 0 || hyper.targets.is_empty()) {
         return Err(FinetuneError::Invalid(
             "LoRA needs --rank > 0 and at least one --targets module".into(),
         ));
     }
-    let first = n - trained;
     let device = model.device().clone();
     let mut rng = StdRng::seed_from_u64(hyper.seed);
     for block in &mut model.blocks[first..] {
