@@ -73,6 +73,15 @@ pub enum PipelineError {
         /// The id asked for.
         request_id: String,
     },
+    /// The request is still being answered: its record is logged when the
+    /// answer ends.
+    #[error(
+        "request `{request_id}` is still being answered; its record is logged when the answer ends: ask again then"
+    )]
+    RequestInFlight {
+        /// The id asked for.
+        request_id: String,
+    },
     /// Feedback that cannot be recorded as given.
     #[error("invalid feedback: {reason}")]
     InvalidFeedback {
@@ -152,6 +161,7 @@ impl PipelineError {
             PipelineError::Rails(RailsError::Head(_)) => "internal",
             PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => "not_found",
             PipelineError::Overloaded { .. } => "resource_exhausted",
+            PipelineError::RequestInFlight { .. } => "unavailable",
             PipelineError::Blocked(_) => "permission_denied",
             PipelineError::Cancelled => "cancelled",
             PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",

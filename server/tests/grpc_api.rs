@@ -290,24 +290,7 @@ async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
     let _first_delta = stream.message().await.unwrap().unwrap();
     drop(stream);
 
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let rec = loop {
-        server.pipeline.log().flush().await.unwrap();
-        if let Some(rec) = server.pipeline.log().reader().unwrap().get(&start.request_id).unwrap() {
-            break rec;
-        }
-        assert!(Instant::now() < deadline, "cancelled request was never logged");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(rec.status, "cancelled");
-    assert_eq!(rec.finish_reason.as_deref(), Some("cancelled"));
-    // Far fewer tokens were produced than the 256 asked for: generation stopped.
-    let produced = rec.answer.unwrap_or_default();
-    assert!(
-        produced.split_whitespace().count() < 100,
-        "kept generating after cancel: {produced:?}"
-    );
-    // The abandoned answer is an implicit feedback signal on the request.
+    // The history waits for the cancelled answer's record (no polling).
     let history = server
         .feedback()
         .await
@@ -318,7 +301,71 @@ async fn cancelling_a_stream_stops_generation_and_logs_it_as_cancelled() {
         .unwrap()
         .into_inner();
     assert_eq!(history.status, "cancelled");
+    // The abandoned answer is an implicit feedback signal on the request.
     assert!(history.feedback.iter().any(|f| f.kind == "abandoned"), "{history:?}");
+    let rec = server.record(&start.request_id).await;
+    assert_eq!(rec.status, "cancelled");
+    assert_eq!(rec.finish_reason.as_deref(), Some("cancelled"));
+    // Far fewer tokens were produced than the 256 asked for: generation stopped.
+    let produced = rec.answer.unwrap_or_default();
+    assert!(
+        produced.split_whitespace().count() < 100,
+        "kept generating after cancel: {produced:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_can_be_rated_while_it_streams_and_its_history_waits_for_its_end() {
+    // The stub engine streams one word a minute: the answer is in flight
+    // for as long as the test wants.
+    let server = common::start(flywheel_server::config::Config {
+        engine: flywheel_server::config::EngineKind::Stub,
+        stub_token_delay_ms: 60_000,
+        ..Default::default()
+    });
+    let mut stream = server
+        .chat()
+        .await
+        .stream(chat("an hr question", 64))
+        .await
+        .unwrap()
+        .into_inner();
+    let Event::Start(start) = stream.message().await.unwrap().unwrap().event.unwrap() else {
+        panic!("start first")
+    };
+    let id = start.request_id;
+    let mut client = server.feedback().await;
+    client
+        .submit(feedback(&id, Some(Rating::Thumb(Thumb::Down.into())), None))
+        .await
+        .unwrap();
+    let asked = Instant::now();
+    let err = client
+        .history(FeedbackHistoryRequest { request_id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("still being answered"), "{}", err.message());
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "no wait for the answer's end"
+    );
+    // The user stops the answer: its record, the rating given during the
+    // stream and the abandoned signal are all there at once.
+    drop(stream);
+    let history = client
+        .history(FeedbackHistoryRequest { request_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.status, "cancelled");
+    let kinds: Vec<&str> = history.feedback.iter().map(|f| f.kind.as_str()).collect();
+    assert_eq!(kinds, ["explicit", "abandoned"], "{history:?}");
+    let err = client
+        .submit(feedback("never-issued", Some(Rating::Stars(3)), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 }
 
 fn feedback(request_id: &str, rating: Option<Rating>, corrected: Option<&str>) -> FeedbackRequest {

@@ -36,7 +36,9 @@ use crate::log::{RequestLog, RequestRecord, RetrievedRef, unix_ms};
 use crate::observe::{NoObserver, Observer};
 use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{IndexStats, NoRetrieval, Passage, Retriever};
+use live::{LiveGuard, LiveRequests};
 
+mod live;
 mod promotion;
 mod shadowing;
 mod splitting;
@@ -44,6 +46,11 @@ pub use promotion::SwapReport;
 
 /// Answer events buffered between the producer and the caller.
 const EVENT_BUFFER: usize = 32;
+
+/// How long a feedback history read waits for a request still being
+/// answered: a cancelled or finished answer is logged within milliseconds,
+/// and a history call should not hold for a whole answer.
+pub const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Longest session or user id a request may carry (characters); each one is
 /// stored with every request in the log.
@@ -174,6 +181,7 @@ pub struct Pipeline {
     promotion: promotion::Promotion,
     shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::shadow::Shadow>>>,
     splits: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::split::Split>>>,
+    live: LiveRequests,
 }
 
 struct Admitted {
@@ -181,6 +189,8 @@ struct Admitted {
     record: RequestRecord,
     start: Instant,
     query: String,
+    /// Held until the record is handed to the log.
+    live: LiveGuard,
 }
 
 impl Pipeline {
@@ -220,6 +230,7 @@ impl Pipeline {
             promotion: promotion::Promotion::default(),
             shadows: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
             splits: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),
+            live: LiveRequests::default(),
         })
     }
 
@@ -430,11 +441,13 @@ impl Pipeline {
                 Some(serde_json::json!({"by_request_id": record.request_id, "similarity": hit.similarity}).to_string());
             self.log.submit_feedback(signal);
         }
+        let live = self.live.enter(&record.request_id);
         Ok(Admitted {
             permit,
             record,
             start,
             query: text,
+            live,
         })
     }
 
@@ -468,11 +481,13 @@ impl Pipeline {
     /// Invalid input, overload, a blocking rail, or an engine failure.
     pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
         let rails = self.rails.load_full();
+        // `_live` lives to the end: after the record is handed to the log.
         let Admitted {
             permit,
             mut record,
             start,
             query: text,
+            live: _live,
         } = self.admit("route", &query, &rails).await?;
         let span = route_span(&record.request_id);
         let result = self
@@ -557,13 +572,16 @@ impl Pipeline {
         self.start_answer("stream", query).await
     }
 
-    /// Record feedback on a logged request and return the stored row once it
-    /// is committed to the log.
+    /// Record feedback on a request and return the stored row once it is
+    /// committed to the log. A request still being answered (a client rating
+    /// a stream, or stopping it and rating at once) takes feedback too: the
+    /// row joins the request's record, logged when the answer ends.
     ///
     /// # Errors
     /// [`PipelineError::InvalidFeedback`] for a missing rating, a rating out
     /// of range, an unknown corrected expert or an oversized comment;
-    /// [`PipelineError::UnknownRequest`] when the log holds no such request.
+    /// [`PipelineError::UnknownRequest`] for an id that is neither being
+    /// answered nor in the log.
     pub async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, PipelineError> {
         let invalid = |reason: String| PipelineError::InvalidFeedback { reason };
         if input.request_id.trim().is_empty() {
@@ -597,7 +615,7 @@ impl Pipeline {
                 )));
             }
         }
-        if !self.request_logged(&input.request_id).await? {
+        if !self.live.contains(&input.request_id) && !self.request_logged(&input.request_id).await? {
             // The record may still be queued (its request just ended).
             self.log.flush().await?;
             if !self.request_logged(&input.request_id).await? {
@@ -616,10 +634,13 @@ impl Pipeline {
         Ok(row)
     }
 
-    /// Every feedback row of a logged request, oldest first.
+    /// A logged request and its feedback rows, oldest first. For a request
+    /// still being answered, waits up to [`IN_FLIGHT_WAIT`] for its record.
     ///
     /// # Errors
-    /// [`PipelineError::UnknownRequest`] when the log holds no such request.
+    /// [`PipelineError::RequestInFlight`] when the request is still being
+    /// answered after that wait; [`PipelineError::UnknownRequest`] when the
+    /// log holds no such request.
     pub async fn feedback_history(
         &self,
         request_id: &str,
@@ -628,6 +649,11 @@ impl Pipeline {
             return Err(PipelineError::InvalidRequest {
                 field: "request_id",
                 reason: "is required".into(),
+            });
+        }
+        if !self.live.ended_within(request_id, IN_FLIGHT_WAIT).await {
+            return Err(PipelineError::RequestInFlight {
+                request_id: request_id.to_string(),
             });
         }
         self.log.flush().await?;
@@ -665,6 +691,7 @@ impl Pipeline {
             mut record,
             start,
             query: text,
+            live,
         } = self.admit(kind, &query, &rails).await?;
         let span = route_span(&record.request_id);
         let decided = self
@@ -682,7 +709,7 @@ impl Pipeline {
             let refuse = v.decision == "refuse";
             record.guardrails.push(v);
             if refuse {
-                return Ok(self.refuse(record, start, route, &rails.topic.refusal, permit));
+                return Ok(self.refuse(record, start, route, &rails.topic.refusal, permit, live));
             }
         }
         let expert = self.experts.get(&route.expert).expect("routes name configured experts");
@@ -737,6 +764,7 @@ impl Pipeline {
             last_delta: None,
             answer: String::new(),
             ttft_ms: None,
+            live,
         };
         let span = tracing::info_span!(
             "generation",
@@ -758,6 +786,7 @@ impl Pipeline {
         route: RouteDecision,
         refusal: &str,
         permit: OwnedSemaphorePermit,
+        live: LiveGuard,
     ) -> ChatStream {
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
         let total_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -795,6 +824,7 @@ impl Pipeline {
         record.finished_at_ms = unix_ms(SystemTime::now());
         self.observer.request_finished(&record);
         self.log.submit(record);
+        drop(live);
         ChatStream { rx }
     }
 }
@@ -854,6 +884,8 @@ struct Producer {
     last_delta: Option<Instant>,
     answer: String,
     ttft_ms: Option<f64>,
+    /// Dropped by `close`, after the record is handed to the log.
+    live: LiveGuard,
 }
 
 impl Producer {
@@ -906,7 +938,7 @@ impl Producer {
                     if !delivered {
                         return self.finish_cancelled();
                     }
-                    return self.close("ok", None);
+                    return self.close("ok", None, None);
                 }
                 Some(Err(e)) => {
                     let error = PipelineError::Engine(e);
@@ -914,13 +946,13 @@ impl Producer {
                     let message = error.to_string();
                     tracing::error!(request_id = %self.record.request_id, error = %message, "generation failed");
                     let _ = self.tx.send(Err(error)).await;
-                    return self.close(status, Some(message));
+                    return self.close(status, Some(message), None);
                 }
                 None => {
                     let error = PipelineError::Engine(EngineError::Disconnected);
                     let message = error.to_string();
                     let _ = self.tx.send(Err(error)).await;
-                    return self.close("internal", Some(message));
+                    return self.close("internal", Some(message), None);
                 }
             }
         }
@@ -958,13 +990,12 @@ impl Producer {
             })
             .to_string(),
         );
-        let log = this.log.clone();
-        this.close("cancelled", Some(message));
-        // After the record, through the same ordered queue.
-        log.submit_feedback(signal);
+        this.close("cancelled", Some(message), Some(signal));
     }
 
-    fn close(mut self, status: &str, error: Option<String>) {
+    /// Hand the record (then `signal`, through the same ordered queue) to
+    /// the log; the request stops being live after both.
+    fn close(mut self, status: &str, error: Option<String>, signal: Option<FeedbackRecord>) {
         let mut verdicts = std::mem::take(&mut self.record.guardrails);
         verdicts.extend(self.filter.verdicts());
         self.record.guardrails = verdicts;
@@ -989,6 +1020,10 @@ impl Producer {
             "answer finished; record handed to the log"
         );
         self.log.submit(self.record);
+        if let Some(signal) = signal {
+            self.log.submit_feedback(signal);
+        }
+        drop(self.live);
     }
 }
 
@@ -1240,7 +1275,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_cancelled_stream_is_recorded_as_abandoned() {
+    async fn a_cancelled_stream_is_recorded_as_abandoned_and_readable_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let p = stub_pipeline(
             &mut EngineSettings::default(),
@@ -1252,16 +1287,75 @@ mod tests {
             panic!("no start event")
         };
         drop(s);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let (record, rows) = p.feedback_history(&request_id).await.unwrap();
-            if record.status == "cancelled" && !rows.is_empty() {
-                assert_eq!(rows[0].kind, FeedbackKind::Abandoned);
-                break;
-            }
-            assert!(Instant::now() < deadline, "no abandoned signal");
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        // Read at once: the history waits for the producer to log the
+        // cancelled record and its signal (no "unknown request").
+        let (record, rows) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "cancelled");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].kind, FeedbackKind::Abandoned);
+    }
+
+    fn thumb(request_id: &str, up: bool) -> FeedbackInput {
+        FeedbackInput {
+            request_id: request_id.into(),
+            rating: Some(Rating::Thumb(up)),
+            ..FeedbackInput::default()
         }
+    }
+
+    #[tokio::test]
+    async fn feedback_during_an_answer_is_kept_and_joins_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(
+            &mut EngineSettings::default(),
+            dir.path(),
+            StubEngine::new(Duration::from_millis(20)),
+        );
+        let mut s = p.stream(query("an hr question")).await.unwrap();
+        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
+            panic!("no start event")
+        };
+        // Rated while the answer streams: the record is not in the log yet.
+        p.submit_feedback(thumb(&request_id, false)).await.unwrap();
+        let mut ended = false;
+        while let Some(event) = s.next().await {
+            ended |= matches!(event.unwrap(), ChatEvent::End { .. });
+        }
+        assert!(ended);
+        let (record, rows) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "ok");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].kind, FeedbackKind::Explicit);
+        assert_eq!(rows[0].rating, Some(Rating::Thumb(false)));
+        // Ids the server never issued are still unknown.
+        assert!(matches!(
+            p.submit_feedback(thumb("not-an-issued-id", true)).await,
+            Err(PipelineError::UnknownRequest { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn history_of_an_answer_still_streaming_is_in_flight_not_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = stub_pipeline(
+            &mut EngineSettings::default(),
+            dir.path(),
+            StubEngine::new(Duration::from_secs(60)),
+        );
+        let mut s = p.stream(query("an hr question")).await.unwrap();
+        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
+            panic!("no start event")
+        };
+        let asked = Instant::now();
+        let err = p.feedback_history(&request_id).await.unwrap_err();
+        assert!(
+            matches!(&err, PipelineError::RequestInFlight { request_id: id } if *id == request_id),
+            "{err:?}"
+        );
+        assert!(asked.elapsed() >= IN_FLIGHT_WAIT, "answered before waiting");
+        drop(s);
+        let (record, _) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "cancelled");
     }
 
     #[tokio::test]

@@ -17,6 +17,7 @@ pub fn to_status(error: &PipelineError) -> Status {
         | PipelineError::InvalidInput { .. } => Code::InvalidArgument,
         PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => Code::NotFound,
         PipelineError::Overloaded { .. } => Code::ResourceExhausted,
+        PipelineError::RequestInFlight { .. } => Code::Unavailable,
         PipelineError::Blocked(_) => Code::PermissionDenied,
         PipelineError::Cancelled => Code::Cancelled,
         PipelineError::Engine(e) => match e {
@@ -49,12 +50,14 @@ pub fn to_status(error: &PipelineError) -> Status {
         },
     };
     crate::telemetry::record_status(code);
-    match code {
-        Code::Internal | Code::Unavailable => {
-            tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
-            Status::new(code, "internal error; see the server log")
-        }
-        _ => Status::new(code, error.to_string()),
+    // Server-side failures keep their cause in the log; a request still in
+    // flight (also UNAVAILABLE) is the client's to retry, so it says so.
+    let server_side = code == Code::Internal || matches!(error, PipelineError::Engine(EngineError::Disconnected));
+    if server_side {
+        tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
+        Status::new(code, "internal error; see the server log")
+    } else {
+        Status::new(code, error.to_string())
     }
 }
 
@@ -85,5 +88,17 @@ mod tests {
         ))));
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("secret"));
+        let s = to_status(&PipelineError::Engine(EngineError::Disconnected));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("see the server log"));
+    }
+
+    #[test]
+    fn a_request_still_in_flight_is_retryable_and_says_why() {
+        let s = to_status(&PipelineError::RequestInFlight {
+            request_id: "r1".into(),
+        });
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().contains("`r1` is still being answered"), "{}", s.message());
     }
 }
