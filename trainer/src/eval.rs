@@ -49,7 +49,8 @@ pub struct EvalArgs {
     /// Device.
     #[command(flatten)]
     pub device: DeviceArg,
-    /// Evaluate only the first N rows.
+    /// Evaluate only N rows, drawn stratified by label with a fixed seed (the
+    /// same rows every run). The candidate labels are still all of the file's.
     #[arg(long)]
     pub limit: Option<usize>,
     /// Write the JSON report here.
@@ -386,10 +387,14 @@ pub async fn evaluate_model(
     })
 }
 
-/// Read the test examples and their sorted label set.
+/// Seed of `--limit`'s sample: fixed, so runs compare on the same rows.
+const LIMIT_SEED: u64 = 0;
+
+/// Read the test examples (all, or `limit` of them drawn stratified by
+/// label) and the sorted label set of the whole file.
 ///
 /// # Errors
-/// Unreadable data.
+/// Unreadable data, a limit of 0, fewer than two labels.
 pub fn read_test(
     path: &Path,
     text_column: &str,
@@ -404,20 +409,22 @@ pub fn read_test(
         limit != Some(0),
         "--limit must be at least 1 (leave it out to use every row)"
     );
-    let mut examples = read_examples_with(path, LabelSource::Import, &columns)?;
-    if let Some(n) = limit {
-        examples.truncate(n);
-    }
+    let examples = read_examples_with(path, LabelSource::Import, &columns)?;
+    // The label set is the whole file's: a sample (or a file sorted by
+    // label) must not make the choice easier than the full test.
     let mut labels: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
     labels.sort();
     labels.dedup();
     anyhow::ensure!(
         labels.len() >= 2,
-        "{}{} has {} distinct label(s); a router needs at least 2",
+        "{} has {} distinct label(s); a router needs at least 2",
         path.display(),
-        limit.map(|n| format!(" (first {n} rows)")).unwrap_or_default(),
         labels.len()
     );
+    let examples = match limit {
+        Some(n) => crate::finetune::stratified_sample(examples, n, LIMIT_SEED),
+        None => examples,
+    };
     Ok((examples, labels))
 }
 
@@ -461,7 +468,10 @@ pub fn render(report: &EvalReport) -> String {
     let mut s = String::new();
     let mut models = vec![&report.model];
     models.extend(report.against.as_ref());
-    s.push_str(&format!("decisions on device `{}`\n", report.model.device));
+    s.push_str(&format!(
+        "{} examples, decisions on device `{}`\n",
+        report.model.n, report.model.device
+    ));
     s.push_str(&format!(
         "{:<44} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
         "model", "accuracy", "macro-F1", "p50 ms", "p99 ms", "MB"
@@ -478,13 +488,19 @@ pub fn render(report: &EvalReport) -> String {
         ));
     }
     s.push_str(&format!("\nper class ({}):\n", report.model.version));
+    let width = report
+        .model
+        .per_class
+        .iter()
+        .map(|c| c.label.chars().count())
+        .fold(20, usize::max);
     s.push_str(&format!(
-        "{:<20} {:>9} {:>9} {:>9} {:>8}\n",
+        "{:<width$} {:>9} {:>9} {:>9} {:>8}\n",
         "label", "precision", "recall", "F1", "support"
     ));
     for c in &report.model.per_class {
         s.push_str(&format!(
-            "{:<20} {:>9.3} {:>9.3} {:>9.3} {:>8}\n",
+            "{:<width$} {:>9.3} {:>9.3} {:>9.3} {:>8}\n",
             c.label, c.precision, c.recall, c.f1, c.support
         ));
     }
@@ -604,14 +620,35 @@ mod tests {
             "text,label\nwake me,alarm\nset an alarm,alarm\nrain today?,weather\n",
         )
         .unwrap();
-        let err = |limit| read_test(&path, "text", "label", limit).unwrap_err().to_string();
-        assert!(err(Some(0)).contains("--limit must be at least 1"), "{}", err(Some(0)));
-        let one = err(Some(2));
-        assert!(one.contains("(first 2 rows) has 1 distinct label(s)"), "{one}");
-        let (rows, labels) = read_test(&path, "text", "label", Some(3)).unwrap();
-        assert_eq!(
-            (rows.len(), labels),
-            (3, vec!["alarm".to_string(), "weather".to_string()])
-        );
+        let err = read_test(&path, "text", "label", Some(0)).unwrap_err().to_string();
+        assert!(err.contains("--limit must be at least 1"), "{err}");
+        let one = dir.path().join("one.csv");
+        std::fs::write(&one, "text,label\nwake me,alarm\nset an alarm,alarm\n").unwrap();
+        let err = read_test(&one, "text", "label", None).unwrap_err().to_string();
+        assert!(err.contains("has 1 distinct label(s)"), "{err}");
+    }
+
+    #[test]
+    fn a_limit_samples_every_label_and_keeps_the_whole_label_set() {
+        // Sorted by label, as test files often are: the first rows would
+        // hold one label only.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("test.csv");
+        let mut text = String::from("text,label\n");
+        for label in ["alarm", "music", "weather"] {
+            for i in 0..10 {
+                text.push_str(&format!("{label} query {i},{label}\n"));
+            }
+        }
+        std::fs::write(&path, text).unwrap();
+        let (rows, labels) = read_test(&path, "text", "label", Some(6)).unwrap();
+        assert_eq!(labels, ["alarm", "music", "weather"]);
+        let count = |l: &str| rows.iter().filter(|e| e.label == l).count();
+        assert_eq!((count("alarm"), count("music"), count("weather")), (2, 2, 2));
+        let (again, _) = read_test(&path, "text", "label", Some(6)).unwrap();
+        assert_eq!(again, rows, "the same rows every run");
+        // Only one label's rows drawn: the candidates are still all three.
+        let (rows, labels) = read_test(&path, "text", "label", Some(1)).unwrap();
+        assert_eq!((rows.len(), labels.len()), (1, 3));
     }
 }
