@@ -1274,18 +1274,21 @@ mod tests {
         assert!(rows.is_empty());
     }
 
-    #[tokio::test]
-    async fn a_cancelled_stream_is_recorded_as_abandoned_and_readable_at_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = stub_pipeline(
-            &mut EngineSettings::default(),
-            dir.path(),
-            StubEngine::new(Duration::from_millis(50)),
-        );
+    /// A pipeline on a stub streaming a word per `per_token`, and a stream
+    /// past its `Start` event, with the request id that event gave.
+    async fn started_stream(dir: &std::path::Path, per_token: Duration) -> (Pipeline, ChatStream, String) {
+        let p = stub_pipeline(&mut EngineSettings::default(), dir, StubEngine::new(per_token));
         let mut s = p.stream(query("an hr question")).await.unwrap();
         let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
             panic!("no start event")
         };
+        (p, s, request_id)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_stream_is_recorded_as_abandoned_and_readable_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, s, request_id) = started_stream(dir.path(), Duration::from_millis(50)).await;
         drop(s);
         // Read at once: the history waits for the producer to log the
         // cancelled record and its signal (no "unknown request").
@@ -1306,15 +1309,7 @@ mod tests {
     #[tokio::test]
     async fn feedback_during_an_answer_is_kept_and_joins_its_record() {
         let dir = tempfile::tempdir().unwrap();
-        let p = stub_pipeline(
-            &mut EngineSettings::default(),
-            dir.path(),
-            StubEngine::new(Duration::from_millis(20)),
-        );
-        let mut s = p.stream(query("an hr question")).await.unwrap();
-        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
-            panic!("no start event")
-        };
+        let (p, mut s, request_id) = started_stream(dir.path(), Duration::from_millis(20)).await;
         // Rated while the answer streams: the record is not in the log yet.
         p.submit_feedback(thumb(&request_id, false)).await.unwrap();
         let mut ended = false;
@@ -1337,15 +1332,7 @@ mod tests {
     #[tokio::test]
     async fn history_of_an_answer_still_streaming_is_in_flight_not_unknown() {
         let dir = tempfile::tempdir().unwrap();
-        let p = stub_pipeline(
-            &mut EngineSettings::default(),
-            dir.path(),
-            StubEngine::new(Duration::from_secs(60)),
-        );
-        let mut s = p.stream(query("an hr question")).await.unwrap();
-        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
-            panic!("no start event")
-        };
+        let (p, s, request_id) = started_stream(dir.path(), Duration::from_secs(60)).await;
         let asked = Instant::now();
         let err = p.feedback_history(&request_id).await.unwrap_err();
         assert!(
