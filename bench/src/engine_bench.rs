@@ -140,8 +140,7 @@ async fn decode_rates(
     for i in 0..runs {
         let params = GenerateParams {
             max_tokens: 128,
-            temperature: None,
-            top_p: None,
+            ..GenerateParams::default()
         };
         let mut stream = engine.generate(prompt(i), params).await?;
         let (mut first, mut last, mut deltas) = (None, None, 0u32);
@@ -298,8 +297,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let t = Instant::now();
         let params = GenerateParams {
             max_tokens: 2,
-            temperature: None,
-            top_p: None,
+            ..GenerateParams::default()
         };
         let mut stream = engine.generate(ttft_prompt(i), params).await?;
         let mut first = None;

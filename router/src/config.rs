@@ -25,6 +25,8 @@ pub const DEFAULT_CONFIDENCE_THRESHOLD: f32 = 0.35;
 /// Longest accepted query, in characters (about 1,000 tokens: well inside
 /// SmolLM2's 8k context with the expert prompt and answer).
 pub const DEFAULT_MAX_QUERY_CHARS: usize = 4000;
+/// Default limit on a conversation's earlier turns, in characters all together.
+pub const DEFAULT_MAX_HISTORY_CHARS: usize = 16_000;
 /// Requests admitted at once; more get `ResourceExhausted`. The answer
 /// engine runs `max_num_seqs` answers at once; the rest queue inside this bound.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
@@ -250,6 +252,9 @@ fn default_max_tokens() -> u32 {
 pub struct LimitsSpec {
     /// Longest accepted query in characters.
     pub max_query_chars: usize,
+    /// Longest accepted conversation history (the turns before the query,
+    /// all together) in characters.
+    pub max_history_chars: usize,
     /// Requests admitted at once.
     pub max_in_flight: usize,
 }
@@ -258,6 +263,7 @@ impl Default for LimitsSpec {
     fn default() -> Self {
         Self {
             max_query_chars: DEFAULT_MAX_QUERY_CHARS,
+            max_history_chars: DEFAULT_MAX_HISTORY_CHARS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }

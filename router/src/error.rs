@@ -1,8 +1,9 @@
 //! Errors of the pipeline, one enum for everything a request can hit.
 //!
-//! The server maps each variant to a gRPC status in one place
-//! (`server/src/grpc/status.rs`); [`PipelineError::status_name`] gives the
-//! name recorded in the request log.
+//! [`PipelineError::kind`] classifies every variant once, as an
+//! [`ErrorKind`] free of any transport; the request log records the kind's
+//! name and each transport maps kinds to its own codes in one small table
+//! (`server/src/grpc/status.rs`, `server/src/http/error.rs`).
 
 use crate::engine::EngineError;
 use crate::guardrails::Blocked;
@@ -147,39 +148,117 @@ pub enum PipelineError {
     },
 }
 
+/// What kind of failure an error is, independent of any transport: the one
+/// classification every transport maps to its own codes (gRPC status, HTTP
+/// status) and the request log records by [`ErrorKind::as_str`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The request cannot be used as given; the message says what to fix.
+    InvalidArgument,
+    /// It names something that does not exist.
+    NotFound,
+    /// It would create something that already exists.
+    AlreadyExists,
+    /// The server is at its admission limit; retry later.
+    Overloaded,
+    /// Not possible now; retry later.
+    Unavailable,
+    /// A rail refused it.
+    Blocked,
+    /// The client went away.
+    Cancelled,
+    /// The server is not in a state to do it (no registry, no shadow set, ...).
+    FailedPrecondition,
+    /// The server failed; the cause is in the server log, not in the answer.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, for exhaustive tests of the transports' tables.
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::InvalidArgument,
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Overloaded,
+        ErrorKind::Unavailable,
+        ErrorKind::Blocked,
+        ErrorKind::Cancelled,
+        ErrorKind::FailedPrecondition,
+        ErrorKind::Internal,
+    ];
+
+    /// The status name recorded in the request log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::AlreadyExists => "already_exists",
+            ErrorKind::Overloaded => "resource_exhausted",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Blocked => "permission_denied",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::FailedPrecondition => "failed_precondition",
+            ErrorKind::Internal => "internal",
+        }
+    }
+}
+
 impl PipelineError {
-    /// Status name recorded in the request log.
-    pub fn status_name(&self) -> &'static str {
+    /// Its kind: the one classification of every error.
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
         match self {
             PipelineError::EmptyQuery
             | PipelineError::QueryTooLong { .. }
             | PipelineError::InvalidRequest { .. }
             | PipelineError::InvalidFeedback { .. }
             | PipelineError::InvalidInput { .. }
-            | PipelineError::Rails(RailsError::InvalidSpec { .. }) => "invalid_argument",
-            PipelineError::Rails(RailsError::Embedder { .. }) => "failed_precondition",
-            PipelineError::Rails(RailsError::Head(_)) => "internal",
-            PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => "not_found",
-            PipelineError::Overloaded { .. } => "resource_exhausted",
-            PipelineError::RequestInFlight { .. } => "unavailable",
-            PipelineError::Blocked(_) => "permission_denied",
-            PipelineError::Cancelled => "cancelled",
-            PipelineError::Engine(EngineError::Rejected(_)) => "invalid_argument",
-            PipelineError::Engine(_) | PipelineError::Retrieval(_) | PipelineError::Log(_) => "internal",
-            PipelineError::UnknownSlot { .. }
-            | PipelineError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => "not_found",
-            PipelineError::Store(StoreError::InvalidVersion(_)) => "invalid_argument",
-            PipelineError::Store(StoreError::VersionExists(_)) => "already_exists",
-            PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => "invalid_argument",
-            PipelineError::NoModelStore
+            | PipelineError::InvalidShadow { .. }
+            | PipelineError::InvalidSplit { .. }
+            | PipelineError::Rails(RailsError::InvalidSpec { .. })
+            | PipelineError::Engine(EngineError::Rejected(_))
+            | PipelineError::Store(StoreError::InvalidVersion(_)) => K::InvalidArgument,
+            PipelineError::UnknownExpert { .. }
+            | PipelineError::UnknownRequest { .. }
+            | PipelineError::UnknownSlot { .. }
+            | PipelineError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
+            PipelineError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
+            PipelineError::Overloaded { .. } => K::Overloaded,
+            PipelineError::RequestInFlight { .. } | PipelineError::Engine(EngineError::Disconnected) => K::Unavailable,
+            PipelineError::Blocked(_) => K::Blocked,
+            PipelineError::Cancelled => K::Cancelled,
+            PipelineError::Rails(RailsError::Embedder { .. })
+            | PipelineError::NoModelStore
             | PipelineError::NoCorpus
             | PipelineError::NoShadow { .. }
             | PipelineError::NoSplit { .. }
             | PipelineError::ModelRejected { .. }
             | PipelineError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => {
-                "failed_precondition"
+                K::FailedPrecondition
             }
-            PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => "internal",
+            PipelineError::Rails(RailsError::Head(_))
+            | PipelineError::Engine(
+                EngineError::ModelNotFound { .. }
+                | EngineError::Load { .. }
+                | EngineError::InvalidLabels(_)
+                | EngineError::Backend(_),
+            )
+            | PipelineError::Retrieval(_)
+            | PipelineError::Log(_)
+            | PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => K::Internal,
         }
+    }
+
+    /// Whether the error is the server's own failure, whose message may name
+    /// internals: transports answer a generic message and log the cause.
+    /// (A request still in flight is also `Unavailable`, but it is the
+    /// client's to retry and its message says so.)
+    pub fn hides_cause(&self) -> bool {
+        self.kind() == ErrorKind::Internal || matches!(self, PipelineError::Engine(EngineError::Disconnected))
+    }
+
+    /// Status name recorded in the request log.
+    pub fn status_name(&self) -> &'static str {
+        self.kind().as_str()
     }
 }

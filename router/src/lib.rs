@@ -50,5 +50,5 @@ pub mod task;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
-pub use error::PipelineError;
+pub use error::{ErrorKind, PipelineError};
 pub use pipeline::{ChatEvent, ChatOutcome, ChatStream, Pipeline, Query, RouteOutcome, Timings};

@@ -50,8 +50,7 @@ fn prompt(query: &str) -> Vec<ChatMessage> {
 fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams {
         max_tokens,
-        temperature: None,
-        top_p: None,
+        ..GenerateParams::default()
     }
 }
 
@@ -193,21 +192,21 @@ async fn generation_engine_streams_then_reports_usage() {
 
 /// The text and summary of one greedy generation.
 async fn answer(engine: &Arc<dyn Engine>, query: &str, max_tokens: usize) -> (String, GenerationSummary) {
-    let mut s = engine
-        .generate(vec![ChatMessage::user(query)], greedy(max_tokens))
-        .await
-        .unwrap();
+    answer_with(engine, query, greedy(max_tokens)).await
+}
+
+/// The text and summary of one generation.
+async fn answer_with(engine: &Arc<dyn Engine>, query: &str, params: GenerateParams) -> (String, GenerationSummary) {
+    let what = format!("{params:?}");
+    let mut s = engine.generate(vec![ChatMessage::user(query)], params).await.unwrap();
     let (mut text, mut done) = (String::new(), None);
     while let Some(ev) = s.next().await {
-        match ev.unwrap_or_else(|e| panic!("max_tokens {max_tokens}: {e}")) {
+        match ev.unwrap_or_else(|e| panic!("{what}: {e}")) {
             GenerationEvent::Delta(d) => text.push_str(&d),
             GenerationEvent::Done(summary) => done = Some(summary),
         }
     }
-    (
-        text,
-        done.unwrap_or_else(|| panic!("max_tokens {max_tokens}: no Done event")),
-    )
+    (text, done.unwrap_or_else(|| panic!("{what}: no Done event")))
 }
 
 /// Emoji and CJK characters take several byte-level tokens, so a token cap
@@ -420,4 +419,46 @@ async fn requests_dropped_midway_leave_the_answers_in_flight_intact() {
         .expect("the answer streams to its end")
         .expect("a Done event ends the stream");
     assert_eq!(done.usage.completion_tokens, 48);
+}
+
+#[tokio::test]
+async fn a_seed_makes_sampling_repeatable_and_stop_strings_end_the_answer() {
+    let engine = engine(false).await;
+    let sampled = |seed| GenerateParams {
+        max_tokens: 24,
+        temperature: Some(1.0),
+        top_p: Some(0.95),
+        seed: Some(seed),
+        ..GenerateParams::default()
+    };
+    let poem = "Write a short poem about the sea.";
+    let (first, _) = answer_with(&engine, poem, sampled(7)).await;
+    let (again, _) = answer_with(&engine, poem, sampled(7)).await;
+    assert_eq!(first, again, "the same seed samples the same answer");
+    let mut others = Vec::new();
+    for seed in [8, 9, 10] {
+        others.push(answer_with(&engine, poem, sampled(seed)).await.0);
+    }
+    assert!(
+        others.iter().any(|o| *o != first),
+        "other seeds sample: {first:?} / {others:?}"
+    );
+
+    // Greedy, then again with a stop string taken from the middle of it.
+    let (whole, _) = answer(&engine, poem, 24).await;
+    let words: Vec<&str> = whole.split_whitespace().collect();
+    assert!(words.len() >= 4, "{whole:?}");
+    let stop = format!(" {}", words[2]);
+    let cut = whole.find(&stop).unwrap();
+    let (head, summary) = answer_with(
+        &engine,
+        poem,
+        GenerateParams {
+            stop: vec![stop.clone()],
+            ..greedy(24)
+        },
+    )
+    .await;
+    assert_eq!(head, whole[..cut], "stopped before {stop:?}");
+    assert_eq!(summary.finish_reason, FinishReason::Stop);
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use crate::config::ExpertSpec;
-use crate::engine::{ChatMessage, GenerateParams};
+use crate::engine::{ChatMessage, GenerateParams, Role};
 use crate::registry::{ServedModel, Slot};
 use crate::retrieval::Passage;
 
@@ -17,13 +17,24 @@ pub struct ExpertAgent {
     slot: Arc<Slot>,
 }
 
+/// Most stop sequences a request may set.
+pub const MAX_STOP_SEQUENCES: usize = 4;
+/// Longest stop sequence, in characters.
+pub const MAX_STOP_CHARS: usize = 64;
+
 /// Per-request overrides of an expert's generation settings.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     /// Cap on new tokens (never above the expert's own cap).
     pub max_tokens: Option<u32>,
     /// Temperature.
     pub temperature: Option<f32>,
+    /// Nucleus sampling mass, in (0, 1].
+    pub top_p: Option<f32>,
+    /// Generation stops before any of these strings (not included in the answer).
+    pub stop: Vec<String>,
+    /// Seed of the sampler: the same seed, prompt and settings give the same answer.
+    pub seed: Option<u64>,
 }
 
 impl Overrides {
@@ -44,6 +55,31 @@ impl Overrides {
             return Err((
                 "temperature",
                 format!("is {t}; use a finite number >= 0 (0 = greedy, unset = the expert's default)"),
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err((
+                "top_p",
+                format!("is {p}; use a number in (0, 1] (1 = no nucleus cut, unset = the expert's default)"),
+            ));
+        }
+        if self.stop.len() > MAX_STOP_SEQUENCES {
+            return Err((
+                "stop",
+                format!("has {} sequences; the limit is {MAX_STOP_SEQUENCES}", self.stop.len()),
+            ));
+        }
+        if let Some(bad) = self
+            .stop
+            .iter()
+            .find(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+        {
+            let len = bad.chars().count();
+            return Err((
+                "stop",
+                format!("holds a sequence of {len} characters; each must be 1 to {MAX_STOP_CHARS} characters"),
             ));
         }
         Ok(())
@@ -68,7 +104,19 @@ impl ExpertAgent {
 
     /// The chat prompt for `query`, grounded on `passages`.
     pub fn prompt(&self, query: &str, passages: &[Passage]) -> Vec<ChatMessage> {
+        self.conversation_prompt(&[], query, passages)
+    }
+
+    /// The chat prompt for `query` after the conversation's earlier turns
+    /// (`history`, oldest first), grounded on `passages`. The client's own
+    /// system messages follow the expert's instructions in the one system
+    /// message chat templates expect.
+    pub fn conversation_prompt(&self, history: &[ChatMessage], query: &str, passages: &[Passage]) -> Vec<ChatMessage> {
         let mut system = self.spec.system_prompt.clone();
+        for m in history.iter().filter(|m| m.role == Role::System) {
+            system.push_str("\n\n");
+            system.push_str(&m.content);
+        }
         if !passages.is_empty() {
             system.push_str(
                 "\n\nAnswer from these sources and cite them by number, like [1]. \
@@ -78,11 +126,14 @@ impl ExpertAgent {
                 system.push_str(&format!("\n[{}] {}\n{}\n", i + 1, p.title, p.text));
             }
         }
-        vec![ChatMessage::system(system), ChatMessage::user(query)]
+        let mut messages = vec![ChatMessage::system(system)];
+        messages.extend(history.iter().filter(|m| m.role != Role::System).cloned());
+        messages.push(ChatMessage::user(query));
+        messages
     }
 
     /// Generation settings, with per-request overrides applied.
-    pub fn params(&self, overrides: Overrides) -> GenerateParams {
+    pub fn params(&self, overrides: &Overrides) -> GenerateParams {
         let max_tokens = overrides
             .max_tokens
             .map_or(self.spec.max_tokens, |m| m.clamp(1, self.spec.max_tokens));
@@ -90,7 +141,9 @@ impl ExpertAgent {
         GenerateParams {
             max_tokens: max_tokens as usize,
             temperature: (temperature > 0.0).then_some(f64::from(temperature)),
-            top_p: self.spec.top_p.map(f64::from),
+            top_p: overrides.top_p.or(self.spec.top_p).map(f64::from),
+            stop: overrides.stop.clone(),
+            seed: overrides.seed,
         }
     }
 }
@@ -110,26 +163,26 @@ mod tests {
     fn request_cannot_raise_the_token_cap() {
         let e = hr();
         assert_eq!(
-            e.params(Overrides {
+            e.params(&Overrides {
                 max_tokens: Some(10_000),
-                temperature: None
+                ..Overrides::default()
             })
             .max_tokens,
             256
         );
         assert_eq!(
-            e.params(Overrides {
+            e.params(&Overrides {
                 max_tokens: Some(8),
-                temperature: None
+                ..Overrides::default()
             })
             .max_tokens,
             8
         );
-        assert_eq!(e.params(Overrides::default()).temperature, None);
+        assert_eq!(e.params(&Overrides::default()).temperature, None);
         assert_eq!(
-            e.params(Overrides {
-                max_tokens: None,
-                temperature: Some(0.7)
+            e.params(&Overrides {
+                temperature: Some(0.7),
+                ..Overrides::default()
             })
             .temperature,
             Some(0.7f32 as f64)
@@ -149,5 +202,75 @@ mod tests {
         let prompt = e.prompt("how much leave?", &[p]);
         assert!(prompt[0].content.contains("[1] Leave policy\n25 days"));
         assert!(!e.prompt("q", &[])[0].content.contains("[1]"));
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_turns_and_folds_client_instructions_into_the_system_message() {
+        let e = hr();
+        let history = [
+            ChatMessage::system("Answer in French."),
+            ChatMessage::user("How many leave days?"),
+            ChatMessage {
+                role: Role::Assistant,
+                content: "25.".into(),
+            },
+        ];
+        let prompt = e.conversation_prompt(&history, "And sick days?", &[]);
+        let roles: Vec<Role> = prompt.iter().map(|m| m.role).collect();
+        assert_eq!(roles, [Role::System, Role::User, Role::Assistant, Role::User]);
+        assert!(
+            prompt[0].content.ends_with("\n\nAnswer in French."),
+            "{}",
+            prompt[0].content
+        );
+        assert_eq!(prompt[3].content, "And sick days?");
+        assert_eq!(e.conversation_prompt(&[], "q", &[]), e.prompt("q", &[]));
+    }
+
+    #[test]
+    fn sampling_overrides_reach_the_engine_and_bad_ones_are_refused() {
+        let e = hr();
+        let o = Overrides {
+            top_p: Some(0.5),
+            stop: vec!["\n\n".into()],
+            seed: Some(7),
+            ..Overrides::default()
+        };
+        o.check().unwrap();
+        let p = e.params(&o);
+        assert_eq!(
+            (p.top_p, p.stop, p.seed),
+            (Some(0.5), vec!["\n\n".to_string()], Some(7))
+        );
+        let refused = |o: Overrides| o.check().unwrap_err().0;
+        assert_eq!(
+            refused(Overrides {
+                top_p: Some(0.0),
+                ..Overrides::default()
+            }),
+            "top_p"
+        );
+        assert_eq!(
+            refused(Overrides {
+                top_p: Some(1.5),
+                ..Overrides::default()
+            }),
+            "top_p"
+        );
+        let five = vec!["a".to_string(); MAX_STOP_SEQUENCES + 1];
+        assert_eq!(
+            refused(Overrides {
+                stop: five,
+                ..Overrides::default()
+            }),
+            "stop"
+        );
+        assert_eq!(
+            refused(Overrides {
+                stop: vec![String::new()],
+                ..Overrides::default()
+            }),
+            "stop"
+        );
     }
 }

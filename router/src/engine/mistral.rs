@@ -45,6 +45,8 @@ use mistralrs::{
 use tokio::sync::{OwnedMutexGuard, mpsc};
 
 use super::labels::{LabelPlan, log_softmax_at};
+use super::seeded::SeededSampler;
+use super::stop::StopFilter;
 use super::{
     ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelScores,
     LabelSet, TokenStream, Usage,
@@ -756,10 +758,20 @@ impl Engine for MistralEngine {
             ));
         }
         let greedy = params.temperature.is_none_or(|t| t <= 0.0);
+        // mistral.rs takes no per-request seed: a seeded request samples in
+        // its own logits processor and leaves mistral.rs one token to take.
+        let seeded = match (params.seed, params.temperature) {
+            (Some(seed), Some(t)) if !greedy => Some(Arc::new(SeededLogits(SeededSampler::new(seed, t, params.top_p)))),
+            _ => None,
+        };
         let sampling = SamplingParams {
-            temperature: if greedy { None } else { params.temperature },
-            top_k: if greedy { Some(1) } else { None },
-            top_p: params.top_p,
+            temperature: if greedy || seeded.is_some() {
+                None
+            } else {
+                params.temperature
+            },
+            top_k: if greedy || seeded.is_some() { Some(1) } else { None },
+            top_p: if seeded.is_some() { None } else { params.top_p },
             max_len: Some(params.max_tokens.max(1)),
             ..SamplingParams::neutral()
         };
@@ -778,7 +790,9 @@ impl Engine for MistralEngine {
         );
         request.is_streaming = true;
         let tally = Arc::new(SampleTally::default());
-        request.logits_processors = Some(vec![tally.clone() as Arc<dyn CustomLogitsProcessor>]);
+        let mut processors = vec![tally.clone() as Arc<dyn CustomLogitsProcessor>];
+        processors.extend(seeded.map(|s| s as Arc<dyn CustomLogitsProcessor>));
+        request.logits_processors = Some(processors);
         let max_len = params.max_tokens.max(1);
         // Held until the stream ends or is dropped (the semaphores are never closed).
         let admitted = self.admission.clone().acquire_owned().await.ok();
@@ -791,6 +805,8 @@ impl Engine for MistralEngine {
             .send(Request::Normal(Box::new(request)))
             .await
             .map_err(|_| EngineError::Disconnected)?;
+        // Stop strings are ours (see `super::stop`), not mistral.rs's.
+        let mut stops = StopFilter::new(&params.stop);
         let stream = async_stream(move |out| async move {
             loop {
                 let response = tokio::select! {
@@ -804,16 +820,31 @@ impl Engine for MistralEngine {
                     Response::Chunk(chunk) => {
                         let mut finished = None;
                         for choice in chunk.choices {
-                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty())
-                                && out.send(Ok(GenerationEvent::Delta(text))).await.is_err()
-                            {
-                                return; // caller went away: dropping `rx` cancels the sequence
+                            if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                                let (text, stopped) = match stops.as_mut() {
+                                    Some(f) => f.push(&text),
+                                    None => (text, false),
+                                };
+                                if !text.is_empty() && out.send(Ok(GenerationEvent::Delta(text))).await.is_err() {
+                                    return; // caller went away: dropping `rx` cancels the sequence
+                                }
+                                if stopped {
+                                    // A stop string: the answer ends here, and
+                                    // returning drops `rx`, which cancels the sequence.
+                                    let mut summary = tally.summary(max_len).unwrap_or_else(usage_free_summary);
+                                    summary.finish_reason = FinishReason::Stop;
+                                    let _ = out.send(Ok(GenerationEvent::Done(summary))).await;
+                                    return;
+                                }
                             }
                             if let Some(reason) = choice.finish_reason {
                                 finished = Some(reason);
                             }
                         }
                         if let Some(reason) = finished {
+                            if !release_held(&out, &mut stops).await {
+                                return;
+                            }
                             let usage = chunk.usage.unwrap_or_default_usage();
                             let _ = out.send(Ok(GenerationEvent::Done(usage.summary(&reason)))).await;
                             return;
@@ -826,7 +857,9 @@ impl Engine for MistralEngine {
                             .map(|c| c.finish_reason.clone())
                             .unwrap_or_default();
                         let summary = done.usage.summary(&reason);
-                        let _ = out.send(Ok(GenerationEvent::Done(summary))).await;
+                        if release_held(&out, &mut stops).await {
+                            let _ = out.send(Ok(GenerationEvent::Done(summary))).await;
+                        }
                         return;
                     }
                     other => {
@@ -841,6 +874,9 @@ impl Engine for MistralEngine {
             // `SampleTally`): finish it here. Otherwise the engine stopped.
             let event = match tally.summary(max_len) {
                 Some(summary) if !sender.is_closed() => {
+                    if !release_held(&out, &mut stops).await {
+                        return;
+                    }
                     tracing::debug!(
                         completion_tokens = summary.usage.completion_tokens,
                         "mistral.rs ended a stream inside a multi-byte character; finishing it without that character"
@@ -979,6 +1015,20 @@ struct TallyMark {
     last: std::time::Instant,
 }
 
+/// A [`SeededSampler`] as a mistral.rs logits processor: every token but
+/// the one it draws becomes impossible.
+struct SeededLogits(SeededSampler);
+
+impl CustomLogitsProcessor for SeededLogits {
+    fn apply(&self, logits: &Tensor, _context: &[u32]) -> mistralrs::Result<Tensor> {
+        let values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+        let chosen = self.0.choose(&values);
+        let mut only = vec![f32::NEG_INFINITY; values.len()];
+        only[chosen] = 0.0;
+        Tensor::from_vec(only, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
 impl CustomLogitsProcessor for SampleTally {
     fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
         let now = std::time::Instant::now();
@@ -1032,6 +1082,28 @@ impl SampleTally {
                 0.0
             },
         })
+    }
+}
+
+/// Send the text a stop filter still holds back, at the end of an answer
+/// that reached no stop string; false when the caller went away.
+async fn release_held(
+    out: &mpsc::Sender<Result<GenerationEvent, EngineError>>,
+    stops: &mut Option<StopFilter>,
+) -> bool {
+    match stops.as_mut().map(StopFilter::finish) {
+        Some(tail) if !tail.is_empty() => out.send(Ok(GenerationEvent::Delta(tail))).await.is_ok(),
+        _ => true,
+    }
+}
+
+/// A summary with no counts (a stop string before any token was tallied).
+fn usage_free_summary() -> GenerationSummary {
+    GenerationSummary {
+        usage: Usage::default(),
+        finish_reason: FinishReason::Stop,
+        prefill_tokens_per_second: 0.0,
+        decode_tokens_per_second: 0.0,
     }
 }
 

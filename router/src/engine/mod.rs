@@ -59,6 +59,8 @@ macro_rules! named_setting {
 pub mod labels;
 pub mod mistral;
 pub mod paged;
+pub mod seeded;
+pub mod stop;
 pub mod stub;
 
 use std::pin::Pin;
@@ -114,10 +116,17 @@ impl ChatMessage {
             content: content.into(),
         }
     }
+    /// An assistant (model) message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self {
+            role: Role::Assistant,
+            content: content.into(),
+        }
+    }
 }
 
 /// Sampling settings for one generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GenerateParams {
     /// Maximum new tokens.
     pub max_tokens: usize,
@@ -125,6 +134,10 @@ pub struct GenerateParams {
     pub temperature: Option<f64>,
     /// Nucleus sampling mass.
     pub top_p: Option<f64>,
+    /// Stop before any of these strings (they are not part of the answer).
+    pub stop: Vec<String>,
+    /// Seed of the sampler (sampling only; greedy decoding needs none).
+    pub seed: Option<u64>,
 }
 
 /// Token counts of one generation.

@@ -107,30 +107,38 @@ impl Engine for StubEngine {
 
     async fn generate(&self, messages: Vec<ChatMessage>, params: GenerateParams) -> Result<TokenStream, EngineError> {
         self.maybe_misbehave().await?;
-        let words: Vec<String> = echoed(&messages)
+        // One delta per word: "w0", " w1", " w2", ...
+        let mut deltas: Vec<String> = echoed(&messages)
             .unwrap_or(STUB_ANSWER)
             .split(' ')
-            .map(|w| match &self.signature {
-                Some(sig) => format!("{w}@{sig}"),
-                None => w.to_string(),
+            .enumerate()
+            .map(|(i, w)| {
+                let sep = if i == 0 { "" } else { " " };
+                match &self.signature {
+                    Some(sig) => format!("{sep}{w}@{sig}"),
+                    None => format!("{sep}{w}"),
+                }
             })
             .collect();
-        let n = words.len().min(params.max_tokens);
-        let finish = if n < words.len() {
-            FinishReason::Length
-        } else {
-            FinishReason::Stop
-        };
+        let mut finish = FinishReason::Stop;
+        if deltas.len() > params.max_tokens {
+            deltas.truncate(params.max_tokens);
+            finish = FinishReason::Length;
+        }
+        if !params.stop.is_empty() {
+            stop_at_first(&mut deltas, &params.stop, &mut finish);
+        }
+        let n = deltas.len();
         let delay = self.per_token_delay;
         let prompt_tokens = token_estimate(&messages);
         let stream = futures::stream::unfold(0usize, move |i| {
-            let words = words.clone();
+            let text = deltas.get(i).cloned();
             let finish = finish.clone();
             async move {
                 if i > n {
                     return None;
                 }
-                if i == n {
+                let Some(text) = text else {
                     let done = GenerationSummary {
                         usage: Usage {
                             prompt_tokens,
@@ -141,15 +149,10 @@ impl Engine for StubEngine {
                         decode_tokens_per_second: 0.0,
                     };
                     return Some((Ok(GenerationEvent::Done(done)), i + 1));
-                }
+                };
                 if !delay.is_zero() {
                     tokio::time::sleep(delay).await;
                 }
-                let text = if i == 0 {
-                    words[i].clone()
-                } else {
-                    format!(" {}", words[i])
-                };
                 Some((Ok(GenerationEvent::Delta(text)), i + 1))
             }
         });
@@ -187,6 +190,32 @@ impl Engine for StubEngine {
     }
 }
 
+/// Pass `deltas` through the answer's stop strings, as a model's stop
+/// strings end its answer.
+fn stop_at_first(deltas: &mut Vec<String>, stop: &[String], finish: &mut FinishReason) {
+    let Some(mut filter) = super::stop::StopFilter::new(stop) else {
+        return;
+    };
+    let mut out = Vec::with_capacity(deltas.len());
+    let mut stopped = false;
+    for d in deltas.iter() {
+        let (text, stop_here) = filter.push(d);
+        if !text.is_empty() {
+            out.push(text);
+        }
+        if stop_here {
+            stopped = true;
+            break;
+        }
+    }
+    if stopped {
+        *finish = FinishReason::Stop;
+    } else {
+        out.extend(Some(filter.finish()).filter(|t| !t.is_empty()));
+    }
+    *deltas = out;
+}
+
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;
@@ -198,8 +227,7 @@ mod tests {
         let e = StubEngine::default();
         let params = GenerateParams {
             max_tokens: 3,
-            temperature: None,
-            top_p: None,
+            ..GenerateParams::default()
         };
         let events: Vec<_> = e
             .generate(vec![ChatMessage::user("12345678")], params) // ~4 bytes a token
@@ -232,5 +260,32 @@ mod tests {
             .await
             .unwrap();
         assert!(s.logprobs[1] > s.logprobs[0]);
+    }
+
+    #[tokio::test]
+    async fn a_stop_string_ends_the_answer_before_it() {
+        let params = GenerateParams {
+            max_tokens: 100,
+            stop: vec!["wor".into(), "zzz".into()],
+            ..GenerateParams::default()
+        };
+        let events: Vec<_> = StubEngine::default()
+            .generate(vec![ChatMessage::user("echo: hello big world again")], params)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e.as_ref().unwrap() {
+                GenerationEvent::Delta(t) => Some(t.as_str()),
+                GenerationEvent::Done(_) => None,
+            })
+            .collect();
+        assert_eq!(text, "hello big ");
+        match events.last().unwrap().as_ref().unwrap() {
+            GenerationEvent::Done(s) => assert_eq!(s.finish_reason, FinishReason::Stop),
+            other => panic!("expected Done, got {other:?}"),
+        }
     }
 }

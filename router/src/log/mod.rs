@@ -93,6 +93,8 @@ pub struct RequestRecord {
     pub session_id: Option<String>,
     /// Caller user id.
     pub user_id: Option<String>,
+    /// Id of the client API key the request came with (never the key).
+    pub api_key_id: Option<String>,
     /// Arrival, Unix ms.
     pub received_at_ms: i64,
     /// Record closed, Unix ms.

@@ -52,11 +52,14 @@
 //! the live request's id: `slot`, `version` and `live_version`, `output`
 //! (the shadow's expert or answer; NULL when it failed) and `live_output`,
 //! `agree` (1/0), `latency_ms` and `live_latency_ms`, `error`, `created_at_ms`.
+//!
+//! Version 4 adds `requests.api_key_id` (TEXT NULL): the id of the client API
+//! key the request came with, from the server's key list; never the key.
 
 use rusqlite::Connection;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -136,6 +139,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX shadow_slot ON shadow(slot, created_at_ms);
     CREATE INDEX shadow_request ON shadow(request_id);",
+    // v4: which client API key a request came with (its id, never the key)
+    "ALTER TABLE requests ADD COLUMN api_key_id TEXT;",
 ];
 
 /// Bring `conn` to [`SCHEMA_VERSION`].
@@ -217,6 +222,13 @@ mod tests {
             })
             .unwrap();
         assert_eq!(joined, "q");
+        // Records from before v4 came with no client key.
+        let key: Option<String> = conn
+            .query_row("SELECT api_key_id FROM requests WHERE request_id = 'old'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(key, None);
         // Migrating again is a no-op.
         migrate(&mut conn).unwrap();
     }

@@ -305,14 +305,15 @@ pub(super) const COLUMNS: &[&str] = &[
     "ttft_ms",
     "total_ms",
     "finish_reason",
+    "api_key_id",
 ];
 
 const INSERT: &str = "INSERT OR REPLACE INTO requests (request_id, kind, session_id, user_id, \
     received_at_ms, finished_at_ms, query, status, error, guardrails, route_expert, route_top_expert, \
     route_confidence, route_scores, route_forced, route_fallback, router_model_version, route_latency_ms, \
     expert, expert_model_version, retrieved, answer, prompt_tokens, completion_tokens, ttft_ms, total_ms, \
-    finish_reason) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, \
-    ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)";
+    finish_reason, api_key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
+    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
 
 pub(super) const FEEDBACK_COLUMNS: &str = "feedback_id, request_id, created_at_ms, kind, rating_scale, rating, \
     corrected_expert, comment, reviewer_id, detail";
@@ -413,6 +414,7 @@ fn insert(
         r.ttft_ms,
         r.total_ms,
         r.finish_reason,
+        r.api_key_id,
     ])
 }
 
@@ -458,5 +460,6 @@ pub(super) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> 
         ttft_ms: row.get("ttft_ms")?,
         total_ms: row.get("total_ms")?,
         finish_reason: row.get("finish_reason")?,
+        api_key_id: row.get("api_key_id")?,
     })
 }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::agents::expert::Overrides;
 use crate::agents::{ExpertAgent, RouteDecision, RouterAgent};
 use crate::config::{EngineSettings, LimitsSpec};
-use crate::engine::{EngineError, FinishReason, GenerationEvent, Usage};
+use crate::engine::{ChatMessage, EngineError, FinishReason, GenerationEvent, Usage};
 use crate::error::PipelineError;
 use crate::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec, Rating, SessionTracker};
 use crate::guardrails::rails::{RailSet, RailsSpec, TopicPolicy};
@@ -69,6 +69,12 @@ pub struct Query {
     pub expert: Option<String>,
     /// Generation overrides.
     pub overrides: Overrides,
+    /// Earlier turns of the conversation, oldest first, the client's system
+    /// messages among them: the router decides on `text` alone, the expert
+    /// answers after these turns. They pass the input rails like the query.
+    pub history: Vec<ChatMessage>,
+    /// Id of the client API key the request came with (never the key).
+    pub api_key_id: Option<String>,
 }
 
 /// Timings of an answered request.
@@ -189,6 +195,8 @@ struct Admitted {
     record: RequestRecord,
     start: Instant,
     query: String,
+    /// The conversation's earlier turns as the rails left them.
+    history: Vec<ChatMessage>,
     /// Held until the record is handed to the log.
     live: LiveGuard,
 }
@@ -360,6 +368,7 @@ impl Pipeline {
             kind: kind.to_string(),
             session_id: query.session_id.clone(),
             user_id: query.user_id.clone(),
+            api_key_id: query.api_key_id.clone(),
             received_at_ms: unix_ms(SystemTime::now()),
             query: query.text.clone(),
             ..RequestRecord::default()
@@ -403,6 +412,21 @@ impl Pipeline {
         if let Err((field, reason)) = query.overrides.check() {
             return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
         }
+        let history_chars: usize = query.history.iter().map(|m| m.content.chars().count()).sum();
+        if history_chars > self.limits.max_history_chars {
+            let reason = format!(
+                "the conversation's earlier messages hold {history_chars} characters; the limit is {} \
+                 (limits.max_history_chars): send fewer or shorter turns",
+                self.limits.max_history_chars
+            );
+            return Err(refuse(
+                record,
+                PipelineError::InvalidRequest {
+                    field: "history",
+                    reason,
+                },
+            ));
+        }
         let text = match rails
             .input
             .check(&query.text)
@@ -431,6 +455,23 @@ impl Pipeline {
                 return Err(self.fail(record, start, error));
             }
         };
+        let history = match check_history(&query.history, rails).await {
+            Ok(h) => h,
+            Err(rejection) => {
+                // The log keeps the query as the rails left it, and the
+                // verdicts on the earlier message that was refused.
+                record.query = text;
+                record.guardrails.extend(rejection.verdicts().iter().cloned());
+                let error = match rejection {
+                    RailRejection::Blocked(blocked) => PipelineError::Blocked(blocked),
+                    RailRejection::Invalid { rail, reason, .. } => PipelineError::InvalidInput {
+                        rail,
+                        reason: format!("in an earlier message of the conversation: {reason}"),
+                    },
+                };
+                return Err(self.fail(record, start, error));
+            }
+        };
         // The log keeps the query as the model saw it (redacted by rails).
         record.query = text.clone();
         if let Some(session) = &record.session_id
@@ -447,6 +488,7 @@ impl Pipeline {
             record,
             start,
             query: text,
+            history,
             live,
         })
     }
@@ -487,6 +529,7 @@ impl Pipeline {
             mut record,
             start,
             query: text,
+            history: _,
             live: _live,
         } = self.admit("route", &query, &rails).await?;
         let span = route_span(&record.request_id);
@@ -691,6 +734,7 @@ impl Pipeline {
             mut record,
             start,
             query: text,
+            history,
             live,
         } = self.admit(kind, &query, &rails).await?;
         let span = route_span(&record.request_id);
@@ -738,8 +782,8 @@ impl Pipeline {
                 .retrieval(&route.expert, retrieval_started.elapsed().as_secs_f64(), passages.len());
         }
         record.retrieved = passages.iter().map(RetrievedRef::from).collect();
-        let prompt = expert.prompt(&text, &passages);
-        let params = expert.params(query.overrides);
+        let prompt = expert.conversation_prompt(&history, &text, &passages);
+        let params = expert.params(&query.overrides);
         self.mirror_answer(&record.request_id, &route.expert, &model.version, &prompt, &params);
         let tokens = match model.engine.generate(prompt, params).await {
             Ok(t) => t,
@@ -827,6 +871,22 @@ impl Pipeline {
         drop(live);
         ChatStream { rx }
     }
+}
+
+/// The conversation's earlier turns through the input rails (concurrently):
+/// each as the rails left it (redacted), or the first rejection in order.
+async fn check_history(history: &[ChatMessage], rails: &Rails) -> Result<Vec<ChatMessage>, RailRejection> {
+    let checks = futures::future::join_all(history.iter().map(|m| rails.input.check(&m.content))).await;
+    history
+        .iter()
+        .zip(checks)
+        .map(|(m, check)| {
+            Ok(ChatMessage {
+                role: m.role,
+                content: check?.rewritten.unwrap_or_else(|| m.content.clone()),
+            })
+        })
+        .collect()
 }
 
 /// The `route` stage's span; [`record_route`] fills in the decision.
@@ -950,9 +1010,10 @@ impl Producer {
                 }
                 None => {
                     let error = PipelineError::Engine(EngineError::Disconnected);
+                    let status = error.status_name();
                     let message = error.to_string();
                     let _ = self.tx.send(Err(error)).await;
-                    return self.close("internal", Some(message), None);
+                    return self.close(status, Some(message), None);
                 }
             }
         }
@@ -1114,6 +1175,7 @@ mod tests {
             overrides: Overrides {
                 max_tokens,
                 temperature,
+                ..Overrides::default()
             },
             ..query("vpn broken")
         };
@@ -1182,6 +1244,50 @@ mod tests {
                 "mail <EMAIL_1> about the offs"
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn a_conversations_earlier_turns_reach_the_expert_through_the_input_rails() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.max_history_chars = 100;
+        let mut spec = RailsSpec::default();
+        spec.jailbreak.enabled = false;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default())
+            .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+        let with_history = |history: Vec<ChatMessage>| Query {
+            history,
+            ..query("and then, hr?")
+        };
+        let alone = p.complete(query("and then, hr?")).await.unwrap();
+        let turns = vec![
+            ChatMessage::system("Answer briefly."),
+            ChatMessage::user("how do I book leave?"),
+            ChatMessage::assistant("In the HR portal."),
+        ];
+        let after = p.complete(with_history(turns)).await.unwrap();
+        // The expert's prompt holds the earlier turns; the router saw the query alone.
+        assert!(after.usage.prompt_tokens > alone.usage.prompt_tokens + 5, "{after:?}");
+        assert_eq!(after.route.expert, alone.route.expert);
+        // An earlier turn a rail refuses refuses the request, logged under its query.
+        let bad = vec![ChatMessage::user("ring the bell\u{0007}")];
+        let Err(PipelineError::InvalidInput { reason, .. }) = p.complete(with_history(bad)).await else {
+            panic!("a control character in an earlier turn must be refused")
+        };
+        assert!(reason.contains("earlier message"), "{reason}");
+        let long = vec![ChatMessage::user("x".repeat(101))];
+        let Err(PipelineError::InvalidRequest { field, .. }) = p.complete(with_history(long)).await else {
+            panic!("a history over the limit must be refused")
+        };
+        assert_eq!(field, "history");
+        let statuses: Vec<String> = records(&p)
+            .await
+            .into_iter()
+            .filter(|r| r.query == "and then, hr?")
+            .map(|r| r.status)
+            .collect();
+        assert_eq!(statuses.len(), 4);
+        assert_eq!(statuses.iter().filter(|s| *s == "invalid_argument").count(), 2);
     }
 
     fn session_query(text: &str, session: &str) -> Query {

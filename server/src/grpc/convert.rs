@@ -21,7 +21,9 @@ pub fn chat_query(r: pb::ChatRequest) -> Query {
         overrides: Overrides {
             max_tokens: options.max_tokens,
             temperature: options.temperature,
+            ..Overrides::default()
         },
+        ..Query::default()
     }
 }
 

@@ -303,8 +303,7 @@ impl Judge {
         }
         let params = GenerateParams {
             max_tokens: JUDGE_MAX_TOKENS,
-            temperature: None,
-            top_p: None,
+            ..GenerateParams::default()
         };
         let mut stream = self.engine.generate(prompt(case, &self.experts), params).await?;
         let mut raw = String::new();
