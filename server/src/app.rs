@@ -1,7 +1,8 @@
 //! Wiring: build the pipeline from the configuration, then serve it over
-//! gRPC until a shutdown signal, in the order the house style sets:
-//! signal -> health NOT_SERVING -> stop accepting -> drain (with a
-//! deadline) -> flush the request log.
+//! gRPC (and, when configured, the OpenAI-compatible HTTP API) until a
+//! shutdown signal, in the order the house style sets: signal -> health
+//! NOT_SERVING -> stop accepting -> drain (with a deadline) -> flush the
+//! request log.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
+use crate::auth::{ApiKeys, GrpcAuth};
 use crate::config::{Config, EngineKind};
 use crate::grpc::{admin::AdminService, chat::ChatService, feedback::FeedbackService, route::RouterService};
 use crate::metrics::Metrics;
@@ -61,6 +63,16 @@ pub enum ServerError {
     /// The listener could not be inspected.
     #[error("listener failure")]
     Io(#[from] std::io::Error),
+}
+
+/// The sockets a server answers on.
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// The OpenAI-compatible HTTP API (off when `None`).
+    pub http: Option<TcpListener>,
+    /// Prometheus metrics (off when `None`).
+    pub metrics: Option<TcpListener>,
 }
 
 /// The guardrails and the experts' retriever, sharing one sentence embedder
@@ -165,20 +177,31 @@ impl App {
         &self.metrics
     }
 
-    /// Serve on `listener` until `shutdown` resolves, then drain and flush;
-    /// metrics on `config.metrics_listen` when set.
+    /// Serve gRPC on `listener` until `shutdown` resolves, then drain and
+    /// flush; HTTP on `config.http_listen` and metrics on
+    /// `config.metrics_listen` when set.
     ///
     /// # Errors
-    /// Transport failures, or a metrics address that cannot be bound.
+    /// Transport failures, or an HTTP or metrics address that cannot be bound.
     pub async fn serve<F>(self, listener: TcpListener, shutdown: F) -> Result<(), ServerError>
     where
         F: Future<Output = ()> + Send,
     {
-        let metrics = match self.config.metrics_listen {
-            Some(addr) => Some(TcpListener::bind(addr).await?),
-            None => None,
+        let bind = |addr: Option<std::net::SocketAddr>| async move {
+            match addr {
+                Some(a) => TcpListener::bind(a)
+                    .await
+                    .map(Some)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {a}: {e}"))),
+                None => Ok(None),
+            }
         };
-        self.serve_with_metrics(listener, metrics, shutdown).await
+        let listeners = Listeners {
+            grpc: listener,
+            http: bind(self.config.http_listen).await?,
+            metrics: bind(self.config.metrics_listen).await?,
+        };
+        self.serve_on(listeners, shutdown).await
     }
 
     /// [`App::serve`] with an already bound metrics listener (tests use `127.0.0.1:0`).
@@ -194,6 +217,27 @@ impl App {
     where
         F: Future<Output = ()> + Send,
     {
+        let listeners = Listeners {
+            grpc: listener,
+            http: None,
+            metrics: metrics_listener,
+        };
+        self.serve_on(listeners, shutdown).await
+    }
+
+    /// [`App::serve`] on already bound listeners.
+    ///
+    /// # Errors
+    /// Transport failures.
+    pub async fn serve_on<F>(self, listeners: Listeners, shutdown: F) -> Result<(), ServerError>
+    where
+        F: Future<Output = ()> + Send,
+    {
+        let Listeners {
+            grpc: listener,
+            http: http_listener,
+            metrics: metrics_listener,
+        } = listeners;
         let stop_metrics = CancellationToken::new();
         if let Some(m) = metrics_listener {
             let flush_s = self.config.settings.log.flush_interval_ms as f64 / 1e3;
@@ -217,17 +261,47 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
         let stop_accepting = CancellationToken::new();
+        let keys = ApiKeys::new(&self.config.api_keys);
+        if keys.enabled() {
+            tracing::info!(
+                keys = self.config.api_keys.len(),
+                "client API keys required on Chat, Router and Feedback"
+            );
+        } else {
+            tracing::info!(
+                "no client API keys configured: Chat, Router and Feedback are open to anyone who can reach the server"
+            );
+        }
+        let auth = GrpcAuth(keys.clone());
+        let http = match http_listener {
+            Some(l) => {
+                let http_addr = l.local_addr()?;
+                let routes = crate::http::router(self.pipeline.clone(), keys);
+                tracing::info!(%http_addr, "OpenAI-compatible HTTP API listening");
+                Some(tokio::spawn(crate::http::serve(l, routes, stop_accepting.clone())))
+            }
+            None => None,
+        };
         let server = Server::builder()
             .trace_fn(crate::telemetry::request_span)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(ChatServer::new(ChatService::new(self.pipeline.clone())))
-            .add_service(RouterServer::new(RouterService::new(self.pipeline.clone())))
+            .add_service(ChatServer::with_interceptor(
+                ChatService::new(self.pipeline.clone()),
+                auth.clone(),
+            ))
+            .add_service(RouterServer::with_interceptor(
+                RouterService::new(self.pipeline.clone()),
+                auth.clone(),
+            ))
             .add_service(AdminServer::new(AdminService::new(
                 self.pipeline.clone(),
                 self.config.admin_token.clone(),
             )))
-            .add_service(FeedbackServer::new(FeedbackService::new(self.pipeline.clone())))
+            .add_service(FeedbackServer::with_interceptor(
+                FeedbackService::new(self.pipeline.clone()),
+                auth,
+            ))
             .serve_with_incoming_shutdown(
                 // Small gRPC frames must not wait for Nagle's algorithm (with
                 // delayed ACKs that stalls a response by ~40 ms).
@@ -256,7 +330,18 @@ impl App {
                 }
                 stop_accepting.cancel();
                 let grace = Duration::from_millis(self.config.shutdown_grace_ms);
-                match tokio::time::timeout(grace, &mut server).await {
+                let drained = async {
+                    let grpc = (&mut server).await;
+                    if let Some(h) = http {
+                        match h.await {
+                            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP listener failed while draining"),
+                            Err(e) => tracing::warn!(error = %e, "HTTP server task ended abnormally"),
+                            Ok(Ok(())) => {}
+                        }
+                    }
+                    grpc
+                };
+                match tokio::time::timeout(grace, drained).await {
                     Ok(result) => result.map_err(ServerError::from),
                     Err(_) => {
                         tracing::warn!(grace_ms = grace.as_millis() as u64, "drain deadline passed; closing remaining requests");

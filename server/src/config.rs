@@ -28,6 +28,48 @@ pub enum EngineKind {
     Stub,
 }
 
+/// One client API key: an id (recorded in the request log) and the SHA-256
+/// digest of the key, as `flywheel-server hash-key` prints them.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    /// Who holds the key (letters, digits, `.`, `_`, `-`; at most 64).
+    pub id: String,
+    /// Hex SHA-256 digest of the key (64 hex digits).
+    pub sha256: String,
+}
+
+impl std::str::FromStr for ApiKeySpec {
+    type Err = String;
+
+    /// `id:sha256`, as in `FLYWHEEL_API_KEYS=team-a:9f86...,team-b:60303...`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (id, sha256) = s
+            .trim()
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}` is not `id:sha256` (`flywheel-server hash-key` prints one)"))?;
+        Ok(Self {
+            id: id.trim().into(),
+            sha256: sha256.trim().into(),
+        })
+    }
+}
+
+/// Helper commands instead of serving.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
+pub enum Command {
+    /// Print the `[[api_keys]]` entry of a client API key: read from standard
+    /// input (one line), or a new random key made and printed once with `--new`.
+    HashKey {
+        /// The key's id (recorded in the request log with each request).
+        #[arg(long)]
+        id: String,
+        /// Make a new random key instead of reading one.
+        #[arg(long)]
+        new: bool,
+    },
+}
+
 /// Command-line flags (each also readable from a `FLYWHEEL_*` variable).
 #[derive(Debug, Clone, Default, Parser)]
 #[command(
@@ -36,12 +78,22 @@ pub enum EngineKind {
     about = "gRPC router + expert agents on mistral.rs, with a request log for the data flywheel"
 )]
 pub struct Flags {
+    /// A helper command instead of serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file.
     #[arg(long, env = "FLYWHEEL_CONFIG")]
     pub config: Option<PathBuf>,
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "FLYWHEEL_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// Serve the OpenAI-compatible HTTP API on this address (off when unset).
+    #[arg(long, env = "FLYWHEEL_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// Client API keys as `id:sha256` pairs, comma-separated; when any is set,
+    /// Chat, Router and Feedback (gRPC and HTTP) need `authorization: Bearer <key>`.
+    #[arg(long, env = "FLYWHEEL_API_KEYS", value_delimiter = ',', hide_env_values = true)]
+    pub api_keys: Vec<ApiKeySpec>,
     /// Engine: `mistralrs` (default) or `stub` (no model, for overhead benchmarks).
     #[arg(long, env = "FLYWHEEL_ENGINE", value_enum)]
     pub engine: Option<EngineKind>,
@@ -83,6 +135,8 @@ pub struct Flags {
 #[serde(deny_unknown_fields)]
 struct FileConfig {
     listen: Option<SocketAddr>,
+    http_listen: Option<SocketAddr>,
+    api_keys: Option<Vec<ApiKeySpec>>,
     engine: Option<EngineKind>,
     shutdown_grace_ms: Option<u64>,
     stub_token_delay_ms: Option<u64>,
@@ -131,6 +185,10 @@ pub enum LoadError {
 pub struct Config {
     /// Listen address.
     pub listen: SocketAddr,
+    /// OpenAI-compatible HTTP API address (off when `None`).
+    pub http_listen: Option<SocketAddr>,
+    /// Client API keys; empty: Chat, Router and Feedback are open.
+    pub api_keys: Vec<ApiKeySpec>,
     /// Engine kind.
     pub engine: EngineKind,
     /// Drain deadline on shutdown (ms).
@@ -157,6 +215,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            http_listen: None,
+            api_keys: Vec::new(),
             engine: EngineKind::default(),
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             stub_token_delay_ms: 0,
@@ -186,6 +246,13 @@ impl Config {
         if let Some(engine) = flags.engine {
             config.engine = engine;
         }
+        if let Some(addr) = flags.http_listen {
+            config.http_listen = Some(addr);
+        }
+        if !flags.api_keys.is_empty() {
+            config.api_keys = flags.api_keys.clone();
+        }
+        check_api_keys(&config.api_keys)?;
         if let Some(model) = &flags.model {
             for spec in config.settings.models.values_mut() {
                 spec.path = model.clone();
@@ -269,6 +336,8 @@ impl Config {
         if let Some(v) = file.engine {
             c.engine = v;
         }
+        c.http_listen = file.http_listen;
+        c.api_keys = file.api_keys.unwrap_or_default();
         if let Some(v) = file.shutdown_grace_ms {
             c.shutdown_grace_ms = v;
         }
@@ -308,6 +377,41 @@ impl Config {
         }
         Ok(c)
     }
+}
+
+/// Key ids are short, plain and unique; digests are 64 hex digits.
+fn check_api_keys(keys: &[ApiKeySpec]) -> Result<(), LoadError> {
+    let invalid = |i: usize, reason: String| {
+        LoadError::Invalid(ConfigError::Invalid {
+            key: format!("api_keys[{i}]"),
+            reason,
+        })
+    };
+    for (i, k) in keys.iter().enumerate() {
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if k.id.is_empty() || k.id.len() > 64 || !k.id.chars().all(plain) {
+            return Err(invalid(
+                i,
+                format!(
+                    "id `{}` must be 1 to 64 letters, digits, `.`, `_` or `-`",
+                    k.id.escape_debug()
+                ),
+            ));
+        }
+        if keys[..i].iter().any(|o| o.id == k.id) {
+            return Err(invalid(i, format!("id `{}` is used by two keys", k.id)));
+        }
+        if k.sha256.len() != 64 || !k.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid(
+                i,
+                format!(
+                    "sha256 of `{}` must be 64 hex digits (the key's digest, as `flywheel-server hash-key` prints it), not the key",
+                    k.id
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// An OTLP/gRPC endpoint must be an `http://` or `https://` URL with a host.
@@ -520,6 +624,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("yes") && err.contains("auto, on or off"), "{err}");
+    }
+
+    #[test]
+    fn http_listener_and_api_keys_come_from_file_env_or_flags_and_are_checked() {
+        assert_eq!(Config::default().http_listen, None);
+        let digest = "a".repeat(64);
+        let c = Config::from_toml(&format!(
+            "http_listen = \"127.0.0.1:8080\"\n[[api_keys]]\nid = \"webui\"\nsha256 = \"{digest}\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.http_listen, Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(c.api_keys[0].id, "webui");
+        let flags = Flags::try_parse_from([
+            "flywheel-server",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--api-keys",
+            &format!("a:{digest},b:{digest}"),
+        ])
+        .unwrap();
+        let c = Config::load(&flags).unwrap();
+        assert_eq!(c.http_listen.map(|a| a.port()), Some(0));
+        assert_eq!(c.api_keys.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let refused = |keys: &str| {
+            let flags = Flags::try_parse_from(["flywheel-server", "--api-keys", keys]).unwrap();
+            Config::load(&flags).unwrap_err().to_string()
+        };
+        let err = refused("a:sk-plain-key");
+        assert!(err.contains("api_keys[0]") && err.contains("64 hex digits"), "{err}");
+        let err = refused(&format!("a:{digest},a:{digest}"));
+        assert!(err.contains("api_keys[1]") && err.contains("used by two keys"), "{err}");
+        let err = refused(&format!("bad id:{digest}"));
+        assert!(err.contains("letters, digits"), "{err}");
+        assert!(Flags::try_parse_from(["flywheel-server", "--api-keys", "no-colon"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 
 use anyhow::Context;
 use clap::Parser;
-use flywheel_server::{App, Config, Flags, shutdown_signal, telemetry};
+use flywheel_server::config::Command;
+use flywheel_server::{App, Config, Flags, auth, shutdown_signal, telemetry};
 
 // Every request allocates dozens of small buffers (protobuf, h2 frames, the
 // log record); mimalloc's thread-local free lists cost less than glibc's
@@ -14,7 +15,11 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::load(&Flags::parse()).context("invalid configuration")?;
+    let flags = Flags::parse();
+    if let Some(Command::HashKey { id, new }) = &flags.command {
+        return hash_key(id, *new);
+    }
+    let config = Config::load(&flags).context("invalid configuration")?;
     let telemetry = telemetry::init(config.otlp_endpoint.as_deref()).context("invalid configuration")?;
     let served = serve(config).await;
     // The exporter flush blocks; keep it off the runtime's worker threads.
@@ -28,4 +33,23 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let app = App::build(config).await.context("cannot start the server")?;
     app.serve(listener, shutdown_signal()).await.context("server failed")
+}
+
+/// `hash-key`: the `[[api_keys]]` entry of a key read from standard input,
+/// or of a new random key (printed once, on standard error).
+fn hash_key(id: &str, new: bool) -> anyhow::Result<()> {
+    let key = if new {
+        let key = auth::new_key();
+        eprintln!("new client API key (give it to the client; it is not stored): {key}");
+        key
+    } else {
+        let mut line = String::new();
+        std::io::stdin()
+            .read_line(&mut line)
+            .context("reading the key from standard input")?;
+        anyhow::ensure!(!line.trim().is_empty(), "no key on standard input");
+        line
+    };
+    println!("[[api_keys]]\nid = \"{id}\"\nsha256 = \"{}\"", auth::digest_hex(&key));
+    Ok(())
 }

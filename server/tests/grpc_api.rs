@@ -481,72 +481,12 @@ async fn rephrasing_in_a_session_marks_the_earlier_answer_unsatisfactory() {
 /// protobuf; its `grpc_tools.protoc` is the official protoc).
 const GRPCIO_TOOLS: &str = "1.85.1";
 
-/// A folder holding grpcio-tools, installed with pip from PyPI on first use
-/// and kept in the target dir's scratch space.
 fn python_grpc() -> std::path::PathBuf {
-    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let dir = scratch.join(format!("python-grpcio-tools-{GRPCIO_TOOLS}"));
-    if dir.join("grpc_tools").is_dir() {
-        return dir;
-    }
-    let staging = tempfile::tempdir_in(scratch).unwrap();
-    let out = std::process::Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-warn-script-location",
-            "--target",
-        ])
-        .arg(staging.path())
-        .arg(format!("grpcio-tools=={GRPCIO_TOOLS}"))
-        .output()
-        .expect("running python3 -m pip");
-    assert!(
-        out.status.success(),
-        "pip install grpcio-tools=={GRPCIO_TOOLS} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Another test process may have finished first: either copy will do.
-    let _ = std::fs::rename(staging.keep(), &dir);
-    assert!(
-        dir.join("grpc_tools").is_dir(),
-        "grpcio-tools missing from {}",
-        dir.display()
-    );
-    dir
+    common::python_package("grpcio-tools", GRPCIO_TOOLS, "grpc_tools")
 }
 
-/// Run `python3 args...` in `cwd` with `PYTHONPATH`, killed after two
-/// minutes; returns stdout, panics with stderr on failure.
 fn python(args: &[&str], cwd: &std::path::Path, pythonpath: &str) -> String {
-    let mut child = std::process::Command::new("python3")
-        .args(args)
-        .current_dir(cwd)
-        .env("PYTHONPATH", pythonpath)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("running python3");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "python3 {args:?} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    common::python(args, cwd, pythonpath, Duration::from_secs(120))
 }
 
 /// The README's Python client, as written there: stubs generated with its

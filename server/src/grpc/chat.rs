@@ -4,7 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use flywheel_proto::v1 as pb;
-use flywheel_router::Pipeline;
+use flywheel_router::{Pipeline, Query};
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
@@ -27,9 +27,13 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ChatStreamMessage, Statu
 #[tonic::async_trait]
 impl pb::chat_server::Chat for ChatService {
     async fn complete(&self, request: Request<pb::ChatRequest>) -> Result<Response<pb::ChatResponse>, Status> {
+        let api_key_id = crate::auth::grpc_key_id(&request);
         let outcome = self
             .pipeline
-            .complete(convert::chat_query(request.into_inner()))
+            .complete(Query {
+                api_key_id,
+                ..convert::chat_query(request.into_inner())
+            })
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ChatResponse {
@@ -47,9 +51,13 @@ impl pb::chat_server::Chat for ChatService {
     type StreamStream = EventStream;
 
     async fn stream(&self, request: Request<pb::ChatRequest>) -> Result<Response<Self::StreamStream>, Status> {
+        let api_key_id = crate::auth::grpc_key_id(&request);
         let events = self
             .pipeline
-            .stream(convert::chat_query(request.into_inner()))
+            .stream(Query {
+                api_key_id,
+                ..convert::chat_query(request.into_inner())
+            })
             .await
             .map_err(|e| to_status(&e))?;
         // When the client goes away tonic drops this stream, which drops the

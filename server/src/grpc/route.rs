@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use flywheel_proto::v1 as pb;
-use flywheel_router::Pipeline;
+use flywheel_router::{Pipeline, Query};
 use tonic::{Request, Response, Status};
 
 use super::{convert, status::to_status};
@@ -23,9 +23,13 @@ impl RouterService {
 #[tonic::async_trait]
 impl pb::router_server::Router for RouterService {
     async fn route(&self, request: Request<pb::RouteRequest>) -> Result<Response<pb::RouteResponse>, Status> {
+        let api_key_id = crate::auth::grpc_key_id(&request);
         let outcome = self
             .pipeline
-            .route(convert::route_query(request.into_inner()))
+            .route(Query {
+                api_key_id,
+                ..convert::route_query(request.into_inner())
+            })
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::RouteResponse {

@@ -1,69 +1,35 @@
-//! The one place where domain errors become gRPC statuses.
+//! Where error kinds become gRPC statuses: one table over
+//! [`ErrorKind`], the domain's one classification of its errors.
 
-use flywheel_router::PipelineError;
-use flywheel_router::engine::EngineError;
-use flywheel_router::guardrails::rails::RailsError;
-use flywheel_router::store::StoreError;
+use flywheel_router::{ErrorKind, PipelineError};
 use tonic::{Code, Status};
 
-/// Map a pipeline error to the status the client sees. Internal failures get
-/// a generic message; their cause goes to the server log.
-pub fn to_status(error: &PipelineError) -> Status {
-    let code = match error {
-        PipelineError::EmptyQuery
-        | PipelineError::QueryTooLong { .. }
-        | PipelineError::InvalidRequest { .. }
-        | PipelineError::InvalidFeedback { .. }
-        | PipelineError::InvalidInput { .. } => Code::InvalidArgument,
-        PipelineError::UnknownExpert { .. } | PipelineError::UnknownRequest { .. } => Code::NotFound,
-        PipelineError::Overloaded { .. } => Code::ResourceExhausted,
-        PipelineError::RequestInFlight { .. } => Code::Unavailable,
-        PipelineError::Blocked(_) => Code::PermissionDenied,
-        PipelineError::Cancelled => Code::Cancelled,
-        PipelineError::Engine(e) => match e {
-            EngineError::Rejected(_) => Code::InvalidArgument,
-            EngineError::ModelNotFound { .. }
-            | EngineError::Load { .. }
-            | EngineError::InvalidLabels(_)
-            | EngineError::Backend(_) => Code::Internal,
-            EngineError::Disconnected => Code::Unavailable,
-        },
-        PipelineError::Rails(RailsError::InvalidSpec { .. }) => Code::InvalidArgument,
-        PipelineError::Rails(RailsError::Embedder { .. }) => Code::FailedPrecondition,
-        PipelineError::Retrieval(_) | PipelineError::Log(_) | PipelineError::Rails(RailsError::Head(_)) => {
-            Code::Internal
-        }
-        PipelineError::UnknownSlot { .. } => Code::NotFound,
-        PipelineError::InvalidShadow { .. } | PipelineError::InvalidSplit { .. } => Code::InvalidArgument,
-        PipelineError::NoModelStore
-        | PipelineError::NoCorpus
-        | PipelineError::NoShadow { .. }
-        | PipelineError::NoSplit { .. }
-        | PipelineError::ModelRejected { .. } => Code::FailedPrecondition,
-        PipelineError::Store(e) => match e {
-            StoreError::UnknownVersion(_) => Code::NotFound,
-            StoreError::InvalidVersion(_) => Code::InvalidArgument,
-            StoreError::VersionExists(_) => Code::AlreadyExists,
-            StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_) => Code::FailedPrecondition,
-            StoreError::UnknownCycle(_) => Code::NotFound,
-            StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Internal,
-        },
-    };
-    crate::telemetry::record_status(code);
-    // Server-side failures keep their cause in the log; a request still in
-    // flight (also UNAVAILABLE) is the client's to retry, so it says so.
-    let server_side = code == Code::Internal || matches!(error, PipelineError::Engine(EngineError::Disconnected));
-    if server_side {
-        tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
-        Status::new(code, "internal error; see the server log")
-    } else {
-        Status::new(code, error.to_string())
+/// The gRPC code of each error kind.
+pub fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::InvalidArgument => Code::InvalidArgument,
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::Overloaded => Code::ResourceExhausted,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Blocked => Code::PermissionDenied,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
+        ErrorKind::Internal => Code::Internal,
     }
+}
+
+/// Map a pipeline error to the status the client sees.
+pub fn to_status(error: &PipelineError) -> Status {
+    let code = code(error.kind());
+    crate::telemetry::record_status(code);
+    Status::new(code, crate::errors::public_message(error))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flywheel_router::engine::EngineError;
 
     #[test]
     fn client_errors_keep_their_message() {
@@ -100,5 +66,32 @@ mod tests {
         });
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("`r1` is still being answered"), "{}", s.message());
+    }
+
+    #[test]
+    fn every_kind_has_its_own_code_and_the_logged_name_matches_it() {
+        let codes: std::collections::BTreeSet<i32> = ErrorKind::ALL.iter().map(|k| code(*k) as i32).collect();
+        assert_eq!(codes.len(), ErrorKind::ALL.len());
+        for kind in ErrorKind::ALL {
+            // The log's status name is the gRPC code's name in snake case.
+            let grpc = format!("{:?}", code(kind));
+            let snake: String = grpc
+                .chars()
+                .enumerate()
+                .flat_map(|(i, c)| {
+                    let lower = c.to_ascii_lowercase();
+                    if c.is_ascii_uppercase() && i > 0 {
+                        vec!['_', lower]
+                    } else {
+                        vec![lower]
+                    }
+                })
+                .collect();
+            assert_eq!(kind.as_str(), snake, "{kind:?}");
+        }
+        // The engine stopping is logged as it is sent.
+        let e = PipelineError::Engine(EngineError::Disconnected);
+        assert_eq!(e.status_name(), "unavailable");
+        assert_eq!(to_status(&e).code(), Code::Unavailable);
     }
 }

@@ -28,6 +28,8 @@ pub fn embedder_dir() -> PathBuf {
 /// A running in-process server.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
+    /// The HTTP API's address, when the config turned it on.
+    pub http_addr: Option<std::net::SocketAddr>,
     pub pipeline: Arc<Pipeline>,
     pub log_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -120,17 +122,27 @@ fn start_inner(mut config: Config, with_metrics: bool) -> (TestServer, Option<st
                 None
             };
             let metrics_addr = metrics.as_ref().map(|m| m.local_addr().unwrap());
+            let http = match config.http_listen {
+                Some(_) => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+                None => None,
+            };
+            let http_addr = http.as_ref().map(|h| h.local_addr().unwrap());
             let app = App::build(config).await.expect("building the server");
-            tx.send((addr, app.pipeline().clone(), metrics_addr)).unwrap();
-            app.serve_with_metrics(listener, metrics, std::future::pending())
-                .await
+            tx.send((addr, http_addr, app.pipeline().clone(), metrics_addr))
                 .unwrap();
+            let listeners = flywheel_server::Listeners {
+                grpc: listener,
+                http,
+                metrics,
+            };
+            app.serve_on(listeners, std::future::pending()).await.unwrap();
         });
     });
-    let (addr, pipeline, metrics) = rx.recv().expect("server thread died while starting");
+    let (addr, http_addr, pipeline, metrics) = rx.recv().expect("server thread died while starting");
     (
         TestServer {
             addr,
+            http_addr,
             pipeline,
             log_path,
             _dir: dir,
@@ -197,4 +209,122 @@ pub fn stub_config(registry: &std::path::Path, token: Option<&str>) -> Config {
         admin_token: token.map(str::to_string),
         ..Config::default()
     }
+}
+
+/// One HTTP/1.1 request over a fresh connection (`Connection: close`):
+/// the status and the body. Enough for JSON and for whole SSE answers.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
+    conn.write_all(body.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    (status, if chunked { dechunk(body) } else { body.to_string() })
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = &rest[n + 2..];
+    }
+    out
+}
+
+/// The JSON payloads of an SSE body's `data:` lines (`[DONE]` as a string).
+pub fn sse_data(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap_or_else(|_| serde_json::Value::String(d.to_string())))
+        .collect()
+}
+
+/// A folder holding the PyPI package `name==version` (imported as
+/// `module`), installed with pip on first use and kept in the target dir's
+/// scratch space.
+pub fn python_package(name: &str, version: &str, module: &str) -> PathBuf {
+    let scratch = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let dir = scratch.join(format!("python-{name}-{version}"));
+    if dir.join(module).is_dir() {
+        return dir;
+    }
+    let staging = tempfile::tempdir_in(scratch).unwrap();
+    let out = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-warn-script-location",
+            "--target",
+        ])
+        .arg(staging.path())
+        .arg(format!("{name}=={version}"))
+        .output()
+        .expect("running python3 -m pip");
+    assert!(
+        out.status.success(),
+        "pip install {name}=={version} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another test process may have finished first: either copy will do.
+    let _ = std::fs::rename(staging.keep(), &dir);
+    assert!(dir.join(module).is_dir(), "{module} missing from {}", dir.display());
+    dir
+}
+
+/// Run `python3 args...` in `cwd` with `PYTHONPATH`, killed after `limit`;
+/// returns stdout, panics with stderr on failure.
+pub fn python(args: &[&str], cwd: &std::path::Path, pythonpath: &str, limit: std::time::Duration) -> String {
+    let mut child = std::process::Command::new("python3")
+        .args(args)
+        .current_dir(cwd)
+        .env("PYTHONPATH", pythonpath)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running python3");
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "python3 {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
