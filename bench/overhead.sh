@@ -33,3 +33,7 @@ done
 echo "== streaming chat, 16 clients (stub answer, no per-token delay)"
 "$bin/flywheel-bench" --addr http://127.0.0.1:50061 --mode chat --concurrency 16 --duration "$secs" \
   --json var/bench/chat.json --plot var/bench/chat
+echo "== streaming chat, 16 clients: gRPC (baseline) vs the OpenAI-compatible HTTP API, same server"
+"$bin/flywheel-bench" --addr http://127.0.0.1:50063 --protocol http --mode chat --concurrency 16 \
+  --duration "$secs" --baseline-addr http://127.0.0.1:50061 --baseline-protocol grpc \
+  --json var/bench/chat-http.json

@@ -1,7 +1,9 @@
-//! gRPC clients: a load generator (closed loop: N concurrent clients; open
-//! loop: Poisson arrivals at a rate) and a one-shot `ask`.
+//! The load generator (closed loop: N concurrent clients; open loop: Poisson
+//! arrivals at a rate) and a one-shot `ask`.
 //!
-//! Talks to the server only through the generated `flywheel.v1` clients.
+//! Talks to the server only as clients do: through the generated
+//! `flywheel.v1` gRPC clients, or (`--protocol http`) the OpenAI-compatible
+//! HTTP API ([`crate::http_client`]).
 //! Per request it records end-to-end latency and, for streaming chat, time to
 //! first token and inter-token latencies (gaps between consecutive deltas,
 //! excluding the first token, as vLLM defines ITL).
@@ -30,17 +32,36 @@ pub enum Mode {
     Chat,
 }
 
+/// Which API the load goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// gRPC (`Router.Route`, `Chat.Stream`) over HTTP/2 connections.
+    Grpc,
+    /// The OpenAI-compatible HTTP API (`POST /v1/chat/completions`, streamed),
+    /// over HTTP/1.1 keep-alive connections; chat only.
+    Http,
+}
+
 /// Arguments of `flywheel-bench load` (also `flywheel-bench` without a subcommand).
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Server address.
+    /// Server address (its gRPC or its HTTP address, as `--protocol` says).
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     addr: String,
+    /// API the load goes through.
+    #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
+    protocol: Protocol,
     /// Run the same load against this server first (e.g. one with request
-    /// logging off) and report the ratios of the two runs.
+    /// logging off, or the same server's gRPC address) and report the
+    /// ratios of the two runs.
     #[arg(long)]
     baseline_addr: Option<String>,
-    /// HTTP/2 connections the clients share (round robin).
+    /// API of the baseline run (default: `--protocol`).
+    #[arg(long, value_enum)]
+    baseline_protocol: Option<Protocol>,
+    /// gRPC: HTTP/2 connections the clients share (round robin). HTTP opens
+    /// one keep-alive connection per request in flight instead.
     #[arg(long, default_value_t = 2)]
     connections: usize,
     /// Request kind.
@@ -128,9 +149,24 @@ struct Sample {
     unfinished: bool,
 }
 
+impl Sample {
+    /// An answer delta arrived now (the request started at `start`; `last`
+    /// holds the previous delta's time): TTFT for the first, ITL after.
+    fn delta(&mut self, start: Instant, last: &mut Option<Instant>) {
+        let now = Instant::now();
+        match last {
+            None => self.ttft_ms = Some(now.duration_since(start).as_secs_f64() * 1e3),
+            Some(prev) => self.itl_ms.push(now.duration_since(*prev).as_secs_f64() * 1e3),
+        }
+        *last = Some(now);
+        self.tokens_out += 1;
+    }
+}
+
 /// The load report.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    protocol: Protocol,
     mode: Mode,
     /// `closed` (N clients) or `open` (Poisson arrivals).
     arrival: &'static str,
@@ -245,8 +281,67 @@ fn load_queries(path: Option<&PathBuf>) -> anyhow::Result<Vec<String>> {
 
 /// One request. `due` is its scheduled arrival in the open loop; at
 /// `deadline` a request still running is cancelled and marked unfinished.
+/// A connection to the server through either API.
+#[derive(Clone)]
+enum Client {
+    Grpc(LoadChannel),
+    Http(std::sync::Arc<crate::http_client::HttpPool>),
+}
+
+/// The status code an HTTP error answer stands for in the report.
+fn http_code(status: u16) -> tonic::Code {
+    match status {
+        400 => tonic::Code::InvalidArgument,
+        401 => tonic::Code::Unauthenticated,
+        404 => tonic::Code::NotFound,
+        429 => tonic::Code::ResourceExhausted,
+        499 => tonic::Code::Cancelled,
+        500 => tonic::Code::Internal,
+        503 => tonic::Code::Unavailable,
+        _ => tonic::Code::Unknown,
+    }
+}
+
+/// One streamed chat answer over HTTP.
+async fn one_http(
+    pool: &crate::http_client::HttpPool,
+    query: &str,
+    max_tokens: u32,
+    mut sample: Sample,
+    start: Instant,
+    deadline: tokio::time::Instant,
+) -> Sample {
+    use crate::http_client::SseEvent;
+    let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
+    let mut last = None;
+    let mut done = false;
+    let mut failed = false;
+    let call = pool.stream_chat(query, max_tokens, |event| match event {
+        SseEvent::Delta => sample.delta(start, &mut last),
+        SseEvent::Done => done = true,
+        SseEvent::Error => failed = true,
+        SseEvent::Other => {}
+    });
+    // Dropping the call at the deadline closes its connection, which
+    // cancels the answer on the server.
+    let result = tokio::time::timeout_at(deadline, call).await;
+    match result {
+        Ok(Ok(200)) => {
+            sample.ok = done && !failed;
+            if failed {
+                sample.code = Some(tonic::Code::Internal);
+            }
+        }
+        Ok(Ok(status)) => sample.code = Some(http_code(status)),
+        Ok(Err(_)) => sample.code = Some(tonic::Code::Unavailable),
+        Err(_) => sample.unfinished = true,
+    }
+    sample.latency_ms = ms(Instant::now());
+    sample
+}
+
 async fn one(
-    channel: LoadChannel,
+    client: Client,
     mode: Mode,
     query: &str,
     max_tokens: u32,
@@ -259,6 +354,17 @@ async fn one(
     let at_s = start.saturating_duration_since(epoch).as_secs_f64();
     let late_ms = due.map_or(0.0, |d| start.saturating_duration_since(d).as_secs_f64() * 1e3);
     let ms = |t: Instant| t.duration_since(start).as_secs_f64() * 1e3;
+    let channel = match client {
+        Client::Grpc(channel) => channel,
+        Client::Http(pool) => {
+            let sample = Sample {
+                at_s,
+                late_ms,
+                ..Sample::default()
+            };
+            return one_http(&pool, query, max_tokens, sample, start, deadline).await;
+        }
+    };
     match mode {
         Mode::Route => {
             let mut client = RouterClient::new(channel);
@@ -315,13 +421,7 @@ async fn one(
                 match message {
                     Ok(Some(msg)) => {
                         if let Some(Event::Delta(_)) = msg.event {
-                            let now = Instant::now();
-                            match last {
-                                None => sample.ttft_ms = Some(ms(now)),
-                                Some(prev) => sample.itl_ms.push(now.duration_since(prev).as_secs_f64() * 1e3),
-                            }
-                            last = Some(now);
-                            sample.tokens_out += 1;
+                            sample.delta(start, &mut last);
                         }
                         if let Some(Event::End(_)) = msg.event {
                             sample.ok = true;
@@ -371,20 +471,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         itl_ms: args.slo_itl_ms,
         latency_ms: args.slo_latency_ms,
     };
+    let baseline_protocol = args.baseline_protocol.unwrap_or(args.protocol);
+    for protocol in [args.protocol, baseline_protocol] {
+        anyhow::ensure!(
+            protocol == Protocol::Grpc || args.mode == Mode::Chat,
+            "--mode route runs over gRPC only: the HTTP API has no route-only endpoint"
+        );
+    }
     let baseline = match &args.baseline_addr {
         Some(addr) => {
-            let (samples, elapsed) = drive(&args, addr, &queries).await?;
-            let r = report(&args, &samples, elapsed, &slo);
-            println!("baseline {addr}:");
+            let (samples, elapsed) = drive(&args, addr, baseline_protocol, &queries).await?;
+            let r = report(&args, baseline_protocol, &samples, elapsed, &slo);
+            println!("baseline {addr} ({baseline_protocol:?}):");
             print_report(&r);
             Some(r)
         }
         None => None,
     };
-    let (samples, elapsed) = drive(&args, &args.addr, &queries).await?;
-    let mut report = report(&args, &samples, elapsed, &slo);
+    let (samples, elapsed) = drive(&args, &args.addr, args.protocol, &queries).await?;
+    let mut report = report(&args, args.protocol, &samples, elapsed, &slo);
     if baseline.is_some() {
-        println!("{}:", args.addr);
+        println!("{} ({:?}):", args.addr, args.protocol);
     }
     print_report(&report);
     if let Some(base) = baseline {
@@ -451,10 +558,27 @@ fn plot(prefix: &std::path::Path, report: &Report, samples: &[Sample]) -> anyhow
 
 /// One measured run against `addr`: connections opened, `--warmup-s` of
 /// unmeasured load, then the measured closed or open loop.
-async fn drive(args: &Args, addr: &str, queries: &std::sync::Arc<Vec<String>>) -> anyhow::Result<(Vec<Sample>, f64)> {
+async fn drive(
+    args: &Args,
+    addr: &str,
+    protocol: Protocol,
+    queries: &std::sync::Arc<Vec<String>>,
+) -> anyhow::Result<(Vec<Sample>, f64)> {
     let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        channels.push(connect_for_load(addr).await?);
+    match protocol {
+        Protocol::Grpc => {
+            for _ in 0..args.connections {
+                channels.push(Client::Grpc(connect_for_load(addr).await?));
+            }
+        }
+        Protocol::Http => {
+            // One pool; open as many connections as clients up front.
+            let pool = crate::http_client::HttpPool::new(addr)?;
+            for _ in 0..args.concurrency {
+                pool.open().await?;
+            }
+            channels.push(Client::Http(pool));
+        }
     }
     let channel_for = |i: usize| channels[i % channels.len()].clone();
     let budget = args.requests.unwrap_or(usize::MAX);
@@ -589,7 +713,7 @@ fn kept(in_warmup: bool, sample: &Sample) -> bool {
     !in_warmup || sample.unfinished
 }
 
-fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
+fn report(args: &Args, protocol: Protocol, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut errors_by_status = std::collections::BTreeMap::new();
     let unfinished = samples.iter().filter(|s| s.unfinished).count();
@@ -605,6 +729,7 @@ fn report(args: &Args, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report 
     let tokens: u32 = ok.iter().map(|s| s.tokens_out).sum();
     let good = ok.iter().filter(|s| slo.met(s)).count();
     Report {
+        protocol,
         mode: args.mode,
         arrival: if args.rate.is_some() { "open" } else { "closed" },
         concurrency: args.concurrency,
@@ -768,7 +893,7 @@ mod tests {
                 ..sample(true, 0.0, &[], f64::from(k) / 10.0)
             })
             .collect();
-        let r = report(&cli.args, &samples, 1.0, &Slo::default());
+        let r = report(&cli.args, Protocol::Grpc, &samples, 1.0, &Slo::default());
         let (late, from) = (r.start_late_ms.unwrap(), r.latency_from_schedule_ms.unwrap());
         assert_eq!((late.p50, late.p99), (0.0, 10.0));
         // From send: 9.9 ms at p99; from schedule the five late ones are 19.6..20.0 ms.
@@ -777,7 +902,7 @@ mod tests {
         assert!((from.p50 - r.latency_ms.p50).abs() < 1e-9);
         // The closed loop has no schedule: neither figure is reported.
         let closed = Cli::try_parse_from(["load"]).unwrap();
-        let r = report(&closed.args, &samples, 1.0, &Slo::default());
+        let r = report(&closed.args, Protocol::Grpc, &samples, 1.0, &Slo::default());
         assert!(r.start_late_ms.is_none() && r.latency_from_schedule_ms.is_none());
     }
 
@@ -880,10 +1005,13 @@ mod tests {
             ["--rate", "4000", "--duration", "0.5", "--warmup-s", "0.5"],
         ] {
             let cli = Cli::try_parse_from(["load", "--addr", &addr].into_iter().chain(flags)).unwrap();
-            let (samples, _) = tokio::time::timeout(Duration::from_secs(30), drive(&cli.args, &addr, &queries))
-                .await
-                .expect("the load run finishes")
-                .unwrap();
+            let (samples, _) = tokio::time::timeout(
+                Duration::from_secs(30),
+                drive(&cli.args, &addr, Protocol::Grpc, &queries),
+            )
+            .await
+            .expect("the load run finishes")
+            .unwrap();
             assert!(samples.iter().all(|s| s.ok), "{flags:?}: failed requests");
             assert!(
                 samples.iter().all(|s| (0.0..0.6).contains(&s.at_s)),
@@ -993,16 +1121,19 @@ mod tests {
         ])
         .unwrap();
         let t0 = Instant::now();
-        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&cli.args, &addr, &queries))
-            .await
-            .expect("the hard stop ends the run")
-            .unwrap();
+        let (samples, elapsed) = tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(&cli.args, &addr, Protocol::Grpc, &queries),
+        )
+        .await
+        .expect("the hard stop ends the run")
+        .unwrap();
         assert!(
             (0.55..3.0).contains(&elapsed),
             "the run took {elapsed} s, not duration + drain"
         );
         assert!(t0.elapsed() < Duration::from_secs(5));
-        let r = report(&cli.args, &samples, elapsed, &Slo::default());
+        let r = report(&cli.args, Protocol::Grpc, &samples, elapsed, &Slo::default());
         // Clients 1 and 3 stall at once, 0 and 2 after one answer.
         assert_eq!((r.requests, r.unfinished, r.errors), (6, 4, 0), "{samples:?}");
         assert!(r.errors_by_status.is_empty());
@@ -1022,11 +1153,12 @@ mod tests {
         // never finish: those are reported unfinished, not dropped as warm-up.
         let mut flags = cli.args;
         flags.warmup_s = 0.5;
-        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, &queries))
-            .await
-            .expect("the hard stop ends the run")
-            .unwrap();
-        let r = report(&flags, &samples, elapsed, &Slo::default());
+        let (samples, elapsed) =
+            tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, Protocol::Grpc, &queries))
+                .await
+                .expect("the hard stop ends the run")
+                .unwrap();
+        let r = report(&flags, Protocol::Grpc, &samples, elapsed, &Slo::default());
         assert_eq!(
             (r.requests, r.unfinished, r.errors, r.latency_ms.n),
             (4, 4, 0, 0),
@@ -1035,11 +1167,12 @@ mod tests {
 
         // The open loop: half the arrivals stall, warm-up ones included.
         flags.rate = Some(100.0);
-        let (samples, elapsed) = tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, &queries))
-            .await
-            .expect("the hard stop ends the run")
-            .unwrap();
-        let r = report(&flags, &samples, elapsed, &Slo::default());
+        let (samples, elapsed) =
+            tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, Protocol::Grpc, &queries))
+                .await
+                .expect("the hard stop ends the run")
+                .unwrap();
+        let r = report(&flags, Protocol::Grpc, &samples, elapsed, &Slo::default());
         assert!((0.55..3.0).contains(&elapsed), "{elapsed} s");
         assert_eq!(r.errors, 0);
         assert!(

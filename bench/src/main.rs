@@ -17,6 +17,7 @@
 mod admin;
 mod engine_bench;
 mod grpc_load;
+mod http_client;
 mod log_bench;
 mod plot;
 mod rails_bench;
