@@ -133,10 +133,13 @@ impl HttpPool {
                 continue;
             };
             pending.extend_from_slice(&data);
-            while let Some(end) = find(&pending, b"\n\n") {
-                let event: Vec<u8> = pending.drain(..end + 2).collect();
-                on_event(classify(&event));
+            // Every whole event in the buffer, then drop them in one go.
+            let mut at = 0;
+            while let Some(end) = find(&pending[at..], b"\n\n") {
+                on_event(classify(&pending[at..at + end]));
+                at += end + 2;
             }
+            pending.drain(..at);
         }
         self.idle
             .lock()
@@ -147,20 +150,22 @@ impl HttpPool {
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(haystack, needle)
 }
 
 /// An event by its text: answer text is `"delta":{"content":"<non-empty>`.
 fn classify(event: &[u8]) -> SseEvent {
     const DELTA: &[u8] = br#""delta":{"content":""#;
-    if find(event, b"data: [DONE]").is_some() {
+    if let Some(at) = find(event, DELTA) {
+        if event.get(at + DELTA.len()).is_some_and(|&c| c != b'"') {
+            SseEvent::Delta
+        } else {
+            SseEvent::Other
+        }
+    } else if event.starts_with(b"data: [DONE]") {
         SseEvent::Done
     } else if find(event, br#""error":{"#).is_some() {
         SseEvent::Error
-    } else if let Some(at) = find(event, DELTA)
-        && event.get(at + DELTA.len()).is_some_and(|&c| c != b'"')
-    {
-        SseEvent::Delta
     } else {
         SseEvent::Other
     }

@@ -272,7 +272,8 @@ impl App {
                 "no client API keys configured: Chat, Router and Feedback are open to anyone who can reach the server"
             );
         }
-        let auth = GrpcAuth(keys.clone());
+        let open = !keys.enabled();
+        let guarded = keys.enabled().then(|| GrpcAuth(keys.clone()));
         let http = match http_listener {
             Some(l) => {
                 let http_addr = l.local_addr()?;
@@ -286,22 +287,28 @@ impl App {
             .trace_fn(crate::telemetry::request_span)
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(ChatServer::with_interceptor(
-                ChatService::new(self.pipeline.clone()),
-                auth.clone(),
-            ))
-            .add_service(RouterServer::with_interceptor(
-                RouterService::new(self.pipeline.clone()),
-                auth.clone(),
-            ))
+            // With keys, Chat, Router and Feedback check them; without, they
+            // are served as they are (no interceptor on the hot path).
+            .add_optional_service(open.then(|| ChatServer::new(ChatService::new(self.pipeline.clone()))))
+            .add_optional_service(
+                guarded
+                    .clone()
+                    .map(|auth| ChatServer::with_interceptor(ChatService::new(self.pipeline.clone()), auth)),
+            )
+            .add_optional_service(open.then(|| RouterServer::new(RouterService::new(self.pipeline.clone()))))
+            .add_optional_service(
+                guarded
+                    .clone()
+                    .map(|auth| RouterServer::with_interceptor(RouterService::new(self.pipeline.clone()), auth)),
+            )
             .add_service(AdminServer::new(AdminService::new(
                 self.pipeline.clone(),
                 self.config.admin_token.clone(),
             )))
-            .add_service(FeedbackServer::with_interceptor(
-                FeedbackService::new(self.pipeline.clone()),
-                auth,
-            ))
+            .add_optional_service(open.then(|| FeedbackServer::new(FeedbackService::new(self.pipeline.clone()))))
+            .add_optional_service(
+                guarded.map(|auth| FeedbackServer::with_interceptor(FeedbackService::new(self.pipeline.clone()), auth)),
+            )
             .serve_with_incoming_shutdown(
                 // Small gRPC frames must not wait for Nagle's algorithm (with
                 // delayed ACKs that stalls a response by ~40 ms).

@@ -380,7 +380,10 @@ impl Config {
 }
 
 /// Key ids are short, plain and unique; digests are 64 hex digits.
-fn check_api_keys(keys: &[ApiKeySpec]) -> Result<(), LoadError> {
+///
+/// # Errors
+/// The first entry that breaks a rule, named by its index.
+pub fn check_api_keys(keys: &[ApiKeySpec]) -> Result<(), LoadError> {
     let invalid = |i: usize, reason: String| {
         LoadError::Invalid(ConfigError::Invalid {
             key: format!("api_keys[{i}]"),

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use flywheel_server::config::Command;
+use flywheel_server::config::{ApiKeySpec, Command, check_api_keys};
 use flywheel_server::{App, Config, Flags, auth, shutdown_signal, telemetry};
 
 // Every request allocates dozens of small buffers (protobuf, h2 frames, the
@@ -38,6 +38,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 /// `hash-key`: the `[[api_keys]]` entry of a key read from standard input,
 /// or of a new random key (printed once, on standard error).
 fn hash_key(id: &str, new: bool) -> anyhow::Result<()> {
+    let mut entry = ApiKeySpec {
+        id: id.to_string(),
+        sha256: "0".repeat(64),
+    };
+    check_api_keys(std::slice::from_ref(&entry)).context("invalid --id")?;
     let key = if new {
         let key = auth::new_key();
         eprintln!("new client API key (give it to the client; it is not stored): {key}");
@@ -50,6 +55,7 @@ fn hash_key(id: &str, new: bool) -> anyhow::Result<()> {
         anyhow::ensure!(!line.trim().is_empty(), "no key on standard input");
         line
     };
-    println!("[[api_keys]]\nid = \"{id}\"\nsha256 = \"{}\"", auth::digest_hex(&key));
+    entry.sha256 = auth::digest_hex(&key);
+    println!("[[api_keys]]\nid = \"{}\"\nsha256 = \"{}\"", entry.id, entry.sha256);
     Ok(())
 }

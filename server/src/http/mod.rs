@@ -13,24 +13,23 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use flywheel_router::feedback::{FeedbackInput, Rating};
 use flywheel_router::{ChatEvent, Pipeline};
-use futures::{Stream, StreamExt};
-use serde_json::{Value, json};
+use futures::StreamExt;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiKeys, ClientKeyId};
 use error::ApiError;
-use openai::{ChatRequest, ChunkHead, ROUTED_MODEL};
+use openai::{ChatRequest, Chunks, ROUTED_MODEL};
 
 /// What the handlers share.
 pub struct HttpState {
@@ -98,7 +97,7 @@ async fn chat_completions(State(state): State<Arc<HttpState>>, request: Request)
         // Errors before the first token (invalid input, a rail, routing)
         // are a plain JSON error with its status; later ones an SSE event.
         match state.pipeline.stream(chat.query).await {
-            Ok(events) => sse(events, chat.model, chat.include_usage).into_response(),
+            Ok(events) => sse(events, chat.model, chat.include_usage),
             Err(e) => ApiError::from(&e).into_response(),
         }
     } else {
@@ -114,47 +113,45 @@ async fn chat_completions(State(state): State<Arc<HttpState>>, request: Request)
 pub const BODY_LIMIT: usize = 4 << 20;
 
 /// An answer stream as `chat.completion.chunk` events, then `[DONE]`. When
-/// the client goes away hyper drops this stream, which drops the pipeline's
+/// the client goes away hyper drops this body, which drops the pipeline's
 /// stream and cancels generation (logged as abandoned), as on gRPC.
-fn sse(
-    events: flywheel_router::ChatStream,
-    model: String,
-    include_usage: bool,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let mut head = ChunkHead {
-        id: String::new(),
-        created: openai::created(),
-        model,
-    };
-    let chunks = events.flat_map(move |event| {
-        let out: Vec<Value> = match event {
+fn sse(events: flywheel_router::ChatStream, model: String, include_usage: bool) -> Response {
+    let created = openai::created();
+    let mut chunks: Option<Chunks> = None;
+    let body = events.map(move |event| {
+        let bytes = match event {
             Ok(ChatEvent::Start {
                 request_id,
                 route,
                 expert_model_version,
                 citations,
             }) => {
-                head.id = request_id;
-                vec![head.start(openai::extension(&route, &expert_model_version, &citations))]
+                let c = Chunks::new(&request_id, created, &model);
+                let first = c.start(&openai::Extension::new(&route, &expert_model_version, &citations));
+                chunks = Some(c);
+                first
             }
-            Ok(ChatEvent::Delta(text)) => vec![head.delta(&text)],
+            // Every event after the first has its chunks.
+            Ok(ChatEvent::Delta(text)) => chunks.as_ref().map(|c| c.delta(&text)).unwrap_or_default(),
             Ok(ChatEvent::End {
                 usage,
                 timings,
                 finish_reason,
-            }) => {
-                let mut last = vec![head.end(&finish_reason, &timings)];
-                if include_usage {
-                    last.push(head.usage(usage));
-                }
-                last
-            }
-            Err(e) => vec![ApiError::from(&e).body()],
+            }) => match &chunks {
+                Some(c) if include_usage => [c.end(&finish_reason, &timings), c.usage(usage)].concat(),
+                Some(c) => c.end(&finish_reason, &timings),
+                None => Vec::new(),
+            },
+            Err(e) => format!("data: {}\n\n", ApiError::from(&e).body()).into_bytes(),
         };
-        futures::stream::iter(out.into_iter().map(|v| Ok(Event::default().data(v.to_string()))))
+        Ok::<_, Infallible>(Bytes::from(bytes))
     });
-    let done = futures::stream::once(async { Ok(Event::default().data("[DONE]")) });
-    Sse::new(chunks.chain(done))
+    let done = futures::stream::once(async { Ok(Bytes::from_static(openai::DONE.as_bytes())) });
+    (
+        [(CONTENT_TYPE, "text/event-stream"), (CACHE_CONTROL, "no-cache")],
+        Body::from_stream(body.chain(done)),
+    )
+        .into_response()
 }
 
 async fn models(State(state): State<Arc<HttpState>>) -> Response {

@@ -11,8 +11,9 @@ use flywheel_router::agents::expert::Overrides;
 use flywheel_router::engine::{ChatMessage, Role, Usage};
 use flywheel_router::retrieval::Passage;
 use flywheel_router::{ChatOutcome, Query, Timings};
+use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::error::ApiError;
 
@@ -286,48 +287,117 @@ pub fn finish_reason(reason: &str) -> &'static str {
     }
 }
 
-fn usage(u: Usage) -> Value {
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-    })
+/// Token counts as OpenAI reports them.
+#[derive(Serialize)]
+struct UsageOut {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u32,
 }
 
-fn route(d: &RouteDecision) -> Value {
-    json!({
-        "expert": d.expert,
-        "confidence": d.confidence,
-        "forced": d.forced,
-        "fallback": d.fallback,
-        "top_expert": d.top_expert,
-        "router_model_version": d.router_model_version,
-        "latency_ms": d.latency_ms,
-        "scores": d.scores.iter().map(|s| json!({"expert": s.expert, "probability": s.probability})).collect::<Vec<_>>(),
-    })
+impl From<Usage> for UsageOut {
+    fn from(u: Usage) -> Self {
+        Self {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
 }
 
-fn citations(passages: &[Passage]) -> Value {
-    passages
-        .iter()
-        .map(
-            |p| json!({"doc_id": p.doc_id, "title": p.title, "chunk_id": p.chunk_id, "score": p.score, "text": p.text}),
-        )
-        .collect()
+#[derive(Serialize)]
+struct ScoreOut<'a> {
+    expert: &'a str,
+    probability: f32,
 }
 
-fn timings(t: &Timings) -> Value {
-    json!({"ttft_ms": t.ttft_ms, "total_ms": t.total_ms, "route_ms": t.route_ms})
+#[derive(Serialize)]
+struct RouteOut<'a> {
+    expert: &'a str,
+    confidence: f32,
+    forced: bool,
+    fallback: bool,
+    top_expert: &'a str,
+    router_model_version: &'a str,
+    latency_ms: f64,
+    scores: Vec<ScoreOut<'a>>,
 }
 
-/// The `flywheel` extension of a response: who answered and from what.
-/// Standard clients ignore it.
-pub fn extension(d: &RouteDecision, expert_model_version: &str, passages: &[Passage]) -> Value {
-    json!({
-        "route": route(d),
-        "expert_model_version": expert_model_version,
-        "citations": citations(passages),
-    })
+#[derive(Serialize)]
+struct CitationOut<'a> {
+    doc_id: &'a str,
+    title: &'a str,
+    chunk_id: &'a str,
+    score: f32,
+    text: &'a str,
+}
+
+#[derive(Serialize)]
+struct TimingsOut {
+    ttft_ms: f64,
+    total_ms: f64,
+    route_ms: f64,
+}
+
+impl From<&Timings> for TimingsOut {
+    fn from(t: &Timings) -> Self {
+        Self {
+            ttft_ms: t.ttft_ms,
+            total_ms: t.total_ms,
+            route_ms: t.route_ms,
+        }
+    }
+}
+
+/// The `flywheel` extension of a response: who answered and from what
+/// (and, once it ended, why and how fast). Standard clients ignore it.
+#[derive(Serialize)]
+pub struct Extension<'a> {
+    route: RouteOut<'a>,
+    expert_model_version: &'a str,
+    citations: Vec<CitationOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    finish_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timings: Option<TimingsOut>,
+}
+
+impl<'a> Extension<'a> {
+    /// Who answers, as the answer starts.
+    pub fn new(d: &'a RouteDecision, expert_model_version: &'a str, passages: &'a [Passage]) -> Self {
+        Self {
+            route: RouteOut {
+                expert: &d.expert,
+                confidence: d.confidence,
+                forced: d.forced,
+                fallback: d.fallback,
+                top_expert: &d.top_expert,
+                router_model_version: &d.router_model_version,
+                latency_ms: d.latency_ms,
+                scores: d
+                    .scores
+                    .iter()
+                    .map(|s| ScoreOut {
+                        expert: &s.expert,
+                        probability: s.probability,
+                    })
+                    .collect(),
+            },
+            expert_model_version,
+            citations: passages
+                .iter()
+                .map(|p| CitationOut {
+                    doc_id: &p.doc_id,
+                    title: &p.title,
+                    chunk_id: &p.chunk_id,
+                    score: p.score,
+                    text: &p.text,
+                })
+                .collect(),
+            finish_reason: None,
+            timings: None,
+        }
+    }
 }
 
 /// Unix seconds now (OpenAI's `created`).
@@ -337,80 +407,158 @@ pub fn created() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+#[derive(Serialize)]
+struct MessageOut<'a> {
+    role: &'static str,
+    content: &'a str,
+    refusal: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct ChoiceOut<'a> {
+    index: u32,
+    message: MessageOut<'a>,
+    logprobs: Option<()>,
+    finish_reason: &'static str,
+}
+
+/// A whole answer: a `chat.completion` object.
+#[derive(Serialize)]
+pub struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'a str,
+    choices: [ChoiceOut<'a>; 1],
+    usage: UsageOut,
+    flywheel: Extension<'a>,
+}
+
 /// A whole answer as a `chat.completion` object.
-pub fn completion(model: &str, o: &ChatOutcome) -> Value {
-    let mut flywheel = extension(&o.route, &o.expert_model_version, &o.citations);
-    flywheel["finish_reason"] = json!(o.finish_reason);
-    flywheel["timings"] = timings(&o.timings);
-    json!({
-        "id": o.request_id,
-        "object": "chat.completion",
-        "created": created(),
-        "model": model,
-        "system_fingerprint": o.expert_model_version,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": o.answer, "refusal": null},
-            "logprobs": null,
-            "finish_reason": finish_reason(&o.finish_reason),
+pub fn completion<'a>(model: &'a str, o: &'a ChatOutcome) -> Completion<'a> {
+    let mut flywheel = Extension::new(&o.route, &o.expert_model_version, &o.citations);
+    flywheel.finish_reason = Some(&o.finish_reason);
+    flywheel.timings = Some((&o.timings).into());
+    Completion {
+        id: &o.request_id,
+        object: "chat.completion",
+        created: created(),
+        model,
+        system_fingerprint: &o.expert_model_version,
+        choices: [ChoiceOut {
+            index: 0,
+            message: MessageOut {
+                role: "assistant",
+                content: &o.answer,
+                refusal: None,
+            },
+            logprobs: None,
+            finish_reason: finish_reason(&o.finish_reason),
         }],
-        "usage": usage(o.usage),
-        "flywheel": flywheel,
-    })
+        usage: o.usage.into(),
+        flywheel,
+    }
 }
 
-/// The fields every chunk of one answer shares.
+/// The server-sent events of one answer, as bytes: `data: <chunk>\n\n`.
+///
+/// Every chunk shares its opening fields (id, object, created, model), so
+/// they are written once, when the answer starts; each chunk is that
+/// prefix and its own fields serialized straight into one buffer, with no
+/// JSON tree built per token.
 #[derive(Debug, Clone)]
-pub struct ChunkHead {
-    /// The request id.
-    pub id: String,
-    /// `created`, fixed for the whole stream.
-    pub created: u64,
-    /// The model asked for.
-    pub model: String,
+pub struct Chunks {
+    /// `data: {"id":...,"object":"chat.completion.chunk","created":...,"model":...,`
+    prefix: String,
 }
 
-impl ChunkHead {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        })
+/// The SSE event that ends a stream.
+pub const DONE: &str = "data: [DONE]\n\n";
+
+/// Append `value` as JSON (it serializes infallibly: strings, numbers, structs of them).
+fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.extend_from_slice(b"null");
+    }
+}
+
+impl Chunks {
+    /// The chunks of answer `id` to a request for `model`.
+    pub fn new(id: &str, created: u64, model: &str) -> Self {
+        let mut prefix = Vec::with_capacity(128);
+        prefix.extend_from_slice(b"data: {\"id\":");
+        write_json(&mut prefix, id);
+        prefix.extend_from_slice(
+            format!(",\"object\":\"chat.completion.chunk\",\"created\":{created},\"model\":").as_bytes(),
+        );
+        write_json(&mut prefix, model);
+        prefix.push(b',');
+        Self {
+            prefix: String::from_utf8(prefix).unwrap_or_default(),
+        }
+    }
+
+    /// One event: the shared fields, `fields` (raw JSON members), `value`, and the close.
+    fn event<T: Serialize + ?Sized>(&self, fields: &[u8], value: &T, extra: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.prefix.len() + fields.len() + extra + 8);
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(fields);
+        write_json(&mut out, value);
+        out.extend_from_slice(b"}\n\n");
+        out
     }
 
     /// The first chunk: the assistant role, and who answers.
-    pub fn start(&self, flywheel: Value) -> Value {
-        let mut c =
-            self.chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]));
-        c["flywheel"] = flywheel;
-        c
+    pub fn start(&self, flywheel: &Extension<'_>) -> Vec<u8> {
+        self.event(
+            br#""choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}],"flywheel":"#,
+            flywheel,
+            512,
+        )
     }
 
     /// A piece of the answer.
-    pub fn delta(&self, text: &str) -> Value {
-        self.chunk(json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]))
+    pub fn delta(&self, text: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.prefix.len() + text.len() + 96);
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.extend_from_slice(br#""choices":[{"index":0,"delta":{"content":"#);
+        write_json(&mut out, text);
+        out.extend_from_slice(b"},\"finish_reason\":null}]}\n\n");
+        out
     }
 
     /// The last chunk with a choice: why the answer ended.
-    pub fn end(&self, reason: &str, t: &Timings) -> Value {
-        let mut c = self.chunk(json!([{"index": 0, "delta": {}, "finish_reason": finish_reason(reason)}]));
-        c["flywheel"] = json!({"finish_reason": reason, "timings": timings(t)});
-        c
+    pub fn end(&self, reason: &str, t: &Timings) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct End<'a> {
+            finish_reason: &'a str,
+            timings: TimingsOut,
+        }
+        let fields = format!(
+            r#""choices":[{{"index":0,"delta":{{}},"finish_reason":"{}"}}],"flywheel":"#,
+            finish_reason(reason)
+        );
+        self.event(
+            fields.as_bytes(),
+            &End {
+                finish_reason: reason,
+                timings: t.into(),
+            },
+            128,
+        )
     }
 
     /// The usage chunk (`stream_options.include_usage`): no choices.
-    pub fn usage(&self, u: Usage) -> Value {
-        let mut c = self.chunk(json!([]));
-        c["usage"] = usage(u);
-        c
+    pub fn usage(&self, u: Usage) -> Vec<u8> {
+        self.event(br#""choices":[],"usage":"#, &UsageOut::from(u), 96)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     fn parse(body: Value) -> Result<ChatRequest, ApiError> {
@@ -511,5 +659,44 @@ mod tests {
                 .message
                 .contains("JSON object")
         );
+    }
+
+    #[test]
+    fn every_chunk_is_one_json_object_with_the_shared_fields() {
+        let chunks = Chunks::new("req-1", 7, "hr");
+        let t = Timings::default();
+        let u = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 2,
+        };
+        let route = RouteDecision::forced("hr");
+        let events = [
+            chunks.start(&Extension::new(&route, "v1", &[])),
+            chunks.delta("a \"quoted\"\nline"),
+            chunks.end("refused", &t),
+            chunks.usage(u),
+        ];
+        let parsed: Vec<Value> = events
+            .iter()
+            .map(|e| {
+                let e = std::str::from_utf8(e).unwrap();
+                let data = e.strip_prefix("data: ").and_then(|d| d.strip_suffix("\n\n")).unwrap();
+                serde_json::from_str(data).unwrap()
+            })
+            .collect();
+        for c in &parsed {
+            assert_eq!((c["id"].as_str(), c["created"].as_u64()), (Some("req-1"), Some(7)));
+            assert_eq!(
+                (c["object"].as_str(), c["model"].as_str()),
+                (Some("chat.completion.chunk"), Some("hr"))
+            );
+        }
+        assert_eq!(parsed[0]["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(parsed[0]["flywheel"]["route"]["expert"], "hr");
+        assert_eq!(parsed[0]["flywheel"]["route"]["forced"], true);
+        assert_eq!(parsed[1]["choices"][0]["delta"]["content"], "a \"quoted\"\nline");
+        assert_eq!(parsed[2]["choices"][0]["finish_reason"], "content_filter");
+        assert_eq!(parsed[3]["usage"]["total_tokens"], 5);
+        assert_eq!(parsed[3]["choices"], json!([]));
     }
 }
