@@ -130,4 +130,39 @@ async fn the_openai_python_client_works_against_the_real_model() {
     assert_eq!(history.status, "cancelled", "{history:?}");
     let kinds: Vec<&str> = history.feedback.iter().map(|f| f.kind.as_str()).collect();
     assert_eq!(kinds, ["abandoned"]);
+
+    // The README's example, as written there.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let example = readme
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains("from openai import OpenAI"))
+        .expect("a Python block with `from openai import OpenAI` in the README");
+    assert!(
+        example.contains("http://127.0.0.1:8080/v1"),
+        "the example's address changed"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("example.py");
+    let http = server.http_addr.unwrap().to_string();
+    std::fs::write(&script, example.replace("127.0.0.1:8080", &http)).unwrap();
+    let openai = common::python_package("openai", OPENAI, "openai");
+    let stdout = tokio::task::spawn_blocking(move || {
+        common::python(
+            &[script.to_str().unwrap()],
+            std::path::Path::new("."),
+            openai.to_str().unwrap(),
+            Duration::from_secs(300),
+        )
+    })
+    .await
+    .unwrap();
+    let last = stdout.lines().last().unwrap_or_default();
+    let expert = last
+        .strip_prefix("answered by ")
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or_else(|| panic!("no route line: {stdout}"));
+    assert!(experts.contains(&expert.to_string()), "{stdout}");
 }
