@@ -495,14 +495,8 @@ fn python(args: &[&str], cwd: &std::path::Path, pythonpath: &str) -> String {
 #[tokio::test]
 async fn the_readme_python_client_works_against_the_server() {
     let server = common::real_server();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let example = readme
-        .split("```python\n")
-        .skip(1)
-        .filter_map(|rest| rest.split("```").next())
-        .find(|block| block.contains("import grpc"))
-        .expect("a Python block with `import grpc` in the README");
+    let root = common::workspace_root();
+    let example = common::readme_python_block("import grpc");
     let protoc: Vec<&str> = example
         .lines()
         .next()

@@ -132,14 +132,7 @@ async fn the_openai_python_client_works_against_the_real_model() {
     assert_eq!(kinds, ["abandoned"]);
 
     // The README's example, as written there.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    let example = readme
-        .split("```python\n")
-        .skip(1)
-        .filter_map(|rest| rest.split("```").next())
-        .find(|block| block.contains("from openai import OpenAI"))
-        .expect("a Python block with `from openai import OpenAI` in the README");
+    let example = common::readme_python_block("from openai import OpenAI");
     assert!(
         example.contains("http://127.0.0.1:8080/v1"),
         "the example's address changed"

@@ -328,3 +328,20 @@ pub fn python(args: &[&str], cwd: &std::path::Path, pythonpath: &str, limit: std
     );
     stdout
 }
+
+/// The workspace root (where the README is).
+pub fn workspace_root() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The README's first Python code block containing `marker`, as written there.
+pub fn readme_python_block(marker: &str) -> String {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    readme
+        .split("```python\n")
+        .skip(1)
+        .filter_map(|rest| rest.split("```").next())
+        .find(|block| block.contains(marker))
+        .unwrap_or_else(|| panic!("a Python block with `{marker}` in the README"))
+        .to_string()
+}
