@@ -256,10 +256,15 @@ impl App {
         health.set_serving::<RouterServer<RouterService>>().await;
         health.set_serving::<AdminServer<AdminService>>().await;
         health.set_serving::<FeedbackServer<FeedbackService>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Reflection in both versions: grpcurl and Postman speak v1, Python's
+        // grpcio-reflection and older tools v1alpha.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(flywheel_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_v1alpha = reflection_builder().build_v1alpha()?;
         let stop_accepting = CancellationToken::new();
         let keys = ApiKeys::new(&self.config.api_keys);
         if keys.enabled() {
@@ -287,6 +292,7 @@ impl App {
             .trace_fn(crate::telemetry::request_span)
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_v1alpha)
             // With keys, Chat, Router and Feedback check them; without, they
             // are served as they are (no interceptor on the hot path).
             .add_optional_service(open.then(|| ChatServer::new(ChatService::new(self.pipeline.clone()))))

@@ -249,33 +249,41 @@ async fn health_reports_serving_and_reflection_lists_the_api() {
         assert_eq!(r.status, ServingStatus::Serving as i32, "service `{service}`");
     }
 
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let mut reflection = ServerReflectionClient::new(server.channel().await);
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut responses = reflection
-        .server_reflection_info(futures::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
-        panic!("no service list")
-    };
-    let services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for name in [
-        "flywheel.v1.Chat",
-        "flywheel.v1.Router",
-        "flywheel.v1.Admin",
-        "flywheel.v1.Feedback",
-        "grpc.health.v1.Health",
-    ] {
-        assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+    // Both reflection versions list the API (grpcurl speaks v1, Python's
+    // grpcio-reflection v1alpha).
+    macro_rules! services {
+        ($v:ident) => {{
+            use tonic_reflection::pb::$v::ServerReflectionRequest;
+            use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+            use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+            use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+            let mut reflection = ServerReflectionClient::new(server.channel().await);
+            let request = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let mut responses = reflection
+                .server_reflection_info(futures::stream::iter([request]))
+                .await
+                .unwrap()
+                .into_inner();
+            let response = responses.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+                panic!("no service list")
+            };
+            list.service.into_iter().map(|s| s.name).collect::<Vec<String>>()
+        }};
+    }
+    for services in [services!(v1), services!(v1alpha)] {
+        for name in [
+            "flywheel.v1.Chat",
+            "flywheel.v1.Router",
+            "flywheel.v1.Admin",
+            "flywheel.v1.Feedback",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(services.iter().any(|s| s == name), "{name} missing from {services:?}");
+        }
     }
 }
 
