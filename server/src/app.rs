@@ -277,8 +277,8 @@ impl App {
                 "no client API keys configured: Chat, Router and Feedback are open to anyone who can reach the server"
             );
         }
-        let open = !keys.enabled();
         let guarded = keys.enabled().then(|| GrpcAuth(keys.clone()));
+        let open = guarded.is_none();
         let http = match http_listener {
             Some(l) => {
                 let http_addr = l.local_addr()?;

@@ -126,7 +126,7 @@ impl Engine for StubEngine {
             finish = FinishReason::Length;
         }
         if !params.stop.is_empty() {
-            stop_at_first(&mut deltas, &params.stop, &mut finish);
+            apply_stops(&mut deltas, &params.stop, &mut finish);
         }
         let n = deltas.len();
         let delay = self.per_token_delay;
@@ -192,7 +192,7 @@ impl Engine for StubEngine {
 
 /// Pass `deltas` through the answer's stop strings, as a model's stop
 /// strings end its answer.
-fn stop_at_first(deltas: &mut Vec<String>, stop: &[String], finish: &mut FinishReason) {
+fn apply_stops(deltas: &mut Vec<String>, stop: &[String], finish: &mut FinishReason) {
     let Some(mut filter) = super::stop::StopFilter::new(stop) else {
         return;
     };
