@@ -78,7 +78,7 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     paged_attention: PagedAttention,
     /// Tokens the paged KV cache holds.
-    #[arg(long, default_value_t = flywheel_router::engine::paged::DEFAULT_PAGED_KV_TOKENS)]
+    #[arg(long, default_value_t = flywheel_router::config::paged::DEFAULT_PAGED_KV_TOKENS)]
     paged_kv_tokens: usize,
     /// Write the report as JSON here.
     #[arg(long)]

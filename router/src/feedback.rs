@@ -153,7 +153,7 @@ impl FeedbackRecord {
         Self {
             feedback_id: uuid::Uuid::now_v7().to_string(),
             request_id: request_id.into(),
-            created_at_ms: crate::log::unix_ms(std::time::SystemTime::now()),
+            created_at_ms: crate::clock::unix_ms(std::time::SystemTime::now()),
             kind,
             rating: None,
             corrected_expert: None,
@@ -179,47 +179,13 @@ pub fn latest_explicit(rows: &[FeedbackRecord]) -> Option<&FeedbackRecord> {
     latest(rows, FeedbackKind::Explicit)
 }
 
-/// Settings of feedback handling.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FeedbackSpec {
-    /// A near-duplicate query from the same session within this many
-    /// seconds after an answer counts as a rephrase of it.
-    pub rephrase_window_s: u64,
-    /// Jaccard similarity (character 3-grams) from which two queries count
-    /// as near-duplicates for rephrase detection.
-    pub rephrase_similarity: f64,
-    /// Sessions remembered for rephrase detection; the oldest are forgotten.
-    pub max_sessions: usize,
-    /// Longest accepted comment, in characters.
-    pub max_comment_chars: usize,
-}
+pub use crate::config::{
+    DEFAULT_MAX_COMMENT_CHARS, DEFAULT_MAX_SESSIONS, DEFAULT_REPHRASE_SIMILARITY, DEFAULT_REPHRASE_WINDOW_S, FeedbackSpec,
+};
 
-/// Rephrasings come quickly: two minutes covers reading a short answer and
-/// retyping the question.
-pub const DEFAULT_REPHRASE_WINDOW_S: u64 = 120;
-/// Character 3-gram Jaccard of a light rewording ("how do I reset my
-/// password" / "how can I reset my password?") is ~0.5-0.7; unrelated
-/// queries sit below 0.2.
-pub const DEFAULT_REPHRASE_SIMILARITY: f64 = 0.45;
 /// Shingle size for rephrase detection: 3-grams, since rewordings of short
 /// queries share few longer runs.
 pub const REPHRASE_SHINGLE: usize = 3;
-/// Sessions tracked at once (each costs one query text in memory).
-pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
-/// Comment length cap.
-pub const DEFAULT_MAX_COMMENT_CHARS: usize = 4000;
-
-impl Default for FeedbackSpec {
-    fn default() -> Self {
-        Self {
-            rephrase_window_s: DEFAULT_REPHRASE_WINDOW_S,
-            rephrase_similarity: DEFAULT_REPHRASE_SIMILARITY,
-            max_sessions: DEFAULT_MAX_SESSIONS,
-            max_comment_chars: DEFAULT_MAX_COMMENT_CHARS,
-        }
-    }
-}
 
 #[derive(Debug)]
 struct LastAnswer {

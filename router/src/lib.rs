@@ -28,6 +28,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agents;
+pub mod clock;
 pub mod config;
 pub mod cycles;
 pub mod device;

@@ -576,7 +576,7 @@ mod tests {
 
     #[test]
     fn paged_attention_defaults_to_auto_and_on_needs_a_device_that_can_be_a_gpu() {
-        use flywheel_router::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
+        use flywheel_router::config::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
         let model = |extra: &str| format!("[models.smollm2]\npath = \"m.gguf\"\n{extra}");
         let c = Config::from_toml(&model("")).unwrap();
         let m = &c.settings.models["smollm2"];

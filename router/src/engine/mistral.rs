@@ -51,9 +51,10 @@ use super::{
     ChatMessage, Engine, EngineError, FinishReason, GenerateParams, GenerationEvent, GenerationSummary, LabelScores,
     LabelSet, TokenStream, Usage,
 };
+pub use crate::config::model::{Activations, Weights};
 use crate::config::{DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS_CPU};
 
-pub use super::paged::PagedAttention;
+pub use crate::config::paged::PagedAttention;
 pub use crate::device::DeviceChoice;
 
 /// mistral.rs 0.8.1 warns on every CPU load that the "device mapping
@@ -70,85 +71,15 @@ pub fn is_false_alarm(meta: &tracing::Metadata<'_>) -> bool {
         && meta.line() == Some(407)
 }
 
-/// Number type of the activations and the KV cache around the quantized
-/// weights (`[models.*] activations`).
-///
-/// `f32` (the default) adds no conversions: candle's quantized matrix
-/// products take and return f32, so with bf16 or f16 every attention block
-/// converts q, k, v and its output (four extra operations per block, each a
-/// kernel launch on a GPU). On two CPU cores f32 routes and prefills ~10%
-/// faster than bf16 (`flywheel-bench engine`). `auto` is mistral.rs's
-/// choice: bf16 where the device multiplies it, else f16, else f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Activations {
-    /// 32-bit floats.
-    #[default]
-    F32,
-    /// bfloat16.
-    Bf16,
-    /// IEEE half precision.
-    F16,
-    /// mistral.rs decides per device.
-    Auto,
-}
-
-impl Activations {
-    fn model_dtype(self) -> ModelDType {
-        match self {
-            Self::F32 => ModelDType::F32,
-            Self::Bf16 => ModelDType::BF16,
-            Self::F16 => ModelDType::F16,
-            Self::Auto => ModelDType::Auto,
-        }
+/// mistral.rs's name for an activation type.
+fn model_dtype(a: Activations) -> ModelDType {
+    match a {
+        Activations::F32 => ModelDType::F32,
+        Activations::Bf16 => ModelDType::BF16,
+        Activations::F16 => ModelDType::F16,
+        Activations::Auto => ModelDType::Auto,
     }
 }
-
-named_setting!(Activations, "activation type", "use f32, bf16, f16 or auto", {
-    F32 => "f32",
-    Bf16 => "bf16",
-    F16 => "f16",
-    Auto => "auto",
-});
-
-/// What the engine multiplies with (`[models.*] weights`).
-///
-/// mistral.rs runs a GGUF file's quantized tensors with candle's quantized
-/// products: on the CPU, a dot product per output element over 8-bit
-/// activations, which decodes fast (batch 1 reads the fewest bytes) but
-/// prefills slowly; f32 tensors go through a blocked matrix product instead.
-/// Measured on two CPU cores with SmolLM2-135M (`flywheel-bench engine
-/// --weights stored|f32`): prefill 84 -> 193 tok/s, decode 38.6 -> 10-13
-/// tok/s. A router engine only runs prompt steps, so `auto` gives routers an
-/// exact f32 copy of the file (written to the temporary folder for the load
-/// and deleted after it; ~4x the Q8_0 size in memory) and answer engines the
-/// file as stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Weights {
-    /// f32 for router engines, as stored for the others.
-    #[default]
-    Auto,
-    /// The file's tensors as they are.
-    Stored,
-    /// Every tensor dequantized to f32 at load.
-    F32,
-}
-
-impl Weights {
-    /// Whether an engine (a router one when `router`) loads an f32 copy.
-    pub fn dequantize(self, router: bool) -> bool {
-        match self {
-            Self::Auto => router,
-            Self::Stored => false,
-            Self::F32 => true,
-        }
-    }
-}
-
-named_setting!(Weights, "weights setting", "use auto, stored or f32", {
-    Auto => "auto",
-    Stored => "stored",
-    F32 => "f32",
-});
 
 /// How to load a GGUF model.
 #[derive(Debug, Clone)]
@@ -170,7 +101,7 @@ pub struct MistralOptions {
     pub weights: Weights,
     /// This engine makes route decisions (see the module docs).
     pub router: bool,
-    /// Paged attention for a generation engine on a GPU (see [`super::paged`]).
+    /// Paged attention for a generation engine on a GPU (see [`crate::config::paged`]).
     pub paged_attention: PagedAttention,
     /// Tokens the paged KV cache holds, all sequences together.
     pub paged_kv_tokens: usize,
@@ -188,7 +119,7 @@ impl MistralOptions {
             weights: Weights::Auto,
             router,
             paged_attention: PagedAttention::Auto,
-            paged_kv_tokens: super::paged::DEFAULT_PAGED_KV_TOKENS,
+            paged_kv_tokens: crate::config::paged::DEFAULT_PAGED_KV_TOKENS,
         }
     }
 }
@@ -233,7 +164,7 @@ pub struct MistralEngine {
     /// a slot before it is sent to mistral.rs and frees it at its first
     /// sampled token.
     prefill: Option<Arc<tokio::sync::Semaphore>>,
-    /// Runs mistral.rs's paged attention (see [`super::paged`]).
+    /// Runs mistral.rs's paged attention (see [`crate::config::paged`]).
     paged: bool,
     /// Loaded from an f32 copy of the file ([`Weights`]).
     f32_weights: bool,
@@ -363,7 +294,7 @@ impl MistralEngine {
             .load_model_from_hf(
                 None,
                 TokenSource::None,
-                &opts.activations.model_dtype(),
+                &model_dtype(opts.activations),
                 &device,
                 true,
                 DeviceMapSetting::dummy(),

@@ -6,59 +6,8 @@
 //! mistral.rs; another backend or a mistral.rs version bump is one adapter.
 //! [`labels`] holds the backend-independent label-scoring math.
 
-/// The string forms of a settings enum of unit variants, one list of names for
-/// the config, the command line and serde: `name()`, `Display`, `FromStr`
-/// (trimmed, any case; `$hint` after "unknown $what `...`: " on a miss) and
-/// serde through those.
-macro_rules! named_setting {
-    ($ty:ident, $what:literal, $hint:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
-        impl $ty {
-            const ALL: &'static [Self] = &[$(Self::$variant),+];
-
-            /// The name used in the config and on the command line.
-            fn name(self) -> &'static str {
-                match self {
-                    $(Self::$variant => $name),+
-                }
-            }
-        }
-
-        impl std::fmt::Display for $ty {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.name())
-            }
-        }
-
-        impl std::str::FromStr for $ty {
-            type Err = String;
-
-            fn from_str(s: &str) -> Result<Self, Self::Err> {
-                let t = s.trim();
-                Self::ALL
-                    .iter()
-                    .copied()
-                    .find(|v| v.name().eq_ignore_ascii_case(t))
-                    .ok_or_else(|| format!(concat!("unknown ", $what, " `{}`: ", $hint), s))
-            }
-        }
-
-        impl serde::Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(self.name())
-            }
-        }
-
-        impl<'de> serde::Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
 pub mod labels;
 pub mod mistral;
-pub mod paged;
 pub mod seeded;
 pub mod stop;
 pub mod stub;

@@ -19,7 +19,7 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::OptionalExtension;
 use serde::{Deserialize, Serialize};
@@ -129,10 +129,7 @@ pub struct RequestRecord {
     pub finish_reason: Option<String>,
 }
 
-/// Unix time in milliseconds.
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
+pub use crate::clock::unix_ms;
 
 /// Counters of the log, shared with the writer.
 #[derive(Debug, Default)]

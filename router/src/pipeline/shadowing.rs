@@ -16,7 +16,7 @@ use crate::agents::RouteDecision;
 use crate::engine::{ChatMessage, GenerateParams, GenerationEvent};
 use crate::error::PipelineError;
 use crate::feedback::latest_explicit;
-use crate::log::unix_ms;
+use crate::clock::unix_ms;
 use crate::observe::{Observer, ShadowOutcome};
 use crate::registry::ROUTER_SLOT;
 use crate::shadow::{Admission, SHADOW_DEADLINE, Shadow, ShadowRecord, ShadowReport, percentile};

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 use super::Pipeline;
 use crate::error::PipelineError;
 use crate::feedback::latest_explicit;
-use crate::log::unix_ms;
+use crate::clock::unix_ms;
 use crate::registry::{ROUTER_SLOT, ServedModel};
 use crate::shadow::percentile;
 use crate::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};

@@ -8,10 +8,7 @@ use std::path::{Path, PathBuf};
 use pulldown_cmark::{Event, HeadingLevel, Parser, Tag, TagEnd};
 use serde::{Deserialize, Serialize};
 
-/// Default largest chunk, in characters (~200 tokens).
-pub const DEFAULT_CHUNK_CHARS: usize = 800;
-/// Default overlap between consecutive chunks of one long section.
-pub const DEFAULT_OVERLAP_CHARS: usize = 160;
+pub use crate::config::retrieval::{DEFAULT_CHUNK_CHARS, DEFAULT_OVERLAP_CHARS};
 
 /// A section: its heading path and its paragraphs.
 #[derive(Debug, Clone, PartialEq)]

@@ -329,7 +329,7 @@ impl Inner {
             set.experts.insert(s.expert.clone(), (index, s.top_k));
         }
         set.stats.build_ms = started.elapsed().as_secs_f64() * 1e3;
-        set.stats.built_at_unix_ms = crate::log::unix_ms(std::time::SystemTime::now());
+        set.stats.built_at_unix_ms = crate::clock::unix_ms(std::time::SystemTime::now());
         Ok(set)
     }
 

@@ -4,43 +4,13 @@
 
 use std::collections::HashMap;
 
-use serde::{Deserialize, Serialize};
 use tantivy::collector::TopDocs;
 use tantivy::query::QueryParser;
 use tantivy::schema::{IndexRecordOption, STORED, Schema, TextFieldIndexing, TextOptions, Value};
 use tantivy::{Index, IndexReader, TantivyDocument, doc};
 
 use super::chunk::Chunk;
-
-/// RRF's rank constant (Cormack et al. 2009): ranks past ~60 add little.
-pub const DEFAULT_RRF_K: f32 = 60.0;
-
-/// Which retriever answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Lexical only.
-    Bm25,
-    /// Embeddings only.
-    Dense,
-    /// Both, fused by reciprocal rank.
-    #[default]
-    Hybrid,
-}
-
-impl Mode {
-    /// All modes, for evaluations.
-    pub const ALL: [Mode; 3] = [Mode::Bm25, Mode::Dense, Mode::Hybrid];
-
-    /// Its name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Bm25 => "bm25",
-            Mode::Dense => "dense",
-            Mode::Hybrid => "hybrid",
-        }
-    }
-}
+pub use crate::config::retrieval::{DEFAULT_RRF_K, Mode};
 
 /// Errors building or querying an index.
 #[derive(Debug, thiserror::Error)]

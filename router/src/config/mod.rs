@@ -10,10 +10,68 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::mistral::{Activations, DeviceChoice, Weights};
-use crate::engine::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
-use crate::feedback::FeedbackSpec;
 use crate::guardrails::rails::RailsSpec;
+
+/// The string forms of a settings enum of unit variants, one list of names for
+/// the config, the command line and serde: `name()`, `Display`, `FromStr`
+/// (trimmed, any case; `$hint` after "unknown $what `...`: " on a miss) and
+/// serde through those.
+macro_rules! named_setting {
+    ($ty:ident, $what:literal, $hint:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The name used in the config and on the command line.
+            fn name(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let t = s.trim();
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.name().eq_ignore_ascii_case(t))
+                    .ok_or_else(|| format!(concat!("unknown ", $what, " `{}`: ", $hint), s))
+            }
+        }
+
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+pub mod model;
+pub mod paged;
+pub mod retrieval;
+
+pub use model::{
+    Activations, DEFAULT_MAX_NUM_SEQS, DEFAULT_MAX_NUM_SEQS_CPU, DEFAULT_PREFIX_CACHE_N, DeviceChoice,
+    MIN_PAGED_KV_TOKENS, ModelSpec, Weights,
+};
+pub use paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
+pub use retrieval::RetrievalSpec;
 
 /// Default model: SmolLM2-135M-Instruct re-quantized to Q8_0 by `scripts/fetch-model.sh`.
 pub const DEFAULT_MODEL_PATH: &str = "models/smollm2-135m-instruct-q8_0.gguf";
@@ -50,22 +108,6 @@ pub const DEFAULT_LOG_BATCH: usize = 128;
 /// Records queued for the log writer before submitters fall back to a
 /// blocking hand-off on the blocking pool (never dropped).
 pub const DEFAULT_LOG_QUEUE: usize = 16_384;
-/// Answers a generation engine with paged attention (GPU) runs at once, and
-/// the fewest sequences mistral.rs's default scheduler takes (label scoring
-/// passes run beside the answers).
-pub const DEFAULT_MAX_NUM_SEQS: usize = 32;
-/// Answers a generation engine on mistral.rs's default scheduler (the CPU)
-/// runs at once. That scheduler decodes together only sequences of equal
-/// length and lets a shorter one catch up alone; on 2 cores, three streams
-/// on 32 answers at once finished 4 answers in 40 s where one at a time
-/// finished 12 (1.8 vs 4.9 output tok/s; eight streams: 4 vs 11 answers).
-pub const DEFAULT_MAX_NUM_SEQS_CPU: usize = 1;
-/// Finished sequences kept in mistral.rs's prefix cache by generation
-/// engines. Off: in mistral.rs 0.8.1 that cache never evicts on CPU, so it
-/// grows with every answer. The router engine caches its prompt prefix
-/// regardless (see `engine::mistral`).
-pub const DEFAULT_PREFIX_CACHE_N: usize = 0;
-
 /// Errors in the settings, each saying what to fix.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -84,71 +126,6 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
         key: key.into(),
         reason: reason.into(),
     }
-}
-
-/// A model file and how to run it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// GGUF file.
-    pub path: PathBuf,
-    /// Version label recorded in the log; defaults to the file name without extension.
-    #[serde(default)]
-    pub version: Option<String>,
-    /// Answers a generation engine runs at once, batched together; more wait
-    /// in the engine until one ends (a waiting request costs nothing when its
-    /// client goes away). Unset: [`DEFAULT_MAX_NUM_SEQS`] with paged
-    /// attention (GPU), [`DEFAULT_MAX_NUM_SEQS_CPU`] without (the CPU).
-    #[serde(default)]
-    pub max_num_seqs: Option<usize>,
-    /// Prefix-cache entries of generation engines (0 = off; see
-    /// [`DEFAULT_PREFIX_CACHE_N`]).
-    #[serde(default = "default_prefix_cache_n")]
-    pub prefix_cache_n: usize,
-    /// Device: `cpu` (default), `auto`, `cuda` or `cuda:N`.
-    #[serde(default = "default_device")]
-    pub device: DeviceChoice,
-    /// Activation and KV-cache type: `f32` (default), `bf16`, `f16` or `auto`.
-    #[serde(default)]
-    pub activations: Activations,
-    /// Weights: `auto` (default: an f32 copy for the router engine, whose
-    /// decisions are prompt steps only; as stored for answer engines),
-    /// `stored` or `f32` (see [`Weights`]).
-    #[serde(default)]
-    pub weights: Weights,
-    /// Paged attention for the entry's generation engine: `auto` (default:
-    /// on where the model runs on a GPU), `on` or `off` (see
-    /// [`crate::engine::paged`]).
-    #[serde(default)]
-    pub paged_attention: PagedAttention,
-    /// Tokens the paged KV cache holds, all running sequences together
-    /// (GPU memory: tokens x layers x 2 x KV width x activation size).
-    #[serde(default = "default_paged_kv_tokens")]
-    pub paged_kv_tokens: usize,
-}
-
-/// Smallest `paged_kv_tokens`: one long prompt.
-pub const MIN_PAGED_KV_TOKENS: usize = 2048;
-
-impl ModelSpec {
-    /// The version label of this model.
-    pub fn version_label(&self) -> String {
-        self.version.clone().unwrap_or_else(|| {
-            self.path
-                .file_stem()
-                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-        })
-    }
-}
-
-fn default_prefix_cache_n() -> usize {
-    DEFAULT_PREFIX_CACHE_N
-}
-fn default_paged_kv_tokens() -> usize {
-    DEFAULT_PAGED_KV_TOKENS
-}
-fn default_device() -> DeviceChoice {
-    DeviceChoice::Cpu
 }
 
 /// The router agent.
@@ -199,43 +176,6 @@ pub struct ExpertSpec {
 
 fn default_top_k() -> usize {
     DEFAULT_TOP_K
-}
-
-/// `[retrieval]`: how the experts' corpora are chunked, searched and fused.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrievalSpec {
-    /// `bm25`, `dense` or `hybrid` (reciprocal rank fusion of both).
-    pub mode: crate::retrieval::Mode,
-    /// Candidates each retriever ranks before fusion.
-    pub candidates: usize,
-    /// RRF rank constant.
-    pub rrf_k: f32,
-    /// Token budget of the passages put into an expert's prompt.
-    pub max_context_tokens: usize,
-    /// Largest chunk in characters.
-    pub chunk_chars: usize,
-    /// Overlap between consecutive chunks of a long section, in characters.
-    pub overlap_chars: usize,
-    /// Sentence embedder (default: the jailbreak rail's, `rails.jailbreak.embedder_dir`).
-    pub embedder_dir: Option<PathBuf>,
-    /// Cache of chunk embeddings, keyed by content.
-    pub cache_dir: PathBuf,
-}
-
-impl Default for RetrievalSpec {
-    fn default() -> Self {
-        Self {
-            mode: crate::retrieval::Mode::Hybrid,
-            candidates: DEFAULT_RETRIEVAL_CANDIDATES,
-            rrf_k: crate::retrieval::index::DEFAULT_RRF_K,
-            max_context_tokens: DEFAULT_MAX_CONTEXT_TOKENS,
-            chunk_chars: crate::retrieval::chunk::DEFAULT_CHUNK_CHARS,
-            overlap_chars: crate::retrieval::chunk::DEFAULT_OVERLAP_CHARS,
-            embedder_dir: None,
-            cache_dir: PathBuf::from("var/index"),
-        }
-    }
 }
 
 fn default_model_name() -> String {
@@ -295,6 +235,45 @@ impl Default for LogSpec {
             batch_size: DEFAULT_LOG_BATCH,
             queue_capacity: DEFAULT_LOG_QUEUE,
             persist: true,
+        }
+    }
+}
+
+/// Settings of feedback handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackSpec {
+    /// A near-duplicate query from the same session within this many
+    /// seconds after an answer counts as a rephrase of it.
+    pub rephrase_window_s: u64,
+    /// Jaccard similarity (character 3-grams) from which two queries count
+    /// as near-duplicates for rephrase detection.
+    pub rephrase_similarity: f64,
+    /// Sessions remembered for rephrase detection; the oldest are forgotten.
+    pub max_sessions: usize,
+    /// Longest accepted comment, in characters.
+    pub max_comment_chars: usize,
+}
+
+/// Rephrasings come quickly: two minutes covers reading a short answer and
+/// retyping the question.
+pub const DEFAULT_REPHRASE_WINDOW_S: u64 = 120;
+/// Character 3-gram Jaccard of a light rewording ("how do I reset my
+/// password" / "how can I reset my password?") is ~0.5-0.7; unrelated
+/// queries sit below 0.2.
+pub const DEFAULT_REPHRASE_SIMILARITY: f64 = 0.45;
+/// Sessions tracked at once (each costs one query text in memory).
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
+/// Comment length cap.
+pub const DEFAULT_MAX_COMMENT_CHARS: usize = 4000;
+
+impl Default for FeedbackSpec {
+    fn default() -> Self {
+        Self {
+            rephrase_window_s: DEFAULT_REPHRASE_WINDOW_S,
+            rephrase_similarity: DEFAULT_REPHRASE_SIMILARITY,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            max_comment_chars: DEFAULT_MAX_COMMENT_CHARS,
         }
     }
 }
