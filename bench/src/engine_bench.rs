@@ -18,8 +18,8 @@ use flywheel_router::engine::mistral::{
     Activations, DeviceChoice, MistralEngine, MistralOptions, PagedAttention, Weights,
 };
 use flywheel_router::engine::{ChatMessage, Engine, GenerateParams, GenerationEvent};
-use flywheel_router::registry::{ServedModel, Slot};
-use flywheel_router::task::{TrainedTask, read_task};
+use flywheel_router::models::slots::{ServedModel, Slot};
+use flywheel_router::models::task::{TrainedTask, read_task};
 use futures::StreamExt;
 use serde::Serialize;
 

@@ -13,7 +13,7 @@ use std::time::Instant;
 use flywheel_router::agents::{ExpertScore, RouteDecision};
 use flywheel_router::config::LogSpec;
 use flywheel_router::guardrails::RailVerdict;
-use flywheel_router::log::{RequestLog, RequestRecord, RetrievedRef};
+use flywheel_router::data::log::{RequestLog, RequestRecord, RetrievedRef};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
@@ -64,7 +64,7 @@ const QUERIES: &[&str] = &[
 const EXPERTS: &[&str] = &["hr", "it", "finance", "product", "general"];
 
 fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
-    let now = flywheel_router::log::unix_ms(std::time::SystemTime::now());
+    let now = flywheel_router::data::log::unix_ms(std::time::SystemTime::now());
     let scores: Vec<ExpertScore> = EXPERTS
         .iter()
         .map(|e| ExpertScore {
@@ -253,7 +253,7 @@ mod tests {
             assert!(p["records_per_second"].as_f64().unwrap() > 0.0);
         }
         // Warm-up (one chunk) + both phases, each id distinct, chat rows complete.
-        let reader = flywheel_router::log::LogReader::open(&db).unwrap();
+        let reader = flywheel_router::data::log::LogReader::open(&db).unwrap();
         assert_eq!(reader.count().unwrap(), 64 + 600);
         let chat = reader.recent(1).unwrap().pop().unwrap();
         assert_eq!(chat.kind, "stream");

@@ -8,9 +8,9 @@
 use crate::engine::EngineError;
 use crate::guardrails::Blocked;
 use crate::guardrails::rails::RailsError;
-use crate::log::LogError;
+use crate::data::log::LogError;
 use crate::retrieval::RetrievalError;
-use crate::store::StoreError;
+use crate::models::store::StoreError;
 
 /// Why a request did not succeed.
 #[derive(Debug, thiserror::Error)]

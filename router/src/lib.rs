@@ -30,24 +30,18 @@
 pub mod agents;
 pub mod clock;
 pub mod config;
-pub mod cycles;
+pub mod data;
 pub mod device;
 pub mod embed;
 pub mod engine;
 pub mod error;
-pub mod feedback;
 pub mod guardrails;
-pub mod log;
 pub mod model_prep;
+pub mod models;
 pub mod observe;
 pub mod pipeline;
-pub mod registry;
 pub mod retrieval;
-pub mod shadow;
-pub mod similarity;
-pub mod split;
-pub mod store;
-pub mod task;
+pub mod trials;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 

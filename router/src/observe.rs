@@ -5,7 +5,7 @@
 //! to the log (so metrics and the log always agree), and
 //! [`Observer::inter_token`] sees each gap between two streamed deltas.
 
-use crate::log::RequestRecord;
+use crate::data::log::RequestRecord;
 
 /// Receives pipeline events; implementations must be cheap and non-blocking.
 pub trait Observer: Send + Sync {

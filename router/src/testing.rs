@@ -5,9 +5,9 @@ use std::time::SystemTime;
 
 use crate::config::EngineSettings;
 use crate::engine::stub::StubEngine;
-use crate::log::RequestLog;
+use crate::data::log::RequestLog;
 use crate::pipeline::Pipeline;
-use crate::registry::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
+use crate::models::slots::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
 
 /// A served model on the stub engine.
 pub fn stub_model(version: &str) -> ServedModel {

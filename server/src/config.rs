@@ -150,7 +150,7 @@ struct FileConfig {
     experts: Option<Vec<ExpertSpec>>,
     limits: Option<LimitsSpec>,
     log: Option<LogSpec>,
-    feedback: Option<flywheel_router::feedback::FeedbackSpec>,
+    feedback: Option<flywheel_router::data::feedback::FeedbackSpec>,
     rails: Option<flywheel_router::guardrails::rails::RailsSpec>,
     retrieval: Option<flywheel_router::config::RetrievalSpec>,
 }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use bytes::Bytes;
 use flywheel_router::Pipeline;
-use flywheel_router::log::RequestRecord;
+use flywheel_router::data::log::RequestRecord;
 use flywheel_router::observe::{Observer, ShadowOutcome};
 use http_body_util::Full;
 use hyper::service::service_fn;

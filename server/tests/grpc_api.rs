@@ -449,7 +449,7 @@ async fn feedback_joins_requests_by_id_keeps_history_and_rejects_bad_input() {
     assert_eq!(newest.reviewer_id.as_deref(), Some("sme-7"));
 
     // Both live in the log file, joined by request id.
-    let reader = flywheel_router::log::LogReader::open(&server.log_path).unwrap();
+    let reader = flywheel_router::data::log::LogReader::open(&server.log_path).unwrap();
     assert_eq!(reader.feedback_for(id).unwrap().len(), 2);
 }
 

@@ -112,7 +112,7 @@ async fn shadow_runs_are_counted_by_outcome() {
     use flywheel_proto::v1 as pb;
     const TOKEN: &str = "metrics-test-admin-token-42";
     let dir = tempfile::tempdir().unwrap();
-    let store = flywheel_router::store::ModelStore::open(dir.path().join("registry")).unwrap();
+    let store = flywheel_router::models::store::ModelStore::open(dir.path().join("registry")).unwrap();
     common::register_stub(&store, dir.path(), "cand", &[]);
     // Hangs after the router warm-up's two calls: holds its one permit.
     let hang = gguf_file::Value::String("hang:2".into());
@@ -120,7 +120,7 @@ async fn shadow_runs_are_counted_by_outcome() {
         &store,
         dir.path(),
         "hanging",
-        &[(flywheel_router::registry::STUB_FAULT_KEY, hang)],
+        &[(flywheel_router::engine::stub::STUB_FAULT_KEY, hang)],
     );
     let (server, metrics) = common::start_with_metrics(common::stub_config(store.root(), Some(TOKEN)));
     let mut admin = server.admin().await;

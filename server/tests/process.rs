@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use flywheel_proto::v1::router_client::RouterClient;
 use flywheel_proto::v1::{ChatRequest, RouteRequest};
-use flywheel_router::log::LogReader;
+use flywheel_router::data::log::LogReader;
 use flywheel_server::Config;
 use flywheel_server::config::EngineKind;
 use tonic::Code;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
 use flywheel_proto::v1::chat_stream_message::Event;
-use flywheel_router::store::ModelStore;
+use flywheel_router::models::store::ModelStore;
 use flywheel_server::{Config, config::EngineKind};
 use tonic::Code;
 
@@ -29,11 +29,11 @@ fn write_model(path: &Path, name: &str, labels: Option<&[&str]>) {
     let extra: Vec<(&str, gguf_file::Value)> = match labels {
         Some(l) => vec![
             (
-                flywheel_router::task::SYSTEM_PROMPT_KEY,
+                flywheel_router::models::task::SYSTEM_PROMPT_KEY,
                 gguf_file::Value::String("Reply with the label.".into()),
             ),
             (
-                flywheel_router::task::LABELS_KEY,
+                flywheel_router::models::task::LABELS_KEY,
                 gguf_file::Value::Array(l.iter().map(|s| gguf_file::Value::String((*s).into())).collect()),
             ),
         ],
@@ -287,7 +287,7 @@ async fn a_restarted_server_serves_the_last_promoted_version() {
 
 #[tokio::test]
 async fn list_cycles_serves_the_journal_records_newest_first() {
-    use flywheel_router::cycles::{CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
+    use flywheel_router::data::journal::{CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("registry");
     ModelStore::open(&registry).unwrap();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
-use flywheel_router::store::ModelStore;
+use flywheel_router::models::store::ModelStore;
 use tonic::Code;
 
 const TOKEN: &str = "shadow-test-admin-token-42";
@@ -29,7 +29,7 @@ fn setup() -> Setup {
         let extra: Vec<(&str, gguf_file::Value)> = fault
             .map(|f| {
                 (
-                    flywheel_router::registry::STUB_FAULT_KEY,
+                    flywheel_router::engine::stub::STUB_FAULT_KEY,
                     gguf_file::Value::String(f.into()),
                 )
             })

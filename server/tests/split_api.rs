@@ -8,7 +8,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use flywheel_proto::v1 as pb;
-use flywheel_router::store::ModelStore;
+use flywheel_router::models::store::ModelStore;
 use tonic::Code;
 
 const TOKEN: &str = "split-test-admin-token-77";

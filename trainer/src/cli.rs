@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use flywheel_router::config::EngineSettings;
-use flywheel_router::feedback::FeedbackKind;
-use flywheel_router::registry::EngineLoader;
-use flywheel_router::registry::MistralLoader;
+use flywheel_router::data::feedback::FeedbackKind;
+use flywheel_router::engine::EngineLoader;
+use flywheel_router::engine::mistral::MistralLoader;
 use serde::Deserialize;
 
 use crate::curate::judge::{Judge, JudgeMode};
@@ -180,7 +180,7 @@ impl CurateArgs {
         if self.keep_pii {
             spec.drop_pii = false;
         }
-        let now = flywheel_router::log::unix_ms(std::time::SystemTime::now());
+        let now = flywheel_router::data::log::unix_ms(std::time::SystemTime::now());
         Ok(CurateOptions {
             log: self.log.clone(),
             out: self.out.clone(),

@@ -3,7 +3,7 @@
 //! incumbent on the frozen test split, gate, promote), once or on a cadence.
 //!
 //! Every cycle has a record in the registry's journal
-//! ([`flywheel_router::cycles`]), written at each stage and readable through
+//! ([`flywheel_router::data::journal`]), written at each stage and readable through
 //! `Admin.ListCycles`. One cycle runs at a time (an OS file lock in the
 //! registry). A cycle that dies keeps its record `running`; the next cycle
 //! resumes it from the first stage not done (curation of the same log window,
@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use flywheel_router::cycles::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
-use flywheel_router::log::{LogReader, unix_ms};
+use flywheel_router::data::journal::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
+use flywheel_router::data::log::{LogReader, unix_ms};
 
 use crate::curate::select::Filters;
 use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};

@@ -16,7 +16,8 @@ use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{EngineSettings, ExpertSpec, ModelSpec, RouterSpec};
 use flywheel_router::device::DeviceChoice;
-use flywheel_router::registry::{MistralLoader, ServedModel, Slot};
+use flywheel_router::engine::mistral::MistralLoader;
+use flywheel_router::models::slots::{ServedModel, Slot};
 use serde::{Deserialize, Serialize};
 
 use crate::curate::dataset::{Columns, Example, LabelSource, read_examples_with};
@@ -324,7 +325,7 @@ pub fn manifest_version(model: &Path) -> Option<String> {
 pub fn label_space(test_labels: &[String], models: &[&Path]) -> anyhow::Result<Vec<String>> {
     let mut labels = test_labels.to_vec();
     for m in models {
-        if let Some(task) = flywheel_router::task::read_task(m)? {
+        if let Some(task) = flywheel_router::models::task::read_task(m)? {
             labels.extend(task.labels);
         }
     }

@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
             let records = cycle::run(&args).await?;
             let failed = records
                 .iter()
-                .filter(|r| r.status == flywheel_router::cycles::CycleStatus::Failed)
+                .filter(|r| r.status == flywheel_router::data::journal::CycleStatus::Failed)
                 .count();
             anyhow::ensure!(failed == 0, "{failed} cycle(s) failed; see Admin.ListCycles");
             Ok(())

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use flywheel_proto::v1 as pb;
 use flywheel_proto::v1::admin_client::AdminClient;
-use flywheel_router::store::ModelStore;
+use flywheel_router::models::store::ModelStore;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{self, Comparison, ModelReport};

@@ -181,7 +181,7 @@ fn train_resumes_after_interruption_and_eval_measures_the_output() {
     );
     assert!(out.join("adapter/adapter_config.json").is_file());
     assert!(out.join("adapter/adapter_model.safetensors").is_file());
-    let task = flywheel_router::task::read_task(&out.join("model.gguf"))
+    let task = flywheel_router::models::task::read_task(&out.join("model.gguf"))
         .unwrap()
         .unwrap();
     assert_eq!(task.labels, vec!["alarm", "weather"]);

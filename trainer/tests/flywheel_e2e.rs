@@ -13,7 +13,7 @@ mod common;
 
 use std::path::Path;
 
-use flywheel_router::cycles::{CycleJournal, CycleStatus};
+use flywheel_router::data::journal::{CycleJournal, CycleStatus};
 use flywheel_trainer::demo::report::DemoReport;
 use flywheel_trainer::demo::traffic::HWU64_TRAFFIC;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::config::ExpertSpec;
 use crate::engine::{ChatMessage, GenerateParams, Role};
-use crate::registry::{ServedModel, Slot};
+use crate::models::slots::{ServedModel, Slot};
 use crate::retrieval::Passage;
 
 /// One expert agent.

@@ -1,10 +1,10 @@
 //! The agents: the router that picks an expert, and the experts that answer.
 //!
-//! Both take their model from a [`crate::registry::Slot`] per call and only
+//! Both take their model from a [`crate::models::slots::Slot`] per call and only
 //! build prompts and interpret results; the engine runs the model.
 
 pub mod expert;
-pub mod router;
+pub mod routing;
 
 pub use expert::ExpertAgent;
-pub use router::{ExpertScore, RouteDecision, RouterAgent};
+pub use routing::{ExpertScore, RouteDecision, RouterAgent};

@@ -212,3 +212,21 @@ pub trait Engine: Send + Sync + 'static {
     /// Any failure means the model is not fit to serve.
     async fn warm_up(&self, messages: &[ChatMessage]) -> Result<(), EngineError>;
 }
+
+/// Loads engines for model entries (mistral.rs in production; tests may
+/// supply another implementation).
+#[async_trait]
+pub trait EngineLoader: Send + Sync {
+    /// Load the model described by `spec`; `router` when it will make route
+    /// decisions rather than generate answers.
+    ///
+    /// # Errors
+    /// When the file is missing or the backend cannot load it.
+    async fn load(&self, spec: &crate::config::ModelSpec, router: bool) -> Result<std::sync::Arc<dyn Engine>, EngineError>;
+
+    /// Whether the model file must exist (false for engines that run without one).
+    fn requires_file(&self) -> bool {
+        true
+    }
+}
+

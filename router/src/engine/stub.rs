@@ -216,6 +216,51 @@ fn apply_stops(deltas: &mut Vec<String>, stop: &[String], finish: &mut FinishRea
     *deltas = out;
 }
 
+/// GGUF metadata key through which a test makes a stub model misbehave:
+/// `fail:N` or `hang:N` (after its first N calls).
+pub const STUB_FAULT_KEY: &str = "flywheel.stub.fault";
+
+fn stub_fault(path: &std::path::Path) -> Option<String> {
+    let file = std::fs::File::open(path).ok()?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::BufReader::new(file)).ok()?;
+    content.metadata.get(STUB_FAULT_KEY)?.to_string().ok().cloned()
+}
+
+/// Serves every model entry with the model-free stub engine (only when asked
+/// for explicitly, e.g. `flywheel-server --engine stub`).
+#[derive(Debug, Default, Clone)]
+pub struct StubLoader {
+    /// Delay before each streamed token.
+    pub per_token_delay: std::time::Duration,
+    /// Sign every streamed word with the model's version (hot-swap tests).
+    pub sign_tokens: bool,
+}
+
+#[async_trait]
+impl super::EngineLoader for StubLoader {
+    async fn load(&self, spec: &crate::config::ModelSpec, _router: bool) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
+        let mut engine = if self.sign_tokens {
+            StubEngine::signed(self.per_token_delay, spec.version_label())
+        } else {
+            StubEngine::new(self.per_token_delay)
+        };
+        // Tests inject faults through the model file's metadata.
+        if let Some(m) = stub_fault(&spec.path) {
+            let (kind, after) = m.split_once(':').unwrap_or((m.as_str(), "0"));
+            let after = after.parse().unwrap_or(0);
+            match kind {
+                "fail" => engine = engine.misbehaving(Misbehaviour::FailAfter(after)),
+                "hang" => engine = engine.misbehaving(Misbehaviour::HangAfter(after)),
+                _ => {}
+            }
+        }
+        Ok(std::sync::Arc::new(engine))
+    }
+
+    fn requires_file(&self) -> bool {
+        false
+    }
+}
 #[cfg(test)]
 mod tests {
     use futures::StreamExt;

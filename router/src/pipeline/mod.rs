@@ -29,13 +29,13 @@ use crate::agents::{ExpertAgent, RouteDecision, RouterAgent};
 use crate::config::{EngineSettings, LimitsSpec};
 use crate::engine::{ChatMessage, EngineError, FinishReason, GenerationEvent, Usage};
 use crate::error::PipelineError;
-use crate::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec, Rating, SessionTracker};
+use crate::data::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, FeedbackSpec, Rating, SessionTracker};
 use crate::guardrails::rails::{RailSet, RailsSpec, TopicPolicy};
 use crate::guardrails::{RailRejection, RailVerdict, Rails};
 use crate::clock::unix_ms;
-use crate::log::{RequestLog, RequestRecord, RetrievedRef};
+use crate::data::log::{RequestLog, RequestRecord, RetrievedRef};
 use crate::observe::{NoObserver, Observer};
-use crate::registry::{ModelRegistry, ROUTER_SLOT, expert_slot};
+use crate::models::slots::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::retrieval::{IndexStats, NoRetrieval, Passage, Retriever};
 use live::{LiveGuard, LiveRequests};
 
@@ -186,8 +186,8 @@ pub struct Pipeline {
     sessions: Arc<SessionTracker>,
     observer: Arc<dyn Observer>,
     promotion: promotion::Promotion,
-    shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::shadow::Shadow>>>,
-    splits: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::split::Split>>>,
+    shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::trials::shadow::Shadow>>>,
+    splits: arc_swap::ArcSwap<BTreeMap<String, Arc<crate::trials::split::Split>>>,
     live: LiveRequests,
 }
 
@@ -703,7 +703,7 @@ impl Pipeline {
         self.log.flush().await?;
         let log = self.log.clone();
         let id = request_id.to_string();
-        let read = tokio::task::spawn_blocking(move || -> Result<_, crate::log::LogError> {
+        let read = tokio::task::spawn_blocking(move || -> Result<_, crate::data::log::LogError> {
             let reader = log.reader()?;
             Ok(match reader.get(&id)? {
                 Some(record) => Some((record, reader.feedback_for(&id)?)),
@@ -711,7 +711,7 @@ impl Pipeline {
             })
         })
         .await
-        .map_err(|_| crate::log::LogError::Closed)??;
+        .map_err(|_| crate::data::log::LogError::Closed)??;
         read.ok_or_else(|| PipelineError::UnknownRequest {
             request_id: request_id.to_string(),
         })
@@ -720,11 +720,11 @@ impl Pipeline {
     async fn request_logged(&self, request_id: &str) -> Result<bool, PipelineError> {
         let log = self.log.clone();
         let id = request_id.to_string();
-        let found = tokio::task::spawn_blocking(move || -> Result<bool, crate::log::LogError> {
+        let found = tokio::task::spawn_blocking(move || -> Result<bool, crate::data::log::LogError> {
             Ok(log.reader()?.get(&id)?.is_some())
         })
         .await
-        .map_err(|_| crate::log::LogError::Closed)??;
+        .map_err(|_| crate::data::log::LogError::Closed)??;
         Ok(found)
     }
 
@@ -955,7 +955,7 @@ impl Producer {
         start_event: ChatEvent,
         mut tokens: crate::engine::TokenStream,
         _permit: OwnedSemaphorePermit,
-        _model: Arc<crate::registry::ServedModel>,
+        _model: Arc<crate::models::slots::ServedModel>,
     ) {
         // `_permit` and `_model` live until the answer ends: admission counts
         // the request, and a hot-swap cannot free the model under it.
@@ -1338,7 +1338,7 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(crate::feedback::latest_explicit(&rows), Some(&last));
+        assert_eq!(crate::data::feedback::latest_explicit(&rows), Some(&last));
     }
 
     #[tokio::test]

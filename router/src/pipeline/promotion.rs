@@ -14,8 +14,9 @@ use std::time::Instant;
 use super::Pipeline;
 use crate::config::ModelSpec;
 use crate::error::PipelineError;
-use crate::registry::{EngineLoader, ROUTER_SLOT, ServedModel, Slot};
-use crate::store::{Binding, ModelStore};
+use crate::engine::EngineLoader;
+use crate::models::slots::{ROUTER_SLOT, ServedModel, Slot};
+use crate::models::store::{Binding, ModelStore};
 
 /// Promotion state of a pipeline.
 #[derive(Default)]
@@ -70,9 +71,9 @@ impl Pipeline {
     ///
     /// # Errors
     /// No registry, or unreadable records.
-    pub fn cycles(&self, limit: usize) -> Result<Vec<crate::cycles::CycleRecord>, PipelineError> {
+    pub fn cycles(&self, limit: usize) -> Result<Vec<crate::data::journal::CycleRecord>, PipelineError> {
         let store = self.model_store().ok_or(PipelineError::NoModelStore)?;
-        let Some(journal) = crate::cycles::CycleJournal::existing(store.root()) else {
+        let Some(journal) = crate::data::journal::CycleJournal::existing(store.root()) else {
             return Ok(Vec::new());
         };
         let mut all = journal.list()?;
@@ -150,7 +151,7 @@ impl Pipeline {
             let expert = self
                 .experts
                 .values()
-                .find(|e| crate::registry::expert_slot(e.name()) == slot.name());
+                .find(|e| crate::models::slots::expert_slot(e.name()) == slot.name());
             let prompt = match expert {
                 Some(e) => e.prompt("hello", &[]),
                 None => vec![crate::engine::ChatMessage::user("hello")],

@@ -1,4 +1,4 @@
-//! Shadow runs wired into the pipeline (see [`crate::shadow`] for the rules).
+//! Shadow runs wired into the pipeline (see [`crate::trials::shadow`] for the rules).
 //!
 //! The router slot's candidate makes its own route decision for a mirrored
 //! request; an expert slot's candidate generates the whole answer from the
@@ -15,12 +15,12 @@ use super::Pipeline;
 use crate::agents::RouteDecision;
 use crate::engine::{ChatMessage, GenerateParams, GenerationEvent};
 use crate::error::PipelineError;
-use crate::feedback::latest_explicit;
+use crate::data::feedback::latest_explicit;
 use crate::clock::unix_ms;
 use crate::observe::{Observer, ShadowOutcome};
-use crate::registry::ROUTER_SLOT;
-use crate::shadow::{Admission, SHADOW_DEADLINE, Shadow, ShadowRecord, ShadowReport, percentile};
-use crate::store::Binding;
+use crate::models::slots::ROUTER_SLOT;
+use crate::trials::shadow::{Admission, SHADOW_DEADLINE, Shadow, ShadowRecord, ShadowReport, percentile};
+use crate::models::store::Binding;
 
 impl Pipeline {
     /// Mirror `fraction` of live requests to `version` (from the model
@@ -118,10 +118,10 @@ impl Pipeline {
                     answers.insert(r.request_id.clone(), rec.answer.unwrap_or_default());
                 }
             }
-            Ok::<_, crate::log::LogError>((records, labels, answers))
+            Ok::<_, crate::data::log::LogError>((records, labels, answers))
         })
         .await
-        .map_err(|_| PipelineError::Log(crate::log::LogError::Closed))??;
+        .map_err(|_| PipelineError::Log(crate::data::log::LogError::Closed))??;
         let live_of = |r: &ShadowRecord| -> String {
             if routing {
                 r.live_output.clone()
@@ -241,7 +241,7 @@ impl Pipeline {
         prompt: &[ChatMessage],
         params: &GenerateParams,
     ) {
-        let slot = crate::registry::expert_slot(expert);
+        let slot = crate::models::slots::expert_slot(expert);
         let Some(shadow) = self.shadow_of(&slot) else { return };
         let Some(permit) = self.admit_shadow(&shadow, request_id) else {
             return;
@@ -290,7 +290,7 @@ impl Pipeline {
 #[allow(clippy::too_many_arguments)]
 fn finish(
     shadow: &Shadow,
-    log: &crate::log::RequestLog,
+    log: &crate::data::log::RequestLog,
     observer: &dyn Observer,
     request_id: String,
     live_version: String,

@@ -1,4 +1,4 @@
-//! A/B splits wired into the pipeline (see [`crate::split`]).
+//! A/B splits wired into the pipeline (see [`crate::trials::split`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -6,12 +6,12 @@ use std::time::SystemTime;
 
 use super::Pipeline;
 use crate::error::PipelineError;
-use crate::feedback::latest_explicit;
+use crate::data::feedback::latest_explicit;
 use crate::clock::unix_ms;
-use crate::registry::{ROUTER_SLOT, ServedModel};
-use crate::shadow::percentile;
-use crate::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};
-use crate::store::Binding;
+use crate::models::slots::{ROUTER_SLOT, ServedModel};
+use crate::trials::shadow::percentile;
+use crate::trials::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};
+use crate::models::store::Binding;
 
 impl Pipeline {
     /// Split `slot`'s live traffic between versions (from the model registry)
@@ -129,10 +129,10 @@ impl Pipeline {
                         .then(|| tokens.iter().sum::<f64>() / tokens.len() as f64),
                 });
             }
-            Ok::<_, crate::log::LogError>(out)
+            Ok::<_, crate::data::log::LogError>(out)
         })
         .await
-        .map_err(|_| PipelineError::Log(crate::log::LogError::Closed))??;
+        .map_err(|_| PipelineError::Log(crate::data::log::LogError::Closed))??;
         let mut report = SplitReport {
             slot: slot.to_string(),
             arms,

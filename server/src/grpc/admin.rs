@@ -131,7 +131,7 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let concurrency = match r.max_concurrency {
-            0 => flywheel_router::shadow::DEFAULT_SHADOW_CONCURRENCY,
+            0 => flywheel_router::trials::shadow::DEFAULT_SHADOW_CONCURRENCY,
             n => n as usize,
         };
         let report = self
@@ -219,7 +219,7 @@ impl pb::admin_server::Admin for AdminService {
         if let Some(id) = &request.id {
             cycles.retain(|c| &c.id == id);
             if cycles.is_empty() {
-                let missing = flywheel_router::store::StoreError::UnknownCycle(id.clone());
+                let missing = flywheel_router::models::store::StoreError::UnknownCycle(id.clone());
                 return Err(to_status(&missing.into()));
             }
         }

@@ -4,10 +4,10 @@ use flywheel_proto::v1 as pb;
 use flywheel_router::agents::RouteDecision;
 use flywheel_router::agents::expert::Overrides;
 use flywheel_router::engine::Usage;
-use flywheel_router::feedback::{FeedbackInput, FeedbackRecord, Rating};
-use flywheel_router::log::RequestRecord;
-use flywheel_router::log::unix_ms;
-use flywheel_router::registry::Slot;
+use flywheel_router::data::feedback::{FeedbackInput, FeedbackRecord, Rating};
+use flywheel_router::data::log::RequestRecord;
+use flywheel_router::data::log::unix_ms;
+use flywheel_router::models::slots::Slot;
 use flywheel_router::{ChatEvent, Query, Timings};
 
 /// A chat request as a pipeline query.
@@ -120,7 +120,7 @@ pub fn swap(r: &flywheel_router::pipeline::SwapReport) -> pb::SwapResponse {
 }
 
 /// A shadow report.
-pub fn shadow(r: &flywheel_router::shadow::ShadowReport) -> pb::ShadowReport {
+pub fn shadow(r: &flywheel_router::trials::shadow::ShadowReport) -> pb::ShadowReport {
     pb::ShadowReport {
         slot: r.slot.clone(),
         version: r.version.clone(),
@@ -142,7 +142,7 @@ pub fn shadow(r: &flywheel_router::shadow::ShadowReport) -> pb::ShadowReport {
 }
 
 /// An A/B split report.
-pub fn split(r: &flywheel_router::split::SplitReport) -> pb::SplitReport {
+pub fn split(r: &flywheel_router::trials::split::SplitReport) -> pb::SplitReport {
     pb::SplitReport {
         slot: r.slot.clone(),
         arms: r
@@ -240,7 +240,7 @@ pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec) -> Strin
 }
 
 /// A flywheel cycle record.
-pub fn cycle(c: &flywheel_router::cycles::CycleRecord) -> pb::Cycle {
+pub fn cycle(c: &flywheel_router::data::journal::CycleRecord) -> pb::Cycle {
     let metrics = c.metrics.as_ref();
     let dataset = c.dataset.as_ref();
     pb::Cycle {

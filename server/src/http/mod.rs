@@ -20,7 +20,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
-use flywheel_router::feedback::{FeedbackInput, Rating};
+use flywheel_router::data::feedback::{FeedbackInput, Rating};
 use flywheel_router::{ChatEvent, Pipeline};
 use futures::StreamExt;
 use serde_json::json;

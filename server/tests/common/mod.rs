@@ -65,7 +65,7 @@ impl TestServer {
     }
 
     /// The log record of `request_id`, after committing everything queued.
-    pub async fn record(&self, request_id: &str) -> flywheel_router::log::RequestRecord {
+    pub async fn record(&self, request_id: &str) -> flywheel_router::data::log::RequestRecord {
         self.pipeline.log().flush().await.unwrap();
         let reader = self.pipeline.log().reader().unwrap();
         reader
@@ -75,7 +75,7 @@ impl TestServer {
     }
 
     /// Records whose query is exactly `query`.
-    pub async fn records_with_query(&self, query: &str) -> Vec<flywheel_router::log::RequestRecord> {
+    pub async fn records_with_query(&self, query: &str) -> Vec<flywheel_router::data::log::RequestRecord> {
         self.pipeline.log().flush().await.unwrap();
         let reader = self.pipeline.log().reader().unwrap();
         reader
@@ -191,7 +191,7 @@ pub fn write_stub_model(
 
 /// Write a stub model for `version` in `dir` and add it to `store`.
 pub fn register_stub(
-    store: &flywheel_router::store::ModelStore,
+    store: &flywheel_router::models::store::ModelStore,
     dir: &std::path::Path,
     version: &str,
     extra: &[(&str, candle_core::quantized::gguf_file::Value)],

@@ -69,7 +69,7 @@ pub enum CurateError {
     },
     /// The request log failed.
     #[error("request log")]
-    Log(#[from] flywheel_router::log::LogError),
+    Log(#[from] flywheel_router::data::log::LogError),
     /// Parquet encoding failed.
     #[error("parquet")]
     Parquet(#[from] parquet::errors::ParquetError),
@@ -143,7 +143,7 @@ impl Default for CurationSpec {
             val_fraction: 0.0,
             seed: DEFAULT_SEED,
             near_dup_threshold: DEFAULT_NEAR_DUP_THRESHOLD,
-            shingle: flywheel_router::similarity::DEFAULT_SHINGLE,
+            shingle: flywheel_router::data::similarity::DEFAULT_SHINGLE,
             drop_pii: true,
             min_judge_score: DEFAULT_MIN_JUDGE_SCORE,
             chat_system_prompt: DEFAULT_CHAT_SYSTEM_PROMPT.into(),
@@ -349,7 +349,7 @@ async fn attribute(
         routed_expert: c.routed_expert().unwrap_or_default().to_string(),
         router_confidence: c.record.route.as_ref().map(|r| r.confidence),
         reason: reason.into(),
-        comment: flywheel_router::feedback::latest_explicit(&c.feedback).and_then(|f| f.comment.clone()),
+        comment: flywheel_router::data::feedback::latest_explicit(&c.feedback).and_then(|f| f.comment.clone()),
         ..ReviewItem::default()
     };
     let Some(judge) = judge else {
@@ -508,7 +508,7 @@ pub async fn run(opts: &CurateOptions, judge: Option<&Judge>) -> Result<Manifest
         })
     };
     let manifest = Manifest {
-        created_at_ms: flywheel_router::log::unix_ms(std::time::SystemTime::now()),
+        created_at_ms: flywheel_router::data::log::unix_ms(std::time::SystemTime::now()),
         tool_version: env!("CARGO_PKG_VERSION").into(),
         log: opts.log.clone(),
         imports: opts.imports.clone(),

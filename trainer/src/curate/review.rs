@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use flywheel_router::feedback::{FeedbackKind, FeedbackRecord};
-use flywheel_router::log::{LogReader, append_feedback};
+use flywheel_router::data::feedback::{FeedbackKind, FeedbackRecord};
+use flywheel_router::data::log::{LogReader, append_feedback};
 use serde::{Deserialize, Serialize};
 
 use super::{CurateError, io};

@@ -14,8 +14,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use flywheel_router::feedback::{FeedbackKind, FeedbackRecord, latest, latest_explicit};
-use flywheel_router::log::{LogReader, RequestRecord};
+use flywheel_router::data::feedback::{FeedbackKind, FeedbackRecord, latest, latest_explicit};
+use flywheel_router::data::log::{LogReader, RequestRecord};
 use serde::{Deserialize, Serialize};
 
 use super::CurateError;
@@ -145,7 +145,7 @@ pub fn decide(c: &Candidate) -> Decision {
 #[cfg(test)]
 mod tests {
     use flywheel_router::agents::RouteDecision;
-    use flywheel_router::feedback::Rating;
+    use flywheel_router::data::feedback::Rating;
 
     use super::*;
 

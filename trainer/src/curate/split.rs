@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use flywheel_router::similarity::{NearDupIndex, normalize};
+use flywheel_router::data::similarity::{NearDupIndex, normalize};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flywheel_proto::v1 as pb;
 use flywheel_proto::v1::admin_client::AdminClient;
-use flywheel_router::cycles::CycleStatus;
+use flywheel_router::data::journal::CycleStatus;
 use flywheel_router::device::DeviceChoice;
 use flywheel_server::{App, Config};
 use indicatif::{ProgressBar, ProgressStyle};

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use flywheel_router::cycles::CycleRecord;
+use flywheel_router::data::journal::CycleRecord;
 use serde::{Deserialize, Serialize};
 
 use super::replay::{BackgroundStats, FeedbackStats, Replay};

@@ -19,7 +19,7 @@ use std::path::Path;
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use flywheel_router::model_prep::write_gguf;
-use flywheel_router::task::{LABELS_KEY, SYSTEM_PROMPT_KEY};
+use flywheel_router::models::task::{LABELS_KEY, SYSTEM_PROMPT_KEY};
 
 use super::llama::{Llama, Originals, Target, Weight};
 use super::train::Hyper;

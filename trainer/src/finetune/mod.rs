@@ -632,7 +632,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             .version
             .clone()
             .unwrap_or_else(|| format!("ft-{}", &model_sha256[..12])),
-        created_unix_ms: flywheel_router::log::unix_ms(std::time::SystemTime::now()),
+        created_unix_ms: flywheel_router::data::log::unix_ms(std::time::SystemTime::now()),
         base: BaseInfo {
             path: args.base.display().to_string(),
             sha256: base_sha,

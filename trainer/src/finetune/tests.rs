@@ -195,7 +195,7 @@ fn merged_gguf_reads_back_with_the_trained_logits_and_prunes_blocks() {
     assert_eq!(merged.blocks.len(), 2, "pruned to the kept blocks");
     assert!(!c2.tensor_infos.contains_key("blk.2.attn_q.weight"));
     assert_eq!(c2.metadata["tokenizer.chat_template"].to_string().unwrap(), "kept");
-    let back = flywheel_router::task::read_task(&out).unwrap().unwrap();
+    let back = flywheel_router::models::task::read_task(&out).unwrap().unwrap();
     assert_eq!(back.labels, task.labels);
     let tokens = Tensor::new(&[[1u32, 5, 2, 11]], &Device::Cpu).unwrap();
     let a = model.next_token_logits(&tokens).unwrap();

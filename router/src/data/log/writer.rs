@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use super::{LogError, LogStats, RequestRecord};
 use crate::agents::RouteDecision;
-use crate::feedback::{FeedbackKind, FeedbackRecord, Rating};
-use crate::shadow::ShadowRecord;
+use crate::data::feedback::{FeedbackKind, FeedbackRecord, Rating};
+use super::ShadowRecord;
 
 enum Command {
     Record(Box<RequestRecord>),

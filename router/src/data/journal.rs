@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{StoreError, io, write_atomic};
+use crate::models::store::{StoreError, io, write_atomic};
 
 /// Folder of the records inside the registry.
 pub const CYCLES_DIR: &str = "cycles";

@@ -19,7 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::registry::ServedModel;
+use crate::models::slots::ServedModel;
 
 /// Shadow runs of a slot at once, by default: a shadow borrows spare CPU and
 /// must not take it from live requests.
@@ -27,32 +27,8 @@ pub const DEFAULT_SHADOW_CONCURRENCY: usize = 2;
 /// Deadline of one shadow run.
 pub const SHADOW_DEADLINE: Duration = Duration::from_secs(60);
 
-/// One shadow run, as logged (table `shadow`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShadowRecord {
-    /// The live request.
-    pub request_id: String,
-    /// Slot shadowed.
-    pub slot: String,
-    /// Candidate version.
-    pub version: String,
-    /// Version that served the live request.
-    pub live_version: String,
-    /// Live output (expert name, or answer text).
-    pub live_output: String,
-    /// Candidate output (`None` when it failed).
-    pub output: Option<String>,
-    /// Whether the outputs are equal.
-    pub agree: Option<bool>,
-    /// Candidate latency (ms).
-    pub latency_ms: Option<f64>,
-    /// Live latency of the same step (ms).
-    pub live_latency_ms: Option<f64>,
-    /// Why the candidate failed.
-    pub error: Option<String>,
-    /// Unix ms.
-    pub created_at_ms: i64,
-}
+pub use crate::data::log::ShadowRecord;
+
 
 /// Counters since the shadow was set.
 #[derive(Debug, Default)]

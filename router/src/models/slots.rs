@@ -14,12 +14,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 
 use crate::config::{EngineSettings, ModelSpec};
-use crate::engine::mistral::{MistralEngine, MistralOptions};
-use crate::engine::{Engine, EngineError};
-use crate::task::{TrainedTask, read_task};
+use crate::engine::{Engine, EngineError, EngineLoader};
+use crate::models::task::{TrainedTask, read_task};
 
 /// Name of the router's slot.
 pub const ROUTER_SLOT: &str = "router";
@@ -120,46 +118,6 @@ impl Slot {
     }
 }
 
-/// Loads engines for model entries (mistral.rs in production; tests may
-/// supply another implementation).
-#[async_trait]
-pub trait EngineLoader: Send + Sync {
-    /// Load the model described by `spec`; `router` when it will make route
-    /// decisions rather than generate answers.
-    ///
-    /// # Errors
-    /// When the file is missing or the backend cannot load it.
-    async fn load(&self, spec: &ModelSpec, router: bool) -> Result<Arc<dyn Engine>, EngineError>;
-
-    /// Whether the model file must exist (false for engines that run without one).
-    fn requires_file(&self) -> bool {
-        true
-    }
-}
-
-/// Loads GGUF models with mistral.rs.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct MistralLoader;
-
-#[async_trait]
-impl EngineLoader for MistralLoader {
-    async fn load(&self, spec: &ModelSpec, router: bool) -> Result<Arc<dyn Engine>, EngineError> {
-        let engine = MistralEngine::load(&MistralOptions {
-            path: spec.path.clone(),
-            max_num_seqs: spec.max_num_seqs,
-            prefix_cache_n: spec.prefix_cache_n,
-            device: spec.device,
-            activations: spec.activations,
-            weights: spec.weights,
-            router,
-            paged_attention: spec.paged_attention,
-            paged_kv_tokens: spec.paged_kv_tokens,
-        })
-        .await?;
-        Ok(Arc::new(engine))
-    }
-}
-
 /// All slots of a server.
 #[derive(Debug)]
 pub struct ModelRegistry {
@@ -233,49 +191,3 @@ impl ModelRegistry {
     }
 }
 
-/// GGUF metadata key through which a test makes a stub model misbehave:
-/// `fail:N` or `hang:N` (after its first N calls).
-pub const STUB_FAULT_KEY: &str = "flywheel.stub.fault";
-
-fn stub_fault(path: &std::path::Path) -> Option<String> {
-    let file = std::fs::File::open(path).ok()?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut std::io::BufReader::new(file)).ok()?;
-    content.metadata.get(STUB_FAULT_KEY)?.to_string().ok().cloned()
-}
-
-/// Serves every model entry with the model-free stub engine (only when asked
-/// for explicitly, e.g. `flywheel-server --engine stub`).
-#[derive(Debug, Default, Clone)]
-pub struct StubLoader {
-    /// Delay before each streamed token.
-    pub per_token_delay: std::time::Duration,
-    /// Sign every streamed word with the model's version (hot-swap tests).
-    pub sign_tokens: bool,
-}
-
-#[async_trait]
-impl EngineLoader for StubLoader {
-    async fn load(&self, spec: &ModelSpec, _router: bool) -> Result<Arc<dyn Engine>, EngineError> {
-        use crate::engine::stub::{Misbehaviour, StubEngine};
-        let mut engine = if self.sign_tokens {
-            StubEngine::signed(self.per_token_delay, spec.version_label())
-        } else {
-            StubEngine::new(self.per_token_delay)
-        };
-        // Tests inject faults through the model file's metadata.
-        if let Some(m) = stub_fault(&spec.path) {
-            let (kind, after) = m.split_once(':').unwrap_or((m.as_str(), "0"));
-            let after = after.parse().unwrap_or(0);
-            match kind {
-                "fail" => engine = engine.misbehaving(Misbehaviour::FailAfter(after)),
-                "hang" => engine = engine.misbehaving(Misbehaviour::HangAfter(after)),
-                _ => {}
-            }
-        }
-        Ok(Arc::new(engine))
-    }
-
-    fn requires_file(&self) -> bool {
-        false
-    }
-}

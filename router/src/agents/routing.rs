@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use crate::config::{ExpertSpec, RouterSpec};
 use crate::engine::{ChatMessage, EngineError, LabelScores, LabelSet};
-use crate::registry::{ServedModel, Slot};
+use crate::models::slots::{ServedModel, Slot};
 
 /// One expert's score.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

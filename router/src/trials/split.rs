@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::registry::ServedModel;
-use crate::shadow::sample_point;
+use crate::models::slots::ServedModel;
+use crate::trials::shadow::sample_point;
 
 /// Weights must sum to 1 within this.
 const WEIGHT_TOLERANCE: f64 = 1e-6;

@@ -13,6 +13,7 @@
 //! attaches to it (e.g. an abandoned stream). [`append_feedback`] writes
 //! rows synchronously from another process (review imports).
 
+mod record;
 mod schema;
 mod writer;
 
@@ -22,15 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::OptionalExtension;
-use serde::{Deserialize, Serialize};
 
 pub use schema::SCHEMA_VERSION;
 
-use crate::agents::RouteDecision;
 use crate::config::LogSpec;
-use crate::feedback::FeedbackRecord;
-use crate::guardrails::RailVerdict;
-use crate::retrieval::Passage;
+use crate::data::feedback::FeedbackRecord;
 
 /// Errors of the request log.
 #[derive(Debug, thiserror::Error)]
@@ -61,74 +58,7 @@ pub enum LogError {
     Closed,
 }
 
-/// A passage reference as logged (the text is not copied into the log).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RetrievedRef {
-    /// Document id.
-    pub doc_id: String,
-    /// Chunk id.
-    pub chunk_id: String,
-    /// Score.
-    pub score: f32,
-}
-
-impl From<&Passage> for RetrievedRef {
-    fn from(p: &Passage) -> Self {
-        Self {
-            doc_id: p.doc_id.clone(),
-            chunk_id: p.chunk_id.clone(),
-            score: p.score,
-        }
-    }
-}
-
-/// One request's record.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct RequestRecord {
-    /// Request id (UUIDv7).
-    pub request_id: String,
-    /// `route`, `complete` or `stream`.
-    pub kind: String,
-    /// Caller session id.
-    pub session_id: Option<String>,
-    /// Caller user id.
-    pub user_id: Option<String>,
-    /// Id of the client API key the request came with (never the key).
-    pub api_key_id: Option<String>,
-    /// Arrival, Unix ms.
-    pub received_at_ms: i64,
-    /// Record closed, Unix ms.
-    pub finished_at_ms: i64,
-    /// The query (after input rails).
-    pub query: String,
-    /// Final status (see the schema).
-    pub status: String,
-    /// Error message, when not ok.
-    pub error: Option<String>,
-    /// Rail verdicts.
-    pub guardrails: Vec<RailVerdict>,
-    /// Route decision, when one was made.
-    pub route: Option<RouteDecision>,
-    /// Expert that answered.
-    pub expert: Option<String>,
-    /// Its model version.
-    pub expert_model_version: Option<String>,
-    /// Passages given to the expert.
-    pub retrieved: Vec<RetrievedRef>,
-    /// Answer text as sent.
-    pub answer: Option<String>,
-    /// Prompt tokens of the expert's generation.
-    pub prompt_tokens: Option<u32>,
-    /// Completion tokens.
-    pub completion_tokens: Option<u32>,
-    /// Time to first token (ms).
-    pub ttft_ms: Option<f64>,
-    /// Whole request (ms).
-    pub total_ms: Option<f64>,
-    /// Why generation stopped.
-    pub finish_reason: Option<String>,
-}
-
+pub use record::{RequestRecord, RetrievedRef, ShadowRecord};
 pub use crate::clock::unix_ms;
 
 /// Counters of the log, shared with the writer.
@@ -243,7 +173,7 @@ impl RequestLog {
     }
 
     /// Queue a shadow-run record; same guarantees as [`RequestLog::submit`].
-    pub fn submit_shadow(&self, shadow: crate::shadow::ShadowRecord) {
+    pub fn submit_shadow(&self, shadow: ShadowRecord) {
         self.inner.submit_shadow(shadow);
     }
 
@@ -360,7 +290,7 @@ impl LogReader {
     ///
     /// # Errors
     /// SQLite errors.
-    pub fn shadow_records(&self, slot: &str) -> Result<Vec<crate::shadow::ShadowRecord>, LogError> {
+    pub fn shadow_records(&self, slot: &str) -> Result<Vec<ShadowRecord>, LogError> {
         let mut stmt = self
             .conn
             .prepare("SELECT * FROM shadow WHERE slot = ?1 ORDER BY created_at_ms, rowid")?;
@@ -429,6 +359,7 @@ pub fn append_feedback(path: &Path, rows: &[FeedbackRecord]) -> Result<(), LogEr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agents::RouteDecision;
 
     fn spec(dir: &Path) -> LogSpec {
         LogSpec {
@@ -521,7 +452,7 @@ mod tests {
 
     #[tokio::test]
     async fn feedback_joins_its_request_and_keeps_history() {
-        use crate::feedback::{FeedbackKind, Rating, latest_explicit};
+        use crate::data::feedback::{FeedbackKind, Rating, latest_explicit};
         let dir = tempfile::tempdir().unwrap();
         let log = RequestLog::open(&spec(dir.path())).unwrap();
         log.submit(record("a"));
