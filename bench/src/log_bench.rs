@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use flywheel_router::agents::{ExpertScore, RouteDecision};
 use flywheel_router::config::LogSpec;
-use flywheel_router::guardrails::RailVerdict;
 use flywheel_router::data::log::{RequestLog, RequestRecord, RetrievedRef};
+use flywheel_router::guardrails::RailVerdict;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 

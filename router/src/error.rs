@@ -5,12 +5,12 @@
 //! name and each transport maps kinds to its own codes in one small table
 //! (`server/src/grpc/status.rs`, `server/src/http/error.rs`).
 
+use crate::data::log::LogError;
 use crate::engine::EngineError;
 use crate::guardrails::Blocked;
 use crate::guardrails::rails::RailsError;
-use crate::data::log::LogError;
-use crate::retrieval::RetrievalError;
 use crate::models::store::StoreError;
+use crate::retrieval::RetrievalError;
 
 /// Why a request did not succeed.
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,7 @@
 pub mod agents;
 pub mod clock;
 pub mod config;
+pub mod control;
 pub mod data;
 pub mod device;
 pub mod embed;
@@ -39,11 +40,12 @@ pub mod guardrails;
 pub mod model_prep;
 pub mod models;
 pub mod observe;
-pub mod pipeline;
 pub mod retrieval;
-pub mod trials;
+pub mod serving;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod trials;
 
+pub use control::ControlPlane;
 pub use error::{ErrorKind, PipelineError};
-pub use pipeline::{ChatEvent, ChatOutcome, ChatStream, Pipeline, Query, RouteOutcome, Timings};
+pub use serving::{ChatEvent, ChatOutcome, ChatStream, Pipeline, Query, RouteOutcome, Timings};

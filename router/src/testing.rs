@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::config::EngineSettings;
-use crate::engine::stub::StubEngine;
 use crate::data::log::RequestLog;
-use crate::pipeline::Pipeline;
+use crate::engine::stub::StubEngine;
 use crate::models::slots::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
+use crate::serving::Pipeline;
 
 /// A served model on the stub engine.
 pub fn stub_model(version: &str) -> ServedModel {

@@ -66,7 +66,11 @@ fn expand(tree: &str) -> Vec<String> {
     let tree = tree.trim();
     let Some(open) = tree.find('{') else {
         let path = tree.split(" as ").next().unwrap().trim();
-        return if path.is_empty() { vec![] } else { vec![path.to_string()] };
+        return if path.is_empty() {
+            vec![]
+        } else {
+            vec![path.to_string()]
+        };
     };
     let prefix = tree[..open].trim_end_matches("::");
     let inner = &tree[open + 1..tree.rfind('}').unwrap()];
@@ -87,7 +91,13 @@ fn expand(tree: &str) -> Vec<String> {
     parts
         .into_iter()
         .flat_map(expand)
-        .map(|p| if p == "self" { prefix.to_string() } else { format!("{prefix}::{p}") })
+        .map(|p| {
+            if p == "self" {
+                prefix.to_string()
+            } else {
+                format!("{prefix}::{p}")
+            }
+        })
         .collect()
 }
 
@@ -169,7 +179,11 @@ fn import_loops(krate: &str) -> Vec<String> {
     }
     let mut loops = Vec::new();
     for (parent, graph) in &graphs {
-        let at = if parent.is_empty() { "crate".to_string() } else { parent.join("::") };
+        let at = if parent.is_empty() {
+            "crate".to_string()
+        } else {
+            parent.join("::")
+        };
         for group in tangles(graph) {
             let sub: BTreeMap<String, BTreeSet<String>> = group
                 .iter()
@@ -275,7 +289,10 @@ fn the_trainer_does_not_depend_on_the_server() {
     let manifest = std::fs::read_to_string(workspace_root().join("trainer/Cargo.toml")).unwrap();
     let deps: toml::Table = toml::from_str(&manifest).unwrap();
     for table in ["dependencies", "dev-dependencies"] {
-        let named = deps.get(table).and_then(|t| t.as_table()).is_some_and(|t| t.contains_key("flywheel-server"));
+        let named = deps
+            .get(table)
+            .and_then(|t| t.as_table())
+            .is_some_and(|t| t.contains_key("flywheel-server"));
         assert!(!named, "trainer/Cargo.toml [{table}] names flywheel-server");
     }
 }

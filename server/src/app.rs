@@ -12,18 +12,18 @@ use flywheel_proto::v1::admin_server::AdminServer;
 use flywheel_proto::v1::chat_server::ChatServer;
 use flywheel_proto::v1::feedback_server::FeedbackServer;
 use flywheel_proto::v1::router_server::RouterServer;
-use flywheel_router::Pipeline;
+use flywheel_router::data::log::{LogError, RequestLog};
 use flywheel_router::embed::Embedder;
 use flywheel_router::engine::EngineError;
-use flywheel_router::guardrails::Rails;
-use flywheel_router::guardrails::rails::{RailSet, RailsError};
-use flywheel_router::data::log::{LogError, RequestLog};
 use flywheel_router::engine::EngineLoader;
 use flywheel_router::engine::mistral::MistralLoader;
 use flywheel_router::engine::stub::StubLoader;
+use flywheel_router::guardrails::Rails;
+use flywheel_router::guardrails::rails::{RailSet, RailsError};
 use flywheel_router::models::slots::ModelRegistry;
-use flywheel_router::retrieval::{HybridRetriever, hybrid};
 use flywheel_router::models::store::{ModelStore, StoreError};
+use flywheel_router::retrieval::{HybridRetriever, hybrid};
+use flywheel_router::{ControlPlane, Pipeline};
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -105,6 +105,7 @@ fn load_rails_and_retrieval(
 pub struct App {
     config: Config,
     pipeline: Arc<Pipeline>,
+    control: Arc<ControlPlane>,
     metrics: Arc<Metrics>,
 }
 
@@ -145,9 +146,11 @@ impl App {
             );
             pipeline = pipeline.with_retriever(Arc::new(r));
         }
+        let pipeline = Arc::new(pipeline);
+        let mut control = ControlPlane::new(pipeline.clone());
         if let Some(dir) = &config.registry_dir {
-            pipeline = pipeline.with_model_store(ModelStore::open(dir)?, loader);
-            for (slot, version) in pipeline.restore_promoted().await? {
+            control = control.with_model_store(ModelStore::open(dir)?, loader);
+            for (slot, version) in control.restore_promoted().await? {
                 tracing::info!(slot, version, "serving the last promoted version");
             }
         }
@@ -160,7 +163,8 @@ impl App {
         );
         Ok(Self {
             config,
-            pipeline: Arc::new(pipeline),
+            pipeline,
+            control: Arc::new(control),
             metrics,
         })
     }
@@ -168,6 +172,11 @@ impl App {
     /// The pipeline (for in-process benchmarks and tests).
     pub fn pipeline(&self) -> &Arc<Pipeline> {
         &self.pipeline
+    }
+
+    /// The control plane (promotions, shadows, splits, feedback).
+    pub fn control(&self) -> &Arc<ControlPlane> {
+        &self.control
     }
 
     /// The configuration it was built with.
@@ -285,7 +294,7 @@ impl App {
         let http = match http_listener {
             Some(l) => {
                 let http_addr = l.local_addr()?;
-                let routes = crate::http::router(self.pipeline.clone(), keys);
+                let routes = crate::http::router(self.pipeline.clone(), self.control.clone(), keys);
                 tracing::info!(%http_addr, "OpenAI-compatible HTTP API listening");
                 Some(tokio::spawn(crate::http::serve(l, routes, stop_accepting.clone())))
             }
@@ -311,12 +320,12 @@ impl App {
                     .map(|auth| RouterServer::with_interceptor(RouterService::new(self.pipeline.clone()), auth)),
             )
             .add_service(AdminServer::new(AdminService::new(
-                self.pipeline.clone(),
+                self.control.clone(),
                 self.config.admin_token.clone(),
             )))
-            .add_optional_service(open.then(|| FeedbackServer::new(FeedbackService::new(self.pipeline.clone()))))
+            .add_optional_service(open.then(|| FeedbackServer::new(FeedbackService::new(self.control.clone()))))
             .add_optional_service(
-                guarded.map(|auth| FeedbackServer::with_interceptor(FeedbackService::new(self.pipeline.clone()), auth)),
+                guarded.map(|auth| FeedbackServer::with_interceptor(FeedbackService::new(self.control.clone()), auth)),
             )
             .serve_with_incoming_shutdown(
                 // Small gRPC frames must not wait for Nagle's algorithm (with

@@ -238,7 +238,7 @@ async fn a_client_that_drops_a_stream_cancels_it_and_it_is_logged_abandoned() {
         .next()
         .unwrap()
         .to_string();
-    let (record, feedback) = server.pipeline.feedback_history(&id).await.unwrap();
+    let (record, feedback) = server.control.feedback_history(&id).await.unwrap();
     assert_eq!(record.status, "cancelled");
     assert!(record.answer.as_deref().unwrap().len() < STUB_ANSWER.len());
     assert_eq!(
@@ -249,7 +249,7 @@ async fn a_client_that_drops_a_stream_cancels_it_and_it_is_logged_abandoned() {
     let (status, body, raw) = post(&server, "/v1/feedback", &json!({"request_id": id, "thumb": "down"})).await;
     assert_eq!(status, 200, "{raw}");
     assert!(body["feedback_id"].is_string());
-    let (_, feedback) = server.pipeline.feedback_history(&id).await.unwrap();
+    let (_, feedback) = server.control.feedback_history(&id).await.unwrap();
     assert_eq!(feedback.len(), 2);
     let (status, _, _) = post(&server, "/v1/feedback", &json!({"request_id": "nope", "thumb": "up"})).await;
     assert_eq!(status, 404);

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::device::DeviceChoice;
 use crate::config::paged::{DEFAULT_PAGED_KV_TOKENS, PagedAttention};
+pub use crate::device::DeviceChoice;
 
 /// Answers a generation engine with paged attention (GPU) runs at once, and
 /// the fewest sequences mistral.rs's default scheduler takes (label scoring
@@ -157,4 +157,3 @@ fn default_paged_kv_tokens() -> usize {
 fn default_device() -> DeviceChoice {
     DeviceChoice::Cpu
 }
-

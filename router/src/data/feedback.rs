@@ -180,7 +180,8 @@ pub fn latest_explicit(rows: &[FeedbackRecord]) -> Option<&FeedbackRecord> {
 }
 
 pub use crate::config::{
-    DEFAULT_MAX_COMMENT_CHARS, DEFAULT_MAX_SESSIONS, DEFAULT_REPHRASE_SIMILARITY, DEFAULT_REPHRASE_WINDOW_S, FeedbackSpec,
+    DEFAULT_MAX_COMMENT_CHARS, DEFAULT_MAX_SESSIONS, DEFAULT_REPHRASE_SIMILARITY, DEFAULT_REPHRASE_WINDOW_S,
+    FeedbackSpec,
 };
 
 /// Shingle size for rephrase detection: 3-grams, since rewordings of short

@@ -222,11 +222,14 @@ pub trait EngineLoader: Send + Sync {
     ///
     /// # Errors
     /// When the file is missing or the backend cannot load it.
-    async fn load(&self, spec: &crate::config::ModelSpec, router: bool) -> Result<std::sync::Arc<dyn Engine>, EngineError>;
+    async fn load(
+        &self,
+        spec: &crate::config::ModelSpec,
+        router: bool,
+    ) -> Result<std::sync::Arc<dyn Engine>, EngineError>;
 
     /// Whether the model file must exist (false for engines that run without one).
     fn requires_file(&self) -> bool {
         true
     }
 }
-

@@ -238,7 +238,11 @@ pub struct StubLoader {
 
 #[async_trait]
 impl super::EngineLoader for StubLoader {
-    async fn load(&self, spec: &crate::config::ModelSpec, _router: bool) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
+    async fn load(
+        &self,
+        spec: &crate::config::ModelSpec,
+        _router: bool,
+    ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
         let mut engine = if self.sign_tokens {
             StubEngine::signed(self.per_token_delay, spec.version_label())
         } else {

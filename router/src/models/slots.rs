@@ -190,4 +190,3 @@ impl ModelRegistry {
         self.slots.values()
     }
 }
-

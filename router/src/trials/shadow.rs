@@ -29,7 +29,6 @@ pub const SHADOW_DEADLINE: Duration = Duration::from_secs(60);
 
 pub use crate::data::log::ShadowRecord;
 
-
 /// Counters since the shadow was set.
 #[derive(Debug, Default)]
 pub struct ShadowStats {

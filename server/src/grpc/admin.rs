@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use flywheel_proto::v1 as pb;
-use flywheel_router::Pipeline;
+use flywheel_router::ControlPlane;
 use tonic::{Request, Response, Status};
 
 use super::convert;
@@ -12,7 +12,7 @@ use super::status::to_status;
 
 /// The Admin service.
 pub struct AdminService {
-    pipeline: Arc<Pipeline>,
+    control: Arc<ControlPlane>,
     started: Instant,
     token: Option<String>,
 }
@@ -26,10 +26,10 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl AdminService {
-    /// Report on `pipeline`, counting uptime from now; mutating calls need `token`.
-    pub fn new(pipeline: Arc<Pipeline>, token: Option<String>) -> Self {
+    /// Report on and change what `control` serves, counting uptime from now; mutating calls need `token`.
+    pub fn new(control: Arc<ControlPlane>, token: Option<String>) -> Self {
         Self {
-            pipeline,
+            control,
             started: Instant::now(),
             token,
         }
@@ -57,7 +57,12 @@ impl AdminService {
     }
 
     fn slots(&self) -> Vec<pb::ModelSlot> {
-        self.pipeline.registry().slots().map(|s| convert::slot(s)).collect()
+        self.control
+            .serving()
+            .registry()
+            .slots()
+            .map(|s| convert::slot(s))
+            .collect()
     }
 }
 
@@ -68,26 +73,32 @@ impl pb::admin_server::Admin for AdminService {
     }
 
     async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let admission = self.pipeline.status();
-        let log = self.pipeline.log();
+        let admission = self.control.serving().status();
+        let log = self.control.serving().log();
         Ok(Response::new(pb::StatusResponse {
             server_version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             in_flight: admission.in_flight as u32,
             max_in_flight: admission.max_in_flight as u32,
             slots: self.slots(),
-            experts: self.pipeline.experts().to_vec(),
+            experts: self.control.serving().experts().to_vec(),
             log_records_accepted: log.stats().accepted(),
             log_records_written: log.stats().written(),
             log_path: log.path().display().to_string(),
             rails_toml: self
-                .pipeline
+                .control
+                .serving()
                 .rails()
                 .set
                 .as_ref()
                 .map(|s| convert::rails_toml(s.spec()))
                 .unwrap_or_default(),
-            retrieval: self.pipeline.retrieval_stats().as_ref().map(convert::index_stats),
+            retrieval: self
+                .control
+                .serving()
+                .retrieval_stats()
+                .as_ref()
+                .map(convert::index_stats),
         }))
     }
 
@@ -97,7 +108,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::UpdateRailsResponse>, Status> {
         self.authorize(&request)?;
         let spec = self
-            .pipeline
+            .control
             .reconfigure_rails(&request.into_inner().toml)
             .await
             .map_err(|e| to_status(&e))?;
@@ -110,7 +121,7 @@ impl pb::admin_server::Admin for AdminService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let report = self
-            .pipeline
+            .control
             .promote(&r.slot, &r.version)
             .await
             .map_err(|e| to_status(&e))?;
@@ -120,7 +131,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn rollback(&self, request: Request<pb::RollbackRequest>) -> Result<Response<pb::SwapResponse>, Status> {
         self.authorize(&request)?;
         let report = self
-            .pipeline
+            .control
             .rollback(&request.into_inner().slot)
             .await
             .map_err(|e| to_status(&e))?;
@@ -135,7 +146,7 @@ impl pb::admin_server::Admin for AdminService {
             n => n as usize,
         };
         let report = self
-            .pipeline
+            .control
             .set_shadow(&r.slot, &r.version, r.fraction, concurrency)
             .await
             .map_err(|e| to_status(&e))?;
@@ -148,7 +159,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ShadowReport>, Status> {
         self.authorize(&request)?;
         let report = self
-            .pipeline
+            .control
             .clear_shadow(&request.into_inner().slot)
             .await
             .map_err(|e| to_status(&e))?;
@@ -160,7 +171,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ShadowSlotRequest>,
     ) -> Result<Response<pb::ShadowReport>, Status> {
         let report = self
-            .pipeline
+            .control
             .shadow_report(&request.into_inner().slot)
             .await
             .map_err(|e| to_status(&e))?;
@@ -173,7 +184,7 @@ impl pb::admin_server::Admin for AdminService {
         let mut weights: Vec<(String, f64)> = r.weights.into_iter().collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
         let report = self
-            .pipeline
+            .control
             .set_split(&r.slot, &weights)
             .await
             .map_err(|e| to_status(&e))?;
@@ -183,7 +194,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn clear_split(&self, request: Request<pb::SplitSlotRequest>) -> Result<Response<pb::SplitReport>, Status> {
         self.authorize(&request)?;
         let report = self
-            .pipeline
+            .control
             .clear_split(&request.into_inner().slot)
             .await
             .map_err(|e| to_status(&e))?;
@@ -192,7 +203,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn split_report(&self, request: Request<pb::SplitSlotRequest>) -> Result<Response<pb::SplitReport>, Status> {
         let report = self
-            .pipeline
+            .control
             .split_report(&request.into_inner().slot)
             .await
             .map_err(|e| to_status(&e))?;
@@ -201,7 +212,7 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn reindex(&self, request: Request<pb::ReindexRequest>) -> Result<Response<pb::ReindexResponse>, Status> {
         self.authorize(&request)?;
-        let stats = self.pipeline.reindex().await.map_err(|e| to_status(&e))?;
+        let stats = self.control.reindex().await.map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::index_stats(&stats)))
     }
 
@@ -215,7 +226,7 @@ impl pb::admin_server::Admin for AdminService {
         } else {
             request.limit as usize
         };
-        let mut cycles = self.pipeline.cycles(limit).map_err(|e| to_status(&e))?;
+        let mut cycles = self.control.cycles(limit).map_err(|e| to_status(&e))?;
         if let Some(id) = &request.id {
             cycles.retain(|c| &c.id == id);
             if cycles.is_empty() {

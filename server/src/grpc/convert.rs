@@ -3,10 +3,10 @@
 use flywheel_proto::v1 as pb;
 use flywheel_router::agents::RouteDecision;
 use flywheel_router::agents::expert::Overrides;
-use flywheel_router::engine::Usage;
 use flywheel_router::data::feedback::{FeedbackInput, FeedbackRecord, Rating};
 use flywheel_router::data::log::RequestRecord;
 use flywheel_router::data::log::unix_ms;
+use flywheel_router::engine::Usage;
 use flywheel_router::models::slots::Slot;
 use flywheel_router::{ChatEvent, Query, Timings};
 
@@ -109,7 +109,7 @@ pub fn event(e: ChatEvent) -> pb::ChatStreamMessage {
 
 /// A model slot.
 /// A promotion or rollback report.
-pub fn swap(r: &flywheel_router::pipeline::SwapReport) -> pb::SwapResponse {
+pub fn swap(r: &flywheel_router::control::SwapReport) -> pb::SwapResponse {
     pb::SwapResponse {
         slot: r.slot.clone(),
         previous_version: r.previous_version.clone(),

@@ -3,20 +3,20 @@
 use std::sync::Arc;
 
 use flywheel_proto::v1 as pb;
-use flywheel_router::Pipeline;
+use flywheel_router::ControlPlane;
 use tonic::{Request, Response, Status};
 
 use super::{convert, status::to_status};
 
 /// The Feedback service.
 pub struct FeedbackService {
-    pipeline: Arc<Pipeline>,
+    control: Arc<ControlPlane>,
 }
 
 impl FeedbackService {
-    /// Record feedback through `pipeline`.
-    pub fn new(pipeline: Arc<Pipeline>) -> Self {
-        Self { pipeline }
+    /// Record feedback through `control`.
+    pub fn new(control: Arc<ControlPlane>) -> Self {
+        Self { control }
     }
 }
 
@@ -24,7 +24,7 @@ impl FeedbackService {
 impl pb::feedback_server::Feedback for FeedbackService {
     async fn submit(&self, request: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
         let row = self
-            .pipeline
+            .control
             .submit_feedback(convert::feedback_input(request.into_inner()))
             .await
             .map_err(|e| to_status(&e))?;
@@ -39,7 +39,7 @@ impl pb::feedback_server::Feedback for FeedbackService {
         request: Request<pb::FeedbackHistoryRequest>,
     ) -> Result<Response<pb::FeedbackHistoryResponse>, Status> {
         let (record, rows) = self
-            .pipeline
+            .control
             .feedback_history(&request.into_inner().request_id)
             .await
             .map_err(|e| to_status(&e))?;

@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use flywheel_router::data::feedback::{FeedbackInput, Rating};
-use flywheel_router::{ChatEvent, Pipeline};
+use flywheel_router::{ChatEvent, ControlPlane, Pipeline};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -34,12 +34,17 @@ use openai::{ChatRequest, Chunks, ROUTED_MODEL};
 /// What the handlers share.
 pub struct HttpState {
     pipeline: Arc<Pipeline>,
+    control: Arc<ControlPlane>,
     keys: Arc<ApiKeys>,
 }
 
-/// The HTTP routes over `pipeline`, guarded by `keys`.
-pub fn router(pipeline: Arc<Pipeline>, keys: Arc<ApiKeys>) -> Router {
-    let state = Arc::new(HttpState { pipeline, keys });
+/// The HTTP routes over `pipeline` (feedback through `control`), guarded by `keys`.
+pub fn router(pipeline: Arc<Pipeline>, control: Arc<ControlPlane>, keys: Arc<ApiKeys>) -> Router {
+    let state = Arc::new(HttpState {
+        pipeline,
+        control,
+        keys,
+    });
     let v1 = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
@@ -194,7 +199,7 @@ async fn feedback(State(state): State<Arc<HttpState>>, body: Bytes) -> Response 
         Ok(i) => i,
         Err(e) => return e.into_response(),
     };
-    match state.pipeline.submit_feedback(input).await {
+    match state.control.submit_feedback(input).await {
         Ok(row) => axum::Json(json!({
             "feedback_id": row.feedback_id,
             "request_id": row.request_id,

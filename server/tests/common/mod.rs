@@ -31,6 +31,7 @@ pub struct TestServer {
     /// The HTTP API's address, when the config turned it on.
     pub http_addr: Option<std::net::SocketAddr>,
     pub pipeline: Arc<Pipeline>,
+    pub control: Arc<flywheel_router::ControlPlane>,
     pub log_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -128,8 +129,7 @@ fn start_inner(mut config: Config, with_metrics: bool) -> (TestServer, Option<st
             };
             let http_addr = http.as_ref().map(|h| h.local_addr().unwrap());
             let app = App::build(config).await.expect("building the server");
-            tx.send((addr, http_addr, app.pipeline().clone(), metrics_addr))
-                .unwrap();
+            tx.send((addr, http_addr, app.control().clone(), metrics_addr)).unwrap();
             let listeners = flywheel_server::Listeners {
                 grpc: listener,
                 http,
@@ -138,12 +138,13 @@ fn start_inner(mut config: Config, with_metrics: bool) -> (TestServer, Option<st
             app.serve_on(listeners, std::future::pending()).await.unwrap();
         });
     });
-    let (addr, http_addr, pipeline, metrics) = rx.recv().expect("server thread died while starting");
+    let (addr, http_addr, control, metrics) = rx.recv().expect("server thread died while starting");
     (
         TestServer {
             addr,
             http_addr,
-            pipeline,
+            pipeline: control.serving().clone(),
+            control,
             log_path,
             _dir: dir,
         },

@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use flywheel_router::guardrails::pii;
 use flywheel_router::data::similarity::{NearDupIndex, normalize};
+use flywheel_router::guardrails::pii;
 use serde::{Deserialize, Serialize};
 
 use super::dataset::Example;

@@ -58,8 +58,8 @@ pub enum LogError {
     Closed,
 }
 
-pub use record::{RequestRecord, RetrievedRef, ShadowRecord};
 pub use crate::clock::unix_ms;
+pub use record::{RequestRecord, RetrievedRef, ShadowRecord};
 
 /// Counters of the log, shared with the writer.
 #[derive(Debug, Default)]

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use rusqlite::{Connection, Row, params};
 use tokio::sync::oneshot;
 
+use super::ShadowRecord;
 use super::{LogError, LogStats, RequestRecord};
 use crate::agents::RouteDecision;
 use crate::data::feedback::{FeedbackKind, FeedbackRecord, Rating};
-use super::ShadowRecord;
 
 enum Command {
     Record(Box<RequestRecord>),

@@ -195,8 +195,9 @@ impl Engine for MistralEngine {
     async fn score_labels(&self, messages: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
         let plan = self.plan_for(labels).await?;
         let prompt = self.tokenize(Either::Left(messages), true).await?;
-        let step_tokens =
-            |step: &crate::engine::labels::PlanStep| -> Vec<u32> { prompt.iter().chain(&step.prefix).copied().collect() };
+        let step_tokens = |step: &crate::engine::labels::PlanStep| -> Vec<u32> {
+            prompt.iter().chain(&step.prefix).copied().collect()
+        };
         let step_logprobs: Vec<Vec<f32>> = if self.router {
             let mut gate = Some(self.prompt_gate.clone().lock_owned().await);
             let mut out = Vec::with_capacity(plan.steps().len());

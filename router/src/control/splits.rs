@@ -4,16 +4,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::Pipeline;
-use crate::error::PipelineError;
-use crate::data::feedback::latest_explicit;
+use super::ControlPlane;
 use crate::clock::unix_ms;
-use crate::models::slots::{ROUTER_SLOT, ServedModel};
+use crate::data::feedback::latest_explicit;
+use crate::error::PipelineError;
+use crate::models::slots::ROUTER_SLOT;
+use crate::models::store::Binding;
 use crate::trials::shadow::percentile;
 use crate::trials::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};
-use crate::models::store::Binding;
 
-impl Pipeline {
+impl ControlPlane {
     /// Split `slot`'s live traffic between versions (from the model registry)
     /// by weight; replaces any split of that slot.
     ///
@@ -42,9 +42,9 @@ impl Pipeline {
             arms,
             since_ms: unix_ms(SystemTime::now()),
         });
-        let mut map: BTreeMap<String, Arc<Split>> = (**self.splits.load()).clone();
+        let mut map: BTreeMap<String, Arc<Split>> = (**self.serving.splits.load()).clone();
         map.insert(slot.to_string(), split);
-        self.splits.store(Arc::new(map));
+        self.serving.splits.store(Arc::new(map));
         tracing::info!(slot, arms = weights.len(), "split set");
         self.split_report(slot).await
     }
@@ -56,9 +56,9 @@ impl Pipeline {
     /// [`PipelineError::NoSplit`] when the slot has no split.
     pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, PipelineError> {
         let report = self.split_report(slot).await?;
-        let mut map: BTreeMap<String, Arc<Split>> = (**self.splits.load()).clone();
+        let mut map: BTreeMap<String, Arc<Split>> = (**self.serving.splits.load()).clone();
         map.remove(slot);
-        self.splits.store(Arc::new(map));
+        self.serving.splits.store(Arc::new(map));
         Ok(report)
     }
 
@@ -70,10 +70,11 @@ impl Pipeline {
     /// No split on the slot, log failures.
     pub async fn split_report(&self, slot: &str) -> Result<SplitReport, PipelineError> {
         let split = self
+            .serving
             .split_of(slot)
             .ok_or_else(|| PipelineError::NoSplit { slot: slot.to_string() })?;
-        self.log.flush().await?;
-        let reader = self.log.reader()?;
+        self.serving.log().flush().await?;
+        let reader = self.serving.log().reader()?;
         let routing = slot == ROUTER_SLOT;
         let expert = slot.strip_prefix("expert/").map(str::to_string);
         let s = split.clone();
@@ -140,25 +141,5 @@ impl Pipeline {
         };
         recommend(&mut report);
         Ok(report)
-    }
-
-    pub(super) fn split_of(&self, slot: &str) -> Option<Arc<Split>> {
-        let map = self.splits.load();
-        if map.is_empty() {
-            return None;
-        }
-        map.get(slot).cloned()
-    }
-
-    /// The model of `slot` for this request when the slot is split.
-    pub(super) fn split_model(
-        &self,
-        slot: &str,
-        session_id: Option<&str>,
-        user_id: Option<&str>,
-        request_id: &str,
-    ) -> Option<Arc<ServedModel>> {
-        let split = self.split_of(slot)?;
-        Some(split.pick(session_id, user_id, request_id).model.clone())
     }
 }

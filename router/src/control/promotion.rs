@@ -11,10 +11,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::Pipeline;
+use super::ControlPlane;
 use crate::config::ModelSpec;
-use crate::error::PipelineError;
 use crate::engine::EngineLoader;
+use crate::error::PipelineError;
 use crate::models::slots::{ROUTER_SLOT, ServedModel, Slot};
 use crate::models::store::{Binding, ModelStore};
 
@@ -54,7 +54,7 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-impl Pipeline {
+impl ControlPlane {
     /// Promote versions from `store`, loading them with `loader`.
     pub fn with_model_store(mut self, store: ModelStore, loader: Arc<dyn EngineLoader>) -> Self {
         self.promotion.store = Some(store);
@@ -84,12 +84,14 @@ impl Pipeline {
     }
 
     pub(super) fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
-        self.registry
+        self.serving
+            .registry
             .slot(slot)
             .cloned()
             .ok_or_else(|| PipelineError::UnknownSlot {
                 slot: slot.to_string(),
                 known: self
+                    .serving
                     .registry
                     .slots()
                     .map(|s| s.name().to_string())
@@ -119,6 +121,7 @@ impl Pipeline {
             reason: chain(e),
         };
         let (template, router) = self
+            .serving
             .registry
             .spec(slot.name())
             .cloned()
@@ -135,7 +138,7 @@ impl Pipeline {
         let load_ms = start.elapsed().as_secs_f64() * 1e3;
         let start = Instant::now();
         if slot.name() == ROUTER_SLOT {
-            self.router.warm_up(&model).await.map_err(|e| rejected(&e))?;
+            self.serving.router.warm_up(&model).await.map_err(|e| rejected(&e))?;
         } else {
             if let Some(task) = &model.task {
                 let reason = format!(
@@ -149,6 +152,7 @@ impl Pipeline {
                 });
             }
             let expert = self
+                .serving
                 .experts
                 .values()
                 .find(|e| crate::models::slots::expert_slot(e.name()) == slot.name());
@@ -241,7 +245,7 @@ impl Pipeline {
             return Ok(Vec::new());
         };
         let mut restored = Vec::new();
-        for slot in self.registry.slots() {
+        for slot in self.serving.registry.slots() {
             let Some(binding) = store.slot(slot.name())?.serving else {
                 continue;
             };

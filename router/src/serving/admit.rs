@@ -1,0 +1,170 @@
+//! The first stages of every request: admission, validation, input rails
+//! (the query and the conversation's earlier turns).
+
+use tracing::Instrument;
+
+use super::ticket::{Outcome, Ticket};
+use super::{MAX_ID_CHARS, Pipeline, Query};
+use crate::clock::unix_ms;
+use crate::data::log::RequestRecord;
+use crate::engine::ChatMessage;
+use crate::error::PipelineError;
+use crate::guardrails::{RailRejection, Rails};
+
+/// A request past its input rails.
+pub(super) struct Admitted {
+    pub(super) ticket: Ticket,
+    /// The query as the rails left it (redacted).
+    pub(super) text: String,
+    /// The conversation's earlier turns as the rails left them.
+    pub(super) history: Vec<ChatMessage>,
+}
+
+impl Pipeline {
+    /// Admission, validation and input rails, common to every entry point.
+    /// A refusal finishes the request's ticket (its record is logged) and
+    /// returns the error.
+    pub(super) async fn admit(&self, kind: &str, query: &Query, rails: &Rails) -> Result<Admitted, PipelineError> {
+        let record = RequestRecord {
+            request_id: uuid::Uuid::now_v7().to_string(),
+            kind: kind.to_string(),
+            session_id: query.session_id.clone(),
+            user_id: query.user_id.clone(),
+            api_key_id: query.api_key_id.clone(),
+            received_at_ms: unix_ms(std::time::SystemTime::now()),
+            query: query.text.clone(),
+            ..RequestRecord::default()
+        };
+        let mut ticket = Ticket::new(record, self.books.clone());
+        match self.check(&mut ticket, query, rails).await {
+            Ok((text, history)) => Ok(Admitted { ticket, text, history }),
+            Err(e) => Err(fail(ticket, e)),
+        }
+    }
+
+    async fn check(
+        &self,
+        ticket: &mut Ticket,
+        query: &Query,
+        rails: &Rails,
+    ) -> Result<(String, Vec<ChatMessage>), PipelineError> {
+        // A query refused before the rails ran is logged as the PII rail
+        // would have left it, and at most `max_query_chars` long.
+        let max = self.limits.max_query_chars;
+        let refuse = |record: &mut RequestRecord, error: PipelineError| {
+            let cut: String = query.text.chars().take(max).collect();
+            record.query = rails.redact_for_log(&cut);
+            error
+        };
+        let record = &mut ticket.record;
+        let Ok(permit) = self.admission.clone().try_acquire_owned() else {
+            let max = self.limits.max_in_flight;
+            return Err(refuse(record, PipelineError::Overloaded { max }));
+        };
+        ticket.admitted(permit);
+        let record = &mut ticket.record;
+        if query.text.trim().is_empty() {
+            return Err(PipelineError::EmptyQuery);
+        }
+        let len = query.text.chars().count();
+        if len > max {
+            return Err(refuse(record, PipelineError::QueryTooLong { len, max }));
+        }
+        let overlong = |id: &Option<String>| id.as_ref().map(|v| v.chars().count()).filter(|&n| n > MAX_ID_CHARS);
+        let bad_id = [("session_id", &record.session_id), ("user_id", &record.user_id)]
+            .into_iter()
+            .find_map(|(field, id)| overlong(id).map(|len| (field, len)));
+        if let Some((field, len)) = bad_id {
+            // Logged cut to the limit: the rejection, not the payload.
+            for id in [&mut record.session_id, &mut record.user_id] {
+                *id = id.take().map(|v| v.chars().take(MAX_ID_CHARS).collect());
+            }
+            let reason = format!("is {len} characters long; the limit is {MAX_ID_CHARS} characters");
+            return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
+        }
+        if let Err((field, reason)) = query.overrides.check() {
+            return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
+        }
+        let history_chars: usize = query.history.iter().map(|m| m.content.chars().count()).sum();
+        if history_chars > self.limits.max_history_chars {
+            let reason = format!(
+                "the conversation's earlier messages hold {history_chars} characters; the limit is {} \
+                 (limits.max_history_chars): send fewer or shorter turns",
+                self.limits.max_history_chars
+            );
+            let field = "history";
+            return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
+        }
+        let text = match rails
+            .input
+            .check(&query.text)
+            .instrument(tracing::info_span!("rails", request_id = %record.request_id))
+            .await
+        {
+            Ok(check) => {
+                record.guardrails = check.verdicts;
+                check.rewritten.unwrap_or_else(|| query.text.clone())
+            }
+            Err(rejection) => {
+                record.guardrails = rejection.verdicts().to_vec();
+                return Err(match rejection {
+                    RailRejection::Blocked(blocked) => {
+                        if let Some(q) = &blocked.logged_query {
+                            record.query = q.clone();
+                        }
+                        PipelineError::Blocked(blocked)
+                    }
+                    RailRejection::Invalid { rail, reason, .. } => {
+                        // The limits rail runs before the PII rail.
+                        record.query = rails.redact_for_log(&query.text);
+                        PipelineError::InvalidInput { rail, reason }
+                    }
+                });
+            }
+        };
+        let history = match check_history(&query.history, rails).await {
+            Ok(h) => h,
+            Err(rejection) => {
+                // The log keeps the query as the rails left it, and the
+                // verdicts on the earlier message that was refused.
+                record.query = text;
+                record.guardrails.extend(rejection.verdicts().iter().cloned());
+                return Err(match rejection {
+                    RailRejection::Blocked(blocked) => PipelineError::Blocked(blocked),
+                    RailRejection::Invalid { rail, reason, .. } => PipelineError::InvalidInput {
+                        rail,
+                        reason: format!("in an earlier message of the conversation: {reason}"),
+                    },
+                });
+            }
+        };
+        // The log keeps the query as the model saw it (redacted by rails).
+        record.query = text.clone();
+        let live = self.live.enter(&record.request_id);
+        ticket.passed_rails(text.clone(), live);
+        Ok((text, history))
+    }
+}
+
+/// Finish `ticket` as failed with `error` and return the error.
+pub(super) fn fail(ticket: Ticket, error: PipelineError) -> PipelineError {
+    tracing::debug!(request_id = %ticket.record.request_id, error = %error, "request refused");
+    ticket.finish(Outcome::from(&error));
+    error
+}
+
+/// The conversation's earlier turns through the input rails (concurrently):
+/// each as the rails left it (redacted), or the first rejection in order.
+async fn check_history(history: &[ChatMessage], rails: &Rails) -> Result<Vec<ChatMessage>, RailRejection> {
+    let checks = futures::future::join_all(history.iter().map(|m| rails.input.check(&m.content))).await;
+    history
+        .iter()
+        .zip(checks)
+        .map(|(m, check)| {
+            Ok(ChatMessage {
+                role: m.role,
+                content: check?.rewritten.unwrap_or_else(|| m.content.clone()),
+            })
+        })
+        .collect()
+}
