@@ -5,6 +5,10 @@
 //! to the log (so metrics and the log always agree), and
 //! [`Observer::inter_token`] sees each gap between two streamed deltas.
 
+/// Default log filter of flywheel's binaries (`RUST_LOG` overrides it):
+/// mistral.rs logs every request at `info`, which would drown the rest.
+pub const DEFAULT_LOG_FILTER: &str = "info,mistralrs_core=warn,mistralrs_quant=warn,mistralrs=warn";
+
 use crate::data::log::RequestRecord;
 
 /// Receives pipeline events; implementations must be cheap and non-blocking.

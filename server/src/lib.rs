@@ -6,7 +6,8 @@
 //! with graceful shutdown, [`grpc`] and [`http`] hold the thin handlers and
 //! each transport's table from error kinds to its codes, [`errors`] what a
 //! client is told of an error, [`auth`] the client API keys, [`metrics`]
-//! serves Prometheus metrics over HTTP, [`telemetry`] sets up tracing.
+//! serves Prometheus metrics over HTTP, [`telemetry`] sets up tracing;
+//! `testing` (feature `test-util`) starts real servers for integration tests.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
@@ -18,6 +19,8 @@ pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod telemetry;
+#[cfg(feature = "test-util")]
+pub mod testing;
 
 pub use app::{App, Listeners, ServerError, shutdown_signal};
 pub use config::{Config, Flags};

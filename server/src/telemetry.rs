@@ -21,7 +21,7 @@ use tracing_subscriber::layer::{Layer as _, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// Filter used when `RUST_LOG` is unset.
-const DEFAULT_FILTER: &str = "info,mistralrs_core=warn,mistralrs_quant=warn,mistralrs=warn";
+use flywheel_router::observe::DEFAULT_LOG_FILTER as DEFAULT_FILTER;
 /// `service.name` of exported spans unless `OTEL_SERVICE_NAME` says otherwise.
 const SERVICE_NAME: &str = "flywheel-server";
 

@@ -142,9 +142,7 @@ pub fn settings(server_config: Option<&Path>) -> anyhow::Result<EngineSettings> 
     Ok(match server_config {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            flywheel_server::Config::from_toml(&text)
-                .with_context(|| format!("parsing {}", path.display()))?
-                .settings
+            EngineSettings::from_config_file(&text).with_context(|| format!("parsing {}", path.display()))?
         }
         None => EngineSettings::default(),
     })
@@ -301,4 +299,20 @@ mod tests {
         assert!(parse_time("7w", 0).unwrap_err().to_string().contains("unknown unit"));
         assert!(parse_time("soon", 0).is_err());
     }
+}
+
+/// Log lines to stderr (`RUST_LOG`, default `info`), without mistral.rs's
+/// known false alarm; the trainer exports no traces.
+pub fn init_logs() {
+    use tracing_subscriber::filter::{EnvFilter, filter_fn};
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(flywheel_router::observe::DEFAULT_LOG_FILTER));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(filter_fn(|meta| {
+            !flywheel_router::engine::mistral::is_false_alarm(meta)
+        }))
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .try_init();
 }

@@ -1,6 +1,8 @@
-//! flywheel-trainer: the flywheel's offline jobs.
+//! flywheel-trainer: the flywheel's offline jobs. It reads the server's
+//! config file for the domain settings only and talks to a live server over
+//! gRPC; it does not link the server (the one-command demo, which runs the
+//! server in process, is `flywheel-demo`).
 //!
-//! - [`demo`]: the main job on the embedded defaults (server + sample queries).
 //! - [`curate`]: from the request log and feedback to a clean, leak-free,
 //!   reproducible ground-truth dataset (judge, review queue, dedup, split).
 //! - [`rails`]: guardrail datasets, jailbreak-head training, rail evaluation.
@@ -18,7 +20,6 @@
 pub mod cli;
 pub mod curate;
 pub mod cycle;
-pub mod demo;
 pub mod eval;
 pub mod finetune;
 pub mod plot;

@@ -1,11 +1,11 @@
-//! `flywheel-trainer`: offline jobs of the flywheel (model preparation, demo).
+//! `flywheel-trainer`: offline jobs of the flywheel.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, cycle, demo, eval, finetune, promote, rag, rails};
+use flywheel_trainer::{cli, cycle, eval, finetune, promote, rag, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -16,8 +16,6 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// The flywheel end to end: serve, replay traffic, feedback, curate, fine-tune, evaluate, promote, replay, report.
-    Demo(Box<demo::DemoArgs>),
     /// Build a ground-truth dataset from the request log and feedback (and/or labelled files).
     Curate(Box<cli::CurateArgs>),
     /// Fine-tune a model on labelled text (LoRA or full) and write the merged GGUF, PEFT adapter and manifest.
@@ -65,9 +63,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Logs only: the trainer exports no traces.
-    let _logs = flywheel_server::telemetry::init(None)?;
+    cli::init_logs();
     match Cli::parse().command {
-        Command::Demo(args) => demo::run(*args).await.map(drop),
         Command::Cycle(args) => {
             let records = cycle::run(&args).await?;
             let failed = records

@@ -512,6 +512,73 @@ impl EngineSettings {
     }
 }
 
+/// The domain sections of a config file, each optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sections {
+    models: Option<BTreeMap<String, ModelSpec>>,
+    router: Option<RouterSpec>,
+    experts: Option<Vec<ExpertSpec>>,
+    limits: Option<LimitsSpec>,
+    log: Option<LogSpec>,
+    feedback: Option<FeedbackSpec>,
+    rails: Option<RailsSpec>,
+    retrieval: Option<RetrievalSpec>,
+}
+
+/// Top-level keys of a config file that hold domain settings; the server
+/// owns the others (listen addresses, keys, ...).
+pub const SECTIONS: [&str; 8] = [
+    "models",
+    "router",
+    "experts",
+    "limits",
+    "log",
+    "feedback",
+    "rails",
+    "retrieval",
+];
+
+impl EngineSettings {
+    /// The domain settings of a server config file over the defaults: its
+    /// [`SECTIONS`], checked field by field; the server's own top-level keys
+    /// are left to the server (which checks them when it loads the file).
+    ///
+    /// # Errors
+    /// TOML syntax errors, and unknown or malformed fields in the sections.
+    pub fn from_config_file(text: &str) -> Result<Self, toml::de::Error> {
+        let mut table: toml::Table = toml::from_str(text)?;
+        table.retain(|k, _| SECTIONS.iter().any(|s| *s == k));
+        let file: Sections = table.try_into()?;
+        let mut s = Self::default();
+        if let Some(v) = file.models {
+            s.models = v;
+        }
+        if let Some(v) = file.router {
+            s.router = v;
+        }
+        if let Some(v) = file.experts {
+            s.experts = v;
+        }
+        if let Some(v) = file.limits {
+            s.limits = v;
+        }
+        if let Some(v) = file.log {
+            s.log = v;
+        }
+        if let Some(v) = file.feedback {
+            s.feedback = v;
+        }
+        if let Some(v) = file.rails {
+            s.rails = v;
+        }
+        if let Some(v) = file.retrieval {
+            s.retrieval = v;
+        }
+        Ok(s)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

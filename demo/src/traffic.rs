@@ -10,13 +10,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 
-use crate::curate::dataset::{Columns, LabelSource, read_examples_with};
+use flywheel_trainer::curate::dataset::{Columns, LabelSource, read_examples_with};
 
 /// The embedded default traffic: 2,400 HWU64 queries (CC BY 4.0) labelled
 /// with their scenario; see `trainer/data/hwu64/README.md`.
-pub const HWU64_TRAFFIC: &str = include_str!("../../data/hwu64/traffic.csv");
+pub const HWU64_TRAFFIC: &str = include_str!("../../trainer/data/hwu64/traffic.csv");
 /// The experts of the default traffic: HWU64's 18 scenarios.
-pub const HWU64_CONFIG: &str = include_str!("../../../server/config/hwu64.toml");
+pub const HWU64_CONFIG: &str = include_str!("../../server/config/hwu64.toml");
 
 /// One query with the expert that should answer it.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +91,7 @@ pub fn experts_config(queries: &[Query]) -> String {
         .unwrap_or_default();
     let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
     let mut out = format!(
-        "# Experts generated from the traffic's labels by `flywheel-trainer demo`.\n\n\
+        "# Experts generated from the traffic's labels by `flywheel-demo`.\n\n\
          [router]\n\
          model = \"smollm2\"\n\
          instructions = \"You route requests to the right expert. Reply with the name of the one expert that should handle the request.\"\n\

@@ -6,7 +6,7 @@ use flywheel_router::data::journal::CycleRecord;
 use serde::{Deserialize, Serialize};
 
 use super::replay::{BackgroundStats, FeedbackStats, Replay};
-use crate::rails::eval::Latency;
+use flywheel_trainer::rails::eval::Latency;
 
 /// The measurements of one replay.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! The flywheel end to end, CI-sized: `flywheel-trainer demo --quick` as a
+//! The flywheel end to end, CI-sized: `flywheel-demo --quick` as a
 //! process on a small labelled traffic file (four HWU64 scenarios, so the
 //! experts come from the file's labels). It starts the real server with the
 //! real SmolLM2 router, replays the traffic through the gRPC API, gives
@@ -13,9 +13,9 @@ mod common;
 
 use std::path::Path;
 
+use flywheel_demo::report::DemoReport;
+use flywheel_demo::traffic::HWU64_TRAFFIC;
 use flywheel_router::data::journal::{CycleJournal, CycleStatus};
-use flywheel_trainer::demo::report::DemoReport;
-use flywheel_trainer::demo::traffic::HWU64_TRAFFIC;
 
 /// Four scenarios the zero-shot router confuses (its expert descriptions
 /// are only the label names), so a short training run has room to show.
@@ -45,8 +45,7 @@ fn one_cycle_makes_the_router_more_accurate_without_a_failed_request() {
     let out = dir.path().join("demo");
     let models = flywheel_router::testing::test_model().canonicalize().unwrap();
     let models_dir = models.parent().unwrap().to_str().unwrap();
-    let stdout = common::trainer(&[
-        "demo",
+    let stdout = common::demo(&[
         "--quick",
         "--traffic",
         traffic.to_str().unwrap(),

@@ -12,7 +12,7 @@ mod common;
 use common::trainer;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use flywheel_proto::v1::chat_client::ChatClient;
@@ -22,7 +22,7 @@ use flywheel_proto::v1::router_client::RouterClient;
 use flywheel_proto::v1::{
     ChatRequest, FeedbackHistoryRequest, FeedbackRequest, GenerationOptions, RouteRequest, Thumb,
 };
-use flywheel_server::{App, Config};
+use flywheel_server::Config;
 use flywheel_trainer::curate::Manifest;
 use flywheel_trainer::curate::review::{ReviewItem, read_queue, write_queue};
 use tonic::transport::Channel;
@@ -58,41 +58,6 @@ const SILENT: &str = "What is a good book to read this weekend?";
 /// Wrongly routed requests that get a thumbs down but no correction.
 const UNCORRECTED: usize = 2;
 
-fn model_path() -> PathBuf {
-    flywheel_router::testing::test_model()
-}
-
-fn embedder_dir() -> PathBuf {
-    flywheel_router::testing::test_embedder()
-}
-
-fn start_server(log: &Path, model: &Path) -> std::net::SocketAddr {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    config.settings.log.path = log.to_path_buf();
-    config.settings.rails.jailbreak.embedder_dir = embedder_dir();
-    for spec in config.settings.models.values_mut() {
-        spec.path = model.to_path_buf();
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind(config.listen).await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let app = App::build(config).await.expect("building the server");
-            tx.send(addr).unwrap();
-            app.serve(listener, std::future::pending()).await.unwrap();
-        });
-    });
-    rx.recv().expect("server thread died while starting")
-}
-
 fn manifest(dir: &Path) -> Manifest {
     serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap()
 }
@@ -116,9 +81,15 @@ fn thumb(up: bool) -> Option<Rating> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
     let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("requests.db");
-    let model = model_path();
-    let addr = start_server(&log, &model);
+    // The shared bootstrap: the default config (real model, real rails),
+    // the log in a folder of its own.
+    let model = flywheel_server::testing::model_path();
+    let mut config = Config::default();
+    for spec in config.settings.models.values_mut() {
+        spec.path = model.clone();
+    }
+    let server = flywheel_server::testing::start(config);
+    let (addr, log) = (server.addr, server.log_path.clone());
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -1,4 +1,6 @@
-//! `flywheel-trainer demo`: the flywheel end to end, in one command.
+//! `flywheel-demo`: the flywheel end to end, in one command: the server
+//! (`flywheel-server`) in process and the trainer's jobs (`flywheel-trainer`)
+//! against it. The one crate that depends on both.
 //!
 //! 1. Prepares the default model and the rails' embedder if missing, and
 //!    starts the server in process (guardrails, router, experts, request
@@ -8,11 +10,13 @@
 //! 3. Gives the simulated users' feedback: thumbs up when the route was
 //!    right, thumbs down when wrong, and for a share of those a reviewer's
 //!    correction (optionally noisy).
-//! 4. Runs one flywheel cycle ([`crate::cycle`]: curate, fine-tune,
+//! 4. Runs one flywheel cycle ([`flywheel_trainer::cycle`]: curate, fine-tune,
 //!    evaluate on the frozen test split, gate, promote) while background
 //!    traffic keeps flowing through the hot swap.
 //! 5. Replays the same traffic again and writes the before/after table
 //!    (`report.json`, `report.md`) and plots.
+
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod replay;
 pub mod report;
@@ -34,9 +38,9 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::curate::dataset::Columns;
-use crate::cycle::{CycleArgs, TrainingKnobs};
-use crate::promote::ServerArgs;
+use flywheel_trainer::curate::dataset::Columns;
+use flywheel_trainer::cycle::{CycleArgs, TrainingKnobs};
+use flywheel_trainer::promote::ServerArgs;
 use replay::{FeedbackPolicy, Replay};
 use report::{DemoReport, Stage};
 use traffic::Query;
@@ -350,7 +354,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         registry_dir: args.out.join("registry"),
         work_dir: args.out.join("cycles"),
         server_config: Some(server_config.clone()),
-        device: crate::eval::DeviceArg { choice: Some(device) },
+        device: flywheel_trainer::eval::DeviceArg { choice: Some(device) },
         training: TrainingKnobs {
             base: model.clone(),
             epochs: args.epochs.unwrap_or(if args.quick { 6 } else { 3 }),
@@ -360,13 +364,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             seed: args.seed,
             quiet: false,
         },
-        test_fraction: crate::curate::DEFAULT_TEST_FRACTION,
+        test_fraction: flywheel_trainer::curate::DEFAULT_TEST_FRACTION,
         min_examples: if args.quick {
             10
         } else {
-            crate::cycle::DEFAULT_MIN_EXAMPLES
+            flywheel_trainer::cycle::DEFAULT_MIN_EXAMPLES
         },
-        tolerance: crate::promote::DEFAULT_TOLERANCE,
+        tolerance: flywheel_trainer::promote::DEFAULT_TOLERANCE,
         max_p99_ms: None,
         every_labels: None,
         every: None,
@@ -374,7 +378,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         max_cycles: None,
         trigger: "demo".into(),
     };
-    let record = crate::cycle::run_once(&cycle_args).await;
+    let record = flywheel_trainer::cycle::run_once(&cycle_args).await;
     if background.is_some() && record.as_ref().is_ok_and(|r| r.promoted) {
         // Let the background traffic meet the new version too.
         tokio::time::sleep(Duration::from_millis(args.background_pause_ms.max(500) * 4)).await;
@@ -460,7 +464,7 @@ fn write_outputs(out: &Path, report: &DemoReport, before: &Replay, after: &Repla
             .map(|o| o.route_ms)
             .collect()
     };
-    crate::plot::cdf_png(
+    flywheel_trainer::plot::cdf_png(
         &[
             (format!("before: {}", report.before.router_version), latencies(before)),
             (format!("after: {}", report.after.router_version), latencies(after)),
