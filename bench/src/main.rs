@@ -16,8 +16,8 @@
 
 mod admin;
 mod engine_bench;
-mod grpc_load;
 mod http_client;
+mod load;
 mod log_bench;
 mod plot;
 mod rails_bench;
@@ -43,7 +43,7 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    load: grpc_load::Args,
+    load: load::Args,
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,7 +55,7 @@ enum Command {
     /// The request log's write cost per record, in process.
     Log(log_bench::Args),
     /// gRPC load against a running server (closed or open loop; the default).
-    Load(grpc_load::Args),
+    Load(load::Args),
     /// Live latency without vs with a shadow of a slot, back to back.
     Shadow(shadow_bench::Args),
     /// Streaming load while a slot is promoted and rolled back (latency during swaps vs steady).
@@ -104,11 +104,11 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let Some(command) = cli.command else {
-        return grpc_load::run(cli.load).await;
+        return load::run(cli.load).await;
     };
     match command {
         Command::Engine(args) => engine_bench::run(args).await,
-        Command::Load(args) => grpc_load::run(args).await,
+        Command::Load(args) => load::run(args).await,
         Command::Rails(args) => rails_bench::run(args).await,
         Command::Log(args) => log_bench::run(args).await,
         Command::Swap(args) => swap_bench::run(args).await,
@@ -118,6 +118,6 @@ async fn main() -> anyhow::Result<()> {
             expert,
             max_tokens,
             query,
-        } => grpc_load::ask(&addr, query, expert, max_tokens).await,
+        } => load::ask(&addr, query, expert, max_tokens).await,
     }
 }

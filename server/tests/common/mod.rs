@@ -194,14 +194,26 @@ pub fn workspace_root() -> PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The README's first Python code block containing `marker`, as written there.
+/// The first Python code block of the README or a docs/ page containing `marker`, as written there.
 pub fn readme_python_block(marker: &str) -> String {
-    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    readme
-        .split("```python\n")
-        .skip(1)
-        .filter_map(|rest| rest.split("```").next())
+    let root = workspace_root();
+    let mut pages = vec![root.join("README.md")];
+    let mut docs: Vec<PathBuf> = std::fs::read_dir(root.join("docs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "md"))
+        .collect();
+    docs.sort();
+    pages.extend(docs);
+    pages
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .flat_map(|text| {
+            text.split("```python\n")
+                .skip(1)
+                .filter_map(|rest| rest.split("```").next().map(str::to_string))
+                .collect::<Vec<_>>()
+        })
         .find(|block| block.contains(marker))
-        .unwrap_or_else(|| panic!("a Python block with `{marker}` in the README"))
-        .to_string()
+        .unwrap_or_else(|| panic!("a Python block with `{marker}` in the README or docs/"))
 }
