@@ -83,7 +83,7 @@ fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
         status: "ok".into(),
         guardrails: vec![RailVerdict {
             rail: "topic".into(),
-            decision: "allow".into(),
+            decision: flywheel_router::guardrails::RailDecision::Allow,
             score: Some(rng.random_range(0.0..1.0)),
             latency_ms: 0.0,
         }],

@@ -1,29 +1,32 @@
-//! flywheel's domain core: everything between a query and its answer, with no
-//! transport code.
+//! flywheel's domain core: everything between a query and its answer, and
+//! everything that changes what is served, with no transport code.
 //!
+//! - [`serving`]: the request path (data plane): admit, input rails, route,
+//!   topic rail, retrieve, generate, output rail, record; a request is a
+//!   `Ticket` finished in one place, so every request leaves one record.
+//! - [`control`]: the control plane: promotion and rollback, shadows, A/B
+//!   splits, rails and index replacement, feedback, the cycle journal.
 //! - [`engine`]: the [`engine::Engine`] trait (streaming generation, label
-//!   scoring) and its mistral.rs and stub implementations.
-//! - [`registry`]: named model slots, each an atomically swappable snapshot;
-//!   [`store`]: the registry on disk (model versions, what each slot serves);
-//!   [`shadow`]: candidate models mirrored on a sample of live requests;
-//!   [`split`]: A/B splits of live traffic between versions.
+//!   scoring), its mistral.rs and stub implementations and their loaders.
+//! - [`models`]: named model slots (atomically swappable snapshots), the
+//!   registry on disk, the task a fine-tuned model carries.
 //! - [`agents`]: the router agent (picks an expert by label scoring) and the
 //!   expert agents (answer with streaming generation).
 //! - [`guardrails`]: limits, PII (input and streamed output), jailbreak
 //!   (sentence embedding [`embed`] + trained head) and topic rails;
-//!   [`retrieval`]: the seam for retrieved passages.
-//! - [`pipeline`]: admission, validation, rails, routing, answering; every
-//!   request leaves one record in the [`log`] (SQLite, batched writer).
-//! - [`feedback`]: explicit ratings and corrections, reviewer labels and
-//!   implicit signals (rephrase, abandoned stream), joined to the log by
-//!   request id; [`similarity`]: shingles, Jaccard and MinHash near-duplicates.
+//!   [`retrieval`]: the experts' corpora, BM25 + dense + RRF.
+//! - [`trials`]: candidates on live traffic (shadow runs, A/B splits).
+//! - [`data`]: the request log (SQLite, batched writer), feedback and implicit
+//!   signals, the cycle journal, text similarity.
 //! - [`observe`]: hooks through which the server's metrics see every
 //!   finished request and every inter-token gap.
-//! - [`config`]: typed, validated settings; [`device`]: CPU or CUDA GPU; [`model_prep`]: converts GGUF
-//!   weights to the fastest CPU format; [`task`]: the prompt and labels a
-//!   fine-tuned model carries in its metadata.
+//! - [`config`]: typed, validated settings (the leaf every module may use);
+//!   [`error`]: one error type and its transport-free kinds; [`clock`];
+//!   [`device`]: CPU or CUDA GPU; [`model_prep`]: GGUF conversion and the
+//!   model wheels.
 //!
-//! The server (`flywheel-server`) wraps [`pipeline::Pipeline`] in gRPC.
+//! The server (`flywheel-server`) wraps [`serving::Pipeline`] and
+//! [`control::ControlPlane`] in gRPC and HTTP.
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 

@@ -328,7 +328,7 @@ impl Observer for Metrics {
             self.rails
                 .get_or_create(&RailLabels {
                     rail: v.rail.clone(),
-                    decision: v.decision.clone(),
+                    decision: v.decision.as_str().to_string(),
                 })
                 .inc();
         }

@@ -11,8 +11,7 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::quantized::gguf_file;
 use flywheel_proto::v1 as pb;
@@ -128,7 +127,7 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
     let s = setup(Some(TOKEN));
     let server = &s.server;
     let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(common::Progress::default());
     let mut clients = Vec::new();
     for _ in 0..8 {
         let mut client = server.chat().await;
@@ -137,22 +136,20 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
             let mut failures = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match stream_once(&mut client).await {
-                    Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        failures.push(e.to_string());
-                        0
-                    }
+                    Ok(()) => done.tick(),
+                    Err(e) => failures.push(e.to_string()),
                 };
             }
             failures
         }));
     }
     let mut admin = server.admin().await;
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // Each swap lands while answers stream: a few complete between swaps.
+    done.after(4).await;
     for v in ["v1", "v2", "v3", "v4", "v5"] {
         let r = admin.promote(promote(EXPERT_SLOT, v)).await.unwrap().into_inner();
         assert_eq!(r.version, v);
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        done.after(4).await;
     }
     let r = admin
         .rollback(authorized(pb::RollbackRequest {
@@ -162,7 +159,7 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
         .unwrap()
         .into_inner();
     assert_eq!((r.previous_version.as_str(), r.version.as_str()), ("v5", "v4"));
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    done.after(4).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let failures = c.await.unwrap();
@@ -174,7 +171,7 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
     // version the record says served it; several versions served traffic.
     server.pipeline.log().flush().await.unwrap();
     let records = server.pipeline.log().reader().unwrap().recent(1_000_000).unwrap();
-    assert!(records.len() >= done.load(Ordering::Relaxed));
+    assert!(records.len() >= done.count());
     let mut versions = std::collections::BTreeSet::new();
     for rec in records.iter().filter(|r| r.kind == "stream") {
         assert_eq!(rec.status, "ok", "{:?}", rec.error);

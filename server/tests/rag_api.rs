@@ -134,7 +134,7 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
 
     // Streams run continuously while the index is rebuilt and swapped three times.
     let stop = Arc::new(AtomicBool::new(false));
-    let (done, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (done, failed) = (Arc::new(common::Progress::default()), Arc::new(AtomicUsize::new(0)));
     let mut clients = Vec::new();
     for i in 0..4 {
         let (stop, done, failed) = (stop.clone(), done.clone(), failed.clone());
@@ -156,9 +156,9 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
                 }
                 .await;
                 match result {
-                    Ok(true) => done.fetch_add(1, Ordering::Relaxed),
-                    _ => failed.fetch_add(1, Ordering::Relaxed),
-                };
+                    Ok(true) => done.tick(),
+                    _ => drop(failed.fetch_add(1, Ordering::Relaxed)),
+                }
             }
         }));
     }
@@ -177,14 +177,15 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
             .unwrap()
             .into_inner();
         assert_eq!((stats.experts, stats.documents), (1, 8));
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // Answers keep flowing between rebuilds.
+        done.after(2).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         c.await.unwrap();
     }
     assert_eq!(failed.load(Ordering::Relaxed), 0);
-    assert!(done.load(Ordering::Relaxed) >= 8, "{}", done.load(Ordering::Relaxed));
+    assert!(done.count() >= 8, "{}", done.count());
 
     let after = server
         .chat()

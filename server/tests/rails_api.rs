@@ -72,7 +72,7 @@ async fn a_jailbreak_is_blocked_before_routing_on_every_rpc_and_logged_redacted(
         assert_eq!(r.status, "permission_denied");
         assert!(r.route.is_none() && r.expert.is_none(), "no model ran: {r:?}");
         let jb = r.guardrails.iter().find(|v| v.rail == "jailbreak").unwrap();
-        assert_eq!(jb.decision, "block");
+        assert_eq!(jb.decision.as_str(), "block");
         assert!(jb.score.unwrap() > 0.5 && jb.latency_ms > 0.0);
     }
 
@@ -89,7 +89,7 @@ async fn a_jailbreak_is_blocked_before_routing_on_every_rpc_and_logged_redacted(
     for rail in ["limits", "pii", "jailbreak", "pii_output"] {
         assert!(rails.contains(&rail), "{rail} missing from {rails:?}");
     }
-    assert!(rec.guardrails.iter().all(|v| v.decision != "block"));
+    assert!(rec.guardrails.iter().all(|v| v.decision.as_str() != "block"));
 }
 
 #[tokio::test]
@@ -162,7 +162,7 @@ async fn pii_in_answers_is_redacted_in_the_stream_and_the_log() {
     let rec = server.record(&request_id).await;
     assert_eq!(rec.answer.as_deref(), Some(answer.as_str()));
     let out = rec.guardrails.iter().find(|v| v.rail == "pii_output").unwrap();
-    assert_eq!(out.decision, "redact");
+    assert_eq!(out.decision.as_str(), "redact");
 }
 
 #[tokio::test]
@@ -175,7 +175,7 @@ async fn out_of_scope_queries_follow_the_topic_policy_changed_without_restart() 
     assert!(first.route.unwrap().fallback);
     let rec = server.record(&first.request_id).await;
     let topic = rec.guardrails.iter().find(|v| v.rail == "topic").unwrap();
-    assert_eq!(topic.decision, "fallback");
+    assert_eq!(topic.decision.as_str(), "fallback");
 
     let mut admin = server.admin().await;
     for bad in [

@@ -1,4 +1,5 @@
-//! A/B splits wired into the pipeline (see [`crate::trials::split`]).
+//! A/B splits set, cleared and reported through the control plane (the
+//! per-request pick: [`crate::serving`]; the rules: [`crate::trials::split`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

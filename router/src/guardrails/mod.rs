@@ -11,17 +11,54 @@
 pub mod jailbreak;
 pub mod pii;
 pub mod rails;
+pub mod settings;
+pub mod stream;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+
+/// A rail's decision, logged (and labelled in metrics) by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RailDecision {
+    /// The text passes as it is.
+    Allow,
+    /// The limits rail removed invisible characters.
+    Sanitize,
+    /// PII was redacted.
+    Redact,
+    /// The request is refused.
+    Block,
+    /// The rail could not decide; the request is refused (fail closed).
+    Error,
+    /// Topic rail: out of scope, answered by the fallback expert.
+    Fallback,
+    /// Topic rail: out of scope, answered with the refusal message.
+    Refuse,
+}
+
+impl RailDecision {
+    /// Its name in the log and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RailDecision::Allow => "allow",
+            RailDecision::Sanitize => "sanitize",
+            RailDecision::Redact => "redact",
+            RailDecision::Block => "block",
+            RailDecision::Error => "error",
+            RailDecision::Fallback => "fallback",
+            RailDecision::Refuse => "refuse",
+        }
+    }
+}
 
 /// What a rail decided about one text.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RailVerdict {
     /// Rail name, e.g. `"jailbreak"`.
     pub rail: String,
-    /// `"allow"`, `"redact"` or `"block"`.
-    pub decision: String,
+    /// What it decided.
+    pub decision: RailDecision,
     /// Detector score, when the rail has one.
     pub score: Option<f32>,
     /// Time the rail took, in milliseconds.
@@ -177,5 +214,27 @@ impl OutputFilter for PassThrough {
     }
     fn verdicts(&self) -> Vec<RailVerdict> {
         Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod decision_tests {
+    use super::RailDecision;
+
+    #[test]
+    fn a_decision_is_logged_by_the_name_metrics_use() {
+        for d in [
+            RailDecision::Allow,
+            RailDecision::Sanitize,
+            RailDecision::Redact,
+            RailDecision::Block,
+            RailDecision::Error,
+            RailDecision::Fallback,
+            RailDecision::Refuse,
+        ] {
+            let logged = serde_json::to_string(&d).unwrap();
+            assert_eq!(logged, format!("\"{}\"", d.as_str()));
+            assert_eq!(serde_json::from_str::<RailDecision>(&logged).unwrap(), d);
+        }
     }
 }

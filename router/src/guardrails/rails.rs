@@ -7,184 +7,21 @@
 //! inline), both on the original text so redaction cannot hide an attack.
 //! The query that continues, and the one logged, is the redacted one.
 //!
-//! Output: a PII filter per answer that redacts entities in the stream,
-//! holding back only the trailing word and any run of number-like groups
-//! that could still grow into an entity (see [`PiiStreamFilter`]).
+//! Output: a PII filter per answer ([`PiiStreamFilter`], in `stream.rs`);
+//! the rails' settings are in `settings.rs`.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
 use super::jailbreak::{Head, signals};
 use super::pii::{self, PiiKind, PiiSpan, Redactor};
-use super::{Blocked, InputCheck, InputRails, OutputFilter, OutputRails, RailRejection, RailVerdict};
+pub use super::settings::{JailbreakSpec, LimitsRailSpec, PiiPolicy, PiiSpec, RailsSpec, TopicPolicy, TopicSpec};
+pub use super::stream::PiiStreamFilter;
+use super::{Blocked, InputCheck, InputRails, OutputFilter, OutputRails, RailDecision, RailRejection, RailVerdict};
 use crate::embed::Embedder;
-
-/// What to do with one kind of PII.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PiiPolicy {
-    /// Replace by a typed placeholder (`<EMAIL_1>`).
-    Redact,
-    /// Refuse the request (input only; on output it redacts, since streamed
-    /// text cannot be taken back).
-    Block,
-    /// Leave it.
-    Allow,
-}
-
-/// The PII rail.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PiiSpec {
-    /// On or off.
-    pub enabled: bool,
-    /// Policy for entity kinds not listed in `policies`.
-    pub default_policy: PiiPolicy,
-    /// Policy per entity kind (`email`, `phone`, `credit_card`, `ssn`, `iban`, `ip_address`).
-    pub policies: BTreeMap<PiiKind, PiiPolicy>,
-    /// Redact PII in answers too.
-    pub redact_output: bool,
-    /// Entity kinds left as they are in answers (all others are redacted).
-    pub output_allow: Vec<PiiKind>,
-}
-
-impl Default for PiiSpec {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            default_policy: PiiPolicy::Redact,
-            policies: BTreeMap::new(),
-            redact_output: true,
-            output_allow: Vec::new(),
-        }
-    }
-}
-
-impl PiiSpec {
-    fn policy(&self, kind: PiiKind) -> PiiPolicy {
-        self.policies.get(&kind).copied().unwrap_or(self.default_policy)
-    }
-}
-
-/// The jailbreak / prompt-injection rail.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JailbreakSpec {
-    /// On or off.
-    pub enabled: bool,
-    /// Block from this probability (default: the trained head's threshold).
-    pub threshold: Option<f32>,
-    /// Folder of the sentence embedder (all-MiniLM-L6-v2).
-    pub embedder_dir: PathBuf,
-    /// Message returned to a blocked caller.
-    pub message: String,
-}
-
-impl Default for JailbreakSpec {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            threshold: None,
-            embedder_dir: PathBuf::from("models/all-minilm-l6-v2"),
-            message: "This request looks like an attempt to override the assistant's instructions.".into(),
-        }
-    }
-}
-
-/// What happens to queries no expert covers (router confidence below
-/// `router.confidence_threshold`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TopicPolicy {
-    /// The fallback expert answers.
-    Fallback,
-    /// The configured refusal is the answer; no model generates.
-    Refuse,
-}
-
-/// The topic rail.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TopicSpec {
-    /// On or off (off: low-confidence queries still go to the fallback expert).
-    pub enabled: bool,
-    /// Fallback or refuse.
-    pub policy: TopicPolicy,
-    /// The refusal text.
-    pub refusal: String,
-}
-
-impl Default for TopicSpec {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            policy: TopicPolicy::Fallback,
-            refusal: "Sorry, that is outside what I can help with here.".into(),
-        }
-    }
-}
-
-/// The limits rail (the query length limit is `limits.max_query_chars`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsRailSpec {
-    /// On or off.
-    pub enabled: bool,
-    /// Reject control characters (other than tab and newlines).
-    pub reject_control_chars: bool,
-    /// Reject words that mix Latin with Cyrillic or Greek letters (homoglyph smuggling).
-    pub reject_mixed_script: bool,
-}
-
-impl Default for LimitsRailSpec {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            reject_control_chars: true,
-            reject_mixed_script: true,
-        }
-    }
-}
-
-/// All rails (`[rails]` in the config; replaceable at run time).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RailsSpec {
-    /// Limits rail.
-    pub limits: LimitsRailSpec,
-    /// PII rail.
-    pub pii: PiiSpec,
-    /// Jailbreak rail.
-    pub jailbreak: JailbreakSpec,
-    /// Topic rail.
-    pub topic: TopicSpec,
-}
-
-impl RailsSpec {
-    /// Check ranges.
-    ///
-    /// # Errors
-    /// The key and what is expected.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if let Some(t) = self.jailbreak.threshold
-            && !(t > 0.0 && t < 1.0)
-        {
-            return Err(("rails.jailbreak.threshold".into(), "must be in (0, 1)".into()));
-        }
-        if self.topic.enabled && self.topic.policy == TopicPolicy::Refuse && self.topic.refusal.trim().is_empty() {
-            return Err((
-                "rails.topic.refusal".into(),
-                "must not be empty with policy = \"refuse\"".into(),
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// Characters removed from queries: zero-width and bidirectional controls,
 /// used to smuggle instructions past readers and filters.
@@ -226,10 +63,10 @@ pub fn mixed_script_word(text: &str) -> Option<&str> {
     })
 }
 
-fn verdict(rail: &str, decision: &str, score: Option<f32>, start: Instant) -> RailVerdict {
+fn verdict(rail: &str, decision: RailDecision, score: Option<f32>, start: Instant) -> RailVerdict {
     RailVerdict {
         rail: rail.into(),
-        decision: decision.into(),
+        decision,
         score,
         latency_ms: start.elapsed().as_secs_f64() * 1e3,
     }
@@ -368,7 +205,7 @@ impl RailSet {
             return Ok(None);
         }
         let reject = |reason: String, verdicts: &mut Vec<RailVerdict>| {
-            verdicts.push(verdict("limits", "block", None, start));
+            verdicts.push(verdict("limits", RailDecision::Block, None, start));
             Err(RailRejection::Invalid {
                 rail: "limits".into(),
                 reason,
@@ -397,7 +234,11 @@ impl RailSet {
         let cleaned: Option<String> = text
             .contains(is_invisible)
             .then(|| text.chars().filter(|c| !is_invisible(*c)).collect());
-        let decision = if cleaned.is_some() { "sanitize" } else { "allow" };
+        let decision = if cleaned.is_some() {
+            RailDecision::Sanitize
+        } else {
+            RailDecision::Allow
+        };
         verdicts.push(verdict("limits", decision, None, start));
         Ok(cleaned)
     }
@@ -412,7 +253,7 @@ impl RailSet {
             return (
                 Some(logged),
                 Some(s.kind),
-                verdict("pii", "block", Some(spans.len() as f32), start),
+                verdict("pii", RailDecision::Block, Some(spans.len() as f32), start),
             );
         }
         let redact: Vec<PiiSpan> = spans
@@ -420,11 +261,11 @@ impl RailSet {
             .filter(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Redact)
             .collect();
         if redact.is_empty() {
-            return (None, None, verdict("pii", "allow", Some(0.0), start));
+            return (None, None, verdict("pii", RailDecision::Allow, Some(0.0), start));
         }
         let n = redact.len() as f32;
         let out = Redactor::default().apply(text, &redact);
-        (Some(out), None, verdict("pii", "redact", Some(n), start))
+        (Some(out), None, verdict("pii", RailDecision::Redact, Some(n), start))
     }
 }
 
@@ -466,7 +307,7 @@ impl InputRails for RailSet {
                 Ok(p) if p >= threshold => {
                     verdicts.push(RailVerdict {
                         rail: "jailbreak".into(),
-                        decision: "block".into(),
+                        decision: RailDecision::Block,
                         score: Some(p),
                         latency_ms,
                     });
@@ -479,7 +320,7 @@ impl InputRails for RailSet {
                 }
                 Ok(p) => verdicts.push(RailVerdict {
                     rail: "jailbreak".into(),
-                    decision: "allow".into(),
+                    decision: RailDecision::Allow,
                     score: Some(p),
                     latency_ms,
                 }),
@@ -488,7 +329,7 @@ impl InputRails for RailSet {
                     tracing::error!(%error, "jailbreak rail failed");
                     verdicts.push(RailVerdict {
                         rail: "jailbreak".into(),
-                        decision: "error".into(),
+                        decision: RailDecision::Error,
                         score: None,
                         latency_ms,
                     });
@@ -527,111 +368,6 @@ impl OutputRails for RailSet {
     }
 }
 
-/// Whether `word` could be one group of a spaced number-like entity
-/// (card, phone, IBAN, SSN): it has a digit, or is a short upper-case
-/// alphanumeric group inside an IBAN.
-fn numberish(word: &str) -> bool {
-    let allowed = word.chars().all(|c| c.is_ascii_alphanumeric() || "()+-.:/".contains(c));
-    allowed
-        && (word.chars().any(|c| c.is_ascii_digit())
-            || (word.len() <= 4 && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())))
-}
-
-/// Start of the tail of `buf` that must be held back: the unfinished last
-/// word, and any run of number-like groups before it.
-fn hold_start(buf: &str) -> usize {
-    let mut start = buf.len();
-    // The last word is unfinished unless the buffer ends in whitespace.
-    if !buf.ends_with(char::is_whitespace) {
-        match buf.rfind(char::is_whitespace) {
-            Some(i) => start = i + 1,
-            None => return 0,
-        }
-        // A finished run of number groups cannot grow after a plain word.
-        if !numberish(&buf[start..]) {
-            return start;
-        }
-    }
-    // Extend back over number-like groups separated by single spaces.
-    loop {
-        let before = buf[..start].trim_end_matches(' ');
-        if before.len() + 1 != start && start != buf.len() {
-            break; // more than one space: a new run
-        }
-        let word_start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
-        let word = &before[word_start..];
-        if word.is_empty() || !numberish(word) {
-            break;
-        }
-        start = word_start;
-        if start == 0 {
-            break;
-        }
-    }
-    start
-}
-
-/// Redacts PII in a streamed answer: releases text as soon as no entity can
-/// still be forming in it.
-pub struct PiiStreamFilter {
-    spec: PiiSpec,
-    buf: String,
-    redactor: Redactor,
-    redacted: usize,
-    spent_ms: f64,
-}
-
-impl PiiStreamFilter {
-    /// A filter with `spec`'s policies.
-    pub fn new(spec: PiiSpec) -> Self {
-        Self {
-            spec,
-            buf: String::new(),
-            redactor: Redactor::default(),
-            redacted: 0,
-            spent_ms: 0.0,
-        }
-    }
-
-    fn release(&mut self, upto: usize) -> String {
-        let start = Instant::now();
-        let head: String = self.buf.drain(..upto).collect();
-        let spans: Vec<PiiSpan> = pii::detect(&head)
-            .into_iter()
-            .filter(|s| !self.spec.output_allow.contains(&s.kind))
-            .collect();
-        self.redacted += spans.len();
-        let out = self.redactor.apply(&head, &spans);
-        self.spent_ms += start.elapsed().as_secs_f64() * 1e3;
-        out
-    }
-}
-
-impl OutputFilter for PiiStreamFilter {
-    fn push(&mut self, delta: &str) -> String {
-        self.buf.push_str(delta);
-        let upto = hold_start(&self.buf);
-        if upto == 0 {
-            return String::new();
-        }
-        self.release(upto)
-    }
-
-    fn finish(&mut self) -> String {
-        let n = self.buf.len();
-        self.release(n)
-    }
-
-    fn verdicts(&self) -> Vec<RailVerdict> {
-        vec![RailVerdict {
-            rail: "pii_output".into(),
-            decision: if self.redacted > 0 { "redact" } else { "allow" }.into(),
-            score: Some(self.redacted as f32),
-            latency_ms: self.spent_ms,
-        }]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,7 +392,7 @@ mod tests {
         );
         assert_eq!(
             check.verdicts.iter().find(|v| v.rail == "pii").unwrap().decision,
-            "redact"
+            RailDecision::Redact
         );
         let mut spec = no_jailbreak();
         spec.pii.policies.insert(PiiKind::Ssn, PiiPolicy::Block);
@@ -725,7 +461,7 @@ mod tests {
             released.iter().all(|r| !r.contains("john") && !r.contains("415")),
             "{released:?}"
         );
-        assert_eq!(f.verdicts()[0].decision, "redact");
+        assert_eq!(f.verdicts()[0].decision, RailDecision::Redact);
     }
 
     #[test]
@@ -740,7 +476,7 @@ mod tests {
         assert_eq!(f.push(" 555"), "");
         assert_eq!(f.push(" 0134 now"), "<PHONE_1> ");
         assert_eq!(f.finish(), "now");
-        assert_eq!(f.verdicts()[0].decision, "redact");
+        assert_eq!(f.verdicts()[0].decision, RailDecision::Redact);
     }
 
     #[test]

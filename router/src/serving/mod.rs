@@ -33,7 +33,7 @@ use crate::data::log::{RequestLog, RetrievedRef};
 use crate::engine::{EngineError, Usage};
 use crate::error::PipelineError;
 use crate::guardrails::rails::TopicPolicy;
-use crate::guardrails::{RailVerdict, Rails};
+use crate::guardrails::{RailDecision, RailVerdict, Rails};
 use crate::models::slots::{ModelRegistry, ROUTER_SLOT, expert_slot};
 use crate::observe::{NoObserver, Observer};
 use crate::retrieval::{IndexStats, NoRetrieval, Retriever};
@@ -443,12 +443,12 @@ fn topic_verdict(rails: &Rails, route: &RouteDecision) -> Option<RailVerdict> {
         return None;
     }
     let decision = match rails.topic.policy {
-        TopicPolicy::Fallback => "fallback",
-        TopicPolicy::Refuse => "refuse",
+        TopicPolicy::Fallback => RailDecision::Fallback,
+        TopicPolicy::Refuse => RailDecision::Refuse,
     };
     Some(RailVerdict {
         rail: "topic".into(),
-        decision: decision.into(),
+        decision,
         score: Some(route.confidence),
         latency_ms: 0.0,
     })

@@ -1,4 +1,5 @@
-//! Shadow runs wired into the pipeline (see [`crate::trials::shadow`] for the rules).
+//! The request path's side of the trials (see [`crate::trials`] for the
+//! rules): which model an A/B split picks for a request, and shadow runs.
 //!
 //! The router slot's candidate makes its own route decision for a mirrored
 //! request; an expert slot's candidate generates the whole answer from the

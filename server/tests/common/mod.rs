@@ -217,3 +217,40 @@ pub fn readme_python_block(marker: &str) -> String {
         .find(|block| block.contains(marker))
         .unwrap_or_else(|| panic!("a Python block with `{marker}` in the README or docs/"))
 }
+
+/// Requests completed by a test's background clients, and a way to wait for
+/// more of them (instead of sleeping and hoping traffic flowed meanwhile).
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: std::sync::atomic::AtomicUsize,
+    more: tokio::sync::Notify,
+}
+
+impl Progress {
+    /// One more request completed.
+    pub fn tick(&self) {
+        self.done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.more.notify_waiters();
+    }
+
+    /// Requests completed so far.
+    pub fn count(&self) -> usize {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait until `n` more requests have completed (30 s at most).
+    pub async fn after(&self, n: usize) {
+        let target = self.count() + n;
+        loop {
+            let more = self.more.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            if self.count() >= target {
+                return;
+            }
+            tokio::time::timeout(std::time::Duration::from_secs(30), more)
+                .await
+                .expect("the background traffic stopped");
+        }
+    }
+}

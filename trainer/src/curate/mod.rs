@@ -366,7 +366,7 @@ async fn attribute(
             .record
             .guardrails
             .iter()
-            .filter(|v| v.decision != "allow")
+            .filter(|v| v.decision != flywheel_router::guardrails::RailDecision::Allow)
             .map(|v| v.rail.clone())
             .collect();
         let comment = item(c, "").comment;
