@@ -287,20 +287,6 @@ pub fn review_import(args: ReviewImportArgs) -> anyhow::Result<review::ImportRep
     Ok(report)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn time_bounds_accept_unix_ms_and_ages() {
-        assert_eq!(parse_time("1700000000000", 0).unwrap(), 1_700_000_000_000);
-        assert_eq!(parse_time("90m", 10_000_000).unwrap(), 10_000_000 - 5_400_000);
-        assert_eq!(parse_time("7d", 0).unwrap(), -604_800_000);
-        assert!(parse_time("7w", 0).unwrap_err().to_string().contains("unknown unit"));
-        assert!(parse_time("soon", 0).is_err());
-    }
-}
-
 /// Log lines to stderr (`RUST_LOG`, default `info`), without mistral.rs's
 /// known false alarm; the trainer exports no traces.
 pub fn init_logs() {
@@ -315,4 +301,18 @@ pub fn init_logs() {
         }))
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_bounds_accept_unix_ms_and_ages() {
+        assert_eq!(parse_time("1700000000000", 0).unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_time("90m", 10_000_000).unwrap(), 10_000_000 - 5_400_000);
+        assert_eq!(parse_time("7d", 0).unwrap(), -604_800_000);
+        assert!(parse_time("7w", 0).unwrap_err().to_string().contains("unknown unit"));
+        assert!(parse_time("soon", 0).is_err());
+    }
 }

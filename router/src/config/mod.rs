@@ -548,7 +548,7 @@ impl EngineSettings {
     /// TOML syntax errors, and unknown or malformed fields in the sections.
     pub fn from_config_file(text: &str) -> Result<Self, toml::de::Error> {
         let mut table: toml::Table = toml::from_str(text)?;
-        table.retain(|k, _| SECTIONS.iter().any(|s| *s == k));
+        table.retain(|k, _| SECTIONS.contains(&k));
         let file: Sections = table.try_into()?;
         let mut s = Self::default();
         if let Some(v) = file.models {
