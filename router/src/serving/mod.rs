@@ -880,4 +880,35 @@ mod tests {
         assert_eq!(cancelled.status, "cancelled");
         assert!(recs.iter().any(|r| r.status == "resource_exhausted"));
     }
+
+    #[tokio::test]
+    async fn a_request_dropped_at_any_stage_is_recorded_as_cancelled() {
+        use crate::engine::stub::Misbehaviour;
+        let dir = tempfile::tempdir().unwrap();
+        // The router hangs: the request is dropped while it is being routed.
+        let engine = StubEngine::default().misbehaving(Misbehaviour::HangAfter(0));
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), engine);
+        let query = Query {
+            session_id: Some("s-cancel".into()),
+            ..query("a finance question")
+        };
+        let routed = tokio::time::timeout(Duration::from_millis(100), p.route(query.clone())).await;
+        assert!(routed.is_err(), "the hanging router answered");
+        let streamed = tokio::time::timeout(Duration::from_millis(100), p.stream(query)).await;
+        assert!(streamed.is_err(), "the hanging router answered");
+        let recs = records(&p).await;
+        assert_eq!(recs.len(), 2, "one record per request: {recs:?}");
+        for r in &recs {
+            assert_eq!(r.status, "cancelled");
+            assert_eq!(r.error.as_deref(), Some("request cancelled by the client"));
+            assert!(r.route.is_none() && r.total_ms.is_some());
+            // Past the rails: the query is logged as they left it.
+            assert_eq!(r.query, "a finance question");
+            let rows = p.log().reader().unwrap().feedback_for(&r.request_id).unwrap();
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].kind, FeedbackKind::Abandoned);
+        }
+        assert_eq!(p.status().in_flight, 0, "a dropped request keeps no permit");
+    }
+
 }
