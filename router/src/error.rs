@@ -1,6 +1,8 @@
-//! Errors of the pipeline, one enum for everything a request can hit.
+//! Errors, and the one place that classifies them: [`PipelineError`] for
+//! everything a request can hit, [`ControlError`] for the control plane
+//! (admin calls and feedback).
 //!
-//! [`PipelineError::kind`] classifies every variant once, as an
+//! [`PipelineError::kind`] and [`ControlError::kind`] classify every variant once, as an
 //! [`ErrorKind`] free of any transport; the request log records the kind's
 //! name and each transport maps kinds to its own codes in one small table
 //! (`server/src/grpc/status.rs`, `server/src/http/error.rs`).
@@ -66,6 +68,26 @@ pub enum PipelineError {
     #[error("engine failure: {0}")]
     Engine(#[from] EngineError),
     /// Retrieval failed.
+    #[error("retrieval failure")]
+    Retrieval(#[from] RetrievalError),
+}
+
+/// Why a control-plane call (promotion, shadow, split, rails, re-index,
+/// feedback, the cycle journal) did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// A request field the server cannot use as given.
+    #[error("invalid `{field}`: {reason}")]
+    InvalidRequest {
+        /// The field.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+    /// A model version could not be loaded or run.
+    #[error("engine failure: {0}")]
+    Engine(#[from] EngineError),
+    /// The retrieval index could not be rebuilt.
     #[error("retrieval failure")]
     Retrieval(#[from] RetrievalError),
     /// Feedback names a request id the log does not hold.
@@ -204,61 +226,127 @@ impl ErrorKind {
 }
 
 impl PipelineError {
-    /// Its kind: the one classification of every error.
+    /// The kind of this error: the one classification every transport and
+    /// the request log use.
     pub fn kind(&self) -> ErrorKind {
         use ErrorKind as K;
         match self {
             PipelineError::EmptyQuery
             | PipelineError::QueryTooLong { .. }
             | PipelineError::InvalidRequest { .. }
-            | PipelineError::InvalidFeedback { .. }
-            | PipelineError::InvalidInput { .. }
-            | PipelineError::InvalidShadow { .. }
-            | PipelineError::InvalidSplit { .. }
-            | PipelineError::Rails(RailsError::InvalidSpec { .. })
-            | PipelineError::Engine(EngineError::Rejected(_))
-            | PipelineError::Store(StoreError::InvalidVersion(_)) => K::InvalidArgument,
-            PipelineError::UnknownExpert { .. }
-            | PipelineError::UnknownRequest { .. }
-            | PipelineError::UnknownSlot { .. }
-            | PipelineError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
-            PipelineError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
+            | PipelineError::InvalidInput { .. } => K::InvalidArgument,
+            PipelineError::UnknownExpert { .. } => K::NotFound,
             PipelineError::Overloaded { .. } => K::Overloaded,
-            PipelineError::RequestInFlight { .. } | PipelineError::Engine(EngineError::Disconnected) => K::Unavailable,
             PipelineError::Blocked(_) => K::Blocked,
             PipelineError::Cancelled => K::Cancelled,
-            PipelineError::Rails(RailsError::Embedder { .. })
-            | PipelineError::NoModelStore
-            | PipelineError::NoCorpus
-            | PipelineError::NoShadow { .. }
-            | PipelineError::NoSplit { .. }
-            | PipelineError::ModelRejected { .. }
-            | PipelineError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => {
-                K::FailedPrecondition
-            }
-            PipelineError::Rails(RailsError::Head(_))
-            | PipelineError::Engine(
-                EngineError::ModelNotFound { .. }
-                | EngineError::Load { .. }
-                | EngineError::InvalidLabels(_)
-                | EngineError::Backend(_),
-            )
-            | PipelineError::Retrieval(_)
-            | PipelineError::Log(_)
-            | PipelineError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => K::Internal,
+            PipelineError::Engine(e) => engine_kind(e),
+            PipelineError::Retrieval(_) => K::Internal,
         }
     }
 
-    /// Whether the error is the server's own failure, whose message may name
-    /// internals: transports answer a generic message and log the cause.
-    /// (A request still in flight is also `Unavailable`, but it is the
-    /// client's to retry and its message says so.)
+    /// Whether a client is told only that the server failed: the cause
+    /// (paths, backend messages) goes to the server log.
     pub fn hides_cause(&self) -> bool {
-        self.kind() == ErrorKind::Internal || matches!(self, PipelineError::Engine(EngineError::Disconnected))
+        hides_cause(
+            self.kind(),
+            matches!(self, PipelineError::Engine(EngineError::Disconnected)),
+        )
     }
 
-    /// Status name recorded in the request log.
+    /// The status the request log records: the kind's name.
     pub fn status_name(&self) -> &'static str {
         self.kind().as_str()
+    }
+}
+
+impl ControlError {
+    /// The kind of this error (see [`PipelineError::kind`]).
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
+        match self {
+            ControlError::InvalidRequest { .. }
+            | ControlError::InvalidFeedback { .. }
+            | ControlError::InvalidShadow { .. }
+            | ControlError::InvalidSplit { .. }
+            | ControlError::Rails(RailsError::InvalidSpec { .. })
+            | ControlError::Store(StoreError::InvalidVersion(_)) => K::InvalidArgument,
+            ControlError::UnknownRequest { .. }
+            | ControlError::UnknownSlot { .. }
+            | ControlError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
+            ControlError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
+            ControlError::RequestInFlight { .. } => K::Unavailable,
+            ControlError::Rails(RailsError::Embedder { .. })
+            | ControlError::NoModelStore
+            | ControlError::NoCorpus
+            | ControlError::NoShadow { .. }
+            | ControlError::NoSplit { .. }
+            | ControlError::ModelRejected { .. }
+            | ControlError::Store(StoreError::NothingToRollBack(_) | StoreError::CycleRunning(_)) => {
+                K::FailedPrecondition
+            }
+            ControlError::Engine(e) => engine_kind(e),
+            ControlError::Rails(RailsError::Head(_))
+            | ControlError::Retrieval(_)
+            | ControlError::Log(_)
+            | ControlError::Store(StoreError::Io { .. } | StoreError::Corrupt { .. }) => K::Internal,
+        }
+    }
+
+    /// Whether a client is told only that the server failed (see
+    /// [`PipelineError::hides_cause`]).
+    pub fn hides_cause(&self) -> bool {
+        hides_cause(
+            self.kind(),
+            matches!(self, ControlError::Engine(EngineError::Disconnected)),
+        )
+    }
+
+    /// The kind's name.
+    pub fn status_name(&self) -> &'static str {
+        self.kind().as_str()
+    }
+}
+
+/// An engine error's kind, the same on both planes.
+fn engine_kind(e: &EngineError) -> ErrorKind {
+    match e {
+        EngineError::Rejected(_) => ErrorKind::InvalidArgument,
+        EngineError::Disconnected => ErrorKind::Unavailable,
+        EngineError::ModelNotFound { .. }
+        | EngineError::Load { .. }
+        | EngineError::InvalidLabels(_)
+        | EngineError::Backend(_) => ErrorKind::Internal,
+    }
+}
+
+/// Server faults, and an engine that stopped, hide their cause.
+fn hides_cause(kind: ErrorKind, disconnected: bool) -> bool {
+    kind == ErrorKind::Internal || disconnected
+}
+
+/// What both error types give a transport: a kind, a message, whether the
+/// message may reach the client.
+pub trait Classified: std::error::Error {
+    /// The error's kind.
+    fn kind(&self) -> ErrorKind;
+    /// Whether the client is told only that the server failed.
+    fn hides_cause(&self) -> bool;
+}
+
+impl Classified for PipelineError {
+    fn kind(&self) -> ErrorKind {
+        PipelineError::kind(self)
+    }
+    fn hides_cause(&self) -> bool {
+        PipelineError::hides_cause(self)
+    }
+}
+
+impl Classified for ControlError {
+    fn kind(&self) -> ErrorKind {
+        ControlError::kind(self)
+    }
+    fn hides_cause(&self) -> bool {
+        ControlError::hides_cause(self)
     }
 }

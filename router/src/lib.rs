@@ -50,5 +50,5 @@ pub mod testing;
 pub mod trials;
 
 pub use control::ControlPlane;
-pub use error::{ErrorKind, PipelineError};
+pub use error::{Classified, ControlError, ErrorKind, PipelineError};
 pub use serving::{ChatEvent, ChatOutcome, ChatStream, Pipeline, Query, RouteOutcome, Timings};

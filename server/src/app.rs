@@ -51,6 +51,9 @@ pub enum ServerError {
     /// The pipeline could not be assembled.
     #[error("cannot assemble the pipeline")]
     Pipeline(#[from] flywheel_router::PipelineError),
+    /// The promoted versions could not be restored.
+    #[error("cannot restore the promoted model versions")]
+    Control(#[from] flywheel_router::ControlError),
     /// The retrieval index could not be built.
     #[error("cannot build the retrieval index")]
     Retrieval(#[from] flywheel_router::retrieval::RetrievalError),

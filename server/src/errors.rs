@@ -3,15 +3,15 @@
 //! failures (whose cause goes to the server log). Status codes come from
 //! each transport's table over [`flywheel_router::ErrorKind`].
 
-use flywheel_router::PipelineError;
+use flywheel_router::Classified;
 
 /// The generic message of a server-side failure.
 pub const INTERNAL_MESSAGE: &str = "internal error; see the server log";
 
 /// The message a client sees for `error`.
-pub fn public_message(error: &PipelineError) -> String {
+pub fn public_message(error: &(impl Classified + ?Sized)) -> String {
     if error.hides_cause() {
-        tracing::error!(error = %error, cause = ?std::error::Error::source(error), "request failed");
+        tracing::error!(error = %error, cause = ?error.source(), "request failed");
         INTERNAL_MESSAGE.into()
     } else {
         error.to_string()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::data::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, Rating};
 use crate::data::log::RequestRecord;
 use crate::engine::EngineError;
-use crate::error::PipelineError;
+use crate::error::ControlError;
 use crate::guardrails::Rails;
 use crate::guardrails::rails::{RailSet, RailsSpec};
 use crate::retrieval::IndexStats;
@@ -52,15 +52,15 @@ impl ControlPlane {
     /// reusing the loaded embedder; returns the settings now in force.
     ///
     /// # Errors
-    /// [`PipelineError::Rails`]: malformed settings, or an embedder that
+    /// [`ControlError::Rails`]: malformed settings, or an embedder that
     /// cannot be loaded. The old rails stay in force.
-    pub async fn reconfigure_rails(&self, toml_text: &str) -> Result<RailsSpec, PipelineError> {
+    pub async fn reconfigure_rails(&self, toml_text: &str) -> Result<RailsSpec, ControlError> {
         let spec = RailSet::parse_spec(toml_text)?;
         let embedder = self.serving.rails().set.as_ref().and_then(|s| s.embedder());
         let load = spec.clone();
         let set = tokio::task::spawn_blocking(move || RailSet::load(load, embedder))
             .await
-            .map_err(|_| PipelineError::Engine(EngineError::Disconnected))??;
+            .map_err(|_| ControlError::Engine(EngineError::Disconnected))??;
         self.serving.rails.store(Arc::new(Rails::configured(Arc::new(set))));
         tracing::info!("rails reconfigured");
         Ok(spec)
@@ -69,11 +69,11 @@ impl ControlPlane {
     /// Rebuild the retrieval index from the corpora aside and swap it in.
     ///
     /// # Errors
-    /// [`PipelineError::NoCorpus`] without corpora; build failures (the old
+    /// [`ControlError::NoCorpus`] without corpora; build failures (the old
     /// index stays in use).
-    pub async fn reindex(&self) -> Result<IndexStats, PipelineError> {
+    pub async fn reindex(&self) -> Result<IndexStats, ControlError> {
         if self.serving.retriever.stats().is_none() {
-            return Err(PipelineError::NoCorpus);
+            return Err(ControlError::NoCorpus);
         }
         Ok(self.serving.retriever.reindex().await?)
     }
@@ -84,12 +84,12 @@ impl ControlPlane {
     /// row joins the request's record, logged when the answer ends.
     ///
     /// # Errors
-    /// [`PipelineError::InvalidFeedback`] for a missing rating, a rating out
+    /// [`ControlError::InvalidFeedback`] for a missing rating, a rating out
     /// of range, an unknown corrected expert or an oversized comment;
-    /// [`PipelineError::UnknownRequest`] for an id that is neither being
+    /// [`ControlError::UnknownRequest`] for an id that is neither being
     /// answered nor in the log.
-    pub async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, PipelineError> {
-        let invalid = |reason: String| PipelineError::InvalidFeedback { reason };
+    pub async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, ControlError> {
+        let invalid = |reason: String| ControlError::InvalidFeedback { reason };
         if input.request_id.trim().is_empty() {
             return Err(invalid("request_id is required".into()));
         }
@@ -125,7 +125,7 @@ impl ControlPlane {
             // The record may still be queued (its request just ended).
             self.serving.log().flush().await?;
             if !self.request_logged(&input.request_id).await? {
-                return Err(PipelineError::UnknownRequest {
+                return Err(ControlError::UnknownRequest {
                     request_id: input.request_id,
                 });
             }
@@ -144,21 +144,21 @@ impl ControlPlane {
     /// still being answered, waits up to [`IN_FLIGHT_WAIT`] for its record.
     ///
     /// # Errors
-    /// [`PipelineError::RequestInFlight`] when the request is still being
-    /// answered after that wait; [`PipelineError::UnknownRequest`] when the
+    /// [`ControlError::RequestInFlight`] when the request is still being
+    /// answered after that wait; [`ControlError::UnknownRequest`] when the
     /// log holds no such request.
     pub async fn feedback_history(
         &self,
         request_id: &str,
-    ) -> Result<(RequestRecord, Vec<FeedbackRecord>), PipelineError> {
+    ) -> Result<(RequestRecord, Vec<FeedbackRecord>), ControlError> {
         if request_id.trim().is_empty() {
-            return Err(PipelineError::InvalidRequest {
+            return Err(ControlError::InvalidRequest {
                 field: "request_id",
                 reason: "is required".into(),
             });
         }
         if !self.serving.live.ended_within(request_id, IN_FLIGHT_WAIT).await {
-            return Err(PipelineError::RequestInFlight {
+            return Err(ControlError::RequestInFlight {
                 request_id: request_id.to_string(),
             });
         }
@@ -174,12 +174,12 @@ impl ControlPlane {
         })
         .await
         .map_err(|_| crate::data::log::LogError::Closed)??;
-        read.ok_or_else(|| PipelineError::UnknownRequest {
+        read.ok_or_else(|| ControlError::UnknownRequest {
             request_id: request_id.to_string(),
         })
     }
 
-    async fn request_logged(&self, request_id: &str) -> Result<bool, PipelineError> {
+    async fn request_logged(&self, request_id: &str) -> Result<bool, ControlError> {
         let log = self.serving.log().clone();
         let id = request_id.to_string();
         let found = tokio::task::spawn_blocking(move || -> Result<bool, crate::data::log::LogError> {

@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::ControlPlane;
 use crate::config::ModelSpec;
 use crate::engine::EngineLoader;
-use crate::error::PipelineError;
+use crate::error::ControlError;
 use crate::models::slots::{ROUTER_SLOT, ServedModel, Slot};
 use crate::models::store::{Binding, ModelStore};
 
@@ -71,8 +71,8 @@ impl ControlPlane {
     ///
     /// # Errors
     /// No registry, or unreadable records.
-    pub fn cycles(&self, limit: usize) -> Result<Vec<crate::data::journal::CycleRecord>, PipelineError> {
-        let store = self.model_store().ok_or(PipelineError::NoModelStore)?;
+    pub fn cycles(&self, limit: usize) -> Result<Vec<crate::data::journal::CycleRecord>, ControlError> {
+        let store = self.model_store().ok_or(ControlError::NoModelStore)?;
         let Some(journal) = crate::data::journal::CycleJournal::existing(store.root()) else {
             return Ok(Vec::new());
         };
@@ -83,12 +83,12 @@ impl ControlPlane {
         Ok(all)
     }
 
-    pub(super) fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, PipelineError> {
+    pub(super) fn slot_named(&self, slot: &str) -> Result<Arc<Slot>, ControlError> {
         self.serving
             .registry
             .slot(slot)
             .cloned()
-            .ok_or_else(|| PipelineError::UnknownSlot {
+            .ok_or_else(|| ControlError::UnknownSlot {
                 slot: slot.to_string(),
                 known: self
                     .serving
@@ -100,10 +100,10 @@ impl ControlPlane {
             })
     }
 
-    pub(super) fn store_and_loader(&self) -> Result<(&ModelStore, &Arc<dyn EngineLoader>), PipelineError> {
+    pub(super) fn store_and_loader(&self) -> Result<(&ModelStore, &Arc<dyn EngineLoader>), ControlError> {
         match (&self.promotion.store, &self.promotion.loader) {
             (Some(s), Some(l)) => Ok((s, l)),
-            _ => Err(PipelineError::NoModelStore),
+            _ => Err(ControlError::NoModelStore),
         }
     }
 
@@ -112,10 +112,10 @@ impl ControlPlane {
         &self,
         slot: &Slot,
         binding: &Binding,
-    ) -> Result<(ServedModel, f64, f64), PipelineError> {
+    ) -> Result<(ServedModel, f64, f64), ControlError> {
         let (_, loader) = self.store_and_loader()?;
         let serving = slot.current().version.clone();
-        let rejected = |e: &dyn std::error::Error| PipelineError::ModelRejected {
+        let rejected = |e: &dyn std::error::Error| ControlError::ModelRejected {
             version: binding.version.clone(),
             serving: serving.clone(),
             reason: chain(e),
@@ -125,7 +125,7 @@ impl ControlPlane {
             .registry
             .spec(slot.name())
             .cloned()
-            .ok_or_else(|| PipelineError::NoModelStore)?;
+            .ok_or_else(|| ControlError::NoModelStore)?;
         let spec = ModelSpec {
             path: binding.path.clone(),
             version: Some(binding.version.clone()),
@@ -145,7 +145,7 @@ impl ControlPlane {
                     "it is a classifier fine-tuned for labels [{}]; promote it to the `{ROUTER_SLOT}` slot",
                     task.labels.join(", ")
                 );
-                return Err(PipelineError::ModelRejected {
+                return Err(ControlError::ModelRejected {
                     version: binding.version.clone(),
                     serving,
                     reason,
@@ -165,7 +165,7 @@ impl ControlPlane {
         Ok((model, load_ms, start.elapsed().as_secs_f64() * 1e3))
     }
 
-    async fn swap_to(&self, slot_name: &str, binding: Binding, rollback: bool) -> Result<SwapReport, PipelineError> {
+    async fn swap_to(&self, slot_name: &str, binding: Binding, rollback: bool) -> Result<SwapReport, ControlError> {
         let _one_at_a_time = self.promotion.lock.lock().await;
         let (store, _) = self.store_and_loader()?;
         let slot = self.slot_named(slot_name)?;
@@ -208,8 +208,8 @@ impl ControlPlane {
     ///
     /// # Errors
     /// Unknown slot or version, no registry, or a model that fails to load,
-    /// validate or warm ([`PipelineError::ModelRejected`]; the slot keeps its model).
-    pub async fn promote(&self, slot: &str, version: &str) -> Result<SwapReport, PipelineError> {
+    /// validate or warm ([`ControlError::ModelRejected`]; the slot keeps its model).
+    pub async fn promote(&self, slot: &str, version: &str) -> Result<SwapReport, ControlError> {
         let (store, _) = self.store_and_loader()?;
         self.slot_named(slot)?;
         let path = store.model_path(version)?;
@@ -228,7 +228,7 @@ impl ControlPlane {
     ///
     /// # Errors
     /// Nothing to roll back to, or the previous model fails to load.
-    pub async fn rollback(&self, slot: &str) -> Result<SwapReport, PipelineError> {
+    pub async fn rollback(&self, slot: &str) -> Result<SwapReport, ControlError> {
         let (store, _) = self.store_and_loader()?;
         self.slot_named(slot)?;
         let previous = store.previous(slot)?;
@@ -240,7 +240,7 @@ impl ControlPlane {
     ///
     /// # Errors
     /// A recorded version that no longer loads.
-    pub async fn restore_promoted(&self) -> Result<Vec<(String, String)>, PipelineError> {
+    pub async fn restore_promoted(&self) -> Result<Vec<(String, String)>, ControlError> {
         let Ok((store, _)) = self.store_and_loader() else {
             return Ok(Vec::new());
         };

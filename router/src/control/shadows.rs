@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::ControlPlane;
 use crate::data::feedback::latest_explicit;
-use crate::error::PipelineError;
+use crate::error::ControlError;
 use crate::models::slots::ROUTER_SLOT;
 use crate::models::store::Binding;
 use crate::trials::shadow::{Shadow, ShadowRecord, ShadowReport, percentile};
@@ -25,14 +25,14 @@ impl ControlPlane {
         version: &str,
         fraction: f64,
         max_concurrency: usize,
-    ) -> Result<ShadowReport, PipelineError> {
+    ) -> Result<ShadowReport, ControlError> {
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(PipelineError::InvalidShadow {
+            return Err(ControlError::InvalidShadow {
                 reason: format!("fraction {fraction} must be in (0, 1]"),
             });
         }
         if max_concurrency == 0 {
-            return Err(PipelineError::InvalidShadow {
+            return Err(ControlError::InvalidShadow {
                 reason: "max_concurrency must be at least 1".into(),
             });
         }
@@ -54,8 +54,8 @@ impl ControlPlane {
     /// Stop mirroring `slot`; returns the shadow's final report.
     ///
     /// # Errors
-    /// [`PipelineError::NoShadow`].
-    pub async fn clear_shadow(&self, slot: &str) -> Result<ShadowReport, PipelineError> {
+    /// [`ControlError::NoShadow`].
+    pub async fn clear_shadow(&self, slot: &str) -> Result<ShadowReport, ControlError> {
         let report = self.shadow_report(slot).await?;
         let mut map: BTreeMap<String, Arc<Shadow>> = (**self.serving.shadows.load()).clone();
         map.remove(slot);
@@ -68,15 +68,15 @@ impl ControlPlane {
     /// both against feedback labels, and latency of both.
     ///
     /// # Errors
-    /// [`PipelineError::NoShadow`], log failures.
-    pub async fn shadow_report(&self, slot: &str) -> Result<ShadowReport, PipelineError> {
+    /// [`ControlError::NoShadow`], log failures.
+    pub async fn shadow_report(&self, slot: &str) -> Result<ShadowReport, ControlError> {
         let shadow = self
             .serving
             .shadows
             .load()
             .get(slot)
             .cloned()
-            .ok_or_else(|| PipelineError::NoShadow { slot: slot.to_string() })?;
+            .ok_or_else(|| ControlError::NoShadow { slot: slot.to_string() })?;
         self.serving.log().flush().await?;
         let reader = self.serving.log().reader()?;
         let slot_name = slot.to_string();
@@ -111,7 +111,7 @@ impl ControlPlane {
             Ok::<_, crate::data::log::LogError>((records, labels, answers))
         })
         .await
-        .map_err(|_| PipelineError::Log(crate::data::log::LogError::Closed))??;
+        .map_err(|_| ControlError::Log(crate::data::log::LogError::Closed))??;
         let live_of = |r: &ShadowRecord| -> String {
             if routing {
                 r.live_output.clone()

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use super::ControlPlane;
 use crate::clock::unix_ms;
 use crate::data::feedback::latest_explicit;
-use crate::error::PipelineError;
+use crate::error::ControlError;
 use crate::models::slots::ROUTER_SLOT;
 use crate::models::store::Binding;
 use crate::trials::shadow::percentile;
@@ -21,8 +21,8 @@ impl ControlPlane {
     /// # Errors
     /// Invalid weights, an unknown slot or version, no registry, or a version
     /// that fails to load, validate or warm.
-    pub async fn set_split(&self, slot: &str, weights: &[(String, f64)]) -> Result<SplitReport, PipelineError> {
-        validate(weights).map_err(|reason| PipelineError::InvalidSplit { reason })?;
+    pub async fn set_split(&self, slot: &str, weights: &[(String, f64)]) -> Result<SplitReport, ControlError> {
+        validate(weights).map_err(|reason| ControlError::InvalidSplit { reason })?;
         let (store, _) = self.store_and_loader()?;
         let target = self.slot_named(slot)?;
         let mut arms = Vec::with_capacity(weights.len());
@@ -54,8 +54,8 @@ impl ControlPlane {
     /// returns the final report.
     ///
     /// # Errors
-    /// [`PipelineError::NoSplit`] when the slot has no split.
-    pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, PipelineError> {
+    /// [`ControlError::NoSplit`] when the slot has no split.
+    pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, ControlError> {
         let report = self.split_report(slot).await?;
         let mut map: BTreeMap<String, Arc<Split>> = (**self.serving.splits.load()).clone();
         map.remove(slot);
@@ -69,11 +69,11 @@ impl ControlPlane {
     ///
     /// # Errors
     /// No split on the slot, log failures.
-    pub async fn split_report(&self, slot: &str) -> Result<SplitReport, PipelineError> {
+    pub async fn split_report(&self, slot: &str) -> Result<SplitReport, ControlError> {
         let split = self
             .serving
             .split_of(slot)
-            .ok_or_else(|| PipelineError::NoSplit { slot: slot.to_string() })?;
+            .ok_or_else(|| ControlError::NoSplit { slot: slot.to_string() })?;
         self.serving.log().flush().await?;
         let reader = self.serving.log().reader()?;
         let routing = slot == ROUTER_SLOT;
@@ -134,7 +134,7 @@ impl ControlPlane {
             Ok::<_, crate::data::log::LogError>(out)
         })
         .await
-        .map_err(|_| PipelineError::Log(crate::data::log::LogError::Closed))??;
+        .map_err(|_| ControlError::Log(crate::data::log::LogError::Closed))??;
         let mut report = SplitReport {
             slot: slot.to_string(),
             arms,

@@ -465,6 +465,7 @@ mod tests {
     use crate::data::log::RequestRecord;
     use crate::engine::ChatMessage;
     use crate::engine::stub::StubEngine;
+    use crate::error::ControlError;
     use crate::guardrails::rails::{RailSet, RailsSpec};
     use crate::testing::stub_pipeline;
 
@@ -475,10 +476,10 @@ mod tests {
         fn new(p: Pipeline) -> Self {
             Self(ControlPlane::new(Arc::new(p)))
         }
-        async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, PipelineError> {
+        async fn submit_feedback(&self, input: FeedbackInput) -> Result<FeedbackRecord, ControlError> {
             self.0.submit_feedback(input).await
         }
-        async fn feedback_history(&self, id: &str) -> Result<(RequestRecord, Vec<FeedbackRecord>), PipelineError> {
+        async fn feedback_history(&self, id: &str) -> Result<(RequestRecord, Vec<FeedbackRecord>), ControlError> {
             self.0.feedback_history(id).await
         }
     }
@@ -709,7 +710,7 @@ mod tests {
             ..FeedbackInput::default()
         };
         let err = p.submit_feedback(fb(None, None)).await.unwrap_err();
-        assert!(matches!(err, PipelineError::InvalidFeedback { .. }), "{err}");
+        assert!(matches!(err, ControlError::InvalidFeedback { .. }), "{err}");
         let err = p.submit_feedback(fb(Some(Rating::Stars(6)), None)).await.unwrap_err();
         assert!(err.to_string().contains("between 1 and 5"), "{err}");
         let err = p.submit_feedback(fb(None, Some("legal"))).await.unwrap_err();
@@ -721,7 +722,7 @@ mod tests {
         };
         assert!(matches!(
             p.submit_feedback(unknown).await,
-            Err(PipelineError::UnknownRequest { .. })
+            Err(ControlError::UnknownRequest { .. })
         ));
         p.submit_feedback(fb(Some(Rating::Thumb(false)), None)).await.unwrap();
         let last = p.submit_feedback(fb(Some(Rating::Stars(1)), Some("it"))).await.unwrap();
@@ -730,7 +731,7 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(matches!(
             p.feedback_history(" ").await,
-            Err(PipelineError::InvalidRequest {
+            Err(ControlError::InvalidRequest {
                 field: "request_id",
                 ..
             })
@@ -837,7 +838,7 @@ mod tests {
         // Ids the server never issued are still unknown.
         assert!(matches!(
             p.submit_feedback(thumb("not-an-issued-id", true)).await,
-            Err(PipelineError::UnknownRequest { .. })
+            Err(ControlError::UnknownRequest { .. })
         ));
     }
 
@@ -848,7 +849,7 @@ mod tests {
         let asked = Instant::now();
         let err = p.feedback_history(&request_id).await.unwrap_err();
         assert!(
-            matches!(&err, PipelineError::RequestInFlight { request_id: id } if *id == request_id),
+            matches!(&err, ControlError::RequestInFlight { request_id: id } if *id == request_id),
             "{err:?}"
         );
         assert!(asked.elapsed() >= IN_FLIGHT_WAIT, "answered before waiting");
@@ -910,5 +911,4 @@ mod tests {
         }
         assert_eq!(p.status().in_flight, 0, "a dropped request keeps no permit");
     }
-
 }

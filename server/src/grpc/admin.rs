@@ -231,7 +231,7 @@ impl pb::admin_server::Admin for AdminService {
             cycles.retain(|c| &c.id == id);
             if cycles.is_empty() {
                 let missing = flywheel_router::models::store::StoreError::UnknownCycle(id.clone());
-                return Err(to_status(&missing.into()));
+                return Err(to_status(&flywheel_router::ControlError::from(missing)));
             }
         }
         Ok(Response::new(pb::ListCyclesResponse {

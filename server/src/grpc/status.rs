@@ -1,7 +1,7 @@
 //! Where error kinds become gRPC statuses: one table over
 //! [`ErrorKind`], the domain's one classification of its errors.
 
-use flywheel_router::{ErrorKind, PipelineError};
+use flywheel_router::{Classified, ErrorKind};
 use tonic::{Code, Status};
 
 /// The gRPC code of each error kind.
@@ -19,8 +19,8 @@ pub fn code(kind: ErrorKind) -> Code {
     }
 }
 
-/// Map a pipeline error to the status the client sees.
-pub fn to_status(error: &PipelineError) -> Status {
+/// Map a request or control-plane error to the status the client sees.
+pub fn to_status(error: &(impl Classified + ?Sized)) -> Status {
     let code = code(error.kind());
     crate::telemetry::record_status(code);
     Status::new(code, crate::errors::public_message(error))
@@ -30,6 +30,7 @@ pub fn to_status(error: &PipelineError) -> Status {
 mod tests {
     use super::*;
     use flywheel_router::engine::EngineError;
+    use flywheel_router::{ControlError, PipelineError};
 
     #[test]
     fn client_errors_keep_their_message() {
@@ -61,7 +62,7 @@ mod tests {
 
     #[test]
     fn a_request_still_in_flight_is_retryable_and_says_why() {
-        let s = to_status(&PipelineError::RequestInFlight {
+        let s = to_status(&ControlError::RequestInFlight {
             request_id: "r1".into(),
         });
         assert_eq!(s.code(), Code::Unavailable);
@@ -95,61 +96,103 @@ mod tests {
         assert_eq!(to_status(&e).code(), Code::Unavailable);
     }
 
-    /// One value of every variant (every nested variant where the kind
-    /// depends on it); the exhaustive match below stops compiling when a
-    /// variant is added, so the list cannot fall behind.
-    fn every_variant() -> Vec<PipelineError> {
-        use flywheel_router::data::log::LogError;
+    /// One value of every variant of both error types (every nested variant
+    /// where the kind depends on it); the exhaustive matches below stop
+    /// compiling when a variant is added, so the lists cannot fall behind.
+    fn every_request_error() -> Vec<PipelineError> {
         use flywheel_router::guardrails::Blocked;
+        use flywheel_router::retrieval::RetrievalError;
+        let s = String::new;
+        vec![
+            PipelineError::EmptyQuery,
+            PipelineError::QueryTooLong { len: 2, max: 1 },
+            PipelineError::InvalidRequest {
+                field: "f",
+                reason: s(),
+            },
+            PipelineError::UnknownExpert { name: s(), known: s() },
+            PipelineError::Overloaded { max: 1 },
+            PipelineError::Blocked(Blocked {
+                rail: s(),
+                message: s(),
+                verdicts: vec![],
+                logged_query: None,
+            }),
+            PipelineError::InvalidInput { rail: s(), reason: s() },
+            PipelineError::Cancelled,
+            PipelineError::Engine(EngineError::ModelNotFound { path: s() }),
+            PipelineError::Engine(EngineError::Load {
+                path: s(),
+                source: anyhow::anyhow!("x"),
+            }),
+            PipelineError::Engine(EngineError::Rejected(s())),
+            PipelineError::Engine(EngineError::InvalidLabels(s())),
+            PipelineError::Engine(EngineError::Backend(anyhow::anyhow!("x"))),
+            PipelineError::Engine(EngineError::Disconnected),
+            PipelineError::Retrieval(RetrievalError(anyhow::anyhow!("x"))),
+        ]
+    }
+
+    fn every_control_error() -> Vec<ControlError> {
+        use flywheel_router::data::log::LogError;
         use flywheel_router::guardrails::rails::RailsError;
         use flywheel_router::models::store::StoreError;
         use flywheel_router::retrieval::RetrievalError;
         let s = String::new;
         let json = || serde_json::from_str::<u8>("x").unwrap_err();
         vec![
-            PipelineError::EmptyQuery,
-            PipelineError::QueryTooLong { len: 2, max: 1 },
-            PipelineError::InvalidRequest { field: "f", reason: s() },
-            PipelineError::UnknownExpert { name: s(), known: s() },
-            PipelineError::Overloaded { max: 1 },
-            PipelineError::Blocked(Blocked { rail: s(), message: s(), verdicts: vec![], logged_query: None }),
-            PipelineError::InvalidInput { rail: s(), reason: s() },
-            PipelineError::Cancelled,
-            PipelineError::Engine(EngineError::ModelNotFound { path: s() }),
-            PipelineError::Engine(EngineError::Load { path: s(), source: anyhow::anyhow!("x") }),
-            PipelineError::Engine(EngineError::Rejected(s())),
-            PipelineError::Engine(EngineError::InvalidLabels(s())),
-            PipelineError::Engine(EngineError::Backend(anyhow::anyhow!("x"))),
-            PipelineError::Engine(EngineError::Disconnected),
-            PipelineError::Retrieval(RetrievalError(anyhow::anyhow!("x"))),
-            PipelineError::UnknownRequest { request_id: s() },
-            PipelineError::RequestInFlight { request_id: s() },
-            PipelineError::InvalidFeedback { reason: s() },
-            PipelineError::Rails(RailsError::InvalidSpec { key: s(), reason: s() }),
-            PipelineError::Rails(RailsError::Head(json())),
-            PipelineError::Log(LogError::Closed),
-            PipelineError::UnknownSlot { slot: s(), known: s() },
-            PipelineError::NoCorpus,
-            PipelineError::NoModelStore,
-            PipelineError::Store(StoreError::UnknownVersion(s())),
-            PipelineError::Store(StoreError::InvalidVersion(s())),
-            PipelineError::Store(StoreError::VersionExists(s())),
-            PipelineError::Store(StoreError::NothingToRollBack(s())),
-            PipelineError::Store(StoreError::CycleRunning("x".into())),
-            PipelineError::Store(StoreError::UnknownCycle(s())),
-            PipelineError::Store(StoreError::Corrupt { path: "x".into(), source: json() }),
-            PipelineError::InvalidShadow { reason: s() },
-            PipelineError::InvalidSplit { reason: s() },
-            PipelineError::NoSplit { slot: s() },
-            PipelineError::NoShadow { slot: s() },
-            PipelineError::ModelRejected { version: s(), serving: s(), reason: s() },
+            ControlError::InvalidRequest {
+                field: "f",
+                reason: s(),
+            },
+            ControlError::Engine(EngineError::Load {
+                path: s(),
+                source: anyhow::anyhow!("x"),
+            }),
+            ControlError::Engine(EngineError::Disconnected),
+            ControlError::Retrieval(RetrievalError(anyhow::anyhow!("x"))),
+            ControlError::UnknownRequest { request_id: s() },
+            ControlError::RequestInFlight { request_id: s() },
+            ControlError::InvalidFeedback { reason: s() },
+            ControlError::Rails(RailsError::InvalidSpec { key: s(), reason: s() }),
+            ControlError::Rails(RailsError::Head(json())),
+            ControlError::Log(LogError::Closed),
+            ControlError::UnknownSlot { slot: s(), known: s() },
+            ControlError::NoCorpus,
+            ControlError::NoModelStore,
+            ControlError::Store(StoreError::UnknownVersion(s())),
+            ControlError::Store(StoreError::InvalidVersion(s())),
+            ControlError::Store(StoreError::VersionExists(s())),
+            ControlError::Store(StoreError::NothingToRollBack(s())),
+            ControlError::Store(StoreError::CycleRunning("x".into())),
+            ControlError::Store(StoreError::UnknownCycle(s())),
+            ControlError::Store(StoreError::Corrupt {
+                path: "x".into(),
+                source: json(),
+            }),
+            ControlError::InvalidShadow { reason: s() },
+            ControlError::InvalidSplit { reason: s() },
+            ControlError::NoSplit { slot: s() },
+            ControlError::NoShadow { slot: s() },
+            ControlError::ModelRejected {
+                version: s(),
+                serving: s(),
+                reason: s(),
+            },
         ]
+    }
+
+    /// The logged status (the kind's name) is the sent code's name in snake case.
+    fn logged_as_sent(e: &(impl Classified + std::fmt::Debug), logged: &str) {
+        let sent = format!("{:?}", to_status(e).code());
+        let camel: String = logged.split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
+        assert_eq!(camel, sent, "{e:?}");
     }
 
     #[test]
     fn every_error_variant_is_logged_with_the_status_it_is_sent_with() {
         let mut seen = std::collections::BTreeSet::new();
-        for e in every_variant() {
+        for e in every_request_error() {
             seen.insert(match &e {
                 PipelineError::EmptyQuery => 0,
                 PipelineError::QueryTooLong { .. } => 1,
@@ -161,27 +204,33 @@ mod tests {
                 PipelineError::Cancelled => 7,
                 PipelineError::Engine(_) => 8,
                 PipelineError::Retrieval(_) => 9,
-                PipelineError::UnknownRequest { .. } => 10,
-                PipelineError::RequestInFlight { .. } => 11,
-                PipelineError::InvalidFeedback { .. } => 12,
-                PipelineError::Rails(_) => 13,
-                PipelineError::Log(_) => 14,
-                PipelineError::UnknownSlot { .. } => 15,
-                PipelineError::NoCorpus => 16,
-                PipelineError::NoModelStore => 17,
-                PipelineError::Store(_) => 18,
-                PipelineError::InvalidShadow { .. } => 19,
-                PipelineError::InvalidSplit { .. } => 20,
-                PipelineError::NoSplit { .. } => 21,
-                PipelineError::NoShadow { .. } => 22,
-                PipelineError::ModelRejected { .. } => 23,
             });
-            // The logged status is the sent code's name in snake case.
-            let sent = format!("{:?}", to_status(&e).code());
-            let logged: String = e.status_name().split('_').map(|w| w[..1].to_uppercase() + &w[1..]).collect();
-            assert_eq!(logged, sent, "{e:?}");
+            logged_as_sent(&e, e.status_name());
         }
-        assert_eq!(seen.len(), 24, "a variant is missing from every_variant()");
+        assert_eq!(seen.len(), 10, "a request error variant is missing from the list");
+        seen.clear();
+        for e in every_control_error() {
+            seen.insert(match &e {
+                ControlError::InvalidRequest { .. } => 0,
+                ControlError::Engine(_) => 1,
+                ControlError::Retrieval(_) => 2,
+                ControlError::UnknownRequest { .. } => 3,
+                ControlError::RequestInFlight { .. } => 4,
+                ControlError::InvalidFeedback { .. } => 5,
+                ControlError::Rails(_) => 6,
+                ControlError::Log(_) => 7,
+                ControlError::UnknownSlot { .. } => 8,
+                ControlError::NoCorpus => 9,
+                ControlError::NoModelStore => 10,
+                ControlError::Store(_) => 11,
+                ControlError::InvalidShadow { .. } => 12,
+                ControlError::InvalidSplit { .. } => 13,
+                ControlError::NoSplit { .. } => 14,
+                ControlError::NoShadow { .. } => 15,
+                ControlError::ModelRejected { .. } => 16,
+            });
+            logged_as_sent(&e, e.status_name());
+        }
+        assert_eq!(seen.len(), 17, "a control error variant is missing from the list");
     }
-
 }

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use flywheel_router::{ErrorKind, PipelineError};
+use flywheel_router::{ControlError, ErrorKind, PipelineError};
 
 use crate::auth::AuthError;
 
@@ -78,6 +78,23 @@ impl ApiError {
                 "code": self.code,
             }
         })
+    }
+}
+
+impl From<&ControlError> for ApiError {
+    fn from(error: &ControlError) -> Self {
+        let (status, kind, code) = classify(error.kind());
+        let param = match error {
+            ControlError::InvalidRequest { field, .. } => Some((*field).to_string()),
+            _ => None,
+        };
+        Self {
+            status,
+            kind,
+            code,
+            message: crate::errors::public_message(error),
+            param,
+        }
     }
 }
 
