@@ -21,7 +21,8 @@
 //! - [`observe`]: hooks through which the server's metrics see every
 //!   finished request and every inter-token gap.
 //! - [`config`]: typed, validated settings (the leaf every module may use);
-//!   [`error`]: one error type and its transport-free kinds; [`clock`];
+//!   [`error`]: the errors and their transport-free kinds; [`text`]: limits on
+//!   ids and free text, bounded quotes of user input; [`clock`];
 //!   [`device`]: CPU or CUDA GPU; [`model_prep`]: GGUF conversion and the
 //!   model wheels.
 //!
@@ -47,6 +48,7 @@ pub mod retrieval;
 pub mod serving;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
+pub mod text;
 pub mod trials;
 
 pub use control::ControlPlane;

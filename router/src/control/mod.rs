@@ -15,6 +15,7 @@ use crate::guardrails::Rails;
 use crate::guardrails::rails::{RailSet, RailsSpec};
 use crate::retrieval::IndexStats;
 use crate::serving::{IN_FLIGHT_WAIT, Pipeline};
+use crate::text;
 
 mod promotion;
 mod shadows;
@@ -93,6 +94,15 @@ impl ControlPlane {
         if input.request_id.trim().is_empty() {
             return Err(invalid("request_id is required".into()));
         }
+        let ids = [
+            ("request_id", Some(&input.request_id)),
+            ("reviewer_id", input.reviewer_id.as_ref()),
+        ];
+        for (field, id) in ids {
+            if let Some(reason) = id.and_then(|v| text::check_id(v).err()) {
+                return Err(invalid(format!("{field} {reason}")));
+            }
+        }
         match input.rating {
             Some(Rating::Stars(s)) if !(1..=5).contains(&s) => {
                 return Err(invalid(format!("stars must be between 1 and 5, got {s}")));
@@ -108,7 +118,8 @@ impl ControlPlane {
             && !self.serving.experts.contains_key(expert)
         {
             return Err(invalid(format!(
-                "corrected_expert `{expert}` is not a configured expert; configured experts: {}",
+                "corrected_expert `{}` is not a configured expert; configured experts: {}",
+                text::quote(expert),
                 self.serving.expert_order.join(", ")
             )));
         }
@@ -120,13 +131,16 @@ impl ControlPlane {
                     self.serving.feedback.max_comment_chars
                 )));
             }
+            if let Err(reason) = text::check_free_text(comment) {
+                return Err(invalid(format!("comment {reason}")));
+            }
         }
         if !self.serving.live.contains(&input.request_id) && !self.request_logged(&input.request_id).await? {
             // The record may still be queued (its request just ended).
             self.serving.log().flush().await?;
             if !self.request_logged(&input.request_id).await? {
                 return Err(ControlError::UnknownRequest {
-                    request_id: input.request_id,
+                    request_id: text::quote(&input.request_id),
                 });
             }
         }
@@ -157,6 +171,12 @@ impl ControlPlane {
                 reason: "is required".into(),
             });
         }
+        if let Err(reason) = text::check_id(request_id) {
+            return Err(ControlError::InvalidRequest {
+                field: "request_id",
+                reason,
+            });
+        }
         if !self.serving.live.ended_within(request_id, IN_FLIGHT_WAIT).await {
             return Err(ControlError::RequestInFlight {
                 request_id: request_id.to_string(),
@@ -175,7 +195,7 @@ impl ControlPlane {
         .await
         .map_err(|_| crate::data::log::LogError::Closed)??;
         read.ok_or_else(|| ControlError::UnknownRequest {
-            request_id: request_id.to_string(),
+            request_id: text::quote(request_id),
         })
     }
 

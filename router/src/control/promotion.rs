@@ -89,7 +89,7 @@ impl ControlPlane {
             .slot(slot)
             .cloned()
             .ok_or_else(|| ControlError::UnknownSlot {
-                slot: slot.to_string(),
+                slot: crate::text::quote(slot),
                 known: self
                     .serving
                     .registry

@@ -76,7 +76,9 @@ impl ControlPlane {
             .load()
             .get(slot)
             .cloned()
-            .ok_or_else(|| ControlError::NoShadow { slot: slot.to_string() })?;
+            .ok_or_else(|| ControlError::NoShadow {
+                slot: crate::text::quote(slot),
+            })?;
         self.serving.log().flush().await?;
         let reader = self.serving.log().reader()?;
         let slot_name = slot.to_string();

@@ -70,10 +70,9 @@ impl ControlPlane {
     /// # Errors
     /// No split on the slot, log failures.
     pub async fn split_report(&self, slot: &str) -> Result<SplitReport, ControlError> {
-        let split = self
-            .serving
-            .split_of(slot)
-            .ok_or_else(|| ControlError::NoSplit { slot: slot.to_string() })?;
+        let split = self.serving.split_of(slot).ok_or_else(|| ControlError::NoSplit {
+            slot: crate::text::quote(slot),
+        })?;
         self.serving.log().flush().await?;
         let reader = self.serving.log().reader()?;
         let routing = slot == ROUTER_SLOT;

@@ -142,7 +142,7 @@ impl ModelStore {
     /// An invalid or taken version name, I/O failures.
     pub fn add(&self, version: &str, model: &Path, manifest: Option<&Path>) -> Result<PathBuf, StoreError> {
         if !valid_version(version) {
-            return Err(StoreError::InvalidVersion(version.to_string()));
+            return Err(StoreError::InvalidVersion(crate::text::quote(version)));
         }
         let dir = self.dir(version);
         let target = dir.join(MODEL_FILE);
@@ -169,13 +169,13 @@ impl ModelStore {
     /// [`StoreError::UnknownVersion`].
     pub fn model_path(&self, version: &str) -> Result<PathBuf, StoreError> {
         if !valid_version(version) {
-            return Err(StoreError::InvalidVersion(version.to_string()));
+            return Err(StoreError::InvalidVersion(crate::text::quote(version)));
         }
         let p = self.dir(version).join(MODEL_FILE);
         if p.is_file() {
             Ok(p)
         } else {
-            Err(StoreError::UnknownVersion(version.to_string()))
+            Err(StoreError::UnknownVersion(crate::text::quote(version)))
         }
     }
 

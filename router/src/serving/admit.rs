@@ -10,6 +10,7 @@ use crate::data::log::RequestRecord;
 use crate::engine::ChatMessage;
 use crate::error::PipelineError;
 use crate::guardrails::{RailRejection, Rails};
+use crate::text;
 
 /// A request past its input rails.
 pub(super) struct Admitted {
@@ -70,16 +71,20 @@ impl Pipeline {
         if len > max {
             return Err(refuse(record, PipelineError::QueryTooLong { len, max }));
         }
-        let overlong = |id: &Option<String>| id.as_ref().map(|v| v.chars().count()).filter(|&n| n > MAX_ID_CHARS);
         let bad_id = [("session_id", &record.session_id), ("user_id", &record.user_id)]
             .into_iter()
-            .find_map(|(field, id)| overlong(id).map(|len| (field, len)));
-        if let Some((field, len)) = bad_id {
-            // Logged cut to the limit: the rejection, not the payload.
+            .find_map(|(field, id)| {
+                id.as_deref()
+                    .and_then(|v| text::check_id(v).err())
+                    .map(|reason| (field, reason))
+            });
+        if let Some((field, reason)) = bad_id {
+            // Logged cut to the limit and escaped: the rejection, not the payload.
             for id in [&mut record.session_id, &mut record.user_id] {
-                *id = id.take().map(|v| v.chars().take(MAX_ID_CHARS).collect());
+                *id = id
+                    .take()
+                    .map(|v| text::escaped(&v.chars().take(MAX_ID_CHARS).collect::<String>()));
             }
-            let reason = format!("is {len} characters long; the limit is {MAX_ID_CHARS} characters");
             return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
         }
         if let Err((field, reason)) = query.overrides.check() {

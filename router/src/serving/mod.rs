@@ -60,9 +60,7 @@ const EVENT_BUFFER: usize = 32;
 /// and a history call should not hold for a whole answer.
 pub const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Longest session or user id a request may carry (characters); each one is
-/// stored with every request in the log.
-pub const MAX_ID_CHARS: usize = 256;
+pub use crate::text::MAX_ID_CHARS;
 
 /// A snapshot of the pipeline's state for status endpoints.
 #[derive(Debug, Clone, PartialEq)]
@@ -394,7 +392,7 @@ impl Pipeline {
                     Ok(RouteDecision::forced(name))
                 } else {
                     Err(PipelineError::UnknownExpert {
-                        name: name.clone(),
+                        name: crate::text::quote(name),
                         known: self.expert_order.join(", "),
                     })
                 }
