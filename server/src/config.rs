@@ -6,9 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, ValueEnum};
-use flywheel_router::config::{ConfigError, EngineSettings, ExpertSpec, LimitsSpec, LogSpec, ModelSpec, RouterSpec};
+use flywheel_router::config::{ConfigError, EngineSettings};
 use flywheel_router::device::DeviceChoice;
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 /// Default listen address: loopback only, the gRPC port convention.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
@@ -145,14 +146,24 @@ struct FileConfig {
     registry_dir: Option<PathBuf>,
     admin_token: Option<String>,
     otlp_endpoint: Option<String>,
-    models: Option<std::collections::BTreeMap<String, ModelSpec>>,
-    router: Option<RouterSpec>,
-    experts: Option<Vec<ExpertSpec>>,
-    limits: Option<LimitsSpec>,
-    log: Option<LogSpec>,
-    feedback: Option<flywheel_router::data::feedback::FeedbackSpec>,
-    rails: Option<flywheel_router::guardrails::rails::RailsSpec>,
-    retrieval: Option<flywheel_router::config::RetrievalSpec>,
+    // The domain's sections, read by `EngineSettings::from_config_file`;
+    // named here so that an unknown top-level key is refused.
+    #[serde(rename = "models")]
+    _models: Option<IgnoredAny>,
+    #[serde(rename = "router")]
+    _router: Option<IgnoredAny>,
+    #[serde(rename = "experts")]
+    _experts: Option<IgnoredAny>,
+    #[serde(rename = "limits")]
+    _limits: Option<IgnoredAny>,
+    #[serde(rename = "log")]
+    _log: Option<IgnoredAny>,
+    #[serde(rename = "feedback")]
+    _feedback: Option<IgnoredAny>,
+    #[serde(rename = "rails")]
+    _rails: Option<IgnoredAny>,
+    #[serde(rename = "retrieval")]
+    _retrieval: Option<IgnoredAny>,
 }
 
 /// Errors loading the configuration.
@@ -329,7 +340,6 @@ impl Config {
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
         let file: FileConfig = toml::from_str(text)?;
         let mut c = Self::default();
-        let s = &mut c.settings;
         if let Some(v) = file.listen {
             c.listen = v;
         }
@@ -351,30 +361,7 @@ impl Config {
         c.registry_dir = file.registry_dir;
         c.admin_token = file.admin_token;
         c.otlp_endpoint = file.otlp_endpoint;
-        if let Some(v) = file.models {
-            s.models = v;
-        }
-        if let Some(v) = file.router {
-            s.router = v;
-        }
-        if let Some(v) = file.experts {
-            s.experts = v;
-        }
-        if let Some(v) = file.limits {
-            s.limits = v;
-        }
-        if let Some(v) = file.log {
-            s.log = v;
-        }
-        if let Some(v) = file.feedback {
-            s.feedback = v;
-        }
-        if let Some(v) = file.rails {
-            s.rails = v;
-        }
-        if let Some(v) = file.retrieval {
-            s.retrieval = v;
-        }
+        c.settings = EngineSettings::from_config_file(text)?;
         Ok(c)
     }
 }

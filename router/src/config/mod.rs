@@ -512,9 +512,10 @@ impl EngineSettings {
     }
 }
 
-/// The domain sections of a config file, each optional.
+/// The domain sections of a config file, each optional; the file's other
+/// top-level keys are the server's (it checks them), so they are ignored
+/// here, while every section still refuses unknown fields.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct Sections {
     models: Option<BTreeMap<String, ModelSpec>>,
     router: Option<RouterSpec>,
@@ -526,30 +527,15 @@ struct Sections {
     retrieval: Option<RetrievalSpec>,
 }
 
-/// Top-level keys of a config file that hold domain settings; the server
-/// owns the others (listen addresses, keys, ...).
-pub const SECTIONS: [&str; 8] = [
-    "models",
-    "router",
-    "experts",
-    "limits",
-    "log",
-    "feedback",
-    "rails",
-    "retrieval",
-];
-
 impl EngineSettings {
-    /// The domain settings of a server config file over the defaults: its
-    /// [`SECTIONS`], checked field by field; the server's own top-level keys
-    /// are left to the server (which checks them when it loads the file).
+    /// The domain settings of a server config file over the defaults, each
+    /// section checked field by field; the server's own top-level keys are
+    /// left to the server (which checks them when it loads the file).
     ///
     /// # Errors
     /// TOML syntax errors, and unknown or malformed fields in the sections.
     pub fn from_config_file(text: &str) -> Result<Self, toml::de::Error> {
-        let mut table: toml::Table = toml::from_str(text)?;
-        table.retain(|k, _| SECTIONS.contains(&k));
-        let file: Sections = table.try_into()?;
+        let file: Sections = toml::from_str(text)?;
         let mut s = Self::default();
         if let Some(v) = file.models {
             s.models = v;
