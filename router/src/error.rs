@@ -2,7 +2,7 @@
 //! everything a request can hit, [`ControlError`] for the control plane
 //! (admin calls and feedback).
 //!
-//! [`PipelineError::kind`] and [`ControlError::kind`] classify every variant once, as an
+//! [`Classified::kind`] (one match for each type) classifies every variant once, as an
 //! [`ErrorKind`] free of any transport; the request log records the kind's
 //! name and each transport maps kinds to its own codes in one small table
 //! (`server/src/grpc/status.rs`, `server/src/http/error.rs`).
@@ -225,10 +225,43 @@ impl ErrorKind {
     }
 }
 
-impl PipelineError {
+/// An engine error's kind, the same on both planes.
+fn engine_kind(e: &EngineError) -> ErrorKind {
+    match e {
+        EngineError::Rejected(_) => ErrorKind::InvalidArgument,
+        EngineError::Disconnected => ErrorKind::Unavailable,
+        EngineError::ModelNotFound { .. }
+        | EngineError::Load { .. }
+        | EngineError::InvalidLabels(_)
+        | EngineError::Backend(_) => ErrorKind::Internal,
+    }
+}
+
+/// What both error types give a transport and the log: a kind, and
+/// whether the message may reach the client.
+pub trait Classified: std::error::Error {
     /// The kind of this error: the one classification every transport and
     /// the request log use.
-    pub fn kind(&self) -> ErrorKind {
+    fn kind(&self) -> ErrorKind;
+
+    /// Whether the error is an engine that stopped.
+    fn engine_stopped(&self) -> bool;
+
+    /// Whether a client is told only that the server failed: server faults,
+    /// and an engine that stopped (the cause, paths and backend messages,
+    /// goes to the server log).
+    fn hides_cause(&self) -> bool {
+        self.kind() == ErrorKind::Internal || self.engine_stopped()
+    }
+
+    /// The status the request log records: the kind's name.
+    fn status_name(&self) -> &'static str {
+        self.kind().as_str()
+    }
+}
+
+impl Classified for PipelineError {
+    fn kind(&self) -> ErrorKind {
         use ErrorKind as K;
         match self {
             PipelineError::EmptyQuery
@@ -244,24 +277,13 @@ impl PipelineError {
         }
     }
 
-    /// Whether a client is told only that the server failed: the cause
-    /// (paths, backend messages) goes to the server log.
-    pub fn hides_cause(&self) -> bool {
-        hides_cause(
-            self.kind(),
-            matches!(self, PipelineError::Engine(EngineError::Disconnected)),
-        )
-    }
-
-    /// The status the request log records: the kind's name.
-    pub fn status_name(&self) -> &'static str {
-        self.kind().as_str()
+    fn engine_stopped(&self) -> bool {
+        matches!(self, PipelineError::Engine(EngineError::Disconnected))
     }
 }
 
-impl ControlError {
-    /// The kind of this error (see [`PipelineError::kind`]).
-    pub fn kind(&self) -> ErrorKind {
+impl Classified for ControlError {
+    fn kind(&self) -> ErrorKind {
         use ErrorKind as K;
         match self {
             ControlError::InvalidRequest { .. }
@@ -292,61 +314,7 @@ impl ControlError {
         }
     }
 
-    /// Whether a client is told only that the server failed (see
-    /// [`PipelineError::hides_cause`]).
-    pub fn hides_cause(&self) -> bool {
-        hides_cause(
-            self.kind(),
-            matches!(self, ControlError::Engine(EngineError::Disconnected)),
-        )
-    }
-
-    /// The kind's name.
-    pub fn status_name(&self) -> &'static str {
-        self.kind().as_str()
-    }
-}
-
-/// An engine error's kind, the same on both planes.
-fn engine_kind(e: &EngineError) -> ErrorKind {
-    match e {
-        EngineError::Rejected(_) => ErrorKind::InvalidArgument,
-        EngineError::Disconnected => ErrorKind::Unavailable,
-        EngineError::ModelNotFound { .. }
-        | EngineError::Load { .. }
-        | EngineError::InvalidLabels(_)
-        | EngineError::Backend(_) => ErrorKind::Internal,
-    }
-}
-
-/// Server faults, and an engine that stopped, hide their cause.
-fn hides_cause(kind: ErrorKind, disconnected: bool) -> bool {
-    kind == ErrorKind::Internal || disconnected
-}
-
-/// What both error types give a transport: a kind, a message, whether the
-/// message may reach the client.
-pub trait Classified: std::error::Error {
-    /// The error's kind.
-    fn kind(&self) -> ErrorKind;
-    /// Whether the client is told only that the server failed.
-    fn hides_cause(&self) -> bool;
-}
-
-impl Classified for PipelineError {
-    fn kind(&self) -> ErrorKind {
-        PipelineError::kind(self)
-    }
-    fn hides_cause(&self) -> bool {
-        PipelineError::hides_cause(self)
-    }
-}
-
-impl Classified for ControlError {
-    fn kind(&self) -> ErrorKind {
-        ControlError::kind(self)
-    }
-    fn hides_cause(&self) -> bool {
-        ControlError::hides_cause(self)
+    fn engine_stopped(&self) -> bool {
+        matches!(self, ControlError::Engine(EngineError::Disconnected))
     }
 }

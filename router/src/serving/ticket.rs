@@ -14,7 +14,7 @@ use super::live::LiveGuard;
 use crate::clock::unix_ms;
 use crate::data::feedback::{FeedbackKind, FeedbackRecord, SessionTracker};
 use crate::data::log::{RequestLog, RequestRecord};
-use crate::error::{ErrorKind, PipelineError};
+use crate::error::{Classified, ErrorKind, PipelineError};
 use crate::observe::Observer;
 
 /// Where finished requests go: the log, the metrics, the session memory

@@ -5,7 +5,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use flywheel_router::{ControlError, ErrorKind, PipelineError};
+use flywheel_router::{Classified, ControlError, ErrorKind, PipelineError};
 
 use crate::auth::AuthError;
 
@@ -81,38 +81,40 @@ impl ApiError {
     }
 }
 
-impl From<&ControlError> for ApiError {
-    fn from(error: &ControlError) -> Self {
+impl ApiError {
+    /// The error of `kind`, its message as a client may see it, naming `param`.
+    fn classified(error: &(impl Classified + ?Sized), param: Option<&str>) -> Self {
         let (status, kind, code) = classify(error.kind());
-        let param = match error {
-            ControlError::InvalidRequest { field, .. } => Some((*field).to_string()),
-            _ => None,
-        };
         Self {
             status,
             kind,
             code,
             message: crate::errors::public_message(error),
-            param,
+            param: param.map(str::to_string),
         }
+    }
+}
+
+impl From<&ControlError> for ApiError {
+    fn from(error: &ControlError) -> Self {
+        let param = match error {
+            ControlError::InvalidRequest { field, .. } => Some(*field),
+            _ => None,
+        };
+        Self::classified(error, param)
     }
 }
 
 impl From<&PipelineError> for ApiError {
     fn from(error: &PipelineError) -> Self {
-        let (status, kind, code) = classify(error.kind());
-        // A forced expert is the request's `model`.
-        let (code, param) = match error {
-            PipelineError::UnknownExpert { .. } => ("model_not_found", Some("model".to_string())),
-            PipelineError::InvalidRequest { field, .. } => (code, Some((*field).to_string())),
-            _ => (code, None),
-        };
-        Self {
-            status,
-            kind,
-            code,
-            message: crate::errors::public_message(error),
-            param,
+        match error {
+            // A forced expert is the request's `model`.
+            PipelineError::UnknownExpert { .. } => Self {
+                code: "model_not_found",
+                ..Self::classified(error, Some("model"))
+            },
+            PipelineError::InvalidRequest { field, .. } => Self::classified(error, Some(field)),
+            _ => Self::classified(error, None),
         }
     }
 }
