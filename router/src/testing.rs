@@ -4,10 +4,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::config::EngineSettings;
-use crate::data::log::RequestLog;
+use crate::data::log::{RequestLog, RequestRecord};
 use crate::engine::stub::StubEngine;
 use crate::models::slots::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
-use crate::serving::Pipeline;
+use crate::serving::{Pipeline, Query};
 
 /// A served model on the stub engine.
 pub fn stub_model(version: &str) -> ServedModel {
@@ -36,6 +36,35 @@ pub fn stub_pipeline(settings: &mut EngineSettings, dir: &std::path::Path, engin
     settings.log.path = dir.join("requests.db");
     let log = RequestLog::open(&settings.log).expect("opening the test log");
     Pipeline::new(settings, Arc::new(stub_registry(settings, engine)), log).expect("building the pipeline")
+}
+
+/// A query with `text` and nothing else.
+pub fn query(text: &str) -> Query {
+    Query {
+        text: text.into(),
+        ..Query::default()
+    }
+}
+
+/// A query with `text` in `session`.
+pub fn session_query(text: &str, session: &str) -> Query {
+    Query {
+        session_id: Some(session.into()),
+        ..query(text)
+    }
+}
+
+/// Every record of `p`'s log, once the queue is flushed.
+///
+/// # Panics
+/// When the log cannot be read.
+pub async fn records(p: &Pipeline) -> Vec<RequestRecord> {
+    p.log().flush().await.expect("flushing the test log");
+    p.log()
+        .reader()
+        .expect("reading the test log")
+        .recent(1000)
+        .expect("reading the test log")
 }
 
 /// The workspace's `models/` folder.

@@ -14,8 +14,13 @@ use crate::error::ControlError;
 use crate::guardrails::Rails;
 use crate::guardrails::rails::{RailSet, RailsSpec};
 use crate::retrieval::IndexStats;
-use crate::serving::{IN_FLIGHT_WAIT, Pipeline};
+use crate::serving::Pipeline;
 use crate::text;
+
+/// How long a feedback history read waits for a request still being
+/// answered: a cancelled or finished answer is logged within milliseconds,
+/// and a history call should not hold for a whole answer.
+pub const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 mod promotion;
 mod shadows;
@@ -208,5 +213,192 @@ impl ControlPlane {
         .await
         .map_err(|_| crate::data::log::LogError::Closed)??;
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::EngineSettings;
+    use crate::data::feedback::FeedbackKind;
+    use crate::engine::stub::StubEngine;
+    use std::time::Instant;
+
+    use crate::serving::{ChatEvent, ChatStream};
+    use crate::testing::{query, session_query, stub_pipeline};
+    use futures::StreamExt;
+
+    fn control(p: Pipeline) -> ControlPlane {
+        ControlPlane::new(Arc::new(p))
+    }
+
+    #[tokio::test]
+    async fn feedback_is_validated_and_kept_with_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = control(stub_pipeline(
+            &mut EngineSettings::default(),
+            dir.path(),
+            StubEngine::default(),
+        ));
+        let out = p.serving().complete(query("an hr question")).await.unwrap();
+        let id = out.request_id.clone();
+        let fb = |rating, corrected: Option<&str>| FeedbackInput {
+            request_id: id.clone(),
+            rating,
+            corrected_expert: corrected.map(str::to_string),
+            ..FeedbackInput::default()
+        };
+        let err = p.submit_feedback(fb(None, None)).await.unwrap_err();
+        assert!(matches!(err, ControlError::InvalidFeedback { .. }), "{err}");
+        let err = p.submit_feedback(fb(Some(Rating::Stars(6)), None)).await.unwrap_err();
+        assert!(err.to_string().contains("between 1 and 5"), "{err}");
+        let err = p.submit_feedback(fb(None, Some("legal"))).await.unwrap_err();
+        assert!(err.to_string().contains("configured experts: hr"), "{err}");
+        let unknown = FeedbackInput {
+            request_id: "nope".into(),
+            rating: Some(Rating::Thumb(true)),
+            ..FeedbackInput::default()
+        };
+        assert!(matches!(
+            p.submit_feedback(unknown).await,
+            Err(ControlError::UnknownRequest { .. })
+        ));
+        p.submit_feedback(fb(Some(Rating::Thumb(false)), None)).await.unwrap();
+        let last = p.submit_feedback(fb(Some(Rating::Stars(1)), Some("it"))).await.unwrap();
+        let (record, rows) = p.feedback_history(&id).await.unwrap();
+        assert_eq!(record.request_id, id);
+        assert_eq!(rows.len(), 2);
+        assert!(matches!(
+            p.feedback_history(" ").await,
+            Err(ControlError::InvalidRequest {
+                field: "request_id",
+                ..
+            })
+        ));
+        assert_eq!(crate::data::feedback::latest_explicit(&rows), Some(&last));
+    }
+
+    #[tokio::test]
+    async fn feedback_on_a_just_finished_request_is_accepted() {
+        // The record may still sit in the writer's queue: no false NotFound.
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.log.flush_interval_ms = 100;
+        let p = control(stub_pipeline(&mut settings, dir.path(), StubEngine::default()));
+        let out = p.serving().route(query("a finance question")).await.unwrap();
+        let input = FeedbackInput {
+            request_id: out.request_id,
+            rating: Some(Rating::Thumb(true)),
+            ..FeedbackInput::default()
+        };
+        p.submit_feedback(input).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rephrased_query_marks_the_previous_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = control(stub_pipeline(
+            &mut EngineSettings::default(),
+            dir.path(),
+            StubEngine::default(),
+        ));
+        let first = p
+            .serving()
+            .complete(session_query("How do I reset my VPN password?", "s1"))
+            .await
+            .unwrap();
+        // Another session asking the same thing is not a rephrase.
+        p.serving()
+            .complete(session_query("How can I reset my VPN password", "s2"))
+            .await
+            .unwrap();
+        let second = p
+            .serving()
+            .complete(session_query("how can i reset my vpn password", "s1"))
+            .await
+            .unwrap();
+        let (_, rows) = p.feedback_history(&first.request_id).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].kind, FeedbackKind::Rephrase);
+        assert!(rows[0].detail.as_deref().unwrap().contains(&second.request_id));
+        let (_, rows) = p.feedback_history(&second.request_id).await.unwrap();
+        assert!(rows.is_empty());
+    }
+
+    /// A pipeline on a stub streaming a word per `per_token`, and a stream
+    /// past its `Start` event, with the request id that event gave.
+    async fn started_stream(dir: &std::path::Path, per_token: Duration) -> (ControlPlane, ChatStream, String) {
+        let p = control(stub_pipeline(
+            &mut EngineSettings::default(),
+            dir,
+            StubEngine::new(per_token),
+        ));
+        let mut s = p.serving().stream(query("an hr question")).await.unwrap();
+        let Some(Ok(ChatEvent::Start { request_id, .. })) = s.next().await else {
+            panic!("no start event")
+        };
+        (p, s, request_id)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_stream_is_recorded_as_abandoned_and_readable_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, s, request_id) = started_stream(dir.path(), Duration::from_millis(50)).await;
+        drop(s);
+        // Read at once: the history waits for the producer to log the
+        // cancelled record and its signal (no "unknown request").
+        let (record, rows) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "cancelled");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].kind, FeedbackKind::Abandoned);
+    }
+
+    fn thumb(request_id: &str, up: bool) -> FeedbackInput {
+        FeedbackInput {
+            request_id: request_id.into(),
+            rating: Some(Rating::Thumb(up)),
+            ..FeedbackInput::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn feedback_during_an_answer_is_kept_and_joins_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, mut s, request_id) = started_stream(dir.path(), Duration::from_millis(20)).await;
+        // Rated while the answer streams: the record is not in the log yet.
+        p.submit_feedback(thumb(&request_id, false)).await.unwrap();
+        let mut ended = false;
+        while let Some(event) = s.next().await {
+            ended |= matches!(event.unwrap(), ChatEvent::End { .. });
+        }
+        assert!(ended);
+        let (record, rows) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "ok");
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].kind, FeedbackKind::Explicit);
+        assert_eq!(rows[0].rating, Some(Rating::Thumb(false)));
+        // Ids the server never issued are still unknown.
+        assert!(matches!(
+            p.submit_feedback(thumb("not-an-issued-id", true)).await,
+            Err(ControlError::UnknownRequest { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn history_of_an_answer_still_streaming_is_in_flight_not_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, s, request_id) = started_stream(dir.path(), Duration::from_secs(60)).await;
+        let asked = Instant::now();
+        let err = p.feedback_history(&request_id).await.unwrap_err();
+        assert!(
+            matches!(&err, ControlError::RequestInFlight { request_id: id } if *id == request_id),
+            "{err:?}"
+        );
+        assert!(asked.elapsed() >= IN_FLIGHT_WAIT, "answered before waiting");
+        drop(s);
+        let (record, _) = p.feedback_history(&request_id).await.unwrap();
+        assert_eq!(record.status, "cancelled");
     }
 }

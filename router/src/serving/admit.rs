@@ -4,13 +4,13 @@
 use tracing::Instrument;
 
 use super::ticket::{Outcome, Ticket};
-use super::{MAX_ID_CHARS, Pipeline, Query};
+use super::{Pipeline, Query};
 use crate::clock::unix_ms;
 use crate::data::log::RequestRecord;
 use crate::engine::ChatMessage;
 use crate::error::PipelineError;
 use crate::guardrails::{RailRejection, Rails};
-use crate::text;
+use crate::text::{self, MAX_ID_CHARS};
 
 /// A request past its input rails.
 pub(super) struct Admitted {

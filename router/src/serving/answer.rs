@@ -17,7 +17,6 @@ use crate::engine::{EngineError, GenerationEvent, TokenStream, Usage};
 use crate::error::PipelineError;
 use crate::guardrails::OutputFilter;
 use crate::models::slots::ServedModel;
-use crate::observe::Observer;
 
 /// Writes one answer's events and finishes its ticket.
 pub(super) struct Producer {
@@ -25,7 +24,6 @@ pub(super) struct Producer {
     pub(super) ticket: Ticket,
     pub(super) route_ms: f64,
     pub(super) filter: Box<dyn OutputFilter>,
-    pub(super) observer: Arc<dyn Observer>,
     pub(super) last_delta: Option<Instant>,
     pub(super) answer: String,
     pub(super) ttft_ms: Option<f64>,
@@ -95,7 +93,8 @@ impl Producer {
         let now = Instant::now();
         if let Some(last) = self.last_delta.replace(now) {
             let expert = self.ticket.record.expert.as_deref().unwrap_or_default();
-            self.observer
+            self.ticket
+                .observer()
                 .inter_token(expert, now.duration_since(last).as_secs_f64());
         }
         self.answer.push_str(&text);

@@ -95,6 +95,11 @@ impl Ticket {
         self.live = Some(live);
     }
 
+    /// Where the request's timings are reported.
+    pub(crate) fn observer(&self) -> &dyn Observer {
+        self.books.observer.as_ref()
+    }
+
     /// Milliseconds since the request arrived.
     pub(crate) fn elapsed_ms(&self) -> f64 {
         self.start.elapsed().as_secs_f64() * 1e3
@@ -135,7 +140,7 @@ impl Ticket {
             Outcome::Failed(_, message) => record.error = Some(message),
             Outcome::Cancelled => {
                 record.error = Some(PipelineError::Cancelled.to_string());
-                record.finish_reason.get_or_insert_with(|| "cancelled".into());
+                record.finish_reason = Some("cancelled".into());
                 let mut signal = FeedbackRecord::new(record.request_id.clone(), FeedbackKind::Abandoned);
                 signal.detail = Some(
                     serde_json::json!({
