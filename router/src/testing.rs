@@ -99,3 +99,61 @@ pub fn test_embedder() -> std::path::PathBuf {
     crate::model_prep::fetch::ensure_embedder(&dir, "python3")
         .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
 }
+
+/// Write an encoder classifier at `dir` on the encoder in `encoder_dir`: each
+/// label's head row is its example texts' mean embedding (times 10), and the
+/// texts are the out-of-scope references; `out_of_scope` sets the rule's
+/// similarity threshold.
+pub fn prototype_classifier(
+    dir: &std::path::Path,
+    encoder_dir: &std::path::Path,
+    labels: &[(&str, &[&str])],
+    out_of_scope: Option<f32>,
+) {
+    use crate::engine::classifier::{
+        self, ClassifierCard, ClassifierParts, Head, Neighbours, OutOfScopeRule, Training,
+    };
+    let e = crate::embed::Embedder::load(encoder_dir).expect("encoder");
+    let dim = e.dim();
+    let mut weight = Vec::new();
+    let mut refs = Vec::new();
+    for (_, texts) in labels {
+        let vs = e.embed_batch(texts, 8).expect("embeddings");
+        let mut mean = vec![0f32; dim];
+        for v in &vs {
+            mean.iter_mut()
+                .zip(v)
+                .for_each(|(m, x)| *m += 10.0 * x / vs.len() as f32);
+            refs.extend_from_slice(v);
+        }
+        weight.extend(mean);
+    }
+    let card = ClassifierCard {
+        format: classifier::FORMAT.into(),
+        training: Training::HeadOnly,
+        labels: labels.iter().map(|l| l.0.to_string()).collect(),
+        out_of_scope: out_of_scope.map(|threshold| OutOfScopeRule {
+            k: 1,
+            threshold,
+            accuracy_loss: 0.0,
+            in_scope_rejection: 0.0,
+            held_out_label_recall: 0.0,
+        }),
+    };
+    let head = Head {
+        weight,
+        bias: vec![0.0; labels.len()],
+        dim,
+    };
+    let neighbours = Neighbours { embeddings: refs, dim };
+    classifier::write(
+        dir,
+        &ClassifierParts {
+            card: &card,
+            head: &head,
+            neighbours: Some(&neighbours),
+            encoder_dir,
+        },
+    )
+    .expect("classifier written");
+}

@@ -16,7 +16,7 @@ use flywheel_router::data::log::{LogError, RequestLog};
 use flywheel_router::embed::Embedder;
 use flywheel_router::engine::EngineError;
 use flywheel_router::engine::EngineLoader;
-use flywheel_router::engine::mistral::MistralLoader;
+use flywheel_router::engine::ModelLoader;
 use flywheel_router::engine::stub::StubLoader;
 use flywheel_router::guardrails::Rails;
 use flywheel_router::guardrails::rails::{RailSet, RailsError};
@@ -122,7 +122,7 @@ impl App {
         let log = RequestLog::open(&settings.log)?;
         let started = std::time::Instant::now();
         let loader: Arc<dyn EngineLoader> = match config.engine {
-            EngineKind::Mistralrs => Arc::new(MistralLoader),
+            EngineKind::Mistralrs => Arc::new(ModelLoader),
             EngineKind::Stub => Arc::new(StubLoader {
                 per_token_delay: Duration::from_millis(config.stub_token_delay_ms),
                 sign_tokens: config.stub_sign_tokens,

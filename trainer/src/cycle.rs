@@ -88,6 +88,10 @@ pub struct CycleArgs {
 /// The fine-tuning settings a cycle exposes (the rest keep `train`'s defaults).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainingKnobs {
+    /// Kind of router each cycle trains: `label-scoring` (fine-tunes `--base`)
+    /// or `encoder-classifier` (a head over the rails' embedder).
+    #[arg(long, default_value = "label-scoring")]
+    pub kind: flywheel_router::engine::ModelKind,
     /// Base model every cycle fine-tunes (the dataset grows; training restarts from the base).
     #[arg(long, default_value = flywheel_router::config::DEFAULT_MODEL_PATH)]
     pub base: PathBuf,
@@ -151,6 +155,8 @@ impl CycleArgs {
         let k = &self.training;
         let mut argv: Vec<String> = vec![
             "train".into(),
+            "--kind".into(),
+            k.kind.to_string(),
             "--data".into(),
             data.display().to_string(),
             "--out".into(),
@@ -287,16 +293,29 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     .into_inner()
                     .experts;
                 let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir, &experts)?;
-                let manifest = finetune::run(&train).await.context("fine-tuning")?;
-                println!(
-                    "  {}: {} examples, {} steps in {:.0} s, train accuracy {:.1}%",
-                    manifest.version,
-                    manifest.data.examples,
-                    manifest.training.steps,
-                    manifest.training.seconds,
-                    manifest.training.final_train_accuracy * 100.0
-                );
-                record.candidate_version = Some(manifest.version);
+                if train.kind == flywheel_router::engine::ModelKind::EncoderClassifier {
+                    let m = tokio::task::spawn_blocking(move || finetune::encoder::run(&train))
+                        .await?
+                        .context("training the encoder classifier")?;
+                    println!(
+                        "  {}: {} examples, cross-validated accuracy {:.1}%",
+                        m.version,
+                        m.data.examples,
+                        m.head.cross_validation.iter().map(|c| c.1).fold(0.0, f64::max) * 100.0
+                    );
+                    record.candidate_version = Some(m.version);
+                } else {
+                    let manifest = finetune::run(&train).await.context("fine-tuning")?;
+                    println!(
+                        "  {}: {} examples, {} steps in {:.0} s, train accuracy {:.1}%",
+                        manifest.version,
+                        manifest.data.examples,
+                        manifest.training.steps,
+                        manifest.training.seconds,
+                        manifest.training.final_train_accuracy * 100.0
+                    );
+                    record.candidate_version = Some(manifest.version);
+                }
             }
             "evaluate" => {
                 let report = promote::assess(&args.promote_args(&model_dir, &frozen)).await?;
@@ -502,6 +521,7 @@ mod tests {
             server_config: None,
             device: eval::DeviceArg::default(),
             training: TrainingKnobs {
+                kind: flywheel_router::engine::ModelKind::LabelScoring,
                 base: root.join("base.gguf"),
                 epochs: 1,
                 trained_blocks: 1,
@@ -538,6 +558,10 @@ mod tests {
             latency_p50_ms: 1.0,
             latency_p99_ms: 2.0,
             correct: Vec::new(),
+            kind: flywheel_router::engine::ModelKind::LabelScoring,
+            rejected: 0,
+            in_scope_accuracy: accuracy,
+            out_of_scope: None,
         }
     }
 

@@ -16,7 +16,7 @@ use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
 use flywheel_router::config::{EngineSettings, ExpertSpec, ModelSpec, RouterSpec};
 use flywheel_router::device::DeviceChoice;
-use flywheel_router::engine::mistral::MistralLoader;
+use flywheel_router::engine::{ModelKind, ModelLoader};
 use flywheel_router::models::slots::{ServedModel, Slot};
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +54,17 @@ pub struct EvalArgs {
     /// same rows every run). The candidate labels are still all of the file's.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Queries outside the label set (JSONL or CSV; e.g. another dataset's
+    /// test file): the report gives the share the router turns away to the
+    /// fallback expert (out-of-scope recall).
+    #[arg(long)]
+    pub out_of_scope: Option<PathBuf>,
+    /// Text column of `--out-of-scope`.
+    #[arg(long, default_value = "text")]
+    pub out_of_scope_text_column: String,
+    /// Use N evenly spaced rows of `--out-of-scope` (the same rows every run).
+    #[arg(long)]
+    pub out_of_scope_limit: Option<usize>,
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -147,6 +158,9 @@ pub struct ModelReport {
     pub size_bytes: u64,
     /// Fine-tuned (prompted as trained) or base (zero-shot prompt).
     pub fine_tuned: bool,
+    /// How it routes.
+    #[serde(default = "label_scoring")]
+    pub kind: ModelKind,
     /// Device it ran on, as asked (`auto` may have fallen back to the CPU,
     /// with a warning in the log).
     #[serde(default)]
@@ -169,6 +183,62 @@ pub struct ModelReport {
     pub latency_p99_ms: f64,
     /// Whether each example was predicted right, in test-file order.
     pub correct: Vec<bool>,
+    /// Test examples the router turned away to the fallback expert (below the
+    /// confidence threshold, or out of scope).
+    #[serde(default)]
+    pub rejected: usize,
+    /// Share predicted right and not turned away.
+    #[serde(default)]
+    pub in_scope_accuracy: f64,
+    /// Queries from outside the label set, when given.
+    #[serde(default)]
+    pub out_of_scope: Option<OutOfScopeReport>,
+}
+
+fn label_scoring() -> ModelKind {
+    ModelKind::LabelScoring
+}
+
+/// How a router treats queries from outside its label set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutOfScopeReport {
+    /// The file.
+    pub data: String,
+    /// Queries.
+    pub n: usize,
+    /// Share turned away to the fallback expert.
+    pub recall: f64,
+    /// Decision latency median (ms).
+    pub latency_p50_ms: f64,
+}
+
+/// Queries from outside the label set.
+#[derive(Debug, Clone, Default)]
+pub struct OutOfScope {
+    /// The file.
+    pub data: String,
+    /// Its queries.
+    pub queries: Vec<String>,
+}
+
+impl OutOfScope {
+    /// Read the `text_column` of `path`, `limit` evenly spaced rows when given.
+    ///
+    /// # Errors
+    /// An unreadable file or a limit of 0.
+    pub fn read(path: &Path, text_column: &str, limit: Option<usize>) -> anyhow::Result<Self> {
+        anyhow::ensure!(limit != Some(0), "--out-of-scope-limit must be at least 1");
+        let columns = Columns {
+            text: text_column.into(),
+            label: text_column.into(),
+        };
+        let rows = read_examples_with(path, LabelSource::Import, &columns)?;
+        let step = limit.map_or(1, |n| rows.len().div_ceil(n).max(1));
+        Ok(Self {
+            data: path.display().to_string(),
+            queries: rows.into_iter().step_by(step).map(|e| e.text).collect(),
+        })
+    }
 }
 
 /// McNemar's exact test between two models on the same examples.
@@ -289,7 +359,9 @@ fn router_settings(labels: &[String], configured: Option<&EngineSettings>) -> (R
             instructions: "You classify messages. Reply with the name of the one category that fits.".into(),
             ..RouterSpec::default()
         });
-    router.confidence_threshold = 0.0;
+    if configured.is_none() {
+        router.confidence_threshold = 0.0;
+    }
     let experts = labels
         .iter()
         .map(|l| {
@@ -310,9 +382,16 @@ fn router_settings(labels: &[String], configured: Option<&EngineSettings>) -> (R
     (router, experts)
 }
 
-/// The version a training run gave the model (its `manifest.json` beside the file).
+/// The version a training run gave the model (its `manifest.json` beside the
+/// file, or in the folder of an encoder classifier).
 pub fn manifest_version(model: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(model.parent()?.join("manifest.json")).ok()?;
+    let inside = model.join("manifest.json");
+    let manifest = if model.is_dir() && inside.is_file() {
+        inside
+    } else {
+        model.parent()?.join("manifest.json")
+    };
+    let text = std::fs::read_to_string(manifest).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     Some(v["version"].as_str()?.to_string())
 }
@@ -343,6 +422,7 @@ pub async fn evaluate_model(
     examples: &[Example],
     labels: &[String],
     setup: &EvalSetup,
+    out_of_scope: Option<&OutOfScope>,
 ) -> anyhow::Result<ModelReport> {
     let spec = ModelSpec {
         path: path.to_path_buf(),
@@ -350,7 +430,7 @@ pub async fn evaluate_model(
         ..setup.model.clone()
     };
     let served = Arc::new(
-        ServedModel::load(&spec, &MistralLoader, true)
+        ServedModel::load(&spec, &ModelLoader, true)
             .await
             .with_context(|| format!("loading {}", path.display()))?,
     );
@@ -360,13 +440,34 @@ pub async fn evaluate_model(
     let mut preds = Vec::with_capacity(examples.len());
     let mut latencies = Vec::with_capacity(examples.len());
     let bar = indicatif::ProgressBar::new(examples.len() as u64);
+    let mut turned_away = Vec::with_capacity(examples.len());
     for e in examples {
         let d = agent.decide(&e.text).await?;
         latencies.push(d.latency_ms);
         preds.push(d.top_expert);
+        turned_away.push(d.fallback);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let oos = match out_of_scope {
+        Some(o) => {
+            let mut away = 0usize;
+            let mut lat = Vec::with_capacity(o.queries.len());
+            for q in &o.queries {
+                let d = agent.decide(q).await?;
+                away += usize::from(d.fallback);
+                lat.push(d.latency_ms);
+            }
+            lat.sort_by(f64::total_cmp);
+            Some(OutOfScopeReport {
+                data: o.data.clone(),
+                n: o.queries.len(),
+                recall: away as f64 / o.queries.len().max(1) as f64,
+                latency_p50_ms: percentile(&lat, 0.5),
+            })
+        }
+        None => None,
+    };
     let truth: Vec<String> = examples.iter().map(|e| e.label.clone()).collect();
     let (accuracy, macro_f1, per_class, confusion) = score(labels, &truth, &preds);
     latencies.sort_by(f64::total_cmp);
@@ -375,6 +476,7 @@ pub async fn evaluate_model(
         version: served.version.clone(),
         size_bytes: served.size_bytes,
         fine_tuned: served.task.is_some(),
+        kind: served.kind(),
         device: spec.device.to_string(),
         n: examples.len(),
         accuracy,
@@ -385,6 +487,15 @@ pub async fn evaluate_model(
         latency_p50_ms: percentile(&latencies, 0.5),
         latency_p99_ms: percentile(&latencies, 0.99),
         correct: truth.iter().zip(&preds).map(|(t, p)| t == p).collect(),
+        rejected: turned_away.iter().filter(|&&a| a).count(),
+        in_scope_accuracy: truth
+            .iter()
+            .zip(&preds)
+            .zip(&turned_away)
+            .filter(|((t, p), a)| t == p && !**a)
+            .count() as f64
+            / truth.len().max(1) as f64,
+        out_of_scope: oos,
     })
 }
 
@@ -439,9 +550,14 @@ pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let mut models = vec![args.model.as_path()];
     models.extend(args.against.as_deref());
     let labels = label_space(&labels, &models)?;
-    let model = evaluate_model(&args.model, &examples, &labels, &setup).await?;
+    let oos = args
+        .out_of_scope
+        .as_deref()
+        .map(|p| OutOfScope::read(p, &args.out_of_scope_text_column, args.out_of_scope_limit))
+        .transpose()?;
+    let model = evaluate_model(&args.model, &examples, &labels, &setup, oos.as_ref()).await?;
     let against = match &args.against {
-        Some(p) => Some(evaluate_model(p, &examples, &labels, &setup).await?),
+        Some(p) => Some(evaluate_model(p, &examples, &labels, &setup, oos.as_ref()).await?),
         None => None,
     };
     let comparison = against.as_ref().map(|a| compare(&model, a));
@@ -474,19 +590,39 @@ pub fn render(report: &EvalReport) -> String {
         report.model.n, report.model.device
     ));
     s.push_str(&format!(
-        "{:<44} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
-        "model", "accuracy", "macro-F1", "p50 ms", "p99 ms", "MB"
+        "{:<28} {:<18} {:>9} {:>9} {:>10} {:>10} {:>9}\n",
+        "model", "kind", "accuracy", "macro-F1", "p50 ms", "p99 ms", "MB"
     ));
     for m in &models {
         s.push_str(&format!(
-            "{:<44} {:>8.1}% {:>9.3} {:>10.1} {:>10.1} {:>9.1}\n",
+            "{:<28} {:<18} {:>8.1}% {:>9.3} {:>10.1} {:>10.1} {:>9.1}\n",
             m.version,
+            m.kind.as_str(),
             m.accuracy * 100.0,
             m.macro_f1,
             m.latency_p50_ms,
             m.latency_p99_ms,
             m.size_bytes as f64 / 1e6
         ));
+    }
+    for m in &models {
+        s.push_str(&format!(
+            "{}: {} of {} in-scope queries turned away to the fallback; accuracy counting them wrong {:.1}%\n",
+            m.version,
+            m.rejected,
+            m.n,
+            m.in_scope_accuracy * 100.0
+        ));
+        if let Some(o) = &m.out_of_scope {
+            s.push_str(&format!(
+                "{}: out-of-scope recall {:.1}% of {} queries from {} (p50 {:.1} ms)\n",
+                m.version,
+                o.recall * 100.0,
+                o.n,
+                o.data,
+                o.latency_p50_ms
+            ));
+        }
     }
     s.push_str(&format!("\nper class ({}):\n", report.model.version));
     let width = report

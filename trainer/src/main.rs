@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use flywheel_router::engine::ModelKind;
 use flywheel_router::model_prep::fetch;
 use flywheel_trainer::{cli, cycle, eval, finetune, promote, rag, rails};
 
@@ -77,6 +78,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest(args) => tokio::task::spawn_blocking(move || rag::ingest(&args)).await?,
         Command::EvalRetrieval(args) => tokio::task::spawn_blocking(move || rag::evaluate(&args).map(drop)).await?,
         Command::Curate(args) => cli::curate(*args).await.map(drop),
+        Command::Train(args) if args.kind == ModelKind::EncoderClassifier => {
+            let m = tokio::task::spawn_blocking(move || finetune::encoder::run(&args)).await??;
+            println!(
+                "{}: {} examples, head L2 {:.0e} (cross-validated accuracy {:.1}%), out of scope {} in {:.0} s -> {}",
+                m.version,
+                m.data.examples,
+                m.head.l2,
+                m.head.cross_validation.iter().map(|c| c.1).fold(0.0, f64::max) * 100.0,
+                m.out_of_scope.as_ref().map_or("off".to_string(), |r| format!(
+                    "below similarity {:.3} (k {}, held-out-label recall {:.1}%)",
+                    r.threshold,
+                    r.k,
+                    r.held_out_label_recall * 100.0
+                )),
+                m.embed_seconds + m.fit_seconds,
+                m.model_file
+            );
+            Ok(())
+        }
         Command::Train(args) => {
             let m = finetune::run(&args).await?;
             println!(

@@ -153,7 +153,10 @@ fn authorized<T>(message: T, token: &str) -> anyhow::Result<tonic::Request<T>> {
 }
 
 fn candidate_files(candidate: &Path) -> (PathBuf, Option<PathBuf>) {
-    if candidate.is_dir() {
+    if flywheel_router::engine::classifier::is_classifier(candidate) {
+        // The folder is the model; the store copies its manifest.
+        (candidate.to_path_buf(), None)
+    } else if candidate.is_dir() {
         let manifest = candidate.join("manifest.json");
         (candidate.join("model.gguf"), manifest.is_file().then_some(manifest))
     } else {
@@ -197,8 +200,8 @@ pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     let (examples, labels) = eval::read_test(&args.test, &args.text_column, &args.label_column, None)?;
     let labels = eval::label_space(&labels, &[Path::new(&current.path), &model])?;
     tracing::info!(incumbent = %current.version, candidate = %version, n = examples.len(), device = %setup.device(), "evaluating");
-    let incumbent = eval::evaluate_model(Path::new(&current.path), &examples, &labels, &setup).await?;
-    let candidate = eval::evaluate_model(&model, &examples, &labels, &setup).await?;
+    let incumbent = eval::evaluate_model(Path::new(&current.path), &examples, &labels, &setup, None).await?;
+    let candidate = eval::evaluate_model(&model, &examples, &labels, &setup, None).await?;
     let comparison = eval::compare(&candidate, &incumbent);
     let decision = gate(&candidate, &incumbent, args.tolerance, args.max_p99_ms);
     Ok(PromoteReport {
@@ -314,6 +317,10 @@ mod tests {
             latency_p50_ms: p99 / 2.0,
             latency_p99_ms: p99,
             correct: Vec::new(),
+            kind: flywheel_router::engine::ModelKind::LabelScoring,
+            rejected: 0,
+            in_scope_accuracy: accuracy,
+            out_of_scope: None,
         }
     }
 

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::{ExpertSpec, RouterSpec};
-use crate::engine::{ChatMessage, EngineError, LabelScores, LabelSet};
+use crate::engine::{ChatMessage, EngineError, LabelScores, LabelSet, ModelKind};
 use crate::models::slots::{ServedModel, Slot};
 
 /// One expert's score.
@@ -123,6 +123,8 @@ impl RouterAgent {
     /// exactly as it was trained, a base model zero-shot.
     pub fn prompt_for(&self, model: &ServedModel, query: &str) -> Vec<ChatMessage> {
         match &model.task {
+            // A classifier reads the query alone.
+            Some(task) if task.kind == ModelKind::EncoderClassifier => vec![ChatMessage::user(query)],
             Some(task) => vec![
                 ChatMessage::system(task.system_prompt.clone()),
                 ChatMessage::user(query),
@@ -224,13 +226,18 @@ impl RouterAgent {
             .await?;
         let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
-        Ok(self.decision(
+        let mut decision = self.decision(
             &probs,
             &scores.logprobs,
             &model.version,
             latency_ms,
             scores.prompt_tokens,
-        ))
+        );
+        if scores.out_of_scope && !decision.fallback {
+            decision.fallback = true;
+            decision.expert = self.fallback.clone();
+        }
+        Ok(decision)
     }
 
     fn decision(
@@ -340,6 +347,7 @@ mod tests {
             logprobs: vec![-0.2, -1.0],
             prompt_tokens: 1,
             forward_passes: 1,
+            out_of_scope: false,
         };
         let prior = [-0.1, -3.0];
         let p = calibrated(&scores, &prior).probabilities();

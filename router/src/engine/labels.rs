@@ -63,6 +63,9 @@ pub struct LabelScores {
     pub prompt_tokens: u32,
     /// Forward passes the engine ran.
     pub forward_passes: u32,
+    /// The engine judged the query unlike anything it was trained to route
+    /// (classifiers with an out-of-scope rule): the fallback expert answers.
+    pub out_of_scope: bool,
 }
 
 impl LabelScores {
@@ -263,6 +266,7 @@ mod tests {
             logprobs: vec![(0.2f32).ln(), (0.6f32).ln()],
             prompt_tokens: 3,
             forward_passes: 1,
+            out_of_scope: false,
         };
         let p = s.probabilities();
         assert!((p[0] - 0.25).abs() < 1e-6 && (p[1] - 0.75).abs() < 1e-6);

@@ -6,6 +6,7 @@
 //! mistral.rs; another backend or a mistral.rs version bump is one adapter.
 //! [`labels`] holds the backend-independent label-scoring math.
 
+pub mod classifier;
 pub mod labels;
 pub mod mistral;
 pub mod seeded;
@@ -175,6 +176,9 @@ pub enum EngineError {
     /// The engine stopped before answering.
     #[error("the engine stopped before answering")]
     Disconnected,
+    /// The engine's queue is full; retry later.
+    #[error("the engine is overloaded: {0}")]
+    Overloaded(String),
 }
 
 /// A loaded model that can generate and score labels.
@@ -213,7 +217,89 @@ pub trait Engine: Send + Sync + 'static {
     async fn warm_up(&self, messages: &[ChatMessage]) -> Result<(), EngineError>;
 }
 
-/// Loads engines for model entries (mistral.rs in production; tests may
+/// What kind of router model an artifact is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// A language model scoring each expert's name (zero-shot or fine-tuned).
+    LabelScoring,
+    /// A sentence encoder and a linear head ([`classifier`]).
+    EncoderClassifier,
+}
+
+impl ModelKind {
+    /// The name used in the API, the request log and reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LabelScoring => "label-scoring",
+            Self::EncoderClassifier => "encoder-classifier",
+        }
+    }
+
+    /// Every kind.
+    pub const ALL: [ModelKind; 2] = [Self::LabelScoring, Self::EncoderClassifier];
+
+    /// The kind of the artifact at `path`.
+    pub fn of(path: &std::path::Path) -> Self {
+        if classifier::is_classifier(path) {
+            Self::EncoderClassifier
+        } else {
+            Self::LabelScoring
+        }
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a router kind: use label-scoring or encoder-classifier"))
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The production loader: an encoder classifier folder runs on candle
+/// ([`classifier::EncoderClassifier`]), any other model on mistral.rs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ModelLoader;
+
+#[async_trait]
+impl EngineLoader for ModelLoader {
+    async fn load(
+        &self,
+        spec: &crate::config::ModelSpec,
+        router: bool,
+    ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
+        match ModelKind::of(&spec.path) {
+            ModelKind::EncoderClassifier if !router => Err(EngineError::Load {
+                path: spec.path.display().to_string(),
+                source: anyhow::anyhow!(
+                    "an encoder classifier routes but cannot write answers: give experts a generative model"
+                ),
+            }),
+            ModelKind::EncoderClassifier => {
+                let path = spec.path.clone();
+                let engine = tokio::task::spawn_blocking(move || {
+                    classifier::EncoderClassifier::load(&path, classifier::BatchSettings::default())
+                })
+                .await
+                .map_err(|e| EngineError::Backend(e.into()))??;
+                Ok(std::sync::Arc::new(engine))
+            }
+            ModelKind::LabelScoring => mistral::MistralLoader.load(spec, router).await,
+        }
+    }
+}
+
+/// Loads engines for model entries ([`ModelLoader`] in production; tests may
 /// supply another implementation).
 #[async_trait]
 pub trait EngineLoader: Send + Sync {

@@ -182,6 +182,7 @@ impl Engine for StubEngine {
             logprobs,
             prompt_tokens: token_estimate(messages),
             forward_passes: 1,
+            out_of_scope: false,
         })
     }
 
@@ -227,7 +228,8 @@ fn stub_fault(path: &std::path::Path) -> Option<String> {
 }
 
 /// Serves every model entry with the model-free stub engine (only when asked
-/// for explicitly, e.g. `flywheel-server --engine stub`).
+/// for explicitly, e.g. `flywheel-server --engine stub`), except encoder
+/// classifier folders, which are small and real: they route as in production.
 #[derive(Debug, Default, Clone)]
 pub struct StubLoader {
     /// Delay before each streamed token.
@@ -241,8 +243,11 @@ impl super::EngineLoader for StubLoader {
     async fn load(
         &self,
         spec: &crate::config::ModelSpec,
-        _router: bool,
+        router: bool,
     ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
+        if super::ModelKind::of(&spec.path) == super::ModelKind::EncoderClassifier {
+            return super::ModelLoader.load(spec, router).await;
+        }
         let mut engine = if self.sign_tokens {
             StubEngine::signed(self.per_token_delay, spec.version_label())
         } else {

@@ -55,7 +55,12 @@ impl ServedModel {
                     path: spec.path.display().to_string(),
                     source: e.into(),
                 })?;
-                (meta.len(), task)
+                let size = if meta.is_dir() {
+                    folder_size(&spec.path)
+                } else {
+                    meta.len()
+                };
+                (size, task)
             }
             // The stub engine runs without a model file.
             Err(_) if !loader.requires_file() => (0, None),
@@ -73,6 +78,29 @@ impl ServedModel {
             engine: loader.load(spec, router).await?,
             task,
         })
+    }
+}
+
+/// Bytes of the files directly in `dir` (a classifier folder).
+fn folder_size(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .filter(std::fs::Metadata::is_file)
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+impl ServedModel {
+    /// How this model routes.
+    pub fn kind(&self) -> crate::engine::ModelKind {
+        self.task
+            .as_ref()
+            .map_or(crate::engine::ModelKind::LabelScoring, |t| t.kind)
     }
 }
 

@@ -20,6 +20,8 @@ use serde::{Deserialize, Serialize};
 
 /// Name of the model file inside a version folder.
 pub const MODEL_FILE: &str = "model.gguf";
+/// Name of an encoder classifier's folder inside a version folder.
+pub const CLASSIFIER_DIR: &str = "classifier";
 /// Name of the manifest inside a version folder.
 pub const MANIFEST_FILE: &str = "manifest.json";
 const SLOTS_FILE: &str = "slots.json";
@@ -144,11 +146,15 @@ impl ModelStore {
         if !valid_version(version) {
             return Err(StoreError::InvalidVersion(crate::text::quote(version)));
         }
+        if crate::engine::classifier::is_classifier(model) {
+            return self.add_classifier(version, model);
+        }
         let dir = self.dir(version);
         let target = dir.join(MODEL_FILE);
-        if target.is_file() {
-            let same = std::fs::read(&target).map_err(io("cannot read", &target))?
-                == std::fs::read(model).map_err(io("cannot read", model))?;
+        if target.is_file() || dir.join(CLASSIFIER_DIR).is_dir() {
+            let same = target.is_file()
+                && std::fs::read(&target).map_err(io("cannot read", &target))?
+                    == std::fs::read(model).map_err(io("cannot read", model))?;
             return if same {
                 Ok(target)
             } else {
@@ -163,7 +169,49 @@ impl ModelStore {
         Ok(target)
     }
 
-    /// Model file of `version`.
+    /// Add an encoder classifier folder (its files, copied into a temporary
+    /// folder renamed into place: a reader sees all of them or none).
+    fn add_classifier(&self, version: &str, model: &Path) -> Result<PathBuf, StoreError> {
+        let dir = self.dir(version);
+        let target = dir.join(CLASSIFIER_DIR);
+        let files = |d: &Path| -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+            let mut out = BTreeMap::new();
+            for name in [
+                crate::engine::classifier::CARD_FILE,
+                crate::engine::classifier::HEAD_FILE,
+            ] {
+                let p = d.join(name);
+                out.insert(name.to_string(), std::fs::read(&p).map_err(io("cannot read", &p))?);
+            }
+            Ok(out)
+        };
+        if target.is_dir() || dir.join(MODEL_FILE).is_file() {
+            return if target.is_dir() && files(&target)? == files(model)? {
+                Ok(target)
+            } else {
+                Err(StoreError::VersionExists(version.to_string()))
+            };
+        }
+        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        let tmp = tempfile::TempDir::new_in(&dir).map_err(io("cannot create a folder in", &dir))?;
+        for entry in std::fs::read_dir(model).map_err(io("cannot list", model))? {
+            let entry = entry.map_err(io("cannot list", model))?;
+            if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
+                let to = tmp.path().join(entry.file_name());
+                if std::fs::hard_link(entry.path(), &to).is_err() {
+                    std::fs::copy(entry.path(), &to).map_err(io("cannot copy", &entry.path()))?;
+                }
+            }
+        }
+        let manifest = model.join(MANIFEST_FILE);
+        if manifest.is_file() {
+            copy_atomic(&manifest, &dir.join(MANIFEST_FILE))?;
+        }
+        std::fs::rename(tmp.keep(), &target).map_err(io("cannot rename into", &target))?;
+        Ok(target)
+    }
+
+    /// Model file (or encoder classifier folder) of `version`.
     ///
     /// # Errors
     /// [`StoreError::UnknownVersion`].
@@ -172,8 +220,11 @@ impl ModelStore {
             return Err(StoreError::InvalidVersion(crate::text::quote(version)));
         }
         let p = self.dir(version).join(MODEL_FILE);
+        let classifier = self.dir(version).join(CLASSIFIER_DIR);
         if p.is_file() {
             Ok(p)
+        } else if classifier.is_dir() {
+            Ok(classifier)
         } else {
             Err(StoreError::UnknownVersion(crate::text::quote(version)))
         }
@@ -188,7 +239,7 @@ impl ModelStore {
         let mut out: Vec<String> = std::fs::read_dir(&dir)
             .map_err(io("cannot list", &dir))?
             .filter_map(|e| e.ok())
-            .filter(|e| e.path().join(MODEL_FILE).is_file())
+            .filter(|e| e.path().join(MODEL_FILE).is_file() || e.path().join(CLASSIFIER_DIR).is_dir())
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .collect();
         out.sort();
@@ -295,6 +346,41 @@ mod tests {
             version: v.into(),
             path: PathBuf::from(format!("/m/{v}")),
         }
+    }
+
+    #[test]
+    fn an_encoder_classifier_folder_is_stored_whole_and_found_as_a_version() {
+        use crate::engine::classifier::{CARD_FILE, HEAD_FILE};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::open(dir.path().join("reg")).unwrap();
+        let folder = |name: &str, head: &[u8]| {
+            let f = dir.path().join(name);
+            std::fs::create_dir_all(&f).unwrap();
+            std::fs::write(f.join(CARD_FILE), b"{}").unwrap();
+            std::fs::write(f.join(HEAD_FILE), head).unwrap();
+            std::fs::write(f.join("model.safetensors"), b"encoder").unwrap();
+            std::fs::write(f.join(MANIFEST_FILE), b"{\"version\": \"c1\"}").unwrap();
+            f
+        };
+        let a = folder("a", b"head a");
+        let stored = store.add("c1", &a, None).unwrap();
+        assert_eq!(stored, store.model_path("c1").unwrap());
+        assert_eq!(std::fs::read(stored.join("model.safetensors")).unwrap(), b"encoder");
+        assert!(store.dir("c1").join(MANIFEST_FILE).is_file());
+        assert_eq!(store.versions().unwrap(), ["c1"]);
+        // Idempotent; another classifier or a GGUF under the name is refused.
+        assert_eq!(store.add("c1", &a, None).unwrap(), stored);
+        let b = folder("b", b"head b");
+        assert!(matches!(store.add("c1", &b, None), Err(StoreError::VersionExists(_))));
+        let gguf = dir.path().join("m.gguf");
+        std::fs::write(&gguf, b"model").unwrap();
+        assert!(matches!(
+            store.add("c1", &gguf, None),
+            Err(StoreError::VersionExists(_))
+        ));
+        // No temporary folder left beside it.
+        let left: Vec<_> = std::fs::read_dir(store.dir("c1")).unwrap().collect();
+        assert_eq!(left.len(), 2, "{left:?}");
     }
 
     #[test]

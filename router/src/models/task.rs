@@ -11,6 +11,9 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 
+use crate::engine::ModelKind;
+use crate::engine::classifier;
+
 /// GGUF key of the training prompts' system prompt.
 pub const SYSTEM_PROMPT_KEY: &str = "flywheel.task.system_prompt";
 /// GGUF key of the label set (array of strings).
@@ -23,6 +26,8 @@ pub struct TrainedTask {
     pub system_prompt: String,
     /// Labels it answers with.
     pub labels: Vec<String>,
+    /// How it routes.
+    pub kind: ModelKind,
 }
 
 /// Errors reading a model's task.
@@ -37,6 +42,14 @@ pub enum TaskError {
         #[source]
         source: std::io::Error,
     },
+    /// An encoder classifier's card is unreadable.
+    #[error("cannot read the classifier card of {path}: {reason}")]
+    Card {
+        /// The folder.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// The GGUF header is unreadable or a task key has the wrong type.
     #[error("cannot read the GGUF header of {path}")]
     Gguf {
@@ -48,12 +61,23 @@ pub enum TaskError {
     },
 }
 
-/// Read the task of the GGUF model at `path` (header only); `None` for a
-/// model that was not fine-tuned by flywheel.
+/// Read the task of the model at `path` (a GGUF header, or an encoder
+/// classifier's card); `None` for a model that was not fine-tuned by flywheel.
 ///
 /// # Errors
 /// Unreadable file or header.
 pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
+    if classifier::is_classifier(path) {
+        let card = classifier::read_card(path).map_err(|e| TaskError::Card {
+            path: path.display().to_string(),
+            reason: format!("{:#}", anyhow::Error::from(e)),
+        })?;
+        return Ok(Some(TrainedTask {
+            system_prompt: String::new(),
+            labels: card.labels,
+            kind: ModelKind::EncoderClassifier,
+        }));
+    }
     let file = std::fs::File::open(path).map_err(|source| TaskError::Io {
         path: path.display().to_string(),
         source,
@@ -77,5 +101,9 @@ pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
         .map(|v| v.to_string().cloned())
         .collect::<Result<Vec<_>, _>>()
         .map_err(gguf)?;
-    Ok(Some(TrainedTask { system_prompt, labels }))
+    Ok(Some(TrainedTask {
+        system_prompt,
+        labels,
+        kind: ModelKind::LabelScoring,
+    }))
 }

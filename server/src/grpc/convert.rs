@@ -177,6 +177,7 @@ pub fn slot(s: &Slot) -> pb::ModelSlot {
         backend: m.engine.backend().to_string(),
         size_bytes: m.size_bytes,
         loaded_at_unix_ms: unix_ms(m.loaded_at),
+        kind: m.kind().as_str().to_string(),
     }
 }
 

@@ -129,6 +129,7 @@ mod tests {
             PipelineError::Engine(EngineError::InvalidLabels(s())),
             PipelineError::Engine(EngineError::Backend(anyhow::anyhow!("x"))),
             PipelineError::Engine(EngineError::Disconnected),
+            PipelineError::Engine(EngineError::Overloaded(s())),
             PipelineError::Retrieval(RetrievalError(anyhow::anyhow!("x"))),
         ]
     }

@@ -426,6 +426,7 @@ mod tests {
                 logprobs,
                 prompt_tokens: 1,
                 forward_passes: 1,
+                out_of_scope: false,
             })
         }
         async fn warm_up(&self, _: &[ChatMessage]) -> Result<(), EngineError> {

@@ -227,6 +227,7 @@ impl Engine for MistralEngine {
             logprobs: plan.combine(&step_logprobs),
             prompt_tokens: prompt.len() as u32,
             forward_passes: plan.steps().len() as u32,
+            out_of_scope: false,
         })
     }
 

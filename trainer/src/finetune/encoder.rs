@@ -1,0 +1,446 @@
+//! `flywheel-trainer train --kind encoder-classifier`: a linear head over a
+//! frozen sentence encoder, and the rule that turns away out-of-scope queries.
+//!
+//! - **Head**: multinomial logistic regression on the normalised embeddings
+//!   (the embeddings the server computes, with the same code), fitted by
+//!   accelerated gradient descent. Its L2 strength is chosen by 5-fold
+//!   cross-validation on the training data.
+//! - **Out-of-scope rule** ([`OutOfScopeRule`]): a query is out of scope when
+//!   its mean cosine similarity to its k nearest training queries is below a
+//!   threshold. No out-of-scope examples are needed: each training query's
+//!   similarity is measured with itself left out, and whether the head gets
+//!   it right with cross-validation; the threshold is the highest that turns
+//!   away right answers on at most `--oos-accuracy-loss` of them (wrong
+//!   answers turned away cost nothing). k is the one that turns away most
+//!   queries of a label held out of the reference set (each label in turn),
+//!   which is how an unseen topic looks.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor};
+use flywheel_router::embed::Embedder;
+use flywheel_router::engine::ModelKind;
+use flywheel_router::engine::classifier::{
+    self, ClassifierCard, ClassifierParts, Head, Neighbours, OutOfScopeRule, Training,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, io_err, read_training_data};
+use crate::curate::export::sha256_file;
+
+/// L2 strengths tried by cross-validation.
+const L2_GRID: [f64; 4] = [1e-2, 1e-3, 1e-4, 1e-5];
+/// Folds of the cross-validation.
+const FOLDS: usize = 5;
+/// Gradient steps per fit.
+const ITERATIONS: usize = 400;
+/// Neighbour counts tried by the out-of-scope calibration.
+const K_GRID: [usize; 4] = [1, 3, 5, 10];
+
+/// What an encoder classifier run produced (`manifest.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClassifierManifest {
+    /// Always [`ModelKind::EncoderClassifier`].
+    pub kind: ModelKind,
+    /// Version label.
+    pub version: String,
+    /// Unix ms when the run finished.
+    pub created_unix_ms: i64,
+    /// The encoder.
+    pub encoder: EncoderInfo,
+    /// Training data.
+    pub data: DataInfo,
+    /// The head's fit.
+    pub head: HeadFit,
+    /// The out-of-scope rule (absent with `--oos-rejection 0`).
+    pub out_of_scope: Option<OutOfScopeRule>,
+    /// Seconds embedding the training queries.
+    pub embed_seconds: f64,
+    /// Seconds fitting and calibrating.
+    pub fit_seconds: f64,
+    /// The classifier folder (what a server's model entry names).
+    pub model_file: String,
+    /// Bytes of its files.
+    pub model_bytes: u64,
+}
+
+/// The encoder of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EncoderInfo {
+    /// Folder.
+    pub path: String,
+    /// SHA-256 of its `model.safetensors`.
+    pub sha256: String,
+    /// Embedding size.
+    pub dim: usize,
+    /// How it was trained.
+    pub training: Training,
+}
+
+/// How the head was fitted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HeadFit {
+    /// L2 strength chosen.
+    pub l2: f64,
+    /// Cross-validated accuracy of each L2 strength tried.
+    pub cross_validation: Vec<(f64, f64)>,
+    /// Gradient steps.
+    pub iterations: usize,
+    /// Accuracy on the training data.
+    pub train_accuracy: f64,
+}
+
+/// Run `flywheel-trainer train --kind encoder-classifier`.
+///
+/// # Errors
+/// Unusable data or settings, an unreadable encoder, I/O failures.
+pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
+    if !(0.0..0.5).contains(&args.oos_accuracy_loss) {
+        return Err(FinetuneError::Invalid(format!(
+            "--oos-accuracy-loss must be in [0, 0.5), not {}",
+            args.oos_accuracy_loss
+        )));
+    }
+    let TrainingData {
+        examples,
+        rows,
+        label_counts,
+        labels,
+    } = read_training_data(args)?;
+    let embedder = Embedder::load(&args.encoder)
+        .map_err(|e| FinetuneError::Invalid(format!("--encoder {}: {e}", args.encoder.display())))?;
+    let t_embed = Instant::now();
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let bar = super::progress_bar(texts.len(), 0, args.quiet);
+    let mut embeddings = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(64) {
+        embeddings.extend(
+            embedder
+                .embed_batch(chunk, 64)
+                .map_err(|e| FinetuneError::Invalid(format!("embedding the training data: {e}")))?,
+        );
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let embed_seconds = t_embed.elapsed().as_secs_f64();
+
+    let t_fit = Instant::now();
+    let dim = embedder.dim();
+    let y: Vec<u32> = examples
+        .iter()
+        .map(|e| labels.names().iter().position(|l| *l == e.label).unwrap_or(0) as u32)
+        .collect();
+    let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
+    let data = Data {
+        x: flat.clone(),
+        y: y.clone(),
+        dim,
+        labels: labels.len(),
+    };
+    let folds: Vec<(f64, Vec<bool>)> = L2_GRID
+        .iter()
+        .map(|&l2| Ok((l2, data.cross_validate(l2, args.seed)?)))
+        .collect::<Result<_, candle_core::Error>>()
+        .map_err(gguf_err)?;
+    let share = |right: &[bool]| right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
+    let cross_validation: Vec<(f64, f64)> = folds.iter().map(|(l2, right)| (*l2, share(right))).collect();
+    let best = (0..folds.len())
+        .max_by(|&a, &b| cross_validation[a].1.total_cmp(&cross_validation[b].1))
+        .unwrap_or(0);
+    let (l2, held_out_right) = folds[best].clone();
+    let head = data.fit(&(0..y.len()).collect::<Vec<_>>(), l2).map_err(gguf_err)?;
+    let train_accuracy = data.accuracy(&head, &(0..y.len()).collect::<Vec<_>>());
+    let neighbours = Neighbours { embeddings: flat, dim };
+    let out_of_scope =
+        (args.oos_accuracy_loss > 0.0).then(|| calibrate(&neighbours, &y, &held_out_right, args.oos_accuracy_loss));
+    let fit_seconds = t_fit.elapsed().as_secs_f64();
+
+    let card = ClassifierCard {
+        format: classifier::FORMAT.to_string(),
+        training: Training::HeadOnly,
+        labels: labels.names().to_vec(),
+        out_of_scope: out_of_scope.clone(),
+    };
+    classifier::write(
+        &args.out,
+        &ClassifierParts {
+            card: &card,
+            head: &head,
+            neighbours: out_of_scope.is_some().then_some(&neighbours),
+            encoder_dir: &args.encoder,
+        },
+    )
+    .map_err(|e| FinetuneError::Write(e.into()))?;
+    let head_sha = sha256_file(&args.out.join(classifier::HEAD_FILE))?;
+    let model_bytes = std::fs::read_dir(&args.out)
+        .map_err(io_err(&args.out))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.metadata().ok())
+        .filter(std::fs::Metadata::is_file)
+        .map(|m| m.len())
+        .sum();
+    let manifest = ClassifierManifest {
+        kind: ModelKind::EncoderClassifier,
+        version: args
+            .version
+            .clone()
+            .unwrap_or_else(|| format!("enc-{}", &head_sha[..12])),
+        created_unix_ms: flywheel_router::data::log::unix_ms(std::time::SystemTime::now()),
+        encoder: EncoderInfo {
+            path: args.encoder.display().to_string(),
+            sha256: sha256_file(&args.encoder.join("model.safetensors"))?,
+            dim,
+            training: Training::HeadOnly,
+        },
+        data: DataInfo {
+            path: args.data.display().to_string(),
+            sha256: sha256_file(&args.data)?,
+            curation_manifest_sha256: args
+                .data
+                .parent()
+                .map(|d| d.join("manifest.json"))
+                .filter(|m| m.is_file())
+                .and_then(|m| sha256_file(&m).ok()),
+            rows,
+            examples: examples.len(),
+            skipped_too_long: 0,
+            label_counts,
+        },
+        head: HeadFit {
+            l2,
+            cross_validation,
+            iterations: ITERATIONS,
+            train_accuracy,
+        },
+        out_of_scope,
+        embed_seconds,
+        fit_seconds,
+        model_file: args.out.display().to_string(),
+        model_bytes,
+    };
+    let text = serde_json::to_string_pretty(&manifest).map_err(|e| FinetuneError::Write(e.into()))?;
+    std::fs::write(args.out.join("manifest.json"), text).map_err(io_err(&args.out))?;
+    Ok(manifest)
+}
+
+/// Embeddings and label indices.
+struct Data {
+    x: Vec<f32>,
+    y: Vec<u32>,
+    dim: usize,
+    labels: usize,
+}
+
+impl Data {
+    fn rows(&self, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+        let cpu = Device::Cpu;
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&i| self.x[i * self.dim..(i + 1) * self.dim].iter().copied())
+            .collect();
+        let mut y = vec![0f32; idx.len() * self.labels];
+        for (r, &i) in idx.iter().enumerate() {
+            y[r * self.labels + self.y[i] as usize] = 1.0;
+        }
+        Ok((
+            Tensor::from_vec(x, (idx.len(), self.dim), &cpu)?,
+            Tensor::from_vec(y, (idx.len(), self.labels), &cpu)?,
+        ))
+    }
+
+    /// Fit the head on rows `idx` (accelerated gradient descent on the
+    /// mean cross-entropy plus `l2` times half the weights' squared norm).
+    fn fit(&self, idx: &[usize], l2: f64) -> candle_core::Result<Head> {
+        let (x, y) = self.rows(idx)?;
+        let n = idx.len() as f64;
+        let cpu = Device::Cpu;
+        let mut w = Tensor::zeros((self.labels, self.dim), DType::F32, &cpu)?;
+        let mut b = Tensor::zeros(self.labels, DType::F32, &cpu)?;
+        let (mut wy, mut by) = (w.clone(), b.clone());
+        // Rows have unit norm (plus the bias input): the loss's gradient is
+        // 1-Lipschitz, so a step of 1 / (1 + l2) is safe.
+        let lr = 1.0 / (1.0 + l2);
+        let mut t = 1.0f64;
+        for _ in 0..ITERATIONS {
+            let logits = x.matmul(&wy.t()?)?.broadcast_add(&by)?;
+            let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
+            let g = ((p - &y)? / n)?;
+            let gw = (g.t()?.matmul(&x)? + (&wy * l2)?)?;
+            let gb = g.sum(0)?;
+            let w_next = (&wy - (gw * lr)?)?;
+            let b_next = (&by - (gb * lr)?)?;
+            let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
+            let momentum = (t - 1.0) / t_next;
+            wy = (&w_next + ((&w_next - &w)? * momentum)?)?;
+            by = (&b_next + ((&b_next - &b)? * momentum)?)?;
+            (w, b, t) = (w_next, b_next, t_next);
+        }
+        Ok(Head {
+            weight: w.flatten_all()?.to_vec1()?,
+            bias: b.to_vec1()?,
+            dim: self.dim,
+        })
+    }
+
+    fn accuracy(&self, head: &Head, idx: &[usize]) -> f64 {
+        let right = idx
+            .iter()
+            .filter(|&&i| self.predict(head, i) == self.y[i] as usize)
+            .count();
+        right as f64 / idx.len().max(1) as f64
+    }
+
+    /// Whether each example is predicted right by a head fitted without its
+    /// fold ([`FOLDS`] folds, stratified by label).
+    fn cross_validate(&self, l2: f64, seed: u64) -> candle_core::Result<Vec<bool>> {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut by_label: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, &l) in self.y.iter().enumerate() {
+            by_label.entry(l).or_default().push(i);
+        }
+        let mut fold_of = vec![0usize; self.y.len()];
+        let mut next = 0;
+        for rows in by_label.values_mut() {
+            rows.shuffle(&mut rng);
+            for &i in rows.iter() {
+                fold_of[i] = next % FOLDS;
+                next += 1;
+            }
+        }
+        let mut right = vec![false; self.y.len()];
+        for f in 0..FOLDS {
+            let train: Vec<usize> = (0..self.y.len()).filter(|&i| fold_of[i] != f).collect();
+            let head = self.fit(&train, l2)?;
+            for i in (0..self.y.len()).filter(|&i| fold_of[i] == f) {
+                right[i] = self.predict(&head, i) == self.y[i] as usize;
+            }
+        }
+        Ok(right)
+    }
+
+    fn predict(&self, head: &Head, i: usize) -> usize {
+        argmax(&head.log_probs(&self.x[i * self.dim..(i + 1) * self.dim]))
+    }
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
+}
+
+/// The out-of-scope rule for reference embeddings `n` labelled `y`, given
+/// whether the head gets each right when it is held out (`right`): the
+/// highest threshold that turns away right answers on at most
+/// `accuracy_loss` of the held-out queries.
+pub fn calibrate(n: &Neighbours, y: &[u32], right: &[bool], accuracy_loss: f32) -> OutOfScopeRule {
+    let q = |i: usize| &n.embeddings[i * n.dim..(i + 1) * n.dim];
+    let total = y.len().max(1) as f32;
+    let mut best: Option<OutOfScopeRule> = None;
+    for k in K_GRID {
+        // In scope: each query against the others, lowest first.
+        let mut own: Vec<(f32, bool)> = (0..y.len())
+            .map(|i| (n.similarity(q(i), k, |j| j == i), right[i]))
+            .collect();
+        own.sort_by(|a, b| a.0.total_cmp(&b.0));
+        // A threshold at own[i].0 turns away own[..i].
+        let mut lost = 0usize;
+        let mut cut = 0usize;
+        for (i, &(_, ok)) in own.iter().enumerate() {
+            if (lost + usize::from(ok)) as f32 / total > accuracy_loss {
+                cut = i;
+                break;
+            }
+            lost += usize::from(ok);
+            cut = i + 1;
+        }
+        let threshold = own.get(cut).map_or(f32::INFINITY, |o| o.0);
+        // An unseen topic: each label's queries against the other labels'.
+        let turned_away = (0..y.len())
+            .filter(|&i| n.similarity(q(i), k, |j| y[j] == y[i]) < threshold)
+            .count();
+        let rule = OutOfScopeRule {
+            k,
+            threshold,
+            accuracy_loss,
+            in_scope_rejection: cut as f32 / total,
+            held_out_label_recall: turned_away as f32 / total,
+        };
+        if best
+            .as_ref()
+            .is_none_or(|b| rule.held_out_label_recall > b.held_out_label_recall)
+        {
+            best = Some(rule);
+        }
+    }
+    best.unwrap_or(OutOfScopeRule {
+        k: 1,
+        threshold: f32::NEG_INFINITY,
+        accuracy_loss: 0.0,
+        in_scope_rejection: 0.0,
+        held_out_label_recall: 0.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(v: [f32; 2]) -> Vec<f32> {
+        let n = (v[0] * v[0] + v[1] * v[1]).sqrt();
+        vec![v[0] / n, v[1] / n]
+    }
+
+    #[test]
+    fn the_head_separates_separable_labels() {
+        let mut x = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..20 {
+            let a = i as f32 * 0.02;
+            x.extend(unit([1.0, a]));
+            y.push(0);
+            x.extend(unit([a, 1.0]));
+            y.push(1);
+        }
+        let data = Data {
+            x,
+            y,
+            dim: 2,
+            labels: 2,
+        };
+        let all: Vec<usize> = (0..40).collect();
+        let head = data.fit(&all, 1e-4).unwrap();
+        assert_eq!(data.accuracy(&head, &all), 1.0);
+        assert!(data.cross_validate(1e-4, 0).unwrap().iter().all(|&r| r));
+    }
+
+    #[test]
+    fn calibration_turns_away_a_held_out_topic_and_keeps_the_accuracy_budget() {
+        // Two tight topics far apart: a held-out topic looks nothing like the other.
+        let mut e = Vec::new();
+        let mut y = Vec::new();
+        for i in 0..30 {
+            let a = i as f32 * 0.003;
+            e.extend(unit([1.0, a]));
+            y.push(0);
+            e.extend(unit([-a, 1.0]));
+            y.push(1);
+        }
+        let n = Neighbours { embeddings: e, dim: 2 };
+        // Every held-out answer right: at most 3 of 60 may be turned away.
+        let rule = calibrate(&n, &y, &[true; 60], 0.05);
+        assert!(rule.held_out_label_recall > 0.99, "{rule:?}");
+        let kept = (0..60)
+            .filter(|&i| n.similarity(&n.embeddings[i * 2..i * 2 + 2], rule.k, |j| j == i) >= rule.threshold)
+            .count();
+        assert!(kept >= 57, "{kept} of 60 kept");
+        // Wrong answers cost nothing: with every answer wrong, the threshold
+        // may turn every query away.
+        let lax = calibrate(&n, &y, &[false; 60], 0.05);
+        assert!(lax.threshold > rule.threshold, "{lax:?} vs {rule:?}");
+    }
+}
