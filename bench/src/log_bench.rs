@@ -97,6 +97,7 @@ fn route_record(i: usize, rng: &mut impl Rng) -> RequestRecord {
             forced: false,
             fallback: false,
             prompt_tokens: 0,
+            router_kind: Some(flywheel_router::engine::ModelKind::LabelScoring),
         }),
         total_ms: Some(rng.random_range(0.0..1.0)),
         ..RequestRecord::default()

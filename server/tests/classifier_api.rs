@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use flywheel_proto::v1 as pb;
+use flywheel_router::engine::ModelKind;
 use flywheel_router::models::store::ModelStore;
 use flywheel_server::config::EngineKind;
 use flywheel_server::{Config, testing};
@@ -157,6 +158,7 @@ async fn a_classifier_routes_turns_away_out_of_scope_queries_and_is_listed_with_
         .unwrap();
     assert_eq!((d.expert.as_str(), d.fallback), ("it", false), "{d:?}");
     assert_eq!(d.router_model_version, "enc-1");
+    assert_eq!(d.router_kind, "encoder-classifier");
     assert_eq!(d.scores.len(), 5);
     let d = route(server, "how many days of leave do parents get").await.unwrap();
     assert_eq!(d.expert, "hr", "{d:?}");
@@ -243,13 +245,18 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
 
     server.pipeline.log().flush().await.unwrap();
     let records = server.pipeline.log().reader().unwrap().recent(1_000_000).unwrap();
-    let versions: std::collections::BTreeSet<String> = records
+    // Every decision logs the version and the kind of the model that made it.
+    let deciders: std::collections::BTreeSet<(String, Option<ModelKind>)> = records
         .iter()
-        .filter_map(|r| r.route.as_ref().map(|d| d.router_model_version.clone()))
+        .filter_map(|r| r.route.as_ref())
+        .map(|d| (d.router_model_version.clone(), d.router_kind))
         .collect();
-    assert!(
-        versions.contains("enc-1") && versions.contains("scoring-1"),
-        "decisions by {versions:?}"
+    assert_eq!(
+        deciders.into_iter().collect::<Vec<_>>(),
+        [
+            ("enc-1".to_string(), Some(ModelKind::EncoderClassifier)),
+            ("scoring-1".to_string(), Some(ModelKind::LabelScoring)),
+        ],
     );
     assert!(records.iter().all(|r| r.status == "ok"), "a request failed");
 }

@@ -53,6 +53,9 @@ pub struct RouteDecision {
     pub fallback: bool,
     /// Prompt length the router model read, in tokens.
     pub prompt_tokens: u32,
+    /// How the deciding model routes (absent when forced).
+    #[serde(default)]
+    pub router_kind: Option<ModelKind>,
 }
 
 impl RouteDecision {
@@ -68,6 +71,7 @@ impl RouteDecision {
             forced: true,
             fallback: false,
             prompt_tokens: 0,
+            router_kind: None,
         }
     }
 }
@@ -233,6 +237,7 @@ impl RouterAgent {
             latency_ms,
             scores.prompt_tokens,
         );
+        decision.router_kind = Some(model.kind());
         if scores.out_of_scope && !decision.fallback {
             decision.fallback = true;
             decision.expert = self.fallback.clone();
@@ -275,6 +280,7 @@ impl RouterAgent {
             forced: false,
             fallback,
             prompt_tokens,
+            router_kind: None,
         }
     }
 }

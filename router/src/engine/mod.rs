@@ -218,7 +218,7 @@ pub trait Engine: Send + Sync + 'static {
 }
 
 /// What kind of router model an artifact is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ModelKind {
     /// A language model scoring each expert's name (zero-shot or fine-tuned).

@@ -56,6 +56,7 @@ pub fn route(d: RouteDecision) -> pb::RouteDecision {
         forced: d.forced,
         fallback: d.fallback,
         top_expert: d.top_expert,
+        router_kind: d.router_kind.map(|k| k.as_str().to_string()).unwrap_or_default(),
     }
 }
 

@@ -22,6 +22,7 @@
 //! | `route_scores` | TEXT NULL | JSON array `{expert, probability, logprob}` |
 //! | `route_forced`, `route_fallback` | INTEGER NULL | 0/1 |
 //! | `router_model_version` | TEXT NULL | model that decided |
+//! | `router_kind` | TEXT NULL | how it decides: `label-scoring` or `encoder-classifier` |
 //! | `route_latency_ms` | REAL NULL | decision time |
 //! | `expert`, `expert_model_version` | TEXT NULL | who answered, on which model |
 //! | `retrieved` | TEXT | JSON array of passages `{doc_id, chunk_id, score}` |
@@ -59,7 +60,7 @@
 use rusqlite::Connection;
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -141,6 +142,8 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX shadow_request ON shadow(request_id);",
     // v4: which client API key a request came with (its id, never the key)
     "ALTER TABLE requests ADD COLUMN api_key_id TEXT;",
+    // v5: the kind of router model that decided
+    "ALTER TABLE requests ADD COLUMN router_kind TEXT;",
 ];
 
 /// Bring `conn` to [`SCHEMA_VERSION`].

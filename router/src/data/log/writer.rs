@@ -306,14 +306,15 @@ pub(super) const COLUMNS: &[&str] = &[
     "total_ms",
     "finish_reason",
     "api_key_id",
+    "router_kind",
 ];
 
 const INSERT: &str = "INSERT OR REPLACE INTO requests (request_id, kind, session_id, user_id, \
     received_at_ms, finished_at_ms, query, status, error, guardrails, route_expert, route_top_expert, \
     route_confidence, route_scores, route_forced, route_fallback, router_model_version, route_latency_ms, \
     expert, expert_model_version, retrieved, answer, prompt_tokens, completion_tokens, ttft_ms, total_ms, \
-    finish_reason, api_key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, \
-    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)";
+    finish_reason, api_key_id, router_kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, \
+    ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)";
 
 pub(super) const FEEDBACK_COLUMNS: &str = "feedback_id, request_id, created_at_ms, kind, rating_scale, rating, \
     corrected_expert, comment, reviewer_id, detail";
@@ -415,6 +416,7 @@ fn insert(
         r.total_ms,
         r.finish_reason,
         r.api_key_id,
+        route.and_then(|d| d.router_kind).map(crate::engine::ModelKind::as_str),
     ])
 }
 
@@ -436,6 +438,9 @@ pub(super) fn record_from_row(row: &Row<'_>) -> rusqlite::Result<RequestRecord> 
             forced: row.get::<_, Option<bool>>("route_forced")?.unwrap_or_default(),
             fallback: row.get::<_, Option<bool>>("route_fallback")?.unwrap_or_default(),
             prompt_tokens: 0,
+            router_kind: row
+                .get::<_, Option<String>>("router_kind")?
+                .and_then(|k| k.parse().ok()),
         }),
         None => None,
     };
