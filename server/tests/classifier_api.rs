@@ -121,15 +121,7 @@ async fn route(server: &testing::TestServer, query: &str) -> Result<pb::RouteDec
 }
 
 async fn router_slot(server: &testing::TestServer) -> pb::ModelSlot {
-    let slots = server
-        .admin()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .slots;
-    slots.into_iter().find(|s| s.slot == "router").unwrap()
+    common::model_slot(server, "router").await
 }
 
 fn promote(version: &str) -> tonic::Request<pb::PromoteRequest> {

@@ -92,15 +92,7 @@ fn promote(slot: &str, version: &str) -> tonic::Request<pb::PromoteRequest> {
 }
 
 async fn serving(server: &common::TestServer, slot: &str) -> String {
-    let slots = server
-        .admin()
-        .await
-        .list_models(pb::ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .slots;
-    slots.into_iter().find(|s| s.slot == slot).unwrap().version
+    common::model_slot(server, slot).await.version
 }
 
 /// One streamed answer; `Err` on any failure.

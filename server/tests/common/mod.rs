@@ -254,3 +254,16 @@ impl Progress {
         }
     }
 }
+
+/// What `slot` of `server` serves now (`Admin.ListModels`).
+pub async fn model_slot(server: &TestServer, slot: &str) -> flywheel_proto::v1::ModelSlot {
+    let slots = server
+        .admin()
+        .await
+        .list_models(flywheel_proto::v1::ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slots;
+    slots.into_iter().find(|s| s.slot == slot).unwrap()
+}

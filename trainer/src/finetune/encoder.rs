@@ -193,20 +193,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             dim,
             training: Training::HeadOnly,
         },
-        data: DataInfo {
-            path: args.data.display().to_string(),
-            sha256: sha256_file(&args.data)?,
-            curation_manifest_sha256: args
-                .data
-                .parent()
-                .map(|d| d.join("manifest.json"))
-                .filter(|m| m.is_file())
-                .and_then(|m| sha256_file(&m).ok()),
-            rows,
-            examples: examples.len(),
-            skipped_too_long: 0,
-            label_counts,
-        },
+        data: DataInfo::of(args, sha256_file(&args.data)?, rows, examples.len(), 0, label_counts),
         head: HeadFit {
             l2,
             cross_validation,

@@ -276,6 +276,34 @@ pub struct DataInfo {
     pub label_counts: BTreeMap<String, usize>,
 }
 
+impl DataInfo {
+    /// The data of a run on `args.data` (hashed as `sha256`), linked to the
+    /// curation run beside it, if any.
+    pub fn of(
+        args: &TrainArgs,
+        sha256: String,
+        rows: usize,
+        examples: usize,
+        skipped_too_long: usize,
+        label_counts: BTreeMap<String, usize>,
+    ) -> Self {
+        Self {
+            path: args.data.display().to_string(),
+            sha256,
+            curation_manifest_sha256: args
+                .data
+                .parent()
+                .map(|d| d.join("manifest.json"))
+                .filter(|m| m.is_file())
+                .and_then(|m| sha256_file(&m).ok()),
+            rows,
+            examples,
+            skipped_too_long,
+            label_counts,
+        }
+    }
+}
+
 /// The training run itself.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainingInfo {
@@ -685,20 +713,7 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             blocks: base_blocks,
             kept_blocks: model.blocks.len(),
         },
-        data: DataInfo {
-            path: args.data.display().to_string(),
-            sha256: data_sha,
-            curation_manifest_sha256: args
-                .data
-                .parent()
-                .map(|d| d.join("manifest.json"))
-                .filter(|m| m.is_file())
-                .and_then(|m| sha256_file(&m).ok()),
-            rows: n_rows,
-            examples: examples.len() - skipped,
-            skipped_too_long: skipped,
-            label_counts,
-        },
+        data: DataInfo::of(args, data_sha, n_rows, examples.len() - skipped, skipped, label_counts),
         system_prompt: args.system_prompt.clone(),
         hyper,
         training: TrainingInfo {
