@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::config::{ExpertSpec, RouterSpec};
+use crate::engine::labels::OUT_OF_SCOPE_LABEL;
 use crate::engine::{ChatMessage, EngineError, LabelScores, LabelSet, ModelKind};
 use crate::models::slots::{ServedModel, Slot};
 
@@ -83,6 +84,8 @@ const CONTENT_FREE_QUERY: &str = "N/A";
 pub struct RouterAgent {
     slot: Arc<Slot>,
     labels: LabelSet,
+    /// The experts plus [`OUT_OF_SCOPE_LABEL`], scored for models trained with it.
+    labels_with_oos: LabelSet,
     system_prompt: String,
     threshold: f32,
     fallback: String,
@@ -98,8 +101,13 @@ impl RouterAgent {
     /// [`EngineError::InvalidLabels`] when expert names are not a valid label set.
     pub fn new(spec: &RouterSpec, experts: &[ExpertSpec], slot: Arc<Slot>) -> Result<Self, EngineError> {
         let labels = LabelSet::new(experts.iter().map(|e| e.name.clone()).collect())?;
+        let mut with_oos = labels.names().to_vec();
+        if !with_oos.iter().any(|l| l == OUT_OF_SCOPE_LABEL) {
+            with_oos.push(OUT_OF_SCOPE_LABEL.to_string());
+        }
         Ok(Self {
             slot,
+            labels_with_oos: LabelSet::new(with_oos)?,
             labels,
             system_prompt: system_prompt(&spec.instructions, experts),
             threshold: spec.confidence_threshold,
@@ -138,13 +146,17 @@ impl RouterAgent {
     }
 
     /// Check that `model` can route to this router's experts: a fine-tuned
-    /// model must have been trained on exactly this label set.
+    /// model must have been trained on exactly this label set (plus, if it
+    /// likes, [`OUT_OF_SCOPE_LABEL`]).
     ///
     /// # Errors
     /// [`EngineError::InvalidLabels`] naming both label sets.
     pub fn check_model(&self, model: &ServedModel) -> Result<(), EngineError> {
         let Some(task) = &model.task else { return Ok(()) };
         let mut trained = task.labels.clone();
+        if !self.labels.names().iter().any(|l| l == OUT_OF_SCOPE_LABEL) {
+            trained.retain(|l| l != OUT_OF_SCOPE_LABEL);
+        }
         let mut served = self.labels.names().to_vec();
         trained.sort();
         served.sort();
@@ -224,10 +236,17 @@ impl RouterAgent {
     pub async fn decide_with(&self, model: &ServedModel, query: &str) -> Result<RouteDecision, EngineError> {
         let start = Instant::now();
         let prior = self.prior_for(model).await?;
-        let scores = model
-            .engine
-            .score_labels(&self.prompt_for(model, query), &self.labels)
-            .await?;
+        // A model trained with an out-of-scope label scores it too.
+        let with_oos = self.labels_with_oos.len() > self.labels.len()
+            && model
+                .task
+                .as_ref()
+                .is_some_and(|t| t.labels.iter().any(|l| l == OUT_OF_SCOPE_LABEL));
+        let set = if with_oos { &self.labels_with_oos } else { &self.labels };
+        let mut scores = model.engine.score_labels(&self.prompt_for(model, query), set).await?;
+        if with_oos && let Some(oos) = scores.logprobs.pop() {
+            scores.out_of_scope |= scores.logprobs.iter().all(|&l| oos > l);
+        }
         let probs = calibrated(&scores, &prior).probabilities();
         let latency_ms = start.elapsed().as_secs_f64() * 1e3;
         let mut decision = self.decision(
@@ -359,6 +378,66 @@ mod tests {
         let p = calibrated(&scores, &prior).probabilities();
         assert!(p[1] > p[0], "{p:?}");
         assert_eq!(calibrated(&scores, &[]), scores);
+    }
+
+    /// An engine whose scores favour the last label it is asked about.
+    struct FavoursLast;
+
+    #[async_trait::async_trait]
+    impl crate::engine::Engine for FavoursLast {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        async fn generate(
+            &self,
+            _: Vec<ChatMessage>,
+            _: crate::engine::GenerateParams,
+        ) -> Result<crate::engine::TokenStream, EngineError> {
+            Err(EngineError::Disconnected)
+        }
+        async fn score_labels(&self, _: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
+            let mut logprobs = vec![-3.0; labels.len()];
+            logprobs[labels.len() - 1] = -0.1;
+            Ok(LabelScores {
+                logprobs,
+                prompt_tokens: 1,
+                forward_passes: 1,
+                out_of_scope: false,
+            })
+        }
+        async fn warm_up(&self, _: &[ChatMessage]) -> Result<(), EngineError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_model_trained_with_an_out_of_scope_label_sends_its_queries_to_the_fallback() {
+        let settings = EngineSettings::default();
+        let mut labels: Vec<String> = settings.experts.iter().map(|e| e.name.clone()).collect();
+        let model = |labels: Vec<String>| ServedModel {
+            engine: Arc::new(FavoursLast),
+            task: Some(crate::models::task::TrainedTask {
+                system_prompt: String::new(),
+                labels,
+                kind: ModelKind::LabelScoring,
+            }),
+            ..crate::testing::stub_model("oos")
+        };
+        let plain = Arc::new(model(labels.clone()));
+        labels.push(OUT_OF_SCOPE_LABEL.into());
+        let trained = Arc::new(model(labels));
+        let mut spec = settings.router.clone();
+        spec.confidence_threshold = 0.0;
+        let a = RouterAgent::new(&spec, &settings.experts, Arc::new(Slot::new("router", trained.clone()))).unwrap();
+        a.check_model(&trained).unwrap();
+        let d = a.decide("anything").await.unwrap();
+        assert!(d.fallback, "{d:?}");
+        assert_eq!(d.expert, spec.fallback_expert);
+        assert_eq!(d.scores.len(), settings.experts.len(), "the label is not an expert");
+        // Without the label the same engine's top expert answers.
+        let d = a.decide_with(&plain, "anything").await.unwrap();
+        assert!(!d.fallback);
+        assert_eq!(d.expert, settings.experts.last().unwrap().name);
     }
 
     #[test]

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 
 use super::EngineError;
 
+/// A label a router model may be trained with that names no expert: a query
+/// whose top label it is takes the fallback expert.
+pub const OUT_OF_SCOPE_LABEL: &str = "out_of_scope";
+
 /// A validated, ordered set of distinct labels.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LabelSet {

@@ -382,6 +382,32 @@ mod tests {
         vec![v[0] / n, v[1] / n]
     }
 
+    fn args(data: &std::path::Path, labels: &str) -> TrainArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        let data = data.display().to_string();
+        Wrap::parse_from(["train", "--data", &data, "--out", "x", "--labels", labels]).args
+    }
+
+    #[test]
+    fn out_of_scope_examples_train_their_label_beside_the_experts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        std::fs::write(
+            &path,
+            "text,label\nwake me,alarm\nrain?,weather\nwhat is my balance,out_of_scope\n",
+        )
+        .unwrap();
+        let data = read_training_data(&args(&path, "alarm,weather")).unwrap();
+        assert_eq!(data.labels.names(), ["alarm", "weather", "out_of_scope"]);
+        let err = read_training_data(&args(&path, "alarm")).unwrap_err().to_string();
+        assert!(err.contains("weather") && !err.contains("out_of_scope"), "{err}");
+    }
+
     #[test]
     fn the_head_separates_separable_labels() {
         let mut x = Vec::new();

@@ -137,7 +137,9 @@ pub struct TrainArgs {
     pub label_column: String,
     /// The model's label set, comma-separated (default: the labels in the
     /// data). A server only accepts a model trained for exactly its experts,
-    /// so name them all, including any the data lacks.
+    /// so name them all, including any the data lacks. Examples labelled
+    /// `out_of_scope` train that label too; the router sends queries whose
+    /// top label it is to the fallback expert.
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
     /// Use at most this many examples, sampled stratified by label with the seed.
@@ -472,7 +474,11 @@ pub fn read_training_data(args: &TrainArgs) -> Result<TrainingData, FinetuneErro
     let labels = if args.labels.is_empty() {
         LabelSet::new(label_counts.keys().cloned().collect())?
     } else {
-        let outside: Vec<&String> = label_counts.keys().filter(|l| !args.labels.contains(l)).collect();
+        let oos = flywheel_router::engine::labels::OUT_OF_SCOPE_LABEL;
+        let outside: Vec<&String> = label_counts
+            .keys()
+            .filter(|l| !args.labels.contains(l) && l.as_str() != oos)
+            .collect();
         if !outside.is_empty() {
             return Err(FinetuneError::Invalid(format!(
                 "{} has labels {outside:?} that are not in --labels {:?}",
@@ -480,7 +486,13 @@ pub fn read_training_data(args: &TrainArgs) -> Result<TrainingData, FinetuneErro
                 args.labels
             )));
         }
-        LabelSet::new(args.labels.clone())?
+        // Out-of-scope examples name no expert: the model learns the label
+        // beside the experts, and the router sends its queries to the fallback.
+        let mut names = args.labels.clone();
+        if label_counts.contains_key(oos) && !names.iter().any(|l| l == oos) {
+            names.push(oos.to_string());
+        }
+        LabelSet::new(names)?
     };
     Ok(TrainingData {
         examples,
