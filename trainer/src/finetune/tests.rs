@@ -3,9 +3,14 @@
 
 use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::*;
+use crate::curate::dataset::{Example, LabelSource};
+use export::OutDType;
+use llama::Target;
+use train::{Schedule, Sequence};
 
 const VOCAB: usize = 24;
 const D: usize = 32;

@@ -1,0 +1,123 @@
+//! `manifest.json` of a label-scoring fine-tuning run: what was trained, on
+//! what, how, and what came out.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::TrainArgs;
+use super::train::{CurvePoint, Hyper};
+use crate::curate::export::sha256_file;
+
+/// What a training run produced (`manifest.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainManifest {
+    /// Version label of the merged model.
+    pub version: String,
+    /// Unix ms when the run finished.
+    pub created_unix_ms: i64,
+    /// Base model.
+    pub base: BaseInfo,
+    /// Training data.
+    pub data: DataInfo,
+    /// System prompt of the training prompts.
+    pub system_prompt: String,
+    /// Hyperparameters.
+    pub hyper: Hyper,
+    /// The run.
+    pub training: TrainingInfo,
+    /// Merged model file.
+    pub model_file: String,
+    /// Its size.
+    pub model_bytes: u64,
+    /// Its SHA-256.
+    pub model_sha256: String,
+    /// PEFT adapter folder (absent for full fine-tuning).
+    pub adapter_dir: Option<String>,
+}
+
+/// The base model of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseInfo {
+    /// File.
+    pub path: String,
+    /// SHA-256.
+    pub sha256: String,
+    /// Blocks in the base.
+    pub blocks: usize,
+    /// Blocks kept in the output.
+    pub kept_blocks: usize,
+}
+
+/// The data of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DataInfo {
+    /// File.
+    pub path: String,
+    /// SHA-256 of the file.
+    pub sha256: String,
+    /// SHA-256 of the curation `manifest.json` beside the file, when the
+    /// data came from `flywheel-trainer curate` (links the model to its curation run).
+    pub curation_manifest_sha256: Option<String>,
+    /// Rows read.
+    pub rows: usize,
+    /// Examples trained on.
+    pub examples: usize,
+    /// Examples left out for being longer than `max_seq_len`.
+    pub skipped_too_long: usize,
+    /// Examples per label.
+    pub label_counts: BTreeMap<String, usize>,
+}
+
+impl DataInfo {
+    /// The data of a run on `args.data` (hashed as `sha256`), linked to the
+    /// curation run beside it, if any.
+    pub fn of(
+        args: &TrainArgs,
+        sha256: String,
+        rows: usize,
+        examples: usize,
+        skipped_too_long: usize,
+        label_counts: BTreeMap<String, usize>,
+    ) -> Self {
+        Self {
+            path: args.data.display().to_string(),
+            sha256,
+            curation_manifest_sha256: args
+                .data
+                .parent()
+                .map(|d| d.join("manifest.json"))
+                .filter(|m| m.is_file())
+                .and_then(|m| sha256_file(&m).ok()),
+            rows,
+            examples,
+            skipped_too_long,
+            label_counts,
+        }
+    }
+}
+
+/// The training run itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Seconds spent in training steps (excluding data preparation and export).
+    pub seconds: f64,
+    /// Sequence tokens through the trained blocks per second.
+    pub tokens_per_second: f64,
+    /// Where it ran (`cpu`, `cuda:0`).
+    #[serde(default)]
+    pub device: String,
+    /// Matrix products on TF32 tensor cores (GPU only).
+    #[serde(default)]
+    pub tf32: bool,
+    /// Seconds spent computing the frozen blocks once.
+    pub frozen_seconds: f64,
+    /// Mean loss of the last epoch.
+    pub final_loss: f32,
+    /// First-answer-token accuracy over the last epoch (training data).
+    pub final_train_accuracy: f32,
+    /// Every step.
+    pub curve: Vec<CurvePoint>,
+}
