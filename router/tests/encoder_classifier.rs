@@ -210,7 +210,10 @@ async fn a_caller_that_goes_away_leaves_the_batch() {
         let c = c.clone();
         tokio::spawn(async move { c.classify(&LONG.repeat(60)).await })
     };
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // (until the worker has taken it off the queue) ...
+    while c.batcher().taken() < 1 {
+        tokio::task::yield_now().await;
+    }
     // ... queue a decision and give up on it before its batch forms.
     let gone = tokio::time::timeout(Duration::from_millis(1), c.classify("play jazz")).await;
     assert!(gone.is_err(), "the decision ran before the busy one ended");

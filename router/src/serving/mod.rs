@@ -2,7 +2,7 @@
 //! input rails, is routed, passes the topic rail, retrieves its expert's
 //! passages, is answered through the output rail and recorded. Each stage
 //! reads snapshots (rails, models, shadows, splits) that the control plane
-//! ([`crate::control`]) replaces; nothing here changes them.
+//! (the `control` module) replaces; nothing here changes them.
 //!
 //! | stage | where |
 //! |---|---|
@@ -65,7 +65,7 @@ pub struct PipelineStatus {
 }
 
 /// The guardrailed router + experts request path. The control plane
-/// ([`crate::control::ControlPlane`]) replaces what it reads.
+/// (`control::ControlPlane`) replaces what it reads.
 pub struct Pipeline {
     pub(crate) router: Arc<RouterAgent>,
     pub(crate) experts: BTreeMap<String, ExpertAgent>,

@@ -63,6 +63,8 @@ impl Job {
 /// Counters of a batcher.
 #[derive(Debug, Default)]
 struct Counters {
+    /// Decisions the worker has taken off the queue.
+    taken: AtomicU64,
     passes: AtomicU64,
     embedded: AtomicU64,
     recalled: AtomicU64,
@@ -146,6 +148,12 @@ impl Batcher {
         self.counters.passes.load(Ordering::Relaxed)
     }
 
+    /// Decisions the worker has taken off the queue so far (into a batch, or
+    /// held for the next one).
+    pub fn taken(&self) -> u64 {
+        self.counters.taken.load(Ordering::Relaxed)
+    }
+
     /// Queries embedded so far.
     pub fn embedded(&self) -> u64 {
         self.counters.embedded.load(Ordering::Relaxed)
@@ -196,13 +204,13 @@ impl Worker {
     fn next_batch(&mut self) -> Option<Vec<Job>> {
         let first = match self.carry.take() {
             Some(j) => j,
-            None => self.rx.recv().ok()?,
+            None => self.take(self.rx.recv().ok()?),
         };
         let mut batch = vec![first];
         let mut deadline: Option<Instant> = None;
         loop {
             let next = match self.rx.try_recv() {
-                Ok(j) => j,
+                Ok(j) => self.take(j),
                 Err(TryRecvError::Disconnected) => break,
                 Err(TryRecvError::Empty) => {
                     if batch.len() < 2 {
@@ -211,7 +219,7 @@ impl Worker {
                     // Decisions are arriving together: give the next ones a moment.
                     let until = *deadline.get_or_insert_with(|| Instant::now() + self.settings.max_wait);
                     match self.rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
-                        Ok(j) => j,
+                        Ok(j) => self.take(j),
                         Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
                     }
                 }
@@ -223,5 +231,10 @@ impl Worker {
             batch.push(next);
         }
         Some(batch)
+    }
+
+    fn take(&self, job: Job) -> Job {
+        self.counters.taken.fetch_add(1, Ordering::Relaxed);
+        job
     }
 }
