@@ -54,7 +54,7 @@ pub enum EmbedError {
 /// Texts whose embeddings are remembered, across every embedder of the process.
 const RECENT_TEXTS: usize = 512;
 
-type Recent = lru::LruCache<(Arc<str>, String), Arc<Vec<f32>>>;
+type Recent = lru::LruCache<(Arc<str>, String), (Arc<Vec<f32>>, u32)>;
 
 /// Recent single-text embeddings keyed by model fingerprint and text: a
 /// query the jailbreak rail embedded is not encoded again by an encoder
@@ -230,18 +230,18 @@ impl Embedder {
     /// # Errors
     /// Tokenization or model failures.
     pub fn embed(&self, text: &str) -> Result<Vec<f32>, EmbedError> {
-        if let Some(v) = self.recall(text) {
+        if let Some((v, _)) = self.recall(text) {
             return Ok(v.to_vec());
         }
-        let vectors = self.forward(&self.windows(text)?)?;
-        let v = mean_normalized(&vectors, self.dim);
-        self.remember(text, &v);
+        let windows = self.windows(text)?;
+        let v = mean_normalized(&self.forward(&windows)?, self.dim);
+        self.remember(text, &v, window_tokens(&windows));
         Ok(v)
     }
 
-    /// The embedding of `text` if a caller on the same model files computed
-    /// it recently.
-    pub fn recall(&self, text: &str) -> Option<Arc<Vec<f32>>> {
+    /// The embedding of `text` and its token count (special tokens included)
+    /// if a caller on the same model files computed it recently.
+    pub fn recall(&self, text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
         let key = (self.memo_key.clone(), text.to_string());
         recent()
             .lock()
@@ -250,13 +250,13 @@ impl Embedder {
             .cloned()
     }
 
-    /// Remember the embedding of `text` for later callers.
-    pub fn remember(&self, text: &str, embedding: &[f32]) {
+    /// Remember the embedding of `text` (`tokens` long) for later callers.
+    pub fn remember(&self, text: &str, embedding: &[f32], tokens: u32) {
         let key = (self.memo_key.clone(), text.to_string());
         recent()
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .put(key, Arc::new(embedding.to_vec()));
+            .put(key, (Arc::new(embedding.to_vec()), tokens));
     }
 
     /// Forget every remembered embedding (to measure the encoder itself).
@@ -309,6 +309,11 @@ impl Embedder {
         }
         Ok(per_text.iter().map(|vs| mean_normalized(vs, self.dim)).collect())
     }
+}
+
+/// Tokens in `windows`, special tokens included.
+pub fn window_tokens(windows: &[Vec<u32>]) -> u32 {
+    windows.iter().map(Vec::len).sum::<usize>() as u32
 }
 
 fn mean_normalized(vectors: &[Vec<f32>], dim: usize) -> Vec<f32> {

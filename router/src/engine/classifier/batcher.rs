@@ -115,16 +115,16 @@ impl Batcher {
     /// # Cancel safety
     /// Dropping the future before its batch forms takes the query out of it.
     pub async fn embed(&self, text: &str) -> Result<(Vec<f32>, u32), EngineError> {
+        // The input rails usually encoded this very text a moment ago.
+        if let Some((v, tokens)) = self.embedder.recall(text) {
+            self.counters.recalled.fetch_add(1, Ordering::Relaxed);
+            return Ok((v.to_vec(), tokens));
+        }
         let windows = self
             .embedder
             .windows(text)
             .map_err(|e| EngineError::Backend(e.into()))?;
-        let tokens = windows.iter().map(Vec::len).sum::<usize>() as u32;
-        // The input rails usually encoded this very text a moment ago.
-        if let Some(v) = self.embedder.recall(text) {
-            self.counters.recalled.fetch_add(1, Ordering::Relaxed);
-            return Ok((v.to_vec(), tokens));
-        }
+        let tokens = crate::embed::window_tokens(&windows);
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { windows, reply }) {
             Ok(()) => {}
@@ -135,7 +135,7 @@ impl Batcher {
         }
         match rx.await {
             Ok(Ok(v)) => {
-                self.embedder.remember(text, &v);
+                self.embedder.remember(text, &v, tokens);
                 Ok((v, tokens))
             }
             Ok(Err(e)) => Err(EngineError::Backend(anyhow::anyhow!(e))),
