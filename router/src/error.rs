@@ -64,6 +64,15 @@ pub enum PipelineError {
     /// The client went away before the answer was complete.
     #[error("request cancelled by the client")]
     Cancelled,
+    /// The client of a streamed answer read none of it for too long: the
+    /// stream was cut and its slot freed.
+    #[error(
+        "answer stream cut: the client read nothing for {waited_ms} ms (limits.stream_write_timeout_ms); read the stream as it arrives"
+    )]
+    StalledReader {
+        /// How long the stream waited for the client.
+        waited_ms: u64,
+    },
     /// The model runtime failed or rejected the request.
     #[error("engine failure: {0}")]
     Engine(#[from] EngineError),
@@ -189,6 +198,8 @@ pub enum ErrorKind {
     Blocked,
     /// The client went away.
     Cancelled,
+    /// It took too long (a client that stopped reading its stream).
+    DeadlineExceeded,
     /// The server is not in a state to do it (no registry, no shadow set, ...).
     FailedPrecondition,
     /// The server failed; the cause is in the server log, not in the answer.
@@ -197,7 +208,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, for exhaustive tests of the transports' tables.
-    pub const ALL: [ErrorKind; 9] = [
+    pub const ALL: [ErrorKind; 10] = [
         ErrorKind::InvalidArgument,
         ErrorKind::NotFound,
         ErrorKind::AlreadyExists,
@@ -205,6 +216,7 @@ impl ErrorKind {
         ErrorKind::Unavailable,
         ErrorKind::Blocked,
         ErrorKind::Cancelled,
+        ErrorKind::DeadlineExceeded,
         ErrorKind::FailedPrecondition,
         ErrorKind::Internal,
     ];
@@ -219,6 +231,7 @@ impl ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Blocked => "permission_denied",
             ErrorKind::Cancelled => "cancelled",
+            ErrorKind::DeadlineExceeded => "deadline_exceeded",
             ErrorKind::FailedPrecondition => "failed_precondition",
             ErrorKind::Internal => "internal",
         }
@@ -273,6 +286,7 @@ impl Classified for PipelineError {
             PipelineError::Overloaded { .. } => K::Overloaded,
             PipelineError::Blocked(_) => K::Blocked,
             PipelineError::Cancelled => K::Cancelled,
+            PipelineError::StalledReader { .. } => K::DeadlineExceeded,
             PipelineError::Engine(e) => engine_kind(e),
             PipelineError::Retrieval(_) => K::Internal,
         }

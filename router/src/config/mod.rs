@@ -88,6 +88,9 @@ pub const DEFAULT_MAX_HISTORY_CHARS: usize = 16_000;
 /// Requests admitted at once; more get `ResourceExhausted`. The answer
 /// engine runs `max_num_seqs` answers at once; the rest queue inside this bound.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// How long a streamed answer waits for a client that reads none of it
+/// before it is cut (ms): far above any live client's pause between reads.
+pub const DEFAULT_STREAM_WRITE_TIMEOUT_MS: u64 = 15_000;
 /// Default answer length cap (tokens).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Passages per answer: three short chunks fit a 135M model's useful context.
@@ -197,6 +200,11 @@ pub struct LimitsSpec {
     pub max_history_chars: usize,
     /// Requests admitted at once.
     pub max_in_flight: usize,
+    /// A streamed answer whose client takes none of its events for this
+    /// long (its HTTP/2 window stays shut) is cut with `DEADLINE_EXCEEDED`
+    /// and its admission slot freed (ms). Generation never waits for the
+    /// client: the answer's text is kept until it is read or cut.
+    pub stream_write_timeout_ms: u64,
 }
 
 impl Default for LimitsSpec {
@@ -205,6 +213,7 @@ impl Default for LimitsSpec {
             max_query_chars: DEFAULT_MAX_QUERY_CHARS,
             max_history_chars: DEFAULT_MAX_HISTORY_CHARS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            stream_write_timeout_ms: DEFAULT_STREAM_WRITE_TIMEOUT_MS,
         }
     }
 }
@@ -488,6 +497,9 @@ impl EngineSettings {
         }
         if self.limits.max_in_flight == 0 {
             return Err(invalid("limits.max_in_flight", "must be at least 1"));
+        }
+        if self.limits.stream_write_timeout_ms == 0 {
+            return Err(invalid("limits.stream_write_timeout_ms", "must be at least 1"));
         }
         if self.log.flush_interval_ms == 0 || self.log.flush_interval_ms > 100 {
             return Err(invalid("log.flush_interval_ms", "must be between 1 and 100"));

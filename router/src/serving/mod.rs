@@ -20,7 +20,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
@@ -352,6 +352,7 @@ impl Pipeline {
         };
         // Output rail and stream, in the producer task.
         let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let (cut, cut_rx) = tokio::sync::oneshot::channel();
         let start_event = ChatEvent::Start {
             request_id: request_id.clone(),
             route: route.clone(),
@@ -366,15 +367,17 @@ impl Pipeline {
         );
         let producer = Producer {
             tx,
+            cut,
             ticket,
             route_ms: route.latency_ms,
             filter: rails.output.filter(),
+            write_timeout: Duration::from_millis(self.limits.stream_write_timeout_ms),
             last_delta: None,
             answer: String::new(),
             ttft_ms: None,
         };
         tokio::spawn(producer.run(start_event, tokens, model).instrument(span));
-        Ok(ChatStream { rx })
+        Ok(ChatStream::new(rx, Some(cut_rx)))
     }
 
     async fn decide(&self, query: &Query, text: &str, request_id: &str) -> Result<RouteDecision, PipelineError> {
@@ -662,6 +665,88 @@ mod tests {
         let cancelled = recs.iter().find(|r| r.kind == "stream").unwrap();
         assert_eq!(cancelled.status, "cancelled");
         assert!(recs.iter().any(|r| r.status == "resource_exhausted"));
+    }
+
+    /// A query the stub answers with `n` words, one delta each.
+    fn long_answer(n: usize) -> Query {
+        let words: Vec<String> = (0..n).map(|i| format!("w{i}")).collect();
+        query(&format!("{} {}", crate::engine::stub::ECHO_MARKER, words.join(" ")))
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_cut_without_holding_the_engine_or_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.max_in_flight = 1;
+        settings.limits.stream_write_timeout_ms = 300;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default());
+        let mut s = p.stream(long_answer(200)).await.unwrap();
+        assert!(matches!(s.next().await, Some(Ok(ChatEvent::Start { .. }))));
+        // The client reads nothing more: the slot is freed at the timeout.
+        let started = Instant::now();
+        while p.status().in_flight > 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the stalled stream kept its slot"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "cut before the timeout"
+        );
+        p.route(query("an hr question")).await.unwrap();
+        // Generation ran to its end without the reader; the record says why it was cut.
+        let recs = records(&p).await;
+        let cut = recs.iter().find(|r| r.kind == "stream").unwrap();
+        assert_eq!(cut.status, "deadline_exceeded");
+        assert!(
+            cut.error.as_deref().unwrap().contains("read nothing for 300 ms"),
+            "{cut:?}"
+        );
+        assert!(cut.answer.as_deref().unwrap().ends_with("w199"), "{cut:?}");
+        // Reading now: what the channel held (no `End`), then the cut's status.
+        let mut text = String::new();
+        let mut last = None;
+        while let Some(event) = s.next().await {
+            match event {
+                Ok(ChatEvent::Delta(t)) => text.push_str(&t),
+                other => last = Some(other),
+            }
+        }
+        assert!(
+            matches!(last, Some(Err(PipelineError::StalledReader { waited_ms: 300 }))),
+            "{last:?}"
+        );
+        assert!(
+            cut.answer.as_deref().unwrap().starts_with(&text) && text.starts_with("w0 w1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_the_whole_answer_with_merged_deltas() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = EngineSettings::default();
+        settings.limits.stream_write_timeout_ms = 200;
+        let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default());
+        let mut s = p.stream(long_answer(200)).await.unwrap();
+        let (mut text, mut events, mut ended) = (String::new(), 0, false);
+        while let Some(event) = s.next().await {
+            events += 1;
+            match event.unwrap() {
+                ChatEvent::Delta(t) => text.push_str(&t),
+                ChatEvent::End { .. } => ended = true,
+                ChatEvent::Start { .. } => {}
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let expected: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
+        assert!(ended);
+        assert_eq!(text, expected.join(" "));
+        // The text the channel had no room for came as fewer, longer deltas.
+        assert!(events < 200, "{events} events");
+        assert_eq!(records(&p).await[0].status, "ok");
     }
 
     #[tokio::test]

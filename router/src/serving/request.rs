@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::agents::RouteDecision;
 use crate::agents::expert::Overrides;
@@ -108,12 +108,31 @@ pub struct ChatOutcome {
 
 /// A stream of answer events; dropping it cancels the generation.
 pub struct ChatStream {
-    pub(super) rx: mpsc::Receiver<Result<ChatEvent, PipelineError>>,
+    rx: mpsc::Receiver<Result<ChatEvent, PipelineError>>,
+    /// Why the producer cut the stream, read after the last event it queued.
+    cut: Option<oneshot::Receiver<PipelineError>>,
+}
+
+impl ChatStream {
+    pub(super) fn new(
+        rx: mpsc::Receiver<Result<ChatEvent, PipelineError>>,
+        cut: Option<oneshot::Receiver<PipelineError>>,
+    ) -> Self {
+        Self { rx, cut }
+    }
 }
 
 impl Stream for ChatStream {
     type Item = Result<ChatEvent, PipelineError>;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) => {
+                // The producer is gone: its cut (sent before it let go of
+                // the channel) is the stream's last item.
+                let cut = self.cut.take().and_then(|mut c| c.try_recv().ok());
+                Poll::Ready(cut.map(Err))
+            }
+            other => other,
+        }
     }
 }

@@ -14,6 +14,7 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Blocked => Code::PermissionDenied,
         ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
         ErrorKind::FailedPrecondition => Code::FailedPrecondition,
         ErrorKind::Internal => Code::Internal,
     }
@@ -120,6 +121,7 @@ mod tests {
             }),
             PipelineError::InvalidInput { rail: s(), reason: s() },
             PipelineError::Cancelled,
+            PipelineError::StalledReader { waited_ms: 1 },
             PipelineError::Engine(EngineError::ModelNotFound { path: s() }),
             PipelineError::Engine(EngineError::Load {
                 path: s(),
@@ -205,10 +207,11 @@ mod tests {
                 PipelineError::Cancelled => 7,
                 PipelineError::Engine(_) => 8,
                 PipelineError::Retrieval(_) => 9,
+                PipelineError::StalledReader { .. } => 10,
             });
             logged_as_sent(&e, e.status_name());
         }
-        assert_eq!(seen.len(), 10, "a request error variant is missing from the list");
+        assert_eq!(seen.len(), 11, "a request error variant is missing from the list");
         seen.clear();
         for e in every_control_error() {
             seen.insert(match &e {

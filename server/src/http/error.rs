@@ -28,6 +28,7 @@ pub fn classify(kind: ErrorKind) -> (StatusCode, &'static str, &'static str) {
             "invalid_request_error",
             "cancelled",
         ),
+        ErrorKind::DeadlineExceeded => (StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "timeout"),
         ErrorKind::FailedPrecondition => (StatusCode::BAD_REQUEST, "invalid_request_error", "failed_precondition"),
         ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error"),
     }
