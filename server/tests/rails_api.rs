@@ -8,7 +8,7 @@
 mod common;
 
 use flywheel_proto::v1::chat_stream_message::Event;
-use flywheel_proto::v1::{ChatRequest, RouteRequest, StatusRequest, UpdateRailsRequest};
+use flywheel_proto::v1::{ChatRequest, ListModelsRequest, RouteRequest, StatusRequest, UpdateRailsRequest};
 use flywheel_router::guardrails::pii::PiiKind;
 use flywheel_router::guardrails::rails::PiiPolicy;
 use flywheel_server::Config;
@@ -217,6 +217,53 @@ async fn out_of_scope_queries_follow_the_topic_policy_changed_without_restart() 
     // The jailbreak rail kept working through the reload (embedder reused).
     let blocked = server.chat().await.complete(ask(ATTACK)).await.unwrap_err();
     assert_eq!(blocked.code(), Code::PermissionDenied);
+
+    // An embedder directory that does not load is refused; the rails in
+    // force (and their directory) stay.
+    let in_force = admin
+        .status(authorized(StatusRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .rails_toml;
+    let err = admin
+        .update_rails(authorized(UpdateRailsRequest {
+            toml: "[jailbreak]\nembedder_dir = \"/nonexistent/embedder\"".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let after = admin.status(authorized(StatusRequest {})).await.unwrap().into_inner();
+    assert_eq!(after.rails_toml, in_force);
+    assert!(!after.rails_toml.contains("nonexistent"));
+    let blocked = server.chat().await.complete(ask(ATTACK)).await.unwrap_err();
+    assert_eq!(blocked.code(), Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn read_only_admin_calls_show_server_paths_to_the_admin_only() {
+    let server = stub_server(|c| c.admin_token = Some(ADMIN_TOKEN.into()));
+    let mut admin = server.admin().await;
+    let anyone = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    let admin_view = admin.status(authorized(StatusRequest {})).await.unwrap().into_inner();
+    let log_path = server.log_path.display().to_string();
+    assert_eq!(admin_view.log_path, log_path);
+    assert_eq!(anyone.log_path, "requests.db");
+    let embedder = common::embedder_dir().display().to_string();
+    assert!(admin_view.rails_toml.contains(&embedder), "{}", admin_view.rails_toml);
+    assert!(!anyone.rails_toml.contains(&embedder), "{}", anyone.rails_toml);
+    assert!(anyone.rails_toml.contains("embedder_dir = \"all-minilm-l6-v2\""));
+    for slot in &anyone.slots {
+        assert!(!slot.path.contains('/'), "{slot:?}");
+    }
+    assert!(admin_view.slots.iter().all(|s| s.path.contains('/')));
+    // A wrong token sees what anyone sees.
+    let wrong = admin
+        .list_models(common::authorized(ListModelsRequest {}, "not-the-token"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(wrong.slots, anyone.slots);
 }
 
 #[tokio::test]

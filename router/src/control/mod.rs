@@ -54,15 +54,28 @@ impl ControlPlane {
         self.serving.rails.store(Arc::new(rails));
     }
 
-    /// Replace the rails with the settings of a `[rails]` TOML table,
-    /// reusing the loaded embedder; returns the settings now in force.
+    /// Replace the rails with the settings of a `[rails]` TOML table;
+    /// returns the settings now in force. The jailbreak rail's embedder is
+    /// reused while `jailbreak.embedder_dir` stays what it is (or is left
+    /// out: it keeps the directory in force); a new directory is loaded, and
+    /// one that does not load leaves the old rails in force.
     ///
     /// # Errors
     /// [`ControlError::Rails`]: malformed settings, or an embedder that
     /// cannot be loaded. The old rails stay in force.
     pub async fn reconfigure_rails(&self, toml_text: &str) -> Result<RailsSpec, ControlError> {
-        let spec = RailSet::parse_spec(toml_text)?;
-        let embedder = self.serving.rails().set.as_ref().and_then(|s| s.embedder());
+        let mut spec = RailSet::parse_spec(toml_text)?;
+        let current = self.serving.rails().set.clone();
+        let current_dir = current.as_ref().map(|s| s.spec().jailbreak.embedder_dir.clone());
+        if let Some(dir) = &current_dir
+            && !RailSet::names_embedder_dir(toml_text)
+        {
+            spec.jailbreak.embedder_dir = dir.clone();
+        }
+        let embedder = current
+            .as_ref()
+            .filter(|_| current_dir.as_ref() == Some(&spec.jailbreak.embedder_dir))
+            .and_then(|s| s.embedder());
         let load = spec.clone();
         let set = tokio::task::spawn_blocking(move || RailSet::load(load, embedder))
             .await

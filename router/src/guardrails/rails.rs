@@ -173,6 +173,16 @@ impl RailSet {
         })
     }
 
+    /// Whether `[rails]` TOML sets `jailbreak.embedder_dir` (left out, a
+    /// reconfiguration keeps the directory in force rather than the default).
+    pub fn names_embedder_dir(toml_text: &str) -> bool {
+        toml::from_str::<toml::Table>(toml_text).is_ok_and(|t| {
+            t.get("jailbreak")
+                .and_then(toml::Value::as_table)
+                .is_some_and(|j| j.contains_key("embedder_dir"))
+        })
+    }
+
     /// The embedder in use, for reuse by a rebuilt rail set.
     pub fn embedder(&self) -> Option<Arc<Embedder>> {
         self.jailbreak.as_ref().map(|d| d.embedder.clone())

@@ -7,7 +7,7 @@ use flywheel_proto::v1 as pb;
 use flywheel_router::ControlPlane;
 use tonic::{Request, Response, Status};
 
-use super::convert;
+use super::convert::{self, Paths};
 use super::status::to_status;
 
 /// The Admin service.
@@ -56,23 +56,38 @@ impl AdminService {
         }
     }
 
-    fn slots(&self) -> Vec<pb::ModelSlot> {
+    /// How much of server paths `request`'s caller may see.
+    fn paths<T>(&self, request: &Request<T>) -> Paths {
+        if self.authorize(request).is_ok() {
+            Paths::Full
+        } else {
+            Paths::Names
+        }
+    }
+
+    fn slots(&self, paths: Paths) -> Vec<pb::ModelSlot> {
         self.control
             .serving()
             .registry()
             .slots()
-            .map(|s| convert::slot(s))
+            .map(|s| convert::slot(s, paths))
             .collect()
     }
 }
 
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        Ok(Response::new(pb::ListModelsResponse { slots: self.slots() }))
+    async fn list_models(
+        &self,
+        request: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
+        Ok(Response::new(pb::ListModelsResponse {
+            slots: self.slots(self.paths(&request)),
+        }))
     }
 
-    async fn status(&self, _: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let paths = self.paths(&request);
         let admission = self.control.serving().status();
         let log = self.control.serving().log();
         Ok(Response::new(pb::StatusResponse {
@@ -80,18 +95,18 @@ impl pb::admin_server::Admin for AdminService {
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             in_flight: admission.in_flight as u32,
             max_in_flight: admission.max_in_flight as u32,
-            slots: self.slots(),
+            slots: self.slots(paths),
             experts: self.control.serving().experts().to_vec(),
             log_records_accepted: log.stats().accepted(),
             log_records_written: log.stats().written(),
-            log_path: log.path().display().to_string(),
+            log_path: paths.show(log.path()),
             rails_toml: self
                 .control
                 .serving()
                 .rails()
                 .set
                 .as_ref()
-                .map(|s| convert::rails_toml(s.spec()))
+                .map(|s| convert::rails_toml(s.spec(), paths))
                 .unwrap_or_default(),
             retrieval: self
                 .control
@@ -113,7 +128,7 @@ impl pb::admin_server::Admin for AdminService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UpdateRailsResponse {
-            toml: convert::rails_toml(&spec),
+            toml: convert::rails_toml(&spec, Paths::Full),
         }))
     }
 
@@ -220,6 +235,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: Request<pb::ListCyclesRequest>,
     ) -> Result<Response<pb::ListCyclesResponse>, Status> {
+        let paths = self.paths(&request);
         let request = request.into_inner();
         let limit = if request.id.is_some() {
             0
@@ -235,7 +251,7 @@ impl pb::admin_server::Admin for AdminService {
             }
         }
         Ok(Response::new(pb::ListCyclesResponse {
-            cycles: cycles.iter().map(convert::cycle).collect(),
+            cycles: cycles.iter().map(|c| convert::cycle(c, paths)).collect(),
         }))
     }
 }

@@ -168,13 +168,37 @@ pub fn split(r: &flywheel_router::trials::split::SplitReport) -> pb::SplitReport
     }
 }
 
+/// How much of a server path a read-only Admin answer shows: the whole
+/// path to the admin (the bearer token), the file name to anyone else, so
+/// that the server's layout is not told to every client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paths {
+    /// The whole path.
+    Full,
+    /// The last component only.
+    Names,
+}
+
+impl Paths {
+    /// `path` as this caller may see it.
+    pub fn show(self, path: &std::path::Path) -> String {
+        match self {
+            Paths::Full => path.display().to_string(),
+            Paths::Names => path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
 /// A slot and the model it serves.
-pub fn slot(s: &Slot) -> pb::ModelSlot {
+pub fn slot(s: &Slot, paths: Paths) -> pb::ModelSlot {
     let m = s.current();
     pb::ModelSlot {
         slot: s.name().to_string(),
         version: m.version.clone(),
-        path: m.path.display().to_string(),
+        path: paths.show(&m.path),
         backend: m.engine.backend().to_string(),
         size_bytes: m.size_bytes,
         loaded_at_unix_ms: unix_ms(m.loaded_at),
@@ -237,12 +261,15 @@ pub fn feedback_history(record: RequestRecord, rows: Vec<FeedbackRecord>) -> pb:
 }
 
 /// Rail settings as the TOML of a `[rails]` table.
-pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec) -> String {
+pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec, paths: Paths) -> String {
+    let mut spec = spec.clone();
+    spec.jailbreak.embedder_dir = paths.show(&spec.jailbreak.embedder_dir).into();
+    let spec = &spec;
     toml::to_string(spec).unwrap_or_default()
 }
 
 /// A flywheel cycle record.
-pub fn cycle(c: &flywheel_router::data::journal::CycleRecord) -> pb::Cycle {
+pub fn cycle(c: &flywheel_router::data::journal::CycleRecord, paths: Paths) -> pb::Cycle {
     let metrics = c.metrics.as_ref();
     let dataset = c.dataset.as_ref();
     pb::Cycle {
@@ -261,7 +288,7 @@ pub fn cycle(c: &flywheel_router::data::journal::CycleRecord) -> pb::Cycle {
         started_unix_ms: c.started_unix_ms,
         updated_unix_ms: c.updated_unix_ms,
         finished_unix_ms: c.finished_unix_ms,
-        dataset_dir: dataset.map(|d| d.dir.display().to_string()).unwrap_or_default(),
+        dataset_dir: dataset.map(|d| paths.show(&d.dir)).unwrap_or_default(),
         train_examples: dataset.map_or(0, |d| u32::try_from(d.train).unwrap_or(u32::MAX)),
         test_examples: dataset.map_or(0, |d| u32::try_from(d.test).unwrap_or(u32::MAX)),
         candidate_version: c.candidate_version.clone().unwrap_or_default(),
