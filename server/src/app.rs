@@ -305,6 +305,9 @@ impl App {
         };
         let server = Server::builder()
             .trace_fn(crate::telemetry::request_span)
+            .layer(tower::util::MapResponseLayer::new(
+                crate::grpc::status::undecodable_request_is_invalid_argument,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_v1alpha)

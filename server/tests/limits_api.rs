@@ -126,3 +126,40 @@ async fn long_ids_and_control_characters_are_refused_and_names_are_quoted_briefl
         .feedback;
     assert_eq!(rows.len(), 1, "{rows:?}");
 }
+
+/// `RouteRequest` with its `query` as raw bytes, to send what a real
+/// client's string type cannot hold.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawRouteRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    query: Vec<u8>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_is_not_valid_protobuf_or_utf8_is_the_clients_error() {
+    let server = common::start(Config {
+        engine: EngineKind::Stub,
+        ..Config::default()
+    });
+    let grpc = tonic::client::Grpc::new(server.channel().await);
+    let route = |query: &[u8]| {
+        let mut grpc = grpc.clone();
+        let query = query.to_vec();
+        async move {
+            grpc.ready().await.unwrap();
+            grpc.unary::<_, flywheel_proto::v1::RouteResponse, _>(
+                tonic::Request::new(RawRouteRequest { query }),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/flywheel.v1.Router/Route"),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+        }
+    };
+    let e = route(b"caf\xe9 finance question").await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("UTF-8"), "{}", e.message());
+    assert!(e.message().contains("query"), "{}", e.message());
+    // The same field as valid UTF-8 is routed.
+    let ok = route("café finance question".as_bytes()).await.unwrap().into_inner();
+    assert_eq!(ok.route.unwrap().expert, "finance");
+}

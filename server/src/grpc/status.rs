@@ -20,6 +20,34 @@ pub fn code(kind: ErrorKind) -> Code {
     }
 }
 
+/// How tonic's message decoder begins the `INTERNAL` status it answers a
+/// request with when the request is not a valid protobuf message.
+const UNDECODABLE: &str = "failed to decode Protobuf message";
+
+/// tonic answers a request it cannot decode (malformed protobuf, a string
+/// field that is not UTF-8) with `INTERNAL`, before any handler runs. The
+/// fault is the client's: this turns that answer (its status is in the
+/// headers) into `INVALID_ARGUMENT` saying what to fix. Applied to every
+/// response as a layer; other answers pass unchanged.
+pub fn undecodable_request_is_invalid_argument(
+    mut response: tonic::codegen::http::Response<tonic::body::Body>,
+) -> tonic::codegen::http::Response<tonic::body::Body> {
+    if let Some(status) = Status::from_header_map(response.headers())
+        && status.code() == Code::Internal
+        && let Some(detail) = status.message().strip_prefix(UNDECODABLE)
+    {
+        let detail = detail.trim_start_matches(':').trim();
+        let fixed = Status::invalid_argument(format!(
+            "the request is not a valid message of this method ({detail}); string fields must be UTF-8"
+        ));
+        crate::telemetry::record_status(Code::InvalidArgument);
+        if fixed.add_header(response.headers_mut()).is_err() {
+            tracing::debug!("could not rewrite an undecodable request's status");
+        }
+    }
+    response
+}
+
 /// Map a request or control-plane error to the status the client sees.
 pub fn to_status(error: &(impl Classified + ?Sized)) -> Status {
     let code = code(error.kind());
