@@ -24,9 +24,8 @@ use flywheel_router::models::slots::ModelRegistry;
 use flywheel_router::models::store::{ModelStore, StoreError};
 use flywheel_router::retrieval::{HybridRetriever, hybrid};
 use flywheel_router::{ControlPlane, Pipeline};
+use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -299,6 +298,7 @@ impl App {
                 let http_addr = l.local_addr()?;
                 let routes = crate::http::router(self.pipeline.clone(), self.control.clone(), keys);
                 tracing::info!(%http_addr, "OpenAI-compatible HTTP API listening");
+                let l = crate::listener::GuardedListener::new(l, self.config.connection_limits());
                 Some(tokio::spawn(crate::http::serve(l, routes, stop_accepting.clone())))
             }
             None => None,
@@ -334,14 +334,9 @@ impl App {
                 guarded.map(|auth| FeedbackServer::with_interceptor(FeedbackService::new(self.control.clone()), auth)),
             )
             .serve_with_incoming_shutdown(
-                // Small gRPC frames must not wait for Nagle's algorithm (with
-                // delayed ACKs that stalls a response by ~40 ms).
-                TcpListenerStream::new(listener).map(|conn| {
-                    conn.and_then(|c| {
-                        c.set_nodelay(true)?;
-                        Ok(flywheel_proto::coalesce::CoalescedIo::new(c))
-                    })
-                }),
+                crate::listener::GuardedListener::new(listener, self.config.connection_limits())
+                    .into_stream()
+                    .map_ok(flywheel_proto::coalesce::CoalescedIo::new),
                 stop_accepting.clone().cancelled_owned(),
             );
         tokio::pin!(server);

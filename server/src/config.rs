@@ -17,6 +17,11 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const MIN_ADMIN_TOKEN_LEN: usize = 16;
 /// How long shutdown waits for in-flight requests before closing them.
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 10_000;
+/// Connections each listener keeps open at once; more wait in the kernel's
+/// backlog. Keep it under the process's file-descriptor limit (`ulimit -n`).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Time a new connection has to send its first bytes (ms).
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 
 /// Which engine serves the models.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Deserialize)]
@@ -140,6 +145,8 @@ struct FileConfig {
     api_keys: Option<Vec<ApiKeySpec>>,
     engine: Option<EngineKind>,
     shutdown_grace_ms: Option<u64>,
+    max_connections: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
     stub_token_delay_ms: Option<u64>,
     stub_sign_tokens: Option<bool>,
     metrics_listen: Option<SocketAddr>,
@@ -204,6 +211,11 @@ pub struct Config {
     pub engine: EngineKind,
     /// Drain deadline on shutdown (ms).
     pub shutdown_grace_ms: u64,
+    /// Connections each listener (gRPC, HTTP) keeps open at once.
+    pub max_connections: usize,
+    /// A connection that has not sent its handshake (the HTTP/2 preface, an
+    /// HTTP/1 request line) this long after it was accepted is closed (ms).
+    pub handshake_timeout_ms: u64,
     /// Stub engine per-token delay (ms).
     pub stub_token_delay_ms: u64,
     /// Stub engine: sign every streamed word with the model version
@@ -230,6 +242,8 @@ impl Default for Config {
             api_keys: Vec::new(),
             engine: EngineKind::default(),
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             stub_token_delay_ms: 0,
             stub_sign_tokens: false,
             metrics_listen: None,
@@ -318,8 +332,27 @@ impl Config {
                 reason: format!("use at least {MIN_ADMIN_TOKEN_LEN} characters"),
             }));
         }
+        for (key, zero) in [
+            ("max_connections", config.max_connections == 0),
+            ("handshake_timeout_ms", config.handshake_timeout_ms == 0),
+        ] {
+            if zero {
+                return Err(LoadError::Invalid(ConfigError::Invalid {
+                    key: key.into(),
+                    reason: "must be at least 1".into(),
+                }));
+            }
+        }
         config.settings.validate()?;
         Ok(config)
+    }
+
+    /// What the listeners allow.
+    pub fn connection_limits(&self) -> crate::listener::ConnectionLimits {
+        crate::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            handshake_timeout: std::time::Duration::from_millis(self.handshake_timeout_ms),
+        }
     }
 
     fn from_file(path: &Path) -> Result<Self, LoadError> {
@@ -350,6 +383,12 @@ impl Config {
         c.api_keys = file.api_keys.unwrap_or_default();
         if let Some(v) = file.shutdown_grace_ms {
             c.shutdown_grace_ms = v;
+        }
+        if let Some(v) = file.max_connections {
+            c.max_connections = v;
+        }
+        if let Some(v) = file.handshake_timeout_ms {
+            c.handshake_timeout_ms = v;
         }
         if let Some(v) = file.metrics_listen {
             c.metrics_listen = Some(v);

@@ -17,6 +17,7 @@ pub mod config;
 pub mod errors;
 pub mod grpc;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod telemetry;
 #[cfg(feature = "test-util")]

@@ -181,3 +181,45 @@ async fn thirty_cancelled_streams_leave_no_work_behind() {
     }
     assert_eq!(cancelled, 30);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_at_the_handshake_timeout_and_the_limit_holds() {
+    use tokio::io::AsyncReadExt;
+    let server = common::start(Config {
+        engine: flywheel_server::config::EngineKind::Stub,
+        max_connections: 2,
+        handshake_timeout_ms: 400,
+        ..Config::default()
+    });
+    // Two connections that never send the HTTP/2 preface fill the limit.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A real client waits in the backlog until the silent ones are cut.
+    let started = Instant::now();
+    let mut router = flywheel_proto::v1::router_client::RouterClient::new(server.channel().await);
+    let routed = router
+        .route(flywheel_proto::v1::RouteRequest {
+            query: "an hr question".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(routed.into_inner().route.unwrap().expert, "hr");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(5),
+        "served after {waited:?}: the limit or the timeout did not hold"
+    );
+    // The silent connections were closed by the server (after its SETTINGS frame).
+    for mut conn in silent {
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            "a silent connection stayed open"
+        );
+    }
+}

@@ -33,7 +33,19 @@ fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
 }
 
 fn spawn_with_env(db: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flywheel-server"))
+    spawn_command(Command::new(env!("CARGO_BIN_EXE_flywheel-server")), db, extra, env)
+}
+
+/// The server with at most `nofile` open file descriptors (`ulimit -n`).
+fn spawn_with_fd_limit(db: &std::path::Path, nofile: u32) -> Proc {
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("ulimit -n {nofile} && exec \"$0\" \"$@\"")])
+        .arg(env!("CARGO_BIN_EXE_flywheel-server"));
+    spawn_command(sh, db, &[], &[])
+}
+
+fn spawn_command(mut command: Command, db: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut child = command
         .args(["--engine", "stub", "--listen", "127.0.0.1:0", "--log-path"])
         .arg(db)
         .arg("--embedder")
@@ -63,6 +75,13 @@ fn spawn_with_env(db: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) ->
         child,
         url: format!("http://{addr}"),
     }
+}
+
+/// CPU time (user + system) of process `pid` in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 async fn route(url: &str, query: &str) -> Result<String, tonic::Status> {
@@ -367,4 +386,38 @@ async fn an_unreachable_collector_never_fails_requests() {
         server.child.wait().unwrap().success(),
         "shutdown must not fail on a dead collector"
     );
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_the_listener_backs_off_instead_of_spinning_and_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = spawn_with_fd_limit(&dir.path().join("requests.db"), 128);
+    route(&server.url, "an it question").await.unwrap();
+    // Connections that send nothing, far more than the server has
+    // descriptors for: accepting fails with EMFILE.
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = server.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop burns a whole core (~100 ticks a second).
+    assert!(
+        used < 30,
+        "the listener used {used} ticks in 1 s while out of descriptors"
+    );
+    drop(idle);
+    let started = Instant::now();
+    let answered = tokio::time::timeout(Duration::from_secs(10), route(&server.url, "an hr question")).await;
+    assert!(
+        matches!(answered, Ok(Ok(_))),
+        "no recovery: {answered:?} after {:?}",
+        started.elapsed()
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
 }

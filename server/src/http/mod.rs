@@ -19,12 +19,10 @@ use axum::http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use flywheel_router::data::feedback::{FeedbackInput, Rating};
 use flywheel_router::{ChatEvent, ControlPlane, Pipeline};
 use futures::StreamExt;
 use serde_json::json;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{ApiKeys, ClientKeyId};
@@ -62,11 +60,11 @@ pub fn router(pipeline: Arc<Pipeline>, control: Arc<ControlPlane>, keys: Arc<Api
 ///
 /// # Errors
 /// Listener failures.
-pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) -> std::io::Result<()> {
-    // Small SSE frames must not wait for Nagle's algorithm.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+pub async fn serve(
+    listener: crate::listener::GuardedListener,
+    router: Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
     axum::serve(listener, router)
         .with_graceful_shutdown(stop.cancelled_owned())
         .await
