@@ -126,6 +126,13 @@ pub enum ControlError {
     /// The request log failed.
     #[error("request log failure")]
     Log(#[from] LogError),
+    /// The request log cannot store rows now (its writes fail): nothing
+    /// was recorded, and a request's record may have been lost with them.
+    #[error("the request log cannot store data now ({reason}); nothing was recorded: retry later")]
+    LogUnavailable {
+        /// The failed commit's message (e.g. "database or disk is full").
+        reason: String,
+    },
     /// A model slot that does not exist.
     #[error("unknown model slot `{slot}`; slots: {known}")]
     UnknownSlot {
@@ -311,7 +318,7 @@ impl Classified for ControlError {
             | ControlError::UnknownSlot { .. }
             | ControlError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
             ControlError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
-            ControlError::RequestInFlight { .. } => K::Unavailable,
+            ControlError::RequestInFlight { .. } | ControlError::LogUnavailable { .. } => K::Unavailable,
             ControlError::Rails(RailsError::Embedder { .. })
             | ControlError::NoModelStore
             | ControlError::NoCorpus

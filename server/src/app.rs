@@ -29,6 +29,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
 
 use crate::auth::{ApiKeys, GrpcAuth};
 use crate::config::{Config, EngineKind};
@@ -270,6 +271,13 @@ impl App {
         health.set_serving::<RouterServer<RouterService>>().await;
         health.set_serving::<AdminServer<AdminService>>().await;
         health.set_serving::<FeedbackServer<FeedbackService>>().await;
+        let stop_log_watch = CancellationToken::new();
+        let log_watch = tokio::spawn(watch_log_health(
+            health.clone(),
+            self.pipeline.log().clone(),
+            Duration::from_millis(self.config.settings.log.unhealthy_after_ms),
+            stop_log_watch.clone(),
+        ));
         // Reflection in both versions: grpcurl and Postman speak v1, Python's
         // grpcio-reflection and older tools v1alpha.
         let reflection_builder = || {
@@ -345,15 +353,9 @@ impl App {
             result = &mut server => result.map_err(ServerError::from),
             () = shutdown => {
                 tracing::info!("shutdown: health NOT_SERVING, draining");
-                for service in [
-                    "",
-                    "flywheel.v1.Chat",
-                    "flywheel.v1.Router",
-                    "flywheel.v1.Admin",
-                    "flywheel.v1.Feedback",
-                ] {
-                    health.set_service_status(service, ServingStatus::NotServing).await;
-                }
+                stop_log_watch.cancel();
+                let _ = log_watch.await;
+                set_health(&health, ServingStatus::NotServing).await;
                 stop_accepting.cancel();
                 let grace = Duration::from_millis(self.config.shutdown_grace_ms);
                 let drained = async {
@@ -382,6 +384,54 @@ impl App {
             "request log flushed; stopped"
         );
         result
+    }
+}
+
+/// The services health reports on ("" is the server as a whole).
+const HEALTH_SERVICES: [&str; 5] = [
+    "",
+    "flywheel.v1.Chat",
+    "flywheel.v1.Router",
+    "flywheel.v1.Admin",
+    "flywheel.v1.Feedback",
+];
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    for service in HEALTH_SERVICES {
+        health.set_service_status(service, status).await;
+    }
+}
+
+/// Health follows the request log: `NOT_SERVING` once its writes have
+/// failed for `after` (requests are answered but no longer recorded, and
+/// feedback is refused), `SERVING` again after a commit succeeds.
+async fn watch_log_health(health: HealthReporter, log: RequestLog, after: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut degraded = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let failure = log.stats().write_failure();
+        let failing = failure.as_ref().is_some_and(|f| f.since.elapsed() >= after);
+        if failing != degraded {
+            degraded = failing;
+            match &failure {
+                Some(f) if failing => tracing::error!(
+                    reason = %f.reason,
+                    "request log writes have failed for {} ms: health NOT_SERVING until a commit succeeds",
+                    f.since.elapsed().as_millis()
+                ),
+                _ => tracing::info!("request log writes succeed again: health SERVING"),
+            }
+            let status = if failing {
+                ServingStatus::NotServing
+            } else {
+                ServingStatus::Serving
+            };
+            set_health(&health, status).await;
+        }
     }
 }
 

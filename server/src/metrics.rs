@@ -116,6 +116,9 @@ pub struct Metrics {
     in_flight: Gauge,
     log_queue: Gauge,
     log_written: Gauge,
+    log_failed: Gauge,
+    log_feedback_failed: Gauge,
+    log_failing: Gauge,
     log_lag: Gauge<f64, AtomicU64>,
     models: Family<SlotLabels, Gauge<i64, AtomicI64>>,
     retrieval: HistogramFamily<ExpertLabels>,
@@ -200,6 +203,24 @@ impl Metrics {
             "Records committed to the request log since start",
             log_written.clone(),
         );
+        let log_failed = Gauge::default();
+        registry.register(
+            "flywheel_request_log_failed_records",
+            "Records the request log could not write since start (lost: full disk or log.max_size_mb, I/O errors)",
+            log_failed.clone(),
+        );
+        let log_feedback_failed = Gauge::default();
+        registry.register(
+            "flywheel_request_log_failed_feedback",
+            "Feedback rows the request log could not write since start",
+            log_feedback_failed.clone(),
+        );
+        let log_failing = Gauge::default();
+        registry.register(
+            "flywheel_request_log_write_failing",
+            "1 while the request log's latest commit failed, else 0",
+            log_failing.clone(),
+        );
         let log_lag = Gauge::<f64, AtomicU64>::default();
         registry.register_with_unit(
             "flywheel_request_log_lag",
@@ -262,6 +283,9 @@ impl Metrics {
             in_flight,
             log_queue,
             log_written,
+            log_failed,
+            log_feedback_failed,
+            log_failing,
             log_lag,
             models,
             retrieval,
@@ -281,6 +305,9 @@ impl Metrics {
         let queued = stats.queued();
         self.log_queue.set(queued as i64);
         self.log_written.set(stats.written() as i64);
+        self.log_failed.set(stats.failed() as i64);
+        self.log_feedback_failed.set(stats.feedback_failed() as i64);
+        self.log_failing.set(i64::from(stats.write_failure().is_some()));
         self.log_lag.set(if queued > 0 { flush_interval_s } else { 0.0 });
         let index = pipeline.retrieval_stats().unwrap_or_default();
         self.index_chunks.set(index.chunks as i64);

@@ -91,6 +91,9 @@ pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
 /// How long a streamed answer waits for a client that reads none of it
 /// before it is cut (ms): far above any live client's pause between reads.
 pub const DEFAULT_STREAM_WRITE_TIMEOUT_MS: u64 = 15_000;
+/// How long the request log's writes may fail before health says
+/// `NOT_SERVING` (ms): a few flush intervals of a transient error pass.
+pub const DEFAULT_LOG_UNHEALTHY_AFTER_MS: u64 = 5_000;
 /// Default answer length cap (tokens).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Passages per answer: three short chunks fit a 135M model's useful context.
@@ -234,6 +237,13 @@ pub struct LogSpec {
     /// them but drops them instead of writing: for measuring what logging
     /// costs, never for serving (no flywheel without the log).
     pub persist: bool,
+    /// Largest size of the database in MiB (0: no limit but the disk's).
+    /// A full log fails writes as a full disk does: visibly (see
+    /// `unhealthy_after_ms`), refusing feedback with `UNAVAILABLE`.
+    pub max_size_mb: u64,
+    /// Writes failing this long turn the server's gRPC health to
+    /// `NOT_SERVING` until a commit succeeds again (ms).
+    pub unhealthy_after_ms: u64,
 }
 
 impl Default for LogSpec {
@@ -244,6 +254,8 @@ impl Default for LogSpec {
             batch_size: DEFAULT_LOG_BATCH,
             queue_capacity: DEFAULT_LOG_QUEUE,
             persist: true,
+            max_size_mb: 0,
+            unhealthy_after_ms: DEFAULT_LOG_UNHEALTHY_AFTER_MS,
         }
     }
 }

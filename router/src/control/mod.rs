@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::data::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, Rating};
-use crate::data::log::RequestRecord;
+use crate::data::log::{LogError, RequestRecord};
 use crate::engine::EngineError;
 use crate::error::ControlError;
 use crate::guardrails::Rails;
@@ -153,10 +153,16 @@ impl ControlPlane {
                 return Err(invalid(format!("comment {reason}")));
             }
         }
+        let log = self.serving.log();
         if !self.serving.live.contains(&input.request_id) && !self.request_logged(&input.request_id).await? {
             // The record may still be queued (its request just ended).
-            self.serving.log().flush().await?;
+            log.flush().await?;
             if !self.request_logged(&input.request_id).await? {
+                // While writes fail, the record may be one of those lost:
+                // "unknown" would be a guess, and a wrong one.
+                if let Some(failure) = log.stats().write_failure() {
+                    return Err(ControlError::LogUnavailable { reason: failure.reason });
+                }
                 return Err(ControlError::UnknownRequest {
                     request_id: text::quote(&input.request_id),
                 });
@@ -167,8 +173,11 @@ impl ControlPlane {
         row.corrected_expert = input.corrected_expert;
         row.comment = input.comment;
         row.reviewer_id = input.reviewer_id;
-        self.serving.log().submit_feedback(row.clone());
-        self.serving.log().flush().await?;
+        // Acknowledged only once committed.
+        log.store_feedback(row.clone()).await.map_err(|e| match e {
+            LogError::WriteFailed { reason } => ControlError::LogUnavailable { reason },
+            other => ControlError::Log(other),
+        })?;
         Ok(row)
     }
 

@@ -99,6 +99,9 @@ impl pb::admin_server::Admin for AdminService {
             experts: self.control.serving().experts().to_vec(),
             log_records_accepted: log.stats().accepted(),
             log_records_written: log.stats().written(),
+            log_records_failed: log.stats().failed(),
+            log_feedback_failed: log.stats().feedback_failed(),
+            log_write_error: log.stats().write_failure().map(|f| f.reason).unwrap_or_default(),
             log_path: paths.show(log.path()),
             rails_toml: self
                 .control

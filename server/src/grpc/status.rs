@@ -188,6 +188,7 @@ mod tests {
             ControlError::Rails(RailsError::InvalidSpec { key: s(), reason: s() }),
             ControlError::Rails(RailsError::Head(json())),
             ControlError::Log(LogError::Closed),
+            ControlError::LogUnavailable { reason: s() },
             ControlError::UnknownSlot { slot: s(), known: s() },
             ControlError::NoCorpus,
             ControlError::NoModelStore,
@@ -260,9 +261,10 @@ mod tests {
                 ControlError::NoSplit { .. } => 14,
                 ControlError::NoShadow { .. } => 15,
                 ControlError::ModelRejected { .. } => 16,
+                ControlError::LogUnavailable { .. } => 17,
             });
             logged_as_sent(&e, e.status_name());
         }
-        assert_eq!(seen.len(), 17, "a control error variant is missing from the list");
+        assert_eq!(seen.len(), 18, "a control error variant is missing from the list");
     }
 }

@@ -56,6 +56,13 @@ pub enum LogError {
     /// The writer has stopped.
     #[error("the request log writer has stopped")]
     Closed,
+    /// The writer could not commit the batch holding the row (disk or
+    /// `log.max_size_mb` full, I/O error); the row is not stored.
+    #[error("the request log could not write: {reason}")]
+    WriteFailed {
+        /// SQLite's message for the failed commit.
+        reason: String,
+    },
 }
 
 pub use crate::clock::unix_ms;
@@ -68,6 +75,18 @@ pub struct LogStats {
     written: AtomicU64,
     failed: AtomicU64,
     discarded: AtomicU64,
+    feedback_failed: AtomicU64,
+    /// Set while the latest commit failed.
+    failing: std::sync::Mutex<Option<WriteFailure>>,
+}
+
+/// The log's writes are failing: since when, and SQLite's latest message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WriteFailure {
+    /// The latest failed commit's error.
+    pub reason: String,
+    /// When the first failed commit of this run of failures happened.
+    pub since: std::time::Instant,
 }
 
 impl LogStats {
@@ -86,6 +105,26 @@ impl LogStats {
     /// Records dropped unwritten because `log.persist` is off.
     pub fn discarded(&self) -> u64 {
         self.discarded.load(Ordering::Relaxed)
+    }
+    /// Feedback rows (explicit and implicit) that could not be written.
+    pub fn feedback_failed(&self) -> u64 {
+        self.feedback_failed.load(Ordering::Relaxed)
+    }
+    /// Why writes are failing, while the latest commit failed; `None` once
+    /// a commit succeeds again.
+    pub fn write_failure(&self) -> Option<WriteFailure> {
+        self.failing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+    fn commit_failed(&self, reason: String) {
+        let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let since = failing.as_ref().map_or_else(std::time::Instant::now, |f| f.since);
+        *failing = Some(WriteFailure { reason, since });
+    }
+    fn commit_succeeded(&self) {
+        *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
     /// Records handed to the log and not yet written, failed or discarded.
     pub fn queued(&self) -> u64 {
@@ -128,6 +167,12 @@ impl RequestLog {
             path: path.clone(),
             source,
         })?;
+        if spec.max_size_mb > 0 {
+            schema::limit_size(&conn, spec.max_size_mb).map_err(|source| LogError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        }
         let inner = writer::WriterHandle::start(
             conn,
             Duration::from_millis(spec.flush_interval_ms),
@@ -170,6 +215,16 @@ impl RequestLog {
     /// Queue a feedback row; same guarantees as [`RequestLog::submit`].
     pub fn submit_feedback(&self, feedback: FeedbackRecord) {
         self.inner.submit_feedback(feedback);
+    }
+
+    /// Write a feedback row and return once it is committed: what a client
+    /// is told is stored is on disk.
+    ///
+    /// # Errors
+    /// [`LogError::WriteFailed`] when its commit failed (nothing stored);
+    /// [`LogError::Closed`] after shutdown.
+    pub async fn store_feedback(&self, feedback: FeedbackRecord) -> Result<(), LogError> {
+        self.inner.store_feedback(feedback).await
     }
 
     /// Queue a shadow-run record; same guarantees as [`RequestLog::submit`].

@@ -196,6 +196,15 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Cap the database at `max_mb` MiB (on this connection, the writer's):
+/// a commit that would grow it further fails with SQLite's "database or
+/// disk is full", as on a full disk.
+pub(super) fn limit_size(conn: &Connection, max_mb: u64) -> rusqlite::Result<()> {
+    let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = (max_mb.saturating_mul(1 << 20) / page_size.max(512)).max(1);
+    conn.pragma_update(None, "max_page_count", pages)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,12 @@ use super::{LogError, LogStats, RequestRecord};
 use crate::agents::RouteDecision;
 use crate::data::feedback::{FeedbackKind, FeedbackRecord, Rating};
 
+/// Told whether a row's commit succeeded (its SQLite message if not).
+type Ack = oneshot::Sender<Result<(), String>>;
+
 enum Command {
     Record(Box<RequestRecord>),
-    Feedback(Box<FeedbackRecord>),
+    Feedback(Box<FeedbackRecord>, Option<Ack>),
     Shadow(Box<ShadowRecord>),
     Flush(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
@@ -54,7 +57,17 @@ impl WriterHandle {
     }
 
     pub(super) fn submit_feedback(&self, feedback: FeedbackRecord) {
-        self.enqueue(Command::Feedback(Box::new(feedback)));
+        self.enqueue(Command::Feedback(Box::new(feedback), None));
+    }
+
+    pub(super) async fn store_feedback(&self, feedback: FeedbackRecord) -> Result<(), LogError> {
+        let (ack, committed) = oneshot::channel();
+        self.enqueue(Command::Feedback(Box::new(feedback), Some(ack)));
+        match committed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(LogError::WriteFailed { reason }),
+            Err(_) => Err(LogError::Closed),
+        }
     }
 
     pub(super) fn submit_shadow(&self, shadow: ShadowRecord) {
@@ -131,6 +144,7 @@ fn run(
     // Records stay boxed as they came: moving them out would copy each one.
     let mut batch: Vec<Box<RequestRecord>> = Vec::with_capacity(max_batch);
     let mut feedback: Vec<FeedbackRecord> = Vec::new();
+    let mut acks: Vec<Ack> = Vec::new();
     let mut shadows: Vec<ShadowRecord> = Vec::new();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
     loop {
@@ -150,7 +164,10 @@ fn run(
             while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
                 match cmd {
                     Command::Record(r) => batch.push(r),
-                    Command::Feedback(f) => feedback.push(*f),
+                    Command::Feedback(f, ack) => {
+                        feedback.push(*f);
+                        acks.extend(ack);
+                    }
                     Command::Shadow(r) => shadows.push(*r),
                     // Once shutting down, drain everything still queued;
                     // later flushes and shutdowns wait for this last batch.
@@ -171,13 +188,17 @@ fn run(
             }
             std::thread::sleep((deadline - now).min(POLL));
         }
-        if persist {
-            write_batch(&mut conn, &mut batch, &mut feedback, &mut shadows, stats);
+        let committed = if persist {
+            write_batch(&mut conn, &mut batch, &mut feedback, &mut shadows, stats)
         } else {
             stats.discarded.fetch_add(batch.len() as u64, Ordering::Relaxed);
             batch.clear();
             feedback.clear();
             shadows.clear();
+            Ok(())
+        };
+        for ack in acks.drain(..) {
+            let _ = ack.send(committed.clone());
         }
         for w in waiters.drain(..) {
             let _ = w.send(());
@@ -200,9 +221,9 @@ fn write_batch(
     feedback: &mut Vec<FeedbackRecord>,
     shadows: &mut Vec<ShadowRecord>,
     stats: &LogStats,
-) {
+) -> Result<(), String> {
     if batch.is_empty() && feedback.is_empty() && shadows.is_empty() {
-        return;
+        return Ok(());
     }
     let n = batch.len() as u64;
     let _span = tracing::info_span!(
@@ -246,16 +267,22 @@ fn write_batch(
     let feedback_rows = feedback.len();
     feedback.clear();
     shadows.clear();
+    batch.clear();
     match result {
         Ok(()) => {
             stats.written.fetch_add(n, Ordering::Relaxed);
+            stats.commit_succeeded();
+            Ok(())
         }
         Err(error) => {
             stats.failed.fetch_add(n, Ordering::Relaxed);
-            tracing::error!(%error, records = n, feedback_rows, "request log batch failed");
+            stats.feedback_failed.fetch_add(feedback_rows as u64, Ordering::Relaxed);
+            tracing::error!(%error, records = n, feedback_rows, "request log batch failed; its rows are lost");
+            let reason = error.to_string();
+            stats.commit_failed(reason.clone());
+            Err(reason)
         }
     }
-    batch.clear();
 }
 
 const INSERT_SHADOW: &str = "INSERT INTO shadow (request_id, slot, version, live_version, live_output, output, \

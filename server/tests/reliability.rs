@@ -1,6 +1,7 @@
-//! Clients that misbehave, against the real server and the real model
-//! through real gRPC clients: one that stops reading its stream, and many
-//! that cancel at once. Neither may cost the other clients their answers.
+//! Reliability through the real server and real clients: clients that
+//! misbehave (one that stops reading its stream, many that cancel at once,
+//! connections that never speak) cost the others nothing, and a request
+//! log that cannot write (full disk) fails visibly, never silently.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -222,4 +223,146 @@ async fn silent_connections_are_closed_at_the_handshake_timeout_and_the_limit_ho
             "a silent connection stayed open"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_refuses_feedback_visibly_turns_health_off_and_recovers() {
+    use flywheel_proto::v1::{FeedbackRequest, RouteRequest, StatusRequest, Thumb, feedback_request};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+    const TOKEN: &str = "reliability-admin-token";
+    let mut config = Config {
+        engine: flywheel_server::config::EngineKind::Stub,
+        admin_token: Some(TOKEN.into()),
+        ..Config::default()
+    };
+    // A log capped at 1 MiB fills as a full disk does ("database or disk is full").
+    config.settings.log.max_size_mb = 1;
+    config.settings.log.unhealthy_after_ms = 300;
+    config.settings.rails.jailbreak.enabled = false;
+    let (server, metrics) = common::start_with_metrics(config);
+    let mut router = server.router().await;
+    let mut feedback = server.feedback().await;
+    let mut admin = server.admin().await;
+    let mut health = HealthClient::new(server.channel().await);
+    let serving = |h: &mut HealthClient<tonic::transport::Channel>| {
+        let mut h = h.clone();
+        async move {
+            h.check(HealthCheckRequest { service: String::new() })
+                .await
+                .unwrap()
+                .into_inner()
+                .status()
+        }
+    };
+    let route = |r: &mut flywheel_proto::v1::router_client::RouterClient<Channel>, i: usize| {
+        let mut r = r.clone();
+        async move {
+            r.route(RouteRequest {
+                query: format!("an hr question {i} {}", "padding ".repeat(450)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .request_id
+        }
+    };
+    let thumb = |id: &str| FeedbackRequest {
+        request_id: id.into(),
+        rating: Some(feedback_request::Rating::Thumb(Thumb::Up.into())),
+        ..Default::default()
+    };
+    let first = route(&mut router, 0).await;
+    feedback.submit(thumb(&first)).await.unwrap();
+    assert_eq!(serving(&mut health).await, ServingStatus::Serving);
+
+    // Fill the log until its writes fail.
+    let mut i = 1;
+    let status = loop {
+        for _ in 0..50 {
+            route(&mut router, i).await;
+            i += 1;
+        }
+        server.pipeline.log().flush().await.unwrap();
+        let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+        if !status.log_write_error.is_empty() {
+            break status;
+        }
+        assert!(i < 5_000, "the log never filled: {status:?}");
+    };
+    assert!(status.log_write_error.contains("full"), "{}", status.log_write_error);
+    assert!(status.log_records_failed > 0);
+
+    // Feedback is acknowledged only once stored: small rows still fit in
+    // the pages' free space for a while, then UNAVAILABLE says why.
+    let mut acknowledged = 0;
+    let refused = loop {
+        match feedback.submit(thumb(&first)).await {
+            Ok(_) => acknowledged += 1,
+            Err(e) => break e,
+        }
+        assert!(acknowledged < 5_000, "feedback never stopped fitting");
+    };
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("disk is full"), "{}", refused.message());
+    // A request answered now is not recorded; feedback on it is refused as
+    // unavailable, not as an unknown request.
+    let lost = route(&mut router, i).await;
+    server.pipeline.log().flush().await.unwrap();
+    let err = feedback.submit(thumb(&lost)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let status = admin.status(StatusRequest {}).await.unwrap().into_inner();
+    assert!(status.log_feedback_failed >= 1, "{status:?}");
+    let text = common::http(metrics, "GET", "/metrics", &[], "").await.1;
+    assert!(text.contains("flywheel_request_log_write_failing 1"), "{text}");
+    // Failing past log.unhealthy_after_ms: health says NOT_SERVING.
+    let started = Instant::now();
+    while serving(&mut health).await != ServingStatus::NotServing {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "health never turned NOT_SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // An operator prunes the log: the next commit succeeds and all is well.
+    let pruned = rusqlite::Connection::open(&server.log_path).unwrap();
+    pruned.busy_timeout(Duration::from_secs(5)).unwrap();
+    pruned
+        .execute("DELETE FROM requests WHERE request_id <> ?1", [&first])
+        .unwrap();
+    drop(pruned);
+    let after = route(&mut router, i + 1).await;
+    server.pipeline.log().flush().await.unwrap();
+    let started = Instant::now();
+    while serving(&mut health).await != ServingStatus::Serving {
+        assert!(started.elapsed() < Duration::from_secs(5), "health never recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        admin
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .log_write_error
+            .is_empty()
+    );
+    feedback.submit(thumb(&after)).await.unwrap();
+    // Every acknowledged row is there: the first, and those that fitted.
+    let history = feedback
+        .history(flywheel_proto::v1::FeedbackHistoryRequest {
+            request_id: first.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let explicit = history.feedback.iter().filter(|f| f.kind == "explicit").count();
+    assert_eq!(
+        explicit,
+        1 + acknowledged,
+        "{acknowledged} acknowledged after the log filled"
+    );
 }
