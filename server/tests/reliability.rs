@@ -366,3 +366,104 @@ async fn a_full_log_refuses_feedback_visibly_turns_health_off_and_recovers() {
         "{acknowledged} acknowledged after the log filled"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_table_keeps_raw_pii_from_requests_feedback_or_errors() {
+    use flywheel_proto::v1::{FeedbackRequest, RouteRequest, Thumb, feedback_request};
+    const EMAIL: &str = "jane.doe@example.com";
+    const PHONE: &str = "+1 415 555 0100";
+    const CARD: &str = "4111 1111 1111 1111";
+    const IBAN: &str = "DE89 3704 0044 0532 0130 00";
+    const IP: &str = "192.168.13.37";
+    let mut config = Config {
+        engine: flywheel_server::config::EngineKind::Stub,
+        ..Config::default()
+    };
+    config.settings.limits.max_query_chars = 100;
+    let server = common::start(config);
+    let mut router = server.router().await;
+    let mut chat = server.chat().await;
+    // PII in the query and as the session and user ids.
+    let routed = router
+        .route(RouteRequest {
+            query: format!("hr: mail {EMAIL} or call {PHONE}"),
+            session_id: Some(EMAIL.into()),
+            user_id: Some(PHONE.into()),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // An error that echoes input: an unknown forced expert.
+    let err = chat
+        .complete(ChatRequest {
+            query: "a question".into(),
+            expert: Some(format!("card {CARD}")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    // An over-long query with an IBAN straddling the limit.
+    let long = format!("{} {IBAN} end", "x".repeat(90));
+    let err = chat.complete(chat_plain(&long)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    // A query the limits rail refuses, and an answer that repeats PII.
+    let err = chat.complete(chat_plain(&format!("ring {IP}\u{7}"))).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    chat.complete(chat_plain(&format!("echo: your card {CARD} is on file")))
+        .await
+        .unwrap();
+    // Feedback whose comment and reviewer id hold PII.
+    server
+        .feedback()
+        .await
+        .submit(FeedbackRequest {
+            request_id: routed.request_id.clone(),
+            rating: Some(feedback_request::Rating::Thumb(Thumb::Down.into())),
+            comment: Some(format!("wrong: my IBAN is {IBAN}, my box is {IP}")),
+            reviewer_id: Some(EMAIL.into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    server.pipeline.log().flush().await.unwrap();
+
+    // Every text value of every table.
+    let db = rusqlite::Connection::open(&server.log_path).unwrap();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let mut values = Vec::new();
+    for table in &tables {
+        let mut stmt = db.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+        let columns = stmt.column_count();
+        let mut rows = stmt.query([]).unwrap();
+        while let Some(row) = rows.next().unwrap() {
+            for c in 0..columns {
+                if let Ok(Some(text)) = row.get::<_, Option<String>>(c) {
+                    values.push(text);
+                }
+            }
+        }
+    }
+    assert!(values.len() > 20, "{values:?}");
+    for raw in [EMAIL, "415 555", "4111 1111", "0532 0130", "DE89", IP, "192.168"] {
+        let leaked: Vec<&String> = values.iter().filter(|v| v.contains(raw)).collect();
+        assert!(leaked.is_empty(), "{raw} stored: {leaked:?}");
+    }
+    // Redacted, not dropped: the placeholders are there.
+    for placeholder in ["<EMAIL_1>", "<CREDIT_CARD_1>", "<IBAN_1>", "<IP_ADDRESS_1>"] {
+        assert!(values.iter().any(|v| v.contains(placeholder)), "{placeholder} missing");
+    }
+}
+
+fn chat_plain(query: &str) -> ChatRequest {
+    ChatRequest {
+        query: query.into(),
+        ..Default::default()
+    }
+}

@@ -171,8 +171,10 @@ impl ControlPlane {
         let mut row = FeedbackRecord::new(input.request_id, FeedbackKind::Explicit);
         row.rating = input.rating;
         row.corrected_expert = input.corrected_expert;
-        row.comment = input.comment;
-        row.reviewer_id = input.reviewer_id;
+        // At rest, what the PII rail redacts is redacted here too.
+        let rails = self.serving.rails();
+        row.comment = input.comment.map(|c| rails.redact_for_log(&c));
+        row.reviewer_id = input.reviewer_id.map(|r| rails.redact_id(&r));
         // Acknowledged only once committed.
         log.store_feedback(row.clone()).await.map_err(|e| match e {
             LogError::WriteFailed { reason } => ControlError::LogUnavailable { reason },

@@ -177,6 +177,14 @@ impl Rails {
             .map_or_else(|| text.to_string(), |set| set.redact_for_log(text))
     }
 
+    /// An id (session, user, reviewer) as the request log may keep it (see
+    /// [`rails::RailSet::redact_id`]).
+    pub fn redact_id(&self, id: &str) -> String {
+        self.set
+            .as_ref()
+            .map_or_else(|| id.to_string(), |set| set.redact_id(id))
+    }
+
     /// The configured rail set.
     pub fn configured(set: std::sync::Arc<rails::RailSet>) -> Self {
         Self {

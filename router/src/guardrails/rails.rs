@@ -208,6 +208,25 @@ impl RailSet {
         self.pii_input(text).0.unwrap_or_else(|| text.to_string())
     }
 
+    /// An id (session, user, reviewer) as the request log may keep it:
+    /// unchanged, or, when it holds PII the rail would not leave in a query
+    /// (`jane@corp.com` as a user id), a pseudonym: `pii-` and 16 hex digits
+    /// of its SHA-256, the same for the same id, so records still join by
+    /// it. Placeholders (`<EMAIL_1>`) would merge every such user into one.
+    pub fn redact_id(&self, id: &str) -> String {
+        use sha2::Digest as _;
+        let sensitive = self.spec.pii.enabled
+            && pii::detect(id)
+                .iter()
+                .any(|s| self.spec.pii.policy(s.kind) != PiiPolicy::Allow);
+        if !sensitive {
+            return id.to_string();
+        }
+        let digest = sha2::Sha256::digest(id.as_bytes());
+        let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        format!("pii-{hex}")
+    }
+
     fn limits(&self, text: &str, verdicts: &mut Vec<RailVerdict>) -> Result<Option<String>, RailRejection> {
         let start = Instant::now();
         let spec = &self.spec.limits;

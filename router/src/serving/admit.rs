@@ -1,6 +1,8 @@
 //! The first stages of every request: admission, validation, input rails
 //! (the query and the conversation's earlier turns).
 
+use std::sync::Arc;
+
 use tracing::Instrument;
 
 use super::ticket::{Outcome, Ticket};
@@ -11,6 +13,11 @@ use crate::engine::ChatMessage;
 use crate::error::PipelineError;
 use crate::guardrails::{RailRejection, Rails};
 use crate::text::{self, MAX_ID_CHARS};
+
+/// Characters past the cut that a refused query's redaction still reads:
+/// more than the longest entity the PII rail finds (an e-mail address may
+/// take 254).
+const REDACT_PAST_CUT: usize = 256;
 
 /// A request past its input rails.
 pub(super) struct Admitted {
@@ -25,7 +32,7 @@ impl Pipeline {
     /// Admission, validation and input rails, common to every entry point.
     /// A refusal finishes the request's ticket (its record is logged) and
     /// returns the error.
-    pub(super) async fn admit(&self, kind: &str, query: &Query, rails: &Rails) -> Result<Admitted, PipelineError> {
+    pub(super) async fn admit(&self, kind: &str, query: &Query, rails: &Arc<Rails>) -> Result<Admitted, PipelineError> {
         let record = RequestRecord {
             request_id: uuid::Uuid::now_v7().to_string(),
             kind: kind.to_string(),
@@ -36,7 +43,7 @@ impl Pipeline {
             query: query.text.clone(),
             ..RequestRecord::default()
         };
-        let mut ticket = Ticket::new(record, self.books.clone());
+        let mut ticket = Ticket::new(record, self.books.clone(), rails.clone());
         match self.check(&mut ticket, query, rails).await {
             Ok((text, history)) => Ok(Admitted { ticket, text, history }),
             Err(e) => Err(fail(ticket, e)),
@@ -50,11 +57,13 @@ impl Pipeline {
         rails: &Rails,
     ) -> Result<(String, Vec<ChatMessage>), PipelineError> {
         // A query refused before the rails ran is logged as the PII rail
-        // would have left it, and at most `max_query_chars` long.
+        // would have left it, then cut to `max_query_chars`: redacted first,
+        // so no entity straddling the cut leaves digits behind (only a
+        // stretch past the cut, longer than any entity, is redacted).
         let max = self.limits.max_query_chars;
         let refuse = |record: &mut RequestRecord, error: PipelineError| {
-            let cut: String = query.text.chars().take(max).collect();
-            record.query = rails.redact_for_log(&cut);
+            let stretch: String = query.text.chars().take(max + REDACT_PAST_CUT).collect();
+            record.query = rails.redact_for_log(&stretch).chars().take(max).collect();
             error
         };
         let record = &mut ticket.record;

@@ -587,6 +587,12 @@ mod tests {
             p.route(long_session).await,
             Err(PipelineError::InvalidRequest { .. })
         ));
+        // A card number straddling the cut: redacted whole, then cut.
+        let straddling = format!("{} 4111 1111 1111 1111 thanks", "x".repeat(30));
+        assert!(matches!(
+            p.route(query(&straddling)).await,
+            Err(PipelineError::QueryTooLong { .. })
+        ));
         let mut logged: Vec<String> = records(&p).await.into_iter().map(|r| r.query).collect();
         logged.sort();
         assert_eq!(
@@ -594,9 +600,49 @@ mod tests {
             [
                 "call <EMAIL_1>",
                 "mail <EMAIL_1>\u{0007}",
-                "mail <EMAIL_1> about the offs"
+                "mail <EMAIL_1> about the offsite plans f",
+                &format!("{} <CREDIT_C", "x".repeat(30)),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn no_column_keeps_pii_that_the_rail_redacts_and_ids_still_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = RailsSpec::default();
+        spec.jailbreak.enabled = false;
+        let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default())
+            .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+        let with_ids = |text: &str, expert: Option<&str>| Query {
+            session_id: Some("jane.doe@example.com".into()),
+            user_id: Some("+1 415 555 0100".into()),
+            expert: expert.map(str::to_string),
+            ..query(text)
+        };
+        p.route(with_ids("an hr question", None)).await.unwrap();
+        let unknown = with_ids("a question", Some("ask bob@corp.example"));
+        let refused = p.complete(unknown).await;
+        assert!(
+            matches!(refused, Err(PipelineError::UnknownExpert { .. })),
+            "{refused:?}"
+        );
+        let recs = records(&p).await;
+        assert_eq!(recs.len(), 2);
+        let stored = format!("{recs:?}");
+        for raw in ["jane.doe", "415", "bob@"] {
+            assert!(!stored.contains(raw), "{raw} stored: {stored}");
+        }
+        let failed = recs.iter().find(|r| r.status == "not_found").unwrap();
+        assert!(failed.error.as_deref().unwrap().contains("<EMAIL_1>"), "{failed:?}");
+        // One pseudonym per id: records still join by session and user.
+        assert!(recs[0].session_id.as_deref().unwrap().starts_with("pii-"));
+        assert_eq!(recs[0].session_id, recs[1].session_id);
+        assert_eq!(recs[0].user_id, recs[1].user_id);
+        assert_ne!(recs[0].session_id, recs[0].user_id);
+        // Ids without PII are kept as they are.
+        p.route(session_query("an it question", "s-42")).await.unwrap();
+        let recs = records(&p).await;
+        assert!(recs.iter().any(|r| r.session_id.as_deref() == Some("s-42")));
     }
 
     #[tokio::test]

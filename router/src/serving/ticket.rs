@@ -15,6 +15,7 @@ use crate::clock::unix_ms;
 use crate::data::feedback::{FeedbackKind, FeedbackRecord, SessionTracker};
 use crate::data::log::{RequestLog, RequestRecord};
 use crate::error::{Classified, ErrorKind, PipelineError};
+use crate::guardrails::Rails;
 use crate::observe::Observer;
 
 /// Where finished requests go: the log, the metrics, the session memory
@@ -66,12 +67,15 @@ pub(crate) struct Ticket {
     /// the session's last answer (rephrase) when the request ends.
     rephrase_probe: Option<String>,
     books: Arc<Books>,
+    /// The rails in force at admission: what they redact is redacted in
+    /// every free-text field of the record before it is stored.
+    rails: Arc<Rails>,
     finished: bool,
 }
 
 impl Ticket {
     /// A request arriving now, not admitted yet.
-    pub(crate) fn new(record: RequestRecord, books: Arc<Books>) -> Self {
+    pub(crate) fn new(record: RequestRecord, books: Arc<Books>, rails: Arc<Rails>) -> Self {
         Self {
             record,
             start: Instant::now(),
@@ -79,6 +83,7 @@ impl Ticket {
             live: None,
             rephrase_probe: None,
             books,
+            rails,
             finished: false,
         }
     }
@@ -161,6 +166,13 @@ impl Ticket {
             ttft_ms = record.ttft_ms,
             "request finished; record handed to the log"
         );
+        // At rest, nothing the PII rail redacts: error messages echo input
+        // (an unknown expert's name), ids may be e-mail addresses. The query
+        // and the answer were redacted by the rails on their way.
+        record.error = record.error.take().map(|e| self.rails.redact_for_log(&e));
+        for id in [&mut record.session_id, &mut record.user_id] {
+            *id = id.take().map(|v| self.rails.redact_id(&v));
+        }
         self.books.log.submit(std::mem::take(record));
         for signal in signals {
             self.books.log.submit_feedback(signal);
