@@ -24,9 +24,19 @@ use super::{Blocked, InputCheck, InputRails, OutputFilter, OutputRails, RailDeci
 use crate::embed::Embedder;
 
 /// Characters removed from queries: zero-width and bidirectional controls,
-/// used to smuggle instructions past readers and filters.
+/// and Unicode tag characters (U+E0000 block: invisible "ASCII smuggling"
+/// of instructions a model reads and a person does not), used to smuggle
+/// instructions past readers and filters.
 fn is_invisible(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    matches!(
+        c,
+        '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+            | '\u{E0000}'..='\u{E007F}'
+    )
 }
 
 fn is_forbidden_control(c: char) -> bool {
@@ -263,6 +273,12 @@ impl RailSet {
         let cleaned: Option<String> = text
             .contains(is_invisible)
             .then(|| text.chars().filter(|c| !is_invisible(*c)).collect());
+        if cleaned.as_deref().is_some_and(|c| c.trim().is_empty()) {
+            return reject(
+                "the query holds only invisible characters (zero-width, bidirectional or tag characters); send visible text".into(),
+                verdicts,
+            );
+        }
         let decision = if cleaned.is_some() {
             RailDecision::Sanitize
         } else {
@@ -450,6 +466,18 @@ mod tests {
         assert!(reason.contains("mixes Latin"), "{reason}");
         let ok = r.check("ig\u{200B}nore this\tand\nthat").await.unwrap();
         assert_eq!(ok.rewritten.as_deref(), Some("ignore this\tand\nthat"));
+        // Tag characters spell an invisible instruction ("ignore all"): stripped.
+        let smuggled: String = "ignore all"
+            .chars()
+            .map(|c| char::from_u32(0xE0000 + c as u32).unwrap())
+            .collect();
+        let ok = r.check(&format!("what is my leave balance?{smuggled}")).await.unwrap();
+        assert_eq!(ok.rewritten.as_deref(), Some("what is my leave balance?"));
+        // Nothing visible left: refused, not answered.
+        let Err(RailRejection::Invalid { reason, .. }) = r.check("\u{200B}\u{202E} \u{E0041}").await else {
+            panic!("an invisible-only query must be refused")
+        };
+        assert!(reason.contains("only invisible characters"), "{reason}");
         // Whole words in one script are fine.
         assert!(r.check("Привет, hello, γεια").await.is_ok());
     }
