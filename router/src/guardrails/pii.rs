@@ -148,6 +148,58 @@ fn ipv4_valid(s: &str) -> bool {
         .all(|o| o.parse::<u32>().is_ok_and(|v| v <= 255) && (o == "0" || !o.starts_with('0')))
 }
 
+/// Card numbers in `text`: runs of 12-19 digits written with one kind of
+/// separator (or none) that pass Luhn. A longer run is tried group by
+/// group (two cards side by side, a card followed by other digits): the
+/// longest valid card from each group start is taken, and the scan goes on
+/// after it; a run that mixes spaces and hyphens is several numbers side by
+/// side (an address's last octet, an SSN, ...), not one card.
+fn cards(text: &str) -> Vec<(usize, usize)> {
+    let mut found = Vec::new();
+    let mut pos = 0;
+    while let Some(m) = CARD.find_at(text, pos) {
+        let run = m.as_str();
+        // Byte offsets (in `run`) after each digit, and where groups start.
+        let ends: Vec<usize> = run
+            .char_indices()
+            .filter(|(_, c)| c.is_ascii_digit())
+            .map(|(i, c)| i + c.len_utf8())
+            .collect();
+        let starts: Vec<usize> = run
+            .char_indices()
+            .filter(|&(i, c)| c.is_ascii_digit() && (i == 0 || !run.as_bytes()[i - 1].is_ascii_digit()))
+            .map(|(i, _)| i)
+            .collect();
+        let mut next = m.end();
+        'groups: for &g in &starts {
+            let first_digit = ends.iter().position(|&e| e > g).unwrap_or(ends.len());
+            for n in (12..=19).rev() {
+                let Some(&end) = ends.get(first_digit + n - 1) else {
+                    continue;
+                };
+                // A card ends at the end of a group.
+                if run.as_bytes().get(end).is_some_and(u8::is_ascii_digit) {
+                    continue;
+                }
+                let candidate = &run[g..end];
+                let mut separators = candidate.chars().filter(|c| !c.is_ascii_digit());
+                let one_kind = separators.next().is_none_or(|first| separators.all(|c| c == first));
+                if one_kind && luhn_valid(candidate) {
+                    found.push((m.start() + g, m.start() + end));
+                    next = m.start() + end;
+                    break 'groups;
+                }
+            }
+        }
+        if next >= m.end() {
+            pos = m.end();
+        } else {
+            pos = next;
+        }
+    }
+    found
+}
+
 /// Every PII entity in `text`, in text order, without overlaps.
 pub fn detect(text: &str) -> Vec<PiiSpan> {
     let mut spans: Vec<PiiSpan> = Vec::new();
@@ -164,11 +216,8 @@ pub fn detect(text: &str) -> Vec<PiiSpan> {
             add(PiiKind::Iban, m.start(), m.end());
         }
     }
-    for m in CARD.find_iter(text) {
-        let digits = m.as_str().chars().filter(char::is_ascii_digit).count();
-        if (12..=19).contains(&digits) && luhn_valid(m.as_str()) {
-            add(PiiKind::CreditCard, m.start(), m.end());
-        }
+    for (start, end) in cards(text) {
+        add(PiiKind::CreditCard, start, end);
     }
     for c in SSN.captures_iter(text) {
         let (Some(all), Some(a), Some(s1), Some(g), Some(s2), Some(n)) =
@@ -225,9 +274,12 @@ pub fn contains_pii(text: &str) -> bool {
 /// Replace every entity by a typed, numbered placeholder (`<EMAIL_1>`,
 /// `<PHONE_2>`...); the same value gets the same placeholder.
 pub fn redact(text: &str) -> (String, Vec<PiiSpan>) {
-    let spans = detect(text);
-    (Redactor::default().apply(text, &spans), spans)
+    Redactor::default().redact(text, |_| true)
 }
+
+/// Most detection passes of [`Redactor::redact`]; each pass that finds
+/// something replaces it, so a few always suffice.
+const MAX_PASSES: usize = 4;
 
 /// Numbers placeholders per kind, the same value always getting the same one.
 #[derive(Debug, Default)]
@@ -236,6 +288,27 @@ pub struct Redactor {
 }
 
 impl Redactor {
+    /// Replace the entities of `text` that `select` picks until detection
+    /// finds none left: a placeholder can give a neighbour the word boundary
+    /// it lacked (`a@b.com2001:db8::1` -> `a@b.com<IP_ADDRESS_1>`, where the
+    /// address now ends), so detection runs again on its own output. The
+    /// result is a fixed point: redacting it again changes nothing. Returns
+    /// the text and the entities replaced (offsets of the pass that found
+    /// them).
+    pub fn redact(&mut self, text: &str, select: impl Fn(&PiiSpan) -> bool) -> (String, Vec<PiiSpan>) {
+        let mut out = text.to_string();
+        let mut replaced = Vec::new();
+        for _ in 0..MAX_PASSES {
+            let spans: Vec<PiiSpan> = detect(&out).into_iter().filter(|s| select(s)).collect();
+            if spans.is_empty() {
+                break;
+            }
+            out = self.apply(&out, &spans);
+            replaced.extend(spans);
+        }
+        (out, replaced)
+    }
+
     /// Replace `spans` (sorted, non-overlapping) of `text` by placeholders.
     pub fn apply(&mut self, text: &str, spans: &[PiiSpan]) -> String {
         let mut out = String::with_capacity(text.len());

@@ -291,25 +291,21 @@ impl RailSet {
     /// The query to continue with (or, when blocked, to log) and the verdict.
     fn pii_input(&self, text: &str) -> (Option<String>, Option<PiiKind>, RailVerdict) {
         let start = Instant::now();
-        let spans: Vec<PiiSpan> = pii::detect(text);
-        if let Some(s) = spans.iter().find(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Block) {
+        let policy = |s: &PiiSpan| self.spec.pii.policy(s.kind);
+        let (out, spans) = Redactor::default().redact(text, |s| policy(s) != PiiPolicy::Allow);
+        if let Some(s) = spans.iter().find(|s| policy(s) == PiiPolicy::Block) {
             // A blocked query is still logged: with every entity redacted.
-            let logged = Redactor::default().apply(text, &spans);
+            let (logged, all) = Redactor::default().redact(text, |_| true);
             return (
                 Some(logged),
                 Some(s.kind),
-                verdict("pii", RailDecision::Block, Some(spans.len() as f32), start),
+                verdict("pii", RailDecision::Block, Some(all.len() as f32), start),
             );
         }
-        let redact: Vec<PiiSpan> = spans
-            .into_iter()
-            .filter(|s| self.spec.pii.policy(s.kind) == PiiPolicy::Redact)
-            .collect();
-        if redact.is_empty() {
+        if spans.is_empty() {
             return (None, None, verdict("pii", RailDecision::Allow, Some(0.0), start));
         }
-        let n = redact.len() as f32;
-        let out = Redactor::default().apply(text, &redact);
+        let n = spans.len() as f32;
         (Some(out), None, verdict("pii", RailDecision::Redact, Some(n), start))
     }
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::pii::{self, PiiSpan, Redactor};
+use super::pii::Redactor;
 use super::settings::PiiSpec;
 use super::{OutputFilter, RailDecision, RailVerdict};
 
@@ -18,6 +18,33 @@ fn numberish(word: &str) -> bool {
             || (word.len() <= 4 && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())))
 }
 
+/// Where the leading run of characters a number-like group may hold ends.
+fn numberish_head(word: &str) -> usize {
+    word.char_indices()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || "()+-.:/".contains(*c)))
+        .map_or(word.len(), |(i, _)| i)
+}
+
+/// Where the number-like end of `word` starts: after its last character
+/// that no number-like group holds, when no entity can hold that character
+/// either (not a letter or digit of any script, not `_ % @` of an e-mail
+/// address): an entity can start there and none can span it. `word.len()`
+/// when there is none.
+fn numberish_tail(word: &str) -> usize {
+    let Some((i, c)) = word
+        .char_indices()
+        .rev()
+        .find(|(_, c)| !(c.is_ascii_alphanumeric() || "()+-.:/".contains(*c)))
+    else {
+        return word.len();
+    };
+    let start = i + c.len_utf8();
+    if c.is_alphanumeric() || "_%@".contains(c) || start >= word.len() || !numberish(&word[start..]) {
+        return word.len();
+    }
+    start
+}
+
 /// Start of the tail of `buf` that must be held back: the unfinished last
 /// word, and any run of number-like groups before it.
 fn hold_start(buf: &str) -> usize {
@@ -28,8 +55,11 @@ fn hold_start(buf: &str) -> usize {
             Some(i) => start = i + 1,
             None => return 0,
         }
-        // A finished run of number groups cannot grow after a plain word.
-        if !numberish(&buf[start..]) {
+        // A finished run of number groups cannot grow after a plain word;
+        // it can after one that begins number-like (`0100<`: the run
+        // `+1 415 555 0100` may be an entity that ends inside it).
+        let word = &buf[start..];
+        if !numberish(word) && !numberish(&word[..numberish_head(word)]) {
             return start;
         }
     }
@@ -41,7 +71,16 @@ fn hold_start(buf: &str) -> usize {
         }
         let word_start = before.rfind(char::is_whitespace).map_or(0, |i| i + 1);
         let word = &before[word_start..];
-        if word.is_empty() || !numberish(word) {
+        if word.is_empty() {
+            break;
+        }
+        if !numberish(word) {
+            // An entity may start inside a word, after punctuation
+            // (`>DE89 3704 ...`): hold back the number-like end of it.
+            let tail = numberish_tail(word);
+            if tail < word.len() {
+                start = word_start + tail;
+            }
             break;
         }
         start = word_start;
@@ -77,12 +116,9 @@ impl PiiStreamFilter {
     fn release(&mut self, upto: usize) -> String {
         let start = Instant::now();
         let head: String = self.buf.drain(..upto).collect();
-        let spans: Vec<PiiSpan> = pii::detect(&head)
-            .into_iter()
-            .filter(|s| !self.spec.output_allow.contains(&s.kind))
-            .collect();
+        let allow = &self.spec.output_allow;
+        let (out, spans) = self.redactor.redact(&head, |s| !allow.contains(&s.kind));
         self.redacted += spans.len();
-        let out = self.redactor.apply(&head, &spans);
         self.spent_ms += start.elapsed().as_secs_f64() * 1e3;
         out
     }
