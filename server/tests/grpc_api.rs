@@ -161,12 +161,12 @@ async fn bad_requests_get_their_status_and_still_leave_a_record() {
     assert!(err.message().contains("empty"), "{}", err.message());
     assert_eq!(server.records_with_query("   ").await[0].status, "invalid_argument");
 
-    // Refused before the rails: logged cut to the limit, PII redacted.
+    // Refused before the rails: logged with PII redacted, then cut to the limit.
     let long = format!("write to jane.doe@example.com {}", "x".repeat(480));
     let err = client.stream(chat(&long, 8)).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("limit is 500"), "{}", err.message());
-    let logged = format!("write to <EMAIL_1> {}", "x".repeat(470));
+    let logged = format!("write to <EMAIL_1> {}", "x".repeat(480));
     let rec = &server.records_with_query(&logged).await[0];
     assert_eq!(rec.status, "invalid_argument");
     assert!(rec.error.as_deref().unwrap().contains("510"));

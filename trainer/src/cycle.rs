@@ -362,7 +362,7 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                 if report.decision.pass {
                     let mut client = promote::admin(&args.server).await?;
                     // Resumed after the swap but before the record: already done.
-                    let serving = promote::serving(&mut client, &args.server.slot).await?;
+                    let serving = promote::serving(&mut client, &args.server).await?;
                     if serving.version != report.version {
                         promote::apply(&args.promote_args(&model_dir, &frozen), &report.version).await?;
                     }

@@ -196,7 +196,7 @@ pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
         (None, None) => format!("ft-{}", &crate::curate::export::sha256_file(&model)?[..12]),
     };
     let mut client = admin(&args.server).await?;
-    let current = serving(&mut client, &args.server.slot).await?;
+    let current = serving(&mut client, &args.server).await?;
     let (examples, labels) = eval::read_test(&args.test, &args.text_column, &args.label_column, None)?;
     let labels = eval::label_space(&labels, &[Path::new(&current.path), &model])?;
     tracing::info!(incumbent = %current.version, candidate = %version, n = examples.len(), device = %setup.device(), "evaluating");
@@ -215,15 +215,22 @@ pub async fn assess(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
     })
 }
 
-/// What `slot` serves now.
+/// What `slot` serves now. Asked with the admin token: the server shows
+/// the model's whole path (the incumbent is evaluated from that file) only
+/// to the admin.
 ///
 /// # Errors
 /// The server cannot be reached or has no such slot.
-pub async fn serving(client: &mut AdminClient<tonic::transport::Channel>, slot: &str) -> anyhow::Result<pb::ModelSlot> {
-    let slots = client.list_models(pb::ListModelsRequest {}).await?.into_inner().slots;
+pub async fn serving(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    server: &ServerArgs,
+) -> anyhow::Result<pb::ModelSlot> {
+    let request = authorized(pb::ListModelsRequest {}, &server.admin_token)?;
+    let slots = client.list_models(request).await?.into_inner().slots;
+    let slot = &server.slot;
     slots
         .into_iter()
-        .find(|s| s.slot == slot)
+        .find(|s| &s.slot == slot)
         .with_context(|| format!("the server has no slot `{slot}`"))
 }
 
