@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use flywheel_router::embed::Embedder;
-use flywheel_router::guardrails::jailbreak::Head;
+use flywheel_router::guardrails::jailbreak::{Head, SIGNAL_COUNT};
 use flywheel_router::guardrails::rails::{JailbreakDetector, RailSet, RailsSpec};
 
 /// `flywheel-trainer rails-data`.
@@ -83,8 +83,11 @@ pub fn build_data(args: &DataArgs) -> anyhow::Result<()> {
     let (train, mut test) = data::jailbreak_sets(&data::SharedData::under(&args.shared), args.seed)?;
     let terse_train = data::terse(&train, args.seed);
     test.extend(data::terse(&test, args.seed));
+    let (hard_train, hard_test) = data::hard_cases(args.seed);
+    test.extend(hard_test);
     data::write_rows(&args.out.join("jailbreak_train.jsonl"), &train)?;
     data::write_rows(&args.out.join("jailbreak_train_terse.jsonl"), &terse_train)?;
+    data::write_rows(&args.out.join("jailbreak_train_hard.jsonl"), &hard_train)?;
     data::write_rows(&args.out.join("jailbreak_test.jsonl"), &test)?;
     println!(
         "wrote {} (train {:?}) and {} (test {:?})",
@@ -134,7 +137,7 @@ pub fn train_head(args: &TrainArgs) -> anyhow::Result<Head> {
         .map(|(f, r)| {
             (
                 r.label == data::JAILBREAK,
-                head.probability(&f[..f.len() - 4], &train::tail(f)),
+                head.probability(&f[..f.len() - SIGNAL_COUNT], &train::tail(f)),
             )
         })
         .collect();
@@ -151,7 +154,7 @@ pub fn train_head(args: &TrainArgs) -> anyhow::Result<Head> {
     }
     let (mut tp, mut fp, mut pos, mut neg) = (0, 0, 0, 0);
     for (f, r) in x.iter().zip(&rows) {
-        let flagged = head.probability(&f[..f.len() - 4], &train::tail(f)) >= head.threshold;
+        let flagged = head.probability(&f[..f.len() - SIGNAL_COUNT], &train::tail(f)) >= head.threshold;
         if r.label == data::JAILBREAK {
             pos += 1;
             tp += usize::from(flagged);

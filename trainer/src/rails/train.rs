@@ -5,7 +5,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use flywheel_router::embed::Embedder;
-use flywheel_router::guardrails::jailbreak::{Head, SIGNALS, signals};
+use flywheel_router::guardrails::jailbreak::{Head, SIGNAL_COUNT, SIGNALS, signals};
 
 use super::data::{JAILBREAK, Row};
 
@@ -180,9 +180,10 @@ pub fn train(x: &[Vec<f32>], rows: &[Row], spec: &TrainSpec, embedder_name: &str
 }
 
 /// The signal part of a feature vector.
-pub fn tail(f: &[f32]) -> [f32; 4] {
-    let n = f.len();
-    [f[n - 4], f[n - 3], f[n - 2], f[n - 1]]
+pub fn tail(f: &[f32]) -> [f32; SIGNAL_COUNT] {
+    let mut out = [0.0; SIGNAL_COUNT];
+    out.copy_from_slice(&f[f.len() - SIGNAL_COUNT..]);
+    out
 }
 
 #[cfg(test)]
