@@ -100,6 +100,8 @@ impl Pipeline {
         let (log, observer) = (self.log().clone(), self.observer().clone());
         let (request_id, live_version) = (request_id.to_string(), live_version.to_string());
         let (prompt, params) = (prompt.to_vec(), params.clone());
+        // The shadow's answer is stored as a live one would be: through the output rail.
+        let mut output_rail = self.rails.load().output.filter();
         tokio::spawn(async move {
             let start = Instant::now();
             let engine = shadow.model.engine.clone();
@@ -117,7 +119,11 @@ impl Pipeline {
             .await;
             let latency_ms = start.elapsed().as_secs_f64() * 1e3;
             let (output, error) = match run {
-                Ok(Ok(a)) => (Some(a), None),
+                Ok(Ok(a)) => {
+                    let mut kept = output_rail.push(&a);
+                    kept.push_str(&output_rail.finish());
+                    (Some(kept), None)
+                }
                 Ok(Err(e)) => (None, Some(e.to_string())),
                 Err(_) => (None, Some(format!("no answer within {} s", SHADOW_DEADLINE.as_secs()))),
             };
