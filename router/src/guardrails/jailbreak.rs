@@ -9,7 +9,7 @@
 //! adversarial suffixes, and length. The head is trained by
 //! `flywheel-trainer train-rails` and shipped as JSON
 //! (`router/assets/jailbreak_head.json`, embedded in the binary); its
-//! threshold was chosen for <= 1% false positives on benign training queries
+//! threshold was chosen for <= 0.03% false positives on benign training queries
 //! and can be overridden in the config.
 
 use std::sync::LazyLock;

@@ -28,7 +28,9 @@ impl Default for TrainSpec {
             steps: 400,
             learning_rate: 0.05,
             weight_decay: 0.01,
-            target_fpr: 0.002,
+            // 0.2% let terse queries ("hr question 7") through the benign
+            // training rows' tail: at 0.03% the held-out rate stays far below 1%.
+            target_fpr: 0.0003,
         }
     }
 }
