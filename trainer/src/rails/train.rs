@@ -202,19 +202,22 @@ mod tests {
 
     #[test]
     fn learns_a_separable_toy_problem_and_sets_a_strict_threshold() {
-        // Feature 0 separates the classes; the 4 signal slots are noise-free zeros.
+        // Feature 0 separates the classes; the signal slots are noise-free zeros.
         let mut x = Vec::new();
         let mut rows = Vec::new();
         for i in 0..200 {
             let positive = i % 10 == 0;
             let v = if positive { 1.0 } else { -1.0 } + (i % 7) as f32 * 0.01;
-            x.push(vec![v, 0.3, 0.0, 0.0, 0.0, 0.0]);
+            let mut f = vec![v, 0.3];
+            f.extend([0.0; SIGNAL_COUNT]);
+            x.push(f);
             rows.push(row(if positive { JAILBREAK } else { "benign" }));
         }
         let head = train(&x, &rows, &TrainSpec::default(), "toy").unwrap();
         let p = |f: &[f32]| head.probability(&f[..2], &tail(f));
-        assert!(p(&[1.0, 0.3, 0.0, 0.0, 0.0, 0.0]) > 0.9);
-        assert!(p(&[-1.0, 0.3, 0.0, 0.0, 0.0, 0.0]) < 0.1);
+        let with_signals = |v: f32| [vec![v, 0.3], vec![0.0; SIGNAL_COUNT]].concat();
+        assert!(p(&with_signals(1.0)) > 0.9);
+        assert!(p(&with_signals(-1.0)) < 0.1);
         assert!(head.threshold >= 0.5);
         let fp = x
             .iter()
