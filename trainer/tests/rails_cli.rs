@@ -27,20 +27,29 @@ fn eval_rails_reports_per_rail_metrics_on_held_out_templates() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    // A sample of the held-out split: 12 attacks (templates the head never
-    // saw), 60 benign queries, plus PII rows.
+    // A sample of the held-out split: 12 attacks from templates the head
+    // never saw, 8 of the other attack classes in unseen phrasings, 71
+    // benign queries, plus PII rows.
     let test = std::fs::read_to_string(out.join("jailbreak_test.jsonl")).unwrap();
-    let attacks: Vec<&str> = test
+    let attack = |source: &str, l: &&str| l.contains("\"label\":\"jailbreak\"") && l.contains(source);
+    let mut attacks: Vec<&str> = test
         .lines()
-        .filter(|l| l.contains("\"label\":\"jailbreak\""))
+        .filter(|l| attack("\"source\":\"pyrit:", l))
         .step_by(18)
         .collect();
+    assert_eq!(attacks.len(), 12);
+    let hard: Vec<&str> = test
+        .lines()
+        .filter(|l| attack("\"source\":\"hard:", l))
+        .step_by(17)
+        .collect();
+    assert_eq!(hard.len(), 8);
+    attacks.extend(hard);
     let benign: Vec<&str> = test
         .lines()
         .filter(|l| l.contains("\"label\":\"benign\""))
         .step_by(100)
         .collect();
-    assert_eq!(attacks.len(), 12);
     let mut sample: Vec<String> = attacks.iter().chain(&benign).map(|s| (*s).to_string()).collect();
     sample.push(r#"{"text":"mail me at ann@example.com","label":"pii"}"#.into());
     sample.push(r#"{"text":"what time is it","label":"no_pii"}"#.into());
@@ -63,11 +72,11 @@ fn eval_rails_reports_per_rail_metrics_on_held_out_templates() {
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report_path).unwrap()).unwrap();
     let jb = &report["jailbreak"];
     assert!(jb["detection_rate"].as_f64().unwrap() >= 0.9, "{jb}");
-    // The full held-out split measures 0.27%; a 71-row sample allows one.
+    // The full held-out split measures 0.03%; a 71-row sample allows one.
     assert!(jb["confusion"]["fp"].as_u64().unwrap() <= 1, "{jb}");
     assert_eq!(
         jb["confusion"]["tp"].as_u64().unwrap() + jb["confusion"]["fn"].as_u64().unwrap(),
-        12
+        20
     );
     assert!(jb["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
     assert_eq!(report["pii"]["detection_rate"].as_f64().unwrap(), 1.0);
