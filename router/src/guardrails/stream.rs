@@ -8,11 +8,16 @@ use super::pii::Redactor;
 use super::settings::PiiSpec;
 use super::{OutputFilter, RailDecision, RailVerdict};
 
+/// Whether a number-like group (card, phone, IBAN, SSN) may hold `c`.
+fn group_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "()+-.:/".contains(c)
+}
+
 /// Whether `word` could be one group of a spaced number-like entity
 /// (card, phone, IBAN, SSN): it has a digit, or is a short upper-case
 /// alphanumeric group inside an IBAN.
 fn numberish(word: &str) -> bool {
-    let allowed = word.chars().all(|c| c.is_ascii_alphanumeric() || "()+-.:/".contains(c));
+    let allowed = word.chars().all(group_char);
     allowed
         && (word.chars().any(|c| c.is_ascii_digit())
             || (word.len() <= 4 && word.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())))
@@ -21,7 +26,7 @@ fn numberish(word: &str) -> bool {
 /// Where the leading run of characters a number-like group may hold ends.
 fn numberish_head(word: &str) -> usize {
     word.char_indices()
-        .find(|(_, c)| !(c.is_ascii_alphanumeric() || "()+-.:/".contains(*c)))
+        .find(|(_, c)| !group_char(*c))
         .map_or(word.len(), |(i, _)| i)
 }
 
@@ -31,11 +36,7 @@ fn numberish_head(word: &str) -> usize {
 /// address): an entity can start there and none can span it. `word.len()`
 /// when there is none.
 fn numberish_tail(word: &str) -> usize {
-    let Some((i, c)) = word
-        .char_indices()
-        .rev()
-        .find(|(_, c)| !(c.is_ascii_alphanumeric() || "()+-.:/".contains(*c)))
-    else {
+    let Some((i, c)) = word.char_indices().rev().find(|(_, c)| !group_char(*c)) else {
         return word.len();
     };
     let start = i + c.len_utf8();

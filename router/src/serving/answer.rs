@@ -33,7 +33,7 @@ type Event = Result<ChatEvent, PipelineError>;
 pub(super) struct Producer {
     pub(super) tx: mpsc::Sender<Event>,
     /// Where a cut stream's last word goes (the channel may be full).
-    pub(super) cut: oneshot::Sender<PipelineError>,
+    pub(super) cut: Option<oneshot::Sender<PipelineError>>,
     pub(super) ticket: Ticket,
     pub(super) route_ms: f64,
     pub(super) filter: Box<dyn OutputFilter>,
@@ -191,8 +191,9 @@ impl Producer {
     fn cut(mut self, error: PipelineError) {
         tracing::warn!(request_id = %self.ticket.record.request_id, error = %error, "stalled stream cut");
         let outcome = Outcome::from(&error);
-        let (closed, _) = oneshot::channel();
-        let _ = std::mem::replace(&mut self.cut, closed).send(error);
+        if let Some(cut) = self.cut.take() {
+            let _ = cut.send(error);
+        }
         self.close(outcome);
     }
 

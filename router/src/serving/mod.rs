@@ -367,7 +367,7 @@ impl Pipeline {
         );
         let producer = Producer {
             tx,
-            cut,
+            cut: Some(cut),
             ticket,
             route_ms: route.latency_ms,
             filter: rails.output.filter(),
