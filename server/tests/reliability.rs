@@ -197,8 +197,8 @@ async fn silent_connections_are_closed_at_the_handshake_timeout_and_the_limit_ho
     for _ in 0..2 {
         silent.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    // A real client waits in the backlog until the silent ones are cut.
+    // A real client waits in the backlog until the silent ones are cut (the
+    // kernel hands connections to accept in the order they were made).
     let started = Instant::now();
     let mut router = flywheel_proto::v1::router_client::RouterClient::new(server.channel().await);
     let routed = router
