@@ -1,5 +1,8 @@
 //! `flywheel-bench rails`: latency of each input rail and of all of them
-//! together on 200-character queries, in process, as the server runs them.
+//! together, in process, as the server runs them: on ~200-character queries,
+//! or on distinct queries of `--chars` characters (long inputs). Remembered
+//! embeddings are forgotten before every timed call, so each one runs the
+//! encoder as a query the server has not seen would.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,8 +27,12 @@ pub struct Args {
     #[arg(long, default_value_t = 200)]
     pub iterations: usize,
     /// Benchmark this query instead of the built-in ~200-character ones.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "chars")]
     pub query: Option<String>,
+    /// Benchmark distinct queries of this many characters (the built-in
+    /// ones, joined in turn and cut at a word), e.g. near `max_query_chars`.
+    #[arg(long)]
+    pub chars: Option<usize>,
     /// Write the report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -39,9 +46,38 @@ const QUERIES: &[&str] = &[
     "Can you send the product specification sheet for the Acme Widget Pro to jane.doe@example.com before Friday? The customer wants to compare power draw and mounting options.",
 ];
 
+/// Distinct queries of about `chars` characters: the built-in ones joined,
+/// each starting at another one, cut at the last word that fits.
+fn long_queries(chars: usize) -> Vec<String> {
+    (0..QUERIES.len())
+        .map(|start| {
+            let mut q = String::new();
+            for i in 0.. {
+                let next = QUERIES[(start + i) % QUERIES.len()];
+                if q.len() + 1 + next.len() > chars {
+                    let room = chars.saturating_sub(q.len() + 1);
+                    let cut = next[..room.min(next.len())].rfind(' ').unwrap_or(0);
+                    if cut > 0 {
+                        q.push(' ');
+                        q.push_str(&next[..cut]);
+                    }
+                    break;
+                }
+                if !q.is_empty() {
+                    q.push(' ');
+                }
+                q.push_str(next);
+            }
+            q
+        })
+        .collect()
+}
+
 #[derive(Debug, Serialize)]
 struct Report {
     query_chars_mean: f64,
+    /// Encoder tokens of each query (special tokens excluded).
+    query_tokens: Vec<usize>,
     embed_ms: Summary,
     jailbreak_ms: Summary,
     pii_ms: Summary,
@@ -74,21 +110,26 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let _ = rails.check(q).await;
     }
     let (mut embed, mut jb, mut pii_ms, mut all) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let queries: Vec<&str> = match &args.query {
-        Some(q) => vec![q.as_str()],
-        None => QUERIES.to_vec(),
+    let owned: Vec<String> = match (&args.query, args.chars) {
+        (Some(q), _) => vec![q.clone()],
+        (None, Some(chars)) => long_queries(chars),
+        (None, None) => QUERIES.iter().map(|q| (*q).to_string()).collect(),
     };
+    let queries: Vec<&str> = owned.iter().map(String::as_str).collect();
     for i in 0..args.iterations {
         let q = queries[i % queries.len()];
+        Embedder::forget_recent();
         let t = Instant::now();
         embedder.embed(q)?;
         embed.push(t.elapsed().as_secs_f64() * 1e3);
+        Embedder::forget_recent();
         let t = Instant::now();
         detector.score(q)?;
         jb.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
         let _ = pii::detect(q);
         pii_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        Embedder::forget_recent();
         let t = Instant::now();
         let _ = rails.check(q).await;
         all.push(t.elapsed().as_secs_f64() * 1e3);
@@ -111,6 +152,10 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let matmul = summarize(&matmul);
     let report = Report {
         query_chars_mean: queries.iter().map(|q| q.chars().count() as f64).sum::<f64>() / queries.len() as f64,
+        query_tokens: queries
+            .iter()
+            .map(|q| embedder.count_tokens(q))
+            .collect::<Result<_, _>>()?,
         embed_ms: summarize(&embed),
         jailbreak_ms: summarize(&jb),
         pii_ms: summarize(&pii_ms),
