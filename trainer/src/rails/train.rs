@@ -36,7 +36,7 @@ impl Default for TrainSpec {
 }
 
 /// Features of `rows`, read from `cache` when it was written for exactly
-/// these texts (a SHA-256 of them heads the file), else computed (and
+/// these texts by this embedder (a SHA-256 of both heads the file), else computed (and
 /// written to `cache` when given).
 ///
 /// # Errors
@@ -49,6 +49,8 @@ pub fn features_cached(
     use sha2::{Digest, Sha256};
     let width = embedder.dim() + SIGNALS.len();
     let mut h = Sha256::new();
+    // Another encoder, or another rule for cutting texts, means other features.
+    h.update(embedder.fingerprint().as_bytes());
     for r in rows {
         h.update(r.text.as_bytes());
         h.update([0u8]);
