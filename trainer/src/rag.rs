@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use flywheel_router::config::EngineSettings;
+use flywheel_router::embed::Embedder;
 use flywheel_router::retrieval::{HybridRetriever, Mode, hybrid};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -185,6 +186,8 @@ pub fn evaluate(args: &EvalArgs) -> anyhow::Result<RetrievalReport> {
         let mut times = Vec::new();
         for pass in 0..args.repeat.max(1) {
             for q in &queries {
+                // Each search embeds its query as a new one would be.
+                Embedder::forget_recent();
                 let t = Instant::now();
                 let found = retriever.search(&q.expert, &q.query, mode, depth)?;
                 times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -259,6 +262,7 @@ fn scaled_latency(
     let mut times = Vec::new();
     for _ in 0..repeat.max(1) {
         for q in queries {
+            Embedder::forget_recent();
             let t = Instant::now();
             retriever.search(&q.expert, &q.query, Mode::Hybrid, settings.retrieval.candidates)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
