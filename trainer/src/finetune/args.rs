@@ -37,6 +37,11 @@ pub struct TrainArgs {
     /// tokenizer.json, model.safetensors; the rails' embedder by default).
     #[arg(long, default_value = "models/all-minilm-l6-v2")]
     pub encoder: PathBuf,
+    /// Encoder classifiers: `head-only` (the encoder as it is, the head fitted
+    /// on its embeddings) or `end-to-end` (the encoder's layers tuned on the
+    /// labels first, then the head; a few minutes on 2 cores).
+    #[arg(long, default_value = "head-only", value_parser = parse_training)]
+    pub encoder_training: flywheel_router::engine::classifier::Training,
     /// Encoder classifiers: in-scope accuracy the out-of-scope rule may give
     /// up, measured on held-out training queries (0.02: two points; 0: no rule).
     #[arg(long, default_value_t = 0.02)]
@@ -131,4 +136,10 @@ pub struct TrainArgs {
     /// No progress bar (logs a line per epoch instead).
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `head-only` or `end-to-end`.
+fn parse_training(s: &str) -> Result<flywheel_router::engine::classifier::Training, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("`{s}`: expected head-only or end-to-end"))
 }

@@ -16,6 +16,7 @@
 //!   which is how an unseen topic looks.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{D, DType, Device, Tensor};
@@ -26,6 +27,7 @@ use flywheel_router::engine::classifier::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::encoder_tune::{TuneReport, TuneSpec, tune};
 use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, io_err, read_training_data};
 use crate::curate::export::sha256_file;
 
@@ -76,6 +78,9 @@ pub struct EncoderInfo {
     pub dim: usize,
     /// How it was trained.
     pub training: Training,
+    /// The end-to-end tuning run, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tuning: Option<TuneReport>,
 }
 
 /// How the head was fitted.
@@ -108,10 +113,53 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         label_counts,
         labels,
     } = read_training_data(args)?;
-    let embedder = Embedder::load(&args.encoder)
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let y: Vec<u32> = examples
+        .iter()
+        .map(|e| labels.names().iter().position(|l| *l == e.label).unwrap_or(0) as u32)
+        .collect();
+    // End to end: the encoder's layers are tuned first, in a folder beside
+    // the output; the rest of the run treats the tuned encoder as given.
+    let tuned = match args.encoder_training {
+        Training::HeadOnly => None,
+        Training::EndToEnd => {
+            let parent = args
+                .out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            let dir = tempfile::Builder::new()
+                .prefix(".encoder-")
+                .tempdir_in(parent)
+                .map_err(io_err(parent))?;
+            let spec = TuneSpec {
+                seed: args.seed,
+                ..TuneSpec::default()
+            };
+            // A stratified share of the queries stays out of the tuning, to
+            // calibrate the out-of-scope rule on queries the encoder never saw.
+            let unseen = calibration_queries(&y, args.seed);
+            let seen: Vec<usize> = (0..y.len()).filter(|i| unseen.binary_search(i).is_err()).collect();
+            let seen_texts: Vec<&str> = seen.iter().map(|&i| texts[i]).collect();
+            let seen_y: Vec<u32> = seen.iter().map(|&i| y[i]).collect();
+            let report = tune(
+                &args.encoder,
+                &seen_texts,
+                &seen_y,
+                labels.len(),
+                spec,
+                dir.path(),
+                args.quiet,
+            )
+            .map_err(|e| FinetuneError::Invalid(format!("tuning the encoder: {e:#}")))?;
+            Some(Tuned { dir, report, unseen })
+        }
+    };
+    let encoder_dir = tuned.as_ref().map_or(args.encoder.as_path(), |t| t.dir.path());
+    let embedder = Embedder::load(encoder_dir)
         .map_err(|e| FinetuneError::Invalid(format!("--encoder {}: {e}", args.encoder.display())))?;
     let t_embed = Instant::now();
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let bar = super::progress_bar(texts.len(), 0, args.quiet);
     let mut embeddings = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(64) {
@@ -127,10 +175,6 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
 
     let t_fit = Instant::now();
     let dim = embedder.dim();
-    let y: Vec<u32> = examples
-        .iter()
-        .map(|e| labels.names().iter().position(|l| *l == e.label).unwrap_or(0) as u32)
-        .collect();
     let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
     let data = Data {
         x: flat.clone(),
@@ -152,13 +196,15 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     let head = data.fit(&(0..y.len()).collect::<Vec<_>>(), l2).map_err(gguf_err)?;
     let train_accuracy = data.accuracy(&head, &(0..y.len()).collect::<Vec<_>>());
     let neighbours = Neighbours { embeddings: flat, dim };
-    let out_of_scope =
-        (args.oos_accuracy_loss > 0.0).then(|| calibrate(&neighbours, &y, &held_out_right, args.oos_accuracy_loss));
+    let out_of_scope = (args.oos_accuracy_loss > 0.0).then(|| {
+        let unseen = tuned.as_ref().map(|t| t.unseen.as_slice());
+        calibrate(&neighbours, &y, &held_out_right, args.oos_accuracy_loss, unseen)
+    });
     let fit_seconds = t_fit.elapsed().as_secs_f64();
 
     let card = ClassifierCard {
         format: classifier::FORMAT.to_string(),
-        training: Training::HeadOnly,
+        training: args.encoder_training,
         labels: labels.names().to_vec(),
         out_of_scope: out_of_scope.clone(),
     };
@@ -168,7 +214,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             card: &card,
             head: &head,
             neighbours: out_of_scope.is_some().then_some(&neighbours),
-            encoder_dir: &args.encoder,
+            encoder_dir,
         },
     )
     .map_err(|e| FinetuneError::Write(e.into()))?;
@@ -191,7 +237,8 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             path: args.encoder.display().to_string(),
             sha256: sha256_file(&args.encoder.join("model.safetensors"))?,
             dim,
-            training: Training::HeadOnly,
+            training: args.encoder_training,
+            tuning: tuned.as_ref().map(|t| t.report.clone()),
         },
         data: DataInfo::of(args, sha256_file(&args.data)?, rows, examples.len(), 0, label_counts),
         head: HeadFit {
@@ -209,6 +256,40 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| FinetuneError::Write(e.into()))?;
     std::fs::write(args.out.join("manifest.json"), text).map_err(io_err(&args.out))?;
     Ok(manifest)
+}
+
+/// An encoder tuned end to end, in a temporary folder.
+struct Tuned {
+    dir: tempfile::TempDir,
+    report: TuneReport,
+    /// Queries left out of the tuning (sorted).
+    unseen: Vec<usize>,
+}
+
+/// Share of the queries an end-to-end run keeps out of the tuning.
+const CALIBRATION_SHARE: f64 = 0.2;
+
+/// A stratified [`CALIBRATION_SHARE`] of the queries labelled `y` (at least
+/// one of each label with two or more), sorted.
+fn calibration_queries(y: &[u32], seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut by_label: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+    for (i, &l) in y.iter().enumerate() {
+        by_label.entry(l).or_default().push(i);
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xca1b);
+    let mut out = Vec::new();
+    for (_, mut idx) in by_label {
+        if idx.len() < 2 {
+            continue;
+        }
+        idx.shuffle(&mut rng);
+        let take = ((idx.len() as f64 * CALIBRATION_SHARE).round() as usize).clamp(1, idx.len() - 1);
+        out.extend_from_slice(&idx[..take]);
+    }
+    out.sort_unstable();
+    out
 }
 
 /// Embeddings and label indices.
@@ -324,14 +405,27 @@ fn argmax(v: &[f32]) -> usize {
 /// whether the head gets each right when it is held out (`right`): the
 /// highest threshold that turns away right answers on at most
 /// `accuracy_loss` of the held-out queries.
-pub fn calibrate(n: &Neighbours, y: &[u32], right: &[bool], accuracy_loss: f32) -> OutOfScopeRule {
+///
+/// `unseen` names the queries the encoder never saw while it was tuned (end
+/// to end: a tuned encoder draws its own training queries together, so
+/// only the others show how a new query lies); `None`: all of them.
+pub fn calibrate(
+    n: &Neighbours,
+    y: &[u32],
+    right: &[bool],
+    accuracy_loss: f32,
+    unseen: Option<&[usize]>,
+) -> OutOfScopeRule {
     let q = |i: usize| &n.embeddings[i * n.dim..(i + 1) * n.dim];
-    let total = y.len().max(1) as f32;
+    let all: Vec<usize> = (0..y.len()).collect();
+    let measured = unseen.unwrap_or(&all);
+    let total = measured.len().max(1) as f32;
     let mut best: Option<OutOfScopeRule> = None;
     for k in K_GRID {
         // In scope: each query against the others, lowest first.
-        let mut own: Vec<(f32, bool)> = (0..y.len())
-            .map(|i| (n.similarity(q(i), k, |j| j == i), right[i]))
+        let mut own: Vec<(f32, bool)> = measured
+            .iter()
+            .map(|&i| (n.similarity(q(i), k, |j| j == i), right[i]))
             .collect();
         own.sort_by(|a, b| a.0.total_cmp(&b.0));
         // A threshold at own[i].0 turns away own[..i].
@@ -347,8 +441,9 @@ pub fn calibrate(n: &Neighbours, y: &[u32], right: &[bool], accuracy_loss: f32) 
         }
         let threshold = own.get(cut).map_or(f32::INFINITY, |o| o.0);
         // An unseen topic: each label's queries against the other labels'.
-        let turned_away = (0..y.len())
-            .filter(|&i| n.similarity(q(i), k, |j| y[j] == y[i]) < threshold)
+        let turned_away = measured
+            .iter()
+            .filter(|&&i| n.similarity(q(i), k, |j| y[j] == y[i]) < threshold)
             .count();
         let rule = OutOfScopeRule {
             k,
@@ -409,6 +504,110 @@ mod tests {
     }
 
     #[test]
+    fn the_calibration_share_is_stratified_and_leaves_every_label_in_the_tuning() {
+        let y: Vec<u32> = (0..100).map(|i| if i < 90 { (i % 3) as u32 } else { 3 }).collect();
+        let unseen = calibration_queries(&y, 7);
+        assert!(unseen.windows(2).all(|w| w[0] < w[1]));
+        for label in 0..4u32 {
+            let total = y.iter().filter(|&&l| l == label).count();
+            let held = unseen.iter().filter(|&&i| y[i] == label).count();
+            assert_eq!(
+                held,
+                (total as f64 * CALIBRATION_SHARE).round() as usize,
+                "label {label}"
+            );
+            assert!(held < total);
+        }
+        assert_eq!(calibration_queries(&y, 7), unseen, "a seed gives one split");
+        assert!(
+            calibration_queries(&[0, 1, 1], 0).iter().all(|&i| i != 0),
+            "a lone example is tuned on"
+        );
+    }
+
+    #[test]
+    fn calibration_on_unseen_queries_reads_only_them() {
+        // Queries 0..10 sit on their label's direction (as a tuned encoder
+        // places the queries it was tuned on); 10..20 are spread out.
+        let mut e = Vec::new();
+        for i in 0..20 {
+            let spread = if i < 10 { 0.0 } else { (i - 10) as f32 * 0.08 };
+            e.extend(unit([1.0, spread]));
+        }
+        let n = Neighbours { embeddings: e, dim: 2 };
+        let y = vec![0u32; 20];
+        let unseen: Vec<usize> = (10..20).collect();
+        let all = calibrate(&n, &y, &[true; 20], 0.1, None);
+        let held = calibrate(&n, &y, &[true; 20], 0.1, Some(&unseen));
+        assert!(
+            held.threshold < all.threshold,
+            "{} vs {}",
+            held.threshold,
+            all.threshold
+        );
+        assert!(held.in_scope_rejection <= 0.1);
+    }
+
+    #[test]
+    fn an_end_to_end_run_tunes_the_encoder_and_writes_a_servable_classifier() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.csv");
+        let rows = [
+            ("wake me up at seven", "alarm"),
+            ("set an alarm for 6 am", "alarm"),
+            ("cancel my morning alarm", "alarm"),
+            ("alarm at noon please", "alarm"),
+            ("snooze the alarm", "alarm"),
+            ("is it going to rain today", "weather"),
+            ("forecast for the weekend", "weather"),
+            ("will it be sunny in Paris", "weather"),
+            ("how cold is it outside", "weather"),
+            ("do I need an umbrella", "weather"),
+        ];
+        let csv: String = std::iter::once("text,label".to_string())
+            .chain(rows.iter().map(|(t, l)| format!("{t},{l}")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&path, csv).unwrap();
+        let out = dir.path().join("enc");
+        let encoder = {
+            let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+            match std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
+                Some(d) => std::path::PathBuf::from(d),
+                None => flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap(),
+            }
+        };
+        let mut a = args(&path, "alarm,weather");
+        a.out = out.clone();
+        a.encoder = encoder.clone();
+        a.quiet = true;
+        a.encoder_training = Training::EndToEnd;
+        let m = run(&a).unwrap();
+        assert_eq!(m.encoder.training, Training::EndToEnd);
+        assert!(m.encoder.tuning.as_ref().is_some_and(|t| !t.epoch_loss.is_empty()));
+        // The folder holds its own, tuned weights, and serves.
+        assert_ne!(
+            sha256_file(&out.join("model.safetensors")).unwrap(),
+            sha256_file(&encoder.join("model.safetensors")).unwrap()
+        );
+        let card = classifier::read_card(&out).unwrap();
+        assert_eq!(card.training, Training::EndToEnd);
+        let rule = card.out_of_scope.unwrap();
+        assert!(rule.in_scope_rejection <= 0.5, "{rule:?}");
+        let e = Embedder::load(&out).unwrap();
+        let v = e.embed("set an alarm for 6 am").unwrap();
+        let head = m.head;
+        assert!(head.train_accuracy > 0.99, "{head:?}");
+        assert_eq!(v.len(), 384);
+        assert!(
+            !dir.path()
+                .read_dir()
+                .unwrap()
+                .any(|e| e.unwrap().file_name().to_string_lossy().starts_with(".encoder-"))
+        );
+    }
+
+    #[test]
     fn the_head_separates_separable_labels() {
         let mut x = Vec::new();
         let mut y = Vec::new();
@@ -445,7 +644,7 @@ mod tests {
         }
         let n = Neighbours { embeddings: e, dim: 2 };
         // Every held-out answer right: at most 3 of 60 may be turned away.
-        let rule = calibrate(&n, &y, &[true; 60], 0.05);
+        let rule = calibrate(&n, &y, &[true; 60], 0.05, None);
         assert!(rule.held_out_label_recall > 0.99, "{rule:?}");
         let kept = (0..60)
             .filter(|&i| n.similarity(&n.embeddings[i * 2..i * 2 + 2], rule.k, |j| j == i) >= rule.threshold)
@@ -453,7 +652,7 @@ mod tests {
         assert!(kept >= 57, "{kept} of 60 kept");
         // Wrong answers cost nothing: with every answer wrong, the threshold
         // may turn every query away.
-        let lax = calibrate(&n, &y, &[false; 60], 0.05);
+        let lax = calibrate(&n, &y, &[false; 60], 0.05, None);
         assert!(lax.threshold > rule.threshold, "{lax:?} vs {rule:?}");
     }
 }

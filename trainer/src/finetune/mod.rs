@@ -18,9 +18,11 @@
 
 pub mod adamw;
 pub mod args;
+pub mod bert;
 mod checkpoint;
 pub mod data;
 pub mod encoder;
+pub mod encoder_tune;
 pub mod export;
 pub mod llama;
 pub mod lora;

@@ -47,6 +47,9 @@ pub fn is_classifier(path: &Path) -> bool {
 pub enum Training {
     /// The encoder is the embedder as fetched; only the head was trained.
     HeadOnly,
+    /// The encoder's layers were tuned on the labels too; its weights are
+    /// the folder's own `model.safetensors`.
+    EndToEnd,
 }
 
 /// The out-of-scope rule: a query whose mean cosine similarity to its `k`
