@@ -211,16 +211,7 @@ impl Embedder {
 
     /// Mean-pooled, normalised embeddings of token windows, one forward pass.
     fn forward(&self, windows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, EmbedError> {
-        let len = windows.iter().map(Vec::len).max().unwrap_or(0);
-        let n = windows.len();
-        let mut ids = vec![0u32; n * len];
-        let mut mask = vec![0f32; n * len];
-        for (i, w) in windows.iter().enumerate() {
-            ids[i * len..i * len + w.len()].copy_from_slice(w);
-            mask[i * len..i * len + w.len()].iter_mut().for_each(|m| *m = 1.0);
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let (ids, mask) = padded(windows, &self.device)?;
         let types = ids.zeros_like()?;
         let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dim)
         let m = mask.unsqueeze(2)?; // (n, len, 1)
@@ -316,6 +307,27 @@ impl Embedder {
         }
         Ok(per_text.iter().map(|vs| mean_normalized(vs, self.dim)).collect())
     }
+}
+
+/// Token ids `[n, len]` of `windows` padded to the longest, and the
+/// attention mask (1 for a token, 0 for padding): one forward pass's input.
+///
+/// # Errors
+/// Tensor failures.
+pub fn padded<W: AsRef<[u32]>>(windows: &[W], device: &Device) -> Result<(Tensor, Tensor), candle_core::Error> {
+    let len = windows.iter().map(|w| w.as_ref().len()).max().unwrap_or(0);
+    let n = windows.len();
+    let mut ids = vec![0u32; n * len];
+    let mut mask = vec![0f32; n * len];
+    for (i, w) in windows.iter().enumerate() {
+        let w = w.as_ref();
+        ids[i * len..i * len + w.len()].copy_from_slice(w);
+        mask[i * len..i * len + w.len()].iter_mut().for_each(|m| *m = 1.0);
+    }
+    Ok((
+        Tensor::from_vec(ids, (n, len), device)?,
+        Tensor::from_vec(mask, (n, len), device)?,
+    ))
 }
 
 /// Tokens in `windows`, special tokens included.

@@ -177,40 +177,15 @@ impl Bert {
     }
 }
 
-/// Padded ids and mask (`[n, len]`) of token windows.
-///
-/// # Errors
-/// Tensor failures.
-pub fn batch(windows: &[&[u32]], device: &Device) -> Result<(Tensor, Tensor)> {
-    let len = windows.iter().map(|w| w.len()).max().unwrap_or(0);
-    let n = windows.len();
-    let mut ids = vec![0u32; n * len];
-    let mut mask = vec![0f32; n * len];
-    for (i, w) in windows.iter().enumerate() {
-        ids[i * len..i * len + w.len()].copy_from_slice(w);
-        mask[i * len..i * len + w.len()].iter_mut().for_each(|m| *m = 1.0);
-    }
-    Ok((
-        Tensor::from_vec(ids, (n, len), device)?,
-        Tensor::from_vec(mask, (n, len), device)?,
-    ))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use flywheel_router::embed::{Embedder, cosine};
+    use flywheel_router::embed::{Embedder, cosine, padded};
 
     #[test]
     fn it_computes_what_the_servers_embedder_computes_and_saves_what_it_loads() {
-        let dir = match std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-            Some(d) => std::path::PathBuf::from(d),
-            None => {
-                let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-                flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap()
-            }
-        };
+        let dir = crate::finetune::tests::encoder_dir();
         let served = Embedder::load(&dir).unwrap();
         let bert = Bert::load(&dir, &Device::Cpu).unwrap();
         let texts = [
@@ -219,8 +194,7 @@ mod tests {
             "hi",
         ];
         let windows: Vec<Vec<u32>> = texts.iter().map(|t| served.windows(t).unwrap().remove(0)).collect();
-        let refs: Vec<&[u32]> = windows.iter().map(Vec::as_slice).collect();
-        let (ids, mask) = batch(&refs, &Device::Cpu).unwrap();
+        let (ids, mask) = padded(&windows, &Device::Cpu).unwrap();
         let ours = bert.embed(&ids, &mask).unwrap().to_vec2::<f32>().unwrap();
         for (t, v) in texts.iter().zip(&ours) {
             let theirs = served.embed(t).unwrap();

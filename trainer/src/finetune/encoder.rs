@@ -570,13 +570,7 @@ mod tests {
             .join("\n");
         std::fs::write(&path, csv).unwrap();
         let out = dir.path().join("enc");
-        let encoder = {
-            let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-            match std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-                Some(d) => std::path::PathBuf::from(d),
-                None => flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap(),
-            }
-        };
+        let encoder = crate::finetune::tests::encoder_dir();
         let mut a = args(&path, "alarm,weather");
         a.out = out.clone();
         a.encoder = encoder.clone();

@@ -17,13 +17,13 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::{D, Device, Tensor, Var};
-use flywheel_router::embed::Embedder;
+use flywheel_router::embed::{Embedder, padded};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWParams};
-use super::bert::{Bert, batch};
+use super::bert::Bert;
 
 /// Settings of a tuning run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -163,7 +163,7 @@ fn batch_embeddings(
     device: &Device,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let flat: Vec<&[u32]> = idx.iter().flat_map(|&i| windows[i].iter().map(Vec::as_slice)).collect();
-    let (ids, mask) = batch(&flat, device)?;
+    let (ids, mask) = padded(&flat, device)?;
     let per_window = bert.embed(&ids, &mask)?;
     // Average each text's windows: [texts, windows] x [windows, dim].
     let mut avg = vec![0f32; idx.len() * flat.len()];
@@ -191,16 +191,6 @@ mod tests {
     use super::*;
     use flywheel_router::embed::cosine;
 
-    fn encoder_dir() -> std::path::PathBuf {
-        match std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
-            Some(d) => std::path::PathBuf::from(d),
-            None => {
-                let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
-                flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap()
-            }
-        }
-    }
-
     /// Mean similarity of same-label pairs minus that of other-label pairs.
     fn separation(e: &Embedder, texts: &[&str], y: &[u32]) -> f32 {
         let v = e.embed_batch(texts, 16).unwrap();
@@ -217,7 +207,7 @@ mod tests {
 
     #[test]
     fn tuning_draws_each_labels_queries_together_and_the_server_loads_the_result() {
-        let base = encoder_dir();
+        let base = crate::finetune::tests::encoder_dir();
         let texts = [
             "wake me up at seven tomorrow",
             "set an alarm for 6 am",

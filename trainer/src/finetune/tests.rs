@@ -17,6 +17,19 @@ const D: usize = 32;
 const FF: usize = 64;
 const LAYERS: usize = 3;
 
+/// The real all-MiniLM-L6-v2 folder (`FLYWHEEL_TEST_EMBEDDER`, or fetched
+/// into `models/` on first use).
+pub(crate) fn encoder_dir() -> std::path::PathBuf {
+    match std::env::var_os("FLYWHEEL_TEST_EMBEDDER") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+            #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+            flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap()
+        }
+    }
+}
+
 fn rand_tensor(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> QTensor {
     let v: Vec<f32> = (0..shape.0 * shape.1)
         .map(|_| rng.random_range(-scale..scale))
