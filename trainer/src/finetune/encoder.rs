@@ -1,5 +1,8 @@
 //! `flywheel-trainer train --kind encoder-classifier`: a linear head over a
-//! frozen sentence encoder, and the rule that turns away out-of-scope queries.
+//! sentence encoder, and the rule that turns away out-of-scope queries. The
+//! encoder is used as it is (`head-only`) or tuned on the labels first
+//! (`end-to-end`, [`super::encoder_tune`], on all but a stratified fifth of
+//! the queries, which the out-of-scope rule is then calibrated on).
 //!
 //! - **Head**: multinomial logistic regression on the normalised embeddings
 //!   (the embeddings the server computes, with the same code), fitted by
