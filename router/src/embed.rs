@@ -24,7 +24,7 @@ use tokenizers::Tokenizer;
 
 /// Tokens of a text the encoder reads at most, special tokens excluded
 /// (~800 characters of English: a document chunk or a long question). Cost
-/// grows about linearly with tokens (~0.45 ms each on 2 cores).
+/// grows about linearly with tokens (~0.4 ms each on 2 cores).
 pub const MAX_TEXT_TOKENS: usize = 192;
 /// Tokens read from each end of a text longer than [`MAX_TEXT_TOKENS`].
 pub const EDGE_TOKENS: usize = MAX_TEXT_TOKENS / 2;

@@ -13,6 +13,15 @@ use crate::guardrails::rails::{RailSet, RailsSpec};
 use crate::testing::{query, records, session_query, stub_pipeline};
 use crate::text::MAX_ID_CHARS;
 
+/// A stub-engine pipeline whose input rails are the default ones without the
+/// jailbreak detector (limits and PII redaction need no model).
+fn pii_rails_pipeline(settings: &mut EngineSettings, dir: &std::path::Path) -> Pipeline {
+    let mut spec = RailsSpec::default();
+    spec.jailbreak.enabled = false;
+    stub_pipeline(settings, dir, StubEngine::default())
+        .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))))
+}
+
 #[tokio::test]
 async fn routes_to_the_scored_expert_and_logs_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,10 +126,7 @@ async fn queries_refused_before_the_rails_are_logged_redacted_and_cut() {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = EngineSettings::default();
     settings.limits.max_query_chars = 40;
-    let mut spec = RailsSpec::default();
-    spec.jailbreak.enabled = false;
-    let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default())
-        .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+    let p = pii_rails_pipeline(&mut settings, dir.path());
     let too_long = "mail jane.doe@example.com about the offsite plans for next week";
     assert!(matches!(
         p.route(query(too_long)).await,
@@ -161,10 +167,7 @@ async fn queries_refused_before_the_rails_are_logged_redacted_and_cut() {
 #[tokio::test]
 async fn no_column_keeps_pii_that_the_rail_redacts_and_ids_still_join() {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = RailsSpec::default();
-    spec.jailbreak.enabled = false;
-    let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default())
-        .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+    let p = pii_rails_pipeline(&mut EngineSettings::default(), dir.path());
     let with_ids = |text: &str, expert: Option<&str>| Query {
         session_id: Some("jane.doe@example.com".into()),
         user_id: Some("+1 415 555 0100".into()),
@@ -202,10 +205,7 @@ async fn a_conversations_earlier_turns_reach_the_expert_through_the_input_rails(
     let dir = tempfile::tempdir().unwrap();
     let mut settings = EngineSettings::default();
     settings.limits.max_history_chars = 100;
-    let mut spec = RailsSpec::default();
-    spec.jailbreak.enabled = false;
-    let p = stub_pipeline(&mut settings, dir.path(), StubEngine::default())
-        .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+    let p = pii_rails_pipeline(&mut settings, dir.path());
     let with_history = |history: Vec<ChatMessage>| Query {
         history,
         ..query("and then, hr?")
@@ -352,10 +352,7 @@ async fn a_shadow_answer_is_stored_as_the_output_rail_leaves_a_live_one() {
     use crate::models::slots::ServedModel;
     use crate::trials::shadow::Shadow;
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = RailsSpec::default();
-    spec.jailbreak.enabled = false;
-    let p = stub_pipeline(&mut EngineSettings::default(), dir.path(), StubEngine::default())
-        .with_rails(Rails::configured(Arc::new(RailSet::new(spec, None))));
+    let p = pii_rails_pipeline(&mut EngineSettings::default(), dir.path());
     // A candidate that writes a card number after every word.
     let candidate = ServedModel {
         engine: Arc::new(StubEngine::signed(Duration::ZERO, " 4111 1111 1111 1111 ")),
