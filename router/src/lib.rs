@@ -41,6 +41,7 @@ pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod guardrails;
+pub mod llama;
 pub mod model_prep;
 pub mod models;
 pub mod observe;

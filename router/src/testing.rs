@@ -139,6 +139,7 @@ pub fn prototype_classifier(
             in_scope_rejection: 0.0,
             held_out_label_recall: 0.0,
         }),
+        prompt: None,
     };
     let head = Head {
         weight,
@@ -156,4 +157,72 @@ pub fn prototype_classifier(
         },
     )
     .expect("classifier written");
+}
+
+/// Write a decoder classifier at `path` on the GGUF `base` (all its
+/// blocks): each label's head row is its example texts' mean feature (times
+/// 10), and the texts are the out-of-scope references; `out_of_scope` sets
+/// the rule's similarity threshold.
+///
+/// # Panics
+/// When the base cannot be read or the file written.
+pub fn prototype_decoder_classifier(
+    path: &std::path::Path,
+    base: &std::path::Path,
+    labels: &[(&str, &[&str])],
+    out_of_scope: Option<f32>,
+) {
+    use crate::engine::classifier::decoder::{self, DecoderBackbone, PromptTemplate};
+    use crate::engine::classifier::{ClassifierCard, Head, Neighbours, OutOfScopeRule, Training};
+    let file = std::fs::File::open(base).expect("base model");
+    let mut reader = std::io::BufReader::new(file);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut reader).expect("GGUF header");
+    let template = PromptTemplate::default();
+    let backbone =
+        DecoderBackbone::from_gguf(&content, &mut reader, &template, &candle_core::Device::Cpu).expect("backbone");
+    let dim = backbone.model().cfg.n_embd;
+    let mut weight = Vec::new();
+    let mut refs = Vec::new();
+    for (_, texts) in labels {
+        let prompts: Vec<Vec<u32>> = texts.iter().map(|t| backbone.prompt(t).expect("prompt")).collect();
+        let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let vs = backbone.features_of(&rows).expect("features");
+        let mut mean = vec![0f32; dim];
+        for v in &vs {
+            mean.iter_mut()
+                .zip(v)
+                .for_each(|(m, x)| *m += 10.0 * x / vs.len() as f32);
+            refs.extend_from_slice(v);
+        }
+        weight.extend(mean);
+    }
+    let card = ClassifierCard {
+        format: decoder::FORMAT.into(),
+        training: Training::HeadOnly,
+        labels: labels.iter().map(|l| l.0.to_string()).collect(),
+        out_of_scope: out_of_scope.map(|threshold| OutOfScopeRule {
+            k: 1,
+            threshold,
+            accuracy_loss: 0.0,
+            in_scope_rejection: 0.0,
+            held_out_label_recall: 0.0,
+        }),
+        prompt: Some(template),
+    };
+    let head = Head {
+        weight,
+        bias: vec![0.0; labels.len()],
+        dim,
+    };
+    let neighbours = Neighbours { embeddings: refs, dim };
+    decoder::write(
+        path,
+        &content,
+        &mut reader,
+        &card,
+        &head,
+        None,
+        out_of_scope.is_some().then_some(&neighbours),
+    )
+    .expect("decoder classifier written");
 }

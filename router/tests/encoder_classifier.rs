@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flywheel_router::embed::Embedder;
-use flywheel_router::engine::classifier::{self, BatchSettings, EncoderClassifier};
+use flywheel_router::engine::classifier::{self, BatchSettings, Classifier};
 use flywheel_router::engine::{ChatMessage, Engine, EngineError, LabelSet};
 
 fn encoder_dir() -> PathBuf {
@@ -40,8 +40,8 @@ fn topics() -> Vec<(String, Vec<&'static str>)> {
     ]
 }
 
-fn load(dir: &Path, settings: BatchSettings) -> EncoderClassifier {
-    EncoderClassifier::load(dir, settings).unwrap()
+fn load(dir: &Path, settings: BatchSettings) -> Classifier {
+    Classifier::load(dir, settings, &candle_core::Device::Cpu).unwrap()
 }
 
 const QUERIES: [&str; 12] = [

@@ -88,8 +88,9 @@ pub struct CycleArgs {
 /// The fine-tuning settings a cycle exposes (the rest keep `train`'s defaults).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TrainingKnobs {
-    /// Kind of router each cycle trains: `label-scoring` (fine-tunes `--base`)
-    /// or `encoder-classifier` (a head over the rails' embedder).
+    /// Kind of router each cycle trains: `label-scoring` (fine-tunes `--base`),
+    /// `encoder-classifier` (a head over the rails' embedder) or
+    /// `decoder-classifier` (`--base` tuned with a head over its last state).
     #[arg(long, default_value = "label-scoring")]
     pub kind: flywheel_router::engine::ModelKind,
     /// Base model every cycle fine-tunes (the dataset grows; training restarts from the base).
@@ -293,10 +294,14 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     .into_inner()
                     .experts;
                 let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir, &experts)?;
-                if train.kind == flywheel_router::engine::ModelKind::EncoderClassifier {
-                    let m = tokio::task::spawn_blocking(move || finetune::encoder::run(&train))
-                        .await?
-                        .context("training the encoder classifier")?;
+                if train.kind.is_classifier() {
+                    let kind = train.kind;
+                    let m = tokio::task::spawn_blocking(move || match train.kind {
+                        flywheel_router::engine::ModelKind::DecoderClassifier => finetune::decoder::run(&train),
+                        _ => finetune::encoder::run(&train),
+                    })
+                    .await?
+                    .with_context(|| format!("training the {kind}"))?;
                     println!(
                         "  {}: {} examples, cross-validated accuracy {:.1}%",
                         m.version,

@@ -78,8 +78,12 @@ async fn main() -> anyhow::Result<()> {
         Command::Ingest(args) => tokio::task::spawn_blocking(move || rag::ingest(&args)).await?,
         Command::EvalRetrieval(args) => tokio::task::spawn_blocking(move || rag::evaluate(&args).map(drop)).await?,
         Command::Curate(args) => cli::curate(*args).await.map(drop),
-        Command::Train(args) if args.kind == ModelKind::EncoderClassifier => {
-            let m = tokio::task::spawn_blocking(move || finetune::encoder::run(&args)).await??;
+        Command::Train(args) if args.kind.is_classifier() => {
+            let m = tokio::task::spawn_blocking(move || match args.kind {
+                ModelKind::DecoderClassifier => finetune::decoder::run(&args),
+                _ => finetune::encoder::run(&args),
+            })
+            .await??;
             println!(
                 "{}: {} examples, head L2 {:.0e} (cross-validated accuracy {:.1}%), out of scope {} in {:.0} s -> {}",
                 m.version,
@@ -92,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
                     r.k,
                     r.held_out_label_recall * 100.0
                 )),
-                m.embed_seconds + m.fit_seconds,
+                m.seconds(),
                 m.model_file
             );
             Ok(())

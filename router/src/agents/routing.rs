@@ -136,7 +136,7 @@ impl RouterAgent {
     pub fn prompt_for(&self, model: &ServedModel, query: &str) -> Vec<ChatMessage> {
         match &model.task {
             // A classifier reads the query alone.
-            Some(task) if task.kind == ModelKind::EncoderClassifier => vec![ChatMessage::user(query)],
+            Some(task) if task.kind.is_classifier() => vec![ChatMessage::user(query)],
             Some(task) => vec![
                 ChatMessage::system(task.system_prompt.clone()),
                 ChatMessage::user(query),

@@ -225,6 +225,8 @@ pub enum ModelKind {
     LabelScoring,
     /// A sentence encoder and a linear head ([`classifier`]).
     EncoderClassifier,
+    /// A Llama-family decoder and a linear head ([`classifier::decoder`]).
+    DecoderClassifier,
 }
 
 impl ModelKind {
@@ -233,16 +235,24 @@ impl ModelKind {
         match self {
             Self::LabelScoring => "label-scoring",
             Self::EncoderClassifier => "encoder-classifier",
+            Self::DecoderClassifier => "decoder-classifier",
         }
     }
 
     /// Every kind.
-    pub const ALL: [ModelKind; 2] = [Self::LabelScoring, Self::EncoderClassifier];
+    pub const ALL: [ModelKind; 3] = [Self::LabelScoring, Self::EncoderClassifier, Self::DecoderClassifier];
+
+    /// A classifier kind: a head over a backbone's features, not an LLM's answer.
+    pub fn is_classifier(self) -> bool {
+        self != Self::LabelScoring
+    }
 
     /// The kind of the artifact at `path`.
     pub fn of(path: &std::path::Path) -> Self {
         if classifier::is_classifier(path) {
             Self::EncoderClassifier
+        } else if classifier::decoder::is_decoder_classifier(path) {
+            Self::DecoderClassifier
         } else {
             Self::LabelScoring
         }
@@ -253,10 +263,9 @@ impl std::str::FromStr for ModelKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| format!("`{s}` is not a router kind: use label-scoring or encoder-classifier"))
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            format!("`{s}` is not a router kind: use label-scoring, encoder-classifier or decoder-classifier")
+        })
     }
 }
 
@@ -266,8 +275,8 @@ impl std::fmt::Display for ModelKind {
     }
 }
 
-/// The production loader: an encoder classifier folder runs on candle
-/// ([`classifier::EncoderClassifier`]), any other model on mistral.rs.
+/// The production loader: a classifier (encoder folder or decoder GGUF) runs
+/// on candle ([`classifier::Classifier`]), any other model on mistral.rs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ModelLoader;
 
@@ -279,16 +288,20 @@ impl EngineLoader for ModelLoader {
         router: bool,
     ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
         match ModelKind::of(&spec.path) {
-            ModelKind::EncoderClassifier if !router => Err(EngineError::Load {
+            kind @ (ModelKind::EncoderClassifier | ModelKind::DecoderClassifier) if !router => Err(EngineError::Load {
                 path: spec.path.display().to_string(),
                 source: anyhow::anyhow!(
-                    "an encoder classifier routes but cannot write answers: give experts a generative model"
+                    "a classifier ({kind}) routes but cannot write answers: give experts a generative model"
                 ),
             }),
-            ModelKind::EncoderClassifier => {
+            ModelKind::EncoderClassifier | ModelKind::DecoderClassifier => {
                 let path = spec.path.clone();
+                let device = spec.device.open().map_err(|e| EngineError::Load {
+                    path: path.display().to_string(),
+                    source: e.into(),
+                })?;
                 let engine = tokio::task::spawn_blocking(move || {
-                    classifier::EncoderClassifier::load(&path, classifier::BatchSettings::default())
+                    classifier::Classifier::load(&path, classifier::BatchSettings::default(), &device)
                 })
                 .await
                 .map_err(|e| EngineError::Backend(e.into()))??;

@@ -245,7 +245,7 @@ impl super::EngineLoader for StubLoader {
         spec: &crate::config::ModelSpec,
         router: bool,
     ) -> Result<std::sync::Arc<dyn Engine>, EngineError> {
-        if super::ModelKind::of(&spec.path) == super::ModelKind::EncoderClassifier {
+        if super::ModelKind::of(&spec.path).is_classifier() {
             return super::ModelLoader.load(spec, router).await;
         }
         let mut engine = if self.sign_tokens {

@@ -61,8 +61,8 @@ pub enum TaskError {
     },
 }
 
-/// Read the task of the model at `path` (a GGUF header, or an encoder
-/// classifier's card); `None` for a model that was not fine-tuned by flywheel.
+/// Read the task of the model at `path` (a GGUF header, or a classifier's
+/// card); `None` for a model that was not fine-tuned by flywheel.
 ///
 /// # Errors
 /// Unreadable file or header.
@@ -87,6 +87,17 @@ pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
         source,
     };
     let content = gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(gguf)?;
+    if content.metadata.contains_key(classifier::decoder::CARD_KEY) {
+        let card = classifier::decoder::card_of(&content, path).map_err(|e| TaskError::Card {
+            path: path.display().to_string(),
+            reason: format!("{:#}", anyhow::Error::from(e)),
+        })?;
+        return Ok(Some(TrainedTask {
+            system_prompt: String::new(),
+            labels: card.labels,
+            kind: ModelKind::DecoderClassifier,
+        }));
+    }
     let (Some(prompt), Some(labels)) = (
         content.metadata.get(SYSTEM_PROMPT_KEY),
         content.metadata.get(LABELS_KEY),

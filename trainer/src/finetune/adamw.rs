@@ -227,7 +227,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::finetune::max_abs_diff;
+    use crate::finetune::ops::max_abs_diff;
 
     fn random(rng: &mut StdRng, shape: &[usize]) -> Tensor {
         let n = shape.iter().product();

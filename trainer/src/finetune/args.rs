@@ -26,11 +26,14 @@ pub struct TrainArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Kind of router model: `label-scoring` (the base GGUF fine-tuned to
-    /// answer with a label name) or `encoder-classifier` (a linear head over
-    /// the `--encoder`'s sentence embeddings, with an out-of-scope rule).
+    /// answer with a label name), `encoder-classifier` (a linear head over
+    /// the `--encoder`'s sentence embeddings) or `decoder-classifier` (the
+    /// base GGUF, `--keep-layers` pruned, tuned with LoRA or `--full`, and a
+    /// linear head over its last prompt token's state); classifiers come with
+    /// an out-of-scope rule.
     #[arg(long, default_value = "label-scoring")]
     pub kind: ModelKind,
-    /// Base model (Llama-architecture GGUF) of a label-scoring router.
+    /// Base model (Llama-architecture GGUF) of a label-scoring router or decoder classifier.
     #[arg(long, default_value = flywheel_router::config::DEFAULT_MODEL_PATH)]
     pub base: PathBuf,
     /// Sentence encoder of an encoder classifier (config.json,
@@ -42,7 +45,7 @@ pub struct TrainArgs {
     /// labels first, then the head; a few minutes on 2 cores).
     #[arg(long, default_value = "head-only", value_parser = parse_training)]
     pub encoder_training: flywheel_router::engine::classifier::Training,
-    /// Encoder classifiers: in-scope accuracy the out-of-scope rule may give
+    /// Classifiers: in-scope accuracy the out-of-scope rule may give
     /// up, measured on held-out training queries (0.02: two points; 0: no rule).
     #[arg(long, default_value_t = 0.02)]
     pub oos_accuracy_loss: f32,

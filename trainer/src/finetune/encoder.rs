@@ -46,14 +46,18 @@ const K_GRID: [usize; 4] = [1, 3, 5, 10];
 /// What an encoder classifier run produced (`manifest.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassifierManifest {
-    /// Always [`ModelKind::EncoderClassifier`].
+    /// [`ModelKind::EncoderClassifier`] or [`ModelKind::DecoderClassifier`].
     pub kind: ModelKind,
     /// Version label.
     pub version: String,
     /// Unix ms when the run finished.
     pub created_unix_ms: i64,
-    /// The encoder.
-    pub encoder: EncoderInfo,
+    /// The encoder (encoder classifiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderInfo>,
+    /// The decoder backbone (decoder classifiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decoder: Option<super::decoder::DecoderInfo>,
     /// Training data.
     pub data: DataInfo,
     /// The head's fit.
@@ -64,10 +68,23 @@ pub struct ClassifierManifest {
     pub embed_seconds: f64,
     /// Seconds fitting and calibrating.
     pub fit_seconds: f64,
-    /// The classifier folder (what a server's model entry names).
+    /// The classifier (folder or GGUF file; what a server's model entry names).
     pub model_file: String,
     /// Bytes of its files.
     pub model_bytes: u64,
+}
+
+impl ClassifierManifest {
+    /// Seconds of the whole run: tuning (if any), features, fit.
+    pub fn seconds(&self) -> f64 {
+        let tuning = self
+            .encoder
+            .as_ref()
+            .and_then(|e| e.tuning.as_ref())
+            .map_or(0.0, |t| t.seconds)
+            + self.decoder.as_ref().map_or(0.0, |d| d.tune_seconds);
+        tuning + self.embed_seconds + self.fit_seconds
+    }
 }
 
 /// The encoder of a run.
@@ -178,31 +195,20 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
 
     let t_fit = Instant::now();
     let dim = embedder.dim();
-    let flat: Vec<f32> = embeddings.iter().flatten().copied().collect();
-    let data = Data {
-        x: flat.clone(),
-        y: y.clone(),
+    let unseen = tuned.as_ref().map(|t| t.unseen.as_slice());
+    let Fitted {
+        head,
+        fit,
+        out_of_scope,
+        neighbours,
+    } = fit_head(
+        embeddings.iter().flatten().copied().collect(),
         dim,
-        labels: labels.len(),
-    };
-    let folds: Vec<(f64, Vec<bool>)> = L2_GRID
-        .iter()
-        .map(|&l2| Ok((l2, data.cross_validate(l2, args.seed)?)))
-        .collect::<Result<_, candle_core::Error>>()
-        .map_err(gguf_err)?;
-    let share = |right: &[bool]| right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
-    let cross_validation: Vec<(f64, f64)> = folds.iter().map(|(l2, right)| (*l2, share(right))).collect();
-    let best = (0..folds.len())
-        .max_by(|&a, &b| cross_validation[a].1.total_cmp(&cross_validation[b].1))
-        .unwrap_or(0);
-    let (l2, held_out_right) = folds[best].clone();
-    let head = data.fit(&(0..y.len()).collect::<Vec<_>>(), l2).map_err(gguf_err)?;
-    let train_accuracy = data.accuracy(&head, &(0..y.len()).collect::<Vec<_>>());
-    let neighbours = Neighbours { embeddings: flat, dim };
-    let out_of_scope = (args.oos_accuracy_loss > 0.0).then(|| {
-        let unseen = tuned.as_ref().map(|t| t.unseen.as_slice());
-        calibrate(&neighbours, &y, &held_out_right, args.oos_accuracy_loss, unseen)
-    });
+        &y,
+        labels.len(),
+        args,
+        unseen,
+    )?;
     let fit_seconds = t_fit.elapsed().as_secs_f64();
 
     let card = ClassifierCard {
@@ -210,6 +216,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         training: args.encoder_training,
         labels: labels.names().to_vec(),
         out_of_scope: out_of_scope.clone(),
+        prompt: None,
     };
     classifier::write(
         &args.out,
@@ -236,20 +243,16 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             .clone()
             .unwrap_or_else(|| format!("enc-{}", &head_sha[..12])),
         created_unix_ms: flywheel_router::data::log::unix_ms(std::time::SystemTime::now()),
-        encoder: EncoderInfo {
+        encoder: Some(EncoderInfo {
             path: args.encoder.display().to_string(),
             sha256: sha256_file(&args.encoder.join("model.safetensors"))?,
             dim,
             training: args.encoder_training,
             tuning: tuned.as_ref().map(|t| t.report.clone()),
-        },
+        }),
+        decoder: None,
         data: DataInfo::of(args, sha256_file(&args.data)?, rows, examples.len(), 0, label_counts),
-        head: HeadFit {
-            l2,
-            cross_validation,
-            iterations: ITERATIONS,
-            train_accuracy,
-        },
+        head: fit,
         out_of_scope,
         embed_seconds,
         fit_seconds,
@@ -259,6 +262,71 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| FinetuneError::Write(e.into()))?;
     std::fs::write(args.out.join("manifest.json"), text).map_err(io_err(&args.out))?;
     Ok(manifest)
+}
+
+/// A head and out-of-scope rule fitted on training features.
+pub struct Fitted {
+    /// The head.
+    pub head: Head,
+    /// How it was fitted.
+    pub fit: HeadFit,
+    /// The rule (absent with `--oos-accuracy-loss 0`).
+    pub out_of_scope: Option<OutOfScopeRule>,
+    /// The features, as the rule's references.
+    pub neighbours: Neighbours,
+}
+
+/// Fit the head (L2 strength by cross-validation) and calibrate the
+/// out-of-scope rule on unit-length `features` (`[y.len() * dim]`) labelled
+/// `y`; `unseen` as for [`calibrate`].
+///
+/// # Errors
+/// Tensor failures.
+pub fn fit_head(
+    features: Vec<f32>,
+    dim: usize,
+    y: &[u32],
+    labels: usize,
+    args: &TrainArgs,
+    unseen: Option<&[usize]>,
+) -> Result<Fitted, FinetuneError> {
+    let data = Data {
+        x: features,
+        y: y.to_vec(),
+        dim,
+        labels,
+    };
+    let folds: Vec<(f64, Vec<bool>)> = L2_GRID
+        .iter()
+        .map(|&l2| Ok((l2, data.cross_validate(l2, args.seed)?)))
+        .collect::<Result<_, candle_core::Error>>()
+        .map_err(gguf_err)?;
+    let share = |right: &[bool]| right.iter().filter(|&&r| r).count() as f64 / right.len().max(1) as f64;
+    let cross_validation: Vec<(f64, f64)> = folds.iter().map(|(l2, right)| (*l2, share(right))).collect();
+    let best = (0..folds.len())
+        .max_by(|&a, &b| cross_validation[a].1.total_cmp(&cross_validation[b].1))
+        .unwrap_or(0);
+    let (l2, held_out_right) = folds[best].clone();
+    let all: Vec<usize> = (0..y.len()).collect();
+    let head = data.fit(&all, l2).map_err(gguf_err)?;
+    let train_accuracy = data.accuracy(&head, &all);
+    let neighbours = Neighbours {
+        embeddings: data.x,
+        dim,
+    };
+    let out_of_scope = (args.oos_accuracy_loss > 0.0)
+        .then(|| calibrate(&neighbours, y, &held_out_right, args.oos_accuracy_loss, unseen));
+    Ok(Fitted {
+        head,
+        fit: HeadFit {
+            l2,
+            cross_validation,
+            iterations: ITERATIONS,
+            train_accuracy,
+        },
+        out_of_scope,
+        neighbours,
+    })
 }
 
 /// An encoder tuned end to end, in a temporary folder.
@@ -274,7 +342,7 @@ const CALIBRATION_SHARE: f64 = 0.2;
 
 /// A stratified [`CALIBRATION_SHARE`] of the queries labelled `y` (at least
 /// one of each label with two or more), sorted.
-fn calibration_queries(y: &[u32], seed: u64) -> Vec<usize> {
+pub(crate) fn calibration_queries(y: &[u32], seed: u64) -> Vec<usize> {
     use rand::SeedableRng;
     use rand::seq::SliceRandom;
     let mut by_label: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
@@ -480,16 +548,7 @@ mod tests {
         vec![v[0] / n, v[1] / n]
     }
 
-    fn args(data: &std::path::Path, labels: &str) -> TrainArgs {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            args: TrainArgs,
-        }
-        let data = data.display().to_string();
-        Wrap::parse_from(["train", "--data", &data, "--out", "x", "--labels", labels]).args
-    }
+    use crate::finetune::tests::train_args as args;
 
     #[test]
     fn out_of_scope_examples_train_their_label_beside_the_experts() {
@@ -580,8 +639,9 @@ mod tests {
         a.quiet = true;
         a.encoder_training = Training::EndToEnd;
         let m = run(&a).unwrap();
-        assert_eq!(m.encoder.training, Training::EndToEnd);
-        assert!(m.encoder.tuning.as_ref().is_some_and(|t| !t.epoch_loss.is_empty()));
+        let info = m.encoder.as_ref().unwrap();
+        assert_eq!(info.training, Training::EndToEnd);
+        assert!(info.tuning.as_ref().is_some_and(|t| !t.epoch_loss.is_empty()));
         // The folder holds its own, tuned weights, and serves.
         assert_ne!(
             sha256_file(&out.join("model.safetensors")).unwrap(),

@@ -117,20 +117,15 @@ pub fn tune(
         order.shuffle(&mut rng);
         let mut sum = 0.0;
         for idx in order.chunks(spec.batch_size.max(1)) {
-            // Linear warm-up over the first tenth, then linear decay.
-            let warm = (total / 10).max(1);
-            let factor = if step < warm {
-                (step + 1) as f64 / warm as f64
-            } else {
-                (total - step) as f64 / (total - warm).max(1) as f64
-            };
+            let factor = warmup_linear(step, total);
             let (embeddings, targets) = batch_embeddings(&bert, &windows, y, idx, &device)?;
-            let w = &label_vectors.as_tensor();
-            let w = w.broadcast_div(&w.sqr()?.sum_keepdim(1)?.sqrt()?)?;
-            let margins = (candle_nn::encoding::one_hot(targets.clone(), labels, spec.margin as f32, 0f32)?)
-                .to_dtype(embeddings.dtype())?;
-            let logits = ((embeddings.matmul(&w.t()?)? - margins)? * spec.scale)?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            let loss = cosface_loss(
+                &embeddings,
+                label_vectors.as_tensor(),
+                &targets,
+                spec.scale,
+                spec.margin,
+            )?;
             let grads = loss.backward()?;
             encoder_opt.step(&grads, spec.lr * factor)?;
             head_opt.step(&grads, spec.head_lr * factor)?;
@@ -151,6 +146,37 @@ pub fn tune(
         epoch_loss,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Learning-rate factor at `step` of `total`: linear warm-up over the first
+/// tenth, then linear decay.
+pub fn warmup_linear(step: usize, total: usize) -> f64 {
+    let warm = (total / 10).max(1);
+    if step < warm {
+        (step + 1) as f64 / warm as f64
+    } else {
+        (total - step) as f64 / (total - warm).max(1) as f64
+    }
+}
+
+/// Large-margin cosine loss of unit-length `features` (`[n, dim]`) against
+/// `label_vectors` (`[labels, dim]`, any length) for `targets` (`[n]` u32).
+///
+/// # Errors
+/// Shape mismatches.
+pub fn cosface_loss(
+    features: &Tensor,
+    label_vectors: &Tensor,
+    targets: &Tensor,
+    scale: f64,
+    margin: f64,
+) -> candle_core::Result<Tensor> {
+    let labels = label_vectors.dim(0)?;
+    let w = label_vectors.broadcast_div(&label_vectors.sqr()?.sum_keepdim(1)?.sqrt()?)?;
+    let margins =
+        candle_nn::encoding::one_hot(targets.clone(), labels, margin as f32, 0f32)?.to_dtype(features.dtype())?;
+    let logits = ((features.matmul(&w.t()?)? - margins)? * scale)?;
+    candle_nn::loss::cross_entropy(&logits, targets)
 }
 
 /// Sentence embeddings `[idx, dim]` of the texts `idx` (the normalised mean

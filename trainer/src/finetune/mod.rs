@@ -9,7 +9,8 @@
 //! - [`export`]: merged GGUF for the server, PEFT adapter for other tools.
 //! - [`data`]: the examples (read, sampled, checked, tokenized); [`args`]: the
 //!   flags; [`manifest`]: what a run wrote; `checkpoint`: resumable state.
-//! - [`encoder`]: the other router kind, an encoder classifier's head.
+//! - [`encoder`], [`decoder`]: the classifier router kinds (a head over a
+//!   sentence encoder, or over a tuned Llama decoder's last-token state).
 //!
 //! The prompts are built and tokenized by the serving engine itself
 //! (mistral.rs with the model's own chat template), and the answer tokens
@@ -21,17 +22,16 @@ pub mod args;
 pub mod bert;
 mod checkpoint;
 pub mod data;
+pub mod decoder;
 pub mod encoder;
 pub mod encoder_tune;
 pub mod export;
-pub mod llama;
-pub mod lora;
 pub mod manifest;
-pub mod ops;
 pub mod train;
 
 pub use args::TrainArgs;
 pub use data::{TrainingData, read_training_data, stratified_sample, tokenize};
+pub use flywheel_router::llama::{self, lora, ops};
 pub use manifest::{BaseInfo, DataInfo, TrainManifest, TrainingInfo};
 
 use std::io::BufReader;
@@ -103,6 +103,16 @@ pub(crate) fn gguf_err(e: candle_core::Error) -> FinetuneError {
     FinetuneError::Tensor(e)
 }
 
+impl From<llama::LlamaError> for FinetuneError {
+    fn from(e: llama::LlamaError) -> Self {
+        match e {
+            llama::LlamaError::Invalid(m) => FinetuneError::Invalid(m),
+            llama::LlamaError::Unsupported(m) => FinetuneError::Unsupported(m),
+            llama::LlamaError::Tensor(e) => FinetuneError::Tensor(e),
+        }
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> FinetuneError + '_ {
     move |source| FinetuneError::Io {
         path: path.to_path_buf(),
@@ -115,17 +125,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
     sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Run `flywheel-trainer train`.
+/// The training settings of `args`, checked.
 ///
 /// # Errors
-/// Unusable data or settings, an unsupported base, I/O failures.
-pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
-    let TrainingData {
-        examples,
-        rows: n_rows,
-        label_counts,
-        labels,
-    } = read_training_data(args)?;
+/// A setting out of its range, saying which.
+pub fn hyper_of(args: &TrainArgs) -> Result<Hyper, FinetuneError> {
     let hyper = Hyper {
         rank: args.rank,
         alpha: args.alpha,
@@ -172,6 +176,21 @@ pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
             "--epochs and --batch-size must be at least 1".into(),
         ));
     }
+    Ok(hyper)
+}
+
+/// Run `flywheel-trainer train`.
+///
+/// # Errors
+/// Unusable data or settings, an unsupported base, I/O failures.
+pub async fn run(args: &TrainArgs) -> Result<TrainManifest, FinetuneError> {
+    let TrainingData {
+        examples,
+        rows: n_rows,
+        label_counts,
+        labels,
+    } = read_training_data(args)?;
+    let hyper = hyper_of(args)?;
     args.device
         .check_supported()
         .map_err(|e| FinetuneError::Invalid(format!("--device: {e}")))?;
@@ -379,16 +398,6 @@ fn progress_bar(total: usize, done: usize, quiet: bool) -> indicatif::ProgressBa
     );
     bar.set_position(done as u64);
     bar
-}
-
-/// Largest absolute difference between two tensors (tests).
-#[cfg(test)]
-pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.max_all())
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("same-shape f32 tensors")
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::*;
 use crate::curate::dataset::{Example, LabelSource};
 use export::OutDType;
 use llama::Target;
+use ops::max_abs_diff;
 use train::{Schedule, Sequence};
 
 const VOCAB: usize = 24;
@@ -28,6 +29,18 @@ pub(crate) fn encoder_dir() -> std::path::PathBuf {
             flywheel_router::model_prep::fetch::ensure_embedder(&models, "python3").unwrap()
         }
     }
+}
+
+/// `flywheel-trainer train --data <data> --out x --labels <labels>`, parsed.
+pub(crate) fn train_args(data: &Path, labels: &str) -> TrainArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+    let data = data.display().to_string();
+    Wrap::parse_from(["train", "--data", &data, "--out", "x", "--labels", labels]).args
 }
 
 fn rand_tensor(rng: &mut StdRng, shape: (usize, usize), scale: f32) -> QTensor {

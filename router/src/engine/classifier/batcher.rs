@@ -1,5 +1,7 @@
 //! The route batcher: concurrent decisions share one padded forward pass.
 //!
+//! The model behind a batcher is a [`Featurizer`]: a sentence encoder
+//! ([`Embedder`]) or a decoder backbone ([`super::decoder::DecoderBackbone`]).
 //! Callers cut their query into token windows and queue it; one worker
 //! thread takes the first job waiting, every job queued behind it that fits
 //! the token budget (padded tokens: windows x longest window), and, when the
@@ -9,7 +11,7 @@
 //! bounded: a full queue answers [`EngineError::Overloaded`] at once. A text
 //! another caller on the same model files embedded a moment ago (the
 //! jailbreak rail, on the same request) is not queued at all
-//! ([`Embedder::recall`]).
+//! ([`Featurizer::recall`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +22,47 @@ use tokio::sync::oneshot;
 
 use crate::embed::Embedder;
 use crate::engine::EngineError;
+
+/// A model that turns texts into feature vectors, many texts per forward pass.
+pub trait Featurizer: Send + Sync + 'static {
+    /// The token windows `text` is read as (one or more; each a forward-pass row).
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>>;
+
+    /// The feature vectors of texts cut into windows, in one padded pass.
+    ///
+    /// # Errors
+    /// Model failures.
+    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>>;
+
+    /// The features of `text` if another caller computed them a moment ago.
+    fn recall(&self, _text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
+        None
+    }
+
+    /// Keep `text`'s features for [`Featurizer::recall`].
+    fn remember(&self, _text: &str, _features: &[f32], _tokens: u32) {}
+}
+
+impl Featurizer for Embedder {
+    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>> {
+        Ok(Embedder::windows(self, text)?)
+    }
+
+    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(self.embed_windows(texts)?)
+    }
+
+    fn recall(&self, text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
+        Embedder::recall(self, text)
+    }
+
+    fn remember(&self, text: &str, features: &[f32], tokens: u32) {
+        Embedder::remember(self, text, features, tokens);
+    }
+}
 
 /// How the batcher gathers decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,7 +117,7 @@ struct Counters {
 pub struct Batcher {
     tx: SyncSender<Job>,
     counters: Arc<Counters>,
-    embedder: Arc<Embedder>,
+    model: Arc<dyn Featurizer>,
 }
 
 impl std::fmt::Debug for Batcher {
@@ -86,16 +129,16 @@ impl std::fmt::Debug for Batcher {
 }
 
 impl Batcher {
-    /// Start a worker thread embedding with `embedder`.
+    /// Start a worker thread running `model`.
     ///
     /// # Errors
     /// The thread cannot be spawned.
-    pub fn start(embedder: Arc<Embedder>, settings: BatchSettings) -> std::io::Result<Self> {
+    pub fn start(model: Arc<dyn Featurizer>, settings: BatchSettings) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(settings.queue.max(1));
         let counters = Arc::new(Counters::default());
         let worker = Worker {
             rx,
-            embedder: embedder.clone(),
+            model: model.clone(),
             settings,
             counters: counters.clone(),
             carry: None,
@@ -103,10 +146,11 @@ impl Batcher {
         std::thread::Builder::new()
             .name("route-batcher".into())
             .spawn(move || worker.run())?;
-        Ok(Self { tx, counters, embedder })
+        Ok(Self { tx, counters, model })
     }
 
-    /// The embedding of `text`, computed in a batch with whatever else is queued.
+    /// The features of `text` (and the tokens read), computed in a batch
+    /// with whatever else is queued.
     ///
     /// # Errors
     /// [`EngineError::Overloaded`] when the queue is full, tokenizer or model
@@ -114,16 +158,13 @@ impl Batcher {
     ///
     /// # Cancel safety
     /// Dropping the future before its batch forms takes the query out of it.
-    pub async fn embed(&self, text: &str) -> Result<(Vec<f32>, u32), EngineError> {
+    pub async fn features(&self, text: &str) -> Result<(Vec<f32>, u32), EngineError> {
         // The input rails usually encoded this very text a moment ago.
-        if let Some((v, tokens)) = self.embedder.recall(text) {
+        if let Some((v, tokens)) = self.model.recall(text) {
             self.counters.recalled.fetch_add(1, Ordering::Relaxed);
             return Ok((v.to_vec(), tokens));
         }
-        let windows = self
-            .embedder
-            .windows(text)
-            .map_err(|e| EngineError::Backend(e.into()))?;
+        let windows = self.model.windows(text).map_err(EngineError::Backend)?;
         let tokens = crate::embed::window_tokens(&windows);
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { windows, reply }) {
@@ -135,7 +176,7 @@ impl Batcher {
         }
         match rx.await {
             Ok(Ok(v)) => {
-                self.embedder.remember(text, &v, tokens);
+                self.model.remember(text, &v, tokens);
                 Ok((v, tokens))
             }
             Ok(Err(e)) => Err(EngineError::Backend(anyhow::anyhow!(e))),
@@ -167,7 +208,7 @@ impl Batcher {
 
 struct Worker {
     rx: Receiver<Job>,
-    embedder: Arc<Embedder>,
+    model: Arc<dyn Featurizer>,
     settings: BatchSettings,
     counters: Arc<Counters>,
     /// A job that did not fit the last batch: it opens the next.
@@ -182,7 +223,7 @@ impl Worker {
                 continue;
             }
             let texts: Vec<Vec<Vec<u32>>> = batch.iter().map(|j| j.windows.clone()).collect();
-            let result = self.embedder.embed_windows(&texts);
+            let result = self.model.features(&texts);
             self.counters.passes.fetch_add(1, Ordering::Relaxed);
             self.counters.embedded.fetch_add(batch.len() as u64, Ordering::Relaxed);
             match result {
@@ -193,7 +234,7 @@ impl Worker {
                 }
                 Err(e) => {
                     for job in batch {
-                        let _ = job.reply.send(Err(e.to_string()));
+                        let _ = job.reply.send(Err(format!("{e:#}")));
                     }
                 }
             }

@@ -1,19 +1,26 @@
-//! Encoder classifier routers: a sentence encoder (BERT family, e.g.
-//! all-MiniLM-L6-v2) and a linear head over the experts.
+//! Classifier routers: a backbone that turns a query into a feature vector
+//! and a linear head over the experts. Two backbones:
 //!
-//! A decision is one encoder forward pass (shared with other decisions by the
-//! [`batcher`]) and a product with the head, whatever the number of experts
-//! or how their names tokenize. Queries unlike anything the head was trained
-//! on are flagged out of scope by their similarity to the nearest training
-//! examples ([`Neighbours`]), so the router's fallback expert answers them.
+//! - **encoder** (this module's artifact functions): a sentence encoder (BERT
+//!   family, e.g. all-MiniLM-L6-v2), mean-pooled;
+//! - **decoder** ([`decoder`]): a Llama-family GGUF model, its last prompt
+//!   token's final hidden state.
 //!
-//! The artifact is a folder a sentence-transformers user recognises:
+//! A decision is one backbone forward pass (shared with other decisions by
+//! the [`batcher`]) and a product with the head, whatever the number of
+//! experts or how their names tokenize. Queries unlike anything the head was
+//! trained on are flagged out of scope by their similarity to the nearest
+//! training examples ([`Neighbours`]), so the router's fallback expert
+//! answers them.
+//!
+//! An encoder classifier is a folder a sentence-transformers user recognises:
 //! the encoder's `config.json`, `tokenizer.json` and `model.safetensors`
 //! (mean pooling, L2-normalised), plus [`CARD_FILE`] (kind, labels,
 //! out-of-scope rule) and [`HEAD_FILE`] (`head.weight` `[labels, dim]`,
 //! `head.bias` `[labels]`, `neighbours.embeddings` `[examples, dim]`).
 
 pub mod batcher;
+pub mod decoder;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,9 +30,9 @@ use async_trait::async_trait;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::{ChatMessage, Engine, EngineError, GenerateParams, LabelScores, LabelSet, Role, TokenStream};
+use super::{ChatMessage, Engine, EngineError, GenerateParams, LabelScores, LabelSet, ModelKind, Role, TokenStream};
 use crate::embed::Embedder;
-pub use batcher::{BatchSettings, Batcher};
+pub use batcher::{BatchSettings, Batcher, Featurizer};
 
 /// The classifier's description, beside the encoder files.
 pub const CARD_FILE: &str = "classifier.json";
@@ -33,7 +40,7 @@ pub const CARD_FILE: &str = "classifier.json";
 pub const HEAD_FILE: &str = "classifier.safetensors";
 /// The encoder's files, as sentence-transformers and the rails read them.
 pub const ENCODER_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
-/// Value of the card's `format`.
+/// Value of the card's `format` for an encoder classifier.
 pub const FORMAT: &str = "flywheel-encoder-classifier/1";
 
 /// Whether `path` is an encoder classifier folder.
@@ -41,14 +48,14 @@ pub fn is_classifier(path: &Path) -> bool {
     path.join(CARD_FILE).is_file()
 }
 
-/// How the encoder was trained.
+/// How the backbone was trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Training {
-    /// The encoder is the embedder as fetched; only the head was trained.
+    /// The backbone is the base model as fetched; only the head was trained.
     HeadOnly,
-    /// The encoder's layers were tuned on the labels too; its weights are
-    /// the folder's own `model.safetensors`.
+    /// The backbone was tuned on the labels too (an encoder's own
+    /// `model.safetensors`; a decoder's adapters merged into its weights).
     EndToEnd,
 }
 
@@ -71,18 +78,22 @@ pub struct OutOfScopeRule {
     pub held_out_label_recall: f32,
 }
 
-/// `classifier.json`.
+/// A classifier's description: `classifier.json` of an encoder classifier,
+/// [`decoder::CARD_KEY`] of a decoder classifier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClassifierCard {
-    /// [`FORMAT`].
+    /// [`FORMAT`] or [`decoder::FORMAT`].
     pub format: String,
-    /// How the encoder was trained.
+    /// How the backbone was trained.
     pub training: Training,
     /// Labels, in the head's row order.
     pub labels: Vec<String>,
     /// The out-of-scope rule (absent: every query is in scope).
     pub out_of_scope: Option<OutOfScopeRule>,
+    /// What a decoder backbone reads around the query (encoders: absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<decoder::PromptTemplate>,
 }
 
 /// A linear head over normalised embeddings.
@@ -182,7 +193,7 @@ pub struct ClassifierParts<'a> {
     pub encoder_dir: &'a Path,
 }
 
-fn load_err(path: &Path, e: impl Into<anyhow::Error>) -> EngineError {
+pub(crate) fn load_err(path: &Path, e: impl Into<anyhow::Error>) -> EngineError {
     EngineError::Load {
         path: path.display().to_string(),
         source: e.into(),
@@ -251,30 +262,54 @@ pub fn read_card(dir: &Path) -> Result<ClassifierCard, EngineError> {
     Ok(card)
 }
 
-/// A loaded encoder classifier.
-pub struct EncoderClassifier {
+/// A loaded classifier router (either backbone).
+pub struct Classifier {
     dir: PathBuf,
+    kind: ModelKind,
     card: ClassifierCard,
     head: Head,
     neighbours: Option<Neighbours>,
     batcher: Batcher,
 }
 
-impl std::fmt::Debug for EncoderClassifier {
+impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EncoderClassifier")
-            .field("dir", &self.dir)
+        f.debug_struct("Classifier")
+            .field("path", &self.dir)
+            .field("kind", &self.kind)
             .field("labels", &self.card.labels)
             .finish()
     }
 }
 
-impl EncoderClassifier {
-    /// Load the classifier folder `dir` and start its batcher.
+impl Classifier {
+    /// Load the classifier at `path` (an encoder classifier folder, or a
+    /// decoder classifier GGUF whose backbone runs on `device`) and start its
+    /// batcher.
     ///
     /// # Errors
     /// Missing or inconsistent files.
-    pub fn load(dir: &Path, settings: BatchSettings) -> Result<Self, EngineError> {
+    pub fn load(path: &Path, settings: BatchSettings, device: &Device) -> Result<Self, EngineError> {
+        if path.is_dir() {
+            return Self::load_encoder(path, settings);
+        }
+        let parts = decoder::load(path, device)?;
+        let batcher = Batcher::start(Arc::new(parts.backbone), settings).map_err(|e| load_err(path, e))?;
+        Ok(Self {
+            dir: path.to_path_buf(),
+            kind: ModelKind::DecoderClassifier,
+            card: parts.card,
+            head: parts.head,
+            neighbours: parts.neighbours,
+            batcher,
+        })
+    }
+
+    /// Load the encoder classifier folder `dir` and start its batcher.
+    ///
+    /// # Errors
+    /// Missing or inconsistent files.
+    fn load_encoder(dir: &Path, settings: BatchSettings) -> Result<Self, EngineError> {
         let card = read_card(dir)?;
         let embedder = Arc::new(Embedder::load(dir).map_err(|e| load_err(dir, e))?);
         let path = dir.join(HEAD_FILE);
@@ -319,11 +354,17 @@ impl EncoderClassifier {
         let batcher = Batcher::start(embedder, settings).map_err(|e| load_err(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
+            kind: ModelKind::EncoderClassifier,
             card,
             head: Head { weight, bias, dim },
             neighbours,
             batcher,
         })
+    }
+
+    /// Which backbone decides.
+    pub fn kind(&self) -> ModelKind {
+        self.kind
     }
 
     /// The card.
@@ -341,11 +382,11 @@ impl EncoderClassifier {
     /// # Errors
     /// A full queue, tokenizer or model failures.
     pub async fn classify(&self, text: &str) -> Result<Classification, EngineError> {
-        let (embedding, tokens) = self.batcher.embed(text).await?;
+        let (embedding, tokens) = self.batcher.features(text).await?;
         Ok(self.classify_embedding(&embedding, tokens))
     }
 
-    /// Classify an embedding computed elsewhere.
+    /// Classify features computed elsewhere.
     pub fn classify_embedding(&self, embedding: &[f32], tokens: u32) -> Classification {
         let log_probs = self.head.log_probs(embedding);
         let (similarity, out_of_scope) = match (&self.card.out_of_scope, &self.neighbours) {
@@ -365,15 +406,19 @@ impl EncoderClassifier {
 }
 
 #[async_trait]
-impl Engine for EncoderClassifier {
+impl Engine for Classifier {
     fn backend(&self) -> &'static str {
-        "candle-encoder"
+        match self.kind {
+            ModelKind::DecoderClassifier => "candle-decoder",
+            _ => "candle-encoder",
+        }
     }
 
     async fn generate(&self, _messages: Vec<ChatMessage>, _params: GenerateParams) -> Result<TokenStream, EngineError> {
         Err(EngineError::Rejected(format!(
-            "{} is an encoder classifier: it routes but cannot write answers",
-            self.dir.display()
+            "{} is a classifier ({}): it routes but cannot write answers",
+            self.dir.display(),
+            self.kind
         )))
     }
 

@@ -168,6 +168,14 @@ impl MistralEngine {
         self.tokenize(Either::Left(messages), true).await
     }
 
+    /// Tokens of plain `text` (no template, no special tokens added).
+    ///
+    /// # Errors
+    /// The engine stopped.
+    pub async fn text_tokens(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenize(Either::Right(text), false).await
+    }
+
     /// Tokenize each label as the model would write it as its whole answer,
     /// and find the end-of-turn token that follows it.
     ///

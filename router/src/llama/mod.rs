@@ -1,10 +1,12 @@
-//! A trainable Llama in candle, read from (and written back to) GGUF.
+//! A Llama in candle, read from GGUF: the forward pass the trainer
+//! differentiates and the decoder classifier router serves (one
+//! implementation, so training and serving cannot drift).
 //!
 //! The forward pass matches the GGUF Llama that mistral.rs serves (interleaved
 //! rotary embedding on the GGUF's permuted Q/K rows, RMS norms, SwiGLU MLP,
 //! grouped-query attention, tied or separate output head), built from ops
 //! candle can differentiate and the fused RMS norm and softmax of
-//! [`super::ops`], which bring their own backward passes. Base weights are
+//! [`ops`], which bring their own backward passes. Base weights are
 //! dequantized to f32 and stay constants; trainable parameters are the
 //! [`LoraAdapter`]s and, with full fine-tuning, the weights of the trained
 //! blocks ([`Weight::Trained`]).
@@ -19,8 +21,29 @@ use std::io::{Read, Seek};
 use candle_core::quantized::{QTensor, gguf_file};
 use candle_core::{Device, IndexOp, Tensor, Var};
 
-use super::lora::LoraAdapter;
-use super::{FinetuneError, gguf_err};
+pub mod lora;
+pub mod ops;
+pub mod tokenizer;
+
+use lora::LoraAdapter;
+
+/// Errors reading or running a Llama.
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    /// Settings that cannot be used, with what to fix.
+    #[error("{0}")]
+    Invalid(String),
+    /// A model this code cannot run.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// A tensor operation failed.
+    #[error("tensor operation failed")]
+    Tensor(#[from] candle_core::Error),
+}
+
+fn gguf_err(e: candle_core::Error) -> LlamaError {
+    LlamaError::Tensor(e)
+}
 
 /// Longest sequence the rotary tables cover. Router prompts are tens of
 /// tokens; the label plans add a handful.
@@ -140,10 +163,10 @@ impl LlamaConfig {
     ///
     /// # Errors
     /// `keep_layers` outside 1..=the base's block count.
-    pub fn kept_blocks(&self, keep_layers: Option<usize>) -> Result<usize, FinetuneError> {
+    pub fn kept_blocks(&self, keep_layers: Option<usize>) -> Result<usize, LlamaError> {
         let n = self.n_layer;
         match keep_layers {
-            Some(k) if k == 0 || k > n => Err(FinetuneError::Invalid(format!(
+            Some(k) if k == 0 || k > n => Err(LlamaError::Invalid(format!(
                 "--keep-layers {k}: the base has {n} blocks; keep between 1 and {n}"
             ))),
             Some(k) => Ok(k),
@@ -160,7 +183,7 @@ impl LlamaConfig {
     ///
     /// # Errors
     /// Another architecture, or a missing key.
-    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, FinetuneError> {
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, LlamaError> {
         let arch = content
             .metadata
             .get("general.architecture")
@@ -168,23 +191,23 @@ impl LlamaConfig {
             .cloned()
             .unwrap_or_default();
         if arch != "llama" {
-            return Err(FinetuneError::Unsupported(format!(
+            return Err(LlamaError::Unsupported(format!(
                 "architecture `{arch}`: fine-tuning supports Llama-architecture GGUF models (SmolLM2 is one)"
             )));
         }
-        let get = |key: &str| -> Result<&gguf_file::Value, FinetuneError> {
+        let get = |key: &str| -> Result<&gguf_file::Value, LlamaError> {
             content
                 .metadata
                 .get(key)
-                .ok_or_else(|| FinetuneError::Unsupported(format!("GGUF metadata has no `{key}`")))
+                .ok_or_else(|| LlamaError::Unsupported(format!("GGUF metadata has no `{key}`")))
         };
-        let u = |key: &str| -> Result<usize, FinetuneError> { Ok(get(key)?.to_u32().map_err(gguf_err)? as usize) };
+        let u = |key: &str| -> Result<usize, LlamaError> { Ok(get(key)?.to_u32().map_err(gguf_err)? as usize) };
         let n_embd = u("llama.embedding_length")?;
         let vocab = content
             .tensor_infos
             .get("token_embd.weight")
             .map(|t| t.shape.dims()[0])
-            .ok_or_else(|| FinetuneError::Unsupported("GGUF has no token_embd.weight".into()))?;
+            .ok_or_else(|| LlamaError::Unsupported("GGUF has no token_embd.weight".into()))?;
         Ok(Self {
             n_layer: u("llama.block_count")?,
             n_embd,
@@ -239,7 +262,7 @@ impl Linear {
     /// Shape mismatches.
     pub fn forward(&self, x: &Tensor, dropout: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Frozen(w) => super::ops::frozen_matmul(x, w)?,
+            Weight::Frozen(w) => ops::frozen_matmul(x, w)?,
             Weight::Trained(w) => x.matmul(&w.as_tensor().t()?)?,
         };
         match &self.lora {
@@ -318,7 +341,7 @@ impl Llama {
         reader: &mut R,
         keep_layers: Option<usize>,
         device: &Device,
-    ) -> Result<(Self, Originals), FinetuneError> {
+    ) -> Result<(Self, Originals), LlamaError> {
         let mut cfg = LlamaConfig::from_gguf(content)?;
         cfg.n_layer = cfg.kept_blocks(keep_layers)?;
         let dev = Device::Cpu;
@@ -332,10 +355,10 @@ impl Llama {
             let q = content.tensor(reader, name, &dev).map_err(gguf_err)?;
             originals.insert(name.clone(), q);
         }
-        let deq = |name: &str| -> Result<Tensor, FinetuneError> {
+        let deq = |name: &str| -> Result<Tensor, LlamaError> {
             originals
                 .get(name)
-                .ok_or_else(|| FinetuneError::Unsupported(format!("GGUF has no tensor `{name}`")))?
+                .ok_or_else(|| LlamaError::Unsupported(format!("GGUF has no tensor `{name}`")))?
                 .dequantize(&dev)
                 .and_then(|t| t.to_device(device))
                 .map_err(gguf_err)
@@ -350,7 +373,7 @@ impl Llama {
                         lora: None,
                     })
                 })
-                .collect::<Result<Vec<_>, FinetuneError>>()?;
+                .collect::<Result<Vec<_>, LlamaError>>()?;
             blocks.push(Block {
                 attn_norm: Weight::Frozen(deq(&format!("blk.{i}.attn_norm.weight"))?),
                 ffn_norm: Weight::Frozen(deq(&format!("blk.{i}.ffn_norm.weight"))?),
@@ -377,7 +400,7 @@ impl Llama {
         blocks: Vec<Block>,
         norm: Tensor,
         output: Option<Tensor>,
-    ) -> Result<Self, FinetuneError> {
+    ) -> Result<Self, LlamaError> {
         let (cos, sin) = rope_tables(cfg.head_dim(), cfg.rope_base, embed.device()).map_err(gguf_err)?;
         let swap: Vec<u32> = (0..cfg.head_dim() as u32).map(|i| i ^ 1).collect();
         let pair_swap = Tensor::new(swap.as_slice(), embed.device()).map_err(gguf_err)?;
@@ -406,7 +429,7 @@ impl Llama {
     /// Rotary position embedding of `x` (`[b, heads, t, head_dim]`,
     /// interleaved pairs as in GGUF Llama weights) at positions `0..t`:
     /// `x·cos + swap(x)·sin`, four operations forward and four backward
-    /// ([`super::ops::rope`]; candle's differentiable `rope_i_slow` takes
+    /// ([`ops::rope`]; candle's differentiable `rope_i_slow` takes
     /// about ten, and twice that backwards). `scaled` also multiplies by the
     /// attention scale (for the queries).
     fn rope(&self, x: &Tensor, t: usize, scaled: bool) -> candle_core::Result<Tensor> {
@@ -415,7 +438,7 @@ impl Llama {
         } else {
             (&self.cos, &self.sin)
         };
-        super::ops::rope(x, &cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?, &self.pair_swap)
+        ops::rope(x, &cos.narrow(0, 0, t)?, &sin.narrow(0, 0, t)?, &self.pair_swap)
     }
 
     /// Token embeddings of `tokens` (`[b, t]` u32) → `[b, t, d]`.
@@ -461,7 +484,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (d, hd) = (cfg.n_embd, cfg.head_dim());
         let x2 = x.reshape((b * t, d))?;
-        let h = super::ops::rms_norm(&x2, block.attn_norm.tensor(), cfg.rms_eps as f32)?;
+        let h = ops::rms_norm(&x2, block.attn_norm.tensor(), cfg.rms_eps as f32)?;
         let lin =
             |target: Target, input: &Tensor, drop: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>| {
                 let l = block.linear(target);
@@ -486,14 +509,14 @@ impl Llama {
         // stacked the same way.
         let rep = cfg.n_head / cfg.n_kv_head;
         let q = q.reshape((b, cfg.n_kv_head, rep * t, hd))?;
-        let att = super::ops::softmax_last_dim(&q.matmul(&k.t()?)?, Some(mask))?;
+        let att = ops::softmax_last_dim(&q.matmul(&k.t()?)?, Some(mask))?;
         let y = att
             .matmul(&v)?
             .reshape((b, cfg.n_head, t, hd))?
             .transpose(1, 2)?
             .reshape((b * t, d))?;
         let x2 = (x2 + lin(Target::O, &y, dropout)?)?;
-        let h = super::ops::rms_norm(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
+        let h = ops::rms_norm(&x2, block.ffn_norm.tensor(), cfg.rms_eps as f32)?;
         let gate = lin(Target::Gate, &h, dropout)?.silu()?;
         let up = lin(Target::Up, &h, dropout)?;
         let down = lin(Target::Down, &(gate * up)?, dropout)?;
@@ -505,8 +528,8 @@ impl Llama {
     /// # Errors
     /// Shape mismatches.
     pub fn logits(&self, h: &Tensor) -> candle_core::Result<Tensor> {
-        let h = super::ops::rms_norm(h, &self.norm, self.cfg.rms_eps as f32)?;
-        super::ops::frozen_matmul(&h, self.output.as_ref().unwrap_or(&self.embed))
+        let h = ops::rms_norm(h, &self.norm, self.cfg.rms_eps as f32)?;
+        ops::frozen_matmul(&h, self.output.as_ref().unwrap_or(&self.embed))
     }
 
     /// Logits at the last position of `tokens` (`[b, t]`): the next-token
@@ -519,6 +542,54 @@ impl Llama {
         let x = self.embed(tokens)?;
         let h = self.blocks_forward(&x, 0..self.blocks.len(), &mut |_| Ok(None))?;
         self.logits(&h.i((.., t - 1, ..))?)
+    }
+
+    /// Sentence features of right-padded prompts `tokens` (`[b, t]`, row `i`
+    /// holding `lengths[i]` real tokens): the final-norm hidden state at each
+    /// row's last real token (`[b, d]`). Attention is
+    /// causal, so the padding after a row's last token never reaches it: a
+    /// row's features do not depend on what it is batched with. The decoder
+    /// classifier's training and serving both call this.
+    ///
+    /// # Errors
+    /// Shape mismatches, a length of 0 or beyond `t`.
+    pub fn last_token_features(
+        &self,
+        tokens: &Tensor,
+        lengths: &[usize],
+        dropout: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>,
+    ) -> candle_core::Result<Tensor> {
+        let x = self.embed(tokens)?;
+        self.last_token_features_from(&x, 0, lengths, dropout)
+    }
+
+    /// [`Llama::last_token_features`] from the hidden states `x` (`[b, t,
+    /// d]`) entering block `first` (a trainer computes the frozen blocks below
+    /// it once).
+    ///
+    /// # Errors
+    /// As [`Llama::last_token_features`].
+    pub fn last_token_features_from(
+        &self,
+        x: &Tensor,
+        first: usize,
+        lengths: &[usize],
+        dropout: &mut dyn FnMut(&[usize]) -> candle_core::Result<Option<Tensor>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
+            candle_core::bail!("{} lengths for {b} rows of {t} tokens: {lengths:?}", lengths.len());
+        }
+        let h = self.blocks_forward(x, first..self.blocks.len(), dropout)?;
+        let last: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i * t + l - 1) as u32)
+            .collect();
+        let rows = h
+            .reshape((b * t, self.cfg.n_embd))?
+            .index_select(&Tensor::new(last.as_slice(), h.device())?, 0)?;
+        ops::rms_norm(&rows, &self.norm, self.cfg.rms_eps as f32)
     }
 
     /// Every trainable variable, in a stable order (block, target, A then B).

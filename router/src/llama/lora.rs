@@ -77,8 +77,8 @@ mod tests {
     use rand::SeedableRng;
 
     use super::*;
-    use crate::finetune::llama::{Linear, Weight};
-    use crate::finetune::max_abs_diff;
+    use crate::llama::ops::max_abs_diff;
+    use crate::llama::{Linear, Weight};
 
     fn random(shape: (usize, usize), rng: &mut StdRng) -> Tensor {
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.random_range(-1.0..1.0)).collect();

@@ -217,6 +217,20 @@ impl CustomOp2 for FusedRmsNorm {
     }
 }
 
+/// Largest absolute difference between two same-shape f32 tensors (tests
+/// and equivalence checks).
+///
+/// # Panics
+/// Tensors of different shapes or another dtype.
+#[allow(clippy::expect_used)]
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("same-shape f32 tensors")
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, IndexOp, Var};
