@@ -32,11 +32,11 @@ use flywheel_router::engine::classifier::{ClassifierCard, Training};
 use flywheel_router::llama::Llama;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWParams};
 use super::encoder::{ClassifierManifest, Fitted, calibration_queries, fit_head};
 use super::encoder_tune::{cosface_loss, warmup_linear};
+use super::manifest::DecoderInfo;
 use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, hyper_of, io_err, read_training_data};
 use crate::curate::export::sha256_file;
 
@@ -46,37 +46,6 @@ const SCALE: f64 = 30.0;
 const MARGIN: f64 = 0.35;
 /// Prompts per forward pass when computing features.
 const FEATURE_BATCH: usize = 32;
-
-/// The backbone of a decoder classifier run (`manifest.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DecoderInfo {
-    /// Base GGUF.
-    pub base: String,
-    /// Its SHA-256.
-    pub base_sha256: String,
-    /// Blocks kept (of the base's).
-    pub blocks: usize,
-    /// Blocks tuned (the top ones).
-    pub trained_blocks: usize,
-    /// `lora` or `full`.
-    pub method: String,
-    /// LoRA rank (LoRA runs).
-    pub rank: usize,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Passes over the tuning queries.
-    pub epochs: usize,
-    /// Queries per step.
-    pub batch_size: usize,
-    /// Mean loss of each epoch.
-    pub epoch_loss: Vec<f64>,
-    /// Seconds tuning.
-    pub tune_seconds: f64,
-    /// What the backbone reads around a query.
-    pub prompt: PromptTemplate,
-    /// Feature size.
-    pub dim: usize,
-}
 
 /// Run `flywheel-trainer train --kind decoder-classifier`.
 ///

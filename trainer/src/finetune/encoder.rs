@@ -57,7 +57,7 @@ pub struct ClassifierManifest {
     pub encoder: Option<EncoderInfo>,
     /// The decoder backbone (decoder classifiers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decoder: Option<super::decoder::DecoderInfo>,
+    pub decoder: Option<super::manifest::DecoderInfo>,
     /// Training data.
     pub data: DataInfo,
     /// The head's fit.

@@ -121,3 +121,34 @@ pub struct TrainingInfo {
     /// Every step.
     pub curve: Vec<CurvePoint>,
 }
+
+/// The backbone of a decoder classifier run (`manifest.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecoderInfo {
+    /// Base GGUF.
+    pub base: String,
+    /// Its SHA-256.
+    pub base_sha256: String,
+    /// Blocks kept (of the base's).
+    pub blocks: usize,
+    /// Blocks tuned (the top ones).
+    pub trained_blocks: usize,
+    /// `lora` or `full`.
+    pub method: String,
+    /// LoRA rank (LoRA runs).
+    pub rank: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Passes over the tuning queries.
+    pub epochs: usize,
+    /// Queries per step.
+    pub batch_size: usize,
+    /// Mean loss of each epoch.
+    pub epoch_loss: Vec<f64>,
+    /// Seconds tuning.
+    pub tune_seconds: f64,
+    /// What the backbone reads around a query.
+    pub prompt: flywheel_router::engine::classifier::decoder::PromptTemplate,
+    /// Feature size.
+    pub dim: usize,
+}
