@@ -100,6 +100,30 @@ pub fn test_embedder() -> std::path::PathBuf {
         .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
 }
 
+/// Prototype head rows (each label's mean feature, times 10) and the
+/// features themselves (the out-of-scope references), with `features`
+/// turning a label's texts into unit-length feature vectors.
+fn prototypes(
+    labels: &[(&str, &[&str])],
+    dim: usize,
+    features: impl Fn(&[&str]) -> Vec<Vec<f32>>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut weight = Vec::new();
+    let mut refs = Vec::new();
+    for (_, texts) in labels {
+        let vs = features(texts);
+        let mut mean = vec![0f32; dim];
+        for v in &vs {
+            mean.iter_mut()
+                .zip(v)
+                .for_each(|(m, x)| *m += 10.0 * x / vs.len() as f32);
+            refs.extend_from_slice(v);
+        }
+        weight.extend(mean);
+    }
+    (weight, refs)
+}
+
 /// Write an encoder classifier at `dir` on the encoder in `encoder_dir`: each
 /// label's head row is its example texts' mean embedding (times 10), and the
 /// texts are the out-of-scope references; `out_of_scope` sets the rule's
@@ -115,19 +139,7 @@ pub fn prototype_classifier(
     };
     let e = crate::embed::Embedder::load(encoder_dir).expect("encoder");
     let dim = e.dim();
-    let mut weight = Vec::new();
-    let mut refs = Vec::new();
-    for (_, texts) in labels {
-        let vs = e.embed_batch(texts, 8).expect("embeddings");
-        let mut mean = vec![0f32; dim];
-        for v in &vs {
-            mean.iter_mut()
-                .zip(v)
-                .for_each(|(m, x)| *m += 10.0 * x / vs.len() as f32);
-            refs.extend_from_slice(v);
-        }
-        weight.extend(mean);
-    }
+    let (weight, refs) = prototypes(labels, dim, |texts| e.embed_batch(texts, 8).expect("embeddings"));
     let card = ClassifierCard {
         format: classifier::FORMAT.into(),
         training: Training::HeadOnly,
@@ -181,21 +193,11 @@ pub fn prototype_decoder_classifier(
     let backbone =
         DecoderBackbone::from_gguf(&content, &mut reader, &template, &candle_core::Device::Cpu).expect("backbone");
     let dim = backbone.model().cfg.n_embd;
-    let mut weight = Vec::new();
-    let mut refs = Vec::new();
-    for (_, texts) in labels {
+    let (weight, refs) = prototypes(labels, dim, |texts| {
         let prompts: Vec<Vec<u32>> = texts.iter().map(|t| backbone.prompt(t).expect("prompt")).collect();
         let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
-        let vs = backbone.features_of(&rows).expect("features");
-        let mut mean = vec![0f32; dim];
-        for v in &vs {
-            mean.iter_mut()
-                .zip(v)
-                .for_each(|(m, x)| *m += 10.0 * x / vs.len() as f32);
-            refs.extend_from_slice(v);
-        }
-        weight.extend(mean);
-    }
+        backbone.features_of(&rows).expect("features")
+    });
     let card = ClassifierCard {
         format: decoder::FORMAT.into(),
         training: Training::HeadOnly,

@@ -61,6 +61,23 @@ pub enum TaskError {
     },
 }
 
+/// The task of a classifier, from its card.
+fn classifier_task(
+    path: &Path,
+    card: Result<classifier::ClassifierCard, crate::engine::EngineError>,
+    kind: ModelKind,
+) -> Result<Option<TrainedTask>, TaskError> {
+    let card = card.map_err(|e| TaskError::Card {
+        path: path.display().to_string(),
+        reason: format!("{:#}", anyhow::Error::from(e)),
+    })?;
+    Ok(Some(TrainedTask {
+        system_prompt: String::new(),
+        labels: card.labels,
+        kind,
+    }))
+}
+
 /// Read the task of the model at `path` (a GGUF header, or a classifier's
 /// card); `None` for a model that was not fine-tuned by flywheel.
 ///
@@ -68,15 +85,7 @@ pub enum TaskError {
 /// Unreadable file or header.
 pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
     if classifier::is_classifier(path) {
-        let card = classifier::read_card(path).map_err(|e| TaskError::Card {
-            path: path.display().to_string(),
-            reason: format!("{:#}", anyhow::Error::from(e)),
-        })?;
-        return Ok(Some(TrainedTask {
-            system_prompt: String::new(),
-            labels: card.labels,
-            kind: ModelKind::EncoderClassifier,
-        }));
+        return classifier_task(path, classifier::read_card(path), ModelKind::EncoderClassifier);
     }
     let file = std::fs::File::open(path).map_err(|source| TaskError::Io {
         path: path.display().to_string(),
@@ -88,15 +97,8 @@ pub fn read_task(path: &Path) -> Result<Option<TrainedTask>, TaskError> {
     };
     let content = gguf_file::Content::read(&mut std::io::BufReader::new(file)).map_err(gguf)?;
     if content.metadata.contains_key(classifier::decoder::CARD_KEY) {
-        let card = classifier::decoder::card_of(&content, path).map_err(|e| TaskError::Card {
-            path: path.display().to_string(),
-            reason: format!("{:#}", anyhow::Error::from(e)),
-        })?;
-        return Ok(Some(TrainedTask {
-            system_prompt: String::new(),
-            labels: card.labels,
-            kind: ModelKind::DecoderClassifier,
-        }));
+        let card = classifier::decoder::card_of(&content, path);
+        return classifier_task(path, card, ModelKind::DecoderClassifier);
     }
     let (Some(prompt), Some(labels)) = (
         content.metadata.get(SYSTEM_PROMPT_KEY),

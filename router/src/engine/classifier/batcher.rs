@@ -1,8 +1,7 @@
 //! The route batcher: concurrent decisions share one padded forward pass.
 //!
-//! The model behind a batcher is a [`Featurizer`]: a sentence encoder
-//! ([`Embedder`]) or a decoder backbone ([`super::decoder::DecoderBackbone`]).
-//! Callers cut their query into token windows and queue it; one worker
+//! The model behind a batcher is a [`Featurizer`] (a sentence encoder or a
+//! decoder backbone). Callers cut their query into token windows and queue it; one worker
 //! thread takes the first job waiting, every job queued behind it that fits
 //! the token budget (padded tokens: windows x longest window), and, when the
 //! queue was not empty (decisions are arriving together), waits up to
@@ -20,49 +19,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::embed::Embedder;
+use super::Featurizer;
 use crate::engine::EngineError;
-
-/// A model that turns texts into feature vectors, many texts per forward pass.
-pub trait Featurizer: Send + Sync + 'static {
-    /// The token windows `text` is read as (one or more; each a forward-pass row).
-    ///
-    /// # Errors
-    /// Tokenizer failures.
-    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>>;
-
-    /// The feature vectors of texts cut into windows, in one padded pass.
-    ///
-    /// # Errors
-    /// Model failures.
-    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>>;
-
-    /// The features of `text` if another caller computed them a moment ago.
-    fn recall(&self, _text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
-        None
-    }
-
-    /// Keep `text`'s features for [`Featurizer::recall`].
-    fn remember(&self, _text: &str, _features: &[f32], _tokens: u32) {}
-}
-
-impl Featurizer for Embedder {
-    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>> {
-        Ok(Embedder::windows(self, text)?)
-    }
-
-    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>> {
-        Ok(self.embed_windows(texts)?)
-    }
-
-    fn recall(&self, text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
-        Embedder::recall(self, text)
-    }
-
-    fn remember(&self, text: &str, features: &[f32], tokens: u32) {
-        Embedder::remember(self, text, features, tokens);
-    }
-}
 
 /// How the batcher gathers decisions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

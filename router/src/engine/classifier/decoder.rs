@@ -27,8 +27,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::batcher::Featurizer;
-use super::{ClassifierCard, Head, Neighbours, load_err};
+use super::{ClassifierCard, Featurizer, Head, Neighbours, load_err};
 use crate::engine::EngineError;
 use crate::llama::{Llama, LlamaError};
 

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ChatMessage, Engine, EngineError, GenerateParams, LabelScores, LabelSet, ModelKind, Role, TokenStream};
 use crate::embed::Embedder;
-pub use batcher::{BatchSettings, Batcher, Featurizer};
+pub use batcher::{BatchSettings, Batcher};
 
 /// The classifier's description, beside the encoder files.
 pub const CARD_FILE: &str = "classifier.json";
@@ -57,6 +57,47 @@ pub enum Training {
     /// The backbone was tuned on the labels too (an encoder's own
     /// `model.safetensors`; a decoder's adapters merged into its weights).
     EndToEnd,
+}
+
+/// A model that turns texts into feature vectors, many texts per forward pass.
+pub trait Featurizer: Send + Sync + 'static {
+    /// The token windows `text` is read as (one or more; each a forward-pass row).
+    ///
+    /// # Errors
+    /// Tokenizer failures.
+    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>>;
+
+    /// The feature vectors of texts cut into windows, in one padded pass.
+    ///
+    /// # Errors
+    /// Model failures.
+    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>>;
+
+    /// The features of `text` if another caller computed them a moment ago.
+    fn recall(&self, _text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
+        None
+    }
+
+    /// Keep `text`'s features for [`Featurizer::recall`].
+    fn remember(&self, _text: &str, _features: &[f32], _tokens: u32) {}
+}
+
+impl Featurizer for Embedder {
+    fn windows(&self, text: &str) -> anyhow::Result<Vec<Vec<u32>>> {
+        Ok(Embedder::windows(self, text)?)
+    }
+
+    fn features(&self, texts: &[Vec<Vec<u32>>]) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(self.embed_windows(texts)?)
+    }
+
+    fn recall(&self, text: &str) -> Option<(Arc<Vec<f32>>, u32)> {
+        Embedder::recall(self, text)
+    }
+
+    fn remember(&self, text: &str, features: &[f32], tokens: u32) {
+        Embedder::remember(self, text, features, tokens);
+    }
 }
 
 /// The out-of-scope rule: a query whose mean cosine similarity to its `k`
@@ -265,7 +306,6 @@ pub fn read_card(dir: &Path) -> Result<ClassifierCard, EngineError> {
 /// A loaded classifier router (either backbone).
 pub struct Classifier {
     dir: PathBuf,
-    kind: ModelKind,
     card: ClassifierCard,
     head: Head,
     neighbours: Option<Neighbours>,
@@ -276,7 +316,7 @@ impl std::fmt::Debug for Classifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Classifier")
             .field("path", &self.dir)
-            .field("kind", &self.kind)
+            .field("kind", &self.kind())
             .field("labels", &self.card.labels)
             .finish()
     }
@@ -297,7 +337,6 @@ impl Classifier {
         let batcher = Batcher::start(Arc::new(parts.backbone), settings).map_err(|e| load_err(path, e))?;
         Ok(Self {
             dir: path.to_path_buf(),
-            kind: ModelKind::DecoderClassifier,
             card: parts.card,
             head: parts.head,
             neighbours: parts.neighbours,
@@ -354,7 +393,6 @@ impl Classifier {
         let batcher = Batcher::start(embedder, settings).map_err(|e| load_err(dir, e))?;
         Ok(Self {
             dir: dir.to_path_buf(),
-            kind: ModelKind::EncoderClassifier,
             card,
             head: Head { weight, bias, dim },
             neighbours,
@@ -362,9 +400,13 @@ impl Classifier {
         })
     }
 
-    /// Which backbone decides.
+    /// Which backbone decides (the card's format says).
     pub fn kind(&self) -> ModelKind {
-        self.kind
+        if self.card.format == decoder::FORMAT {
+            ModelKind::DecoderClassifier
+        } else {
+            ModelKind::EncoderClassifier
+        }
     }
 
     /// The card.
@@ -408,7 +450,7 @@ impl Classifier {
 #[async_trait]
 impl Engine for Classifier {
     fn backend(&self) -> &'static str {
-        match self.kind {
+        match self.kind() {
             ModelKind::DecoderClassifier => "candle-decoder",
             _ => "candle-encoder",
         }
@@ -418,7 +460,7 @@ impl Engine for Classifier {
         Err(EngineError::Rejected(format!(
             "{} is a classifier ({}): it routes but cannot write answers",
             self.dir.display(),
-            self.kind
+            self.kind()
         )))
     }
 
