@@ -1,9 +1,10 @@
-//! Encoder classifier routers through a real client: `Router.Route` decides
+//! Classifier routers through a real client: `Router.Route` decides
 //! with the classifier (out-of-scope queries take the fallback expert),
 //! `Admin.ListModels` names the kind, the log records the version, and the
-//! router slot swaps between a label-scoring model and a classifier under
-//! load with no failed request. Answers come from the stub engine; the
-//! classifier runs on the real all-MiniLM-L6-v2 encoder.
+//! router slot swaps between a label-scoring model and either classifier
+//! kind under load with no failed request. Answers come from the stub
+//! engine; the encoder classifier runs on the real all-MiniLM-L6-v2, the
+//! decoder classifier on the real SmolLM2-135M.
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -76,8 +77,8 @@ struct Setup {
 }
 
 /// A stub-engine server whose router slot serves an encoder classifier;
-/// the registry also holds a label-scoring router and a classifier for
-/// other labels.
+/// the registry also holds a label-scoring router, a decoder classifier,
+/// and a classifier of each kind for other labels.
 fn setup() -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let enc = dir.path().join("enc");
@@ -88,6 +89,22 @@ fn setup() -> Setup {
     classifier(&other, &[("alpha", &["first"]), ("beta", &["second"])]);
     store.add("enc-other", &other, None).unwrap();
     common::register_stub(&store, dir.path(), "scoring-1", &[]);
+    let dec = dir.path().join("dec.gguf");
+    flywheel_router::testing::prototype_decoder_classifier(
+        &dec,
+        &flywheel_router::testing::test_model(),
+        &EXPERTS,
+        Some(0.3),
+    );
+    store.add("dec-1", &dec, None).unwrap();
+    let dec_other = dir.path().join("dec-other.gguf");
+    flywheel_router::testing::prototype_decoder_classifier(
+        &dec_other,
+        &flywheel_router::testing::test_model(),
+        &[("alpha", &["first"]), ("beta", &["second"])],
+        None,
+    );
+    store.add("dec-other", &dec_other, None).unwrap();
     let mut config = Config {
         engine: EngineKind::Stub,
         stub_token_delay_ms: 1,
@@ -215,15 +232,24 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
     }
     let mut admin = server.admin().await;
     done.after(10).await;
-    for v in ["scoring-1", "enc-1", "scoring-1", "enc-1"] {
+    for v in [
+        "scoring-1",
+        "enc-1",
+        "scoring-1",
+        "dec-1",
+        "scoring-1",
+        "dec-1",
+        "enc-1",
+    ] {
         let r = admin.promote(promote(v)).await.unwrap().into_inner();
         assert_eq!(r.version, v);
-        let n = done.count();
-        done.after(n + 10).await;
+        done.after(10).await;
     }
-    let err = admin.promote(promote("enc-other")).await.unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    assert!(err.message().contains("alpha"), "{}", err.message());
+    for other in ["enc-other", "dec-other"] {
+        let err = admin.promote(promote(other)).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{other}: {}", err.message());
+        assert!(err.message().contains("alpha"), "{other}: {}", err.message());
+    }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let failures = c.await.unwrap();
@@ -246,6 +272,7 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
     assert_eq!(
         deciders.into_iter().collect::<Vec<_>>(),
         [
+            ("dec-1".to_string(), Some(ModelKind::DecoderClassifier)),
             ("enc-1".to_string(), Some(ModelKind::EncoderClassifier)),
             ("scoring-1".to_string(), Some(ModelKind::LabelScoring)),
         ],
