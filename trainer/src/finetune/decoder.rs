@@ -241,7 +241,9 @@ fn tune(
                 .map_err(t)?,
         );
     }
-    let states = Tensor::cat(&states, 0).map_err(t)?;
+    // A constant: the served center is this value, and the tuning must not
+    // differentiate through (or keep alive) the pass that measured it.
+    let states = Tensor::cat(&states, 0).map_err(t)?.detach();
     let center = states.mean(0).map_err(t)?;
     let base_features = unit_features(&states, Some(&center))
         .and_then(|f| f.to_device(&Device::Cpu))
