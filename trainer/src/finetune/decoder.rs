@@ -235,15 +235,16 @@ fn tune(
     let mut states = Vec::with_capacity(seen.len());
     for chunk in seen.chunks(FEATURE_BATCH) {
         let (x, lengths, _) = batch_of(chunk).map_err(t)?;
+        // Constants: the served center is this value, and the tuning must not
+        // differentiate through (or keep alive) the pass that measured it.
         states.push(
             model
                 .last_token_features_from(&x, first, &lengths, &mut |_| Ok(None))
-                .map_err(t)?,
+                .map_err(t)?
+                .detach(),
         );
     }
-    // A constant: the served center is this value, and the tuning must not
-    // differentiate through (or keep alive) the pass that measured it.
-    let states = Tensor::cat(&states, 0).map_err(t)?.detach();
+    let states = Tensor::cat(&states, 0).map_err(t)?;
     let center = states.mean(0).map_err(t)?;
     let base_features = unit_features(&states, Some(&center))
         .and_then(|f| f.to_device(&Device::Cpu))
