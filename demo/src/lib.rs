@@ -358,8 +358,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         training: TrainingKnobs {
             kind: flywheel_router::engine::ModelKind::LabelScoring,
             base: model.clone(),
-            epochs: args.epochs.unwrap_or(if args.quick { 6 } else { 3 }),
-            trained_blocks: args.trained_blocks.unwrap_or(if args.quick { 4 } else { 8 }),
+            epochs: Some(args.epochs.unwrap_or(if args.quick { 6 } else { 3 })),
+            trained_blocks: Some(args.trained_blocks.unwrap_or(if args.quick { 4 } else { 8 })),
             keep_layers: None,
             max_train_examples: None,
             seed: args.seed,

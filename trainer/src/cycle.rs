@@ -96,12 +96,12 @@ pub struct TrainingKnobs {
     /// Base model every cycle fine-tunes (the dataset grows; training restarts from the base).
     #[arg(long, default_value = flywheel_router::config::DEFAULT_MODEL_PATH)]
     pub base: PathBuf,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
-    /// Train only the top N blocks.
-    #[arg(long, default_value_t = 8)]
-    pub trained_blocks: usize,
+    /// Passes over the data (default: `train`'s for the kind).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Train only the top N blocks (default: `train`'s for the kind).
+    #[arg(long)]
+    pub trained_blocks: Option<usize>,
     /// Keep only the first k blocks of the base (smaller, faster model).
     #[arg(long)]
     pub keep_layers: Option<usize>,
@@ -164,13 +164,15 @@ impl CycleArgs {
             out.display().to_string(),
             "--base".into(),
             k.base.display().to_string(),
-            "--epochs".into(),
-            k.epochs.to_string(),
-            "--trained-blocks".into(),
-            k.trained_blocks.to_string(),
             "--seed".into(),
             k.seed.to_string(),
         ];
+        if let Some(epochs) = k.epochs {
+            argv.extend(["--epochs".into(), epochs.to_string()]);
+        }
+        if let Some(blocks) = k.trained_blocks {
+            argv.extend(["--trained-blocks".into(), blocks.to_string()]);
+        }
         if !labels.is_empty() {
             argv.extend(["--labels".into(), labels.join(",")]);
         }
@@ -528,8 +530,8 @@ mod tests {
             training: TrainingKnobs {
                 kind: flywheel_router::engine::ModelKind::LabelScoring,
                 base: root.join("base.gguf"),
-                epochs: 1,
-                trained_blocks: 1,
+                epochs: Some(1),
+                trained_blocks: Some(1),
                 keep_layers: None,
                 max_train_examples: None,
                 seed: 0,

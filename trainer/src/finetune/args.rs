@@ -82,9 +82,10 @@ pub struct TrainArgs {
     /// mantissa inputs, f32 accumulation); `--tf32 false` keeps full f32.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub tf32: bool,
-    /// Train only the top N blocks (of the kept ones); the rest stay frozen.
-    #[arg(long, default_value_t = 8)]
-    pub trained_blocks: usize,
+    /// Train only the top N blocks (of the kept ones); the rest stay frozen
+    /// [default: 8; for `decoder-classifier` 16, or all the kept blocks if fewer].
+    #[arg(long)]
+    pub trained_blocks: Option<usize>,
     /// Modules that get LoRA adapters (comma-separated q,k,v,o,gate,up,down, or `all`).
     #[arg(long, default_value = "all", value_parser = parse_targets)]
     pub targets: std::vec::Vec<Target>,
@@ -109,9 +110,10 @@ pub struct TrainArgs {
     /// Share of steps spent warming up.
     #[arg(long, default_value_t = 0.06)]
     pub warmup_ratio: f64,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
+    /// Passes over the data [default: 3; 6 for `decoder-classifier`, whose
+    /// label vectors and adapters start further from their optimum].
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Sequences per step.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -139,6 +141,25 @@ pub struct TrainArgs {
     /// No progress bar (logs a line per epoch instead).
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Passes over the data: `--epochs`, or the kind's default.
+    pub fn epochs(&self) -> usize {
+        self.epochs.unwrap_or(match self.kind {
+            ModelKind::DecoderClassifier => 6,
+            _ => 3,
+        })
+    }
+
+    /// Blocks to train of a model keeping `blocks`: `--trained-blocks`, or
+    /// the kind's default (a decoder classifier's never more than it has).
+    pub fn trained_blocks(&self, blocks: usize) -> usize {
+        self.trained_blocks.unwrap_or(match self.kind {
+            ModelKind::DecoderClassifier => 16.min(blocks),
+            _ => 8,
+        })
+    }
 }
 
 /// `head-only` or `end-to-end`.

@@ -63,7 +63,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             "--dropout applies to label-scoring runs; decoder classifiers train without adapter dropout".into(),
         ));
     }
-    let hyper = hyper_of(args)?;
+    let mut hyper = hyper_of(args)?;
     let TrainingData {
         examples,
         rows,
@@ -82,6 +82,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     let mut reader = BufReader::new(file);
     let content = gguf_file::Content::read(&mut reader).map_err(gguf_err)?;
     let (model, originals) = Llama::from_gguf(&content, &mut reader, args.keep_layers, &device)?;
+    hyper.trained_blocks = Some(args.trained_blocks(model.blocks.len()));
     let first = super::train::first_trained_block(model.blocks.len(), hyper.trained_blocks)?;
     let template = PromptTemplate::default();
     let tokenizer = flywheel_router::llama::tokenizer::from_gguf(&content)?;
@@ -168,7 +169,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             method: if args.full { "full" } else { "lora" }.into(),
             rank: args.rank,
             lr: args.lr,
-            epochs: args.epochs,
+            epochs: args.epochs(),
             batch_size: args.batch_size,
             epoch_loss,
             tune_seconds,
@@ -266,13 +267,13 @@ fn tune(
     let mut head_opt = AdamW::new(vec![("label_vectors".into(), label_vectors.clone())], params).map_err(t)?;
     let batch = args.batch_size.max(1);
     let per_epoch = seen.len().div_ceil(batch);
-    let total = args.epochs * per_epoch;
+    let total = args.epochs() * per_epoch;
     let bar = super::progress_bar(total, 0, args.quiet);
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let mut order = seen.to_vec();
-    let mut epoch_loss = Vec::with_capacity(args.epochs);
+    let mut epoch_loss = Vec::with_capacity(args.epochs());
     let mut step = 0usize;
-    for epoch in 0..args.epochs {
+    for epoch in 0..args.epochs() {
         order.shuffle(&mut rng);
         let mut sum = 0.0;
         for idx in order.chunks(batch) {
@@ -380,8 +381,8 @@ mod tests {
         a.base = flywheel_router::testing::test_model();
         a.out = dir.path().join("dec");
         a.keep_layers = Some(2);
-        a.trained_blocks = 2;
-        a.epochs = 6;
+        a.trained_blocks = Some(2);
+        a.epochs = Some(6);
         a.batch_size = 4;
         a.lr = 2e-3;
         a.quiet = true;

@@ -137,12 +137,12 @@ pub fn hyper_of(args: &TrainArgs) -> Result<Hyper, FinetuneError> {
         lr: args.lr,
         schedule: args.schedule,
         warmup_ratio: args.warmup_ratio,
-        epochs: args.epochs,
+        epochs: args.epochs(),
         batch_size: args.batch_size,
         max_seq_len: args.max_seq_len,
         seed: args.seed,
         targets: args.targets.clone(),
-        trained_blocks: Some(args.trained_blocks),
+        trained_blocks: Some(args.trained_blocks.unwrap_or(8)),
         full: args.full,
         adamw: adamw::AdamWParams {
             weight_decay: args.weight_decay,
@@ -171,7 +171,7 @@ pub fn hyper_of(args: &TrainArgs) -> Result<Hyper, FinetuneError> {
             args.warmup_ratio
         )));
     }
-    if args.epochs == 0 || args.batch_size == 0 {
+    if args.epochs() == 0 || args.batch_size == 0 {
         return Err(FinetuneError::Invalid(
             "--epochs and --batch-size must be at least 1".into(),
         ));

@@ -265,3 +265,16 @@ fn stratified_sample_keeps_label_shares() {
     assert_eq!(stratified_sample(data.clone(), 20, 1), s, "deterministic with the seed");
     assert_ne!(stratified_sample(data, 20, 2), s);
 }
+
+#[test]
+fn epochs_and_trained_blocks_default_by_kind_and_yield_to_flags() {
+    let mut a = train_args(Path::new("data.csv"), "a,b");
+    assert_eq!((a.epochs(), a.trained_blocks(30)), (3, 8));
+    a.kind = flywheel_router::engine::ModelKind::DecoderClassifier;
+    assert_eq!((a.epochs(), a.trained_blocks(30)), (6, 16));
+    // A pruned backbone trains every block it keeps.
+    assert_eq!(a.trained_blocks(12), 12);
+    a.epochs = Some(2);
+    a.trained_blocks = Some(4);
+    assert_eq!((a.epochs(), a.trained_blocks(30)), (2, 4));
+}
