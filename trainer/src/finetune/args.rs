@@ -110,8 +110,7 @@ pub struct TrainArgs {
     /// Share of steps spent warming up.
     #[arg(long, default_value_t = 0.06)]
     pub warmup_ratio: f64,
-    /// Passes over the data [default: 3; 6 for `decoder-classifier`, whose
-    /// label vectors and adapters start further from their optimum].
+    /// Passes over the data [default: 3; 6 for `decoder-classifier`].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Sequences per step.
