@@ -231,7 +231,7 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
         }));
     }
     let mut admin = server.admin().await;
-    done.after(10).await;
+    done.more(10).await;
     for v in [
         "scoring-1",
         "enc-1",
@@ -243,7 +243,7 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
     ] {
         let r = admin.promote(promote(v)).await.unwrap().into_inner();
         assert_eq!(r.version, v);
-        done.after(10).await;
+        done.more(10).await;
     }
     for other in ["enc-other", "dec-other"] {
         let err = admin.promote(promote(other)).await.unwrap_err();

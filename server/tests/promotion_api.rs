@@ -137,11 +137,11 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
     }
     let mut admin = server.admin().await;
     // Each swap lands while answers stream: a few complete between swaps.
-    done.after(4).await;
+    done.more(4).await;
     for v in ["v1", "v2", "v3", "v4", "v5"] {
         let r = admin.promote(promote(EXPERT_SLOT, v)).await.unwrap().into_inner();
         assert_eq!(r.version, v);
-        done.after(4).await;
+        done.more(4).await;
     }
     let r = admin
         .rollback(authorized(pb::RollbackRequest {
@@ -151,7 +151,7 @@ async fn swaps_under_streaming_load_fail_no_request_and_never_mix_models() {
         .unwrap()
         .into_inner();
     assert_eq!((r.previous_version.as_str(), r.version.as_str()), ("v5", "v4"));
-    done.after(4).await;
+    done.more(4).await;
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let failures = c.await.unwrap();

@@ -178,7 +178,7 @@ async fn reindexing_under_load_swaps_the_new_index_in_with_no_failed_request() {
             .into_inner();
         assert_eq!((stats.experts, stats.documents), (1, 8));
         // Answers keep flowing between rebuilds.
-        done.after(2).await;
+        done.more(2).await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {

@@ -238,8 +238,9 @@ impl Progress {
         self.done.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Wait until `n` more requests have completed (30 s at most).
-    pub async fn after(&self, n: usize) {
+    /// Wait until `n` more requests than now have completed (failing after
+    /// 30 s without one).
+    pub async fn more(&self, n: usize) {
         let target = self.count() + n;
         loop {
             let more = self.more.notified();
