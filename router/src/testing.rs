@@ -100,14 +100,24 @@ pub fn test_embedder() -> std::path::PathBuf {
         .unwrap_or_else(|e| panic!("cannot prepare the embedder in {}: {e}", dir.display()))
 }
 
-/// Prototype head rows (each label's mean feature, times 10) and the
-/// features themselves (the out-of-scope references), with `features`
-/// turning a label's texts into unit-length feature vectors.
+/// A prototype classifier's parts: head rows are each label's mean feature
+/// (times 10), the features themselves are the out-of-scope references, and
+/// the card says `format` (and a decoder's `prompt`) with a rule at
+/// `out_of_scope`; `features` turns a label's texts into unit-length
+/// feature vectors.
 fn prototypes(
+    format: &str,
+    prompt: Option<crate::engine::classifier::decoder::PromptTemplate>,
     labels: &[(&str, &[&str])],
     dim: usize,
+    out_of_scope: Option<f32>,
     features: impl Fn(&[&str]) -> Vec<Vec<f32>>,
-) -> (Vec<f32>, Vec<f32>) {
+) -> (
+    crate::engine::classifier::ClassifierCard,
+    crate::engine::classifier::Head,
+    crate::engine::classifier::Neighbours,
+) {
+    use crate::engine::classifier::{ClassifierCard, Head, Neighbours, OutOfScopeRule, Training};
     let mut weight = Vec::new();
     let mut refs = Vec::new();
     for (_, texts) in labels {
@@ -121,7 +131,25 @@ fn prototypes(
         }
         weight.extend(mean);
     }
-    (weight, refs)
+    let card = ClassifierCard {
+        format: format.into(),
+        training: Training::HeadOnly,
+        labels: labels.iter().map(|l| l.0.to_string()).collect(),
+        out_of_scope: out_of_scope.map(|threshold| OutOfScopeRule {
+            k: 1,
+            threshold,
+            accuracy_loss: 0.0,
+            in_scope_rejection: 0.0,
+            held_out_label_recall: 0.0,
+        }),
+        prompt,
+    };
+    let head = Head {
+        weight,
+        bias: vec![0.0; labels.len()],
+        dim,
+    };
+    (card, head, Neighbours { embeddings: refs, dim })
 }
 
 /// Write an encoder classifier at `dir` on the encoder in `encoder_dir`: each
@@ -134,31 +162,11 @@ pub fn prototype_classifier(
     labels: &[(&str, &[&str])],
     out_of_scope: Option<f32>,
 ) {
-    use crate::engine::classifier::{
-        self, ClassifierCard, ClassifierParts, Head, Neighbours, OutOfScopeRule, Training,
-    };
+    use crate::engine::classifier::{self, ClassifierParts};
     let e = crate::embed::Embedder::load(encoder_dir).expect("encoder");
-    let dim = e.dim();
-    let (weight, refs) = prototypes(labels, dim, |texts| e.embed_batch(texts, 8).expect("embeddings"));
-    let card = ClassifierCard {
-        format: classifier::FORMAT.into(),
-        training: Training::HeadOnly,
-        labels: labels.iter().map(|l| l.0.to_string()).collect(),
-        out_of_scope: out_of_scope.map(|threshold| OutOfScopeRule {
-            k: 1,
-            threshold,
-            accuracy_loss: 0.0,
-            in_scope_rejection: 0.0,
-            held_out_label_recall: 0.0,
-        }),
-        prompt: None,
-    };
-    let head = Head {
-        weight,
-        bias: vec![0.0; labels.len()],
-        dim,
-    };
-    let neighbours = Neighbours { embeddings: refs, dim };
+    let (card, head, neighbours) = prototypes(classifier::FORMAT, None, labels, e.dim(), out_of_scope, |texts| {
+        e.embed_batch(texts, 8).expect("embeddings")
+    });
     classifier::write(
         dir,
         &ClassifierParts {
@@ -185,7 +193,6 @@ pub fn prototype_decoder_classifier(
     out_of_scope: Option<f32>,
 ) {
     use crate::engine::classifier::decoder::{self, DecoderBackbone, PromptTemplate};
-    use crate::engine::classifier::{ClassifierCard, Head, Neighbours, OutOfScopeRule, Training};
     let file = std::fs::File::open(base).expect("base model");
     let mut reader = std::io::BufReader::new(file);
     let content = candle_core::quantized::gguf_file::Content::read(&mut reader).expect("GGUF header");
@@ -193,30 +200,11 @@ pub fn prototype_decoder_classifier(
     let backbone =
         DecoderBackbone::from_gguf(&content, &mut reader, &template, &candle_core::Device::Cpu).expect("backbone");
     let dim = backbone.model().cfg.n_embd;
-    let (weight, refs) = prototypes(labels, dim, |texts| {
+    let (card, head, neighbours) = prototypes(decoder::FORMAT, Some(template), labels, dim, out_of_scope, |texts| {
         let prompts: Vec<Vec<u32>> = texts.iter().map(|t| backbone.prompt(t).expect("prompt")).collect();
         let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
         backbone.features_of(&rows).expect("features")
     });
-    let card = ClassifierCard {
-        format: decoder::FORMAT.into(),
-        training: Training::HeadOnly,
-        labels: labels.iter().map(|l| l.0.to_string()).collect(),
-        out_of_scope: out_of_scope.map(|threshold| OutOfScopeRule {
-            k: 1,
-            threshold,
-            accuracy_loss: 0.0,
-            in_scope_rejection: 0.0,
-            held_out_label_recall: 0.0,
-        }),
-        prompt: Some(template),
-    };
-    let head = Head {
-        weight,
-        bias: vec![0.0; labels.len()],
-        dim,
-    };
-    let neighbours = Neighbours { embeddings: refs, dim };
     decoder::write(
         path,
         &content,
@@ -227,4 +215,48 @@ pub fn prototype_decoder_classifier(
         out_of_scope.is_some().then_some(&neighbours),
     )
     .expect("decoder classifier written");
+}
+
+/// What [`lone_and_batched`] saw.
+#[derive(Debug)]
+pub struct LoneAndBatched {
+    /// Each query's decision, made alone.
+    pub alone: Vec<crate::engine::classifier::Classification>,
+    /// Forward passes the lone decisions took.
+    pub lone_passes: u64,
+    /// Forward passes the same decisions took when asked all at once.
+    pub batched_passes: u64,
+    /// Largest difference between a batched and a lone probability.
+    pub worst: f32,
+}
+
+/// Classify `queries` one at a time, then all at once, with no remembered
+/// embedding reused in either round.
+///
+/// # Panics
+/// When a decision fails.
+pub async fn lone_and_batched(c: &crate::engine::classifier::Classifier, queries: &[&str]) -> LoneAndBatched {
+    let start = c.batcher().forward_passes();
+    crate::embed::Embedder::forget_recent();
+    let mut alone = Vec::new();
+    for q in queries {
+        alone.push(c.classify(q).await.expect("lone decision"));
+    }
+    let lone_passes = c.batcher().forward_passes() - start;
+    crate::embed::Embedder::forget_recent();
+    let together = futures::future::join_all(queries.iter().map(|q| c.classify(q))).await;
+    let batched_passes = c.batcher().forward_passes() - start - lone_passes;
+    let mut worst = 0f32;
+    for (a, t) in alone.iter().zip(together) {
+        let t = t.expect("batched decision");
+        for (x, y) in a.log_probs.iter().zip(&t.log_probs) {
+            worst = worst.max((x.exp() - y.exp()).abs());
+        }
+    }
+    LoneAndBatched {
+        alone,
+        lone_passes,
+        batched_passes,
+        worst,
+    }
 }

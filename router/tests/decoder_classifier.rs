@@ -86,25 +86,16 @@ async fn batched_decisions_equal_lone_decisions_and_take_fewer_passes() {
     assert_eq!(task.labels, ["weather", "music", "alarm"]);
     let c = Arc::new(load(&path, BatchSettings::default()));
     assert_eq!(c.kind(), ModelKind::DecoderClassifier);
-    let mut alone = Vec::new();
-    for q in QUERIES {
-        alone.push(c.classify(q).await.unwrap());
-    }
-    assert_eq!(c.batcher().forward_passes(), QUERIES.len() as u64);
-    let together = futures::future::join_all(QUERIES.iter().map(|q| c.classify(q))).await;
-    let passes = c.batcher().forward_passes() - QUERIES.len() as u64;
+    let run = flywheel_router::testing::lone_and_batched(&c, &QUERIES).await;
+    let alone = run.alone;
+    assert_eq!(run.lone_passes, QUERIES.len() as u64);
+    let passes = run.batched_passes;
     assert!(
         passes < QUERIES.len() as u64 / 2,
         "{passes} passes for {} queries",
         QUERIES.len()
     );
-    let mut worst = 0f32;
-    for (a, t) in alone.iter().zip(together) {
-        let t = t.unwrap();
-        for (x, y) in a.log_probs.iter().zip(&t.log_probs) {
-            worst = worst.max((x.exp() - y.exp()).abs());
-        }
-    }
+    let worst = run.worst;
     assert!(worst <= 1e-4, "batched and lone probabilities differ by {worst}");
     // An untrained head over the base model's features routes nothing in
     // particular (the trainer's tests check routing); the decisions still differ.

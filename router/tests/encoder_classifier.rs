@@ -64,27 +64,16 @@ async fn batched_decisions_equal_lone_decisions_and_take_fewer_passes() {
     let dir = tempfile::tempdir().unwrap();
     build(dir.path(), &topics(), None);
     let c = Arc::new(load(dir.path(), BatchSettings::default()));
-    Embedder::forget_recent();
-    let mut alone = Vec::new();
-    for q in QUERIES {
-        alone.push(c.classify(q).await.unwrap());
-    }
-    assert_eq!(c.batcher().forward_passes(), QUERIES.len() as u64);
-    Embedder::forget_recent();
-    let together = futures::future::join_all(QUERIES.iter().map(|q| c.classify(q))).await;
-    let passes = c.batcher().forward_passes() - QUERIES.len() as u64;
+    let run = flywheel_router::testing::lone_and_batched(&c, &QUERIES).await;
+    let alone = run.alone;
+    assert_eq!(run.lone_passes, QUERIES.len() as u64);
+    let passes = run.batched_passes;
     assert!(
         passes < QUERIES.len() as u64 / 2,
         "{passes} passes for {} queries",
         QUERIES.len()
     );
-    let mut worst = 0f32;
-    for (a, t) in alone.iter().zip(together) {
-        let t = t.unwrap();
-        for (x, y) in a.log_probs.iter().zip(&t.log_probs) {
-            worst = worst.max((x.exp() - y.exp()).abs());
-        }
-    }
+    let worst = run.worst;
     assert!(worst <= 1e-4, "batched and lone probabilities differ by {worst}");
     // The prototypes route the obvious queries right.
     let top = |c: &classifier::Classification| {
