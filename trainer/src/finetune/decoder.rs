@@ -184,8 +184,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         model_file: model_path.display().to_string(),
         model_bytes,
     };
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| FinetuneError::Write(e.into()))?;
-    std::fs::write(args.out.join("manifest.json"), text).map_err(io_err(&args.out))?;
+    manifest.write(&args.out)?;
     Ok(manifest)
 }
 

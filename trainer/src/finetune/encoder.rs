@@ -75,6 +75,15 @@ pub struct ClassifierManifest {
 }
 
 impl ClassifierManifest {
+    /// Write `manifest.json` into `dir`.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    pub fn write(&self, dir: &std::path::Path) -> Result<(), FinetuneError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| FinetuneError::Write(e.into()))?;
+        std::fs::write(dir.join("manifest.json"), text).map_err(io_err(dir))
+    }
+
     /// Seconds of the whole run: tuning (if any), features, fit.
     pub fn seconds(&self) -> f64 {
         let tuning = self
@@ -259,8 +268,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         model_file: args.out.display().to_string(),
         model_bytes,
     };
-    let text = serde_json::to_string_pretty(&manifest).map_err(|e| FinetuneError::Write(e.into()))?;
-    std::fs::write(args.out.join("manifest.json"), text).map_err(io_err(&args.out))?;
+    manifest.write(&args.out)?;
     Ok(manifest)
 }
 
