@@ -184,12 +184,7 @@ impl LlamaConfig {
     /// # Errors
     /// Another architecture, or a missing key.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self, LlamaError> {
-        let arch = content
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned()
-            .unwrap_or_default();
+        let arch = metadata_string(content, "general.architecture");
         if arch != "llama" {
             return Err(LlamaError::Unsupported(format!(
                 "architecture `{arch}`: fine-tuning supports Llama-architecture GGUF models (SmolLM2 is one)"
@@ -614,6 +609,16 @@ impl Llama {
         }
         out
     }
+}
+
+/// The string value of GGUF metadata `key` (empty when absent or not a string).
+pub(crate) fn metadata_string(content: &gguf_file::Content, key: &str) -> String {
+    content
+        .metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// Block index of a GGUF tensor name (`blk.N.…`).

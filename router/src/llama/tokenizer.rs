@@ -38,12 +38,7 @@ fn strings(content: &gguf_file::Content, key: &str) -> Result<Vec<String>, Llama
 /// # Errors
 /// A tokenizer model other than byte-level BPE, or missing metadata.
 pub fn from_gguf(content: &gguf_file::Content) -> Result<Tokenizer, LlamaError> {
-    let model = content
-        .metadata
-        .get("tokenizer.ggml.model")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .unwrap_or_default();
+    let model = super::metadata_string(content, "tokenizer.ggml.model");
     if model != "gpt2" {
         return Err(LlamaError::Unsupported(format!(
             "tokenizer `{model}`: decoder classifiers read byte-level BPE (`gpt2`) tokenizers, as SmolLM2 and Llama 3 have"
