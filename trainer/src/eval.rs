@@ -20,7 +20,7 @@ use flywheel_router::engine::{ModelKind, ModelLoader};
 use flywheel_router::models::slots::{ServedModel, Slot};
 use serde::{Deserialize, Serialize};
 
-use crate::curate::dataset::{Columns, Example, LabelSource, read_examples_with};
+use crate::curate::dataset::{Columns, Example, LabelSource, read_examples_with, read_texts};
 use crate::rails::eval::percentile;
 
 /// `flywheel-trainer eval`.
@@ -228,15 +228,11 @@ impl OutOfScope {
     /// An unreadable file or a limit of 0.
     pub fn read(path: &Path, text_column: &str, limit: Option<usize>) -> anyhow::Result<Self> {
         anyhow::ensure!(limit != Some(0), "--out-of-scope-limit must be at least 1");
-        let columns = Columns {
-            text: text_column.into(),
-            label: text_column.into(),
-        };
-        let rows = read_examples_with(path, LabelSource::Import, &columns)?;
+        let rows = read_texts(path, text_column)?;
         let step = limit.map_or(1, |n| rows.len().div_ceil(n).max(1));
         Ok(Self {
             data: path.display().to_string(),
-            queries: rows.into_iter().step_by(step).map(|e| e.text).collect(),
+            queries: rows.into_iter().step_by(step).collect(),
         })
     }
 }
@@ -413,17 +409,16 @@ pub fn label_space(test_labels: &[String], models: &[&Path]) -> anyhow::Result<V
     Ok(labels)
 }
 
-/// Evaluate the model at `path` on `examples` through the router agent.
+/// The model at `path` loaded as `setup` says into a router agent whose
+/// experts are `labels`, warmed up.
 ///
 /// # Errors
-/// The model fails to load or to score.
-pub async fn evaluate_model(
+/// The model fails to load, or was trained for other labels.
+pub async fn load_router(
     path: &Path,
-    examples: &[Example],
     labels: &[String],
     setup: &EvalSetup,
-    out_of_scope: Option<&OutOfScope>,
-) -> anyhow::Result<ModelReport> {
+) -> anyhow::Result<(RouterAgent, Arc<ServedModel>)> {
     let spec = ModelSpec {
         path: path.to_path_buf(),
         version: manifest_version(path),
@@ -435,8 +430,24 @@ pub async fn evaluate_model(
             .with_context(|| format!("loading {}", path.display()))?,
     );
     let (router_spec, experts) = router_settings(labels, setup.configured.as_ref());
-    let agent = RouterAgent::new(&router_spec, &experts, Arc::new(Slot::new("router", served.clone())))?;
+    let agent = RouterAgent::new(&router_spec, &experts, Arc::new(Slot::new("router", served.clone())))
+        .with_context(|| format!("{} as a router for the labels {labels:?}", path.display()))?;
     agent.warm_up(&served).await?;
+    Ok((agent, served))
+}
+
+/// Evaluate the model at `path` on `examples` through the router agent.
+///
+/// # Errors
+/// The model fails to load or to score.
+pub async fn evaluate_model(
+    path: &Path,
+    examples: &[Example],
+    labels: &[String],
+    setup: &EvalSetup,
+    out_of_scope: Option<&OutOfScope>,
+) -> anyhow::Result<ModelReport> {
+    let (agent, served) = load_router(path, labels, setup).await?;
     let mut preds = Vec::with_capacity(examples.len());
     let mut latencies = Vec::with_capacity(examples.len());
     let bar = indicatif::ProgressBar::new(examples.len() as u64);
@@ -477,7 +488,7 @@ pub async fn evaluate_model(
         size_bytes: served.size_bytes,
         fine_tuned: served.task.is_some(),
         kind: served.kind(),
-        device: spec.device.to_string(),
+        device: setup.model.device.to_string(),
         n: examples.len(),
         accuracy,
         macro_f1,

@@ -11,6 +11,8 @@
 //! - [`plot`]: PNG figures (the confusion matrix).
 //! - [`promote`]: the gate (candidate vs incumbent on a frozen test set) and
 //!   `Admin.Promote` / `Admin.Rollback` on the live server.
+//! - [`distill`]: a classifier router trained on gold labels plus a teacher
+//!   router's distributions over unlabelled queries.
 //! - [`finetune`]: LoRA / full fine-tuning in candle, merged GGUF and PEFT outputs.
 //! - Model fetching and preparation live in [`flywheel_router::model_prep`];
 //!   the binary exposes them as `fetch-model` and `prepare-model`.
@@ -20,6 +22,7 @@
 pub mod cli;
 pub mod curate;
 pub mod cycle;
+pub mod distill;
 pub mod eval;
 pub mod finetune;
 pub mod plot;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::engine::ModelKind;
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, cycle, eval, finetune, promote, rag, rails};
+use flywheel_trainer::{cli, cycle, distill, eval, finetune, promote, rag, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -21,6 +21,8 @@ enum Command {
     Curate(Box<cli::CurateArgs>),
     /// Fine-tune a model on labelled text (LoRA or full) and write the merged GGUF, PEFT adapter and manifest.
     Train(Box<finetune::TrainArgs>),
+    /// Train a classifier router on gold labels plus a teacher model's scores of unlabelled queries.
+    Distill(Box<distill::DistillArgs>),
     /// Evaluate a model file (optionally against another) on a labelled test set, as the server serves it.
     Eval(Box<eval::EvalArgs>),
     /// Gate a trained model against the one a server slot serves, then promote it (hot swap).
@@ -84,21 +86,7 @@ async fn main() -> anyhow::Result<()> {
                 _ => finetune::encoder::run(&args),
             })
             .await??;
-            println!(
-                "{}: {} examples, head L2 {:.0e} (cross-validated accuracy {:.1}%), out of scope {} in {:.0} s -> {}",
-                m.version,
-                m.data.examples,
-                m.head.l2,
-                m.head.cross_validation.iter().map(|c| c.1).fold(0.0, f64::max) * 100.0,
-                m.out_of_scope.as_ref().map_or("off".to_string(), |r| format!(
-                    "below similarity {:.3} (k {}, held-out-label recall {:.1}%)",
-                    r.threshold,
-                    r.k,
-                    r.held_out_label_recall * 100.0
-                )),
-                m.seconds(),
-                m.model_file
-            );
+            print_classifier(&m);
             Ok(())
         }
         Command::Train(args) => {
@@ -114,6 +102,26 @@ async fn main() -> anyhow::Result<()> {
                 m.training.final_train_accuracy * 100.0,
                 m.model_file
             );
+            Ok(())
+        }
+        Command::Distill(args) => {
+            let m = distill::run(&args).await?;
+            if let Some(d) = &m.distillation {
+                println!(
+                    "teacher {} ({}): {:.1}% agreement with the {} gold labels; {} of {} unlabelled queries \
+                     labelled in {:.0} s ({} repeats, {} excluded)",
+                    d.teacher_version,
+                    d.teacher_kind,
+                    d.teacher_gold_agreement * 100.0,
+                    d.gold_examples,
+                    d.teacher_labelled,
+                    d.unlabelled_rows,
+                    d.teacher_seconds,
+                    d.dropped_repeats,
+                    d.dropped_excluded
+                );
+            }
+            print_classifier(&m);
             Ok(())
         }
         Command::Eval(args) => {
@@ -156,4 +164,23 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The summary line of a classifier training run.
+fn print_classifier(m: &finetune::encoder::ClassifierManifest) {
+    println!(
+        "{}: {} examples, head L2 {:.0e} (cross-validated accuracy {:.1}%), out of scope {} in {:.0} s -> {}",
+        m.version,
+        m.data.examples,
+        m.head.l2,
+        m.head.cross_validation.iter().map(|c| c.1).fold(0.0, f64::max) * 100.0,
+        m.out_of_scope.as_ref().map_or("off".to_string(), |r| format!(
+            "below similarity {:.3} (k {}, held-out-label recall {:.1}%)",
+            r.threshold,
+            r.k,
+            r.held_out_label_recall * 100.0
+        )),
+        m.seconds(),
+        m.model_file
+    );
 }

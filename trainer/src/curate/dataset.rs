@@ -21,6 +21,8 @@ pub enum LabelSource {
     PositiveFeedback,
     /// An external labelled dataset.
     Import,
+    /// A teacher model's top label for an unlabelled query (`distill`).
+    Teacher,
 }
 
 impl LabelSource {
@@ -31,6 +33,7 @@ impl LabelSource {
             LabelSource::Correction => "correction",
             LabelSource::PositiveFeedback => "positive_feedback",
             LabelSource::Import => "import",
+            LabelSource::Teacher => "teacher",
         }
     }
 }
@@ -206,6 +209,22 @@ fn example(path: &Path, line: usize, row: Row, default_source: LabelSource) -> R
             .unwrap_or(default_source),
         request_id: row.request_id,
     })
+}
+
+/// The `text_column` of every row of a JSONL or CSV file (other columns,
+/// labels included, are ignored): unlabelled queries.
+///
+/// # Errors
+/// An unreadable file, or a row without the column.
+pub fn read_texts(path: &Path, text_column: &str) -> Result<Vec<String>, CurateError> {
+    let columns = Columns {
+        text: text_column.into(),
+        label: text_column.into(),
+    };
+    Ok(read_examples_with(path, LabelSource::Import, &columns)?
+        .into_iter()
+        .map(|e| e.text)
+        .collect())
 }
 
 /// Examples per label.

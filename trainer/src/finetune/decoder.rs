@@ -12,7 +12,7 @@
 //!    the base model's mean state over the tuning queries, at unit length
 //!    ([`decoder::unit_features`]); loss: large-margin cosine loss against
 //!    label vectors that start at the base model's class means
-//!    ([`super::encoder_tune::cosface_loss`]).
+//!    ([`super::targets::cosface_loss`]).
 //!    The blocks below `--trained-blocks` are frozen and computed once.
 //! 3. The tuned backbone is written as GGUF (adapters merged, `--out-dtype`)
 //!    and read back by the server's loader, so the head is fitted on exactly
@@ -34,9 +34,10 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
 use super::adamw::{AdamW, AdamWParams};
-use super::encoder::{ClassifierManifest, Fitted, calibration_queries, fit_head};
-use super::encoder_tune::{cosface_loss, warmup_linear};
+use super::encoder::{ClassifierManifest, Fitted, calibration_queries, check_oos_accuracy_loss, fit_head};
+use super::encoder_tune::warmup_linear;
 use super::manifest::DecoderInfo;
+use super::targets::{Supervised, Targets, cosface_loss};
 use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, hyper_of, io_err, read_training_data};
 use crate::curate::export::sha256_file;
 
@@ -52,28 +53,42 @@ const FEATURE_BATCH: usize = 32;
 /// # Errors
 /// Unusable data or settings, an unsupported base, I/O failures.
 pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
-    if !(0.0..0.5).contains(&args.oos_accuracy_loss) {
-        return Err(FinetuneError::Invalid(format!(
-            "--oos-accuracy-loss must be in [0, 0.5), not {}",
-            args.oos_accuracy_loss
-        )));
-    }
+    check(args)?;
+    train(args, Supervised::gold(read_training_data(args)?))
+}
+
+/// The settings a decoder classifier run cannot take, refused before any work.
+///
+/// # Errors
+/// The first such setting, saying what to change.
+pub fn check(args: &TrainArgs) -> Result<(), FinetuneError> {
+    check_oos_accuracy_loss(args)?;
     if args.dropout != 0.0 {
         return Err(FinetuneError::Invalid(
             "--dropout applies to label-scoring runs; decoder classifiers train without adapter dropout".into(),
         ));
     }
+    hyper_of(args).map(drop)
+}
+
+/// Train a decoder classifier on `data` as `args` say.
+///
+/// # Errors
+/// Unusable settings, an unsupported base, I/O failures.
+pub fn train(args: &TrainArgs, data: Supervised) -> Result<ClassifierManifest, FinetuneError> {
     let mut hyper = hyper_of(args)?;
-    let TrainingData {
-        examples,
-        rows,
-        label_counts,
-        labels,
-    } = read_training_data(args)?;
-    let y: Vec<u32> = examples
-        .iter()
-        .map(|e| labels.names().iter().position(|l| *l == e.label).unwrap_or(0) as u32)
-        .collect();
+    let Supervised {
+        data:
+            TrainingData {
+                examples,
+                rows,
+                label_counts,
+                labels,
+            },
+        targets,
+        distillation,
+    } = data;
+    let y = targets.top();
     let device = args
         .device
         .open()
@@ -98,7 +113,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     let seen: Vec<usize> = (0..y.len()).filter(|i| unseen.binary_search(i).is_err()).collect();
     let t_tune = Instant::now();
     super::train::attach(&mut model, &hyper)?;
-    let (epoch_loss, center) = tune(&model, first, &prompts, &y, &seen, labels.len(), args)?;
+    let (epoch_loss, center) = tune(&model, first, &prompts, &targets, &seen, args)?;
     let tune_seconds = t_tune.elapsed().as_secs_f64();
 
     // 3. The tuned backbone as the server will read it.
@@ -129,7 +144,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         fit,
         out_of_scope,
         neighbours,
-    } = fit_head(features, dim, &y, labels.len(), args, Some(&unseen))?;
+    } = fit_head(features, dim, &targets, args, Some(&unseen))?;
     let fit_seconds = t_fit.elapsed().as_secs_f64();
     let card = ClassifierCard {
         format: decoder::FORMAT.to_string(),
@@ -178,6 +193,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         }),
         data: DataInfo::of(args, sha256_file(&args.data)?, rows, examples.len(), 0, label_counts),
         head: fit,
+        distillation,
         out_of_scope,
         embed_seconds,
         fit_seconds,
@@ -188,18 +204,20 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     Ok(manifest)
 }
 
-/// Tune `model`'s trainable parameters on the queries `seen`; returns the
+/// Tune `model`'s trainable parameters on the queries `seen` toward their
+/// `targets`; returns the
 /// mean loss of each epoch and the center (the base model's mean state over
 /// `seen`, see [`decoder::unit_features`]).
 fn tune(
     model: &Llama,
     first: usize,
     prompts: &[Vec<u32>],
-    y: &[u32],
+    targets: &Targets,
     seen: &[usize],
-    labels: usize,
     args: &TrainArgs,
 ) -> Result<(Vec<f64>, Vec<f32>), FinetuneError> {
+    let labels = targets.labels();
+    let y = targets.top();
     let device = model.device().clone();
     let t = |e: candle_core::Error| gguf_err(e);
     // The frozen blocks once: each query's hidden states entering block `first`.
@@ -213,7 +231,7 @@ fn tune(
             entering[i] = Some(h.get(r).and_then(|row| row.narrow(0, 0, len)).map_err(t)?);
         }
     }
-    let batch_of = |idx: &[usize]| -> candle_core::Result<(Tensor, Vec<usize>, Tensor)> {
+    let batch_of = |idx: &[usize]| -> candle_core::Result<(Tensor, Vec<usize>)> {
         let states: Vec<&Tensor> = idx.iter().filter_map(|&i| entering[i].as_ref()).collect();
         let lengths: Vec<usize> = states.iter().map(|s| s.dim(0)).collect::<candle_core::Result<_>>()?;
         let longest = lengths.iter().copied().max().unwrap_or(1);
@@ -222,19 +240,14 @@ fn tune(
             .zip(&lengths)
             .map(|(s, &len)| s.pad_with_zeros(0, 0, longest - len))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let targets: Vec<u32> = idx.iter().map(|&i| y[i]).collect();
-        Ok((
-            Tensor::stack(&padded, 0)?,
-            lengths,
-            Tensor::from_vec(targets, idx.len(), &device)?,
-        ))
+        Ok((Tensor::stack(&padded, 0)?, lengths))
     };
     // The base model's states: their mean is the center, and the label
     // vectors start at the class means of the centred features.
     let dim = model.cfg.n_embd;
     let mut states = Vec::with_capacity(seen.len());
     for chunk in seen.chunks(FEATURE_BATCH) {
-        let (x, lengths, _) = batch_of(chunk).map_err(t)?;
+        let (x, lengths) = batch_of(chunk).map_err(t)?;
         // Constants: the served center is this value, and the tuning must not
         // differentiate through (or keep alive) the pass that measured it.
         states.push(
@@ -277,12 +290,14 @@ fn tune(
         let mut sum = 0.0;
         for idx in order.chunks(batch) {
             let lr = args.lr * warmup_linear(step, total);
-            let (x, lengths, targets) = batch_of(idx).map_err(t)?;
+            let (x, lengths) = batch_of(idx).map_err(t)?;
+            let (probs, weights) = targets.tensors(idx, &device).map_err(t)?;
             let features = model
                 .last_token_features_from(&x, first, &lengths, &mut |_| Ok(None))
                 .and_then(|s| unit_features(&s, Some(&center)))
                 .map_err(t)?;
-            let loss = cosface_loss(&features, label_vectors.as_tensor(), &targets, SCALE, MARGIN).map_err(t)?;
+            let loss =
+                cosface_loss(&features, label_vectors.as_tensor(), &probs, &weights, SCALE, MARGIN).map_err(t)?;
             let value = loss.to_scalar::<f32>().map_err(t)?;
             if !value.is_finite() {
                 bar.abandon();

@@ -31,6 +31,7 @@ use flywheel_router::engine::classifier::{
 use serde::{Deserialize, Serialize};
 
 use super::encoder_tune::{TuneReport, TuneSpec, tune};
+use super::targets::{Distillation, Supervised, Targets};
 use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, io_err, read_training_data};
 use crate::curate::export::sha256_file;
 
@@ -42,6 +43,11 @@ const FOLDS: usize = 5;
 const ITERATIONS: usize = 400;
 /// Neighbour counts tried by the out-of-scope calibration.
 const K_GRID: [usize; 4] = [1, 3, 5, 10];
+/// A threshold that turns nothing away (no mean cosine similarity is below
+/// it); finite, so the card's JSON can hold it.
+const NO_THRESHOLD: f32 = -1.0;
+/// Most queries the out-of-scope calibration measures.
+const MAX_MEASURED: usize = 2_000;
 
 /// What an encoder classifier run produced (`manifest.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +68,10 @@ pub struct ClassifierManifest {
     pub data: DataInfo,
     /// The head's fit.
     pub head: HeadFit,
+    /// The teacher whose distributions trained the teacher-labelled
+    /// examples (`flywheel-trainer distill`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distillation: Option<Distillation>,
     /// The out-of-scope rule (absent with `--oos-rejection 0`).
     pub out_of_scope: Option<OutOfScopeRule>,
     /// Seconds embedding the training queries.
@@ -130,23 +140,40 @@ pub struct HeadFit {
 /// # Errors
 /// Unusable data or settings, an unreadable encoder, I/O failures.
 pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
-    if !(0.0..0.5).contains(&args.oos_accuracy_loss) {
-        return Err(FinetuneError::Invalid(format!(
+    check_oos_accuracy_loss(args)?;
+    train(args, Supervised::gold(read_training_data(args)?))
+}
+
+/// `--oos-accuracy-loss` in range.
+pub(crate) fn check_oos_accuracy_loss(args: &TrainArgs) -> Result<(), FinetuneError> {
+    if (0.0..0.5).contains(&args.oos_accuracy_loss) {
+        Ok(())
+    } else {
+        Err(FinetuneError::Invalid(format!(
             "--oos-accuracy-loss must be in [0, 0.5), not {}",
             args.oos_accuracy_loss
-        )));
+        )))
     }
-    let TrainingData {
-        examples,
-        rows,
-        label_counts,
-        labels,
-    } = read_training_data(args)?;
+}
+
+/// Train an encoder classifier on `data` as `args` say.
+///
+/// # Errors
+/// Unusable settings, an unreadable encoder, I/O failures.
+pub fn train(args: &TrainArgs, data: Supervised) -> Result<ClassifierManifest, FinetuneError> {
+    let Supervised {
+        data:
+            TrainingData {
+                examples,
+                rows,
+                label_counts,
+                labels,
+            },
+        targets,
+        distillation,
+    } = data;
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let y: Vec<u32> = examples
-        .iter()
-        .map(|e| labels.names().iter().position(|l| *l == e.label).unwrap_or(0) as u32)
-        .collect();
+    let y = targets.top();
     // End to end: the encoder's layers are tuned first, in a folder beside
     // the output; the rest of the run treats the tuned encoder as given.
     let tuned = match args.encoder_training {
@@ -171,12 +198,10 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
             let unseen = calibration_queries(&y, args.seed);
             let seen: Vec<usize> = (0..y.len()).filter(|i| unseen.binary_search(i).is_err()).collect();
             let seen_texts: Vec<&str> = seen.iter().map(|&i| texts[i]).collect();
-            let seen_y: Vec<u32> = seen.iter().map(|&i| y[i]).collect();
             let report = tune(
                 &args.encoder,
                 &seen_texts,
-                &seen_y,
-                labels.len(),
+                &targets.subset(&seen),
                 spec,
                 dir.path(),
                 args.quiet,
@@ -213,8 +238,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
     } = fit_head(
         embeddings.iter().flatten().copied().collect(),
         dim,
-        &y,
-        labels.len(),
+        &targets,
         args,
         unseen,
     )?;
@@ -262,6 +286,7 @@ pub fn run(args: &TrainArgs) -> Result<ClassifierManifest, FinetuneError> {
         decoder: None,
         data: DataInfo::of(args, sha256_file(&args.data)?, rows, examples.len(), 0, label_counts),
         head: fit,
+        distillation,
         out_of_scope,
         embed_seconds,
         fit_seconds,
@@ -285,24 +310,24 @@ pub struct Fitted {
 }
 
 /// Fit the head (L2 strength by cross-validation) and calibrate the
-/// out-of-scope rule on unit-length `features` (`[y.len() * dim]`) labelled
-/// `y`; `unseen` as for [`calibrate`].
+/// out-of-scope rule on unit-length `features` (`[targets.len() * dim]`)
+/// trained toward `targets`; `unseen` as for [`calibrate`].
 ///
 /// # Errors
 /// Tensor failures.
 pub fn fit_head(
     features: Vec<f32>,
     dim: usize,
-    y: &[u32],
-    labels: usize,
+    targets: &Targets,
     args: &TrainArgs,
     unseen: Option<&[usize]>,
 ) -> Result<Fitted, FinetuneError> {
+    let y = targets.top();
     let data = Data {
         x: features,
-        y: y.to_vec(),
+        y: y.clone(),
+        targets: targets.clone(),
         dim,
-        labels,
     };
     let folds: Vec<(f64, Vec<bool>)> = L2_GRID
         .iter()
@@ -323,7 +348,7 @@ pub fn fit_head(
         dim,
     };
     let out_of_scope = (args.oos_accuracy_loss > 0.0)
-        .then(|| calibrate(&neighbours, y, &held_out_right, args.oos_accuracy_loss, unseen));
+        .then(|| calibrate(&neighbours, &y, &held_out_right, args.oos_accuracy_loss, unseen));
     Ok(Fitted {
         head,
         fit: HeadFit {
@@ -371,48 +396,46 @@ pub(crate) fn calibration_queries(y: &[u32], seed: u64) -> Vec<usize> {
     out
 }
 
-/// Embeddings and label indices.
+/// Embeddings, their targets and their most likely labels.
 struct Data {
     x: Vec<f32>,
     y: Vec<u32>,
+    targets: Targets,
     dim: usize,
-    labels: usize,
 }
 
 impl Data {
-    fn rows(&self, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor)> {
+    /// Features `[idx, dim]`, targets `[idx, labels]`, and the weights
+    /// `[idx, 1]` normalised to sum to 1.
+    fn rows(&self, idx: &[usize]) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let cpu = Device::Cpu;
         let x: Vec<f32> = idx
             .iter()
             .flat_map(|&i| self.x[i * self.dim..(i + 1) * self.dim].iter().copied())
             .collect();
-        let mut y = vec![0f32; idx.len() * self.labels];
-        for (r, &i) in idx.iter().enumerate() {
-            y[r * self.labels + self.y[i] as usize] = 1.0;
-        }
-        Ok((
-            Tensor::from_vec(x, (idx.len(), self.dim), &cpu)?,
-            Tensor::from_vec(y, (idx.len(), self.labels), &cpu)?,
-        ))
+        let (t, w) = self.targets.tensors(idx, &cpu)?;
+        let w = (&w / f64::from(w.sum_all()?.to_scalar::<f32>()?.max(1e-12)))?;
+        Ok((Tensor::from_vec(x, (idx.len(), self.dim), &cpu)?, t, w.unsqueeze(1)?))
     }
 
     /// Fit the head on rows `idx` (accelerated gradient descent on the
-    /// mean cross-entropy plus `l2` times half the weights' squared norm).
+    /// weighted mean cross-entropy to the targets plus `l2` times half the
+    /// weights' squared norm).
     fn fit(&self, idx: &[usize], l2: f64) -> candle_core::Result<Head> {
-        let (x, y) = self.rows(idx)?;
-        let n = idx.len() as f64;
+        let (x, y, weights) = self.rows(idx)?;
+        let labels = self.targets.labels();
         let cpu = Device::Cpu;
-        let mut w = Tensor::zeros((self.labels, self.dim), DType::F32, &cpu)?;
-        let mut b = Tensor::zeros(self.labels, DType::F32, &cpu)?;
+        let mut w = Tensor::zeros((labels, self.dim), DType::F32, &cpu)?;
+        let mut b = Tensor::zeros(labels, DType::F32, &cpu)?;
         let (mut wy, mut by) = (w.clone(), b.clone());
-        // Rows have unit norm (plus the bias input): the loss's gradient is
-        // 1-Lipschitz, so a step of 1 / (1 + l2) is safe.
+        // Rows have unit norm (plus the bias input) and the weights sum to 1:
+        // the loss's gradient is 1-Lipschitz, so a step of 1 / (1 + l2) is safe.
         let lr = 1.0 / (1.0 + l2);
         let mut t = 1.0f64;
         for _ in 0..ITERATIONS {
             let logits = x.matmul(&wy.t()?)?.broadcast_add(&by)?;
             let p = candle_nn::ops::softmax(&logits, D::Minus1)?;
-            let g = ((p - &y)? / n)?;
+            let g = (p - &y)?.broadcast_mul(&weights)?;
             let gw = (g.t()?.matmul(&x)? + (&wy * l2)?)?;
             let gb = g.sum(0)?;
             let w_next = (&wy - (gw * lr)?)?;
@@ -498,6 +521,13 @@ pub fn calibrate(
     let q = |i: usize| &n.embeddings[i * n.dim..(i + 1) * n.dim];
     let all: Vec<usize> = (0..y.len()).collect();
     let measured = unseen.unwrap_or(&all);
+    // Each measured query is compared with every reference: beyond
+    // MAX_MEASURED (a distilled set of thousands), evenly spaced ones.
+    let measured: Vec<usize> = measured
+        .iter()
+        .copied()
+        .step_by(measured.len().div_ceil(MAX_MEASURED).max(1))
+        .collect();
     let total = measured.len().max(1) as f32;
     let mut best: Option<OutOfScopeRule> = None;
     for k in K_GRID {
@@ -518,7 +548,12 @@ pub fn calibrate(
             lost += usize::from(ok);
             cut = i + 1;
         }
-        let threshold = own.get(cut).map_or(f32::INFINITY, |o| o.0);
+        // Every query could go within the budget (no held-out answer is
+        // right: too few examples to tell): no evidence for a rule.
+        let (threshold, cut) = match own.get(cut) {
+            Some(o) => (o.0, cut),
+            None => (NO_THRESHOLD, 0),
+        };
         // An unseen topic: each label's queries against the other labels'.
         let turned_away = measured
             .iter()
@@ -540,7 +575,7 @@ pub fn calibrate(
     }
     best.unwrap_or(OutOfScopeRule {
         k: 1,
-        threshold: f32::NEG_INFINITY,
+        threshold: NO_THRESHOLD,
         accuracy_loss: 0.0,
         in_scope_rejection: 0.0,
         held_out_label_recall: 0.0,
@@ -685,9 +720,9 @@ mod tests {
         }
         let data = Data {
             x,
+            targets: Targets::hard(&y, 2),
             y,
             dim: 2,
-            labels: 2,
         };
         let all: Vec<usize> = (0..40).collect();
         let head = data.fit(&all, 1e-4).unwrap();
@@ -715,9 +750,12 @@ mod tests {
             .filter(|&i| n.similarity(&n.embeddings[i * 2..i * 2 + 2], rule.k, |j| j == i) >= rule.threshold)
             .count();
         assert!(kept >= 57, "{kept} of 60 kept");
-        // Wrong answers cost nothing: with every answer wrong, the threshold
-        // may turn every query away.
-        let lax = calibrate(&n, &y, &[false; 60], 0.05, None);
-        assert!(lax.threshold > rule.threshold, "{lax:?} vs {rule:?}");
+        // With every held-out answer wrong (too few examples to tell) any
+        // threshold is within the budget: that is no evidence for a rule, so
+        // it turns nothing away, and the card still holds a number.
+        let none = calibrate(&n, &y, &[false; 60], 0.05, None);
+        assert_eq!((none.threshold, none.in_scope_rejection), (-1.0, 0.0), "{none:?}");
+        let back: OutOfScopeRule = serde_json::from_str(&serde_json::to_string(&none).unwrap()).unwrap();
+        assert_eq!(back, none);
     }
 }

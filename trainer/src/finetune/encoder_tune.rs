@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use super::adamw::{AdamW, AdamWParams};
 use super::bert::Bert;
+use super::targets::{Targets, cosface_loss};
 
 /// Settings of a tuning run.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -71,16 +72,16 @@ pub struct TuneReport {
     pub seconds: f64,
 }
 
-/// Tune the encoder in `encoder_dir` on `texts` labelled `y` (indices below
-/// `labels`) and write the tuned encoder (config, tokenizer, weights) to `out`.
+/// Tune the encoder in `encoder_dir` on `texts` toward `targets` (gold
+/// labels or a teacher's distributions, one row per text) and write the tuned
+/// encoder (config, tokenizer, weights) to `out`.
 ///
 /// # Errors
 /// Unreadable encoder files, tensor or I/O failures.
 pub fn tune(
     encoder_dir: &Path,
     texts: &[&str],
-    y: &[u32],
-    labels: usize,
+    targets: &Targets,
     spec: TuneSpec,
     out: &Path,
     quiet: bool,
@@ -92,9 +93,10 @@ pub fn tune(
     let windows: Vec<Vec<Vec<u32>>> = texts.iter().map(|t| embedder.windows(t)).collect::<Result<_, _>>()?;
     let dim = embedder.dim();
     // Label vectors start at the frozen encoder's class means.
+    let labels = targets.labels();
     let frozen = embedder.embed_windows(&windows)?;
     let mut means = vec![0f32; labels * dim];
-    for (v, &l) in frozen.iter().zip(y) {
+    for (v, l) in frozen.iter().zip(targets.top()) {
         for (m, x) in means[l as usize * dim..(l as usize + 1) * dim].iter_mut().zip(v) {
             *m += x;
         }
@@ -118,11 +120,13 @@ pub fn tune(
         let mut sum = 0.0;
         for idx in order.chunks(spec.batch_size.max(1)) {
             let factor = warmup_linear(step, total);
-            let (embeddings, targets) = batch_embeddings(&bert, &windows, y, idx, &device)?;
+            let embeddings = batch_embeddings(&bert, &windows, idx, &device)?;
+            let (probs, weights) = targets.tensors(idx, &device)?;
             let loss = cosface_loss(
                 &embeddings,
                 label_vectors.as_tensor(),
-                &targets,
+                &probs,
+                &weights,
                 spec.scale,
                 spec.margin,
             )?;
@@ -159,35 +163,9 @@ pub fn warmup_linear(step: usize, total: usize) -> f64 {
     }
 }
 
-/// Large-margin cosine loss of unit-length `features` (`[n, dim]`) against
-/// `label_vectors` (`[labels, dim]`, any length) for `targets` (`[n]` u32).
-///
-/// # Errors
-/// Shape mismatches.
-pub fn cosface_loss(
-    features: &Tensor,
-    label_vectors: &Tensor,
-    targets: &Tensor,
-    scale: f64,
-    margin: f64,
-) -> candle_core::Result<Tensor> {
-    let labels = label_vectors.dim(0)?;
-    let w = label_vectors.broadcast_div(&label_vectors.sqr()?.sum_keepdim(1)?.sqrt()?)?;
-    let margins =
-        candle_nn::encoding::one_hot(targets.clone(), labels, margin as f32, 0f32)?.to_dtype(features.dtype())?;
-    let logits = ((features.matmul(&w.t()?)? - margins)? * scale)?;
-    candle_nn::loss::cross_entropy(&logits, targets)
-}
-
 /// Sentence embeddings `[idx, dim]` of the texts `idx` (the normalised mean
-/// of each text's windows, as the server computes it) and their labels.
-fn batch_embeddings(
-    bert: &Bert,
-    windows: &[Vec<Vec<u32>>],
-    y: &[u32],
-    idx: &[usize],
-    device: &Device,
-) -> anyhow::Result<(Tensor, Tensor)> {
+/// of each text's windows, as the server computes it).
+fn batch_embeddings(bert: &Bert, windows: &[Vec<Vec<u32>>], idx: &[usize], device: &Device) -> anyhow::Result<Tensor> {
     let flat: Vec<&[u32]> = idx.iter().flat_map(|&i| windows[i].iter().map(Vec::as_slice)).collect();
     let (ids, mask) = padded(&flat, device)?;
     let per_window = bert.embed(&ids, &mask)?;
@@ -204,11 +182,7 @@ fn batch_embeddings(
     let avg = Tensor::from_vec(avg, (idx.len(), flat.len()), device)?;
     let mean = avg.matmul(&per_window)?;
     let norm = mean.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f64::MAX)?;
-    let targets: Vec<u32> = idx.iter().map(|&i| y[i]).collect();
-    Ok((
-        mean.broadcast_div(&norm)?,
-        Tensor::from_vec(targets, idx.len(), device)?,
-    ))
+    Ok(mean.broadcast_div(&norm)?)
 }
 
 #[cfg(test)]
@@ -253,7 +227,7 @@ mod tests {
             lr: 1e-4,
             ..TuneSpec::default()
         };
-        let report = tune(&base, &texts, &y, 3, spec, out.path(), true).unwrap();
+        let report = tune(&base, &texts, &Targets::hard(&y, 3), spec, out.path(), true).unwrap();
         assert_eq!(report.epoch_loss.len(), 6);
         assert!(report.epoch_loss[5] < report.epoch_loss[0], "{:?}", report.epoch_loss);
         let before = separation(&Embedder::load(&base).unwrap(), &texts, &y);

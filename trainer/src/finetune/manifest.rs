@@ -152,3 +152,34 @@ pub struct DecoderInfo {
     /// Feature size.
     pub dim: usize,
 }
+
+/// How a distilled classifier was taught (`manifest.json`, `flywheel-trainer distill`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Distillation {
+    /// The teacher model (file or folder).
+    pub teacher: String,
+    /// Its version.
+    pub teacher_version: String,
+    /// Its kind.
+    pub teacher_kind: flywheel_router::engine::ModelKind,
+    /// Temperature that softened the teacher's distributions.
+    pub temperature: f32,
+    /// Loss weight of each gold example.
+    pub gold_weight: f32,
+    /// Loss weight of each teacher-labelled example.
+    pub teacher_weight: f32,
+    /// Gold examples (the first rows of the training set).
+    pub gold_examples: usize,
+    /// Teacher-labelled examples (the rows after them).
+    pub teacher_labelled: usize,
+    /// Unlabelled rows read.
+    pub unlabelled_rows: usize,
+    /// Unlabelled rows left out as repeats of a gold example or of each other.
+    pub dropped_repeats: usize,
+    /// Rows (gold or unlabelled) left out as (near-)duplicates of an excluded (test) file.
+    pub dropped_excluded: usize,
+    /// Share of the gold examples whose gold label is the teacher's top label.
+    pub teacher_gold_agreement: f64,
+    /// Seconds the teacher spent scoring.
+    pub teacher_seconds: f64,
+}

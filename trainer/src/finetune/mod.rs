@@ -27,6 +27,7 @@ pub mod encoder;
 pub mod encoder_tune;
 pub mod export;
 pub mod manifest;
+pub mod targets;
 pub mod train;
 
 pub use args::TrainArgs;
@@ -401,4 +402,4 @@ fn progress_bar(total: usize, done: usize, quiet: bool) -> indicatif::ProgressBa
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
