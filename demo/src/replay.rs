@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tonic::transport::Channel;
 
+use flywheel_router::clock::process_cpu_seconds;
+
 use super::traffic::Query;
 
 /// Tokens each sampled chat answer streams (enough to time TTFT and decoding).
@@ -72,20 +74,6 @@ pub struct Replay {
     pub seconds: f64,
     /// CPU seconds this process spent (server and client).
     pub cpu_seconds: f64,
-}
-
-/// CPU seconds used by this process so far (user + system).
-pub fn process_cpu_seconds() -> f64 {
-    // /proc/self/stat fields 14 and 15 (utime, stime) in clock ticks; Linux's
-    // USER_HZ is 100 on every supported architecture.
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // After the name: state is index 0, so utime (field 14) is index 11.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn code_name(status: &tonic::Status) -> String {
@@ -347,19 +335,6 @@ pub fn versions(replay: &Replay) -> BTreeMap<String, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn cpu_time_of_this_process_grows_with_work() {
-        let before = process_cpu_seconds();
-        let mut x = 0u64;
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(300) {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-        }
-        std::hint::black_box(x);
-        let spent = process_cpu_seconds() - before;
-        assert!(spent > 0.1 && spent < 5.0, "spent {spent}");
-    }
 
     #[test]
     fn refusals_are_not_failures() {

@@ -551,24 +551,8 @@ mod tests {
 
     fn model(version: &str, accuracy: f64) -> ModelReport {
         ModelReport {
-            model: format!("{version}.gguf"),
-            version: version.into(),
-            size_bytes: 1,
-            fine_tuned: version != "base",
-            device: "cpu".into(),
             n: 10,
-            accuracy,
-            macro_f1: accuracy,
-            per_class: Vec::new(),
-            labels: Vec::new(),
-            confusion: Vec::new(),
-            latency_p50_ms: 1.0,
-            latency_p99_ms: 2.0,
-            correct: Vec::new(),
-            kind: flywheel_router::engine::ModelKind::LabelScoring,
-            rejected: 0,
-            in_scope_accuracy: accuracy,
-            out_of_scope: None,
+            ..ModelReport::fixture(version, accuracy, 1.0, 2.0)
         }
     }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use flywheel_router::agents::RouterAgent;
+use flywheel_router::clock::process_cpu_seconds;
 use flywheel_router::config::{EngineSettings, ExpertSpec, ModelSpec, RouterSpec};
 use flywheel_router::device::DeviceChoice;
 use flywheel_router::engine::{ModelKind, ModelLoader};
@@ -181,6 +182,10 @@ pub struct ModelReport {
     pub latency_p50_ms: f64,
     /// Decision latency 99th percentile (ms).
     pub latency_p99_ms: f64,
+    /// CPU seconds this process spent per 1,000 test decisions (the cost of
+    /// routing, whatever the number of cores).
+    #[serde(default)]
+    pub cpu_seconds_per_1k: f64,
     /// Whether each example was predicted right, in test-file order.
     pub correct: Vec<bool>,
     /// Test examples the router turned away to the fallback expert (below the
@@ -193,6 +198,35 @@ pub struct ModelReport {
     /// Queries from outside the label set, when given.
     #[serde(default)]
     pub out_of_scope: Option<OutOfScopeReport>,
+}
+
+#[cfg(test)]
+impl ModelReport {
+    /// A report with the given numbers and nothing else (for tests of what
+    /// reads reports).
+    pub(crate) fn fixture(version: &str, accuracy: f64, p50_ms: f64, p99_ms: f64) -> Self {
+        Self {
+            model: format!("{version}.gguf"),
+            version: version.into(),
+            size_bytes: 1,
+            fine_tuned: version != "base",
+            kind: ModelKind::LabelScoring,
+            device: "cpu".into(),
+            n: 100,
+            accuracy,
+            macro_f1: accuracy,
+            per_class: Vec::new(),
+            labels: Vec::new(),
+            confusion: Vec::new(),
+            latency_p50_ms: p50_ms,
+            latency_p99_ms: p99_ms,
+            cpu_seconds_per_1k: p50_ms,
+            correct: Vec::new(),
+            rejected: 0,
+            in_scope_accuracy: accuracy,
+            out_of_scope: None,
+        }
+    }
 }
 
 fn label_scoring() -> ModelKind {
@@ -452,6 +486,7 @@ pub async fn evaluate_model(
     let mut latencies = Vec::with_capacity(examples.len());
     let bar = indicatif::ProgressBar::new(examples.len() as u64);
     let mut turned_away = Vec::with_capacity(examples.len());
+    let cpu = process_cpu_seconds();
     for e in examples {
         let d = agent.decide(&e.text).await?;
         latencies.push(d.latency_ms);
@@ -459,6 +494,7 @@ pub async fn evaluate_model(
         turned_away.push(d.fallback);
         bar.inc(1);
     }
+    let cpu = process_cpu_seconds() - cpu;
     bar.finish_and_clear();
     let oos = match out_of_scope {
         Some(o) => {
@@ -497,6 +533,7 @@ pub async fn evaluate_model(
         confusion,
         latency_p50_ms: percentile(&latencies, 0.5),
         latency_p99_ms: percentile(&latencies, 0.99),
+        cpu_seconds_per_1k: cpu / examples.len().max(1) as f64 * 1000.0,
         correct: truth.iter().zip(&preds).map(|(t, p)| t == p).collect(),
         rejected: turned_away.iter().filter(|&&a| a).count(),
         in_scope_accuracy: truth

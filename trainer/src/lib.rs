@@ -9,6 +9,8 @@
 //! - [`eval`]: a model file measured through the router's own code (accuracy,
 //!   per-class metrics, latency, McNemar between two models).
 //! - [`plot`]: PNG figures (the confusion matrix).
+//! - [`pareto`]: the gate over several candidates (the cheapest that holds
+//!   the best model's accuracy within a tolerance).
 //! - [`promote`]: the gate (candidate vs incumbent on a frozen test set) and
 //!   `Admin.Promote` / `Admin.Rollback` on the live server.
 //! - [`distill`]: a classifier router trained on gold labels plus a teacher
@@ -25,6 +27,7 @@ pub mod cycle;
 pub mod distill;
 pub mod eval;
 pub mod finetune;
+pub mod pareto;
 pub mod plot;
 pub mod promote;
 pub mod rag;

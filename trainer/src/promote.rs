@@ -309,26 +309,7 @@ mod tests {
     use super::*;
 
     fn report(accuracy: f64, p99: f64) -> ModelReport {
-        ModelReport {
-            model: "m".into(),
-            version: "v".into(),
-            size_bytes: 1,
-            fine_tuned: true,
-            device: "cpu".into(),
-            n: 100,
-            accuracy,
-            macro_f1: accuracy,
-            per_class: Vec::new(),
-            labels: Vec::new(),
-            confusion: Vec::new(),
-            latency_p50_ms: p99 / 2.0,
-            latency_p99_ms: p99,
-            correct: Vec::new(),
-            kind: flywheel_router::engine::ModelKind::LabelScoring,
-            rejected: 0,
-            in_scope_accuracy: accuracy,
-            out_of_scope: None,
-        }
+        ModelReport::fixture("v", accuracy, p99 / 2.0, p99)
     }
 
     #[test]
