@@ -482,6 +482,8 @@ pub async fn evaluate_model(
     out_of_scope: Option<&OutOfScope>,
 ) -> anyhow::Result<ModelReport> {
     let (agent, served) = load_router(path, labels, setup).await?;
+    // Decisions are timed from scratch, not on encodings an earlier model left.
+    flywheel_router::embed::forget_recent();
     let mut preds = Vec::with_capacity(examples.len());
     let mut latencies = Vec::with_capacity(examples.len());
     let bar = indicatif::ProgressBar::new(examples.len() as u64);

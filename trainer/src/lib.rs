@@ -8,7 +8,9 @@
 //! - [`rails`]: guardrail datasets, jailbreak-head training, rail evaluation.
 //! - [`eval`]: a model file measured through the router's own code (accuracy,
 //!   per-class metrics, latency, McNemar between two models).
-//! - [`plot`]: PNG figures (the confusion matrix).
+//! - [`compare`]: several models and the incumbent on one test set, the
+//!   Pareto gate's choice, ratios and the accuracy-versus-latency plot.
+//! - [`plot`]: PNG figures (the confusion matrix, latency CDFs, the Pareto plot).
 //! - [`pareto`]: the gate over several candidates (the cheapest that holds
 //!   the best model's accuracy within a tolerance).
 //! - [`promote`]: the gate (candidate vs incumbent on a frozen test set) and
@@ -22,6 +24,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod cli;
+pub mod compare;
 pub mod curate;
 pub mod cycle;
 pub mod distill;

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flywheel_router::engine::ModelKind;
 use flywheel_router::model_prep::fetch;
-use flywheel_trainer::{cli, cycle, distill, eval, finetune, promote, rag, rails};
+use flywheel_trainer::{cli, compare, cycle, distill, eval, finetune, promote, rag, rails};
 
 #[derive(Debug, Parser)]
 #[command(name = "flywheel-trainer", version, about = "flywheel's offline jobs")]
@@ -25,6 +25,8 @@ enum Command {
     Distill(Box<distill::DistillArgs>),
     /// Evaluate a model file (optionally against another) on a labelled test set, as the server serves it.
     Eval(Box<eval::EvalArgs>),
+    /// Evaluate several models and the incumbent on one test set; the cheapest that holds the best accuracy, a table and a plot.
+    Compare(Box<compare::CompareArgs>),
     /// Gate a trained model against the one a server slot serves, then promote it (hot swap).
     Promote(Box<promote::PromoteArgs>),
     /// One turn of the flywheel against a live server (curate, fine-tune, evaluate, gate, promote), once or on a cadence.
@@ -122,6 +124,11 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             print_classifier(&m);
+            Ok(())
+        }
+        Command::Compare(args) => {
+            let report = compare::run(&args).await?;
+            print!("{}", compare::render(&report));
             Ok(())
         }
         Command::Eval(args) => {

@@ -1,5 +1,5 @@
 //! PNG figures of the trainer's reports (the confusion matrix of `eval`,
-//! the latency CDFs of `demo`).
+//! the latency CDFs of `demo`, accuracy against latency of `compare`).
 //!
 //! Drawn with `image` (already in the dependency tree through mistral.rs)
 //! and text rasterized with `ab_glyph` from a system TrueType font:
@@ -274,6 +274,133 @@ pub fn cdf_png(series: &[(String, Vec<f64>)], title: &str, unit: &str, path: &Pa
     })
 }
 
+/// One model of an accuracy-versus-latency plot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// Name shown beside the dot.
+    pub name: String,
+    /// Decision latency (x, log scale).
+    pub latency_ms: f64,
+    /// Accuracy in [0, 1] (y).
+    pub accuracy: f64,
+    /// On the Pareto front (drawn in colour and joined by a line).
+    pub on_front: bool,
+}
+
+/// Accuracy against decision latency (log scale) of several models, the
+/// Pareto front joined and coloured, the others grey.
+///
+/// # Errors
+/// The file cannot be written.
+pub fn pareto_png(points: &[Point], title: &str, path: &Path) -> Result<(), PlotError> {
+    const W: u32 = 760;
+    const H: u32 = 460;
+    const PLOT_L: u32 = 70;
+    const PLOT_T: u32 = 48;
+    const PLOT_W: u32 = 600;
+    const PLOT_H: u32 = 340;
+    let font = load_font();
+    let font = font.as_ref();
+    let mut img = RgbImage::from_pixel(W, H, WHITE);
+    text(&mut img, font, MARGIN as f32, 10.0, 16.0, INK, title);
+    // x: whole decades around the latencies; y: whole 5-point steps around the accuracies.
+    let lat = |f: fn(f64, f64) -> f64, init: f64| points.iter().map(|p| p.latency_ms.max(1e-3)).fold(init, f);
+    let (lo, hi) = (
+        lat(f64::min, f64::MAX).log10().floor(),
+        lat(f64::max, 0.0).log10().ceil(),
+    );
+    let hi = if hi <= lo { lo + 1.0 } else { hi };
+    let acc = |f: fn(f64, f64) -> f64, init: f64| points.iter().map(|p| p.accuracy).fold(init, f);
+    let bottom = ((acc(f64::min, 1.0) * 20.0).floor() / 20.0).min(0.95);
+    let top = ((acc(f64::max, 0.0) * 20.0).ceil() / 20.0).max(bottom + 0.05);
+    let px = |ms: f64| PLOT_L + (((ms.max(1e-3).log10() - lo) / (hi - lo)).clamp(0.0, 1.0) * f64::from(PLOT_W)) as u32;
+    let py = |a: f64| PLOT_T + PLOT_H - (((a - bottom) / (top - bottom)).clamp(0.0, 1.0) * f64::from(PLOT_H)) as u32;
+    let grey = Rgb([200, 200, 200]);
+    let decades = (hi - lo) as u32;
+    for d in 0..=decades {
+        let x = PLOT_L + d * PLOT_W / decades;
+        for y in PLOT_T..=PLOT_T + PLOT_H {
+            img.put_pixel(x, y, if d == 0 { INK } else { grey });
+        }
+        let label = format!("{}", 10f64.powf(lo + f64::from(d)));
+        let tw = text_width(font, 11.0, &label);
+        text(
+            &mut img,
+            font,
+            x as f32 - tw / 2.0,
+            (PLOT_T + PLOT_H + 6) as f32,
+            11.0,
+            INK,
+            &label,
+        );
+    }
+    let steps = ((top - bottom) * 20.0).round() as u32;
+    for k in 0..=steps {
+        let a = bottom + f64::from(k) * 0.05;
+        let y = py(a);
+        for x in PLOT_L..=PLOT_L + PLOT_W {
+            img.put_pixel(x, y, if k == 0 { INK } else { grey });
+        }
+        text(
+            &mut img,
+            font,
+            24.0,
+            y as f32 - 7.0,
+            11.0,
+            INK,
+            &format!("{:.0}%", a * 100.0),
+        );
+    }
+    text(
+        &mut img,
+        font,
+        (PLOT_L + PLOT_W / 2 - 90) as f32,
+        (PLOT_T + PLOT_H + 22) as f32,
+        12.0,
+        INK,
+        "decision latency p50, ms (log scale)",
+    );
+    let front_color = SERIES[0];
+    let mut front: Vec<&Point> = points.iter().filter(|p| p.on_front).collect();
+    front.sort_by(|a, b| a.latency_ms.total_cmp(&b.latency_ms));
+    for pair in front.windows(2) {
+        let (x0, y0, x1, y1) = (
+            f64::from(px(pair[0].latency_ms)),
+            f64::from(py(pair[0].accuracy)),
+            f64::from(px(pair[1].latency_ms)),
+            f64::from(py(pair[1].accuracy)),
+        );
+        let n = (x1 - x0).abs().max((y1 - y0).abs()).max(1.0) as u32;
+        for i in 0..=n {
+            let t = f64::from(i) / f64::from(n);
+            thick(
+                &mut img,
+                (x0 + t * (x1 - x0)) as u32,
+                (y0 + t * (y1 - y0)) as u32,
+                front_color,
+            );
+        }
+    }
+    for p in points {
+        let color = if p.on_front { front_color } else { Rgb([120, 120, 120]) };
+        let (x, y) = (px(p.latency_ms), py(p.accuracy));
+        for dx in 0..9u32 {
+            for dy in 0..9u32 {
+                let (ox, oy) = (i64::from(dx) - 4, i64::from(dy) - 4);
+                if ox * ox + oy * oy <= 16 && x + dx >= 4 && y + dy >= 4 && x + dx - 4 < W && y + dy - 4 < H {
+                    img.put_pixel(x + dx - 4, y + dy - 4, color);
+                }
+            }
+        }
+        let label = format!("{} ({:.1}%)", p.name, p.accuracy * 100.0);
+        text(&mut img, font, x as f32 + 8.0, y as f32 - 16.0, 11.0, INK, &label);
+    }
+    img.save(path).map_err(|source| PlotError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn thick(img: &mut RgbImage, x: u32, y: u32, color: Rgb<u8>) {
     for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
         if x + dx < img.width() && y + dy < img.height() {
@@ -312,5 +439,34 @@ mod tests {
         let first_x = |c: Rgb<u8>| (0..img.width()).find(|&x| (48..348).any(|y| *img.get_pixel(x, y) == c));
         let (fast_x, slow_x) = (first_x(SERIES[0]).unwrap(), first_x(SERIES[1]).unwrap());
         assert!(fast_x < slow_x, "fast starts at {fast_x}, slow at {slow_x}");
+    }
+
+    #[test]
+    fn pareto_png_puts_faster_models_left_and_colours_the_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.png");
+        let pt = |name: &str, latency_ms: f64, accuracy: f64, on_front: bool| Point {
+            name: name.into(),
+            latency_ms,
+            accuracy,
+            on_front,
+        };
+        let points = [
+            pt("fast", 3.0, 0.90, true),
+            pt("slow", 300.0, 0.92, true),
+            pt("dominated", 100.0, 0.85, false),
+        ];
+        pareto_png(&points, "t", &path).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        let xs = |c: Rgb<u8>| -> Vec<u32> {
+            (0..img.width())
+                .filter(|&x| (0..img.height()).any(|y| *img.get_pixel(x, y) == c))
+                .collect()
+        };
+        let red = xs(SERIES[0]);
+        let grey = xs(Rgb([120, 120, 120]));
+        assert!(!red.is_empty() && !grey.is_empty());
+        // The front runs from the fast model to the slow one; the dominated dot lies between.
+        assert!(red[0] < grey[0] && grey[0] < *red.last().unwrap(), "{red:?} {grey:?}");
     }
 }

@@ -110,7 +110,9 @@ pub struct TrainArgs {
     /// Share of steps spent warming up.
     #[arg(long, default_value_t = 0.06)]
     pub warmup_ratio: f64,
-    /// Passes over the data [default: 3; 6 for `decoder-classifier`].
+    /// Passes over the data [default: 3; 6 for `decoder-classifier`; 4 for
+    /// the tuning of an `encoder-classifier` end to end (a head-only one has
+    /// no passes)].
     #[arg(long)]
     pub epochs: Option<usize>,
     /// Sequences per step.
@@ -147,7 +149,8 @@ impl TrainArgs {
     pub fn epochs(&self) -> usize {
         self.epochs.unwrap_or(match self.kind {
             ModelKind::DecoderClassifier => 6,
-            _ => 3,
+            ModelKind::EncoderClassifier => super::encoder_tune::TuneSpec::default().epochs,
+            ModelKind::LabelScoring => 3,
         })
     }
 

@@ -191,6 +191,7 @@ pub fn train(args: &TrainArgs, data: Supervised) -> Result<ClassifierManifest, F
                 .map_err(io_err(parent))?;
             let spec = TuneSpec {
                 seed: args.seed,
+                epochs: args.epochs(),
                 ..TuneSpec::default()
             };
             // A stratified share of the queries stays out of the tuning, to

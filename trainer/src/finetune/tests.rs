@@ -270,6 +270,8 @@ fn stratified_sample_keeps_label_shares() {
 fn epochs_and_trained_blocks_default_by_kind_and_yield_to_flags() {
     let mut a = train_args(Path::new("data.csv"), "a,b");
     assert_eq!((a.epochs(), a.trained_blocks(30)), (3, 8));
+    a.kind = flywheel_router::engine::ModelKind::EncoderClassifier;
+    assert_eq!(a.epochs(), 4);
     a.kind = flywheel_router::engine::ModelKind::DecoderClassifier;
     assert_eq!((a.epochs(), a.trained_blocks(30)), (6, 16));
     // A pruned backbone trains every block it keeps.
