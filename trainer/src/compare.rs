@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::eval::{self, DeviceArg, EvalSetup, ModelReport};
+use crate::eval::{self, DeviceArg, EvalSetup, ModelReport, TestArgs};
 use crate::pareto::{self, CostMeasure, ParetoDecision, ParetoSpec};
 use crate::plot;
 
@@ -22,18 +22,9 @@ pub struct CompareArgs {
     /// The model serving now: the gate's incumbent and the reference of the ratios.
     #[arg(long)]
     pub incumbent: PathBuf,
-    /// Labelled test data (JSONL or CSV), e.g. the frozen test split.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Text column.
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
-    /// Label column.
-    #[arg(long, default_value = "label")]
-    pub label_column: String,
-    /// Evaluate only N rows, drawn stratified by label (the same rows every run).
-    #[arg(long)]
-    pub limit: Option<usize>,
+    /// The test set, e.g. the frozen test split.
+    #[command(flatten)]
+    pub test: TestArgs,
     /// Server config (prompts a base model; its router entry loads the models).
     #[arg(long)]
     pub server_config: Option<PathBuf>,
@@ -82,7 +73,7 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
         args.tolerance
     );
     let setup = EvalSetup::new(args.server_config.as_deref(), args.device)?;
-    let (examples, labels) = eval::read_test(&args.data, &args.text_column, &args.label_column, args.limit)?;
+    let (examples, labels) = args.test.read()?;
     let files: Vec<PathBuf> = args.models.iter().map(|m| model_file(m)).collect();
     let incumbent_file = model_file(&args.incumbent);
     let mut all: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
@@ -111,14 +102,13 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
         },
     );
     let report = CompareReport {
-        data: args.data.display().to_string(),
+        data: args.test.data.display().to_string(),
         candidates,
         incumbent,
         decision,
     };
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        eval::write_json(path, &report)?;
     }
     if let Some(path) = &args.plot {
         let points: Vec<plot::Point> = report
@@ -241,10 +231,12 @@ mod tests {
         let args = CompareArgs {
             models: outs.clone(),
             incumbent: outs[1].clone(),
-            data: p("all.csv"),
-            text_column: "text".into(),
-            label_column: "label".into(),
-            limit: None,
+            test: TestArgs {
+                data: p("all.csv"),
+                text_column: "text".into(),
+                label_column: "label".into(),
+                limit: None,
+            },
             server_config: None,
             device: DeviceArg::default(),
             tolerance: 0.99,

@@ -33,15 +33,9 @@ pub struct EvalArgs {
     /// Compare with this model on the same test set (e.g. the incumbent).
     #[arg(long)]
     pub against: Option<PathBuf>,
-    /// Labelled test data: JSONL or CSV with `text` and `label`.
-    #[arg(long)]
-    pub data: PathBuf,
-    /// Text column.
-    #[arg(long, default_value = "text")]
-    pub text_column: String,
-    /// Label column.
-    #[arg(long, default_value = "label")]
-    pub label_column: String,
+    /// The test set.
+    #[command(flatten)]
+    pub test: TestArgs,
     /// Server config whose router instructions and expert descriptions
     /// prompt base (not fine-tuned) models (without it they see the bare
     /// labels), and whose router model entry says how models are loaded
@@ -51,10 +45,6 @@ pub struct EvalArgs {
     /// Device.
     #[command(flatten)]
     pub device: DeviceArg,
-    /// Evaluate only N rows, drawn stratified by label with a fixed seed (the
-    /// same rows every run). The candidate labels are still all of the file's.
-    #[arg(long)]
-    pub limit: Option<usize>,
     /// Queries outside the label set (JSONL or CSV; e.g. another dataset's
     /// test file): the report gives the share the router turns away to the
     /// fallback expert (out-of-scope recall).
@@ -72,6 +62,34 @@ pub struct EvalArgs {
     /// Write the confusion matrix of `--model` as a PNG here.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+}
+
+/// The labelled test set of the commands that measure models (`eval`, `compare`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TestArgs {
+    /// Labelled test data: JSONL or CSV with `text` and `label`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Text column.
+    #[arg(long, default_value = "text")]
+    pub text_column: String,
+    /// Label column.
+    #[arg(long, default_value = "label")]
+    pub label_column: String,
+    /// Evaluate only N rows, drawn stratified by label with a fixed seed (the
+    /// same rows every run). The candidate labels are still all of the file's.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl TestArgs {
+    /// The examples and the file's label set ([`read_test`]).
+    ///
+    /// # Errors
+    /// As [`read_test`].
+    pub fn read(&self) -> anyhow::Result<(Vec<Example>, Vec<String>)> {
+        read_test(&self.data, &self.text_column, &self.label_column, self.limit)
+    }
 }
 
 /// `--device` of the commands that evaluate models (`eval`, `promote`, `cycle`).
@@ -549,6 +567,14 @@ pub async fn evaluate_model(
     })
 }
 
+/// Write `value` as pretty JSON to `path` (a command's `--report`).
+///
+/// # Errors
+/// The file cannot be written.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Seed of `--limit`'s sample: fixed, so runs compare on the same rows.
 const LIMIT_SEED: u64 = 0;
 
@@ -596,7 +622,7 @@ pub fn read_test(
 /// Unreadable data, models that fail to load.
 pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let setup = EvalSetup::new(args.server_config.as_deref(), args.device)?;
-    let (examples, labels) = read_test(&args.data, &args.text_column, &args.label_column, args.limit)?;
+    let (examples, labels) = args.test.read()?;
     let mut models = vec![args.model.as_path()];
     models.extend(args.against.as_deref());
     let labels = label_space(&labels, &models)?;
@@ -613,14 +639,13 @@ pub async fn run(args: &EvalArgs) -> anyhow::Result<EvalReport> {
     let comparison = against.as_ref().map(|a| compare(&model, a));
     let report = EvalReport {
         accuracy: model.accuracy,
-        data: args.data.display().to_string(),
+        data: args.test.data.display().to_string(),
         model,
         against,
         comparison,
     };
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        write_json(path, &report)?;
     }
     if let Some(path) = &args.plot {
         let m = &report.model;

@@ -171,6 +171,37 @@ pub fn confusion_png(labels: &[String], matrix: &[Vec<usize>], title: &str, path
     })
 }
 
+/// Left edge of a figure's plot area.
+const PLOT_L: u32 = 70;
+/// Top edge of a figure's plot area (below the title).
+const PLOT_T: u32 = 48;
+
+/// A white `w` x `h` figure with `title` drawn, and the font (if any).
+fn canvas(w: u32, h: u32, title: &str) -> (RgbImage, Option<FontVec>) {
+    let font = load_font();
+    let mut img = RgbImage::from_pixel(w, h, WHITE);
+    text(&mut img, font.as_ref(), MARGIN as f32, 10.0, 16.0, INK, title);
+    (img, font)
+}
+
+/// A vertical grid line at `x` through a plot area `plot_h` high, labelled
+/// below the area.
+fn x_tick(img: &mut RgbImage, font: Option<&FontVec>, x: u32, plot_h: u32, color: Rgb<u8>, label: &str) {
+    for y in PLOT_T..=PLOT_T + plot_h {
+        img.put_pixel(x, y, color);
+    }
+    let tw = text_width(font, 11.0, label);
+    text(
+        img,
+        font,
+        x as f32 - tw / 2.0,
+        (PLOT_T + plot_h + 6) as f32,
+        11.0,
+        INK,
+        label,
+    );
+}
+
 /// Colours of the CDF series, in order.
 const SERIES: [Rgb<u8>; 4] = [
     Rgb([202, 0, 32]),
@@ -185,16 +216,10 @@ const SERIES: [Rgb<u8>; 4] = [
 /// # Errors
 /// The file cannot be written.
 pub fn cdf_png(series: &[(String, Vec<f64>)], title: &str, unit: &str, path: &Path) -> Result<(), PlotError> {
-    const W: u32 = 760;
-    const H: u32 = 440;
-    const PLOT_L: u32 = 70;
-    const PLOT_T: u32 = 48;
     const PLOT_W: u32 = 640;
     const PLOT_H: u32 = 300;
-    let font = load_font();
+    let (mut img, font) = canvas(760, 440, title);
     let font = font.as_ref();
-    let mut img = RgbImage::from_pixel(W, H, WHITE);
-    text(&mut img, font, MARGIN as f32, 10.0, 16.0, INK, title);
     let max = series
         .iter()
         .flat_map(|(_, v)| v.iter().copied())
@@ -216,20 +241,8 @@ pub fn cdf_png(series: &[(String, Vec<f64>)], title: &str, unit: &str, path: &Pa
             &format!("{:.2}", f64::from(i) / 4.0),
         );
         let x = PLOT_L + i * PLOT_W / 4;
-        for y in PLOT_T..=PLOT_T + PLOT_H {
-            img.put_pixel(x, y, if i == 0 { INK } else { grey });
-        }
         let label = format!("{:.0}", max * f64::from(i) / 4.0);
-        let tw = text_width(font, 11.0, &label);
-        text(
-            &mut img,
-            font,
-            x as f32 - tw / 2.0,
-            (PLOT_T + PLOT_H + 6) as f32,
-            11.0,
-            INK,
-            &label,
-        );
+        x_tick(&mut img, font, x, PLOT_H, if i == 0 { INK } else { grey }, &label);
     }
     text(
         &mut img,
@@ -295,14 +308,10 @@ pub struct Point {
 pub fn pareto_png(points: &[Point], title: &str, path: &Path) -> Result<(), PlotError> {
     const W: u32 = 760;
     const H: u32 = 460;
-    const PLOT_L: u32 = 70;
-    const PLOT_T: u32 = 48;
     const PLOT_W: u32 = 600;
     const PLOT_H: u32 = 340;
-    let font = load_font();
+    let (mut img, font) = canvas(W, H, title);
     let font = font.as_ref();
-    let mut img = RgbImage::from_pixel(W, H, WHITE);
-    text(&mut img, font, MARGIN as f32, 10.0, 16.0, INK, title);
     // x: whole decades around the latencies; y: whole 5-point steps around the accuracies.
     let lat = |f: fn(f64, f64) -> f64, init: f64| points.iter().map(|p| p.latency_ms.max(1e-3)).fold(init, f);
     let (lo, hi) = (
@@ -319,20 +328,8 @@ pub fn pareto_png(points: &[Point], title: &str, path: &Path) -> Result<(), Plot
     let decades = (hi - lo) as u32;
     for d in 0..=decades {
         let x = PLOT_L + d * PLOT_W / decades;
-        for y in PLOT_T..=PLOT_T + PLOT_H {
-            img.put_pixel(x, y, if d == 0 { INK } else { grey });
-        }
         let label = format!("{}", 10f64.powf(lo + f64::from(d)));
-        let tw = text_width(font, 11.0, &label);
-        text(
-            &mut img,
-            font,
-            x as f32 - tw / 2.0,
-            (PLOT_T + PLOT_H + 6) as f32,
-            11.0,
-            INK,
-            &label,
-        );
+        x_tick(&mut img, font, x, PLOT_H, if d == 0 { INK } else { grey }, &label);
     }
     let steps = ((top - bottom) * 20.0).round() as u32;
     for k in 0..=steps {

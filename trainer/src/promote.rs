@@ -175,8 +175,7 @@ pub async fn promote(args: &PromoteArgs) -> anyhow::Result<PromoteReport> {
         report.promoted = true;
     }
     if let Some(path) = &args.report {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        eval::write_json(path, &report)?;
     }
     Ok(report)
 }
