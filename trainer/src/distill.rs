@@ -4,14 +4,16 @@
 //!
 //! 1. Gold: `--data`, read and sampled as `train` reads it.
 //! 2. Unlabelled: the text column of every `--unlabelled` file (any label
-//!    column is ignored), less repeats of a gold query or of each other,
-//!    `--max-unlabelled` of them sampled with the seed.
+//!    column is ignored) and the queries of the `--log`, less repeats of a
+//!    gold query or of each other, `--max-unlabelled` of them sampled with
+//!    the seed.
 //! 3. Nothing of an `--exclude` file (a frozen test split) trains: gold and
 //!    unlabelled queries that are duplicates or near-duplicates of its
 //!    queries (MinHash, the curation settings) are dropped.
 //! 4. The teacher (any router kind the server serves, loaded as `eval` loads
 //!    it) scores every query, [`TEACHER_CONCURRENCY`] at a time so a
-//!    classifier teacher batches them. Unlabelled queries it turns away (its
+//!    classifier teacher batches them; a logged query the teacher's own
+//!    version decided keeps its logged scores. Unlabelled queries it turns away (its
 //!    out-of-scope rule) are left out: they are no expert's examples.
 //! 5. The student ([`crate::finetune::encoder`] or
 //!    [`crate::finetune::decoder`], all of `train`'s flags) trains toward
@@ -25,7 +27,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use flywheel_router::agents::RouterAgent;
+use flywheel_router::agents::{RouteDecision, RouterAgent};
+use flywheel_router::data::log::LogReader;
 use flywheel_router::data::similarity::{DEFAULT_SHINGLE, NearDupIndex, normalize};
 use flywheel_router::engine::ModelKind;
 use futures::StreamExt;
@@ -53,9 +56,14 @@ pub struct DistillArgs {
     /// trained for the gold data's labels, or a base model that routes zero-shot.
     #[arg(long)]
     pub teacher: PathBuf,
-    /// Unlabelled queries (JSONL or CSV; repeatable), e.g. logged traffic.
-    #[arg(long = "unlabelled", required = true)]
+    /// Unlabelled queries (JSONL or CSV; repeatable), e.g. exported traffic.
+    #[arg(long = "unlabelled")]
     pub unlabelled: Vec<PathBuf>,
+    /// The server's request log (SQLite): its logged queries are unlabelled
+    /// traffic too, and the decisions the teacher's own version made there
+    /// are used as logged instead of being scored again.
+    #[arg(long)]
+    pub log: Option<PathBuf>,
     /// Text column of the `--unlabelled` files.
     #[arg(long, default_value = "text")]
     pub unlabelled_text_column: String,
@@ -104,6 +112,10 @@ impl DistillArgs {
             "--gold-weight and --teacher-weight cannot both be 0"
         );
         anyhow::ensure!(self.max_unlabelled != Some(0), "--max-unlabelled must be at least 1");
+        anyhow::ensure!(
+            !self.unlabelled.is_empty() || self.log.is_some(),
+            "nothing to distil from: give --unlabelled files, a --log, or both"
+        );
         match self.train.kind {
             ModelKind::DecoderClassifier => decoder::check(&self.train)?,
             _ => encoder::check_oos_accuracy_loss(&self.train)?,
@@ -134,20 +146,36 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
     gold.examples.retain(|e| !excluded(&e.text));
     let mut dropped_excluded = before - gold.examples.len();
 
+    // Unlabelled queries, each with the decision logged for it (if any).
+    let mut queries: Vec<(String, Option<RouteDecision>)> = Vec::new();
+    for path in &args.unlabelled {
+        queries.extend(
+            read_texts(path, &args.unlabelled_text_column)?
+                .into_iter()
+                .map(|t| (t, None)),
+        );
+    }
+    if let Some(log) = &args.log {
+        let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", log.display()))?;
+        queries.extend(
+            reader
+                .records_between(0, i64::MAX)?
+                .into_iter()
+                .filter(|r| !r.query.is_empty())
+                .map(|r| (r.query, r.route)),
+        );
+    }
+    let rows = queries.len();
     let mut seen: HashSet<String> = gold.examples.iter().map(|e| normalize(&e.text)).collect();
     let mut unlabelled = Vec::new();
-    let mut rows = 0usize;
     let mut dropped_repeats = 0usize;
-    for path in &args.unlabelled {
-        for t in read_texts(path, &args.unlabelled_text_column)? {
-            rows += 1;
-            if excluded(&t) {
-                dropped_excluded += 1;
-            } else if seen.insert(normalize(&t)) {
-                unlabelled.push(t);
-            } else {
-                dropped_repeats += 1;
-            }
+    for (t, logged) in queries {
+        if excluded(&t) {
+            dropped_excluded += 1;
+        } else if seen.insert(normalize(&t)) {
+            unlabelled.push((t, logged));
+        } else {
+            dropped_repeats += 1;
         }
     }
     if let Some(n) = args.max_unlabelled {
@@ -171,13 +199,31 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
     let (agent, served) = load_router(&args.teacher, &names, &setup)
         .await
         .context("loading the teacher")?;
-    let gold_texts: Vec<&str> = gold.examples.iter().map(|e| e.text.as_str()).collect();
-    let on_gold = teacher_scores(&agent, &names, &gold_texts, args.train.quiet).await?;
-    let texts: Vec<&str> = unlabelled.iter().map(String::as_str).collect();
-    let scored = teacher_scores(&agent, &names, &texts, args.train.quiet).await?;
-    let teacher_seconds = started.elapsed().as_secs_f64();
     let teacher_version = served.version.clone();
     let teacher_kind = served.kind();
+    let gold_texts: Vec<&str> = gold.examples.iter().map(|e| e.text.as_str()).collect();
+    let on_gold = teacher_scores(&agent, &names, &gold_texts, args.train.quiet).await?;
+    // The teacher's own logged decisions stand; the rest it scores now.
+    let logged: Vec<Option<TeacherScore>> = unlabelled
+        .iter()
+        .map(|(_, d)| d.as_ref().and_then(|d| logged_score(d, &teacher_version, &names)))
+        .collect();
+    let logged_scores = logged.iter().flatten().count();
+    let to_score: Vec<&str> = unlabelled
+        .iter()
+        .zip(&logged)
+        .filter(|(_, l)| l.is_none())
+        .map(|((t, _), _)| t.as_str())
+        .collect();
+    let mut fresh = teacher_scores(&agent, &names, &to_score, args.train.quiet)
+        .await?
+        .into_iter();
+    let scored: Vec<TeacherScore> = logged
+        .into_iter()
+        .map(|l| l.or_else(|| fresh.next()))
+        .collect::<Option<_>>()
+        .context("the teacher scored fewer queries than it was given")?;
+    let teacher_seconds = started.elapsed().as_secs_f64();
     drop((agent, served));
 
     let agree = gold
@@ -192,7 +238,7 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
         *t = args.gold_weight;
     }
     let mut teacher_labelled = 0usize;
-    for (text, s) in unlabelled.into_iter().zip(scored) {
+    for ((text, _), s) in unlabelled.into_iter().zip(scored) {
         if s.turned_away {
             continue;
         }
@@ -222,6 +268,7 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
         dropped_excluded,
         teacher_gold_agreement: agree as f64 / gold_examples.max(1) as f64,
         teacher_seconds,
+        logged_scores,
     });
     tracing::info!(
         gold = gold_examples,
@@ -295,6 +342,22 @@ pub async fn teacher_scores(
             })
         })
         .collect()
+}
+
+/// The teacher's distribution as `decision` logged it, when the teacher's
+/// version (`teacher`) made it and it scored every one of `labels`.
+fn logged_score(decision: &RouteDecision, teacher: &str, labels: &[String]) -> Option<TeacherScore> {
+    if decision.forced || decision.router_model_version != teacher {
+        return None;
+    }
+    let probs = labels
+        .iter()
+        .map(|l| decision.scores.iter().find(|s| &s.expert == l).map(|s| s.probability))
+        .collect::<Option<Vec<f32>>>()?;
+    Some(TeacherScore {
+        probs,
+        turned_away: decision.fallback,
+    })
 }
 
 fn top(p: &[f32]) -> usize {
@@ -433,6 +496,7 @@ mod tests {
             train: args(dir.path(), &p("gold.csv"), "student"),
             teacher: teacher_args.out.clone(),
             unlabelled: vec![p("traffic.csv")],
+            log: None,
             unlabelled_text_column: "text".into(),
             max_unlabelled: None,
             exclude: vec![p("test.csv")],
@@ -478,12 +542,107 @@ mod tests {
         d.train.out.with_file_name("gold-only")
     }
 
+    fn decided(version: &str, probs: [f32; 3], forced: bool) -> RouteDecision {
+        use flywheel_router::agents::ExpertScore;
+        let best = top(&probs);
+        RouteDecision {
+            scores: LABELS
+                .iter()
+                .zip(probs)
+                .map(|(l, p)| ExpertScore {
+                    expert: l.to_string(),
+                    probability: p,
+                    logprob: p.ln(),
+                })
+                .collect(),
+            router_model_version: version.into(),
+            forced,
+            confidence: probs[best],
+            ..RouteDecision::forced(LABELS[best])
+        }
+    }
+
+    /// A request log is traffic too: the queries the teacher's own version
+    /// decided keep their logged scores (here deliberately unlike what the
+    /// teacher would answer now), the others are scored by the teacher.
+    #[tokio::test]
+    async fn a_logs_queries_train_and_the_teachers_own_decisions_are_reused() {
+        use flywheel_router::config::LogSpec;
+        use flywheel_router::data::log::{RequestLog, RequestRecord};
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        csv(&p("traffic-labelled.csv"), &TRAFFIC);
+        csv(&p("gold.csv"), &GOLD);
+        let mut teacher_args = args(dir.path(), &p("traffic-labelled.csv"), "teacher");
+        teacher_args.version = Some("teacher-v1".into());
+        encoder::run(&teacher_args).unwrap();
+
+        let log = RequestLog::open(&LogSpec {
+            path: p("requests.db"),
+            ..LogSpec::default()
+        })
+        .unwrap();
+        let rows = [
+            // The teacher's version decided it: "calendar", as logged.
+            ("wake me up at seven", decided("teacher-v1", [0.1, 0.1, 0.8], false)),
+            // Another version's decision: scored again by the teacher.
+            ("set an alarm for 6 am", decided("base", [0.1, 0.1, 0.8], false)),
+            // The caller chose the expert: no scores, scored by the teacher.
+            (
+                "what meetings do I have tomorrow",
+                decided("teacher-v1", [0.0, 1.0, 0.0], true),
+            ),
+        ];
+        for (i, (query, route)) in rows.iter().enumerate() {
+            log.submit(RequestRecord {
+                request_id: format!("r{i}"),
+                kind: "route".into(),
+                query: query.to_string(),
+                status: "ok".into(),
+                route: Some(route.clone()),
+                ..RequestRecord::default()
+            });
+        }
+        log.shutdown().await;
+
+        let d = DistillArgs {
+            train: args(dir.path(), &p("gold.csv"), "student"),
+            teacher: teacher_args.out.clone(),
+            unlabelled: Vec::new(),
+            log: Some(p("requests.db")),
+            unlabelled_text_column: "text".into(),
+            max_unlabelled: None,
+            exclude: Vec::new(),
+            temperature: 1.0,
+            gold_weight: 1.0,
+            teacher_weight: 1.0,
+            server_config: None,
+        };
+        let m = run(&d).await.unwrap();
+        let info = m.distillation.unwrap();
+        assert_eq!(
+            (info.unlabelled_rows, info.teacher_labelled, info.logged_scores),
+            (3, 3, 1),
+            "{info:?}"
+        );
+        let trained =
+            crate::curate::dataset::read_examples(&d.train.out.join(TRAINING_SET), LabelSource::Import).unwrap();
+        let label_of = |q: &str| trained.iter().find(|e| e.text == q).map(|e| e.label.clone());
+        assert_eq!(label_of("wake me up at seven").as_deref(), Some("calendar"));
+        assert_eq!(label_of("set an alarm for 6 am").as_deref(), Some("alarm"));
+        assert_eq!(
+            label_of("what meetings do I have tomorrow").as_deref(),
+            Some("calendar")
+        );
+    }
+
     #[tokio::test]
     async fn settings_a_student_cannot_take_are_refused_before_any_work() {
         let mut a = DistillArgs {
             train: train_args(Path::new("missing.csv"), "a,b"),
             teacher: "missing".into(),
             unlabelled: vec!["missing.csv".into()],
+            log: None,
             unlabelled_text_column: "text".into(),
             max_unlabelled: None,
             exclude: Vec::new(),
@@ -503,5 +662,9 @@ mod tests {
         a.teacher_weight = 0.0;
         let err = run(&a).await.unwrap_err().to_string();
         assert!(err.contains("cannot both be 0"), "{err}");
+        a.gold_weight = 1.0;
+        a.unlabelled.clear();
+        let err = run(&a).await.unwrap_err().to_string();
+        assert!(err.contains("give --unlabelled files, a --log, or both"), "{err}");
     }
 }

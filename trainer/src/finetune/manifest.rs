@@ -182,4 +182,8 @@ pub struct Distillation {
     pub teacher_gold_agreement: f64,
     /// Seconds the teacher spent scoring.
     pub teacher_seconds: f64,
+    /// Teacher-labelled queries whose scores came from the request log (the
+    /// teacher's version had decided them) instead of a new scoring.
+    #[serde(default)]
+    pub logged_scores: usize,
 }
