@@ -542,6 +542,60 @@ mod tests {
         d.train.out.with_file_name("gold-only")
     }
 
+    /// A pruned decoder (two blocks of the real SmolLM2) learns from an
+    /// encoder teacher: the student is a decoder classifier the server loads,
+    /// and it agrees with the teacher on most of the traffic it was taught.
+    #[tokio::test]
+    async fn a_pruned_decoder_student_learns_from_an_encoder_teacher() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |n: &str| dir.path().join(n);
+        csv(&p("traffic-labelled.csv"), &TRAFFIC);
+        csv(&p("gold.csv"), &GOLD);
+        let traffic: Vec<&str> = TRAFFIC.iter().map(|(t, _)| *t).collect();
+        std::fs::write(p("traffic.csv"), format!("text\n{}", traffic.join("\n"))).unwrap();
+        let teacher_args = args(dir.path(), &p("traffic-labelled.csv"), "teacher");
+        encoder::run(&teacher_args).unwrap();
+
+        let mut student = args(dir.path(), &p("gold.csv"), "student");
+        student.kind = ModelKind::DecoderClassifier;
+        student.base = flywheel_router::testing::test_model();
+        student.keep_layers = Some(2);
+        student.epochs = Some(6);
+        student.batch_size = 4;
+        student.lr = 2e-3;
+        let d = DistillArgs {
+            train: student,
+            teacher: teacher_args.out.clone(),
+            unlabelled: vec![p("traffic.csv")],
+            log: None,
+            unlabelled_text_column: "text".into(),
+            max_unlabelled: None,
+            exclude: Vec::new(),
+            temperature: 2.0,
+            gold_weight: 1.0,
+            teacher_weight: 1.0,
+            server_config: None,
+        };
+        let m = run(&d).await.unwrap();
+        assert_eq!(m.kind, ModelKind::DecoderClassifier);
+        assert_eq!(m.decoder.as_ref().unwrap().blocks, 2);
+        assert_eq!(m.distillation.as_ref().unwrap().teacher_labelled, TRAFFIC.len());
+        let path = d.train.out.join("model.gguf");
+        let c = Classifier::load(&path, BatchSettings::default(), &candle_core::Device::Cpu).unwrap();
+        let teacher = Classifier::load(&teacher_args.out, BatchSettings::default(), &candle_core::Device::Cpu).unwrap();
+        let mut agree = 0;
+        for (text, _) in TRAFFIC {
+            let s = c.classify(text).await.unwrap().log_probs;
+            let t = teacher.classify(text).await.unwrap().log_probs;
+            agree += usize::from(top(&s) == top(&t));
+        }
+        assert!(
+            agree >= 20,
+            "the student agrees with the teacher on {agree} of {}",
+            TRAFFIC.len()
+        );
+    }
+
     fn decided(version: &str, probs: [f32; 3], forced: bool) -> RouteDecision {
         use flywheel_router::agents::ExpertScore;
         let best = top(&probs);
