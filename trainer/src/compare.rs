@@ -148,13 +148,13 @@ pub fn render(report: &CompareReport) -> String {
         inc.n, report.data, inc.version
     );
     s.push_str(&format!(
-        "{:<24} {:<19} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>5}\n",
+        "{:<30} {:<19} {:>8} {:>8} {:>9} {:>9} {:>9} {:>8} {:>8} {:>7} {:>5}\n",
         "model", "kind", "MB", "accuracy", "macro-F1", "p50 ms", "p99 ms", "CPU-s/1k", "p50 vs", "cost vs", "front"
     ));
     let reports = report.candidates.iter().chain(std::iter::once(inc));
     for (r, row) in reports.zip(&report.decision.rows) {
         s.push_str(&format!(
-            "{:<24} {:<19} {:>8.1} {:>7.1}% {:>9.3} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>7} {:>5}\n",
+            "{:<30} {:<19} {:>8.1} {:>7.1}% {:>9.3} {:>9.1} {:>9.1} {:>8.1} {:>8} {:>7} {:>5}\n",
             if row.incumbent {
                 format!("{} (incumbent)", r.version)
             } else {
