@@ -12,14 +12,22 @@
 //!    correction (optionally noisy).
 //! 4. Runs one flywheel cycle ([`flywheel_trainer::cycle`]: curate, fine-tune,
 //!    evaluate on the frozen test split, gate, promote) while background
-//!    traffic keeps flowing through the hot swap.
-//! 5. Replays the same traffic again and writes the before/after table
-//!    (`report.json`, `report.md`) and plots.
+//!    traffic keeps flowing through the hot swap: the fine-tuned router it
+//!    promotes is the teacher of the next cycle.
+//! 5. Replays the same traffic again (decided and logged by the teacher).
+//! 6. Runs a second cycle ([`students`]): smaller classifier routers
+//!    distilled from the teacher over all the logged traffic, rated or not,
+//!    and the Pareto gate promotes the cheapest that holds the accuracy.
+//! 7. Replays once more and writes the before/after table, the table of
+//!    every router with its cost relative to the teacher ([`models`]), and
+//!    plots (`report.json`, `report.md`, `route_latency.png`, `pareto.png`).
 
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod models;
 pub mod replay;
 pub mod report;
+pub mod students;
 pub mod traffic;
 
 use std::collections::BTreeMap;
@@ -89,6 +97,18 @@ pub struct DemoArgs {
     /// Pause between the background requests that run during the cycle, in ms (0: no background traffic).
     #[arg(long, default_value_t = 1000)]
     pub background_pause_ms: u64,
+    /// Flywheel cycles: 1 (fine-tune the served model from the feedback) or 2
+    /// (then distil it into smaller routers and promote the cheapest that holds).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub cycles: u8,
+    /// The second cycle's candidates: a TOML file of `[[candidate]]` tables
+    /// (default: encoder classifiers tuned end to end and head-only, and a
+    /// 12-block decoder classifier; head-only only with --quick).
+    #[arg(long)]
+    pub students: Option<PathBuf>,
+    /// Accuracy the second cycle's winner may lose against the best router.
+    #[arg(long, default_value_t = students::DEFAULT_TOLERANCE)]
+    pub student_tolerance: f64,
     /// Passes over the training data (default 3, or 6 with --quick).
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -278,6 +298,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     config.settings.log.path = args.out.join("requests.db");
     config.registry_dir = Some(args.out.join("registry"));
     config.admin_token = Some(token.clone());
+    let embedder_dir = embedder.clone();
     config.settings.rails.jailbreak.embedder_dir = embedder;
     for spec in config.settings.models.values_mut() {
         spec.path = model.clone();
@@ -336,14 +357,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     );
     clock.end("feedback", t);
 
-    Clock::begin("flywheel cycle: curate, fine-tune, evaluate, gate, promote", "4/5");
-    let background = (args.background_pause_ms > 0).then(|| {
-        replay::Background::start(
-            channel.clone(),
-            sample.clone(),
-            Duration::from_millis(args.background_pause_ms),
-        )
-    });
+    let steps = if args.cycles >= 2 { 7 } else { 5 };
+    Clock::begin(
+        "flywheel cycle: curate, fine-tune, evaluate, gate, promote",
+        &format!("4/{steps}"),
+    );
     let cycle_args = CycleArgs {
         server: ServerArgs {
             server: url.clone(),
@@ -365,6 +383,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
             seed: args.seed,
             quiet: false,
         },
+        candidates_file: None,
+        candidates: Vec::new(),
+        teacher: None,
+        cost: flywheel_trainer::pareto::CostMeasure::P50,
         test_fraction: flywheel_trainer::curate::DEFAULT_TEST_FRACTION,
         min_examples: if args.quick {
             10
@@ -379,41 +401,75 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         max_cycles: None,
         trigger: "demo".into(),
     };
-    let record = flywheel_trainer::cycle::run_once(&cycle_args).await;
-    if background.is_some() && record.as_ref().is_ok_and(|r| r.promoted) {
-        // Let the background traffic meet the new version too.
-        tokio::time::sleep(Duration::from_millis(args.background_pause_ms.max(500) * 4)).await;
-    }
-    let background = match background {
-        Some(b) => b.finish().await,
-        None => replay::BackgroundStats::default(),
-    };
-    let record = record?;
-    for s in &record.stages {
-        clock.stages.push(Stage {
-            name: format!("cycle: {}", s.stage),
-            seconds: s.seconds,
-        });
-    }
-    if record.status != CycleStatus::Promoted {
-        println!(
-            "  the cycle ended `{}`{}: the incumbent keeps serving",
-            record.status.as_str(),
-            record.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
-        );
-    }
+    let (record, background) = cycle_under_load(&args, &channel, &sample, &cycle_args, &mut clock).await?;
     version_sizes(&channel, &mut sizes).await?;
 
-    let t = Clock::begin("replay the traffic again (after the cycle)", "5/5");
+    let t = Clock::begin("replay the traffic again (after the cycle)", &format!("5/{steps}"));
     let progress = bar(sample.len(), "replay");
     let after: Replay = replay::replay(&channel, &sample, args.concurrency, args.chat_every, &progress).await;
     progress.finish();
     clock.end("replay 2 (after the cycle)", t);
+    let held_out = &feedback.silent_indices;
+    let before_stats = report::stats(&before, held_out, &sizes);
+    let after_stats = report::stats(&after, held_out, &sizes);
 
-    let (before_stats, after_stats) = (
-        report::stats(&before, &feedback.silent_indices, &sizes),
-        report::stats(&after, &feedback.silent_indices, &sizes),
-    );
+    let students = if args.cycles >= 2 && record.status == CycleStatus::Promoted {
+        Clock::begin(
+            "second cycle: distil the new router into smaller ones, promote the cheapest that holds",
+            &format!("6/{steps}"),
+        );
+        let specs = match &args.students {
+            Some(path) => flywheel_trainer::cycle::candidates::read(path)?,
+            None => students::default_candidates(args.quick, &embedder_dir),
+        };
+        let student_args = CycleArgs {
+            candidates: specs,
+            tolerance: args.student_tolerance,
+            ..cycle_args.clone()
+        };
+        let (record2, background2) = cycle_under_load(&args, &channel, &sample, &student_args, &mut clock).await?;
+        version_sizes(&channel, &mut sizes).await?;
+        let t = Clock::begin("replay the traffic a third time (after the second cycle)", "7/7");
+        let progress = bar(sample.len(), "replay");
+        let third: Replay = replay::replay(&channel, &sample, args.concurrency, args.chat_every, &progress).await;
+        progress.finish();
+        clock.end("replay 3 (after the second cycle)", t);
+        let third_stats = report::stats(&third, held_out, &sizes);
+        let t = Instant::now();
+        let unrated: Vec<Query> = sample
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| held_out.contains(i))
+            .map(|(_, q)| q.clone())
+            .collect();
+        let replays = [&before_stats, &after_stats, &third_stats];
+        // A second cycle that failed before its gate has no table; the
+        // demo ends with its error below.
+        let table = if record2.gate.is_none() {
+            Vec::new()
+        } else {
+            models::table(
+                &record,
+                &record2,
+                &replays.map(|r| (r.router_version.clone(), r.accuracy_held_out)),
+                &unrated,
+                &experts,
+                &server_config,
+                device,
+            )
+            .await?
+        };
+        clock.end("unrated-traffic accuracy of the routers not served", t);
+        Some(report::Students {
+            cycle: record2,
+            background: background2,
+            after: third_stats,
+            table,
+        })
+    } else {
+        None
+    };
+
     let report = DemoReport {
         traffic: source,
         device: device.to_string(),
@@ -425,14 +481,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         after: after_stats,
         cycle: record,
         background,
+        students,
         stages: clock.stages.clone(),
         total_seconds: clock.start.elapsed().as_secs_f64(),
     };
     write_outputs(&args.out, &report, &before, &after)?;
     println!("\n{}", report::markdown(&report));
     println!(
-        "report: {}/report.md, report.json, route_latency.png; request log: {}",
+        "report: {}/report.md, report.json, route_latency.png{}; request log: {}",
         args.out.display(),
+        if report.students.is_some() { ", pareto.png" } else { "" },
         log_path.display()
     );
     if args.serve {
@@ -441,15 +499,64 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         stop.cancel();
     }
     server.await?.context("server failed")?;
-    let failed = report.before.failed + report.after.failed + report.background.failed;
+    let student_failed = report
+        .students
+        .as_ref()
+        .map_or(0, |s| s.after.failed + s.background.failed);
+    let failed = report.before.failed + report.after.failed + report.background.failed + student_failed;
     anyhow::ensure!(failed == 0, "{failed} request(s) failed; see the request log");
-    if report.cycle.status == CycleStatus::Failed {
-        anyhow::bail!(
-            "the cycle failed: {}",
-            report.cycle.error.as_deref().unwrap_or("unknown error")
-        );
+    for cycle in std::iter::once(&report.cycle).chain(report.students.as_ref().map(|s| &s.cycle)) {
+        if cycle.status == CycleStatus::Failed {
+            anyhow::bail!(
+                "cycle {} failed: {}",
+                cycle.id,
+                cycle.error.as_deref().unwrap_or("unknown error")
+            );
+        }
     }
     Ok(report)
+}
+
+/// Run one cycle while a background client keeps sending traffic; its
+/// stages join the demo's clock.
+async fn cycle_under_load(
+    args: &DemoArgs,
+    channel: &Channel,
+    sample: &[Query],
+    cycle_args: &CycleArgs,
+    clock: &mut Clock,
+) -> anyhow::Result<(flywheel_router::data::journal::CycleRecord, replay::BackgroundStats)> {
+    let background = (args.background_pause_ms > 0).then(|| {
+        replay::Background::start(
+            channel.clone(),
+            sample.to_vec(),
+            Duration::from_millis(args.background_pause_ms),
+        )
+    });
+    let record = flywheel_trainer::cycle::run_once(cycle_args).await;
+    if background.is_some() && record.as_ref().is_ok_and(|r| r.promoted) {
+        // Let the background traffic meet the new version too.
+        tokio::time::sleep(Duration::from_millis(args.background_pause_ms.max(500) * 4)).await;
+    }
+    let background = match background {
+        Some(b) => b.finish().await,
+        None => replay::BackgroundStats::default(),
+    };
+    let record = record?;
+    for s in &record.stages {
+        clock.stages.push(Stage {
+            name: format!("{}: {}", record.id, s.stage),
+            seconds: s.seconds,
+        });
+    }
+    if record.status != CycleStatus::Promoted {
+        println!(
+            "  the cycle ended `{}`{}: the incumbent keeps serving",
+            record.status.as_str(),
+            record.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+    }
+    Ok((record, background))
 }
 
 fn write_outputs(out: &Path, report: &DemoReport, before: &Replay, after: &Replay) -> anyhow::Result<()> {
@@ -474,6 +581,9 @@ fn write_outputs(out: &Path, report: &DemoReport, before: &Replay, after: &Repla
         "milliseconds",
         &out.join("route_latency.png"),
     )?;
+    if let Some(st) = report.students.as_ref().filter(|s| !s.table.is_empty()) {
+        models::plot(&st.table, st.frozen_n(), &out.join("pareto.png"))?;
+    }
     Ok(())
 }
 

@@ -106,6 +106,26 @@ pub fn stats(replay: &Replay, held_out: &HashSet<usize>, version_bytes: &BTreeMa
     }
 }
 
+/// The second cycle: routers distilled from the first cycle's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Students {
+    /// Its record (candidates, the Pareto gate's table).
+    pub cycle: CycleRecord,
+    /// Traffic that ran while it trained, evaluated and swapped.
+    pub background: BackgroundStats,
+    /// The third replay (after it).
+    pub after: ReplayStats,
+    /// Every router of the demo, the seed's way.
+    pub table: Vec<super::models::ModelLine>,
+}
+
+impl Students {
+    /// Size of the frozen test split.
+    pub fn frozen_n(&self) -> usize {
+        self.cycle.dataset.as_ref().map_or(0, |d| d.test)
+    }
+}
+
 /// Time spent in one stage of the demo.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Stage {
@@ -139,6 +159,9 @@ pub struct DemoReport {
     pub after: ReplayStats,
     /// Traffic that ran while the cycle trained, evaluated and swapped.
     pub background: BackgroundStats,
+    /// The second cycle, when it ran (`--cycles 2`).
+    #[serde(default)]
+    pub students: Option<Students>,
     /// Time per stage.
     pub stages: Vec<Stage>,
     /// Whole run, seconds.
@@ -304,6 +327,43 @@ pub fn markdown(r: &DemoReport) -> String {
             .collect::<Vec<_>>()
             .join(", then ")
     ));
+    if let Some(st) = &r.students {
+        let c = &st.cycle;
+        s.push_str(&format!(
+            "\nSecond cycle `{}`: {} of {} candidates trained, from the gold labels and `{}`'s decisions over the logged traffic; {}.\n\n",
+            c.id,
+            c.candidates.iter().filter(|x| x.error.is_none()).count(),
+            c.candidates.len(),
+            c.gate.as_ref().and_then(|g| g.teacher.clone()).unwrap_or_default(),
+            c.gate
+                .as_ref()
+                .map_or_else(|| c.status.as_str().to_string(), |g| g.summary.clone())
+        ));
+        s.push_str(&super::models::markdown(&st.table, st.frozen_n(), st.after.held_out));
+        if let Some(g) = &c.gate {
+            s.push('\n');
+            for m in &g.models {
+                s.push_str(&format!("- {}: {}\n", m.name, m.verdict));
+            }
+        }
+        let (a, t) = (&r.after, &st.after);
+        s.push_str(&format!(
+            "\nLive, third replay (after the second cycle), router `{}`: unrated accuracy {} (teacher {}), route p50 / p99 {} / {} (teacher {} / {}, {}), CPU-seconds per 1k requests {:.0} (teacher {:.0}), {} failed; {} background requests during the cycle, {} failed.\n",
+            t.router_version,
+            pct(t.accuracy_held_out),
+            pct(a.accuracy_held_out),
+            ms(t.route_p50_ms),
+            ms(t.route_p99_ms),
+            ms(a.route_p50_ms),
+            ms(a.route_p99_ms),
+            ratio(a.route_p50_ms, t.route_p50_ms),
+            t.cpu_seconds_per_1k,
+            a.cpu_seconds_per_1k,
+            t.failed,
+            st.background.requests,
+            st.background.failed
+        ));
+    }
     s.push_str("\n| stage | time |\n|---|---|\n");
     for st in &r.stages {
         s.push_str(&format!("| {} | {:.0} s |\n", st.name, st.seconds));

@@ -276,7 +276,9 @@ async fn a_restarted_server_serves_the_last_promoted_version() {
 
 #[tokio::test]
 async fn list_cycles_serves_the_journal_records_newest_first() {
-    use flywheel_router::data::journal::{CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
+    use flywheel_router::data::journal::{
+        CandidateRun, CycleGate, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, ModelRow, StageTime,
+    };
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("registry");
     ModelStore::open(&registry).unwrap();
@@ -308,6 +310,57 @@ async fn list_cycles_serves_the_journal_records_newest_first() {
         candidate_p99_ms: 300.0,
         incumbent_p99_ms: 500.0,
     });
+    done.candidates = vec![
+        CandidateRun {
+            name: "encoder".into(),
+            kind: "encoder-classifier".into(),
+            dir: dir.path().join("w/encoder"),
+            version: Some("enc-1".into()),
+            distilled: true,
+            seconds: 30.0,
+            error: None,
+        },
+        CandidateRun {
+            name: "decoder-12".into(),
+            kind: "decoder-classifier".into(),
+            dir: dir.path().join("w/decoder-12"),
+            version: None,
+            distilled: true,
+            seconds: 3.0,
+            error: Some("the loss diverged".into()),
+        },
+    ];
+    let row = |name: &str, incumbent: bool, accuracy: f64, p50_ms: f64, verdict: &str| ModelRow {
+        name: name.into(),
+        version: format!("{name}-v"),
+        kind: "encoder-classifier".into(),
+        incumbent,
+        parameters: 22_700_000,
+        size_bytes: 91_000_000,
+        accuracy,
+        macro_f1: accuracy - 0.02,
+        teacher_agreement: (!incumbent).then_some(0.95),
+        p_value_vs_best: 0.4,
+        p50_ms,
+        p99_ms: 2.0 * p50_ms,
+        cpu_seconds_per_1k: 1.5 * p50_ms,
+        on_front: true,
+        holds: true,
+        verdict: verdict.into(),
+    };
+    done.gate = Some(CycleGate {
+        cost: "p50".into(),
+        tolerance: 0.02,
+        max_p99_ms: None,
+        teacher: Some("ft-teacher".into()),
+        best: "incumbent".into(),
+        winner: Some("encoder".into()),
+        summary: "promote encoder".into(),
+        models: vec![
+            row("encoder", false, 0.88, 12.0, "promoted"),
+            row("incumbent", true, 0.89, 200.0, "costs more"),
+        ],
+    });
     journal.write(&done).unwrap();
     let running = CycleRecord::new("cycle-200".into(), "interval", "router", 200, dir.path().join("w2"));
     journal.write(&running).unwrap();
@@ -337,6 +390,33 @@ async fn list_cycles_serves_the_journal_records_newest_first() {
         (c.incumbent_accuracy, c.candidate_accuracy, c.stages.len()),
         (0.34, 0.89, 1)
     );
+    // The Pareto table and each candidate's training come through whole.
+    assert_eq!(
+        (c.winner.as_str(), c.cost.as_str(), c.teacher_version.as_str()),
+        ("encoder", "p50", "ft-teacher")
+    );
+    assert_eq!(c.gate_summary, "promote encoder");
+    let names: Vec<(&str, bool, f64, f64)> = c
+        .models
+        .iter()
+        .map(|m| (m.name.as_str(), m.incumbent, m.accuracy, m.p50_ms))
+        .collect();
+    assert_eq!(
+        names,
+        [("encoder", false, 0.88, 12.0), ("incumbent", true, 0.89, 200.0)]
+    );
+    assert_eq!(c.models[0].teacher_agreement, Some(0.95));
+    assert_eq!(c.models[1].teacher_agreement, None);
+    assert_eq!(
+        (c.models[0].parameters, c.models[0].verdict.as_str()),
+        (22_700_000, "promoted")
+    );
+    let failed = &c.candidates[1];
+    assert_eq!(
+        (failed.name.as_str(), failed.version.as_str(), failed.error.as_deref()),
+        ("decoder-12", "", Some("the loss diverged"))
+    );
+    assert_eq!(c.candidates[0].version, "enc-1");
     let newest = admin
         .list_cycles(pb::ListCyclesRequest { limit: 1, id: None })
         .await

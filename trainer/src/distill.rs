@@ -22,7 +22,7 @@
 //!    `--teacher-weight` ([`crate::finetune::targets`]); its manifest
 //!    records the teacher and which rows it labelled (the gold rows first).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -87,6 +87,9 @@ pub struct DistillArgs {
     /// instructions prompt a base teacher), as for `eval`.
     #[arg(long)]
     pub server_config: Option<PathBuf>,
+    /// Only requests logged before this Unix ms (a cycle's window).
+    #[arg(skip)]
+    pub log_until_ms: Option<i64>,
 }
 
 impl DistillArgs {
@@ -159,23 +162,49 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
         let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", log.display()))?;
         queries.extend(
             reader
-                .records_between(0, i64::MAX)?
+                .records_between(0, args.log_until_ms.unwrap_or(i64::MAX))?
                 .into_iter()
                 .filter(|r| !r.query.is_empty())
                 .map(|r| (r.query, r.route)),
         );
     }
     let rows = queries.len();
-    let mut seen: HashSet<String> = gold.examples.iter().map(|e| normalize(&e.text)).collect();
-    let mut unlabelled = Vec::new();
+    // The teacher is known before the queries are deduplicated: of a query
+    // asked several times, the copy the teacher itself decided is kept.
+    let setup = EvalSetup::new(
+        args.server_config.as_deref(),
+        DeviceArg {
+            choice: Some(args.train.device),
+        },
+    )?;
+    let started = Instant::now();
+    let (agent, served) = load_router(&args.teacher, &names, &setup)
+        .await
+        .context("loading the teacher")?;
+    let teacher_version = served.version.clone();
+    let teacher_kind = served.kind();
+    let by_teacher = |d: &Option<RouteDecision>| {
+        d.as_ref()
+            .is_some_and(|d| logged_score(d, &teacher_version, &names).is_some())
+    };
+    let gold_texts: HashSet<String> = gold.examples.iter().map(|e| normalize(&e.text)).collect();
+    let mut first: HashMap<String, usize> = HashMap::new();
+    let mut unlabelled: Vec<(String, Option<RouteDecision>)> = Vec::new();
     let mut dropped_repeats = 0usize;
     for (t, logged) in queries {
+        let key = normalize(&t);
         if excluded(&t) {
             dropped_excluded += 1;
-        } else if seen.insert(normalize(&t)) {
-            unlabelled.push((t, logged));
-        } else {
+        } else if gold_texts.contains(&key) {
             dropped_repeats += 1;
+        } else if let Some(&i) = first.get(&key) {
+            dropped_repeats += 1;
+            if by_teacher(&logged) && !by_teacher(&unlabelled[i].1) {
+                unlabelled[i] = (t, logged);
+            }
+        } else {
+            first.insert(key, unlabelled.len());
+            unlabelled.push((t, logged));
         }
     }
     if let Some(n) = args.max_unlabelled {
@@ -189,18 +218,6 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
     );
 
     // The teacher scores the gold queries (its agreement) and the unlabelled ones.
-    let setup = EvalSetup::new(
-        args.server_config.as_deref(),
-        DeviceArg {
-            choice: Some(args.train.device),
-        },
-    )?;
-    let started = Instant::now();
-    let (agent, served) = load_router(&args.teacher, &names, &setup)
-        .await
-        .context("loading the teacher")?;
-    let teacher_version = served.version.clone();
-    let teacher_kind = served.kind();
     let gold_texts: Vec<&str> = gold.examples.iter().map(|e| e.text.as_str()).collect();
     let on_gold = teacher_scores(&agent, &names, &gold_texts, args.train.quiet).await?;
     // The teacher's own logged decisions stand; the rest it scores now.
@@ -504,6 +521,7 @@ mod tests {
             gold_weight: 1.0,
             teacher_weight: 1.0,
             server_config: None,
+            log_until_ms: None,
         };
         let student = run(&d).await.unwrap();
         let info = student.distillation.clone().unwrap();
@@ -575,6 +593,7 @@ mod tests {
             gold_weight: 1.0,
             teacher_weight: 1.0,
             server_config: None,
+            log_until_ms: None,
         };
         let m = run(&d).await.unwrap();
         assert_eq!(m.kind, ModelKind::DecoderClassifier);
@@ -646,6 +665,12 @@ mod tests {
                 "what meetings do I have tomorrow",
                 decided("teacher-v1", [0.0, 1.0, 0.0], true),
             ),
+            // Asked again later and decided by the teacher's version: this
+            // copy is the one kept ("reminder", as logged).
+            (
+                "What meetings do I have tomorrow?",
+                decided("teacher-v1", [0.1, 0.8, 0.1], false),
+            ),
         ];
         for (i, (query, route)) in rows.iter().enumerate() {
             log.submit(RequestRecord {
@@ -671,12 +696,18 @@ mod tests {
             gold_weight: 1.0,
             teacher_weight: 1.0,
             server_config: None,
+            log_until_ms: None,
         };
         let m = run(&d).await.unwrap();
         let info = m.distillation.unwrap();
         assert_eq!(
-            (info.unlabelled_rows, info.teacher_labelled, info.logged_scores),
-            (3, 3, 1),
+            (
+                info.unlabelled_rows,
+                info.teacher_labelled,
+                info.logged_scores,
+                info.dropped_repeats
+            ),
+            (4, 3, 2, 1),
             "{info:?}"
         );
         let trained =
@@ -685,9 +716,10 @@ mod tests {
         assert_eq!(label_of("wake me up at seven").as_deref(), Some("calendar"));
         assert_eq!(label_of("set an alarm for 6 am").as_deref(), Some("alarm"));
         assert_eq!(
-            label_of("what meetings do I have tomorrow").as_deref(),
-            Some("calendar")
+            label_of("What meetings do I have tomorrow?").as_deref(),
+            Some("reminder")
         );
+        assert_eq!(label_of("what meetings do I have tomorrow"), None);
     }
 
     #[tokio::test]
@@ -704,6 +736,7 @@ mod tests {
             gold_weight: 1.0,
             teacher_weight: 1.0,
             server_config: None,
+            log_until_ms: None,
         };
         let err = run(&a).await.unwrap_err().to_string();
         assert!(err.contains("--kind encoder-classifier or decoder-classifier"), "{err}");

@@ -175,6 +175,10 @@ pub struct ModelReport {
     pub version: String,
     /// File size in bytes.
     pub size_bytes: u64,
+    /// Weights in the model's files (out-of-scope reference embeddings not
+    /// counted; 0 when they could not be read).
+    #[serde(default)]
+    pub parameters: u64,
     /// Fine-tuned (prompted as trained) or base (zero-shot prompt).
     pub fine_tuned: bool,
     /// How it routes.
@@ -206,6 +210,9 @@ pub struct ModelReport {
     pub cpu_seconds_per_1k: f64,
     /// Whether each example was predicted right, in test-file order.
     pub correct: Vec<bool>,
+    /// The expert chosen for each example, in test-file order.
+    #[serde(default)]
+    pub predicted: Vec<String>,
     /// Test examples the router turned away to the fallback expert (below the
     /// confidence threshold, or out of scope).
     #[serde(default)]
@@ -227,6 +234,7 @@ impl ModelReport {
             model: format!("{version}.gguf"),
             version: version.into(),
             size_bytes: 1,
+            parameters: 1,
             fine_tuned: version != "base",
             kind: ModelKind::LabelScoring,
             device: "cpu".into(),
@@ -240,6 +248,7 @@ impl ModelReport {
             latency_p99_ms: p99_ms,
             cpu_seconds_per_1k: p50_ms,
             correct: Vec::new(),
+            predicted: Vec::new(),
             rejected: 0,
             in_scope_accuracy: accuracy,
             out_of_scope: None,
@@ -542,6 +551,10 @@ pub async fn evaluate_model(
         model: path.display().to_string(),
         version: served.version.clone(),
         size_bytes: served.size_bytes,
+        parameters: parameters(path).unwrap_or_else(|e| {
+            tracing::warn!(model = %path.display(), error = %format!("{e:#}"), "cannot count the parameters");
+            0
+        }),
         fine_tuned: served.task.is_some(),
         kind: served.kind(),
         device: setup.model.device.to_string(),
@@ -555,6 +568,7 @@ pub async fn evaluate_model(
         latency_p99_ms: percentile(&latencies, 0.99),
         cpu_seconds_per_1k: cpu / examples.len().max(1) as f64 * 1000.0,
         correct: truth.iter().zip(&preds).map(|(t, p)| t == p).collect(),
+        predicted: preds.clone(),
         rejected: turned_away.iter().filter(|&&a| a).count(),
         in_scope_accuracy: truth
             .iter()
@@ -565,6 +579,41 @@ pub async fn evaluate_model(
             / truth.len().max(1) as f64,
         out_of_scope: oos,
     })
+}
+
+/// The weights of a router model: every tensor of a GGUF file, or of an
+/// encoder classifier folder's safetensors files, less the out-of-scope
+/// rule's reference embeddings (data, not weights).
+///
+/// # Errors
+/// Unreadable or malformed files.
+pub fn parameters(path: &Path) -> anyhow::Result<u64> {
+    use flywheel_router::engine::classifier::{self, decoder};
+    let counted = |name: &str| !name.starts_with("neighbours.") && name != decoder::NEIGHBOURS;
+    if classifier::is_classifier(path) {
+        let mut n = 0u64;
+        for file in ["model.safetensors", classifier::HEAD_FILE] {
+            let file = path.join(file);
+            let tensors = candle_core::safetensors::load(&file, &candle_core::Device::Cpu)
+                .with_context(|| format!("reading {}", file.display()))?;
+            n += tensors
+                .iter()
+                .filter(|(name, _)| counted(name))
+                .map(|(_, t)| t.elem_count() as u64)
+                .sum::<u64>();
+        }
+        return Ok(n);
+    }
+    let mut file =
+        std::io::BufReader::new(std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?);
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .with_context(|| format!("reading the GGUF header of {}", path.display()))?;
+    Ok(content
+        .tensor_infos
+        .iter()
+        .filter(|(name, _)| counted(name))
+        .map(|(_, t)| t.shape.elem_count() as u64)
+        .sum())
 }
 
 /// Write `value` as pretty JSON to `path` (a command's `--report`).

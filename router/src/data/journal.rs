@@ -96,6 +96,84 @@ pub struct CycleMetrics {
     pub incumbent_p99_ms: f64,
 }
 
+/// One candidate of a cycle's training stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRun {
+    /// The candidate's configured name.
+    pub name: String,
+    /// Router kind (`label-scoring`, `encoder-classifier`, `decoder-classifier`).
+    pub kind: String,
+    /// Training output folder.
+    pub dir: PathBuf,
+    /// Version of the trained model (none when training failed).
+    pub version: Option<String>,
+    /// Trained on a teacher's distributions over the logged traffic as well as gold.
+    pub distilled: bool,
+    /// Wall-clock seconds of its training.
+    pub seconds: f64,
+    /// Why its training failed (the cycle went on with the others).
+    pub error: Option<String>,
+}
+
+/// One model's row of a cycle's comparison on the frozen test split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRow {
+    /// Candidate name, or `incumbent`.
+    pub name: String,
+    /// Version.
+    pub version: String,
+    /// Router kind.
+    pub kind: String,
+    /// The model serving the slot when the cycle evaluated.
+    pub incumbent: bool,
+    /// Weights, counted in the model's files (0: unknown).
+    pub parameters: u64,
+    /// Bytes on disk.
+    pub size_bytes: u64,
+    /// Accuracy on the frozen test split.
+    pub accuracy: f64,
+    /// Macro-F1 there.
+    pub macro_f1: f64,
+    /// Share of test queries on which it picks the teacher's expert.
+    pub teacher_agreement: Option<f64>,
+    /// McNemar p-value of its difference with the most accurate model.
+    pub p_value_vs_best: f64,
+    /// Decision latency p50 (ms).
+    pub p50_ms: f64,
+    /// Decision latency p99 (ms).
+    pub p99_ms: f64,
+    /// CPU seconds per 1,000 decisions.
+    pub cpu_seconds_per_1k: f64,
+    /// No other model is at least as accurate and at most as costly.
+    pub on_front: bool,
+    /// Within the tolerance of the best accuracy (and the p99 budget).
+    pub holds: bool,
+    /// Why it won or lost.
+    pub verdict: String,
+}
+
+/// The Pareto gate of a cycle: every candidate and the incumbent, and why
+/// the winner won.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CycleGate {
+    /// What "cheapest" meant: `p50` or `cpu`.
+    pub cost: String,
+    /// Accuracy a winner may lose against the best model.
+    pub tolerance: f64,
+    /// p99 budget (ms).
+    pub max_p99_ms: Option<f64>,
+    /// The teacher's version, when candidates were distilled.
+    pub teacher: Option<String>,
+    /// The most accurate model's name.
+    pub best: String,
+    /// The candidate promoted (none: the incumbent keeps serving).
+    pub winner: Option<String>,
+    /// One sentence on the outcome.
+    pub summary: String,
+    /// Every evaluated model, candidates first.
+    pub models: Vec<ModelRow>,
+}
+
 /// One cycle's record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CycleRecord {
@@ -128,6 +206,12 @@ pub struct CycleRecord {
     pub candidate_version: Option<String>,
     /// The gate's measurements.
     pub metrics: Option<CycleMetrics>,
+    /// Each candidate's training (several per cycle when configured).
+    #[serde(default)]
+    pub candidates: Vec<CandidateRun>,
+    /// The Pareto gate's table.
+    #[serde(default)]
+    pub gate: Option<CycleGate>,
     /// The gate's reasons (why it passed or not).
     pub decision: Vec<String>,
     /// Whether the candidate was promoted.
@@ -156,6 +240,8 @@ impl CycleRecord {
             dataset: None,
             candidate_version: None,
             metrics: None,
+            candidates: Vec::new(),
+            gate: None,
             decision: Vec::new(),
             promoted: false,
             resumed: 0,
@@ -312,6 +398,43 @@ mod tests {
             seconds: 1.5,
         });
         assert_eq!(old.next_stage(), Some("train"));
+        old.candidates.push(CandidateRun {
+            name: "encoder".into(),
+            kind: "encoder-classifier".into(),
+            dir: dir.path().join("w1/encoder"),
+            version: Some("enc-1".into()),
+            distilled: true,
+            seconds: 42.0,
+            error: None,
+        });
+        let row = |name: &str, accuracy: f64, p50_ms: f64| ModelRow {
+            name: name.into(),
+            version: format!("{name}-v"),
+            kind: "encoder-classifier".into(),
+            incumbent: name == "incumbent",
+            parameters: 22_713_216,
+            size_bytes: 90_000_000,
+            accuracy,
+            macro_f1: accuracy - 0.01,
+            teacher_agreement: Some(0.93),
+            p_value_vs_best: 0.5,
+            p50_ms,
+            p99_ms: p50_ms * 2.0,
+            cpu_seconds_per_1k: p50_ms * 1.5,
+            on_front: true,
+            holds: true,
+            verdict: "holds".into(),
+        };
+        old.gate = Some(CycleGate {
+            cost: "p50".into(),
+            tolerance: 0.02,
+            max_p99_ms: Some(50.0),
+            teacher: Some("ft-1".into()),
+            best: "incumbent".into(),
+            winner: Some("encoder".into()),
+            summary: "promote encoder".into(),
+            models: vec![row("encoder", 0.9, 12.0), row("incumbent", 0.91, 200.0)],
+        });
         journal.write(&old).unwrap();
         let new = CycleRecord::new("cycle-2".into(), "labels", "router", 2, dir.path().join("w2"));
         journal.write(&new).unwrap();

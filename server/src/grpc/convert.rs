@@ -272,6 +272,7 @@ pub fn rails_toml(spec: &flywheel_router::guardrails::rails::RailsSpec, paths: P
 pub fn cycle(c: &flywheel_router::data::journal::CycleRecord, paths: Paths) -> pb::Cycle {
     let metrics = c.metrics.as_ref();
     let dataset = c.dataset.as_ref();
+    let gate = c.gate.as_ref();
     pb::Cycle {
         id: c.id.clone(),
         status: c.status.as_str().into(),
@@ -300,6 +301,46 @@ pub fn cycle(c: &flywheel_router::data::journal::CycleRecord, paths: Paths) -> p
         promoted: c.promoted,
         error: c.error.clone(),
         resumed: c.resumed,
+        candidates: c
+            .candidates
+            .iter()
+            .map(|r| pb::CycleCandidate {
+                name: r.name.clone(),
+                kind: r.kind.clone(),
+                version: r.version.clone().unwrap_or_default(),
+                distilled: r.distilled,
+                train_seconds: r.seconds,
+                error: r.error.clone(),
+            })
+            .collect(),
+        models: gate
+            .map(|g| g.models.iter().map(cycle_model).collect())
+            .unwrap_or_default(),
+        gate_summary: gate.map(|g| g.summary.clone()).unwrap_or_default(),
+        winner: gate.and_then(|g| g.winner.clone()).unwrap_or_default(),
+        cost: gate.map(|g| g.cost.clone()).unwrap_or_default(),
+        teacher_version: gate.and_then(|g| g.teacher.clone()).unwrap_or_default(),
+    }
+}
+
+fn cycle_model(m: &flywheel_router::data::journal::ModelRow) -> pb::CycleModel {
+    pb::CycleModel {
+        name: m.name.clone(),
+        version: m.version.clone(),
+        kind: m.kind.clone(),
+        incumbent: m.incumbent,
+        parameters: m.parameters,
+        size_bytes: m.size_bytes,
+        accuracy: m.accuracy,
+        macro_f1: m.macro_f1,
+        teacher_agreement: m.teacher_agreement,
+        p_value_vs_best: m.p_value_vs_best,
+        p50_ms: m.p50_ms,
+        p99_ms: m.p99_ms,
+        cpu_seconds_per_1k: m.cpu_seconds_per_1k,
+        on_front: m.on_front,
+        holds: m.holds,
+        verdict: m.verdict.clone(),
     }
 }
 

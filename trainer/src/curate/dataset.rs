@@ -135,10 +135,20 @@ pub fn read_examples_with(
                 let mut value: serde_json::Value =
                     serde_json::from_str(&line).map_err(|e| parse_error(path, i + 1, e.to_string()))?;
                 if let Some(obj) = value.as_object_mut() {
-                    for (from, to) in [(&columns.text, "text"), (&columns.label, "label")] {
-                        if from != to
-                            && let Some(v) = obj.remove(from.as_str())
-                        {
+                    // Copied before any is moved: one column may serve as both.
+                    let moved: Vec<(&str, Option<serde_json::Value>)> =
+                        [(&columns.text, "text"), (&columns.label, "label")]
+                            .into_iter()
+                            .filter(|(from, to)| from.as_str() != *to)
+                            .map(|(from, to)| (to, obj.get(from.as_str()).cloned()))
+                            .collect();
+                    for from in [&columns.text, &columns.label] {
+                        if from != "text" && from != "label" {
+                            obj.remove(from.as_str());
+                        }
+                    }
+                    for (to, v) in moved {
+                        if let Some(v) = v {
                             obj.insert(to.into(), v);
                         }
                     }
@@ -292,6 +302,12 @@ mod tests {
         };
         let rows = read_examples_with(&j, LabelSource::Import, &hwu).unwrap();
         assert_eq!((rows[0].text.as_str(), rows[0].label.as_str()), ("hi", "greet"));
+        // Texts alone, from any column, of JSONL (a curated split) and CSV alike.
+        std::fs::write(&j, "{\"text\":\"hi\",\"label\":\"greet\",\"source\":\"review\"}\n").unwrap();
+        assert_eq!(read_texts(&j, "text").unwrap(), ["hi"]);
+        std::fs::write(&j, "{\"query\":\"yo\"}\n").unwrap();
+        assert_eq!(read_texts(&j, "query").unwrap(), ["yo"]);
+        assert_eq!(read_texts(&c, "text").unwrap(), ["hello, world"]);
     }
 
     #[test]

@@ -1,34 +1,44 @@
 //! `flywheel-trainer cycle`: one turn of the flywheel against a live server
-//! (curate the log and feedback, fine-tune, evaluate candidate against
+//! (curate the log and feedback, train the candidates, evaluate them and the
 //! incumbent on the frozen test split, gate, promote), once or on a cadence.
+//!
+//! A cycle trains one candidate (the `--kind` flags) or a configured list
+//! ([`candidates`]: e.g. an encoder classifier, a pruned decoder classifier
+//! and a LoRA label router), classifier candidates distilled from a teacher
+//! (the best router the registry has seen) over the window's logged traffic.
+//! The [`gate`] promotes the cheapest candidate whose accuracy holds against
+//! the best model's ([`crate::pareto`]).
 //!
 //! Every cycle has a record in the registry's journal
 //! ([`flywheel_router::data::journal`]), written at each stage and readable through
-//! `Admin.ListCycles`. One cycle runs at a time (an OS file lock in the
-//! registry). A cycle that dies keeps its record `running`; the next cycle
-//! resumes it from the first stage not done (curation of the same log window,
-//! training from its checkpoint). A cycle that fails or is refused by the
-//! gate never touches the serving model.
+//! `Admin.ListCycles`, with the gate's whole table. One cycle runs at a time
+//! (an OS file lock in the registry). A cycle that dies keeps its record
+//! `running`; the next cycle resumes it from the first stage not done
+//! (curation of the same log window, the candidates not yet trained). A
+//! cycle that fails or is refused by the gate never touches the serving model.
+
+pub mod candidates;
+pub mod gate;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
 use flywheel_router::data::journal::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
 use flywheel_router::data::log::{LogReader, unix_ms};
 
 use crate::curate::select::Filters;
 use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};
 use crate::eval;
-use crate::finetune::{self, TrainArgs};
-use crate::promote::{self, PromoteArgs, PromoteReport, ServerArgs};
+use crate::pareto::{CostMeasure, ParetoSpec};
+use crate::promote::{self, PromoteArgs, ServerArgs};
+use candidates::{CandidateSpec, Teaching};
 
 /// Fewest curated training examples a cycle trains on; below, it is `skipped`.
 pub const DEFAULT_MIN_EXAMPLES: usize = 40;
 /// Frozen test split shared by every cycle of a work folder.
 const FROZEN_TEST: &str = "frozen_test.jsonl";
-/// The gate's report inside a cycle's folder (read back when resuming).
+/// The evaluations of the gate inside a cycle's folder.
 const GATE_REPORT: &str = "gate.json";
 
 /// `flywheel-trainer cycle`.
@@ -53,16 +63,30 @@ pub struct CycleArgs {
     /// Device of the evaluations, and of training when given.
     #[command(flatten)]
     pub device: eval::DeviceArg,
-    /// Training settings.
+    /// Training settings (of the one candidate, when no `--candidates`).
     #[command(flatten)]
     pub training: TrainingKnobs,
+    /// TOML file of `[[candidate]]` tables: the candidates each cycle trains
+    /// (name, kind and training settings each; see docs/distillation.md).
+    #[arg(long = "candidates")]
+    pub candidates_file: Option<PathBuf>,
+    /// Candidates given in code (the demo's); override `--candidates`.
+    #[arg(skip)]
+    pub candidates: Vec<CandidateSpec>,
+    /// Teacher of the distilled candidates (default: the most accurate
+    /// router the registry has seen on the frozen split, else the incumbent).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// What the gate's winner is cheapest in: `p50` decision latency or `cpu` seconds per 1k.
+    #[arg(long, value_enum, default_value_t = CostMeasure::P50)]
+    pub cost: CostMeasure,
     /// Test share of each label when the first cycle creates the frozen test split.
     #[arg(long, default_value_t = curate::DEFAULT_TEST_FRACTION)]
     pub test_fraction: f64,
     /// Skip (and record why) when fewer curated training examples.
     #[arg(long, default_value_t = DEFAULT_MIN_EXAMPLES)]
     pub min_examples: usize,
-    /// Accepted accuracy loss against the incumbent (absolute).
+    /// Accuracy a winner may lose against the most accurate model (absolute).
     #[arg(long, default_value_t = promote::DEFAULT_TOLERANCE)]
     pub tolerance: f64,
     /// Largest accepted p99 decision latency of the candidate, in ms.
@@ -147,50 +171,25 @@ fn feedback_rows(log: &Path) -> anyhow::Result<u64> {
 }
 
 impl CycleArgs {
-    fn train_args(&self, data: &Path, out: &Path, labels: &[String]) -> anyhow::Result<TrainArgs> {
-        #[derive(Parser)]
-        struct Wrap {
-            #[command(flatten)]
-            args: TrainArgs,
+    /// The candidates: given in code, from `--candidates`, or the one the `--kind` flags describe.
+    ///
+    /// # Errors
+    /// An unreadable or invalid candidates file.
+    pub fn candidate_specs(&self) -> anyhow::Result<Vec<CandidateSpec>> {
+        if !self.candidates.is_empty() {
+            candidates::check(&self.candidates)?;
+            return Ok(self.candidates.clone());
+        }
+        if let Some(path) = &self.candidates_file {
+            return candidates::read(path);
         }
         let k = &self.training;
-        let mut argv: Vec<String> = vec![
-            "train".into(),
-            "--kind".into(),
-            k.kind.to_string(),
-            "--data".into(),
-            data.display().to_string(),
-            "--out".into(),
-            out.display().to_string(),
-            "--base".into(),
-            k.base.display().to_string(),
-            "--seed".into(),
-            k.seed.to_string(),
-        ];
-        if let Some(epochs) = k.epochs {
-            argv.extend(["--epochs".into(), epochs.to_string()]);
-        }
-        if let Some(blocks) = k.trained_blocks {
-            argv.extend(["--trained-blocks".into(), blocks.to_string()]);
-        }
-        if !labels.is_empty() {
-            argv.extend(["--labels".into(), labels.join(",")]);
-        }
-        if let Some(n) = k.keep_layers {
-            argv.extend(["--keep-layers".into(), n.to_string()]);
-        }
-        if let Some(n) = k.max_train_examples {
-            argv.extend(["--max-examples".into(), n.to_string()]);
-        }
-        if k.quiet {
-            argv.push("--quiet".into());
-        }
-        if let Some(device) = self.device.choice {
-            argv.extend(["--device".into(), device.to_string()]);
-        }
-        Ok(Wrap::try_parse_from(argv)
-            .context("building the training settings")?
-            .args)
+        Ok(vec![CandidateSpec {
+            epochs: k.epochs,
+            trained_blocks: k.trained_blocks,
+            keep_layers: k.keep_layers,
+            ..CandidateSpec::new(k.kind.as_str(), k.kind)
+        }])
     }
 
     fn promote_args(&self, candidate: &Path, test: &Path) -> PromoteArgs {
@@ -218,6 +217,7 @@ impl CycleArgs {
 /// Another cycle is running, or the journal cannot be written. Failures of
 /// the stages themselves end in a `failed` record, not an error.
 pub async fn run_once(args: &CycleArgs) -> anyhow::Result<CycleRecord> {
+    args.candidate_specs()?;
     let journal = CycleJournal::open(&args.registry_dir)?;
     let _lock = journal.lock()?;
     let interrupted = journal
@@ -264,9 +264,7 @@ pub async fn run_once(args: &CycleArgs) -> anyhow::Result<CycleRecord> {
 async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleRecord) -> anyhow::Result<()> {
     std::fs::create_dir_all(&record.work_dir).with_context(|| format!("creating {}", record.work_dir.display()))?;
     let data_dir = record.work_dir.join("data");
-    let model_dir = record.work_dir.join("model");
     let frozen = args.work_dir.join(FROZEN_TEST);
-    let mut gate: Option<PromoteReport> = None;
     while let Some(stage) = record.next_stage() {
         println!("[{}] {stage}", record.id);
         let t = Instant::now();
@@ -286,102 +284,69 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
                     return Ok(());
                 }
             }
-            "train" => {
-                // The server accepts a model trained for exactly its experts.
-                let experts = promote::admin(&args.server)
-                    .await?
-                    .status(flywheel_proto::v1::StatusRequest {})
-                    .await
-                    .context("asking the server for its experts")?
-                    .into_inner()
-                    .experts;
-                let train = args.train_args(&data_dir.join("train.jsonl"), &model_dir, &experts)?;
-                if train.kind.is_classifier() {
-                    let kind = train.kind;
-                    let m = tokio::task::spawn_blocking(move || match train.kind {
-                        flywheel_router::engine::ModelKind::DecoderClassifier => finetune::decoder::run(&train),
-                        _ => finetune::encoder::run(&train),
-                    })
-                    .await?
-                    .with_context(|| format!("training the {kind}"))?;
-                    println!(
-                        "  {}: {} examples, cross-validated accuracy {:.1}%",
-                        m.version,
-                        m.data.examples,
-                        m.head.cross_validation.iter().map(|c| c.1).fold(0.0, f64::max) * 100.0
-                    );
-                    record.candidate_version = Some(m.version);
-                } else {
-                    let manifest = finetune::run(&train).await.context("fine-tuning")?;
-                    println!(
-                        "  {}: {} examples, {} steps in {:.0} s, train accuracy {:.1}%",
-                        manifest.version,
-                        manifest.data.examples,
-                        manifest.training.steps,
-                        manifest.training.seconds,
-                        manifest.training.final_train_accuracy * 100.0
-                    );
-                    record.candidate_version = Some(manifest.version);
-                }
-            }
+            "train" => train_stage(args, journal, record, &data_dir.join("train.jsonl"), &frozen).await?,
             "evaluate" => {
-                let report = promote::assess(&args.promote_args(&model_dir, &frozen)).await?;
+                let (report, table) = evaluate_stage(args, record, &frozen).await?;
                 let path = record.work_dir.join(GATE_REPORT);
-                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!(
-                    "  candidate {} {:.1}% vs incumbent {} {:.1}% on {} test examples (p = {:.3}): {}",
-                    report.version,
-                    report.candidate.accuracy * 100.0,
-                    report.incumbent.version,
-                    report.incumbent.accuracy * 100.0,
-                    report.candidate.n,
-                    report.comparison.p_value,
-                    if report.decision.pass {
-                        "passes the gate"
-                    } else {
-                        "refused"
-                    }
-                );
-                record.metrics = Some(CycleMetrics {
-                    incumbent_version: report.incumbent.version.clone(),
-                    incumbent_accuracy: report.incumbent.accuracy,
-                    candidate_accuracy: report.candidate.accuracy,
-                    p_value: report.comparison.p_value,
-                    n: report.candidate.n,
-                    candidate_p99_ms: report.candidate.latency_p99_ms,
-                    incumbent_p99_ms: report.incumbent.latency_p99_ms,
-                });
-                record.decision = report.decision.reasons.clone();
-                gate = Some(report);
+                eval::write_json(&path, &report)?;
+                print!("{}", gate::render(&table));
+                // The chosen candidate (else the most accurate) against the incumbent.
+                let shown = table
+                    .winner
+                    .as_ref()
+                    .or_else(|| {
+                        report
+                            .candidates
+                            .iter()
+                            .max_by(|a, b| a.1.accuracy.total_cmp(&b.1.accuracy))
+                            .map(|c| &c.0)
+                    })
+                    .and_then(|name| report.candidates.iter().find(|c| &c.0 == name));
+                if let Some((_, c)) = shown {
+                    record.candidate_version = Some(c.version.clone());
+                    record.metrics = Some(CycleMetrics {
+                        incumbent_version: report.incumbent.version.clone(),
+                        incumbent_accuracy: report.incumbent.accuracy,
+                        candidate_accuracy: c.accuracy,
+                        p_value: eval::compare(c, &report.incumbent).p_value,
+                        n: c.n,
+                        candidate_p99_ms: c.latency_p99_ms,
+                        incumbent_p99_ms: report.incumbent.latency_p99_ms,
+                    });
+                }
+                record.decision = table
+                    .models
+                    .iter()
+                    .map(|m| format!("{}: {}", m.name, m.verdict))
+                    .collect();
+                record.gate = Some(table);
             }
             "promote" => {
-                let report = match gate.take() {
-                    Some(r) => r,
+                let table = record.gate.clone().context("the evaluate stage left no gate table")?;
+                let winner = table
+                    .winner
+                    .as_ref()
+                    .and_then(|w| record.candidates.iter().find(|c| &c.name == w))
+                    .cloned();
+                match winner {
+                    Some(run) => {
+                        let version = run.version.clone().context("the winner has no version")?;
+                        let mut client = promote::admin(&args.server).await?;
+                        // Resumed after the swap but before the record: already done.
+                        let serving = promote::serving(&mut client, &args.server).await?;
+                        if serving.version != version {
+                            // The training folder: the model and its manifest go to the registry.
+                            promote::apply(&args.promote_args(&run.dir, &frozen), &version).await?;
+                        }
+                        record.candidate_version = Some(version.clone());
+                        record.promoted = true;
+                        record.status = CycleStatus::Promoted;
+                        println!("  `{version}` ({}) now serves `{}`", run.name, args.server.slot);
+                    }
                     None => {
-                        let path = record.work_dir.join(GATE_REPORT);
-                        serde_json::from_slice(
-                            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-                        )
-                        .with_context(|| format!("parsing {}", path.display()))?
+                        record.status = CycleStatus::Rejected;
+                        println!("  {}; `{}` is untouched", table.summary, args.server.slot);
                     }
-                };
-                if report.decision.pass {
-                    let mut client = promote::admin(&args.server).await?;
-                    // Resumed after the swap but before the record: already done.
-                    let serving = promote::serving(&mut client, &args.server).await?;
-                    if serving.version != report.version {
-                        promote::apply(&args.promote_args(&model_dir, &frozen), &report.version).await?;
-                    }
-                    record.promoted = true;
-                    record.status = CycleStatus::Promoted;
-                    println!("  `{}` now serves `{}`", report.version, args.server.slot);
-                } else {
-                    record.status = CycleStatus::Rejected;
-                    println!(
-                        "  the gate refused `{}`; `{}` is untouched",
-                        report.version, args.server.slot
-                    );
                 }
             }
             other => anyhow::bail!("unknown cycle stage `{other}`"),
@@ -389,6 +354,107 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
         finish_stage(journal, record, stage, t)?;
     }
     Ok(())
+}
+
+/// The experts the server routes to: a model must be trained for exactly them.
+async fn server_experts(args: &CycleArgs) -> anyhow::Result<Vec<String>> {
+    Ok(promote::admin(&args.server)
+        .await?
+        .status(flywheel_proto::v1::StatusRequest {})
+        .await
+        .context("asking the server for its experts")?
+        .into_inner()
+        .experts)
+}
+
+/// Train every candidate not trained yet (a resumed cycle skips those its
+/// record has), recording each outcome as it ends.
+async fn train_stage(
+    args: &CycleArgs,
+    journal: &CycleJournal,
+    record: &mut CycleRecord,
+    gold: &Path,
+    frozen: &Path,
+) -> anyhow::Result<()> {
+    let specs = args.candidate_specs()?;
+    let experts = server_experts(args).await?;
+    let mut client = promote::admin(&args.server).await?;
+    let incumbent = promote::serving(&mut client, &args.server).await?;
+    let teacher = gate::choose_teacher(
+        args.teacher.as_deref(),
+        &args.registry_dir,
+        &args.server.slot,
+        Path::new(&incumbent.path),
+    )?;
+    let trained = flywheel_router::models::task::read_task(&teacher)
+        .with_context(|| format!("reading the teacher {}", teacher.display()))?
+        .is_some();
+    if specs.iter().any(|s| s.distils(trained)) {
+        println!("  teacher: {}", teacher.display());
+    }
+    let teaching = Teaching {
+        teacher: &teacher,
+        trained,
+        frozen,
+    };
+    for spec in &specs {
+        if record.candidates.iter().any(|c| c.name == spec.name) {
+            continue;
+        }
+        let run = candidates::train_one(args, record, spec, gold, &experts, &teaching).await;
+        record.candidates.push(run);
+        record.updated_unix_ms = now_ms();
+        journal.write(record)?;
+    }
+    let failed: Vec<String> = record
+        .candidates
+        .iter()
+        .filter_map(|c| c.error.as_ref().map(|e| format!("{}: {e}", c.name)))
+        .collect();
+    anyhow::ensure!(
+        failed.len() < record.candidates.len(),
+        "every candidate failed to train: {}",
+        failed.join("; ")
+    );
+    Ok(())
+}
+
+/// Evaluate the incumbent and the candidates on the frozen split and apply the Pareto gate.
+async fn evaluate_stage(
+    args: &CycleArgs,
+    record: &CycleRecord,
+    frozen: &Path,
+) -> anyhow::Result<(gate::GateReport, flywheel_router::data::journal::CycleGate)> {
+    let mut client = promote::admin(&args.server).await?;
+    let incumbent = promote::serving(&mut client, &args.server).await?;
+    let setup = eval::EvalSetup::new(args.server_config.as_deref(), args.device)?;
+    let teacher = record
+        .candidates
+        .iter()
+        .any(|c| c.distilled)
+        .then(|| {
+            gate::choose_teacher(
+                args.teacher.as_deref(),
+                &args.registry_dir,
+                &args.server.slot,
+                Path::new(&incumbent.path),
+            )
+        })
+        .transpose()?;
+    let spec = ParetoSpec {
+        tolerance: args.tolerance,
+        cost: args.cost,
+        max_p99_ms: args.max_p99_ms,
+    };
+    gate::evaluate(
+        frozen,
+        Path::new(&incumbent.path),
+        &record.candidates,
+        teacher.as_deref(),
+        &setup,
+        spec,
+    )
+    .await
 }
 
 fn finish_stage(journal: &CycleJournal, record: &mut CycleRecord, stage: &str, t: Instant) -> anyhow::Result<()> {
@@ -511,8 +577,7 @@ fn print_record(r: &CycleRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::eval::{Comparison, ModelReport};
-    use crate::promote::Decision;
+    use crate::eval::ModelReport;
 
     fn args(root: &Path) -> CycleArgs {
         CycleArgs {
@@ -527,6 +592,10 @@ mod tests {
             work_dir: root.join("cycles"),
             server_config: None,
             device: eval::DeviceArg::default(),
+            candidates_file: None,
+            candidates: Vec::new(),
+            teacher: None,
+            cost: CostMeasure::P50,
             training: TrainingKnobs {
                 kind: flywheel_router::engine::ModelKind::LabelScoring,
                 base: root.join("base.gguf"),
@@ -571,26 +640,16 @@ mod tests {
                 seconds: 1.0,
             });
         }
-        journal.write(&dead).unwrap();
-        let refused = PromoteReport {
-            accuracy: 0.5,
-            version: "ft-1".into(),
-            candidate: model("ft-1", 0.5),
-            incumbent: model("base", 0.8),
-            comparison: Comparison {
-                accuracy_delta: -0.3,
-                only_model_right: 0,
-                only_other_right: 3,
-                p_value: 0.25,
-            },
-            decision: Decision {
-                pass: false,
-                reasons: vec!["accuracy 50.0% is below the incumbent's 80.0% minus 1.0 points".into()],
-            },
-            promoted: false,
+        let incumbent = model("base", 0.8);
+        let candidates = vec![("label-scoring".to_string(), model("ft-1", 0.5))];
+        let spec = ParetoSpec {
+            tolerance: 0.01,
+            cost: CostMeasure::P50,
+            max_p99_ms: None,
         };
-        std::fs::write(work.join(GATE_REPORT), serde_json::to_vec(&refused).unwrap()).unwrap();
-
+        let decision = crate::pareto::choose(&candidates, &incumbent, spec);
+        dead.gate = Some(gate::table(&decision, &candidates, &incumbent, None, None, &[]));
+        journal.write(&dead).unwrap();
         let record = run_once(&args).await.unwrap();
         assert_eq!(record.id, "cycle-1");
         assert_eq!(record.resumed, 1);
@@ -616,7 +675,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = args(dir.path());
         a.device.choice = Some(DeviceChoice::Auto);
-        let train = a.train_args(Path::new("train.jsonl"), Path::new("out"), &[]).unwrap();
+        let spec = &a.candidate_specs().unwrap()[0];
+        let train = candidates::train_args(&a, spec, Path::new("train.jsonl"), Path::new("out"), &[]).unwrap();
         assert_eq!(train.device, DeviceChoice::Auto);
         let gate = a.promote_args(Path::new("out"), Path::new("test.jsonl"));
         assert_eq!(gate.device.choice, Some(DeviceChoice::Auto));
