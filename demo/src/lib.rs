@@ -102,8 +102,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub cycles: u8,
     /// The second cycle's candidates: a TOML file of `[[candidate]]` tables
-    /// (default: encoder classifiers tuned end to end and head-only, and a
-    /// 12-block decoder classifier; head-only only with --quick).
+    /// (default: MiniLM-L6 encoder classifiers, tuned end to end and head-only).
     #[arg(long)]
     pub students: Option<PathBuf>,
     /// Accuracy the second cycle's winner may lose against the best router.
@@ -267,7 +266,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         .requests
         .unwrap_or(if args.quick { QUICK_REQUESTS } else { DEFAULT_REQUESTS });
 
-    let t = Clock::begin("prepare the models and start the server", "1/5");
+    let steps = if args.cycles >= 2 { 7 } else { 5 };
+    let t = Clock::begin("prepare the models and start the server", &format!("1/{steps}"));
     reset_out(&args.out)?;
     let (models_dir, python) = (args.models_dir.clone(), args.python.clone());
     let (model, embedder) = tokio::task::spawn_blocking(move || {
@@ -337,13 +337,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     );
     clock.end("prepare models, start server", t);
 
-    let t = Clock::begin("replay the traffic (incumbent router)", "2/5");
+    let t = Clock::begin("replay the traffic (incumbent router)", &format!("2/{steps}"));
     let progress = bar(sample.len(), "replay");
     let before: Replay = replay::replay(&channel, &sample, args.concurrency, args.chat_every, &progress).await;
     progress.finish();
     clock.end("replay 1 (incumbent)", t);
 
-    let t = Clock::begin("feedback from users and reviewers", "3/5");
+    let t = Clock::begin("feedback from users and reviewers", &format!("3/{steps}"));
     let policy = FeedbackPolicy {
         rate: args.feedback_rate,
         reviewer_share: args.reviewer_share,
@@ -357,7 +357,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
     );
     clock.end("feedback", t);
 
-    let steps = if args.cycles >= 2 { 7 } else { 5 };
     Clock::begin(
         "flywheel cycle: curate, fine-tune, evaluate, gate, promote",
         &format!("4/{steps}"),
@@ -420,7 +419,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<DemoReport> {
         );
         let specs = match &args.students {
             Some(path) => flywheel_trainer::cycle::candidates::read(path)?,
-            None => students::default_candidates(args.quick, &embedder_dir),
+            None => students::default_candidates(&embedder_dir),
         };
         let student_args = CycleArgs {
             candidates: specs,

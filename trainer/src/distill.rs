@@ -187,6 +187,14 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
         d.as_ref()
             .is_some_and(|d| logged_score(d, &teacher_version, &names).is_some())
     };
+    let decided: HashMap<String, TeacherScore> = queries
+        .iter()
+        .filter_map(|(t, d)| {
+            d.as_ref()
+                .and_then(|d| logged_score(d, &teacher_version, &names))
+                .map(|s| (normalize(t), s))
+        })
+        .collect();
     let gold_texts: HashSet<String> = gold.examples.iter().map(|e| normalize(&e.text)).collect();
     let mut first: HashMap<String, usize> = HashMap::new();
     let mut unlabelled: Vec<(String, Option<RouteDecision>)> = Vec::new();
@@ -217,29 +225,23 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
          {dropped_excluded} excluded)"
     );
 
-    // The teacher scores the gold queries (its agreement) and the unlabelled ones.
+    // The teacher's own logged decisions stand (gold queries asked again
+    // count too); the rest it scores now: the gold queries for its
+    // agreement, the unlabelled ones to learn from.
+    let gold_logged: Vec<Option<TeacherScore>> = gold
+        .examples
+        .iter()
+        .map(|e| decided.get(&normalize(&e.text)).cloned())
+        .collect();
     let gold_texts: Vec<&str> = gold.examples.iter().map(|e| e.text.as_str()).collect();
-    let on_gold = teacher_scores(&agent, &names, &gold_texts, args.train.quiet).await?;
-    // The teacher's own logged decisions stand; the rest it scores now.
+    let on_gold = complete_scores(&agent, &names, &gold_texts, gold_logged, args.train.quiet).await?;
     let logged: Vec<Option<TeacherScore>> = unlabelled
         .iter()
         .map(|(_, d)| d.as_ref().and_then(|d| logged_score(d, &teacher_version, &names)))
         .collect();
     let logged_scores = logged.iter().flatten().count();
-    let to_score: Vec<&str> = unlabelled
-        .iter()
-        .zip(&logged)
-        .filter(|(_, l)| l.is_none())
-        .map(|((t, _), _)| t.as_str())
-        .collect();
-    let mut fresh = teacher_scores(&agent, &names, &to_score, args.train.quiet)
-        .await?
-        .into_iter();
-    let scored: Vec<TeacherScore> = logged
-        .into_iter()
-        .map(|l| l.or_else(|| fresh.next()))
-        .collect::<Option<_>>()
-        .context("the teacher scored fewer queries than it was given")?;
+    let texts: Vec<&str> = unlabelled.iter().map(|(t, _)| t.as_str()).collect();
+    let scored = complete_scores(&agent, &names, &texts, logged, args.train.quiet).await?;
     let teacher_seconds = started.elapsed().as_secs_f64();
     drop((agent, served));
 
@@ -359,6 +361,31 @@ pub async fn teacher_scores(
             })
         })
         .collect()
+}
+
+/// Each text's score: `known[i]` where given, the rest scored by the teacher now.
+///
+/// # Errors
+/// As [`teacher_scores`].
+async fn complete_scores(
+    agent: &RouterAgent,
+    labels: &[String],
+    texts: &[&str],
+    known: Vec<Option<TeacherScore>>,
+    quiet: bool,
+) -> anyhow::Result<Vec<TeacherScore>> {
+    let missing: Vec<&str> = texts
+        .iter()
+        .zip(&known)
+        .filter(|(_, k)| k.is_none())
+        .map(|(t, _)| *t)
+        .collect();
+    let mut fresh = teacher_scores(agent, labels, &missing, quiet).await?.into_iter();
+    known
+        .into_iter()
+        .map(|k| k.or_else(|| fresh.next()))
+        .collect::<Option<_>>()
+        .context("the teacher scored fewer queries than it was given")
 }
 
 /// The teacher's distribution as `decision` logged it, when the teacher's
@@ -665,6 +692,9 @@ mod tests {
                 "what meetings do I have tomorrow",
                 decided("teacher-v1", [0.0, 1.0, 0.0], true),
             ),
+            // A gold query the teacher's version decided ("calendar", as
+            // logged): its agreement with the gold label is read from the log.
+            ("Alarm at noon, please", decided("teacher-v1", [0.1, 0.1, 0.8], false)),
             // Asked again later and decided by the teacher's version: this
             // copy is the one kept ("reminder", as logged).
             (
@@ -707,9 +737,11 @@ mod tests {
                 info.logged_scores,
                 info.dropped_repeats
             ),
-            (4, 3, 2, 1),
+            (5, 3, 2, 2),
             "{info:?}"
         );
+        // The teacher routes the other two gold queries as labelled.
+        assert!((info.teacher_gold_agreement - 2.0 / 3.0).abs() < 1e-9, "{info:?}");
         let trained =
             crate::curate::dataset::read_examples(&d.train.out.join(TRAINING_SET), LabelSource::Import).unwrap();
         let label_of = |q: &str| trained.iter().find(|e| e.text == q).map(|e| e.label.clone());

@@ -49,34 +49,8 @@ pub struct ParetoSpec {
     pub max_p99_ms: Option<f64>,
 }
 
-/// One model's row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Row {
-    /// Candidate name (or `incumbent`).
-    pub name: String,
-    /// Its version.
-    pub version: String,
-    /// The model serving now.
-    pub incumbent: bool,
-    /// Accuracy on the frozen split.
-    pub accuracy: f64,
-    /// Macro-F1 there.
-    pub macro_f1: f64,
-    /// Decision latency p50 / p99 (ms).
-    pub p50_ms: f64,
-    /// p99.
-    pub p99_ms: f64,
-    /// CPU seconds per 1,000 decisions.
-    pub cpu_seconds_per_1k: f64,
-    /// Bytes.
-    pub size_bytes: u64,
-    /// No other model is at least as accurate and at most as costly (one of them strictly).
-    pub on_front: bool,
-    /// Within the tolerance of the best accuracy and the p99 budget.
-    pub holds: bool,
-    /// Why it won or did not.
-    pub verdict: String,
-}
+/// One model's row: the cycle journal's, so a cycle record keeps it as decided.
+pub use flywheel_router::data::journal::ModelRow as Row;
 
 /// The gate's decision over all models.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -164,13 +138,17 @@ pub fn choose(candidates: &[(String, ModelReport)], incumbent: &ModelReport, spe
             Row {
                 name: name.to_string(),
                 version: r.version.clone(),
+                kind: r.kind.to_string(),
                 incumbent: is_incumbent,
+                parameters: r.parameters,
+                size_bytes: r.size_bytes,
                 accuracy: r.accuracy,
                 macro_f1: r.macro_f1,
+                teacher_agreement: None,
+                p_value_vs_best: crate::eval::compare(r, best).p_value,
                 p50_ms: r.latency_p50_ms,
                 p99_ms: r.latency_p99_ms,
                 cpu_seconds_per_1k: r.cpu_seconds_per_1k,
-                size_bytes: r.size_bytes,
                 on_front,
                 holds,
                 verdict,

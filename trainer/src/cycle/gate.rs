@@ -172,9 +172,8 @@ fn agreement(a: &[String], b: &[String]) -> Option<f64> {
         .then(|| a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64)
 }
 
-/// The journal's table of a decision: its rows with each model's kind,
-/// parameters, agreement with the teacher and McNemar p-value against the
-/// best model, then a row per candidate that failed.
+/// The journal's table of a decision: its rows with each model's agreement
+/// with the teacher's predictions, then a row per candidate that failed.
 pub fn table(
     decision: &ParetoDecision,
     candidates: &[(String, ModelReport)],
@@ -183,63 +182,33 @@ pub fn table(
     teacher_version: Option<String>,
     failed: &[(String, String)],
 ) -> CycleGate {
-    let report_of = |name: &str, is_incumbent: bool| -> &ModelReport {
-        if is_incumbent {
-            incumbent
+    let mut models = decision.rows.clone();
+    for row in &mut models {
+        let report = if row.incumbent {
+            Some(incumbent)
         } else {
-            candidates.iter().find(|c| c.0 == name).map_or(incumbent, |c| &c.1)
-        }
-    };
-    let best = decision
-        .rows
-        .iter()
-        .find(|r| r.name == decision.best)
-        .map_or(incumbent, |r| report_of(&r.name, r.incumbent));
-    let mut models: Vec<ModelRow> = decision
-        .rows
-        .iter()
-        .map(|r| {
-            let report = report_of(&r.name, r.incumbent);
-            ModelRow {
-                name: r.name.clone(),
-                version: r.version.clone(),
-                kind: report.kind.to_string(),
-                incumbent: r.incumbent,
-                parameters: report.parameters,
-                size_bytes: r.size_bytes,
-                accuracy: r.accuracy,
-                macro_f1: r.macro_f1,
-                teacher_agreement: teacher.and_then(|t| agreement(&report.predicted, t)),
-                p_value_vs_best: eval::compare(report, best).p_value,
-                p50_ms: r.p50_ms,
-                p99_ms: r.p99_ms,
-                cpu_seconds_per_1k: r.cpu_seconds_per_1k,
-                on_front: r.on_front,
-                holds: r.holds,
-                verdict: r.verdict.clone(),
-            }
-        })
-        .collect();
-    for (name, why) in failed {
-        models.push(ModelRow {
-            name: name.clone(),
-            version: String::new(),
-            kind: String::new(),
-            incumbent: false,
-            parameters: 0,
-            size_bytes: 0,
-            accuracy: 0.0,
-            macro_f1: 0.0,
-            teacher_agreement: None,
-            p_value_vs_best: 1.0,
-            p50_ms: 0.0,
-            p99_ms: 0.0,
-            cpu_seconds_per_1k: 0.0,
-            on_front: false,
-            holds: false,
-            verdict: why.clone(),
-        });
+            candidates.iter().find(|c| c.0 == row.name).map(|c| &c.1)
+        };
+        row.teacher_agreement = teacher.zip(report).and_then(|(t, r)| agreement(&r.predicted, t));
     }
+    models.extend(failed.iter().map(|(name, why)| ModelRow {
+        name: name.clone(),
+        version: String::new(),
+        kind: String::new(),
+        incumbent: false,
+        parameters: 0,
+        size_bytes: 0,
+        accuracy: 0.0,
+        macro_f1: 0.0,
+        teacher_agreement: None,
+        p_value_vs_best: 1.0,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        cpu_seconds_per_1k: 0.0,
+        on_front: false,
+        holds: false,
+        verdict: why.clone(),
+    }));
     CycleGate {
         cost: match decision.spec.cost {
             pareto::CostMeasure::P50 => "p50".into(),
