@@ -134,11 +134,10 @@ pub async fn table(
             l.p50_vs_teacher = l.p50_ms / t.p50_ms.max(f64::MIN_POSITIVE);
             l.cost_vs_teacher = l.cpu_seconds_per_1k / t.cpu_seconds_per_1k.max(f64::MIN_POSITIVE);
         }
-        l.on_front = !all.iter().any(|o| {
-            o.frozen_accuracy >= l.frozen_accuracy
-                && o.p50_ms <= l.p50_ms
-                && (o.frozen_accuracy > l.frozen_accuracy || o.p50_ms < l.p50_ms)
-        });
+        l.on_front = !flywheel_trainer::pareto::dominated(
+            (l.frozen_accuracy, l.p50_ms),
+            all.iter().map(|o| (o.frozen_accuracy, o.p50_ms)),
+        );
     }
     Ok(lines)
 }

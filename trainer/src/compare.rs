@@ -74,8 +74,8 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
     );
     let setup = EvalSetup::new(args.server_config.as_deref(), args.device)?;
     let (examples, labels) = args.test.read()?;
-    let files: Vec<PathBuf> = args.models.iter().map(|m| model_file(m)).collect();
-    let incumbent_file = model_file(&args.incumbent);
+    let files: Vec<PathBuf> = args.models.iter().map(|m| eval::model_file(m)).collect();
+    let incumbent_file = eval::model_file(&args.incumbent);
     let mut all: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
     all.push(&incumbent_file);
     let labels = eval::label_space(&labels, &all)?;
@@ -126,16 +126,6 @@ pub async fn run(args: &CompareArgs) -> anyhow::Result<CompareReport> {
         plot::pareto_png(&points, &title, path)?;
     }
     Ok(report)
-}
-
-/// The model file of a training output folder (its `model.gguf`), or `path` itself.
-fn model_file(path: &Path) -> PathBuf {
-    let inside = path.join("model.gguf");
-    if path.is_dir() && inside.is_file() {
-        inside
-    } else {
-        path.to_path_buf()
-    }
 }
 
 /// The table: every model with its numbers, ratios to the incumbent, the

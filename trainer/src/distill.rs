@@ -39,7 +39,8 @@ use crate::curate::DEFAULT_NEAR_DUP_THRESHOLD;
 use crate::curate::dataset::{Example, LabelSource, read_texts};
 use crate::eval::{DeviceArg, EvalSetup, load_router};
 use crate::finetune::encoder::ClassifierManifest;
-use crate::finetune::targets::{Distillation, Supervised, soften};
+use crate::finetune::manifest::Distillation;
+use crate::finetune::targets::{Supervised, soften};
 use crate::finetune::{TrainArgs, TrainingData, decoder, encoder, read_training_data};
 
 /// Queries the teacher scores at once.

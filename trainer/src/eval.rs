@@ -581,6 +581,17 @@ pub async fn evaluate_model(
     })
 }
 
+/// The model of a training output folder (its `model.gguf`), or `path`
+/// itself (a GGUF file, or an encoder classifier folder).
+pub fn model_file(path: &Path) -> PathBuf {
+    let inside = path.join("model.gguf");
+    if path.is_dir() && inside.is_file() {
+        inside
+    } else {
+        path.to_path_buf()
+    }
+}
+
 /// The weights of a router model: every tensor of a GGUF file, or of an
 /// encoder classifier folder's safetensors files, less the out-of-scope
 /// rule's reference embeddings (data, not weights).

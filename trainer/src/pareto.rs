@@ -67,6 +67,16 @@ pub struct ParetoDecision {
     pub summary: String,
 }
 
+/// Whether another (accuracy, cost) point is at least as accurate and at
+/// most as costly as `point`, strictly better in one of them (`point` is
+/// then off the Pareto front).
+pub fn dominated(point: (f64, f64), others: impl IntoIterator<Item = (f64, f64)>) -> bool {
+    let (accuracy, cost) = point;
+    others
+        .into_iter()
+        .any(|(a, c)| a >= accuracy && c <= cost && (a > accuracy || c < cost))
+}
+
 /// Decide among `candidates` (name, report) and the `incumbent`, all measured
 /// on the same test set.
 pub fn choose(candidates: &[(String, ModelReport)], incumbent: &ModelReport, spec: ParetoSpec) -> ParetoDecision {
@@ -113,9 +123,10 @@ pub fn choose(candidates: &[(String, ModelReport)], incumbent: &ModelReport, spe
     let rows = all
         .iter()
         .map(|&(name, r, is_incumbent)| {
-            let on_front = !all.iter().any(|&(_, o, _)| {
-                o.accuracy >= r.accuracy && cost(o) <= cost(r) && (o.accuracy > r.accuracy || cost(o) < cost(r))
-            });
+            let on_front = !dominated(
+                (r.accuracy, cost(r)),
+                all.iter().map(|&(_, o, _)| (o.accuracy, cost(o))),
+            );
             let why = fails(r);
             let holds = why.is_empty();
             let verdict = if !holds {

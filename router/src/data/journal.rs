@@ -206,6 +206,10 @@ pub struct CycleRecord {
     pub candidate_version: Option<String>,
     /// The gate's measurements.
     pub metrics: Option<CycleMetrics>,
+    /// The model the cycle's distilled candidates learn from (chosen once,
+    /// kept when the cycle resumes).
+    #[serde(default)]
+    pub teacher: Option<PathBuf>,
     /// Each candidate's training (several per cycle when configured).
     #[serde(default)]
     pub candidates: Vec<CandidateRun>,
@@ -240,6 +244,7 @@ impl CycleRecord {
             dataset: None,
             candidate_version: None,
             metrics: None,
+            teacher: None,
             candidates: Vec::new(),
             gate: None,
             decision: Vec::new(),
@@ -398,6 +403,7 @@ mod tests {
             seconds: 1.5,
         });
         assert_eq!(old.next_stage(), Some("train"));
+        old.teacher = Some(dir.path().join("registry/versions/ft-1/model.gguf"));
         old.candidates.push(CandidateRun {
             name: "encoder".into(),
             kind: "encoder-classifier".into(),

@@ -73,13 +73,9 @@ fn same(a: &Path, b: &Path) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-/// The path a candidate is evaluated and promoted from.
+/// The model a candidate's training wrote.
 pub fn candidate_model(run: &CandidateRun) -> PathBuf {
-    if flywheel_router::engine::classifier::is_classifier(&run.dir) {
-        run.dir.clone()
-    } else {
-        run.dir.join("model.gguf")
-    }
+    eval::model_file(&run.dir)
 }
 
 /// Evaluate the incumbent, every trained candidate and (for the agreement

@@ -380,12 +380,18 @@ async fn train_stage(
     let experts = server_experts(args).await?;
     let mut client = promote::admin(&args.server).await?;
     let incumbent = promote::serving(&mut client, &args.server).await?;
-    let teacher = gate::choose_teacher(
-        args.teacher.as_deref(),
-        &args.registry_dir,
-        &args.server.slot,
-        Path::new(&incumbent.path),
-    )?;
+    // Chosen once per cycle (a resumed one keeps its teacher); the
+    // evaluation measures agreement with the same model.
+    let teacher = match &record.teacher {
+        Some(t) => t.clone(),
+        None => gate::choose_teacher(
+            args.teacher.as_deref(),
+            &args.registry_dir,
+            &args.server.slot,
+            Path::new(&incumbent.path),
+        )?,
+    };
+    record.teacher = Some(teacher.clone());
     let trained = flywheel_router::models::task::read_task(&teacher)
         .with_context(|| format!("reading the teacher {}", teacher.display()))?
         .is_some();
@@ -429,18 +435,9 @@ async fn evaluate_stage(
     let incumbent = promote::serving(&mut client, &args.server).await?;
     let setup = eval::EvalSetup::new(args.server_config.as_deref(), args.device)?;
     let teacher = record
-        .candidates
-        .iter()
-        .any(|c| c.distilled)
-        .then(|| {
-            gate::choose_teacher(
-                args.teacher.as_deref(),
-                &args.registry_dir,
-                &args.server.slot,
-                Path::new(&incumbent.path),
-            )
-        })
-        .transpose()?;
+        .teacher
+        .as_deref()
+        .filter(|_| record.candidates.iter().any(|c| c.distilled));
     let spec = ParetoSpec {
         tolerance: args.tolerance,
         cost: args.cost,
@@ -450,7 +447,7 @@ async fn evaluate_stage(
         frozen,
         Path::new(&incumbent.path),
         &record.candidates,
-        teacher.as_deref(),
+        teacher,
         &setup,
         spec,
     )

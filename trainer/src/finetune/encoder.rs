@@ -31,7 +31,8 @@ use flywheel_router::engine::classifier::{
 use serde::{Deserialize, Serialize};
 
 use super::encoder_tune::{TuneReport, TuneSpec, tune};
-use super::targets::{Distillation, Supervised, Targets};
+use super::manifest::Distillation;
+use super::targets::{Supervised, Targets};
 use super::{DataInfo, FinetuneError, TrainArgs, TrainingData, gguf_err, io_err, read_training_data};
 use crate::curate::export::sha256_file;
 

@@ -1,14 +1,14 @@
 //! What each training example of a classifier is trained toward: its gold
 //! label (a one-hot row), or a teacher's temperature-softened distribution
-//! over the labels (distillation, [`crate::distill`]), each row with a
+//! over the labels (distillation, `flywheel-trainer distill`), each row with a
 //! weight. The losses are cross-entropies against these rows, so a gold row
 //! is ordinary cross-entropy and a teacher row is the KL divergence to the
 //! teacher plus a constant (the teacher's entropy).
 
 use candle_core::{D, Device, Tensor};
 
-use super::TrainingData;
-pub use super::manifest::Distillation;
+use super::data::TrainingData;
+use super::manifest::Distillation;
 
 /// Target distributions and weights of `n` examples over `labels` labels.
 #[derive(Debug, Clone, PartialEq)]
