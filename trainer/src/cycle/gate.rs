@@ -78,8 +78,65 @@ pub fn candidate_model(run: &CandidateRun) -> PathBuf {
     eval::model_file(&run.dir)
 }
 
+/// The evaluations earlier cycles of `slot` made on the frozen split (their
+/// `gate.json`), newest first: a trained model measured there already is
+/// not measured again (the split never changes within a work folder).
+///
+/// # Errors
+/// An unreadable journal.
+pub fn earlier_reports(journal: &CycleJournal, slot: &str, file: &str) -> anyhow::Result<Vec<ModelReport>> {
+    let mut out = Vec::new();
+    for r in journal
+        .list()?
+        .into_iter()
+        .filter(|r| r.slot == slot && r.gate.is_some())
+    {
+        let path = r.work_dir.join(file);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        match serde_json::from_str::<GateReport>(&text) {
+            Ok(g) => {
+                out.push(g.incumbent);
+                out.extend(g.candidates.into_iter().map(|c| c.1));
+                out.extend(g.teacher);
+            }
+            Err(e) => tracing::warn!(report = %path.display(), error = %e, "ignoring an unreadable gate report"),
+        }
+    }
+    Ok(out)
+}
+
+/// Evaluate `model` on `examples`, or take its earlier evaluation among
+/// `known`: the same trained version (a manifest's), device, labels and test
+/// size. Base models (no manifest) are always measured.
+async fn measure(
+    model: &Path,
+    examples: &[crate::curate::dataset::Example],
+    labels: &[String],
+    setup: &EvalSetup,
+    known: &[ModelReport],
+) -> anyhow::Result<ModelReport> {
+    let version = eval::manifest_version(model);
+    let device = setup.device().to_string();
+    let earlier = known.iter().find(|r| {
+        version.as_deref() == Some(r.version.as_str())
+            && r.device == device
+            && r.n == examples.len()
+            && r.labels == labels
+            && r.predicted.len() == examples.len()
+    });
+    if let Some(r) = earlier {
+        println!("  {}: measured on this split by an earlier cycle, not again", r.version);
+        return Ok(r.clone());
+    }
+    eval::evaluate_model(model, examples, labels, setup, None).await
+}
+
 /// Evaluate the incumbent, every trained candidate and (for the agreement
-/// column) the teacher on `test`, and decide.
+/// column) the teacher on `test`, and decide. A trained incumbent or teacher
+/// that an earlier cycle measured on the same split (in `known`) is not
+/// measured again.
 ///
 /// # Errors
 /// Unreadable test data, or the incumbent failing to evaluate. A candidate
@@ -91,13 +148,14 @@ pub async fn evaluate(
     teacher: Option<&Path>,
     setup: &EvalSetup,
     spec: ParetoSpec,
+    known: &[ModelReport],
 ) -> anyhow::Result<(GateReport, CycleGate)> {
     let (examples, labels) = eval::read_test(test, "text", "label", None)?;
     let mut paths: Vec<PathBuf> = vec![incumbent.to_path_buf()];
     paths.extend(runs.iter().filter(|r| r.version.is_some()).map(candidate_model));
     let refs: Vec<&Path> = paths.iter().map(PathBuf::as_path).collect();
     let labels = eval::label_space(&labels, &refs)?;
-    let incumbent_report = eval::evaluate_model(incumbent, &examples, &labels, setup, None)
+    let incumbent_report = measure(incumbent, &examples, &labels, setup, known)
         .await
         .context("evaluating the incumbent")?;
     let mut candidates = Vec::new();
@@ -117,7 +175,7 @@ pub async fn evaluate(
     }
     let teacher_report = match teacher {
         Some(t) if !paths.iter().any(|p| same(p, t)) => Some(
-            eval::evaluate_model(t, &examples, &labels, setup, None)
+            measure(t, &examples, &labels, setup, known)
                 .await
                 .context("evaluating the teacher")?,
         ),
@@ -306,6 +364,64 @@ mod tests {
         assert_eq!(agree[..3], [Some(2.0 / 3.0), Some(2.0 / 3.0), Some(1.0)]);
         assert_eq!(gate.teacher.as_deref(), Some("ft-1"));
         assert!(render(&gate).contains("training failed: out of memory"));
+    }
+
+    /// A trained model an earlier cycle measured on the frozen split is taken
+    /// from that cycle's report; another device or split size is measured.
+    #[tokio::test]
+    async fn a_model_measured_by_an_earlier_cycle_is_not_measured_again() {
+        use flywheel_router::data::journal::CycleRecord;
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("registry");
+        let journal = CycleJournal::open(&registry).unwrap();
+        // The teacher of cycle 1: not a loadable model, so measuring it fails.
+        let model_dir = dir.path().join("ft-1");
+        std::fs::create_dir_all(&model_dir).unwrap();
+        std::fs::write(model_dir.join("model.gguf"), b"not a model").unwrap();
+        std::fs::write(model_dir.join("manifest.json"), r#"{"version":"ft-1"}"#).unwrap();
+        let model = model_dir.join("model.gguf");
+        let examples: Vec<crate::curate::dataset::Example> = ["set an alarm", "play jazz"]
+            .iter()
+            .map(|t| crate::curate::dataset::Example {
+                text: t.to_string(),
+                label: "alarm".into(),
+                source: crate::curate::dataset::LabelSource::Import,
+                request_id: None,
+            })
+            .collect();
+        let labels = vec!["alarm".to_string(), "music".to_string()];
+        let measured = ModelReport {
+            labels: labels.clone(),
+            ..report("ft-1", 0.5, 200.0, &["alarm", "music"], &[true, false])
+        };
+        let work = dir.path().join("cycle-1");
+        std::fs::create_dir_all(&work).unwrap();
+        let spec = ParetoSpec {
+            tolerance: 0.02,
+            cost: CostMeasure::P50,
+            max_p99_ms: None,
+        };
+        let decision = pareto::choose(&[], &measured, spec);
+        let report_file = GateReport {
+            incumbent: measured.clone(),
+            candidates: Vec::new(),
+            teacher: None,
+            decision: decision.clone(),
+        };
+        std::fs::write(work.join("gate.json"), serde_json::to_string(&report_file).unwrap()).unwrap();
+        let mut r = CycleRecord::new("cycle-1".into(), "manual", "router", 1, work);
+        r.gate = Some(table(&decision, &[], &measured, None, None, &[]));
+        journal.write(&r).unwrap();
+
+        let known = earlier_reports(&journal, "router", "gate.json").unwrap();
+        assert_eq!(known, vec![measured.clone()]);
+        assert!(earlier_reports(&journal, "other-slot", "gate.json").unwrap().is_empty());
+        let setup = EvalSetup::new(None, eval::DeviceArg::default()).unwrap();
+        let again = measure(&model, &examples, &labels, &setup, &known).await.unwrap();
+        assert_eq!(again, measured);
+        // Another split size, or no earlier report: measured, and this file fails.
+        assert!(measure(&model, &examples[..1], &labels, &setup, &known).await.is_err());
+        assert!(measure(&model, &examples, &labels, &setup, &[]).await.is_err());
     }
 
     #[test]

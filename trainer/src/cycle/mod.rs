@@ -286,7 +286,7 @@ async fn stages(args: &CycleArgs, journal: &CycleJournal, record: &mut CycleReco
             }
             "train" => train_stage(args, journal, record, &data_dir.join("train.jsonl"), &frozen).await?,
             "evaluate" => {
-                let (report, table) = evaluate_stage(args, record, &frozen).await?;
+                let (report, table) = evaluate_stage(args, journal, record, &frozen).await?;
                 let path = record.work_dir.join(GATE_REPORT);
                 eval::write_json(&path, &report)?;
                 print!("{}", gate::render(&table));
@@ -428,6 +428,7 @@ async fn train_stage(
 /// Evaluate the incumbent and the candidates on the frozen split and apply the Pareto gate.
 async fn evaluate_stage(
     args: &CycleArgs,
+    journal: &CycleJournal,
     record: &CycleRecord,
     frozen: &Path,
 ) -> anyhow::Result<(gate::GateReport, flywheel_router::data::journal::CycleGate)> {
@@ -443,6 +444,7 @@ async fn evaluate_stage(
         cost: args.cost,
         max_p99_ms: args.max_p99_ms,
     };
+    let known = gate::earlier_reports(journal, &args.server.slot, GATE_REPORT)?;
     gate::evaluate(
         frozen,
         Path::new(&incumbent.path),
@@ -450,6 +452,7 @@ async fn evaluate_stage(
         teacher,
         &setup,
         spec,
+        &known,
     )
     .await
 }
