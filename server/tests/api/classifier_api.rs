@@ -6,9 +6,7 @@
 //! engine; the encoder classifier runs on the real all-MiniLM-L6-v2, the
 //! decoder classifier on the real SmolLM2-135M.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

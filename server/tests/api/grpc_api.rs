@@ -1,9 +1,7 @@
 //! The gRPC API end to end: the real server on `127.0.0.1:0`, the real
 //! SmolLM2 model, the generated tonic clients, and the request log on disk.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,9 +4,7 @@
 //! format, errors, keys on both transports, cancellation and the log.
 //! The official `openai` client against the real model is in `openai_api.rs`.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

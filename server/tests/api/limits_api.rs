@@ -4,9 +4,7 @@
 //! gets `NOT_FOUND`, not a status too large to send). Nothing refused is
 //! stored whole.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use flywheel_proto::v1::{ChatRequest, FeedbackHistoryRequest, FeedbackRequest, RouteRequest, Thumb, feedback_request};
 use flywheel_server::Config;

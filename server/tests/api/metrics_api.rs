@@ -3,9 +3,7 @@
 //! a per-token delay so that inter-token gaps exist; real rails), and the
 //! shadow counters while a candidate is mirrored.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use flywheel_proto::v1::{ChatRequest, RouteRequest};
 use flywheel_server::Config;

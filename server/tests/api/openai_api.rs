@@ -3,9 +3,7 @@
 //! streamed answer, a forced expert, the models list, an error, a refused
 //! jailbreak, feedback by the returned id, and a dropped stream.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -5,9 +5,7 @@
 //! a collector. These tests exercise the server and its log, not the model,
 //! so they select the stub engine explicitly (`--engine stub`).
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -5,9 +5,7 @@
 //! The stub engine signs every word it streams with its model version
 //! (`word@version`), so the request log shows which model produced each token.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

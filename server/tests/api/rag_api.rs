@@ -3,9 +3,7 @@
 //! request log records the passages, and `Admin.Reindex` swaps a rebuilt
 //! index in under streaming load with no failed request.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;

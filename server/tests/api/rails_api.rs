@@ -3,9 +3,7 @@
 //! selected explicitly, so that what the model says is known (`echo:`
 //! queries) and the tests exercise the rails, not the model.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use flywheel_proto::v1::chat_stream_message::Event;
 use flywheel_proto::v1::{ChatRequest, ListModelsRequest, RouteRequest, StatusRequest, UpdateRailsRequest};

@@ -3,9 +3,7 @@
 //! connections that never speak) cost the others nothing, and a request
 //! log that cannot write (full disk) fails visibly, never silently.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,9 +3,7 @@
 //! candidate never changes or delays live answers, settings are validated,
 //! and the report joins feedback labels.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

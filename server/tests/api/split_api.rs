@@ -1,9 +1,7 @@
 //! A/B splits through a real client on the stub engine: sticky assignment
 //! per session and user, per-arm reports joined with feedback, validation.
 
-#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
-
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
