@@ -13,9 +13,8 @@ pub const DEFAULT_TOLERANCE: f64 = 0.02;
 
 /// The students: MiniLM-L6 classifiers, tuned end to end and head-only on
 /// the rails' own encoder. (SmolLM2's first 12 blocks with a head is a
-/// `--students` entry: on the demo's ~1k queries it trains in ~4 minutes and
-/// lands below the teacher, 85.1% against 87.0%, which would take the demo
-/// past its 30 minutes.)
+/// `--students` entry: on the demo's ~1k queries it trains in ~5 minutes and
+/// lands below the teacher, 85.1% against 87.0%.)
 pub fn default_candidates(encoder: &Path) -> Vec<CandidateSpec> {
     let encoder_student = |name: &str, training: Training, epochs: Option<usize>| CandidateSpec {
         encoder: Some(encoder.to_path_buf()),
