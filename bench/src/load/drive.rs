@@ -18,6 +18,8 @@ pub(super) struct Sample {
     /// Still running at the hard stop (end of the duration plus `--drain-s`)
     /// and cancelled there.
     pub(super) unfinished: bool,
+    /// Which of the addresses served it (index into `--addr`).
+    pub(super) target: usize,
 }
 
 impl Sample {
@@ -56,38 +58,46 @@ pub(super) fn arrivals(rate: f64, seed: u64) -> impl Iterator<Item = f64> {
     std::iter::from_fn(move || exp.as_ref().map(|e| e.sample(&mut rng)))
 }
 
-/// One measured run against `addr`: connections opened, `--warmup-s` of
-/// unmeasured load, then the measured closed or open loop.
+/// One measured run against `addrs` (clients spread over them in turn):
+/// connections opened, `--warmup-s` of unmeasured load, then the measured
+/// closed or open loop.
 pub(super) async fn drive(
     args: &Args,
-    addr: &str,
+    addrs: &[String],
     protocol: Protocol,
     queries: &std::sync::Arc<Vec<String>>,
 ) -> anyhow::Result<(Vec<Sample>, f64)> {
-    let mut channels = Vec::with_capacity(args.connections);
+    anyhow::ensure!(!addrs.is_empty(), "no server address: pass --addr");
+    // Laid out address by address in turn, so client `c` (and request `i`
+    // of the open loop) goes to address `c % addrs.len()`.
+    let mut channels: Vec<(usize, Client)> = Vec::new();
     match protocol {
         Protocol::Grpc => {
             for _ in 0..args.connections {
-                channels.push(Client::Grpc(connect_for_load(addr).await?));
+                for (target, addr) in addrs.iter().enumerate() {
+                    channels.push((target, Client::Grpc(connect_for_load(addr).await?)));
+                }
             }
         }
         Protocol::Http => {
-            // One pool; open as many connections as clients up front.
-            let pool = crate::http_client::HttpPool::new(addr)?;
-            for _ in 0..args.concurrency {
-                pool.open().await?;
+            // One pool per address; open as many connections as its clients up front.
+            for (target, addr) in addrs.iter().enumerate() {
+                let pool = crate::http_client::HttpPool::new(addr)?;
+                for _ in 0..args.concurrency.div_ceil(addrs.len()) {
+                    pool.open().await?;
+                }
+                channels.push((target, Client::Http(pool)));
             }
-            channels.push(Client::Http(pool));
         }
     }
     let channel_for = |i: usize| channels[i % channels.len()].clone();
     let budget = args.requests.unwrap_or(usize::MAX);
     let (mode, max_tokens) = (args.mode, args.max_tokens);
     let drain = Duration::from_secs_f64(args.drain_s);
-    for i in 0..args.warmup.max(1) * args.connections {
+    for i in 0..args.warmup.max(1) * args.connections * addrs.len() {
         let now = Instant::now();
         one(
-            channel_for(i),
+            channel_for(i).1,
             mode,
             &queries[i % queries.len()],
             max_tokens,
@@ -130,10 +140,10 @@ pub(super) async fn drive(
                     let in_warmup = due < started;
                     measured += usize::from(!in_warmup);
                     pace_until(due);
-                    let (channel, queries, done) =
+                    let ((target, channel), queries, done) =
                         (channels[i % channels.len()].clone(), queries.clone(), done.clone());
                     runtime.spawn(async move {
-                        let sample = one(
+                        let mut sample = one(
                             channel,
                             mode,
                             &queries[i % queries.len()],
@@ -143,6 +153,7 @@ pub(super) async fn drive(
                             stop,
                         )
                         .await;
+                        sample.target = target;
                         // The receiver lives until every sender is gone.
                         let _ = done.send((in_warmup, sample));
                     });
@@ -168,7 +179,7 @@ pub(super) async fn drive(
             let sent = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let mut tasks = Vec::new();
             for c in 0..args.concurrency {
-                let (channel, queries, sent) = (channel_for(c), queries.clone(), sent.clone());
+                let ((target, channel), queries, sent) = (channel_for(c), queries.clone(), sent.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut samples = Vec::new();
                     let mut i = c;
@@ -180,7 +191,7 @@ pub(super) async fn drive(
                         {
                             break;
                         }
-                        let sample = one(
+                        let mut sample = one(
                             channel.clone(),
                             mode,
                             &queries[i % queries.len()],
@@ -190,6 +201,7 @@ pub(super) async fn drive(
                             stop,
                         )
                         .await;
+                        sample.target = target;
                         if kept(in_warmup, &sample) {
                             samples.push(sample);
                         }

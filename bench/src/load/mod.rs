@@ -55,9 +55,11 @@ pub enum Protocol {
 /// Arguments of `flywheel-bench load` (also `flywheel-bench` without a subcommand).
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Server address (its gRPC or its HTTP address, as `--protocol` says).
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    addr: String,
+    /// Server address (its gRPC or its HTTP address, as `--protocol` says);
+    /// several (comma-separated or repeated: replicas without a balancer in
+    /// front) share the clients in turn, and the report counts each one's.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "http://127.0.0.1:50051")]
+    addr: Vec<String>,
     /// API the load goes through.
     #[arg(long, value_enum, default_value_t = Protocol::Grpc)]
     protocol: Protocol,
@@ -204,8 +206,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let baseline = match &args.baseline_addr {
         Some(addr) => {
-            let (samples, elapsed) = drive(&args, addr, baseline_protocol, &queries).await?;
-            let r = report(&args, baseline_protocol, &samples, elapsed, &slo);
+            let addrs = std::slice::from_ref(addr);
+            let (samples, elapsed) = drive(&args, addrs, baseline_protocol, &queries).await?;
+            let r = report(&args, addrs, baseline_protocol, &samples, elapsed, &slo);
             println!("baseline {addr} ({baseline_protocol:?}):");
             print_report(&r);
             Some(r)
@@ -213,9 +216,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
     let (samples, elapsed) = drive(&args, &args.addr, args.protocol, &queries).await?;
-    let mut report = report(&args, args.protocol, &samples, elapsed, &slo);
+    let mut report = report(&args, &args.addr, args.protocol, &samples, elapsed, &slo);
     if baseline.is_some() {
-        println!("{} ({:?}):", args.addr, args.protocol);
+        println!("{} ({:?}):", args.addr.join(","), args.protocol);
     }
     print_report(&report);
     if let Some(base) = baseline {
@@ -303,6 +306,7 @@ mod tests {
             ok,
             code: None,
             unfinished: false,
+            target: 0,
         }
     }
 
@@ -330,7 +334,14 @@ mod tests {
                 ..sample(true, 0.0, &[], f64::from(k) / 10.0)
             })
             .collect();
-        let r = report(&cli.args, Protocol::Grpc, &samples, 1.0, &Slo::default());
+        let r = report(
+            &cli.args,
+            &cli.args.addr,
+            Protocol::Grpc,
+            &samples,
+            1.0,
+            &Slo::default(),
+        );
         let (late, from) = (r.start_late_ms.unwrap(), r.latency_from_schedule_ms.unwrap());
         assert_eq!((late.p50, late.p99), (0.0, 10.0));
         // From send: 9.9 ms at p99; from schedule the five late ones are 19.6..20.0 ms.
@@ -339,7 +350,14 @@ mod tests {
         assert!((from.p50 - r.latency_ms.p50).abs() < 1e-9);
         // The closed loop has no schedule: neither figure is reported.
         let closed = Cli::try_parse_from(["load"]).unwrap();
-        let r = report(&closed.args, Protocol::Grpc, &samples, 1.0, &Slo::default());
+        let r = report(
+            &closed.args,
+            &closed.args.addr,
+            Protocol::Grpc,
+            &samples,
+            1.0,
+            &Slo::default(),
+        );
         assert!(r.start_late_ms.is_none() && r.latency_from_schedule_ms.is_none());
     }
 
@@ -444,7 +462,7 @@ mod tests {
             let cli = Cli::try_parse_from(["load", "--addr", &addr].into_iter().chain(flags)).unwrap();
             let (samples, _) = tokio::time::timeout(
                 Duration::from_secs(30),
-                drive(&cli.args, &addr, Protocol::Grpc, &queries),
+                drive(&cli.args, std::slice::from_ref(&addr), Protocol::Grpc, &queries),
             )
             .await
             .expect("the load run finishes")
@@ -464,6 +482,91 @@ mod tests {
                 ),
             }
         }
+    }
+
+    /// Counts the routes it answers.
+    struct Counting(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    #[tonic::async_trait]
+    impl flywheel_proto::v1::router_server::Router for Counting {
+        async fn route(
+            &self,
+            request: tonic::Request<RouteRequest>,
+        ) -> Result<tonic::Response<flywheel_proto::v1::RouteResponse>, tonic::Status> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Echo.route(request).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn load_on_several_addresses_reaches_each_and_is_counted_per_address() {
+        use clap::Parser;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let mut addrs = Vec::new();
+        let mut served = Vec::new();
+        for _ in 0..3 {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(format!("http://{}", listener.local_addr().unwrap()));
+            let count = std::sync::Arc::new(AtomicUsize::new(0));
+            served.push(count.clone());
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(flywheel_proto::v1::router_server::RouterServer::new(Counting(count)))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+        }
+        // Repeated and comma-separated flags name the same list.
+        let repeated = Cli::try_parse_from(["load", "--addr", &addrs[0], "--addr", &addrs[1..].join(",")]).unwrap();
+        assert_eq!(repeated.args.addr, addrs);
+        let queries = std::sync::Arc::new(vec!["a".to_string()]);
+        for flags in [
+            ["--concurrency", "6", "--requests", "600"],
+            ["--rate", "2000", "--duration", "0.3"],
+        ] {
+            let before: Vec<usize> = served.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+            let joined = addrs.join(",");
+            let cli = Cli::try_parse_from(["load", "--addr", joined.as_str()].into_iter().chain(flags)).unwrap();
+            let (samples, elapsed) = tokio::time::timeout(
+                Duration::from_secs(30),
+                drive(&cli.args, &cli.args.addr, Protocol::Grpc, &queries),
+            )
+            .await
+            .expect("the load run finishes")
+            .unwrap();
+            let r = report(
+                &cli.args,
+                &cli.args.addr,
+                Protocol::Grpc,
+                &samples,
+                elapsed,
+                &Slo::default(),
+            );
+            assert_eq!(r.errors, 0, "{flags:?}");
+            let shares: Vec<(&str, usize)> = r.per_address.iter().map(|a| (a.addr.as_str(), a.requests)).collect();
+            assert_eq!(shares.iter().map(|s| s.0).collect::<Vec<_>>(), addrs, "{flags:?}");
+            assert_eq!(shares.iter().map(|s| s.1).sum::<usize>(), r.requests, "{flags:?}");
+            for (i, (addr, n)) in shares.iter().enumerate() {
+                // Each address gets its share of the clients or arrivals,
+                // and the server there saw at least that many (plus warm-up).
+                assert!(*n * 5 >= r.requests, "{flags:?}: {addr} served {n} of {}", r.requests);
+                let seen = served[i].load(Ordering::Relaxed) - before[i];
+                assert!(seen >= *n, "{flags:?}: {addr} counted {n} but saw {seen}");
+            }
+        }
+        // One address: no per-address table.
+        let one = Cli::try_parse_from(["load", "--addr", &addrs[0], "--requests", "10"]).unwrap();
+        let (samples, elapsed) = drive(&one.args, &one.args.addr, Protocol::Grpc, &queries)
+            .await
+            .unwrap();
+        let r = report(
+            &one.args,
+            &one.args.addr,
+            Protocol::Grpc,
+            &samples,
+            elapsed,
+            &Slo::default(),
+        );
+        assert!(r.per_address.is_empty());
     }
 
     /// Streams one token for every query; then ends the answer, or for a
@@ -560,7 +663,7 @@ mod tests {
         let t0 = Instant::now();
         let (samples, elapsed) = tokio::time::timeout(
             Duration::from_secs(20),
-            drive(&cli.args, &addr, Protocol::Grpc, &queries),
+            drive(&cli.args, std::slice::from_ref(&addr), Protocol::Grpc, &queries),
         )
         .await
         .expect("the hard stop ends the run")
@@ -570,7 +673,14 @@ mod tests {
             "the run took {elapsed} s, not duration + drain"
         );
         assert!(t0.elapsed() < Duration::from_secs(5));
-        let r = report(&cli.args, Protocol::Grpc, &samples, elapsed, &Slo::default());
+        let r = report(
+            &cli.args,
+            &cli.args.addr,
+            Protocol::Grpc,
+            &samples,
+            elapsed,
+            &Slo::default(),
+        );
         // Clients 1 and 3 stall at once, 0 and 2 after one answer.
         assert_eq!((r.requests, r.unfinished, r.errors), (6, 4, 0), "{samples:?}");
         assert!(r.errors_by_status.is_empty());
@@ -590,12 +700,14 @@ mod tests {
         // never finish: those are reported unfinished, not dropped as warm-up.
         let mut flags = cli.args;
         flags.warmup_s = 0.5;
-        let (samples, elapsed) =
-            tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, Protocol::Grpc, &queries))
-                .await
-                .expect("the hard stop ends the run")
-                .unwrap();
-        let r = report(&flags, Protocol::Grpc, &samples, elapsed, &Slo::default());
+        let (samples, elapsed) = tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(&flags, std::slice::from_ref(&addr), Protocol::Grpc, &queries),
+        )
+        .await
+        .expect("the hard stop ends the run")
+        .unwrap();
+        let r = report(&flags, &flags.addr, Protocol::Grpc, &samples, elapsed, &Slo::default());
         assert_eq!(
             (r.requests, r.unfinished, r.errors, r.latency_ms.n),
             (4, 4, 0, 0),
@@ -604,12 +716,14 @@ mod tests {
 
         // The open loop: half the arrivals stall, warm-up ones included.
         flags.rate = Some(100.0);
-        let (samples, elapsed) =
-            tokio::time::timeout(Duration::from_secs(20), drive(&flags, &addr, Protocol::Grpc, &queries))
-                .await
-                .expect("the hard stop ends the run")
-                .unwrap();
-        let r = report(&flags, Protocol::Grpc, &samples, elapsed, &Slo::default());
+        let (samples, elapsed) = tokio::time::timeout(
+            Duration::from_secs(20),
+            drive(&flags, std::slice::from_ref(&addr), Protocol::Grpc, &queries),
+        )
+        .await
+        .expect("the hard stop ends the run")
+        .unwrap();
+        let r = report(&flags, &flags.addr, Protocol::Grpc, &samples, elapsed, &Slo::default());
         assert!((0.55..3.0).contains(&elapsed), "{elapsed} s");
         assert_eq!(r.errors, 0);
         assert!(

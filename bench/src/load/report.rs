@@ -39,12 +39,24 @@ pub struct Report {
     pub(super) slo_attainment: f64,
     /// Successful requests and latency per second of the run.
     pub(super) timeline: Vec<crate::plot::Second>,
+    /// Requests and errors per server address, when the load went to more
+    /// than one.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(super) per_address: Vec<AddressShare>,
     /// The same load against `--baseline-addr`, run first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) baseline: Option<Box<Report>>,
     /// This run over the baseline: requests/s, p50 and p99 latency.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(super) ratio: Option<Ratio>,
+}
+
+/// The part of the load one address served.
+#[derive(Debug, Serialize)]
+pub struct AddressShare {
+    pub(super) addr: String,
+    pub(super) requests: usize,
+    pub(super) errors: usize,
 }
 
 /// One run over its baseline, measured back to back.
@@ -72,7 +84,14 @@ impl Slo {
     }
 }
 
-pub(super) fn report(args: &Args, protocol: Protocol, samples: &[Sample], elapsed_s: f64, slo: &Slo) -> Report {
+pub(super) fn report(
+    args: &Args,
+    addrs: &[String],
+    protocol: Protocol,
+    samples: &[Sample],
+    elapsed_s: f64,
+    slo: &Slo,
+) -> Report {
     let ok: Vec<&Sample> = samples.iter().filter(|s| s.ok).collect();
     let mut errors_by_status = std::collections::BTreeMap::new();
     let unfinished = samples.iter().filter(|s| s.unfinished).count();
@@ -118,9 +137,30 @@ pub(super) fn report(args: &Args, protocol: Protocol, samples: &[Sample], elapse
             // later, when the last one finishes or at the hard stop.
             args.duration.min(elapsed_s),
         ),
+        per_address: if addrs.len() > 1 {
+            per_address(addrs, samples)
+        } else {
+            Vec::new()
+        },
         baseline: None,
         ratio: None,
     }
+}
+
+/// Requests and errors (unfinished ones apart) per address.
+fn per_address(addrs: &[String], samples: &[Sample]) -> Vec<AddressShare> {
+    addrs
+        .iter()
+        .enumerate()
+        .map(|(target, addr)| {
+            let mine = samples.iter().filter(|s| s.target == target);
+            AddressShare {
+                addr: addr.clone(),
+                requests: mine.clone().count(),
+                errors: mine.filter(|s| !s.ok && !s.unfinished).count(),
+            }
+        })
+        .collect()
 }
 
 pub(super) fn print_report(r: &Report) {
@@ -147,6 +187,9 @@ pub(super) fn print_report(r: &Report) {
             s.p50, s.p90, s.p99, s.mean
         );
     };
+    for a in &r.per_address {
+        println!("  {}: {} requests, {} errors", a.addr, a.requests, a.errors);
+    }
     row("latency", &r.latency_ms);
     if let Some(s) = &r.start_late_ms {
         row("start late", s);
