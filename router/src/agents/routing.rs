@@ -90,6 +90,7 @@ pub struct RouterAgent {
     threshold: f32,
     fallback: String,
     calibrate: bool,
+    decide_during_rails: bool,
     /// Label log-probabilities for the content-free query, per model version.
     prior: Mutex<Option<(String, Arc<Vec<f32>>)>>,
 }
@@ -113,8 +114,15 @@ impl RouterAgent {
             threshold: spec.confidence_threshold,
             fallback: spec.fallback_expert.clone(),
             calibrate: spec.calibrate,
+            decide_during_rails: spec.decide_during_rails,
             prior: Mutex::new(None),
         })
+    }
+
+    /// Whether it may decide while the input rails run (`[router]
+    /// decide_during_rails`).
+    pub fn decides_during_rails(&self) -> bool {
+        self.decide_during_rails
     }
 
     /// The expert names, in configured order.

@@ -148,6 +148,11 @@ pub struct RouterSpec {
     pub fallback_expert: String,
     /// Remove the model's label prior (contextual calibration).
     pub calibrate: bool,
+    /// Let a classifier router decide on the query while the input rails
+    /// check it (kept when the rails leave the query unchanged). Off, the
+    /// router reads only what the rails passed, e.g. never a query before
+    /// PII redaction, at the cost of the rails' time in every decision.
+    pub decide_during_rails: bool,
 }
 
 /// One expert agent.
@@ -336,6 +341,7 @@ impl Default for RouterSpec {
             confidence_threshold: DEFAULT_CONFIDENCE_THRESHOLD,
             fallback_expert: "general".into(),
             calibrate: true,
+            decide_during_rails: true,
         }
     }
 }

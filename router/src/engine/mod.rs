@@ -190,6 +190,13 @@ pub trait Engine: Send + Sync + 'static {
     /// Backend name, e.g. `"mistralrs"`.
     fn backend(&self) -> &'static str;
 
+    /// The fingerprint of the sentence encoder whose features this model
+    /// reads and reuses when another component (the input rails' jailbreak
+    /// detector) computed them a moment ago (`None`: it computes its own).
+    fn shared_encoder(&self) -> Option<&str> {
+        None
+    }
+
     /// Start generating an answer to `messages`.
     ///
     /// # Errors

@@ -169,6 +169,12 @@ impl Rails {
         }
     }
 
+    /// The fingerprint of the sentence encoder the input rails run on every
+    /// query, if any.
+    pub fn encoder_fingerprint(&self) -> Option<&str> {
+        self.set.as_deref().and_then(rails::RailSet::encoder_fingerprint)
+    }
+
     /// `text` as the request log may keep it for a query refused before
     /// the rails ran (see [`rails::RailSet::redact_for_log`]).
     pub fn redact_for_log(&self, text: &str) -> String {

@@ -193,6 +193,15 @@ impl RailSet {
         })
     }
 
+    /// The fingerprint of the sentence encoder every query passes through
+    /// (the jailbreak rail's, when it is on).
+    pub fn encoder_fingerprint(&self) -> Option<&str> {
+        self.jailbreak
+            .as_ref()
+            .filter(|_| self.spec.jailbreak.enabled)
+            .map(|d| d.embedder.fingerprint())
+    }
+
     /// The embedder in use, for reuse by a rebuilt rail set.
     pub fn embedder(&self) -> Option<Arc<Embedder>> {
         self.jailbreak.as_ref().map(|d| d.embedder.clone())

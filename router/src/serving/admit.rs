@@ -1,12 +1,15 @@
 //! The first stages of every request: admission, validation, input rails
-//! (the query and the conversation's earlier turns).
+//! (the query and the conversation's earlier turns), with an early route
+//! decision running beside the query's rails when the caller has one.
 
 use std::sync::Arc;
 
 use tracing::Instrument;
 
+use super::decide::EarlyRoute;
 use super::ticket::{Outcome, Ticket};
 use super::{Pipeline, Query};
+use crate::agents::RouteDecision;
 use crate::clock::unix_ms;
 use crate::data::log::RequestRecord;
 use crate::engine::ChatMessage;
@@ -26,15 +29,31 @@ pub(super) struct Admitted {
     pub(super) text: String,
     /// The conversation's earlier turns as the rails left them.
     pub(super) history: Vec<ChatMessage>,
+    /// The early route decision, when one ran and the rails left the query
+    /// as it was (it decided on the very text the request goes on with).
+    pub(super) early_route: Option<Result<RouteDecision, PipelineError>>,
+}
+
+/// A new request id (UUIDv7: ids sort by arrival).
+pub(super) fn new_request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
 }
 
 impl Pipeline {
-    /// Admission, validation and input rails, common to every entry point.
-    /// A refusal finishes the request's ticket (its record is logged) and
-    /// returns the error.
-    pub(super) async fn admit(&self, kind: &str, query: &Query, rails: &Arc<Rails>) -> Result<Admitted, PipelineError> {
+    /// Admission, validation and input rails, common to every entry point;
+    /// `early` runs beside the query's input rails once the request is
+    /// admitted and valid. A refusal finishes the request's ticket (its
+    /// record is logged) and returns the error.
+    pub(super) async fn admit(
+        &self,
+        kind: &str,
+        request_id: String,
+        query: &Query,
+        rails: &Arc<Rails>,
+        early: Option<EarlyRoute<'_>>,
+    ) -> Result<Admitted, PipelineError> {
         let record = RequestRecord {
-            request_id: uuid::Uuid::now_v7().to_string(),
+            request_id,
             kind: kind.to_string(),
             session_id: query.session_id.clone(),
             user_id: query.user_id.clone(),
@@ -44,8 +63,13 @@ impl Pipeline {
             ..RequestRecord::default()
         };
         let mut ticket = Ticket::new(record, self.books.clone(), rails.clone());
-        match self.check(&mut ticket, query, rails).await {
-            Ok((text, history)) => Ok(Admitted { ticket, text, history }),
+        match self.check(&mut ticket, query, rails, early).await {
+            Ok((text, history, early_route)) => Ok(Admitted {
+                ticket,
+                text,
+                history,
+                early_route,
+            }),
             Err(e) => Err(fail(ticket, e)),
         }
     }
@@ -55,7 +79,8 @@ impl Pipeline {
         ticket: &mut Ticket,
         query: &Query,
         rails: &Rails,
-    ) -> Result<(String, Vec<ChatMessage>), PipelineError> {
+        early: Option<EarlyRoute<'_>>,
+    ) -> Result<(String, Vec<ChatMessage>, Option<Result<RouteDecision, PipelineError>>), PipelineError> {
         // A query refused before the rails ran is logged as the PII rail
         // would have left it, then cut to `max_query_chars`: redacted first,
         // so no entity straddling the cut leaves digits behind (only a
@@ -109,12 +134,18 @@ impl Pipeline {
             let field = "history";
             return Err(refuse(record, PipelineError::InvalidRequest { field, reason }));
         }
-        let text = match rails
+        let checking = rails
             .input
             .check(&query.text)
-            .instrument(tracing::info_span!("rails", request_id = %record.request_id))
-            .await
-        {
+            .instrument(tracing::info_span!("rails", request_id = %record.request_id));
+        let (checked, early_route) = match early {
+            Some(route) => {
+                let (checked, decided) = tokio::join!(checking, route);
+                (checked, Some(decided))
+            }
+            None => (checking.await, None),
+        };
+        let text = match checked {
             Ok(check) => {
                 record.guardrails = check.verdicts;
                 check.rewritten.unwrap_or_else(|| query.text.clone())
@@ -156,7 +187,8 @@ impl Pipeline {
         record.query = text.clone();
         let live = self.live.enter(&record.request_id);
         ticket.passed_rails(text.clone(), live);
-        Ok((text, history))
+        let early_route = early_route.filter(|_| text == query.text);
+        Ok((text, history, early_route))
     }
 }
 

@@ -42,12 +42,14 @@ use crate::trials::split::Split;
 
 mod admit;
 mod answer;
+mod decide;
 pub(crate) mod live;
 mod request;
 pub(crate) mod ticket;
 mod trials;
 
 use answer::Producer;
+use decide::{record_route, route_span};
 use live::LiveRequests;
 pub use request::{ChatEvent, ChatOutcome, ChatStream, Query, RouteOutcome, Timings};
 use ticket::{Books, Outcome};
@@ -211,12 +213,22 @@ impl Pipeline {
     /// Invalid input, overload, a blocking rail, or an engine failure.
     pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
         let rails = self.rails.load_full();
-        let admit::Admitted { mut ticket, text, .. } = self.admit("route", &query, &rails).await?;
-        let span = route_span(&ticket.record.request_id);
-        let result = self
-            .decide(&Query { expert: None, ..query }, &text, &ticket.record.request_id)
-            .instrument(span.clone())
-            .await;
+        let query = Query { expert: None, ..query };
+        let request_id = admit::new_request_id();
+        let decider = self.decider(&query, &request_id);
+        let span = route_span(&request_id);
+        let early = self.early_route(&decider, &rails, &query.text, &span);
+        let admit::Admitted {
+            mut ticket,
+            text,
+            early_route,
+            ..
+        } = self.admit("route", request_id, &query, &rails, early).await?;
+        let result = match (early_route, decider) {
+            (Some(decided), _) => decided,
+            (None, Ok(decider)) => self.decide(&decider, &text).instrument(span.clone()).await,
+            (None, Err(e)) => Err(e),
+        };
         record_route(&span, result.as_ref().ok());
         let route = match result {
             Ok(route) => route,
@@ -291,15 +303,22 @@ impl Pipeline {
 
     async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
         let rails = self.rails.load_full();
+        let request_id = admit::new_request_id();
+        let decider = self.decider(&query, &request_id);
+        let span = route_span(&request_id);
+        let early = self.early_route(&decider, &rails, &query.text, &span);
         let admit::Admitted {
             mut ticket,
             text,
             history,
-        } = self.admit(kind, &query, &rails).await?;
-        let request_id = ticket.record.request_id.clone();
+            early_route,
+        } = self.admit(kind, request_id.clone(), &query, &rails, early).await?;
         // Route.
-        let span = route_span(&request_id);
-        let decided = self.decide(&query, &text, &request_id).instrument(span.clone()).await;
+        let decided = match (early_route, decider) {
+            (Some(decided), _) => decided,
+            (None, Ok(decider)) => self.decide(&decider, &text).instrument(span.clone()).await,
+            (None, Err(e)) => Err(e),
+        };
         record_route(&span, decided.as_ref().ok());
         let route = match decided {
             Ok(r) => r,
@@ -378,51 +397,6 @@ impl Pipeline {
         };
         tokio::spawn(producer.run(start_event, tokens, model).instrument(span));
         Ok(ChatStream::new(rx, Some(cut_rx)))
-    }
-
-    async fn decide(&self, query: &Query, text: &str, request_id: &str) -> Result<RouteDecision, PipelineError> {
-        match &query.expert {
-            Some(name) if !name.is_empty() => {
-                if self.experts.contains_key(name) {
-                    Ok(RouteDecision::forced(name))
-                } else {
-                    Err(PipelineError::UnknownExpert {
-                        name: crate::text::quote(name),
-                        known: self.expert_order.join(", "),
-                    })
-                }
-            }
-            _ => match self.split_model(
-                ROUTER_SLOT,
-                query.session_id.as_deref(),
-                query.user_id.as_deref(),
-                request_id,
-            ) {
-                Some(model) => Ok(self.router.decide_with(&model, text).await?),
-                None => Ok(self.router.decide(text).await?),
-            },
-        }
-    }
-}
-
-/// The `route` stage's span; [`record_route`] fills in the decision.
-fn route_span(request_id: &str) -> tracing::Span {
-    tracing::info_span!(
-        "route",
-        request_id,
-        expert = tracing::field::Empty,
-        confidence = tracing::field::Empty,
-        forced = tracing::field::Empty,
-        fallback = tracing::field::Empty
-    )
-}
-
-fn record_route(span: &tracing::Span, route: Option<&RouteDecision>) {
-    if let Some(r) = route {
-        span.record("expert", r.expert.as_str());
-        span.record("confidence", r.confidence);
-        span.record("forced", r.forced);
-        span.record("fallback", r.fallback);
     }
 }
 

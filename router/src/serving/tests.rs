@@ -408,3 +408,144 @@ async fn a_request_dropped_at_any_stage_is_recorded_as_cancelled() {
     }
     assert_eq!(p.status().in_flight, 0, "a dropped request keeps no permit");
 }
+
+/// A router engine that records every query it scores, and input rails that
+/// wait (at most `wait`) for the router to start scoring before they finish,
+/// redacting the word `hr` (an expert's name, so the redaction changes the
+/// decision).
+mod early_route {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::engine::{Engine, GenerateParams, LabelScores, LabelSet, ModelKind, TokenStream};
+    use crate::guardrails::{InputCheck, InputRails, RailRejection};
+    use crate::models::slots::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
+    use crate::models::task::TrainedTask;
+
+    #[derive(Default)]
+    struct Recording {
+        queries: Mutex<Vec<String>>,
+    }
+
+    #[async_trait]
+    impl Engine for Recording {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        async fn generate(&self, m: Vec<ChatMessage>, p: GenerateParams) -> Result<TokenStream, EngineError> {
+            StubEngine::default().generate(m, p).await
+        }
+        async fn score_labels(&self, m: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
+            self.queries.lock().unwrap().push(m.last().unwrap().content.clone());
+            StubEngine::default().score_labels(m, labels).await
+        }
+        async fn warm_up(&self, _: &[ChatMessage]) -> Result<(), EngineError> {
+            Ok(())
+        }
+    }
+
+    struct WaitingRails {
+        router: Arc<Recording>,
+        wait: Duration,
+        /// Whether the router started scoring during each check.
+        router_started: Mutex<Vec<bool>>,
+    }
+
+    #[async_trait]
+    impl InputRails for WaitingRails {
+        async fn check(&self, query: &str) -> Result<InputCheck, RailRejection> {
+            let until = tokio::time::Instant::now() + self.wait;
+            let before = self.router.queries.lock().unwrap().len();
+            let started = loop {
+                let n = self.router.queries.lock().unwrap().len();
+                if n > before || tokio::time::Instant::now() >= until {
+                    break n > before;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            };
+            self.router_started.lock().unwrap().push(started);
+            Ok(InputCheck {
+                rewritten: query.contains(" hr").then(|| query.replace(" hr", " [redacted]")),
+                verdicts: Vec::new(),
+            })
+        }
+    }
+
+    fn pipeline(
+        kind: ModelKind,
+        wait: Duration,
+        dir: &std::path::Path,
+    ) -> (Pipeline, Arc<Recording>, Arc<WaitingRails>) {
+        let mut settings = EngineSettings::default();
+        settings.log.path = dir.join("requests.db");
+        let router = Arc::new(Recording::default());
+        let labels = settings.experts.iter().map(|e| e.name.clone()).collect();
+        let model = Arc::new(ServedModel {
+            engine: router.clone(),
+            task: Some(TrainedTask {
+                system_prompt: String::new(),
+                labels,
+                kind,
+            }),
+            ..crate::testing::stub_model("router-v1")
+        });
+        let expert = Arc::new(crate::testing::stub_model("expert-v1"));
+        let slots = std::iter::once(Arc::new(Slot::new(ROUTER_SLOT, model))).chain(
+            settings
+                .experts
+                .iter()
+                .map(|e| Arc::new(Slot::new(expert_slot(&e.name), expert.clone()))),
+        );
+        let registry = Arc::new(ModelRegistry::from_slots(slots.collect::<Vec<_>>()));
+        let rails = Arc::new(WaitingRails {
+            router: router.clone(),
+            wait,
+            router_started: Mutex::new(Vec::new()),
+        });
+        let log = RequestLog::open(&settings.log).unwrap();
+        let p = Pipeline::new(&settings, registry, log).unwrap().with_rails(Rails {
+            input: rails.clone(),
+            ..Rails::pass_through()
+        });
+        (p, router, rails)
+    }
+
+    #[tokio::test]
+    async fn a_classifier_router_decides_while_the_rails_run_and_only_on_the_text_they_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, router, rails) = pipeline(ModelKind::EncoderClassifier, Duration::from_secs(10), dir.path());
+        // The rails end only once the router has started: it decided beside them.
+        let plain = p.complete(query("a finance question")).await.unwrap();
+        assert_eq!(plain.route.expert, "finance");
+        assert_eq!(*router.queries.lock().unwrap(), ["a finance question"], "decided once");
+        // A query the rails rewrite is decided again on what they pass: the
+        // raw text names two experts, the redacted one only finance.
+        let raw = "a finance question about hr";
+        let rewritten = p.route(query(raw)).await.unwrap();
+        let redacted = "a finance question about [redacted]";
+        assert_eq!(*router.queries.lock().unwrap(), ["a finance question", raw, redacted]);
+        assert_eq!(*rails.router_started.lock().unwrap(), [true, true]);
+        let alone = p.route(query(redacted)).await.unwrap();
+        assert_eq!(rewritten.route.scores, alone.route.scores);
+        assert!(rewritten.route.confidence > 0.9, "{:?}", rewritten.route);
+        // The log keeps that decision.
+        let rec = records(&p)
+            .await
+            .into_iter()
+            .find(|r| r.request_id == rewritten.request_id)
+            .unwrap();
+        assert_eq!(rec.query, redacted);
+        assert_eq!(rec.route.unwrap().scores, rewritten.route.scores);
+    }
+
+    #[tokio::test]
+    async fn a_label_scoring_router_decides_once_after_the_rails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, router, rails) = pipeline(ModelKind::LabelScoring, Duration::from_millis(100), dir.path());
+        p.route(query("a finance question about hr")).await.unwrap();
+        assert_eq!(*rails.router_started.lock().unwrap(), [false]);
+        assert_eq!(*router.queries.lock().unwrap(), ["a finance question about [redacted]"]);
+    }
+}

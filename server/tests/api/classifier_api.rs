@@ -277,3 +277,35 @@ async fn the_router_slot_swaps_between_kinds_under_load_and_refuses_other_labels
     );
     assert!(records.iter().all(|r| r.status == "ok"), "a request failed");
 }
+
+#[tokio::test]
+async fn a_decoder_classifier_decides_beside_the_rails_on_the_text_they_pass() {
+    let s = setup();
+    let server = &s.server;
+    let mut admin = server.admin().await;
+    admin.promote(promote("dec-1")).await.unwrap();
+    // Its features are not the rails' encoding, so it starts on the raw
+    // query while the rails run; the PII rail rewrites this one, so the
+    // decision is made again on what the rail passed.
+    let raw = "submit an expense report to jane.doe@corp.example today";
+    let r = server
+        .router()
+        .await
+        .route(pb::RouteRequest {
+            query: raw.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let passed = server.record(&r.request_id).await.query;
+    assert!(!passed.contains("jane.doe"), "{passed}");
+    let alone = route(server, &passed).await.unwrap();
+    let decided = r.route.unwrap();
+    assert_eq!(decided.router_model_version, "dec-1");
+    let probabilities = |d: &pb::RouteDecision| d.scores.iter().map(|s| s.probability).collect::<Vec<_>>();
+    assert_eq!(probabilities(&decided), probabilities(&alone));
+    // A query the rails leave as it is keeps the decision made beside them.
+    let d = route(server, "submit an expense report").await.unwrap();
+    assert_eq!(d.top_expert, "finance", "{d:?}");
+}

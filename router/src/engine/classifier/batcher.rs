@@ -142,6 +142,12 @@ impl Batcher {
         }
     }
 
+    /// The fingerprint of the model files whose features it shares with
+    /// other callers ([`Featurizer::fingerprint`]).
+    pub fn fingerprint(&self) -> Option<&str> {
+        self.model.fingerprint()
+    }
+
     /// Forward passes run so far (one per batch).
     pub fn forward_passes(&self) -> u64 {
         self.counters.passes.load(Ordering::Relaxed)

@@ -80,6 +80,12 @@ pub trait Featurizer: Send + Sync + 'static {
 
     /// Keep `text`'s features for [`Featurizer::recall`].
     fn remember(&self, _text: &str, _features: &[f32], _tokens: u32) {}
+
+    /// The fingerprint of the model files behind [`Featurizer::recall`]:
+    /// callers on the same files share features (`None`: nothing shared).
+    fn fingerprint(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Featurizer for Embedder {
@@ -97,6 +103,10 @@ impl Featurizer for Embedder {
 
     fn remember(&self, text: &str, features: &[f32], tokens: u32) {
         Embedder::remember(self, text, features, tokens);
+    }
+
+    fn fingerprint(&self) -> Option<&str> {
+        Some(Embedder::fingerprint(self))
     }
 }
 
@@ -454,6 +464,10 @@ impl Engine for Classifier {
             ModelKind::DecoderClassifier => "candle-decoder",
             _ => "candle-encoder",
         }
+    }
+
+    fn shared_encoder(&self) -> Option<&str> {
+        self.batcher.fingerprint()
     }
 
     async fn generate(&self, _messages: Vec<ChatMessage>, _params: GenerateParams) -> Result<TokenStream, EngineError> {

@@ -1,0 +1,113 @@
+//! Who decides a query's expert, and when: a forced expert, or the router
+//! model this request uses (a split's arm or the slot's). A classifier router
+//! that does not read the input rails' encoding decides on the raw query
+//! while the rails run, and its decision stands when the rails leave the
+//! query unchanged (otherwise it decides again on the text they pass).
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use tracing::Instrument;
+
+use super::{Pipeline, Query};
+use crate::agents::RouteDecision;
+use crate::error::PipelineError;
+use crate::guardrails::Rails;
+use crate::models::slots::{ROUTER_SLOT, ServedModel};
+
+/// Who decides a request's expert.
+pub(super) enum Decider {
+    /// The caller named the expert.
+    Forced(String),
+    /// This router model.
+    Model(Arc<ServedModel>),
+}
+
+/// A route decision begun before the input rails finished.
+pub(super) type EarlyRoute<'a> = BoxFuture<'a, Result<RouteDecision, PipelineError>>;
+
+impl Pipeline {
+    /// The decider of `query`: its forced expert (which must be configured),
+    /// or the router model of its split arm or of the router slot.
+    pub(super) fn decider(&self, query: &Query, request_id: &str) -> Result<Decider, PipelineError> {
+        match &query.expert {
+            Some(name) if !name.is_empty() => {
+                if self.experts.contains_key(name) {
+                    Ok(Decider::Forced(name.clone()))
+                } else {
+                    Err(PipelineError::UnknownExpert {
+                        name: crate::text::quote(name),
+                        known: self.expert_order.join(", "),
+                    })
+                }
+            }
+            _ => Ok(Decider::Model(
+                self.split_model(
+                    ROUTER_SLOT,
+                    query.session_id.as_deref(),
+                    query.user_id.as_deref(),
+                    request_id,
+                )
+                .unwrap_or_else(|| self.router.model()),
+            )),
+        }
+    }
+
+    /// `decider`'s decision on `text`.
+    pub(super) async fn decide(&self, decider: &Decider, text: &str) -> Result<RouteDecision, PipelineError> {
+        match decider {
+            Decider::Forced(name) => Ok(RouteDecision::forced(name)),
+            Decider::Model(model) => Ok(self.router.decide_with(model, text).await?),
+        }
+    }
+
+    /// The decision on the raw `query`, to run while the input rails check
+    /// it, when that saves time without risking work twice over: only a
+    /// classifier router (cheap, batched) that does not read the encoding
+    /// the rails compute (a router on the rails' own encoder waits for it
+    /// instead of computing it a second time).
+    pub(super) fn early_route<'a>(
+        &'a self,
+        decider: &Result<Decider, PipelineError>,
+        rails: &Rails,
+        query: &str,
+        span: &tracing::Span,
+    ) -> Option<EarlyRoute<'a>> {
+        let Ok(Decider::Model(model)) = decider else {
+            return None;
+        };
+        if !self.router.decides_during_rails() {
+            return None;
+        }
+        let rails_encoder = rails.encoder_fingerprint();
+        if !model.kind().is_classifier() || (rails_encoder.is_some() && model.engine.shared_encoder() == rails_encoder)
+        {
+            return None;
+        }
+        let (model, text) = (model.clone(), query.to_string());
+        Some(Box::pin(
+            async move { Ok(self.router.decide_with(&model, &text).await?) }.instrument(span.clone()),
+        ))
+    }
+}
+
+/// The `route` stage's span; [`record_route`] fills in the decision.
+pub(super) fn route_span(request_id: &str) -> tracing::Span {
+    tracing::info_span!(
+        "route",
+        request_id,
+        expert = tracing::field::Empty,
+        confidence = tracing::field::Empty,
+        forced = tracing::field::Empty,
+        fallback = tracing::field::Empty
+    )
+}
+
+pub(super) fn record_route(span: &tracing::Span, route: Option<&RouteDecision>) {
+    if let Some(r) = route {
+        span.record("expert", r.expert.as_str());
+        span.record("confidence", r.confidence);
+        span.record("forced", r.forced);
+        span.record("fallback", r.fallback);
+    }
+}
