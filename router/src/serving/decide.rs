@@ -9,6 +9,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tracing::Instrument;
 
+use super::admit::{self, Admitted};
 use super::{Pipeline, Query};
 use crate::agents::RouteDecision;
 use crate::error::PipelineError;
@@ -27,9 +28,33 @@ pub(super) enum Decider {
 pub(super) type EarlyRoute<'a> = BoxFuture<'a, Result<RouteDecision, PipelineError>>;
 
 impl Pipeline {
+    /// Admit `query` through its input rails and decide its expert, beside
+    /// the rails when [`Pipeline::early_route`] allows. A refusal before the
+    /// decision is returned (and logged); a failed decision comes back with
+    /// the admitted request, whose ticket the caller finishes.
+    pub(super) async fn admit_and_decide(
+        &self,
+        kind: &str,
+        query: &Query,
+        rails: &Arc<Rails>,
+    ) -> Result<(Admitted, Result<RouteDecision, PipelineError>), PipelineError> {
+        let request_id = admit::new_request_id();
+        let decider = self.decider(query, &request_id);
+        let span = route_span(&request_id);
+        let early = self.early_route(&decider, rails, &query.text, &span);
+        let mut admitted = self.admit(kind, request_id, query, rails, early).await?;
+        let decided = match (admitted.early_route.take(), decider) {
+            (Some(decided), _) => decided,
+            (None, Ok(decider)) => self.decide(&decider, &admitted.text).instrument(span.clone()).await,
+            (None, Err(e)) => Err(e),
+        };
+        record_route(&span, decided.as_ref().ok());
+        Ok((admitted, decided))
+    }
+
     /// The decider of `query`: its forced expert (which must be configured),
     /// or the router model of its split arm or of the router slot.
-    pub(super) fn decider(&self, query: &Query, request_id: &str) -> Result<Decider, PipelineError> {
+    fn decider(&self, query: &Query, request_id: &str) -> Result<Decider, PipelineError> {
         match &query.expert {
             Some(name) if !name.is_empty() => {
                 if self.experts.contains_key(name) {
@@ -54,7 +79,7 @@ impl Pipeline {
     }
 
     /// `decider`'s decision on `text`.
-    pub(super) async fn decide(&self, decider: &Decider, text: &str) -> Result<RouteDecision, PipelineError> {
+    async fn decide(&self, decider: &Decider, text: &str) -> Result<RouteDecision, PipelineError> {
         match decider {
             Decider::Forced(name) => Ok(RouteDecision::forced(name)),
             Decider::Model(model) => Ok(self.router.decide_with(model, text).await?),
@@ -66,7 +91,7 @@ impl Pipeline {
     /// classifier router (cheap, batched) that does not read the encoding
     /// the rails compute (a router on the rails' own encoder waits for it
     /// instead of computing it a second time).
-    pub(super) fn early_route<'a>(
+    fn early_route<'a>(
         &'a self,
         decider: &Result<Decider, PipelineError>,
         rails: &Rails,
@@ -92,7 +117,7 @@ impl Pipeline {
 }
 
 /// The `route` stage's span; [`record_route`] fills in the decision.
-pub(super) fn route_span(request_id: &str) -> tracing::Span {
+fn route_span(request_id: &str) -> tracing::Span {
     tracing::info_span!(
         "route",
         request_id,
@@ -103,7 +128,7 @@ pub(super) fn route_span(request_id: &str) -> tracing::Span {
     )
 }
 
-pub(super) fn record_route(span: &tracing::Span, route: Option<&RouteDecision>) {
+fn record_route(span: &tracing::Span, route: Option<&RouteDecision>) {
     if let Some(r) = route {
         span.record("expert", r.expert.as_str());
         span.record("confidence", r.confidence);

@@ -7,7 +7,8 @@
 //! | stage | where |
 //! |---|---|
 //! | admit, validate, input rails | [`admit`] |
-//! | route (and mirror to a shadow), topic rail | [`Pipeline::route`], `start_answer` here; [`trials`] |
+//! | route (beside the input rails when it may) | [`decide`] |
+//! | mirror to a shadow, topic rail | [`Pipeline::route`], `start_answer` here; [`trials`] |
 //! | retrieve, generate | `start_answer` here |
 //! | output rail, stream | [`answer`] |
 //! | record | [`ticket`]: every request, whatever its end, leaves one record |
@@ -49,7 +50,6 @@ pub(crate) mod ticket;
 mod trials;
 
 use answer::Producer;
-use decide::{record_route, route_span};
 use live::LiveRequests;
 pub use request::{ChatEvent, ChatOutcome, ChatStream, Query, RouteOutcome, Timings};
 use ticket::{Books, Outcome};
@@ -214,22 +214,7 @@ impl Pipeline {
     pub async fn route(&self, query: Query) -> Result<RouteOutcome, PipelineError> {
         let rails = self.rails.load_full();
         let query = Query { expert: None, ..query };
-        let request_id = admit::new_request_id();
-        let decider = self.decider(&query, &request_id);
-        let span = route_span(&request_id);
-        let early = self.early_route(&decider, &rails, &query.text, &span);
-        let admit::Admitted {
-            mut ticket,
-            text,
-            early_route,
-            ..
-        } = self.admit("route", request_id, &query, &rails, early).await?;
-        let result = match (early_route, decider) {
-            (Some(decided), _) => decided,
-            (None, Ok(decider)) => self.decide(&decider, &text).instrument(span.clone()).await,
-            (None, Err(e)) => Err(e),
-        };
-        record_route(&span, result.as_ref().ok());
+        let (admit::Admitted { mut ticket, text, .. }, result) = self.admit_and_decide("route", &query, &rails).await?;
         let route = match result {
             Ok(route) => route,
             Err(e) => return Err(admit::fail(ticket, e)),
@@ -303,23 +288,16 @@ impl Pipeline {
 
     async fn start_answer(&self, kind: &str, query: Query) -> Result<ChatStream, PipelineError> {
         let rails = self.rails.load_full();
-        let request_id = admit::new_request_id();
-        let decider = self.decider(&query, &request_id);
-        let span = route_span(&request_id);
-        let early = self.early_route(&decider, &rails, &query.text, &span);
-        let admit::Admitted {
-            mut ticket,
-            text,
-            history,
-            early_route,
-        } = self.admit(kind, request_id.clone(), &query, &rails, early).await?;
-        // Route.
-        let decided = match (early_route, decider) {
-            (Some(decided), _) => decided,
-            (None, Ok(decider)) => self.decide(&decider, &text).instrument(span.clone()).await,
-            (None, Err(e)) => Err(e),
-        };
-        record_route(&span, decided.as_ref().ok());
+        let (
+            admit::Admitted {
+                mut ticket,
+                text,
+                history,
+                ..
+            },
+            decided,
+        ) = self.admit_and_decide(kind, &query, &rails).await?;
+        let request_id = ticket.record.request_id.clone();
         let route = match decided {
             Ok(r) => r,
             Err(e) => return Err(admit::fail(ticket, e)),
