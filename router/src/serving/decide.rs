@@ -90,7 +90,8 @@ impl Pipeline {
     /// it, when that saves time without risking work twice over: only a
     /// classifier router (cheap, batched) that does not read the encoding
     /// the rails compute (a router on the rails' own encoder waits for it
-    /// instead of computing it a second time).
+    /// instead of computing it a second time), and only while fewer
+    /// requests are in flight than there are cores.
     fn early_route<'a>(
         &'a self,
         decider: &Result<Decider, PipelineError>,
@@ -101,7 +102,10 @@ impl Pipeline {
         let Ok(Decider::Model(model)) = decider else {
             return None;
         };
-        if !self.router.decides_during_rails() {
+        // Only while a core is idle: with as many requests in flight as
+        // cores, they keep every core busy, and an early decision would only
+        // take cores from other requests' rails.
+        if !self.router.decides_during_rails() || self.status().in_flight >= self.cores {
             return None;
         }
         let rails_encoder = rails.encoder_fingerprint();

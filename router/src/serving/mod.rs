@@ -77,6 +77,8 @@ pub struct Pipeline {
     pub(crate) books: Arc<Books>,
     pub(crate) registry: Arc<ModelRegistry>,
     admission: Arc<Semaphore>,
+    /// CPU cores: with fewer requests in flight, a core is idle.
+    cores: usize,
     limits: LimitsSpec,
     pub(crate) feedback: FeedbackSpec,
     pub(crate) shadows: arc_swap::ArcSwap<BTreeMap<String, Arc<Shadow>>>,
@@ -118,6 +120,7 @@ impl Pipeline {
             }),
             registry,
             admission: Arc::new(Semaphore::new(settings.limits.max_in_flight)),
+            cores: std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
             limits: settings.limits.clone(),
             feedback: settings.feedback.clone(),
             shadows: arc_swap::ArcSwap::from_pointee(BTreeMap::new()),

@@ -541,6 +541,32 @@ mod early_route {
     }
 
     #[tokio::test]
+    async fn with_a_request_in_flight_per_core_the_router_waits_for_the_rails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, router, rails) = pipeline(ModelKind::EncoderClassifier, Duration::from_millis(300), dir.path());
+        // Long answers nobody reads keep their requests in flight, one per core.
+        let mut held = Vec::new();
+        for _ in 0..p.cores {
+            held.push(p.stream(super::long_answer(200)).await.unwrap());
+        }
+        assert_eq!(p.status().in_flight, p.cores);
+        p.route(query("an it question")).await.unwrap();
+        assert_eq!(rails.router_started.lock().unwrap().last(), Some(&false));
+        assert_eq!(router.queries.lock().unwrap().last().unwrap(), "an it question");
+        // Once they end, a core is idle again.
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while p.status().in_flight > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+        p.route(query("an hr question")).await.unwrap();
+        assert_eq!(rails.router_started.lock().unwrap().last(), Some(&true));
+    }
+
+    #[tokio::test]
     async fn a_label_scoring_router_decides_once_after_the_rails() {
         let dir = tempfile::tempdir().unwrap();
         let (p, router, rails) = pipeline(ModelKind::LabelScoring, Duration::from_millis(100), dir.path());
