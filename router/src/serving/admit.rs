@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use tracing::Instrument;
 
-use super::decide::EarlyRoute;
 use super::ticket::{Outcome, Ticket};
 use super::{Pipeline, Query};
 use crate::agents::RouteDecision;
@@ -33,6 +32,9 @@ pub(super) struct Admitted {
     /// as it was (it decided on the very text the request goes on with).
     pub(super) early_route: Option<Result<RouteDecision, PipelineError>>,
 }
+
+/// A route decision begun before the input rails finished.
+pub(super) type EarlyRoute<'a> = futures::future::BoxFuture<'a, Result<RouteDecision, PipelineError>>;
 
 /// A new request id (UUIDv7: ids sort by arrival).
 pub(super) fn new_request_id() -> String {

@@ -6,10 +6,9 @@
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use tracing::Instrument;
 
-use super::admit::{self, Admitted};
+use super::admit::{self, Admitted, EarlyRoute};
 use super::{Pipeline, Query};
 use crate::agents::RouteDecision;
 use crate::error::PipelineError;
@@ -23,9 +22,6 @@ pub(super) enum Decider {
     /// This router model.
     Model(Arc<ServedModel>),
 }
-
-/// A route decision begun before the input rails finished.
-pub(super) type EarlyRoute<'a> = BoxFuture<'a, Result<RouteDecision, PipelineError>>;
 
 impl Pipeline {
     /// Admit `query` through its input rails and decide its expert, beside
