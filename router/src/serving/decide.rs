@@ -90,12 +90,12 @@ impl Pipeline {
     /// requests are in flight than there are cores.
     fn early_route<'a>(
         &'a self,
-        decider: &Result<Decider, PipelineError>,
+        decider: &'a Result<Decider, PipelineError>,
         rails: &Rails,
-        query: &str,
+        query: &'a str,
         span: &tracing::Span,
     ) -> Option<EarlyRoute<'a>> {
-        let Ok(Decider::Model(model)) = decider else {
+        let Ok(decider @ Decider::Model(model)) = decider else {
             return None;
         };
         // Only while a core is idle: with as many requests in flight as
@@ -109,10 +109,7 @@ impl Pipeline {
         {
             return None;
         }
-        let (model, text) = (model.clone(), query.to_string());
-        Some(Box::pin(
-            async move { Ok(self.router.decide_with(&model, &text).await?) }.instrument(span.clone()),
-        ))
+        Some(Box::pin(self.decide(decider, query).instrument(span.clone())))
     }
 }
 
