@@ -424,9 +424,19 @@ mod early_route {
     use crate::models::slots::{ModelRegistry, ROUTER_SLOT, ServedModel, Slot, expert_slot};
     use crate::models::task::TrainedTask;
 
-    #[derive(Default)]
     struct Recording {
         queries: Mutex<Vec<String>>,
+        /// How many queries it has scored, for waiters.
+        scored: tokio::sync::watch::Sender<usize>,
+    }
+
+    impl Default for Recording {
+        fn default() -> Self {
+            Self {
+                queries: Mutex::default(),
+                scored: tokio::sync::watch::channel(0).0,
+            }
+        }
     }
 
     #[async_trait]
@@ -439,6 +449,7 @@ mod early_route {
         }
         async fn score_labels(&self, m: &[ChatMessage], labels: &LabelSet) -> Result<LabelScores, EngineError> {
             self.queries.lock().unwrap().push(m.last().unwrap().content.clone());
+            self.scored.send_modify(|n| *n += 1);
             StubEngine::default().score_labels(m, labels).await
         }
         async fn warm_up(&self, _: &[ChatMessage]) -> Result<(), EngineError> {
@@ -456,15 +467,11 @@ mod early_route {
     #[async_trait]
     impl InputRails for WaitingRails {
         async fn check(&self, query: &str) -> Result<InputCheck, RailRejection> {
-            let until = tokio::time::Instant::now() + self.wait;
-            let before = self.router.queries.lock().unwrap().len();
-            let started = loop {
-                let n = self.router.queries.lock().unwrap().len();
-                if n > before || tokio::time::Instant::now() >= until {
-                    break n > before;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            };
+            let mut scored = self.router.scored.subscribe();
+            let before = *scored.borrow_and_update();
+            let started = tokio::time::timeout(self.wait, scored.wait_for(|&n| n > before))
+                .await
+                .is_ok();
             self.router_started.lock().unwrap().push(started);
             Ok(InputCheck {
                 rewritten: query.contains(" hr").then(|| query.replace(" hr", " [redacted]")),
