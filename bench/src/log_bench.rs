@@ -6,6 +6,11 @@
 //! hands them over, in chunks, each chunk flushed before the next: the time
 //! per record is the writer's own cost (JSON columns, SQLite inserts, WAL
 //! commits and checkpoints), without the scheduling noise of a loaded server.
+//! Then the flush latency: small batches (16 route records, a busy server's
+//! batch at its flush interval) each committed and waited for, as p50/p99.
+//!
+//! `--store-url postgres://...` measures the PostgreSQL store instead (the
+//! database's own CPU is not in the per-record CPU, which is this process's).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +37,12 @@ pub struct Args {
     /// Database file (deleted first, with its WAL).
     #[arg(long, default_value = "var/bench/log-bench.db")]
     pub db: PathBuf,
+    /// Measure a PostgreSQL store (an empty database) instead of the file.
+    #[arg(long, env = "FLYWHEEL_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
+    /// Batches of the flush-latency phase.
+    #[arg(long, default_value_t = 1000)]
+    pub flushes: usize,
     /// Write the report here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -50,9 +61,18 @@ struct Phase {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    /// `sqlite` or `postgres`.
+    store: &'static str,
     phases: Vec<Phase>,
+    /// Flush latency of a batch of [`FLUSH_BATCH`] records (ms).
+    flush_p50_ms: f64,
+    flush_p99_ms: f64,
+    /// SQLite only: the file's size.
     db_bytes: u64,
 }
+
+/// Records per batch in the flush-latency phase.
+const FLUSH_BATCH: usize = 16;
 
 const QUERIES: &[&str] = &[
     "How many vacation days do I get per year?",
@@ -177,7 +197,10 @@ async fn phase(
 ///
 /// # Errors
 /// The database cannot be created or written.
-pub async fn run(args: Args) -> anyhow::Result<()> {
+pub async fn run(mut args: Args) -> anyhow::Result<()> {
+    if args.store_url.is_some() {
+        args.db = PathBuf::new();
+    }
     for suffix in ["", "-wal", "-shm"] {
         let mut p = args.db.clone().into_os_string();
         p.push(suffix);
@@ -185,6 +208,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let log = RequestLog::open(&LogSpec {
         path: args.db.clone(),
+        store_url: args.store_url.clone(),
         batch_size: args.batch_size,
         ..LogSpec::default()
     })?;
@@ -217,9 +241,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         phases.push(p);
     }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut waits = Vec::with_capacity(args.flushes);
+    for b in 0..args.flushes {
+        for i in 0..FLUSH_BATCH {
+            log.submit(route_record(b * FLUSH_BATCH + i, &mut rng));
+        }
+        let t = Instant::now();
+        log.flush().await?;
+        waits.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let flush = crate::stats::summarize(&waits);
+    let (flush_p50_ms, flush_p99_ms) = (flush.p50, flush.p99);
+    println!("flush of {FLUSH_BATCH} records: p50 {flush_p50_ms:.2} ms  p99 {flush_p99_ms:.2} ms");
     log.shutdown().await;
     let report = Report {
+        store: if args.store_url.is_some() { "postgres" } else { "sqlite" },
         phases,
+        flush_p50_ms,
+        flush_p99_ms,
         db_bytes: std::fs::metadata(&args.db).map(|m| m.len()).unwrap_or(0),
     };
     if let Some(p) = &args.json {
@@ -235,17 +275,31 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_record_reaches_the_database_and_the_report_counts_them() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, json) = (dir.path().join("log.db"), dir.path().join("log.json"));
-        run(Args {
-            records: 300,
-            chunk: 64,
-            batch_size: 50,
-            db: db.clone(),
-            json: Some(json.clone()),
-        })
-        .await
-        .unwrap();
-        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        let mut stores = vec![None];
+        stores.extend(flywheel_router::testing::postgres_database().map(Some));
+        for store_url in stores {
+            let (db, json) = (dir.path().join("log.db"), dir.path().join("log.json"));
+            run(Args {
+                records: 300,
+                chunk: 64,
+                batch_size: 50,
+                db: db.clone(),
+                store_url: store_url.clone(),
+                flushes: 10,
+                json: Some(json.clone()),
+            })
+            .await
+            .unwrap();
+            let location = match store_url {
+                Some(url) => flywheel_router::data::log::LogLocation::Postgres(url),
+                None => flywheel_router::data::log::LogLocation::Sqlite(db),
+            };
+            check_report(&json, location);
+        }
+    }
+
+    fn check_report(json: &std::path::Path, location: flywheel_router::data::log::LogLocation) {
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
         let phases = report["phases"].as_array().unwrap();
         assert_eq!(phases.len(), 2);
         for (p, kind) in phases.iter().zip(["route", "chat"]) {
@@ -253,11 +307,13 @@ mod tests {
             assert_eq!(p["written"], 300);
             assert!(p["records_per_second"].as_f64().unwrap() > 0.0);
         }
-        // Warm-up (one chunk) + both phases, each id distinct, chat rows complete.
-        let reader = flywheel_router::data::log::LogReader::open(&db).unwrap();
-        assert_eq!(reader.count().unwrap(), 64 + 600);
-        let chat = reader.recent(1).unwrap().pop().unwrap();
-        assert_eq!(chat.kind, "stream");
+        assert!(report["flush_p99_ms"].as_f64().unwrap() >= report["flush_p50_ms"].as_f64().unwrap());
+        // Warm-up (one chunk) + both phases + the flushes, each id distinct,
+        // chat rows complete.
+        let reader = flywheel_router::data::log::LogReader::open(location).unwrap();
+        assert_eq!(reader.count().unwrap(), 64 + 600 + 10 * FLUSH_BATCH as u64);
+        let recent = reader.recent(1_000).unwrap();
+        let chat = recent.iter().find(|r| r.kind == "stream").unwrap().clone();
         assert_eq!(chat.retrieved.len(), 4);
         assert!(chat.answer.is_some_and(|a| a.len() > 300));
     }

@@ -384,3 +384,63 @@ async fn logged_traffic_and_feedback_become_a_clean_leak_free_split() {
     assert_eq!(m3.selection.candidates, 1);
     assert_eq!(m3.clean.pii, 1);
 }
+
+/// Several replicas write one PostgreSQL log; `flywheel-trainer curate`
+/// reads it by URL and sees every replica's traffic and the feedback given
+/// on other replicas than the one that answered.
+#[tokio::test]
+async fn curating_a_postgres_log_sees_every_replicas_traffic() {
+    let Some(url) = flywheel_router::testing::postgres_database() else {
+        return;
+    };
+    let replicas: Vec<_> = (0..3)
+        .map(|_| {
+            let mut config = Config {
+                engine: flywheel_server::config::EngineKind::Stub,
+                ..Config::default()
+            };
+            config.settings.log.store_url = Some(url.clone());
+            flywheel_server::testing::start(config)
+        })
+        .collect();
+    let traffic: Vec<(&str, &str)> = TRAFFIC
+        .iter()
+        .copied()
+        .filter(|(q, _)| *q != NEUTRAL && *q != SILENT && !q.contains('@'))
+        .collect();
+    let mut corrected = 0;
+    for (i, (query, truth)) in traffic.iter().enumerate() {
+        let served_by = &replicas[i % 3];
+        let r = RouterClient::new(served_by.channel().await)
+            .route(RouteRequest {
+                query: (*query).into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // Every other request is corrected on the next replica.
+        if i % 2 == 0 {
+            FeedbackClient::new(replicas[(i + 1) % 3].channel().await)
+                .submit(FeedbackRequest {
+                    request_id: r.request_id,
+                    rating: thumb(false),
+                    corrected_expert: Some((*truth).into()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            corrected += 1;
+        }
+    }
+    for server in &replicas {
+        server.pipeline.log().flush().await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("curated");
+    trainer(&["curate", "--log", &url, "--out", out.to_str().unwrap()]);
+    let m = manifest(&out);
+    assert_eq!(m.selection.candidates, traffic.len());
+    assert_eq!(m.selection.labelled.get("correction").copied().unwrap_or(0), corrected);
+    assert_eq!(m.log.as_deref(), Some(Path::new(&url)));
+}

@@ -260,3 +260,47 @@ pub async fn lone_and_batched(c: &crate::engine::classifier::Classifier, queries
         worst,
     }
 }
+
+/// Environment variable holding the URL of a PostgreSQL server for tests,
+/// without a database (`postgres://postgres@127.0.0.1:55432`); `.ci/run`
+/// starts a throwaway one (`.ci/postgres`) and sets it.
+pub const TEST_POSTGRES_ENV: &str = "FLYWHEEL_TEST_POSTGRES_URL";
+
+/// The URL of a new, empty database on the tests' PostgreSQL server, or
+/// `None` (with a note on stderr) when [`TEST_POSTGRES_ENV`] is unset.
+///
+/// # Panics
+/// When the variable is set but the server cannot create the database: a
+/// configured server that does not work is a failure, not a skip.
+pub fn postgres_database() -> Option<String> {
+    let Ok(server) = std::env::var(TEST_POSTGRES_ENV) else {
+        eprintln!("{TEST_POSTGRES_ENV} is unset: the PostgreSQL half of this test is skipped");
+        return None;
+    };
+    let server = server.trim_end_matches('/').to_string();
+    let name = format!("flywheel_test_{}", uuid::Uuid::now_v7().simple());
+    let admin = format!("{server}/postgres");
+    let create = format!("CREATE DATABASE {name}");
+    // A thread of its own: callers may be inside a runtime.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the test database");
+        rt.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to the tests' PostgreSQL at {admin}: {e}"));
+            let driver = tokio::spawn(connection);
+            client
+                .batch_execute(&create)
+                .await
+                .unwrap_or_else(|e| panic!("{create}: {e}"));
+            drop(client);
+            let _ = driver.await;
+        });
+    })
+    .join()
+    .expect("creating the test database");
+    Some(format!("{server}/{name}"))
+}

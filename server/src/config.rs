@@ -112,6 +112,9 @@ pub struct Flags {
     /// Request-log database file.
     #[arg(long, env = "FLYWHEEL_LOG_PATH")]
     pub log_path: Option<PathBuf>,
+    /// PostgreSQL URL of a request log shared by several replicas (instead of the file).
+    #[arg(long, env = "FLYWHEEL_STORE_URL", hide_env_values = true)]
+    pub store_url: Option<String>,
     /// Requests admitted at once.
     #[arg(long, env = "FLYWHEEL_MAX_IN_FLIGHT")]
     pub max_in_flight: Option<usize>,
@@ -290,6 +293,9 @@ impl Config {
         }
         if let Some(path) = &flags.log_path {
             config.settings.log.path = path.clone();
+        }
+        if let Some(url) = &flags.store_url {
+            config.settings.log.store_url = Some(url.clone());
         }
         if let Some(n) = flags.max_in_flight {
             config.settings.limits.max_in_flight = n;

@@ -25,7 +25,8 @@ struct TrainerFile {
 /// `flywheel-trainer curate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CurateArgs {
-    /// Request log (SQLite) of the server; omit to curate imports only.
+    /// Request log of the server (its SQLite file or a `postgres://` URL);
+    /// omit to curate imports only.
     #[arg(long, env = "FLYWHEEL_LOG_PATH")]
     pub log: Option<PathBuf>,
     /// Output folder for the dataset and its manifest.
@@ -94,7 +95,7 @@ pub struct CurateArgs {
 /// `flywheel-trainer review-import`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReviewImportArgs {
-    /// Request log (SQLite) to add the reviewed labels to.
+    /// Request log (SQLite file or `postgres://` URL) to add the reviewed labels to.
     #[arg(long, env = "FLYWHEEL_LOG_PATH")]
     pub log: PathBuf,
     /// The reviewed queue (.csv or .jsonl) with `reviewed_expert` filled in.

@@ -60,7 +60,7 @@ pub struct DistillArgs {
     /// Unlabelled queries (JSONL or CSV; repeatable), e.g. exported traffic.
     #[arg(long = "unlabelled")]
     pub unlabelled: Vec<PathBuf>,
-    /// The server's request log (SQLite): its logged queries are unlabelled
+    /// The server's request log (SQLite file or `postgres://` URL): its logged queries are unlabelled
     /// traffic too, and the decisions the teacher's own version made there
     /// are used as logged instead of being scored again.
     #[arg(long)]
@@ -160,7 +160,12 @@ pub async fn run(args: &DistillArgs) -> anyhow::Result<ClassifierManifest> {
         );
     }
     if let Some(log) = &args.log {
-        let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", log.display()))?;
+        let reader = LogReader::open(log).with_context(|| {
+            format!(
+                "opening the request log {}",
+                flywheel_router::data::log::LogLocation::from(log)
+            )
+        })?;
         queries.extend(
             reader
                 .records_between(0, args.log_until_ms.unwrap_or(i64::MAX))?

@@ -230,8 +230,13 @@ impl Default for LimitsSpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSpec {
-    /// SQLite database file (created with its folder if missing).
+    /// SQLite database file (created with its folder if missing); unused
+    /// when `store_url` is set.
     pub path: PathBuf,
+    /// PostgreSQL URL (`postgres://user:password@host:5432/db`): the log,
+    /// feedback and shadow runs live there instead of in `path`, so several
+    /// server replicas share them. Unset: the SQLite file.
+    pub store_url: Option<String>,
     /// Longest time a record waits before it is committed (ms).
     pub flush_interval_ms: u64,
     /// Records per transaction at most.
@@ -255,6 +260,7 @@ impl Default for LogSpec {
     fn default() -> Self {
         Self {
             path: PathBuf::from("var/requests.db"),
+            store_url: None,
             flush_interval_ms: DEFAULT_LOG_FLUSH_MS,
             batch_size: DEFAULT_LOG_BATCH,
             queue_capacity: DEFAULT_LOG_QUEUE,
@@ -263,6 +269,12 @@ impl Default for LogSpec {
             unhealthy_after_ms: DEFAULT_LOG_UNHEALTHY_AFTER_MS,
         }
     }
+}
+
+/// Whether `s` names a PostgreSQL database (`postgres://` or
+/// `postgresql://`) rather than a file.
+pub fn is_postgres_url(s: &str) -> bool {
+    s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
 
 /// Settings of feedback handling.
@@ -522,6 +534,14 @@ impl EngineSettings {
         if self.log.flush_interval_ms == 0 || self.log.flush_interval_ms > 100 {
             return Err(invalid("log.flush_interval_ms", "must be between 1 and 100"));
         }
+        if let Some(url) = &self.log.store_url
+            && !is_postgres_url(url)
+        {
+            return Err(invalid(
+                "log.store_url",
+                "must be a PostgreSQL URL (postgres://user:password@host:5432/database)",
+            ));
+        }
         if self.log.batch_size == 0 || self.log.queue_capacity == 0 {
             return Err(invalid("log", "batch_size and queue_capacity must be at least 1"));
         }
@@ -615,6 +635,15 @@ mod tests {
         let mut s = EngineSettings::default();
         s.experts[1].model = "missing".into();
         assert!(matches!(s.validate(), Err(ConfigError::Invalid { key, .. }) if key == "experts[1].model"));
+    }
+
+    #[test]
+    fn a_store_url_must_name_a_postgres_database() {
+        let mut s = EngineSettings::default();
+        s.log.store_url = Some("mysql://db/log".into());
+        assert!(matches!(s.validate(), Err(ConfigError::Invalid { key, .. }) if key == "log.store_url"));
+        s.log.store_url = Some("postgresql://flywheel@db/log".into());
+        s.validate().unwrap();
     }
 
     #[test]

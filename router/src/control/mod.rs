@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::data::feedback::{FeedbackInput, FeedbackKind, FeedbackRecord, Rating};
-use crate::data::log::{LogError, RequestRecord};
+use crate::data::log::{LogError, LogLocation, RequestRecord};
 use crate::engine::EngineError;
 use crate::error::ControlError;
 use crate::guardrails::Rails;
@@ -21,6 +21,15 @@ use crate::text;
 /// answered: a cancelled or finished answer is logged within milliseconds,
 /// and a history call should not hold for a whole answer.
 pub const IN_FLIGHT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a replica looks for a request it did not serve in a shared
+/// (PostgreSQL) log before calling it unknown: the replica that served it
+/// commits its record within its flush interval (at most 100 ms) plus one
+/// commit; this leaves room for a slow commit.
+pub const PEER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(1_000);
+
+/// How often that look is repeated.
+const PEER_RECORD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
 mod promotion;
 mod shadows;
@@ -154,19 +163,15 @@ impl ControlPlane {
             }
         }
         let log = self.serving.log();
-        if !self.serving.live.contains(&input.request_id) && !self.request_logged(&input.request_id).await? {
-            // The record may still be queued (its request just ended).
-            log.flush().await?;
-            if !self.request_logged(&input.request_id).await? {
-                // While writes fail, the record may be one of those lost:
-                // "unknown" would be a guess, and a wrong one.
-                if let Some(failure) = log.stats().write_failure() {
-                    return Err(ControlError::LogUnavailable { reason: failure.reason });
-                }
-                return Err(ControlError::UnknownRequest {
-                    request_id: text::quote(&input.request_id),
-                });
+        if !self.serving.live.contains(&input.request_id) && !self.find_record(&input.request_id).await? {
+            // While writes fail, the record may be one of those lost:
+            // "unknown" would be a guess, and a wrong one.
+            if let Some(failure) = log.stats().write_failure() {
+                return Err(ControlError::LogUnavailable { reason: failure.reason });
             }
+            return Err(ControlError::UnknownRequest {
+                request_id: text::quote(&input.request_id),
+            });
         }
         let mut row = FeedbackRecord::new(input.request_id, FeedbackKind::Explicit);
         row.rating = input.rating;
@@ -211,7 +216,9 @@ impl ControlPlane {
                 request_id: request_id.to_string(),
             });
         }
+        // Feedback rows still queued belong in the history too.
         self.serving.log().flush().await?;
+        self.find_record(request_id).await?;
         let log = self.serving.log().clone();
         let id = request_id.to_string();
         let read = tokio::task::spawn_blocking(move || -> Result<_, crate::data::log::LogError> {
@@ -226,6 +233,30 @@ impl ControlPlane {
         read.ok_or_else(|| ControlError::UnknownRequest {
             request_id: text::quote(request_id),
         })
+    }
+
+    /// Whether the log holds `request_id`'s record, once this replica's
+    /// queue is committed (its request may just have ended) and, in a
+    /// shared log, once another replica serving it had time to commit.
+    async fn find_record(&self, request_id: &str) -> Result<bool, ControlError> {
+        if self.request_logged(request_id).await? {
+            return Ok(true);
+        }
+        self.serving.log().flush().await?;
+        if self.request_logged(request_id).await? {
+            return Ok(true);
+        }
+        if !matches!(self.serving.log().location(), LogLocation::Postgres(_)) {
+            return Ok(false);
+        }
+        let deadline = tokio::time::Instant::now() + PEER_RECORD_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(PEER_RECORD_POLL).await;
+            if self.request_logged(request_id).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     async fn request_logged(&self, request_id: &str) -> Result<bool, ControlError> {

@@ -102,7 +102,7 @@ impl pb::admin_server::Admin for AdminService {
             log_records_failed: log.stats().failed(),
             log_feedback_failed: log.stats().feedback_failed(),
             log_write_error: log.stats().write_failure().map(|f| f.reason).unwrap_or_default(),
-            log_path: paths.show(log.path()),
+            log_path: paths.show_log(log.location()),
             rails_toml: self
                 .control
                 .serving()

@@ -180,6 +180,21 @@ pub enum Paths {
 }
 
 impl Paths {
+    /// Where the request log lives, as this caller may see it.
+    pub fn show_log(self, location: &flywheel_router::data::log::LogLocation) -> String {
+        use flywheel_router::data::log::LogLocation;
+        match (location, self) {
+            (LogLocation::Sqlite(path), _) => self.show(path),
+            (LogLocation::Postgres(_), Paths::Full) => location.to_string(),
+            (LogLocation::Postgres(url), Paths::Names) => {
+                // Host and database, without the user.
+                let shown = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+                let shown = shown.rsplit_once('@').map_or(shown, |(_, rest)| rest);
+                shown.split('?').next().unwrap_or_default().to_string()
+            }
+        }
+    }
+
     /// `path` as this caller may see it.
     pub fn show(self, path: &std::path::Path) -> String {
         match self {

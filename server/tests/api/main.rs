@@ -17,5 +17,6 @@ mod promotion_api;
 mod rag_api;
 mod rails_api;
 mod reliability;
+mod replicas_api;
 mod shadow_api;
 mod split_api;

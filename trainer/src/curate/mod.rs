@@ -510,7 +510,11 @@ pub async fn run(opts: &CurateOptions, judge: Option<&Judge>) -> Result<Manifest
     let manifest = Manifest {
         created_at_ms: flywheel_router::data::log::unix_ms(std::time::SystemTime::now()),
         tool_version: env!("CARGO_PKG_VERSION").into(),
-        log: opts.log.clone(),
+        // A store URL is recorded without its password.
+        log: opts
+            .log
+            .as_ref()
+            .map(|l| PathBuf::from(flywheel_router::data::log::LogLocation::from(l).to_string())),
         imports: opts.imports.clone(),
         columns: opts.columns.clone(),
         filters: opts.filters.clone(),

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use flywheel_router::data::feedback::{FeedbackKind, FeedbackRecord, latest, latest_explicit};
-use flywheel_router::data::log::{LogReader, RequestRecord};
+use flywheel_router::data::log::{LogLocation, LogReader, RequestRecord};
 use serde::{Deserialize, Serialize};
 
 use super::CurateError;
@@ -70,13 +70,14 @@ pub enum Decision {
 /// # Errors
 /// The log cannot be opened or read.
 pub fn load(log: &Path, filters: &Filters) -> Result<Vec<Candidate>, CurateError> {
-    if !log.exists() {
+    let location = LogLocation::from(log);
+    if matches!(location, LogLocation::Sqlite(_)) && !log.exists() {
         return Err(CurateError::Io {
             path: log.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "request log not found"),
         });
     }
-    let reader = LogReader::open(log)?;
+    let reader = LogReader::open(location)?;
     let since = filters.since_ms.unwrap_or(i64::MIN);
     let until = filters.until_ms.unwrap_or(i64::MAX);
     let mut feedback: BTreeMap<String, Vec<FeedbackRecord>> = BTreeMap::new();

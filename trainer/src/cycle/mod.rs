@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flywheel_router::data::journal::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
-use flywheel_router::data::log::{LogReader, unix_ms};
+use flywheel_router::data::log::{LogLocation, LogReader, unix_ms};
 
 use crate::curate::select::Filters;
 use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};
@@ -47,7 +47,7 @@ pub struct CycleArgs {
     /// Server, admin token, slot.
     #[command(flatten)]
     pub server: ServerArgs,
-    /// The server's request log (SQLite).
+    /// The server's request log (its SQLite file or a `postgres://` URL).
     #[arg(long, env = "FLYWHEEL_LOG_PATH")]
     pub log: PathBuf,
     /// The server's model registry (holds the models and the cycle journal).
@@ -166,7 +166,7 @@ fn now_ms() -> i64 {
 
 /// Feedback rows in the log (the cadence's counter).
 fn feedback_rows(log: &Path) -> anyhow::Result<u64> {
-    let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", log.display()))?;
+    let reader = LogReader::open(log).with_context(|| format!("opening the request log {}", LogLocation::from(log)))?;
     Ok(reader.feedback_between(0, i64::MAX)?.len() as u64)
 }
 

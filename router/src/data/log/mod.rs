@@ -1,20 +1,29 @@
 //! The request log: one record per request, the flywheel's raw material.
 //!
 //! [`RequestLog::submit`] hands a [`RequestRecord`] to a writer thread and
-//! returns at once; the writer commits batches to SQLite (WAL) at least every
-//! `flush_interval_ms`. Durability rule: a record is on disk at most one flush
-//! interval (default 50 ms) after its request finished; `kill -9` can lose
-//! only the records of that last interval and never corrupts the file;
+//! returns at once; the writer commits batches to the store at least every
+//! `flush_interval_ms`. Durability rule: a record is stored at most one
+//! flush interval (default 50 ms) after its request finished; `kill -9` can
+//! lose only the records of that last interval and never corrupts the log;
 //! [`RequestLog::shutdown`] commits everything queued. [`LogReader`] reads
 //! records back by request id (feedback and curation build on it).
+//!
+//! Two stores ([`LogLocation`]): a SQLite file (the default, WAL mode, no
+//! setup; `sqlite.rs`) and PostgreSQL (`log.store_url`; `postgres.rs`),
+//! which several server replicas share. Both hold the same tables and are
+//! written and read through the same code: rows become column values in
+//! `columns.rs`, the writer thread (`writer.rs`) gathers batches, and each
+//! store commits a batch as one transaction.
 //!
 //! Feedback rows ([`FeedbackRecord`]) travel through the same writer, so a
 //! request's record is always committed before feedback the pipeline
 //! attaches to it (e.g. an abandoned stream). [`append_feedback`] writes
 //! rows synchronously from another process (review imports).
 
+mod columns;
+mod postgres;
 mod record;
-mod schema;
+mod sqlite;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -22,12 +31,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rusqlite::OptionalExtension;
-
-pub use schema::SCHEMA_VERSION;
+pub use sqlite::SCHEMA_VERSION;
 
 use crate::config::LogSpec;
 use crate::data::feedback::FeedbackRecord;
+use columns::{ColumnRead, Value};
 
 /// Errors of the request log.
 #[derive(Debug, thiserror::Error)]
@@ -50,19 +58,105 @@ pub enum LogError {
         #[source]
         source: std::io::Error,
     },
+    /// The PostgreSQL store could not be reached (or its URL is invalid).
+    #[error("cannot connect to the request log at {url}")]
+    Connect {
+        /// The store's URL, password hidden.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The store holds a schema newer than this binary knows.
+    #[error("the request log's schema version {found} is newer than this binary's {supported}; upgrade the binary")]
+    NewerSchema {
+        /// Version found in the store.
+        found: i64,
+        /// Newest version this binary writes.
+        supported: i64,
+    },
+    /// The PostgreSQL client's runtime could not start.
+    #[error("cannot start the request log's PostgreSQL client")]
+    Runtime(#[source] std::io::Error),
     /// A query failed.
     #[error("request log query failed")]
     Query(#[from] rusqlite::Error),
+    /// A PostgreSQL query failed.
+    #[error("request log query failed (PostgreSQL)")]
+    Postgres(#[from] tokio_postgres::Error),
     /// The writer has stopped.
     #[error("the request log writer has stopped")]
     Closed,
     /// The writer could not commit the batch holding the row (disk or
-    /// `log.max_size_mb` full, I/O error); the row is not stored.
+    /// `log.max_size_mb` full, database unreachable, I/O error); the row is
+    /// not stored.
     #[error("the request log could not write: {reason}")]
     WriteFailed {
-        /// SQLite's message for the failed commit.
+        /// The store's message for the failed commit.
         reason: String,
     },
+}
+
+/// Where a request log lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLocation {
+    /// A SQLite file.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL (`postgres://user:password@host/db`).
+    Postgres(String),
+}
+
+impl LogLocation {
+    /// Where `spec`'s log lives: the PostgreSQL store when `store_url` is
+    /// set, else the SQLite file.
+    pub fn of(spec: &LogSpec) -> Self {
+        match &spec.store_url {
+            Some(url) => Self::Postgres(url.clone()),
+            None => Self::Sqlite(spec.path.clone()),
+        }
+    }
+}
+
+/// A path whose text is a `postgres://` URL names that database: every
+/// command that takes a log file takes a PostgreSQL store the same way.
+impl From<&Path> for LogLocation {
+    fn from(path: &Path) -> Self {
+        match path.to_str() {
+            Some(s) if crate::config::is_postgres_url(s) => Self::Postgres(s.to_string()),
+            _ => Self::Sqlite(path.to_path_buf()),
+        }
+    }
+}
+
+impl From<&PathBuf> for LogLocation {
+    fn from(path: &PathBuf) -> Self {
+        Self::from(path.as_path())
+    }
+}
+
+/// The file's path, or the URL with its password hidden.
+impl std::fmt::Display for LogLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Sqlite(path) => write!(f, "{}", path.display()),
+            Self::Postgres(url) => f.write_str(&postgres::redact(url)),
+        }
+    }
+}
+
+/// What a store's readers can do; [`LogReader`] builds every query on it.
+trait LogReads: Send {
+    /// Run `sql` (parameters `$1`, `$2`, ...) and hand each row to `each`.
+    fn select(
+        &self,
+        sql: &str,
+        params: &[Value<'_>],
+        each: &mut dyn FnMut(&dyn ColumnRead) -> Result<(), LogError>,
+    ) -> Result<(), LogError>;
+    /// The store's schema version.
+    fn schema_version(&self) -> Result<i64, LogError>;
+    /// The store's own consistency check; `"ok"` when sound.
+    fn integrity_check(&self) -> Result<String, LogError>;
 }
 
 pub use crate::clock::unix_ms;
@@ -137,61 +231,53 @@ impl LogStats {
 #[derive(Clone)]
 pub struct RequestLog {
     inner: Arc<writer::WriterHandle>,
-    path: PathBuf,
+    location: LogLocation,
+    /// PostgreSQL: the connection every reader of this log shares.
+    shared_reads: Option<postgres::PgReads>,
 }
 
 impl std::fmt::Debug for RequestLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RequestLog").field("path", &self.path).finish()
+        f.debug_struct("RequestLog")
+            .field("location", &self.location.to_string())
+            .finish()
     }
 }
 
 impl RequestLog {
-    /// Open (creating and migrating) the database and start the writer thread.
+    /// Open (creating and migrating) the store and start the writer thread.
     ///
     /// # Errors
-    /// When the folder or database cannot be created or migrated.
+    /// When the folder or database cannot be created, reached or migrated.
     pub fn open(spec: &LogSpec) -> Result<Self, LogError> {
-        let path = spec.path.clone();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| LogError::Folder {
-                path: path.clone(),
-                source,
-            })?;
-        }
-        let mut conn = schema::open(&path).map_err(|source| LogError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        schema::migrate(&mut conn).map_err(|source| LogError::Open {
-            path: path.clone(),
-            source,
-        })?;
-        if spec.max_size_mb > 0 {
-            schema::limit_size(&conn, spec.max_size_mb).map_err(|source| LogError::Open {
-                path: path.clone(),
-                source,
-            })?;
-        }
+        let location = LogLocation::of(spec);
+        let (sink, shared_reads): (Box<dyn writer::Sink>, _) = match &location {
+            LogLocation::Sqlite(path) => (Box::new(sqlite::SqliteSink::open(path, spec.max_size_mb)?), None),
+            LogLocation::Postgres(url) => (
+                Box::new(postgres::PgSink::connect(url)?),
+                Some(postgres::PgReads::connect(url)?),
+            ),
+        };
         let inner = writer::WriterHandle::start(
-            conn,
+            sink,
             Duration::from_millis(spec.flush_interval_ms),
             spec.batch_size,
             spec.queue_capacity,
             spec.persist,
         );
         if !spec.persist {
-            tracing::warn!(path = %path.display(), "log.persist = false: request records are dropped, not written");
+            tracing::warn!(log = %location, "log.persist = false: request records are dropped, not written");
         }
         Ok(Self {
             inner: Arc::new(inner),
-            path,
+            location,
+            shared_reads,
         })
     }
 
-    /// Database file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the log lives.
+    pub fn location(&self) -> &LogLocation {
+        &self.location
     }
 
     /// Counters.
@@ -218,7 +304,7 @@ impl RequestLog {
     }
 
     /// Write a feedback row and return once it is committed: what a client
-    /// is told is stored is on disk.
+    /// is told is stored is stored.
     ///
     /// # Errors
     /// [`LogError::WriteFailed`] when its commit failed (nothing stored);
@@ -246,169 +332,177 @@ impl RequestLog {
         self.inner.shutdown().await;
     }
 
-    /// A reader on the same database.
+    /// A reader on the same store (blocking calls: use it off the async
+    /// workers, e.g. in `spawn_blocking`).
     ///
     /// # Errors
-    /// When the database cannot be opened.
+    /// When the store cannot be opened.
     pub fn reader(&self) -> Result<LogReader, LogError> {
-        LogReader::open(&self.path)
+        match (&self.shared_reads, &self.location) {
+            (Some(reads), _) => Ok(LogReader {
+                reads: Box::new(reads.clone()),
+            }),
+            (None, location) => LogReader::open(location.clone()),
+        }
     }
 }
 
-/// Reads records back.
+/// Reads records back, from either store.
 pub struct LogReader {
-    conn: rusqlite::Connection,
+    reads: Box<dyn LogReads>,
 }
 
 impl LogReader {
-    /// Open a database for reading.
+    /// Open a log for reading: a SQLite file, or a PostgreSQL database by
+    /// URL (also as a path whose text is the URL).
     ///
     /// # Errors
-    /// When it cannot be opened.
-    pub fn open(path: &Path) -> Result<Self, LogError> {
-        let conn = schema::open(path).map_err(|source| LogError::Open {
-            path: path.to_path_buf(),
-            source,
+    /// When it cannot be opened or reached.
+    pub fn open(location: impl Into<LogLocation>) -> Result<Self, LogError> {
+        let reads: Box<dyn LogReads> = match location.into() {
+            LogLocation::Sqlite(path) => Box::new(sqlite::SqliteReads::open(&path)?),
+            LogLocation::Postgres(url) => Box::new(postgres::PgReads::connect(&url)?),
+        };
+        Ok(Self { reads })
+    }
+
+    /// Rows of `sql`, each mapped by `map`.
+    fn rows<T>(
+        &self,
+        sql: &str,
+        params: &[Value<'_>],
+        map: impl Fn(&dyn ColumnRead) -> Result<T, LogError>,
+    ) -> Result<Vec<T>, LogError> {
+        let mut out = Vec::new();
+        self.reads.select(sql, params, &mut |row| {
+            out.push(map(row)?);
+            Ok(())
         })?;
-        Ok(Self { conn })
+        Ok(out)
+    }
+
+    /// Records of `sql`'s `WHERE ...` (and order) clause.
+    fn records(&self, clause: &str, params: &[Value<'_>]) -> Result<Vec<RequestRecord>, LogError> {
+        let sql = format!("SELECT {} FROM requests {clause}", columns::COLUMNS.join(", "));
+        self.rows(&sql, params, columns::record_from_row)
+    }
+
+    /// Feedback rows of `sql`'s `WHERE ...` clause, oldest first.
+    fn feedback(&self, clause: &str, params: &[Value<'_>]) -> Result<Vec<FeedbackRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM feedback {clause} ORDER BY created_at_ms, feedback_id",
+            columns::FEEDBACK_COLUMNS.join(", ")
+        );
+        self.rows(&sql, params, columns::feedback_from_row)
     }
 
     /// The record of `request_id`, if any.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn get(&self, request_id: &str) -> Result<Option<RequestRecord>, LogError> {
-        let sql = format!(
-            "SELECT {} FROM requests WHERE request_id = ?1",
-            writer::COLUMNS.join(", ")
-        );
-        Ok(self
-            .conn
-            .query_row(&sql, [request_id], writer::record_from_row)
-            .optional()?)
+        Ok(self.records("WHERE request_id = $1", &[Value::Text(request_id)])?.pop())
     }
 
     /// Number of records.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn count(&self) -> Result<u64, LogError> {
-        Ok(self
-            .conn
-            .query_row("SELECT COUNT(*) FROM requests", [], |r| r.get::<_, i64>(0))? as u64)
+        let n = self.rows("SELECT COUNT(*) AS n FROM requests", &[], |r| r.required_int("n"))?;
+        Ok(n.first().copied().unwrap_or_default().max(0) as u64)
     }
 
     /// The most recent `limit` records, newest first.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn recent(&self, limit: usize) -> Result<Vec<RequestRecord>, LogError> {
-        let sql = format!(
-            "SELECT {} FROM requests ORDER BY received_at_ms DESC, request_id DESC LIMIT ?1",
-            writer::COLUMNS.join(", ")
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([limit as i64], writer::record_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.records(
+            "ORDER BY received_at_ms DESC, request_id DESC LIMIT $1",
+            &[Value::Int(i64::try_from(limit).unwrap_or(i64::MAX))],
+        )
     }
 
     /// Records received in `[since_ms, until_ms)`, oldest first.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn records_between(&self, since_ms: i64, until_ms: i64) -> Result<Vec<RequestRecord>, LogError> {
-        let sql = format!(
-            "SELECT {} FROM requests WHERE received_at_ms >= ?1 AND received_at_ms < ?2 \
-             ORDER BY received_at_ms, request_id",
-            writer::COLUMNS.join(", ")
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([since_ms, until_ms], writer::record_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.records(
+            "WHERE received_at_ms >= $1 AND received_at_ms < $2 ORDER BY received_at_ms, request_id",
+            &[Value::Int(since_ms), Value::Int(until_ms)],
+        )
     }
 
     /// Every feedback row of `request_id`, oldest first.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn feedback_for(&self, request_id: &str) -> Result<Vec<FeedbackRecord>, LogError> {
-        let sql = format!(
-            "SELECT {} FROM feedback WHERE request_id = ?1 ORDER BY created_at_ms, feedback_id",
-            writer::FEEDBACK_COLUMNS
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([request_id], writer::feedback_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.feedback("WHERE request_id = $1", &[Value::Text(request_id)])
     }
 
     /// Shadow runs of `slot`, oldest first.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn shadow_records(&self, slot: &str) -> Result<Vec<ShadowRecord>, LogError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT * FROM shadow WHERE slot = ?1 ORDER BY created_at_ms, rowid")?;
-        let rows = stmt.query_map([slot], writer::shadow_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let sql = format!(
+            "SELECT {} FROM shadow WHERE slot = $1 ORDER BY created_at_ms, request_id",
+            columns::SHADOW_COLUMNS.join(", ")
+        );
+        self.rows(&sql, &[Value::Text(slot)], columns::shadow_from_row)
     }
 
     /// Every feedback row about requests received in `[since_ms, until_ms)`,
     /// oldest first.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn feedback_between(&self, since_ms: i64, until_ms: i64) -> Result<Vec<FeedbackRecord>, LogError> {
-        let sql = format!(
-            "SELECT {} FROM feedback WHERE request_id IN \
-             (SELECT request_id FROM requests WHERE received_at_ms >= ?1 AND received_at_ms < ?2) \
-             ORDER BY created_at_ms, feedback_id",
-            writer::FEEDBACK_COLUMNS
-        );
-        let mut stmt = self.conn.prepare(&sql)?;
-        let rows = stmt.query_map([since_ms, until_ms], writer::feedback_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.feedback(
+            "WHERE request_id IN \
+             (SELECT request_id FROM requests WHERE received_at_ms >= $1 AND received_at_ms < $2)",
+            &[Value::Int(since_ms), Value::Int(until_ms)],
+        )
     }
 
-    /// SQLite's integrity check; `"ok"` for a sound file.
+    /// The store's consistency check; `"ok"` when sound (SQLite's
+    /// `integrity_check`; for PostgreSQL, which checks its own pages, that
+    /// the server answers with the schema in place).
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn integrity_check(&self) -> Result<String, LogError> {
-        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+        self.reads.integrity_check()
     }
 
-    /// Schema version of the file.
+    /// Schema version of the store.
     ///
     /// # Errors
-    /// SQLite errors.
+    /// Store errors.
     pub fn schema_version(&self) -> Result<i64, LogError> {
-        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+        self.reads.schema_version()
     }
 }
 
-/// Append feedback rows to the log at `path` in one transaction (for jobs
-/// outside the server, such as review imports). Safe while the server runs:
-/// SQLite's WAL serializes the writers.
+/// Append feedback rows to a log in one transaction (for jobs outside the
+/// server, such as review imports). Safe while servers write: SQLite's WAL
+/// serializes the writers, PostgreSQL its transactions.
 ///
 /// # Errors
-/// When the database cannot be opened, migrated or written.
-pub fn append_feedback(path: &Path, rows: &[FeedbackRecord]) -> Result<(), LogError> {
-    let open_error = |source| LogError::Open {
-        path: path.to_path_buf(),
-        source,
+/// When the store cannot be opened, migrated or written.
+pub fn append_feedback(location: impl Into<LogLocation>, rows: &[FeedbackRecord]) -> Result<(), LogError> {
+    let mut sink: Box<dyn writer::Sink> = match location.into() {
+        LogLocation::Sqlite(path) => Box::new(sqlite::SqliteSink::open(&path, 0)?),
+        LogLocation::Postgres(url) => Box::new(postgres::PgSink::connect(&url)?),
     };
-    let mut conn = schema::open(path).map_err(open_error)?;
-    schema::migrate(&mut conn).map_err(open_error)?;
-    let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached(writer::INSERT_FEEDBACK)?;
-        for row in rows {
-            writer::insert_feedback(&mut stmt, row)?;
-        }
-    }
-    tx.commit()?;
-    Ok(())
+    sink.write(&writer::Batch {
+        records: &[],
+        feedback: rows,
+        shadows: &[],
+    })
 }
 
 #[cfg(test)]
@@ -421,6 +515,19 @@ mod tests {
             path: dir.join("sub/requests.db"),
             ..LogSpec::default()
         }
+    }
+
+    /// The same log in each store: the SQLite file, and a fresh PostgreSQL
+    /// database when the tests have a server.
+    fn stores(dir: &Path) -> Vec<LogSpec> {
+        let mut specs = vec![spec(dir)];
+        if let Some(url) = crate::testing::postgres_database() {
+            specs.push(LogSpec {
+                store_url: Some(url),
+                ..spec(dir)
+            });
+        }
+        specs
     }
 
     fn record(id: &str) -> RequestRecord {
@@ -443,18 +550,38 @@ mod tests {
     #[tokio::test]
     async fn records_round_trip_by_request_id() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RequestLog::open(&spec(dir.path())).unwrap();
-        log.submit(record("a"));
-        log.submit(record("b"));
-        log.flush().await.unwrap();
-        let reader = log.reader().unwrap();
-        assert_eq!(reader.count().unwrap(), 2);
-        assert_eq!(reader.get("a").unwrap().unwrap(), record("a"));
-        // The second record of a batch reuses the writer's JSON buffers.
-        assert_eq!(reader.get("b").unwrap().unwrap(), record("b"));
-        assert!(reader.get("zzz").unwrap().is_none());
-        assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
-        assert_eq!(log.stats().written(), 2);
+        for spec in stores(dir.path()) {
+            let log = RequestLog::open(&spec).unwrap();
+            let mut full = record("b");
+            full.session_id = Some("s".into());
+            full.prompt_tokens = Some(12);
+            full.ttft_ms = Some(3.5);
+            full.route = Some(RouteDecision {
+                confidence: 0.75,
+                latency_ms: 1.25,
+                router_kind: Some(crate::engine::ModelKind::EncoderClassifier),
+                ..RouteDecision::forced("it")
+            });
+            log.submit(record("a"));
+            log.submit(full.clone());
+            log.flush().await.unwrap();
+            let reader = log.reader().unwrap();
+            assert_eq!(reader.count().unwrap(), 2, "{}", log.location());
+            assert_eq!(reader.get("a").unwrap().unwrap(), record("a"));
+            assert_eq!(reader.get("b").unwrap().unwrap(), full);
+            assert!(reader.get("zzz").unwrap().is_none());
+            assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
+            assert_eq!(reader.integrity_check().unwrap(), "ok");
+            assert_eq!(log.stats().written(), 2);
+            // A record written again replaces the first version.
+            let mut again = record("a");
+            again.status = "cancelled".into();
+            log.submit(again.clone());
+            log.flush().await.unwrap();
+            assert_eq!(reader.get("a").unwrap().unwrap(), again);
+            assert_eq!(reader.recent(1).unwrap().len(), 1);
+            log.shutdown().await;
+        }
     }
 
     #[tokio::test]
@@ -478,38 +605,43 @@ mod tests {
     #[tokio::test]
     async fn shutdown_commits_everything_queued() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RequestLog::open(&spec(dir.path())).unwrap();
-        for i in 0..1000 {
-            log.submit(record(&format!("r{i}")));
+        for spec in stores(dir.path()) {
+            let log = RequestLog::open(&spec).unwrap();
+            for i in 0..1000 {
+                log.submit(record(&format!("r{i}")));
+            }
+            log.shutdown().await;
+            let reader = LogReader::open(LogLocation::of(&spec)).unwrap();
+            assert_eq!(reader.count().unwrap(), 1000, "{}", LogLocation::of(&spec));
         }
-        log.shutdown().await;
-        assert_eq!(
-            LogReader::open(&dir.path().join("sub/requests.db"))
-                .unwrap()
-                .count()
-                .unwrap(),
-            1000
-        );
     }
 
     #[tokio::test]
     async fn records_reach_disk_within_the_flush_interval_without_flush() {
         let dir = tempfile::tempdir().unwrap();
-        let log = RequestLog::open(&spec(dir.path())).unwrap();
-        log.submit(record("x"));
-        let reader = log.reader().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_millis(2_000);
-        while reader.get("x").unwrap().is_none() {
-            assert!(std::time::Instant::now() < deadline, "record not committed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        for spec in stores(dir.path()) {
+            let log = RequestLog::open(&spec).unwrap();
+            log.submit(record("x"));
+            let reader = log.reader().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_millis(2_000);
+            while reader.get("x").unwrap().is_none() {
+                assert!(std::time::Instant::now() < deadline, "record not committed");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
     }
 
     #[tokio::test]
     async fn feedback_joins_its_request_and_keeps_history() {
-        use crate::data::feedback::{FeedbackKind, Rating, latest_explicit};
         let dir = tempfile::tempdir().unwrap();
-        let log = RequestLog::open(&spec(dir.path())).unwrap();
+        for spec in stores(dir.path()) {
+            feedback_round_trip(&spec).await;
+        }
+    }
+
+    async fn feedback_round_trip(spec: &LogSpec) {
+        use crate::data::feedback::{FeedbackKind, Rating, latest_explicit};
+        let log = RequestLog::open(spec).unwrap();
         log.submit(record("a"));
         let mut down = FeedbackRecord::new("a", FeedbackKind::Explicit);
         down.rating = Some(Rating::Thumb(false));
@@ -525,37 +657,95 @@ mod tests {
         let rows = reader.feedback_for("a").unwrap();
         assert_eq!(rows, vec![down, fix.clone()]);
         assert_eq!(latest_explicit(&rows), Some(&fix));
-        let (corrected, score): (String, f64) = reader
-            .conn
-            .query_row(
+        let latest = reader
+            .rows(
                 "SELECT corrected_expert, score FROM latest_explicit_feedback WHERE request_id = 'a'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                &[],
+                |r| Ok((r.required_text("corrected_expert")?, r.real("score")?)),
             )
             .unwrap();
-        assert_eq!((corrected.as_str(), score), ("it", -0.5));
-        let joined: i64 = reader
-            .conn
-            .query_row("SELECT COUNT(*) FROM request_feedback WHERE query = 'q'", [], |r| {
-                r.get(0)
-            })
+        assert_eq!(latest, vec![("it".to_string(), Some(-0.5))]);
+        let joined = reader
+            .rows(
+                "SELECT COUNT(*) AS n FROM request_feedback WHERE query = 'q'",
+                &[],
+                |r| r.required_int("n"),
+            )
             .unwrap();
-        assert_eq!(joined, 2);
+        assert_eq!(joined, vec![2]);
         // Another process appends reviews while the writer is open.
         let review = FeedbackRecord::new("a", FeedbackKind::Review);
-        append_feedback(log.path(), std::slice::from_ref(&review)).unwrap();
+        append_feedback(log.location().clone(), std::slice::from_ref(&review)).unwrap();
         assert_eq!(reader.feedback_for("a").unwrap().len(), 3);
+        assert_eq!(reader.feedback_between(0, i64::MAX).unwrap().len(), 3);
+        // Shadow runs come back per slot, oldest first.
+        let shadow = |id: &str, at: i64| ShadowRecord {
+            request_id: id.into(),
+            slot: "router".into(),
+            version: "v2".into(),
+            live_version: "v1".into(),
+            live_output: "hr".into(),
+            output: Some("it".into()),
+            agree: Some(false),
+            latency_ms: Some(2.0),
+            live_latency_ms: Some(3.0),
+            error: None,
+            created_at_ms: at,
+        };
+        log.submit_shadow(shadow("s2", 20));
+        log.submit_shadow(shadow("s1", 10));
+        log.flush().await.unwrap();
+        assert_eq!(
+            reader.shadow_records("router").unwrap(),
+            vec![shadow("s1", 10), shadow("s2", 20)]
+        );
+        assert!(reader.shadow_records("expert:hr").unwrap().is_empty());
+        log.shutdown().await;
     }
 
     #[tokio::test]
     async fn reopening_keeps_records_and_schema() {
         let dir = tempfile::tempdir().unwrap();
-        {
-            let log = RequestLog::open(&spec(dir.path())).unwrap();
-            log.submit(record("keep"));
-            log.shutdown().await;
+        for spec in stores(dir.path()) {
+            {
+                let log = RequestLog::open(&spec).unwrap();
+                log.submit(record("keep"));
+                log.shutdown().await;
+            }
+            let log = RequestLog::open(&spec).unwrap();
+            assert!(log.reader().unwrap().get("keep").unwrap().is_some());
+            assert_eq!(log.reader().unwrap().schema_version().unwrap(), SCHEMA_VERSION);
         }
-        let log = RequestLog::open(&spec(dir.path())).unwrap();
-        assert!(log.reader().unwrap().get("keep").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_path_that_is_a_postgres_url_names_that_database() {
+        let url = "postgres://f:secret@db:5432/log";
+        assert_eq!(
+            LogLocation::from(Path::new(url)),
+            LogLocation::Postgres(url.to_string())
+        );
+        assert_eq!(
+            LogLocation::from(Path::new(url)).to_string(),
+            "postgres://f:***@db:5432/log"
+        );
+        assert_eq!(
+            LogLocation::from(Path::new("var/requests.db")),
+            LogLocation::Sqlite("var/requests.db".into())
+        );
+    }
+
+    #[test]
+    fn an_unreachable_store_fails_at_open_and_names_it_without_the_password() {
+        // A port nothing listens on (the discard port, closed on loopback).
+        let spec = LogSpec {
+            store_url: Some("postgres://f:secret@127.0.0.1:9/log?connect_timeout=2".into()),
+            ..LogSpec::default()
+        };
+        let err = RequestLog::open(&spec).unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, LogError::Connect { .. }), "{err:?}");
+        assert!(message.contains("postgres://f:***@127.0.0.1:9/log"), "{message}");
+        assert!(!message.contains("secret"), "{message}");
     }
 }

@@ -1,4 +1,5 @@
-//! The request-log schema and its migrations.
+//! The request log in a SQLite file (the default store): its schema, its
+//! migrations, the writer's batch commit and the reader's queries.
 //!
 //! The schema version is SQLite's `PRAGMA user_version`; [`migrate`] applies
 //! every migration above it in one transaction, so a database is always at a
@@ -58,6 +59,11 @@
 //! key the request came with, from the server's key list; never the key.
 
 use rusqlite::Connection;
+use rusqlite::types::{ToSqlOutput, ValueRef};
+
+use super::columns::{self, ColumnRead, Value};
+use super::writer::{Batch, Sink};
+use super::{LogError, LogReads};
 
 /// Current schema version.
 pub const SCHEMA_VERSION: i64 = 5;
@@ -203,6 +209,154 @@ pub(super) fn limit_size(conn: &Connection, max_mb: u64) -> rusqlite::Result<()>
     let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let pages = (max_mb.saturating_mul(1 << 20) / page_size.max(512)).max(1);
     conn.pragma_update(None, "max_page_count", pages)
+}
+
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match self {
+            Value::Null => ToSqlOutput::Borrowed(ValueRef::Null),
+            Value::Int(v) => ToSqlOutput::Borrowed(ValueRef::Integer(*v)),
+            Value::Real(v) => ToSqlOutput::Borrowed(ValueRef::Real(*v)),
+            Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+            Value::Bool(b) => ToSqlOutput::Borrowed(ValueRef::Integer(i64::from(*b))),
+        })
+    }
+}
+
+impl ColumnRead for rusqlite::Row<'_> {
+    fn text(&self, name: &str) -> Result<Option<String>, LogError> {
+        Ok(self.get(name)?)
+    }
+    fn int(&self, name: &str) -> Result<Option<i64>, LogError> {
+        Ok(self.get(name)?)
+    }
+    fn real(&self, name: &str) -> Result<Option<f64>, LogError> {
+        Ok(self.get(name)?)
+    }
+    fn flag(&self, name: &str) -> Result<Option<bool>, LogError> {
+        Ok(self.get(name)?)
+    }
+}
+
+/// The statements a batch commit runs, built once.
+struct Statements {
+    record: String,
+    feedback: String,
+    shadow: String,
+}
+
+impl Statements {
+    fn new() -> Self {
+        Self {
+            record: columns::upsert("requests", columns::COLUMNS, Some("request_id")),
+            feedback: columns::upsert("feedback", columns::FEEDBACK_COLUMNS, Some("feedback_id")),
+            shadow: columns::upsert("shadow", columns::SHADOW_COLUMNS, None),
+        }
+    }
+}
+
+/// The writer's side of a SQLite log: one connection, one transaction per
+/// batch.
+pub(super) struct SqliteSink {
+    conn: Connection,
+    sql: Statements,
+    json: columns::JsonColumns,
+}
+
+impl SqliteSink {
+    /// Open (creating and migrating) the file at `path`, capped at
+    /// `max_size_mb` MiB when not 0.
+    pub(super) fn open(path: &std::path::Path, max_size_mb: u64) -> Result<Self, LogError> {
+        let open_error = |source| LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| LogError::Folder {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
+        let mut conn = open(path).map_err(open_error)?;
+        migrate(&mut conn).map_err(open_error)?;
+        if max_size_mb > 0 {
+            limit_size(&conn, max_size_mb).map_err(open_error)?;
+        }
+        Ok(Self {
+            conn,
+            sql: Statements::new(),
+            json: columns::JsonColumns::default(),
+        })
+    }
+}
+
+impl Sink for SqliteSink {
+    fn write(&mut self, batch: &Batch<'_>) -> Result<(), LogError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(&self.sql.record)?;
+            for r in batch.records {
+                self.json.fill(r);
+                stmt.execute(rusqlite::params_from_iter(columns::record_values(r, &self.json)))?;
+            }
+            let mut stmt = tx.prepare_cached(&self.sql.feedback)?;
+            for f in batch.feedback {
+                stmt.execute(rusqlite::params_from_iter(columns::feedback_values(f)))?;
+            }
+            let mut stmt = tx.prepare_cached(&self.sql.shadow)?;
+            for r in batch.shadows {
+                stmt.execute(rusqlite::params_from_iter(columns::shadow_values(r)))?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn close(&mut self) {
+        // Fold the WAL into the file so a stopped server leaves one file.
+        let _ = self.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
+}
+
+/// The reader's side of a SQLite log: a connection of its own (WAL lets it
+/// read while the writer commits).
+pub(super) struct SqliteReads {
+    conn: Connection,
+}
+
+impl SqliteReads {
+    /// Open the file at `path` for reading.
+    pub(super) fn open(path: &std::path::Path) -> Result<Self, LogError> {
+        let conn = open(path).map_err(|source| LogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { conn })
+    }
+}
+
+impl LogReads for SqliteReads {
+    fn select(
+        &self,
+        sql: &str,
+        params: &[Value<'_>],
+        each: &mut dyn FnMut(&dyn ColumnRead) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
+        while let Some(row) = rows.next()? {
+            each(row)?;
+        }
+        Ok(())
+    }
+
+    fn schema_version(&self) -> Result<i64, LogError> {
+        Ok(self.conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+    }
+
+    fn integrity_check(&self) -> Result<String, LogError> {
+        Ok(self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?)
+    }
 }
 
 #[cfg(test)]
