@@ -1,6 +1,6 @@
 //! The log's rows as column values, written once for every store.
 //!
-//! A record becomes a list of [`Value`]s in [`COLUMNS`] order (both stores
+//! A record becomes a list of [`Value`]s in its [`Table`]'s order (both stores
 //! bind them as statement parameters), and comes back from any store's row
 //! through [`ColumnRead`]. The SQL that uses them is the dialect SQLite and
 //! PostgreSQL share (`$n` parameters, `INSERT ... ON CONFLICT DO UPDATE`).
@@ -17,6 +17,33 @@ pub(super) enum Value<'a> {
     Real(f64),
     Text(&'a str),
     Bool(bool),
+}
+
+impl<'a> Value<'a> {
+    pub(super) fn as_text(&self) -> Option<&'a str> {
+        match self {
+            Self::Text(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub(super) fn as_int(&self) -> Option<i64> {
+        match self {
+            Self::Int(v) => Some(*v),
+            _ => None,
+        }
+    }
+    pub(super) fn as_real(&self) -> Option<f64> {
+        match self {
+            Self::Real(v) => Some(*v),
+            _ => None,
+        }
+    }
+    pub(super) fn as_bool(&self) -> Option<bool> {
+        match self {
+            Self::Bool(v) => Some(*v),
+            _ => None,
+        }
+    }
 }
 
 impl<'a> From<Option<&'a str>> for Value<'a> {
@@ -61,87 +88,161 @@ pub(super) trait ColumnRead {
     }
 }
 
-/// The `requests` table's columns, in the order of [`record_values`].
-pub(super) const COLUMNS: &[&str] = &[
-    "request_id",
-    "kind",
-    "session_id",
-    "user_id",
-    "received_at_ms",
-    "finished_at_ms",
-    "query",
-    "status",
-    "error",
-    "guardrails",
-    "route_expert",
-    "route_top_expert",
-    "route_confidence",
-    "route_scores",
-    "route_forced",
-    "route_fallback",
-    "router_model_version",
-    "route_latency_ms",
-    "expert",
-    "expert_model_version",
-    "retrieved",
-    "answer",
-    "prompt_tokens",
-    "completion_tokens",
-    "ttft_ms",
-    "total_ms",
-    "finish_reason",
-    "api_key_id",
-    "router_kind",
-];
+/// What a column holds (its type in either store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Text,
+    Int,
+    Real,
+    Bool,
+}
 
-/// The `feedback` table's columns, in the order of [`feedback_values`].
-pub(super) const FEEDBACK_COLUMNS: &[&str] = &[
-    "feedback_id",
-    "request_id",
-    "created_at_ms",
-    "kind",
-    "rating_scale",
-    "rating",
-    "score",
-    "corrected_expert",
-    "comment",
-    "reviewer_id",
-    "detail",
-];
+/// One table's columns, in the order its `*_values` function lists them.
+#[derive(Debug)]
+pub(super) struct Table {
+    pub(super) name: &'static str,
+    pub(super) columns: &'static [(&'static str, Kind)],
+    /// The primary key a row written again replaces; `None`: rows only add.
+    pub(super) key: Option<&'static str>,
+}
 
-/// The `shadow` table's columns, in the order of [`shadow_values`].
-pub(super) const SHADOW_COLUMNS: &[&str] = &[
-    "request_id",
-    "slot",
-    "version",
-    "live_version",
-    "live_output",
-    "output",
-    "agree",
-    "latency_ms",
-    "live_latency_ms",
-    "error",
-    "created_at_ms",
-];
+use Kind::{Bool, Int, Real, Text};
 
-/// `INSERT` of `columns` into `table`; a row whose `key` exists is replaced
-/// (a request's record can be written again, e.g. a review import's feedback).
-pub(super) fn upsert(table: &str, columns: &[&str], key: Option<&str>) -> String {
-    let params: Vec<String> = (1..=columns.len()).map(|i| format!("${i}")).collect();
-    let mut sql = format!(
-        "INSERT INTO {table} ({}) VALUES ({})",
-        columns.join(", "),
-        params.join(", ")
-    );
-    if let Some(key) = key {
-        let updates: Vec<String> = columns
-            .iter()
-            .filter(|c| **c != key)
-            .map(|c| format!("{c} = excluded.{c}"))
-            .collect();
-        sql.push_str(&format!(" ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", ")));
+/// Table `requests`, in the order of [`record_values`].
+pub(super) const REQUESTS: Table = Table {
+    name: "requests",
+    columns: &[
+        ("request_id", Text),
+        ("kind", Text),
+        ("session_id", Text),
+        ("user_id", Text),
+        ("received_at_ms", Int),
+        ("finished_at_ms", Int),
+        ("query", Text),
+        ("status", Text),
+        ("error", Text),
+        ("guardrails", Text),
+        ("route_expert", Text),
+        ("route_top_expert", Text),
+        ("route_confidence", Real),
+        ("route_scores", Text),
+        ("route_forced", Bool),
+        ("route_fallback", Bool),
+        ("router_model_version", Text),
+        ("route_latency_ms", Real),
+        ("expert", Text),
+        ("expert_model_version", Text),
+        ("retrieved", Text),
+        ("answer", Text),
+        ("prompt_tokens", Int),
+        ("completion_tokens", Int),
+        ("ttft_ms", Real),
+        ("total_ms", Real),
+        ("finish_reason", Text),
+        ("api_key_id", Text),
+        ("router_kind", Text),
+    ],
+    key: Some("request_id"),
+};
+
+/// Table `feedback`, in the order of [`feedback_values`].
+pub(super) const FEEDBACK: Table = Table {
+    name: "feedback",
+    columns: &[
+        ("feedback_id", Text),
+        ("request_id", Text),
+        ("created_at_ms", Int),
+        ("kind", Text),
+        ("rating_scale", Text),
+        ("rating", Int),
+        ("score", Real),
+        ("corrected_expert", Text),
+        ("comment", Text),
+        ("reviewer_id", Text),
+        ("detail", Text),
+    ],
+    key: Some("feedback_id"),
+};
+
+/// Table `shadow`, in the order of [`shadow_values`].
+pub(super) const SHADOW: Table = Table {
+    name: "shadow",
+    columns: &[
+        ("request_id", Text),
+        ("slot", Text),
+        ("version", Text),
+        ("live_version", Text),
+        ("live_output", Text),
+        ("output", Text),
+        ("agree", Bool),
+        ("latency_ms", Real),
+        ("live_latency_ms", Real),
+        ("error", Text),
+        ("created_at_ms", Int),
+    ],
+    key: None,
+};
+
+impl Table {
+    /// The column names, comma-separated (for `SELECT` and `INSERT`).
+    pub(super) fn column_list(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(name, _)| *name).collect();
+        names.join(", ")
     }
-    sql
+
+    /// `ON CONFLICT` clause replacing every column but the key ("" when
+    /// the table has none).
+    fn on_conflict(&self) -> String {
+        let Some(key) = self.key else {
+            return String::new();
+        };
+        let updates: Vec<String> = self
+            .columns
+            .iter()
+            .filter(|(c, _)| *c != key)
+            .map(|(c, _)| format!("{c} = excluded.{c}"))
+            .collect();
+        format!(" ON CONFLICT ({key}) DO UPDATE SET {}", updates.join(", "))
+    }
+
+    /// `INSERT` of one row, its values as `$1`, `$2`, ...; a row whose key
+    /// exists is replaced (a record written again keeps its last version).
+    pub(super) fn upsert(&self) -> String {
+        let params: Vec<String> = (1..=self.columns.len()).map(|i| format!("${i}")).collect();
+        format!(
+            "INSERT INTO {} ({}) VALUES ({}){}",
+            self.name,
+            self.column_list(),
+            params.join(", "),
+            self.on_conflict()
+        )
+    }
+
+    /// PostgreSQL: `INSERT` of many rows at once, parameter `$i` holding
+    /// column `i`'s values as an array (one statement per batch).
+    pub(super) fn upsert_arrays(&self) -> String {
+        let arrays: Vec<String> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, kind))| {
+                let ty = match kind {
+                    Text => "text",
+                    Int => "bigint",
+                    Real => "double precision",
+                    Bool => "boolean",
+                };
+                format!("${}::{ty}[]", i + 1)
+            })
+            .collect();
+        format!(
+            "INSERT INTO {} ({}) SELECT * FROM UNNEST({}){}",
+            self.name,
+            self.column_list(),
+            arrays.join(", "),
+            self.on_conflict()
+        )
+    }
 }
 
 /// The JSON columns of one record (buffers a writer may reuse from one
@@ -190,7 +291,7 @@ fn parse<T: serde::de::DeserializeOwned + Default>(s: Option<String>) -> T {
     s.and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default()
 }
 
-/// `r`'s values in [`COLUMNS`] order (`json` from [`JsonColumns::of`]).
+/// `r`'s values in [`REQUESTS`] order (`json` from [`JsonColumns::of`]).
 pub(super) fn record_values<'a>(r: &'a RequestRecord, json: &'a JsonColumns) -> Vec<Value<'a>> {
     let route = r.route.as_ref();
     vec![
@@ -229,7 +330,7 @@ pub(super) fn record_values<'a>(r: &'a RequestRecord, json: &'a JsonColumns) -> 
     ]
 }
 
-/// A request record from a row holding [`COLUMNS`].
+/// A request record from a row holding [`REQUESTS`]' columns.
 pub(super) fn record_from_row(row: &dyn ColumnRead) -> Result<RequestRecord, LogError> {
     let route = match row.text("route_expert")? {
         Some(expert) => Some(RouteDecision {
@@ -271,7 +372,7 @@ pub(super) fn record_from_row(row: &dyn ColumnRead) -> Result<RequestRecord, Log
     })
 }
 
-/// `f`'s values in [`FEEDBACK_COLUMNS`] order.
+/// `f`'s values in [`FEEDBACK`] order.
 pub(super) fn feedback_values(f: &FeedbackRecord) -> Vec<Value<'_>> {
     let stored = f.rating.map(Rating::stored);
     vec![
@@ -289,7 +390,7 @@ pub(super) fn feedback_values(f: &FeedbackRecord) -> Vec<Value<'_>> {
     ]
 }
 
-/// A feedback row from a row holding [`FEEDBACK_COLUMNS`].
+/// A feedback row from a row holding [`FEEDBACK`]'s columns.
 pub(super) fn feedback_from_row(row: &dyn ColumnRead) -> Result<FeedbackRecord, LogError> {
     let kind = row.required_text("kind")?;
     let scale = row.text("rating_scale")?;
@@ -309,7 +410,7 @@ pub(super) fn feedback_from_row(row: &dyn ColumnRead) -> Result<FeedbackRecord, 
     })
 }
 
-/// `r`'s values in [`SHADOW_COLUMNS`] order.
+/// `r`'s values in [`SHADOW`] order.
 pub(super) fn shadow_values(r: &ShadowRecord) -> Vec<Value<'_>> {
     vec![
         Value::Text(&r.request_id),
@@ -326,7 +427,7 @@ pub(super) fn shadow_values(r: &ShadowRecord) -> Vec<Value<'_>> {
     ]
 }
 
-/// A shadow run from a row holding [`SHADOW_COLUMNS`].
+/// A shadow run from a row holding [`SHADOW`]'s columns.
 pub(super) fn shadow_from_row(row: &dyn ColumnRead) -> Result<ShadowRecord, LogError> {
     Ok(ShadowRecord {
         request_id: row.required_text("request_id")?,
@@ -349,37 +450,67 @@ mod tests {
 
     #[test]
     fn an_upsert_replaces_every_column_but_its_key() {
-        let sql = upsert("t", &["id", "a", "b"], Some("id"));
+        let t = Table {
+            name: "t",
+            columns: &[("id", Text), ("n", Int), ("x", Real)],
+            key: Some("id"),
+        };
+        let replace = " ON CONFLICT (id) DO UPDATE SET n = excluded.n, x = excluded.x";
         assert_eq!(
-            sql,
-            "INSERT INTO t (id, a, b) VALUES ($1, $2, $3) ON CONFLICT (id) DO UPDATE SET a = excluded.a, b = excluded.b"
+            t.upsert(),
+            format!("INSERT INTO t (id, n, x) VALUES ($1, $2, $3){replace}")
         );
-        assert_eq!(upsert("t", &["a"], None), "INSERT INTO t (a) VALUES ($1)");
+        assert_eq!(
+            t.upsert_arrays(),
+            format!(
+                "INSERT INTO t (id, n, x) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::double precision[]){replace}"
+            )
+        );
+        let log = Table { key: None, ..t };
+        assert_eq!(log.upsert(), "INSERT INTO t (id, n, x) VALUES ($1, $2, $3)");
     }
 
     #[test]
-    fn every_table_lists_as_many_values_as_columns() {
+    fn every_value_fits_its_columns_kind() {
         let record = RequestRecord {
             route: Some(RouteDecision::forced("hr")),
+            session_id: Some("s".into()),
+            prompt_tokens: Some(3),
+            ttft_ms: Some(1.0),
             ..RequestRecord::default()
         };
         let json = JsonColumns::of(&record);
-        assert_eq!(record_values(&record, &json).len(), COLUMNS.len());
-        let feedback = FeedbackRecord::new("r", FeedbackKind::Explicit);
-        assert_eq!(feedback_values(&feedback).len(), FEEDBACK_COLUMNS.len());
+        let kinds_match = |table: &Table, values: &[Value<'_>]| {
+            assert_eq!(values.len(), table.columns.len(), "{}", table.name);
+            for ((name, kind), value) in table.columns.iter().zip(values) {
+                let fits = matches!(
+                    (kind, value),
+                    (_, Value::Null)
+                        | (Text, Value::Text(_))
+                        | (Int, Value::Int(_))
+                        | (Real, Value::Real(_))
+                        | (Bool, Value::Bool(_))
+                );
+                assert!(fits, "{}.{name} is {kind:?}, given {value:?}", table.name);
+            }
+        };
+        kinds_match(&REQUESTS, &record_values(&record, &json));
+        let mut feedback = FeedbackRecord::new("r", FeedbackKind::Explicit);
+        feedback.rating = Some(Rating::Stars(4));
+        kinds_match(&FEEDBACK, &feedback_values(&feedback));
         let shadow = ShadowRecord {
             request_id: "r".into(),
             slot: "router".into(),
             version: "v2".into(),
             live_version: "v1".into(),
             live_output: "hr".into(),
-            output: None,
-            agree: None,
-            latency_ms: None,
-            live_latency_ms: None,
+            output: Some("it".into()),
+            agree: Some(false),
+            latency_ms: Some(1.0),
+            live_latency_ms: Some(2.0),
             error: None,
             created_at_ms: 1,
         };
-        assert_eq!(shadow_values(&shadow).len(), SHADOW_COLUMNS.len());
+        kinds_match(&SHADOW, &shadow_values(&shadow));
     }
 }

@@ -75,6 +75,12 @@ pub enum LogError {
         /// Newest version this binary writes.
         supported: i64,
     },
+    /// A value of the wrong kind for its column (a bug in this module).
+    #[error("a value does not fit column {column}")]
+    ColumnKind {
+        /// `table.column`.
+        column: String,
+    },
     /// The PostgreSQL client's runtime could not start.
     #[error("cannot start the request log's PostgreSQL client")]
     Runtime(#[source] std::io::Error),
@@ -383,7 +389,7 @@ impl LogReader {
 
     /// Records of `sql`'s `WHERE ...` (and order) clause.
     fn records(&self, clause: &str, params: &[Value<'_>]) -> Result<Vec<RequestRecord>, LogError> {
-        let sql = format!("SELECT {} FROM requests {clause}", columns::COLUMNS.join(", "));
+        let sql = format!("SELECT {} FROM requests {clause}", columns::REQUESTS.column_list());
         self.rows(&sql, params, columns::record_from_row)
     }
 
@@ -391,7 +397,7 @@ impl LogReader {
     fn feedback(&self, clause: &str, params: &[Value<'_>]) -> Result<Vec<FeedbackRecord>, LogError> {
         let sql = format!(
             "SELECT {} FROM feedback {clause} ORDER BY created_at_ms, feedback_id",
-            columns::FEEDBACK_COLUMNS.join(", ")
+            columns::FEEDBACK.column_list()
         );
         self.rows(&sql, params, columns::feedback_from_row)
     }
@@ -450,7 +456,7 @@ impl LogReader {
     pub fn shadow_records(&self, slot: &str) -> Result<Vec<ShadowRecord>, LogError> {
         let sql = format!(
             "SELECT {} FROM shadow WHERE slot = $1 ORDER BY created_at_ms, request_id",
-            columns::SHADOW_COLUMNS.join(", ")
+            columns::SHADOW.column_list()
         );
         self.rows(&sql, &[Value::Text(slot)], columns::shadow_from_row)
     }
@@ -573,12 +579,20 @@ mod tests {
             assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
             assert_eq!(reader.integrity_check().unwrap(), "ok");
             assert_eq!(log.stats().written(), 2);
-            // A record written again replaces the first version.
+            // A record written again replaces the first version, also
+            // when both are in one batch.
             let mut again = record("a");
             again.status = "cancelled".into();
             log.submit(again.clone());
             log.flush().await.unwrap();
             assert_eq!(reader.get("a").unwrap().unwrap(), again);
+            let mut last = record("a");
+            last.status = "internal".into();
+            log.submit(again.clone());
+            log.submit(last.clone());
+            log.flush().await.unwrap();
+            assert_eq!(reader.get("a").unwrap().unwrap(), last);
+            assert_eq!(reader.count().unwrap(), 2);
             assert_eq!(reader.recent(1).unwrap().len(), 1);
             log.shutdown().await;
         }

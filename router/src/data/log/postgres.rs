@@ -9,8 +9,9 @@
 //! (`sslmode=require` is refused at connection time).
 //!
 //! The writer thread owns a current-thread runtime and one connection; a
-//! batch is one transaction whose inserts are pipelined (sent together,
-//! acknowledged together), so a batch costs about one round trip. A lost
+//! batch is one transaction with one `INSERT ... SELECT FROM UNNEST(...)`
+//! per table, each column's values bound as one array (one statement to
+//! parse and plan per batch instead of one per row). A lost
 //! connection fails its batch (counted and reported as a failed commit, as
 //! a full disk is for SQLite) and is opened again for the next one. Readers
 //! share one more connection, driven by a runtime thread of their own, so
@@ -29,7 +30,7 @@ use tokio::runtime::Runtime;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
-use super::columns::{self, ColumnRead, JsonColumns, Value};
+use super::columns::{self, ColumnRead, JsonColumns, Kind, Table, Value};
 use super::writer::{Batch, Sink};
 use super::{LogError, LogReads, SCHEMA_VERSION};
 
@@ -324,21 +325,90 @@ struct Prepared {
 impl Prepared {
     async fn on(client: &Client) -> Result<Self, LogError> {
         Ok(Self {
-            record: client
-                .prepare(&columns::upsert("requests", columns::COLUMNS, Some("request_id")))
-                .await?,
-            feedback: client
-                .prepare(&columns::upsert(
-                    "feedback",
-                    columns::FEEDBACK_COLUMNS,
-                    Some("feedback_id"),
-                ))
-                .await?,
-            shadow: client
-                .prepare(&columns::upsert("shadow", columns::SHADOW_COLUMNS, None))
-                .await?,
+            record: client.prepare(&columns::REQUESTS.upsert_arrays()).await?,
+            feedback: client.prepare(&columns::FEEDBACK.upsert_arrays()).await?,
+            shadow: client.prepare(&columns::SHADOW.upsert_arrays()).await?,
         })
     }
+}
+
+/// One column's values over a batch, bound as one PostgreSQL array.
+#[derive(Debug)]
+enum ColumnArray<'a> {
+    Text(Vec<Option<&'a str>>),
+    Int(Vec<Option<i64>>),
+    Real(Vec<Option<f64>>),
+    Bool(Vec<Option<bool>>),
+}
+
+impl ToSql for ColumnArray<'_> {
+    fn to_sql(&self, ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Self::Text(v) => encode(v, ty, out),
+            Self::Int(v) => encode(v, ty, out),
+            Self::Real(v) => encode(v, ty, out),
+            Self::Bool(v) => encode(v, ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        // Checked per array in `to_sql`, where the variant is known.
+        true
+    }
+
+    to_sql_checked!();
+}
+
+/// `rows` (each in `table`'s column order) as one array per column. A row
+/// whose key comes again later in the batch is left out: one statement
+/// cannot update a row twice, and the later version is the one to keep.
+fn arrays<'a>(table: &Table, rows: &[Vec<Value<'a>>]) -> Result<Vec<ColumnArray<'a>>, LogError> {
+    let key = table
+        .key
+        .and_then(|key| table.columns.iter().position(|(c, _)| *c == key));
+    let mut seen = std::collections::HashSet::new();
+    let mut kept: Vec<&[Value<'a>]> = Vec::with_capacity(rows.len());
+    for row in rows.iter().rev() {
+        if let Some(Value::Text(id)) = key.map(|k| &row[k])
+            && !seen.insert(*id)
+        {
+            continue;
+        }
+        kept.push(row);
+    }
+    kept.reverse();
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(j, (name, kind))| {
+            let mismatch = || LogError::ColumnKind {
+                column: format!("{}.{name}", table.name),
+            };
+            Ok(match kind {
+                Kind::Text => ColumnArray::Text(column(&kept, j, Value::as_text, mismatch)?),
+                Kind::Int => ColumnArray::Int(column(&kept, j, Value::as_int, mismatch)?),
+                Kind::Real => ColumnArray::Real(column(&kept, j, Value::as_real, mismatch)?),
+                Kind::Bool => ColumnArray::Bool(column(&kept, j, Value::as_bool, mismatch)?),
+            })
+        })
+        .collect()
+}
+
+/// Column `j` of `rows`, each value read by `read` (`None`: a value of
+/// another kind, reported by `mismatch`).
+fn column<'a, T>(
+    rows: &[&[Value<'a>]],
+    j: usize,
+    read: fn(&Value<'a>) -> Option<T>,
+    mismatch: impl Fn() -> LogError,
+) -> Result<Vec<Option<T>>, LogError> {
+    rows.iter()
+        .map(|row| match &row[j] {
+            Value::Null => Ok(None),
+            v => read(v).map(Some).ok_or_else(&mismatch),
+        })
+        .collect()
 }
 
 /// The writer's side of a PostgreSQL log.
@@ -395,11 +465,11 @@ impl Sink for PgSink {
 
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
 
-fn params<'a>(values: &'a [Value<'a>]) -> Params<'a> {
+fn params<T: ToSql + Sync>(values: &[T]) -> Params<'_> {
     values.iter().map(|v| v as &(dyn ToSql + Sync)).collect()
 }
 
-/// One transaction; its statements are pipelined, in batch order.
+/// One transaction: one array insert per table with rows in the batch.
 async fn write_batch(client: &mut Client, prepared: &Prepared, batch: &Batch<'_>) -> Result<(), LogError> {
     let json: Vec<JsonColumns> = batch.records.iter().map(|r| JsonColumns::of(r)).collect();
     let records: Vec<Vec<Value<'_>>> = batch
@@ -410,16 +480,17 @@ async fn write_batch(client: &mut Client, prepared: &Prepared, batch: &Batch<'_>
         .collect();
     let feedback: Vec<Vec<Value<'_>>> = batch.feedback.iter().map(columns::feedback_values).collect();
     let shadows: Vec<Vec<Value<'_>>> = batch.shadows.iter().map(columns::shadow_values).collect();
-    let statements: Vec<(&Statement, Params<'_>)> = records
-        .iter()
-        .map(|v| (&prepared.record, params(v)))
-        .chain(feedback.iter().map(|v| (&prepared.feedback, params(v))))
-        .chain(shadows.iter().map(|v| (&prepared.shadow, params(v))))
-        .collect();
     let tx = client.transaction().await?;
-    // Polled in order, so sent in order: a row written twice in one batch
-    // ends as its later version, as in SQLite.
-    futures::future::try_join_all(statements.iter().map(|(stmt, p)| tx.execute(*stmt, p))).await?;
+    for (statement, table, rows) in [
+        (&prepared.record, &columns::REQUESTS, &records),
+        (&prepared.feedback, &columns::FEEDBACK, &feedback),
+        (&prepared.shadow, &columns::SHADOW, &shadows),
+    ] {
+        if !rows.is_empty() {
+            let arrays = arrays(table, rows)?;
+            tx.execute(statement, &params(&arrays)).await?;
+        }
+    }
     tx.commit().await?;
     Ok(())
 }

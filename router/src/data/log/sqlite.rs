@@ -248,9 +248,9 @@ struct Statements {
 impl Statements {
     fn new() -> Self {
         Self {
-            record: columns::upsert("requests", columns::COLUMNS, Some("request_id")),
-            feedback: columns::upsert("feedback", columns::FEEDBACK_COLUMNS, Some("feedback_id")),
-            shadow: columns::upsert("shadow", columns::SHADOW_COLUMNS, None),
+            record: columns::REQUESTS.upsert(),
+            feedback: columns::FEEDBACK.upsert(),
+            shadow: columns::SHADOW.upsert(),
         }
     }
 }
