@@ -319,6 +319,7 @@ impl Classified for ControlError {
             | ControlError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
             ControlError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
             ControlError::RequestInFlight { .. } | ControlError::LogUnavailable { .. } => K::Unavailable,
+            ControlError::Log(e) if e.store_unreachable() => K::Unavailable,
             ControlError::Rails(RailsError::Embedder { .. })
             | ControlError::NoModelStore
             | ControlError::NoCorpus

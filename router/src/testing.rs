@@ -279,8 +279,19 @@ pub fn postgres_database() -> Option<String> {
     };
     let server = server.trim_end_matches('/').to_string();
     let name = format!("flywheel_test_{}", uuid::Uuid::now_v7().simple());
-    let admin = format!("{server}/postgres");
-    let create = format!("CREATE DATABASE {name}");
+    postgres_admin(&format!("CREATE DATABASE {name}"));
+    Some(format!("{server}/{name}"))
+}
+
+/// Run `sql` on the tests' PostgreSQL server as its superuser (database
+/// `postgres`), from any thread.
+///
+/// # Panics
+/// When [`TEST_POSTGRES_ENV`] is unset or the statement fails.
+pub fn postgres_admin(sql: &str) {
+    let server = std::env::var(TEST_POSTGRES_ENV).expect("the tests' PostgreSQL server");
+    let admin = format!("{}/postgres", server.trim_end_matches('/'));
+    let sql = sql.to_string();
     // A thread of its own: callers may be inside a runtime.
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -293,14 +304,13 @@ pub fn postgres_database() -> Option<String> {
                 .unwrap_or_else(|e| panic!("connecting to the tests' PostgreSQL at {admin}: {e}"));
             let driver = tokio::spawn(connection);
             client
-                .batch_execute(&create)
+                .batch_execute(&sql)
                 .await
-                .unwrap_or_else(|e| panic!("{create}: {e}"));
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
             drop(client);
             let _ = driver.await;
         });
     })
     .join()
-    .expect("creating the test database");
-    Some(format!("{server}/{name}"))
+    .expect("running SQL on the tests' PostgreSQL server");
 }

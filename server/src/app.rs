@@ -402,8 +402,8 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Health follows the request log: `NOT_SERVING` once its writes have
-/// failed for `after` (requests are answered but no longer recorded, and
+/// Health follows the request log: `NOT_SERVING` once it has been losing
+/// rows for `after` (requests are answered but no longer recorded, and
 /// feedback is refused), `SERVING` again after a commit succeeds.
 async fn watch_log_health(health: HealthReporter, log: RequestLog, after: Duration, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -414,7 +414,13 @@ async fn watch_log_health(health: HealthReporter, log: RequestLog, after: Durati
             _ = tick.tick() => {}
         }
         let failure = log.stats().write_failure();
-        let failing = failure.as_ref().is_some_and(|f| f.since.elapsed() >= after);
+        // Rows kept for another try (a PostgreSQL store unreachable, within
+        // `log.outage_buffer`) are not lost: every replica shares that store,
+        // so turning them all NOT_SERVING would only stop the answers too.
+        let failing = failure
+            .as_ref()
+            .and_then(|f| f.losing_since)
+            .is_some_and(|t| t.elapsed() >= after);
         if failing != degraded {
             degraded = failing;
             match &failure {

@@ -94,6 +94,10 @@ pub const DEFAULT_STREAM_WRITE_TIMEOUT_MS: u64 = 15_000;
 /// How long the request log's writes may fail before health says
 /// `NOT_SERVING` (ms): a few flush intervals of a transient error pass.
 pub const DEFAULT_LOG_UNHEALTHY_AFTER_MS: u64 = 5_000;
+/// Rows a PostgreSQL log keeps in memory while its database is unreachable:
+/// at the ~1 KB of a chat record, ~100 MB; at 1,000 requests a second,
+/// 100 s of outage.
+pub const DEFAULT_LOG_OUTAGE_BUFFER: usize = 100_000;
 /// Default answer length cap (tokens).
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Passages per answer: three short chunks fit a 135M model's useful context.
@@ -254,6 +258,10 @@ pub struct LogSpec {
     /// Writes failing this long turn the server's gRPC health to
     /// `NOT_SERVING` until a commit succeeds again (ms).
     pub unhealthy_after_ms: u64,
+    /// PostgreSQL store: rows (records, shadow runs, implicit feedback)
+    /// kept in memory while the database cannot be reached, written once it
+    /// can; beyond this many the oldest are dropped (and counted failed).
+    pub outage_buffer: usize,
 }
 
 impl Default for LogSpec {
@@ -267,6 +275,7 @@ impl Default for LogSpec {
             persist: true,
             max_size_mb: 0,
             unhealthy_after_ms: DEFAULT_LOG_UNHEALTHY_AFTER_MS,
+            outage_buffer: DEFAULT_LOG_OUTAGE_BUFFER,
         }
     }
 }

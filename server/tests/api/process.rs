@@ -26,6 +26,14 @@ struct Proc {
     url: String,
 }
 
+/// A failed test leaves no server running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn spawn(db: &std::path::Path, extra: &[&str]) -> Proc {
     spawn_with_env(db, extra, &[])
 }
@@ -140,8 +148,16 @@ async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log
 
     let reader = LogReader::open(&db).unwrap();
     assert_eq!(reader.integrity_check().unwrap(), "ok");
-    // Everything finished more than one flush interval (plus commit time)
-    // before the kill is on disk.
+    let lost = assert_durable(&reader, &done, killed_at);
+    eprintln!(
+        "{} requests, {lost} lost to kill -9 (all within the last {FLUSH_MS} ms + margin)",
+        done.len(),
+    );
+}
+
+/// Every request of `done` that finished more than one flush interval (plus
+/// commit time) before `killed_at` is in the log; how many of `done` are not.
+fn assert_durable(reader: &LogReader, done: &[(String, Instant)], killed_at: Instant) -> usize {
     let margin = Duration::from_millis(FLUSH_MS + 100);
     let must_have: Vec<&String> = done
         .iter()
@@ -164,12 +180,50 @@ async fn kill_9_loses_at_most_the_last_flush_interval_and_never_corrupts_the_log
         must_have.len(),
         &missing[..missing.len().min(5)]
     );
-    let lost = done.len() as u64 - reader.count().unwrap();
-    eprintln!(
-        "{} requests, {} lost to kill -9 (all within the last {FLUSH_MS} ms + margin)",
-        done.len(),
-        lost
-    );
+    done.iter().filter(|(id, _)| reader.get(id).unwrap().is_none()).count()
+}
+
+/// Three replicas on one PostgreSQL log under load; one is killed with
+/// SIGKILL: the others go on answering, and the shared log holds every
+/// request the killed one finished more than a flush interval before.
+#[tokio::test]
+async fn kill_9_of_one_replica_on_postgres_loses_at_most_its_last_flush_interval() {
+    let Some(url) = flywheel_router::testing::postgres_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let unused = dir.path().join("unused.db");
+    let mut replicas: Vec<Proc> = (0..3).map(|_| spawn(&unused, &["--store-url", &url])).collect();
+    let mut clients = Vec::new();
+    for r in &replicas {
+        clients.push(RouterClient::connect(r.url.clone()).await.unwrap());
+    }
+    let route = |i: usize| RouteRequest {
+        query: format!("it question {i}"),
+        ..Default::default()
+    };
+    let mut done: Vec<(String, Instant)> = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(800) {
+        let i = done.len();
+        let id = clients[i % 3].route(route(i)).await.unwrap().into_inner().request_id;
+        done.push((id, Instant::now()));
+    }
+    let killed_at = Instant::now();
+    replicas[1].child.kill().unwrap(); // SIGKILL
+    replicas[1].child.wait().unwrap();
+    // The survivors answer on, without a failure.
+    for i in 0..50 {
+        let n = done.len() + i;
+        let client = &mut clients[if n.is_multiple_of(2) { 0 } else { 2 }];
+        client.route(route(n)).await.unwrap();
+    }
+    // Their records are committed within a flush interval.
+    tokio::time::sleep(Duration::from_millis(FLUSH_MS * 4)).await;
+    let reader = LogReader::open(std::path::Path::new(&url)).unwrap();
+    let lost = assert_durable(&reader, &done, killed_at);
+    assert_eq!(reader.count().unwrap(), (done.len() + 50 - lost) as u64);
+    eprintln!("{} requests over 3 replicas, {lost} lost to kill -9 of one", done.len());
 }
 
 #[tokio::test]

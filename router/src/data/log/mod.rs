@@ -103,6 +103,14 @@ pub enum LogError {
     },
 }
 
+impl LogError {
+    /// Whether the store cannot be reached for now (a PostgreSQL server
+    /// down or restarting): worth a retry later, not a bug.
+    pub fn store_unreachable(&self) -> bool {
+        postgres::unreachable(self)
+    }
+}
+
 /// Where a request log lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogLocation {
@@ -180,13 +188,17 @@ pub struct LogStats {
     failing: std::sync::Mutex<Option<WriteFailure>>,
 }
 
-/// The log's writes are failing: since when, and SQLite's latest message.
+/// The log's writes are failing: since when, and the store's latest message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WriteFailure {
     /// The latest failed commit's error.
     pub reason: String,
     /// When the first failed commit of this run of failures happened.
     pub since: std::time::Instant,
+    /// When rows were first lost in this run of failures; `None` while
+    /// every row is kept for another try (a PostgreSQL store unreachable,
+    /// within `log.outage_buffer`).
+    pub losing_since: Option<std::time::Instant>,
 }
 
 impl LogStats {
@@ -218,10 +230,16 @@ impl LogStats {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
     }
-    fn commit_failed(&self, reason: String) {
+    fn commit_failed(&self, reason: String, lost: bool) {
         let mut failing = self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let since = failing.as_ref().map_or_else(std::time::Instant::now, |f| f.since);
-        *failing = Some(WriteFailure { reason, since });
+        let now = std::time::Instant::now();
+        let since = failing.as_ref().map_or(now, |f| f.since);
+        let losing_since = failing.as_ref().and_then(|f| f.losing_since).or(lost.then_some(now));
+        *failing = Some(WriteFailure {
+            reason,
+            since,
+            losing_since,
+        });
     }
     fn commit_succeeded(&self) {
         *self.failing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -266,10 +284,13 @@ impl RequestLog {
         };
         let inner = writer::WriterHandle::start(
             sink,
-            Duration::from_millis(spec.flush_interval_ms),
-            spec.batch_size,
+            writer::WriterSettings {
+                interval: Duration::from_millis(spec.flush_interval_ms),
+                max_batch: spec.batch_size,
+                persist: spec.persist,
+                outage_buffer: spec.outage_buffer,
+            },
             spec.queue_capacity,
-            spec.persist,
         );
         if !spec.persist {
             tracing::warn!(log = %location, "log.persist = false: request records are dropped, not written");
@@ -730,6 +751,74 @@ mod tests {
             assert!(log.reader().unwrap().get("keep").unwrap().is_some());
             assert_eq!(log.reader().unwrap().schema_version().unwrap(), SCHEMA_VERSION);
         }
+    }
+
+    #[tokio::test]
+    async fn while_postgres_is_unreachable_rows_wait_in_memory_up_to_the_buffer_then_land() {
+        let Some(url) = crate::testing::postgres_database() else {
+            return;
+        };
+        let db = url.rsplit('/').next().unwrap().to_string();
+        let log = RequestLog::open(&LogSpec {
+            store_url: Some(url),
+            outage_buffer: 50,
+            ..LogSpec::default()
+        })
+        .unwrap();
+        log.submit(record("before"));
+        log.flush().await.unwrap();
+        assert_eq!(log.stats().written(), 1);
+
+        // The database goes away: connections cut, new ones refused.
+        crate::testing::postgres_admin(&format!(
+            "ALTER DATABASE {db} ALLOW_CONNECTIONS false; \
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+        ));
+        for i in 0..10 {
+            log.submit(record(&format!("early{i}")));
+        }
+        log.flush().await.unwrap();
+        let stats = log.stats();
+        let failure = stats.write_failure().expect("the commit failed");
+        assert_eq!(failure.losing_since, None, "kept, not lost: {failure:?}");
+        assert_eq!((stats.written(), stats.failed(), stats.queued()), (1, 0, 10));
+        // Feedback a client waits for is refused, never kept.
+        let feedback = FeedbackRecord::new("before", crate::data::feedback::FeedbackKind::Explicit);
+        assert!(matches!(
+            log.store_feedback(feedback).await,
+            Err(LogError::WriteFailed { .. })
+        ));
+        // Past the buffer, the oldest rows go (and that is losing rows).
+        for i in 0..60 {
+            log.submit(record(&format!("late{i}")));
+        }
+        log.flush().await.unwrap();
+        assert_eq!(stats.failed(), 20);
+        assert!(stats.write_failure().unwrap().losing_since.is_some());
+
+        // Back: the kept rows land without anything being submitted.
+        crate::testing::postgres_admin(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while stats.written() < 51 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kept rows never written: {}",
+                stats.written()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(stats.write_failure(), None);
+        let reader = log.reader().unwrap();
+        assert_eq!(reader.count().unwrap(), 51);
+        // 70 kept, 50 fit: the 10 early and the first 10 late ones went.
+        assert!(
+            reader.get("early9").unwrap().is_none(),
+            "the oldest kept rows were dropped"
+        );
+        assert!(reader.get("late9").unwrap().is_none());
+        assert!(reader.get("late10").unwrap().is_some());
+        assert!(reader.get("late59").unwrap().is_some());
+        log.shutdown().await;
     }
 
     #[test]

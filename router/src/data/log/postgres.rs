@@ -440,7 +440,31 @@ impl PgSink {
     }
 }
 
+/// Whether `error` says the database cannot be reached for now (connection
+/// refused, lost or shut down, the server starting or out of resources)
+/// rather than refusing these rows.
+pub(super) fn unreachable(error: &LogError) -> bool {
+    match error {
+        LogError::Connect { .. } => true,
+        LogError::Postgres(e) => {
+            e.is_closed()
+                || e.code().is_some_and(|state| {
+                    let code = state.code();
+                    // 08: connection exception; 57P: operator intervention
+                    // (shutdown, cannot connect now); 53: insufficient resources.
+                    code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+                })
+                || e.as_db_error().is_none() && std::error::Error::source(e).is_some_and(|c| c.is::<std::io::Error>())
+        }
+        _ => false,
+    }
+}
+
 impl Sink for PgSink {
+    fn is_transient(&self, error: &LogError) -> bool {
+        unreachable(error)
+    }
+
     fn write(&mut self, batch: &Batch<'_>) -> Result<(), LogError> {
         let Self { rt, target, conn } = self;
         off_runtime(|| {
@@ -496,12 +520,13 @@ async fn write_batch(client: &mut Client, prepared: &Prepared, batch: &Batch<'_>
 }
 
 /// The readers' side of a PostgreSQL log: one connection, shared by every
-/// reader of one log.
+/// reader of one log, opened again when it was lost.
 #[derive(Clone)]
 pub(super) struct PgReads(Arc<PgShared>);
 
 struct PgShared {
-    client: Client,
+    client: std::sync::Mutex<Arc<Client>>,
+    target: Target,
     // Dropped after the client: the runtime drives its connection.
     rt: OwnedRuntime,
 }
@@ -519,13 +544,33 @@ impl PgReads {
                 Ok::<_, LogError>(client)
             })
         })?;
-        Ok(Self(Arc::new(PgShared { client, rt })))
+        Ok(Self(Arc::new(PgShared {
+            client: std::sync::Mutex::new(Arc::new(client)),
+            target,
+            rt,
+        })))
     }
 
     fn query(&self, sql: &str, values: &[Value<'_>]) -> Result<Vec<tokio_postgres::Row>, LogError> {
         let shared = &*self.0;
         let p = params(values);
-        off_runtime(|| shared.rt.get().block_on(shared.client.query(sql, &p))).map_err(LogError::from)
+        off_runtime(|| {
+            shared.rt.get().block_on(async {
+                let current = shared
+                    .client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                let client = if current.is_closed() {
+                    let fresh = Arc::new(shared.target.connect().await?);
+                    *shared.client.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+                    fresh
+                } else {
+                    current
+                };
+                Ok(client.query(sql, &p).await?)
+            })
+        })
     }
 }
 

@@ -1,10 +1,18 @@
 //! The log's writer thread: gathers records into batches and hands each to
 //! the store's [`Sink`] as one transaction.
+//!
+//! A commit that fails for good (a full disk) loses its rows, counted as
+//! failed. A commit that fails because the store cannot be reached for now
+//! (a PostgreSQL server down or restarting: [`Sink::is_transient`]) keeps its
+//! rows in memory, up to `outage_buffer` (the oldest go first beyond it), and
+//! tries again with a growing pause until the store is back. Feedback a
+//! client waits for is never kept that way: it is refused at once, so that
+//! what a client is told is stored is stored.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -24,9 +32,32 @@ pub(super) struct Batch<'a> {
 pub(super) trait Sink: Send {
     /// Commit `batch` in one transaction: all of it or none.
     fn write(&mut self, batch: &Batch<'_>) -> Result<(), LogError>;
+    /// Whether `error` may pass by itself (the store unreachable for now),
+    /// so that the rows are worth keeping for another try.
+    fn is_transient(&self, _error: &LogError) -> bool {
+        false
+    }
     /// Called once, after the last batch.
     fn close(&mut self) {}
 }
+
+/// How the writer gathers and keeps rows.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WriterSettings {
+    /// Longest wait of a row before its commit.
+    pub(super) interval: Duration,
+    /// Rows per commit at most (rows kept through an outage go in one).
+    pub(super) max_batch: usize,
+    /// `false`: rows are counted and dropped.
+    pub(super) persist: bool,
+    /// Rows kept in memory while the store is unreachable.
+    pub(super) outage_buffer: usize,
+}
+
+/// First pause after a transient failure; it doubles up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(100);
+/// Longest pause between tries while the store is unreachable.
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Told whether a row's commit succeeded (the store's message if not).
 type Ack = oneshot::Sender<Result<(), String>>;
@@ -46,13 +77,13 @@ pub(super) struct WriterHandle {
 }
 
 impl WriterHandle {
-    pub(super) fn start(sink: Box<dyn Sink>, interval: Duration, batch: usize, capacity: usize, persist: bool) -> Self {
+    pub(super) fn start(sink: Box<dyn Sink>, settings: WriterSettings, capacity: usize) -> Self {
         let (tx, rx) = sync_channel(capacity);
         let stats = Arc::new(LogStats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("request-log".into())
-            .spawn(move || run(sink, rx, interval, batch, persist, &thread_stats))
+            .spawn(move || run(sink, rx, settings, &thread_stats))
             .expect("spawning the request-log thread");
         Self {
             tx,
@@ -147,72 +178,156 @@ impl WriterHandle {
 /// flush request waits before its batch is written).
 const POLL: Duration = Duration::from_millis(1);
 
-fn run(
-    mut sink: Box<dyn Sink>,
-    rx: Receiver<Command>,
-    interval: Duration,
-    max_batch: usize,
-    persist: bool,
-    stats: &LogStats,
-) {
-    // Records stay boxed as they came: moving them out would copy each one.
-    let mut batch: Vec<Box<RequestRecord>> = Vec::with_capacity(max_batch);
-    let mut feedback: Vec<FeedbackRecord> = Vec::new();
-    let mut acks: Vec<Ack> = Vec::new();
-    let mut shadows: Vec<ShadowRecord> = Vec::new();
+/// Rows gathered and not yet committed (including those kept through an
+/// outage), in arrival order per table.
+#[derive(Default)]
+#[allow(
+    clippy::vec_box,
+    reason = "records arrive boxed through the queue; unboxing would copy each (~600 bytes)"
+)]
+struct Pending {
+    records: Vec<Box<RequestRecord>>,
+    /// Feedback nobody waits for (implicit signals).
+    feedback: Vec<FeedbackRecord>,
+    /// Feedback a client waits for, with its acknowledgements.
+    acked: Vec<(FeedbackRecord, Ack)>,
+    shadows: Vec<ShadowRecord>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.records.len() + self.feedback.len() + self.acked.len() + self.shadows.len()
+    }
+
+    fn push(&mut self, command: Command) {
+        match command {
+            Command::Record(r) => self.records.push(r),
+            Command::Feedback(f, Some(ack)) => self.acked.push((*f, ack)),
+            Command::Feedback(f, None) => self.feedback.push(*f),
+            Command::Shadow(r) => self.shadows.push(*r),
+            Command::Flush(_) | Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Forget every row, keeping the buffers' room for the next batch.
+    fn clear(&mut self) {
+        self.records.clear();
+        self.feedback.clear();
+        self.acked.clear();
+        self.shadows.clear();
+    }
+
+    /// Refuse waiting feedback with `reason` (nothing of it stored).
+    fn refuse_acked(&mut self, reason: &str, stats: &LogStats) {
+        stats
+            .feedback_failed
+            .fetch_add(self.acked.len() as u64, Ordering::Relaxed);
+        for (_, ack) in self.acked.drain(..) {
+            let _ = ack.send(Err(reason.to_string()));
+        }
+    }
+
+    /// Drop the oldest rows beyond `cap`; how many records went.
+    fn trim(&mut self, cap: usize, stats: &LogStats) -> usize {
+        let excess = self.len().saturating_sub(cap);
+        let records = excess.min(self.records.len());
+        self.records.drain(..records);
+        let shadows = (excess - records).min(self.shadows.len());
+        self.shadows.drain(..shadows);
+        let feedback = (excess - records - shadows).min(self.feedback.len());
+        self.feedback.drain(..feedback);
+        stats.failed.fetch_add(records as u64, Ordering::Relaxed);
+        stats.feedback_failed.fetch_add(feedback as u64, Ordering::Relaxed);
+        records + shadows + feedback
+    }
+}
+
+/// Tries while the store is unreachable.
+struct Outage {
+    retry_at: Instant,
+    pause: Duration,
+}
+
+fn run(mut sink: Box<dyn Sink>, rx: Receiver<Command>, settings: WriterSettings, stats: &LogStats) {
+    let mut pending = Pending::default();
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut outage: Option<Outage> = None;
     loop {
-        // Block for the first command, then gather until the interval since
-        // it has passed: a record waits at most one interval to be committed.
-        let first = match rx.recv() {
-            Ok(cmd) => cmd,
-            Err(_) => return, // every handle is gone
+        // Block for the first command (or, with rows kept through an
+        // outage, until the next try), then gather until the interval since
+        // it has passed: a row waits at most one interval to be committed.
+        let first = match &outage {
+            Some(o) => match rx.recv_timeout(o.retry_at.saturating_duration_since(Instant::now())) {
+                Ok(cmd) => Some(cmd),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            },
+            None => match rx.recv() {
+                Ok(cmd) => Some(cmd),
+                Err(_) => return, // every handle is gone
+            },
         };
-        let deadline = Instant::now() + interval;
+        let deadline = Instant::now() + settings.interval;
         let mut shutdown = None;
-        let mut next = Some(first);
+        let mut gathered = 0;
         // Gather by polling rather than blocking per record: a blocked
         // receiver costs every submitter a futex wake-up, which at tens of
         // thousands of records a second is a large share of a request.
-        'gather: loop {
-            while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
-                match cmd {
-                    Command::Record(r) => batch.push(r),
-                    Command::Feedback(f, ack) => {
-                        feedback.push(*f);
-                        acks.extend(ack);
+        // (No first command: the pause of an outage is over, try again.)
+        if let Some(first) = first {
+            let mut next = Some(first);
+            'gather: loop {
+                while let Some(cmd) = next.take().or_else(|| rx.try_recv().ok()) {
+                    match cmd {
+                        // Once shutting down, drain everything still queued;
+                        // later flushes and shutdowns wait for this last batch.
+                        Command::Flush(done) | Command::Shutdown(done) if shutdown.is_some() => waiters.push(done),
+                        Command::Flush(done) => {
+                            waiters.push(done);
+                            break 'gather;
+                        }
+                        Command::Shutdown(done) => shutdown = Some(done),
+                        row => {
+                            pending.push(row);
+                            gathered += 1;
+                        }
                     }
-                    Command::Shadow(r) => shadows.push(*r),
-                    // Once shutting down, drain everything still queued;
-                    // later flushes and shutdowns wait for this last batch.
-                    Command::Flush(done) | Command::Shutdown(done) if shutdown.is_some() => waiters.push(done),
-                    Command::Flush(done) => {
-                        waiters.push(done);
+                    if shutdown.is_none() && gathered >= settings.max_batch {
                         break 'gather;
                     }
-                    Command::Shutdown(done) => shutdown = Some(done),
                 }
-                if shutdown.is_none() && batch.len() + feedback.len() + shadows.len() >= max_batch {
-                    break 'gather;
+                let now = Instant::now();
+                if shutdown.is_some() || now >= deadline {
+                    break;
                 }
+                std::thread::sleep((deadline - now).min(POLL));
             }
-            let now = Instant::now();
-            if shutdown.is_some() || now >= deadline {
-                break;
-            }
-            std::thread::sleep((deadline - now).min(POLL));
         }
-        let committed = if persist {
-            write_batch(sink.as_mut(), &mut batch, &mut feedback, &mut shadows, stats)
+        let waiting = outage.as_ref().is_some_and(|o| Instant::now() < o.retry_at);
+        if !settings.persist {
+            stats
+                .discarded
+                .fetch_add(pending.records.len() as u64, Ordering::Relaxed);
+            for (_, ack) in pending.acked.drain(..) {
+                let _ = ack.send(Ok(()));
+            }
+            pending.clear();
+        } else if waiting && shutdown.is_none() {
+            // Between tries: keep the new rows, refuse waiting feedback.
+            let reason = stats.write_failure().map(|f| f.reason).unwrap_or_default();
+            pending.refuse_acked(&reason, stats);
+            if pending.trim(settings.outage_buffer, stats) > 0 {
+                stats.commit_failed(reason, true);
+            }
         } else {
-            stats.discarded.fetch_add(batch.len() as u64, Ordering::Relaxed);
-            batch.clear();
-            feedback.clear();
-            shadows.clear();
-            Ok(())
-        };
-        for ack in acks.drain(..) {
-            let _ = ack.send(committed.clone());
+            let kept = commit(sink.as_mut(), &mut pending, settings, shutdown.is_none(), stats);
+            outage = kept.then(|| {
+                let pause = outage.map_or(RETRY_MIN, |o| (o.pause * 2).min(RETRY_MAX));
+                Outage {
+                    retry_at: Instant::now() + pause,
+                    pause,
+                }
+            });
         }
         for w in waiters.drain(..) {
             let _ = w.send(());
@@ -225,50 +340,69 @@ fn run(
     }
 }
 
-#[allow(
-    clippy::vec_box,
-    reason = "records arrive boxed through the queue; unboxing would copy each (~600 bytes)"
-)]
-fn write_batch(
+/// Commit everything pending; whether rows were kept for another try (the
+/// store unreachable and `may_keep`).
+fn commit(
     sink: &mut dyn Sink,
-    batch: &mut Vec<Box<RequestRecord>>,
-    feedback: &mut Vec<FeedbackRecord>,
-    shadows: &mut Vec<ShadowRecord>,
+    pending: &mut Pending,
+    settings: WriterSettings,
+    may_keep: bool,
     stats: &LogStats,
-) -> Result<(), String> {
-    if batch.is_empty() && feedback.is_empty() && shadows.is_empty() {
-        return Ok(());
+) -> bool {
+    if pending.len() == 0 {
+        return false;
     }
-    let n = batch.len() as u64;
+    let n = pending.records.len() as u64;
     let _span = tracing::info_span!(
         "log_commit",
         records = n,
-        feedback = feedback.len(),
-        shadows = shadows.len()
+        feedback = pending.feedback.len() + pending.acked.len(),
+        shadows = pending.shadows.len()
     )
     .entered();
+    // Waiting feedback goes last, so it can be taken back off on failure.
+    let implicit = pending.feedback.len();
+    let (acked, acks): (Vec<FeedbackRecord>, Vec<Ack>) = pending.acked.drain(..).unzip();
+    pending.feedback.extend(acked);
     let result = sink.write(&Batch {
-        records: batch,
-        feedback,
-        shadows,
+        records: &pending.records,
+        feedback: &pending.feedback,
+        shadows: &pending.shadows,
     });
-    let feedback_rows = feedback.len();
-    feedback.clear();
-    shadows.clear();
-    batch.clear();
+    pending.feedback.truncate(implicit);
     match result {
         Ok(()) => {
             stats.written.fetch_add(n, Ordering::Relaxed);
             stats.commit_succeeded();
-            Ok(())
+            for ack in acks {
+                let _ = ack.send(Ok(()));
+            }
+            pending.clear();
+            false
         }
         Err(error) => {
             let reason = reason(&error);
+            let feedback_refused = acks.len();
+            stats
+                .feedback_failed
+                .fetch_add(feedback_refused as u64, Ordering::Relaxed);
+            for ack in acks {
+                let _ = ack.send(Err(reason.clone()));
+            }
+            if may_keep && sink.is_transient(&error) {
+                let dropped = pending.trim(settings.outage_buffer, stats);
+                tracing::warn!(error = %reason, kept = pending.len(), dropped, "request log store unreachable; rows kept for another try");
+                stats.commit_failed(reason, dropped > 0);
+                return true;
+            }
             stats.failed.fetch_add(n, Ordering::Relaxed);
-            stats.feedback_failed.fetch_add(feedback_rows as u64, Ordering::Relaxed);
-            tracing::error!(error = %reason, records = n, feedback_rows, "request log batch failed; its rows are lost");
-            stats.commit_failed(reason.clone());
-            Err(reason)
+            stats
+                .feedback_failed
+                .fetch_add(pending.feedback.len() as u64, Ordering::Relaxed);
+            tracing::error!(error = %reason, records = n, "request log batch failed; its rows are lost");
+            stats.commit_failed(reason, true);
+            pending.clear();
+            false
         }
     }
 }
