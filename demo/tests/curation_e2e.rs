@@ -443,4 +443,20 @@ async fn curating_a_postgres_log_sees_every_replicas_traffic() {
     assert_eq!(m.selection.candidates, traffic.len());
     assert_eq!(m.selection.labelled.get("correction").copied().unwrap_or(0), corrected);
     assert_eq!(m.log.as_deref(), Some(Path::new(&url)));
+
+    // The shared log copied back into a file carries every row.
+    let file = dir.path().join("copy.db");
+    let said = trainer(&["store-copy", "--from", &url, "--to", file.to_str().unwrap()]);
+    assert!(
+        said.contains(&format!(
+            "copied {} request records, {corrected} feedback rows",
+            traffic.len()
+        )),
+        "{said}"
+    );
+    let copy = flywheel_router::data::log::LogReader::open(&file).unwrap();
+    assert_eq!(copy.count().unwrap(), traffic.len() as u64);
+    // A second copy into the same file is refused, not doubled.
+    let refused = common::trainer_fails(&["store-copy", "--from", &url, "--to", file.to_str().unwrap()]);
+    assert!(refused.contains("not empty"), "{refused}");
 }

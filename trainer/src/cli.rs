@@ -269,6 +269,42 @@ fn print_summary(opts: &CurateOptions, m: &Manifest) {
     println!("wrote {}", opts.out.join(crate::curate::MANIFEST).display());
 }
 
+/// `flywheel-trainer store-copy`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoreCopyArgs {
+    /// The log to copy: a SQLite file (upgraded to the current schema
+    /// first) or a `postgres://` URL.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// An empty log to copy into (created when new): a `postgres://` URL or
+    /// a SQLite file.
+    #[arg(long)]
+    pub to: PathBuf,
+}
+
+/// Run `store-copy`: every request record, feedback row and shadow run of
+/// one log into another, with a running count.
+///
+/// # Errors
+/// Either log cannot be opened, read or written; the target is not empty.
+pub fn store_copy(args: &StoreCopyArgs) -> anyhow::Result<flywheel_router::data::log::CopyReport> {
+    use flywheel_router::data::log::{LogLocation, copy_log};
+    let (from, to) = (LogLocation::from(&args.from), LogLocation::from(&args.to));
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg}: {pos} rows ({per_sec})") {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("{from} -> {to}"));
+    let report = copy_log(&from, &to, |rows| bar.set_position(rows))
+        .with_context(|| format!("copying the request log {from} to {to}"))?;
+    bar.finish_and_clear();
+    println!(
+        "copied {} request records, {} feedback rows and {} shadow runs from {from} to {to} ({} records there now)",
+        report.records, report.feedback, report.shadows, report.target_records
+    );
+    Ok(report)
+}
+
 /// Run `review-import` and print what it did.
 ///
 /// # Errors

@@ -35,6 +35,8 @@ enum Command {
     Rollback(promote::ServerArgs),
     /// Import a reviewed review queue back into the request log as `review` labels.
     ReviewImport(cli::ReviewImportArgs),
+    /// Copy a whole request log into an empty one (e.g. a server's SQLite file into PostgreSQL).
+    StoreCopy(cli::StoreCopyArgs),
     /// Read, chunk and embed the experts' corpora (fills the embedding cache the server starts from).
     Ingest(rag::IngestArgs),
     /// Measure retrieval (recall@k, MRR, latency) of BM25, dense and hybrid on a labelled query set.
@@ -148,6 +150,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ReviewImport(args) => cli::review_import(args).map(drop),
+        Command::StoreCopy(args) => tokio::task::spawn_blocking(move || cli::store_copy(&args).map(drop)).await?,
         Command::RailsData(args) => rails::build_data(&args),
         Command::TrainRails(args) => rails::train_head(&args).map(drop),
         Command::EvalRails(args) => rails::evaluate(&args).await.map(drop),

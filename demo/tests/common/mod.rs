@@ -35,6 +35,18 @@ pub fn trainer(args: &[&str]) -> String {
     )
 }
 
+/// Run `flywheel-trainer` with `args`, which must fail; its stderr.
+pub fn trainer_fails(args: &[&str]) -> String {
+    let out = Command::new(workspace_binary("flywheel-trainer"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "flywheel-trainer {args:?} succeeded:\n{stderr}");
+    stderr
+}
+
 fn run(mut command: Command, name: &str, args: &[&str]) -> String {
     let out = command.args(args).env("RUST_LOG", "warn").output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -21,6 +21,7 @@
 //! rows synchronously from another process (review imports).
 
 mod columns;
+mod copy;
 mod postgres;
 mod record;
 mod sqlite;
@@ -74,6 +75,12 @@ pub enum LogError {
         found: i64,
         /// Newest version this binary writes.
         supported: i64,
+    },
+    /// A copy's target already holds rows.
+    #[error("the log at {target} is not empty; copy into a new database or file")]
+    TargetNotEmpty {
+        /// The target, password hidden.
+        target: String,
     },
     /// A value of the wrong kind for its column (a bug in this module).
     #[error("a value does not fit column {column}")]
@@ -174,6 +181,7 @@ trait LogReads: Send {
 }
 
 pub use crate::clock::unix_ms;
+pub use copy::{CopyReport, copy_log};
 pub use record::{RequestRecord, RetrievedRef, ShadowRecord};
 
 /// Counters of the log, shared with the writer.
@@ -275,12 +283,10 @@ impl RequestLog {
     /// When the folder or database cannot be created, reached or migrated.
     pub fn open(spec: &LogSpec) -> Result<Self, LogError> {
         let location = LogLocation::of(spec);
-        let (sink, shared_reads): (Box<dyn writer::Sink>, _) = match &location {
-            LogLocation::Sqlite(path) => (Box::new(sqlite::SqliteSink::open(path, spec.max_size_mb)?), None),
-            LogLocation::Postgres(url) => (
-                Box::new(postgres::PgSink::connect(url)?),
-                Some(postgres::PgReads::connect(url)?),
-            ),
+        let sink = open_sink(&location, spec.max_size_mb)?;
+        let shared_reads = match &location {
+            LogLocation::Sqlite(_) => None,
+            LogLocation::Postgres(url) => Some(postgres::PgReads::connect(url)?),
         };
         let inner = writer::WriterHandle::start(
             sink,
@@ -423,6 +429,19 @@ impl LogReader {
         self.rows(&sql, params, columns::feedback_from_row)
     }
 
+    /// Up to `limit` feedback rows whose id follows `after`, by id.
+    fn feedback_page(&self, after: &str, limit: i64) -> Result<Vec<FeedbackRecord>, LogError> {
+        let sql = format!(
+            "SELECT {} FROM feedback WHERE feedback_id > $1 ORDER BY feedback_id LIMIT $2",
+            columns::FEEDBACK.column_list()
+        );
+        self.rows(
+            &sql,
+            &[Value::Text(after), Value::Int(limit)],
+            columns::feedback_from_row,
+        )
+    }
+
     /// The record of `request_id`, if any.
     ///
     /// # Errors
@@ -514,6 +533,15 @@ impl LogReader {
     }
 }
 
+/// The writing side of the store at `location` (created and migrated when
+/// new; a SQLite file capped at `max_size_mb` MiB when not 0).
+fn open_sink(location: &LogLocation, max_size_mb: u64) -> Result<Box<dyn writer::Sink>, LogError> {
+    Ok(match location {
+        LogLocation::Sqlite(path) => Box::new(sqlite::SqliteSink::open(path, max_size_mb)?),
+        LogLocation::Postgres(url) => Box::new(postgres::PgSink::connect(url)?),
+    })
+}
+
 /// Append feedback rows to a log in one transaction (for jobs outside the
 /// server, such as review imports). Safe while servers write: SQLite's WAL
 /// serializes the writers, PostgreSQL its transactions.
@@ -521,10 +549,7 @@ impl LogReader {
 /// # Errors
 /// When the store cannot be opened, migrated or written.
 pub fn append_feedback(location: impl Into<LogLocation>, rows: &[FeedbackRecord]) -> Result<(), LogError> {
-    let mut sink: Box<dyn writer::Sink> = match location.into() {
-        LogLocation::Sqlite(path) => Box::new(sqlite::SqliteSink::open(&path, 0)?),
-        LogLocation::Postgres(url) => Box::new(postgres::PgSink::connect(&url)?),
-    };
+    let mut sink = open_sink(&location.into(), 0)?;
     sink.write(&writer::Batch {
         records: &[],
         feedback: rows,

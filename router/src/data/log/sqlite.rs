@@ -152,6 +152,12 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE requests ADD COLUMN router_kind TEXT;",
 ];
 
+/// The schema of version 1 (for tests of logs written by old servers).
+#[cfg(test)]
+pub(super) fn first_schema() -> &'static str {
+    MIGRATIONS[0]
+}
+
 /// Bring `conn` to [`SCHEMA_VERSION`].
 ///
 /// # Errors
