@@ -336,6 +336,7 @@ impl App {
             .add_service(AdminServer::new(AdminService::new(
                 self.control.clone(),
                 self.config.admin_token.clone(),
+                self.config.replica_id.clone(),
             )))
             .add_optional_service(open.then(|| FeedbackServer::new(FeedbackService::new(self.control.clone()))))
             .add_optional_service(

@@ -137,12 +137,16 @@ pub struct Flags {
     /// off when unset (`OTEL_EXPORTER_OTLP_ENDPOINT` also turns it on).
     #[arg(long, env = "FLYWHEEL_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Name of this replica in `Admin.Status` (default: host name and process id).
+    #[arg(long, env = "FLYWHEEL_REPLICA_ID")]
+    pub replica_id: Option<String>,
 }
 
 /// The TOML file: every section optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    replica_id: Option<String>,
     listen: Option<SocketAddr>,
     http_listen: Option<SocketAddr>,
     api_keys: Option<Vec<ApiKeySpec>>,
@@ -233,8 +237,21 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// OpenTelemetry collector receiving traces over OTLP/gRPC (off when `None`).
     pub otlp_endpoint: Option<String>,
+    /// Name of this replica (`Admin.Status`).
+    pub replica_id: String,
     /// Models, router, experts, limits, log.
     pub settings: EngineSettings,
+}
+
+/// This process's default replica name: the host's name and the process
+/// id (unique among replicas on one host, readable in a pod's logs).
+fn default_replica_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{host}:{}", std::process::id())
 }
 
 impl Default for Config {
@@ -253,6 +270,7 @@ impl Default for Config {
             registry_dir: None,
             admin_token: None,
             otlp_endpoint: None,
+            replica_id: default_replica_id(),
             settings: EngineSettings::default(),
         }
     }
@@ -315,6 +333,10 @@ impl Config {
         if let Some(token) = &flags.admin_token {
             config.admin_token = Some(token.clone());
         }
+        if let Some(id) = &flags.replica_id {
+            config.replica_id = id.clone();
+        }
+        check_replica_id(&config.replica_id)?;
         if let Some(endpoint) = &flags.otlp_endpoint {
             config.otlp_endpoint = Some(endpoint.clone());
         }
@@ -406,6 +428,9 @@ impl Config {
         c.registry_dir = file.registry_dir;
         c.admin_token = file.admin_token;
         c.otlp_endpoint = file.otlp_endpoint;
+        if let Some(id) = file.replica_id {
+            c.replica_id = id;
+        }
         c.settings = EngineSettings::from_config_file(text)?;
         Ok(c)
     }
@@ -445,6 +470,21 @@ pub fn check_api_keys(keys: &[ApiKeySpec]) -> Result<(), LoadError> {
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Longest replica name, in characters.
+const MAX_REPLICA_ID_CHARS: usize = 128;
+
+/// A replica name is short and printable (it is shown to operators).
+fn check_replica_id(id: &str) -> Result<(), LoadError> {
+    let n = id.chars().count();
+    if id.trim().is_empty() || n > MAX_REPLICA_ID_CHARS || id.chars().any(char::is_control) {
+        return Err(LoadError::Invalid(ConfigError::Invalid {
+            key: "replica_id".into(),
+            reason: format!("must be 1 to {MAX_REPLICA_ID_CHARS} printable characters, got {n}"),
+        }));
     }
     Ok(())
 }
@@ -693,6 +733,19 @@ mod tests {
         let err = refused(&format!("bad id:{digest}"));
         assert!(err.contains("letters, digits"), "{err}");
         assert!(Flags::try_parse_from(["flywheel-server", "--api-keys", "no-colon"]).is_err());
+    }
+
+    #[test]
+    fn the_replica_id_defaults_to_host_and_pid_and_comes_from_file_or_flag() {
+        let own = Config::default().replica_id;
+        assert!(own.ends_with(&format!(":{}", std::process::id())), "{own}");
+        let c = Config::from_toml("replica_id = \"eu-1\"\n").unwrap();
+        assert_eq!(c.replica_id, "eu-1");
+        for bad in ["", "  ", "a\nb"] {
+            let err = check_replica_id(bad).unwrap_err().to_string();
+            assert!(err.contains("replica_id"), "{err}");
+        }
+        assert!(check_replica_id(&"x".repeat(MAX_REPLICA_ID_CHARS + 1)).is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub struct AdminService {
     control: Arc<ControlPlane>,
     started: Instant,
     token: Option<String>,
+    replica: String,
 }
 
 /// Metadata key of the admin token.
@@ -26,12 +27,14 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl AdminService {
-    /// Report on and change what `control` serves, counting uptime from now; mutating calls need `token`.
-    pub fn new(control: Arc<ControlPlane>, token: Option<String>) -> Self {
+    /// Report on and change what `control` serves, counting uptime from now;
+    /// mutating calls need `token`; `replica` names this process in `Status`.
+    pub fn new(control: Arc<ControlPlane>, token: Option<String>, replica: String) -> Self {
         Self {
             control,
             started: Instant::now(),
             token,
+            replica,
         }
     }
 
@@ -103,6 +106,7 @@ impl pb::admin_server::Admin for AdminService {
             log_feedback_failed: log.stats().feedback_failed(),
             log_write_error: log.stats().write_failure().map(|f| f.reason).unwrap_or_default(),
             log_path: paths.show_log(log.location()),
+            replica: self.replica.clone(),
             rails_toml: self
                 .control
                 .serving()

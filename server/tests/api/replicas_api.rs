@@ -15,10 +15,11 @@ use tonic::Code;
 
 const TOKEN: &str = "replica-admin";
 
-fn replica(store_url: &str) -> common::TestServer {
+fn replica(store_url: &str, name: &str) -> common::TestServer {
     let mut config = Config {
         engine: EngineKind::Stub,
         admin_token: Some(TOKEN.into()),
+        replica_id: name.into(),
         ..Config::default()
     };
     config.settings.log.store_url = Some(store_url.to_string());
@@ -54,7 +55,7 @@ async fn replicas_on_one_postgres_log_share_traffic_and_take_feedback_for_each_o
     let Some(url) = flywheel_router::testing::postgres_database() else {
         return;
     };
-    let replicas: Vec<_> = (0..3).map(|_| replica(&url)).collect();
+    let replicas: Vec<_> = ["a", "b", "c"].map(|name| replica(&url, name)).into_iter().collect();
     let (a, b, c) = (&replicas[0], &replicas[1], &replicas[2]);
 
     // Traffic on every replica.
@@ -124,4 +125,15 @@ async fn replicas_on_one_postgres_log_share_traffic_and_take_feedback_for_each_o
         .unwrap()
         .into_inner();
     assert!(full.log_path.starts_with("postgres://"), "{}", full.log_path);
+    // Each replica says who it is.
+    for (server, name) in replicas.iter().zip(["a", "b", "c"]) {
+        let status = server
+            .admin()
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.replica, name);
+    }
 }
