@@ -106,8 +106,13 @@ async fn replicas_on_one_postgres_log_share_traffic_and_take_feedback_for_each_o
     }
     let reader = LogReader::open(LogLocation::Postgres(url.clone())).unwrap();
     assert_eq!(reader.count().unwrap(), 31);
-    for (_, id) in &served {
-        assert!(reader.get(id).unwrap().is_some(), "{id} is missing from the shared log");
+    for (by, id) in &served {
+        let record = reader
+            .get(id)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} is missing from the shared log"));
+        // Each record names the replica that served it.
+        assert_eq!(record.replica.as_deref(), Some(["a", "b", "c"][*by]));
     }
     assert_eq!(reader.feedback_for(&from_a).unwrap().len(), 1);
 

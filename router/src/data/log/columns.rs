@@ -141,6 +141,7 @@ pub(super) const REQUESTS: Table = Table {
         ("finish_reason", Text),
         ("api_key_id", Text),
         ("router_kind", Text),
+        ("replica", Text),
     ],
     key: Some("request_id"),
 };
@@ -327,6 +328,7 @@ pub(super) fn record_values<'a>(r: &'a RequestRecord, json: &'a JsonColumns) -> 
             .and_then(|d| d.router_kind)
             .map(crate::engine::ModelKind::as_str)
             .into(),
+        r.replica.as_deref().into(),
     ]
 }
 
@@ -369,6 +371,7 @@ pub(super) fn record_from_row(row: &dyn ColumnRead) -> Result<RequestRecord, Log
         total_ms: row.real("total_ms")?,
         finish_reason: row.text("finish_reason")?,
         api_key_id: row.text("api_key_id")?,
+        replica: row.text("replica")?,
     })
 }
 

@@ -266,6 +266,8 @@ pub struct RequestLog {
     location: LogLocation,
     /// PostgreSQL: the connection every reader of this log shares.
     shared_reads: Option<postgres::PgReads>,
+    /// Written into every record that does not name its replica.
+    replica: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for RequestLog {
@@ -305,7 +307,15 @@ impl RequestLog {
             inner: Arc::new(inner),
             location,
             shared_reads,
+            replica: None,
         })
+    }
+
+    /// This log, recording `replica` as the server of every request (where
+    /// several replicas share one store).
+    pub fn for_replica(mut self, replica: &str) -> Self {
+        self.replica = Some(replica.into());
+        self
     }
 
     /// Where the log lives.
@@ -320,7 +330,10 @@ impl RequestLog {
 
     /// Queue a record for writing; never blocks the caller and never drops
     /// the record while the log is open.
-    pub fn submit(&self, record: RequestRecord) {
+    pub fn submit(&self, mut record: RequestRecord) {
+        if record.replica.is_none() {
+            record.replica = self.replica.as_deref().map(str::to_string);
+        }
         let _span = tracing::info_span!(
             "log_write",
             request_id = %record.request_id,
@@ -772,9 +785,14 @@ mod tests {
                 log.submit(record("keep"));
                 log.shutdown().await;
             }
-            let log = RequestLog::open(&spec).unwrap();
-            assert!(log.reader().unwrap().get("keep").unwrap().is_some());
-            assert_eq!(log.reader().unwrap().schema_version().unwrap(), SCHEMA_VERSION);
+            // A named replica records itself in what it serves.
+            let log = RequestLog::open(&spec).unwrap().for_replica("eu-1");
+            log.submit(record("new"));
+            log.flush().await.unwrap();
+            let reader = log.reader().unwrap();
+            assert_eq!(reader.get("keep").unwrap().unwrap().replica, None);
+            assert_eq!(reader.get("new").unwrap().unwrap().replica.as_deref(), Some("eu-1"));
+            assert_eq!(reader.schema_version().unwrap(), SCHEMA_VERSION);
         }
     }
 

@@ -45,9 +45,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Migrations as `(version reached, SQL)`. A PostgreSQL log starts at the
 /// schema SQLite logs reached by version 5; later versions are appended to
 /// both stores together.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    5,
-    "CREATE TABLE requests (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        5,
+        "CREATE TABLE requests (
         request_id TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         session_id TEXT,
@@ -123,7 +124,9 @@ const MIGRATIONS: &[(i64, &str)] = &[(
     );
     CREATE INDEX shadow_slot ON shadow(slot, created_at_ms);
     CREATE INDEX shadow_request ON shadow(request_id);",
-)];
+    ),
+    (6, "ALTER TABLE requests ADD COLUMN replica TEXT;"),
+];
 
 /// Binds `T` only to a column of a type it is encoded for (an integer in
 /// a `DOUBLE PRECISION` column would be 8 bytes of nonsense).
@@ -622,6 +625,41 @@ mod tests {
             redact("postgres://db/log?user=f&password=s3cret&sslmode=disable"),
             "postgres://db/log?user=f&password=***&sslmode=disable"
         );
+    }
+
+    #[test]
+    fn a_store_of_an_older_version_upgrades_in_place_and_keeps_its_records() {
+        let Some(url) = crate::testing::postgres_database() else {
+            return;
+        };
+        // A store as version 5 left it, with one record.
+        let setup = url.clone();
+        std::thread::spawn(move || {
+            let rt = OwnedRuntime::current_thread().unwrap();
+            rt.get().block_on(async {
+                let client = Target::parse(&setup).unwrap().connect().await.unwrap();
+                client.batch_execute(MIGRATIONS[0].1).await.unwrap();
+                client
+                    .batch_execute(
+                        "CREATE TABLE flywheel_schema (version BIGINT NOT NULL);
+                         INSERT INTO flywheel_schema VALUES (5);
+                         INSERT INTO requests (request_id, kind, received_at_ms, finished_at_ms, query, status)
+                         VALUES ('old', 'route', 1, 2, 'q', 'ok');",
+                    )
+                    .await
+                    .unwrap();
+            });
+        })
+        .join()
+        .unwrap();
+        drop(PgSink::connect(&url).unwrap());
+        let reads = PgReads::connect(&url).unwrap();
+        assert_eq!(reads.schema_version().unwrap(), SCHEMA_VERSION);
+        let reader = super::super::LogReader {
+            reads: Box::new(reads),
+        };
+        let old = reader.get("old").unwrap().unwrap();
+        assert_eq!((old.query.as_str(), old.replica), ("q", None));
     }
 
     #[test]

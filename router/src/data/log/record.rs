@@ -40,6 +40,9 @@ pub struct RequestRecord {
     pub user_id: Option<String>,
     /// Id of the client API key the request came with (never the key).
     pub api_key_id: Option<String>,
+    /// The server replica that served it (its `replica_id`), when the log
+    /// was opened by a named replica.
+    pub replica: Option<String>,
     /// Arrival, Unix ms.
     pub received_at_ms: i64,
     /// Record closed, Unix ms.

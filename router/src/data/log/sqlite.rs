@@ -57,6 +57,8 @@
 //!
 //! Version 4 adds `requests.api_key_id` (TEXT NULL): the id of the client API
 //! key the request came with, from the server's key list; never the key.
+//! Version 5 adds `requests.router_kind`; version 6 `requests.replica` (TEXT
+//! NULL): the `replica_id` of the server that served the request.
 
 use rusqlite::Connection;
 use rusqlite::types::{ToSqlOutput, ValueRef};
@@ -66,7 +68,7 @@ use super::writer::{Batch, Sink};
 use super::{LogError, LogReads};
 
 /// Current schema version.
-pub const SCHEMA_VERSION: i64 = 5;
+pub const SCHEMA_VERSION: i64 = 6;
 
 const MIGRATIONS: &[&str] = &[
     // v1
@@ -150,6 +152,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE requests ADD COLUMN api_key_id TEXT;",
     // v5: the kind of router model that decided
     "ALTER TABLE requests ADD COLUMN router_kind TEXT;",
+    // v6: the replica that served the request (several share a store)
+    "ALTER TABLE requests ADD COLUMN replica TEXT;",
 ];
 
 /// The schema of version 1 (for tests of logs written by old servers).
