@@ -501,19 +501,7 @@ mod tests {
         let mut feedback = FeedbackRecord::new("r", FeedbackKind::Explicit);
         feedback.rating = Some(Rating::Stars(4));
         kinds_match(&FEEDBACK, &feedback_values(&feedback));
-        let shadow = ShadowRecord {
-            request_id: "r".into(),
-            slot: "router".into(),
-            version: "v2".into(),
-            live_version: "v1".into(),
-            live_output: "hr".into(),
-            output: Some("it".into()),
-            agree: Some(false),
-            latency_ms: Some(1.0),
-            live_latency_ms: Some(2.0),
-            error: None,
-            created_at_ms: 1,
-        };
+        let shadow = ShadowRecord::fixture("r", "router", 1);
         kinds_match(&SHADOW, &shadow_values(&shadow));
     }
 }

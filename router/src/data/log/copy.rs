@@ -142,21 +142,7 @@ mod tests {
             })
             .collect();
         let shadows: Vec<ShadowRecord> = (0..6_000)
-            .flat_map(|i| {
-                ["router", "expert:hr"].map(|slot| ShadowRecord {
-                    request_id: format!("r{i:05}"),
-                    slot: slot.into(),
-                    version: "v2".into(),
-                    live_version: "v1".into(),
-                    live_output: "hr".into(),
-                    output: Some("it".into()),
-                    agree: Some(false),
-                    latency_ms: Some(1.0),
-                    live_latency_ms: Some(2.0),
-                    error: None,
-                    created_at_ms: i,
-                })
-            })
+            .flat_map(|i| ["router", "expert:hr"].map(|slot| ShadowRecord::fixture(&format!("r{i:05}"), slot, i)))
             .collect();
         let boxed: Vec<Box<RequestRecord>> = records.iter().cloned().map(Box::new).collect();
         let mut sink = open_sink(location, 0).unwrap();

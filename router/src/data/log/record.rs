@@ -103,3 +103,23 @@ pub struct ShadowRecord {
     /// Unix ms.
     pub created_at_ms: i64,
 }
+
+#[cfg(test)]
+impl ShadowRecord {
+    /// A candidate's run on `slot` that disagreed with the live model.
+    pub(crate) fn fixture(request_id: &str, slot: &str, created_at_ms: i64) -> Self {
+        Self {
+            request_id: request_id.into(),
+            slot: slot.into(),
+            version: "v2".into(),
+            live_version: "v1".into(),
+            live_output: "hr".into(),
+            output: Some("it".into()),
+            agree: Some(false),
+            latency_ms: Some(1.0),
+            live_latency_ms: Some(2.0),
+            error: None,
+            created_at_ms,
+        }
+    }
+}
