@@ -119,7 +119,7 @@ impl App {
     /// Any of these steps failing.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
         let settings = &config.settings;
-        let log = RequestLog::open(&settings.log)?.for_replica(&config.replica_id);
+        let log = RequestLog::open_for_replica(&settings.log, &config.replica_id)?;
         let started = std::time::Instant::now();
         let loader: Arc<dyn EngineLoader> = match config.engine {
             EngineKind::Mistralrs => Arc::new(ModelLoader),

@@ -266,8 +266,6 @@ pub struct RequestLog {
     location: LogLocation,
     /// PostgreSQL: the connection every reader of this log shares.
     shared_reads: Option<postgres::PgReads>,
-    /// Written into every record that does not name its replica.
-    replica: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for RequestLog {
@@ -284,6 +282,19 @@ impl RequestLog {
     /// # Errors
     /// When the folder or database cannot be created, reached or migrated.
     pub fn open(spec: &LogSpec) -> Result<Self, LogError> {
+        Self::open_inner(spec, None)
+    }
+
+    /// [`RequestLog::open`] for a server replica named `replica`, recorded
+    /// in every record (where several replicas share one store).
+    ///
+    /// # Errors
+    /// As [`RequestLog::open`].
+    pub fn open_for_replica(spec: &LogSpec, replica: &str) -> Result<Self, LogError> {
+        Self::open_inner(spec, Some(replica.into()))
+    }
+
+    fn open_inner(spec: &LogSpec, replica: Option<Arc<str>>) -> Result<Self, LogError> {
         let location = LogLocation::of(spec);
         let sink = open_sink(&location, spec.max_size_mb)?;
         let shared_reads = match &location {
@@ -297,6 +308,7 @@ impl RequestLog {
                 max_batch: spec.batch_size,
                 persist: spec.persist,
                 outage_buffer: spec.outage_buffer,
+                replica,
             },
             spec.queue_capacity,
         );
@@ -307,15 +319,7 @@ impl RequestLog {
             inner: Arc::new(inner),
             location,
             shared_reads,
-            replica: None,
         })
-    }
-
-    /// This log, recording `replica` as the server of every request (where
-    /// several replicas share one store).
-    pub fn for_replica(mut self, replica: &str) -> Self {
-        self.replica = Some(replica.into());
-        self
     }
 
     /// Where the log lives.
@@ -330,10 +334,7 @@ impl RequestLog {
 
     /// Queue a record for writing; never blocks the caller and never drops
     /// the record while the log is open.
-    pub fn submit(&self, mut record: RequestRecord) {
-        if record.replica.is_none() {
-            record.replica = self.replica.as_deref().map(str::to_string);
-        }
+    pub fn submit(&self, record: RequestRecord) {
         let _span = tracing::info_span!(
             "log_write",
             request_id = %record.request_id,
@@ -752,19 +753,7 @@ mod tests {
         assert_eq!(reader.feedback_for("a").unwrap().len(), 3);
         assert_eq!(reader.feedback_between(0, i64::MAX).unwrap().len(), 3);
         // Shadow runs come back per slot, oldest first.
-        let shadow = |id: &str, at: i64| ShadowRecord {
-            request_id: id.into(),
-            slot: "router".into(),
-            version: "v2".into(),
-            live_version: "v1".into(),
-            live_output: "hr".into(),
-            output: Some("it".into()),
-            agree: Some(false),
-            latency_ms: Some(2.0),
-            live_latency_ms: Some(3.0),
-            error: None,
-            created_at_ms: at,
-        };
+        let shadow = |id: &str, at: i64| ShadowRecord::fixture(id, "router", at);
         log.submit_shadow(shadow("s2", 20));
         log.submit_shadow(shadow("s1", 10));
         log.flush().await.unwrap();
@@ -786,7 +775,7 @@ mod tests {
                 log.shutdown().await;
             }
             // A named replica records itself in what it serves.
-            let log = RequestLog::open(&spec).unwrap().for_replica("eu-1");
+            let log = RequestLog::open_for_replica(&spec, "eu-1").unwrap();
             log.submit(record("new"));
             log.flush().await.unwrap();
             let reader = log.reader().unwrap();

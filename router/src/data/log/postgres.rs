@@ -655,9 +655,7 @@ mod tests {
         drop(PgSink::connect(&url).unwrap());
         let reads = PgReads::connect(&url).unwrap();
         assert_eq!(reads.schema_version().unwrap(), SCHEMA_VERSION);
-        let reader = super::super::LogReader {
-            reads: Box::new(reads),
-        };
+        let reader = super::super::LogReader { reads: Box::new(reads) };
         let old = reader.get("old").unwrap().unwrap();
         assert_eq!((old.query.as_str(), old.replica), ("q", None));
     }

@@ -42,7 +42,7 @@ pub(super) trait Sink: Send {
 }
 
 /// How the writer gathers and keeps rows.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct WriterSettings {
     /// Longest wait of a row before its commit.
     pub(super) interval: Duration,
@@ -52,6 +52,9 @@ pub(super) struct WriterSettings {
     pub(super) persist: bool,
     /// Rows kept in memory while the store is unreachable.
     pub(super) outage_buffer: usize,
+    /// The replica named in every record that does not name one (stamped
+    /// here, off the request path).
+    pub(super) replica: Option<Arc<str>>,
 }
 
 /// First pause after a transient failure; it doubles up to [`RETRY_MAX`].
@@ -199,9 +202,15 @@ impl Pending {
         self.records.len() + self.feedback.len() + self.acked.len() + self.shadows.len()
     }
 
-    fn push(&mut self, command: Command) {
+    /// Take `command`'s row; a record without a replica gets `replica`.
+    fn push(&mut self, command: Command, replica: Option<&Arc<str>>) {
         match command {
-            Command::Record(r) => self.records.push(r),
+            Command::Record(mut r) => {
+                if r.replica.is_none() {
+                    r.replica = replica.map(|name| name.to_string());
+                }
+                self.records.push(r);
+            }
             Command::Feedback(f, Some(ack)) => self.acked.push((*f, ack)),
             Command::Feedback(f, None) => self.feedback.push(*f),
             Command::Shadow(r) => self.shadows.push(*r),
@@ -288,7 +297,7 @@ fn run(mut sink: Box<dyn Sink>, rx: Receiver<Command>, settings: WriterSettings,
                         }
                         Command::Shutdown(done) => shutdown = Some(done),
                         row => {
-                            pending.push(row);
+                            pending.push(row, settings.replica.as_ref());
                             gathered += 1;
                         }
                     }
@@ -320,7 +329,7 @@ fn run(mut sink: Box<dyn Sink>, rx: Receiver<Command>, settings: WriterSettings,
                 stats.commit_failed(reason, true);
             }
         } else {
-            let kept = commit(sink.as_mut(), &mut pending, settings, shutdown.is_none(), stats);
+            let kept = commit(sink.as_mut(), &mut pending, &settings, shutdown.is_none(), stats);
             outage = kept.then(|| {
                 let pause = outage.map_or(RETRY_MIN, |o| (o.pause * 2).min(RETRY_MAX));
                 Outage {
@@ -345,7 +354,7 @@ fn run(mut sink: Box<dyn Sink>, rx: Receiver<Command>, settings: WriterSettings,
 fn commit(
     sink: &mut dyn Sink,
     pending: &mut Pending,
-    settings: WriterSettings,
+    settings: &WriterSettings,
     may_keep: bool,
     stats: &LogStats,
 ) -> bool {
