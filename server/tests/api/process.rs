@@ -213,14 +213,20 @@ async fn kill_9_of_one_replica_on_postgres_loses_at_most_its_last_flush_interval
     replicas[1].child.kill().unwrap(); // SIGKILL
     replicas[1].child.wait().unwrap();
     // The survivors answer on, without a failure.
+    let mut after_kill = Vec::new();
     for i in 0..50 {
         let n = done.len() + i;
         let client = &mut clients[if n.is_multiple_of(2) { 0 } else { 2 }];
-        client.route(route(n)).await.unwrap();
+        after_kill.push(client.route(route(n)).await.unwrap().into_inner().request_id);
     }
-    // Their records are committed within a flush interval.
-    tokio::time::sleep(Duration::from_millis(FLUSH_MS * 4)).await;
+    // Their records land (each writer commits in order, so the earlier
+    // ones of the survivors are in by then too).
     let reader = LogReader::open(std::path::Path::new(&url)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while after_kill.iter().any(|id| reader.get(id).unwrap().is_none()) {
+        assert!(Instant::now() < deadline, "the survivors' records never landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let lost = assert_durable(&reader, &done, killed_at);
     assert_eq!(reader.count().unwrap(), (done.len() + 50 - lost) as u64);
     eprintln!("{} requests over 3 replicas, {lost} lost to kill -9 of one", done.len());
