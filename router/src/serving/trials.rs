@@ -187,6 +187,17 @@ fn finish(
 }
 
 impl Pipeline {
+    /// The trials running on `slot`: the version its shadow mirrors to (if
+    /// any) and the versions its split shares traffic between (empty if none).
+    pub fn trial_versions(&self, slot: &str) -> (Option<String>, Vec<String>) {
+        let shadow = self.shadows.load().get(slot).map(|s| s.model.version.clone());
+        let split = self
+            .split_of(slot)
+            .map(|s| s.arms.iter().map(|a| a.version.clone()).collect())
+            .unwrap_or_default();
+        (shadow, split)
+    }
+
     pub(crate) fn split_of(&self, slot: &str) -> Option<Arc<Split>> {
         let map = self.splits.load();
         if map.is_empty() {

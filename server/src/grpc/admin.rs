@@ -69,11 +69,11 @@ impl AdminService {
     }
 
     fn slots(&self, paths: Paths) -> Vec<pb::ModelSlot> {
-        self.control
-            .serving()
+        let serving = self.control.serving();
+        serving
             .registry()
             .slots()
-            .map(|s| convert::slot(s, paths))
+            .map(|s| convert::slot(s, serving, paths))
             .collect()
     }
 }

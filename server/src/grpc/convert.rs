@@ -207,9 +207,10 @@ impl Paths {
     }
 }
 
-/// A slot and the model it serves.
-pub fn slot(s: &Slot, paths: Paths) -> pb::ModelSlot {
+/// A slot, the model it serves and the trials on it.
+pub fn slot(s: &Slot, serving: &flywheel_router::Pipeline, paths: Paths) -> pb::ModelSlot {
     let m = s.current();
+    let (shadow, split_versions) = serving.trial_versions(s.name());
     pb::ModelSlot {
         slot: s.name().to_string(),
         version: m.version.clone(),
@@ -218,6 +219,8 @@ pub fn slot(s: &Slot, paths: Paths) -> pb::ModelSlot {
         size_bytes: m.size_bytes,
         loaded_at_unix_ms: unix_ms(m.loaded_at),
         kind: m.kind().as_str().to_string(),
+        shadow_version: shadow.unwrap_or_default(),
+        split_versions,
     }
 }
 
