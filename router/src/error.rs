@@ -174,6 +174,15 @@ pub enum ControlError {
         /// The slot.
         slot: String,
     },
+    /// Another replica changed the slot while this change was prepared;
+    /// nothing was changed.
+    #[error(
+        "slot `{slot}` was changed by another replica while this change was prepared; nothing was changed: send it again"
+    )]
+    StateChanged {
+        /// The slot.
+        slot: String,
+    },
     /// A model failed to load, warm up or validate; the slot keeps its model.
     #[error("model version `{version}` was rejected and the slot keeps serving `{serving}`: {reason}")]
     ModelRejected {
@@ -318,7 +327,9 @@ impl Classified for ControlError {
             | ControlError::UnknownSlot { .. }
             | ControlError::Store(StoreError::UnknownVersion(_) | StoreError::UnknownCycle(_)) => K::NotFound,
             ControlError::Store(StoreError::VersionExists(_)) => K::AlreadyExists,
-            ControlError::RequestInFlight { .. } | ControlError::LogUnavailable { .. } => K::Unavailable,
+            ControlError::RequestInFlight { .. }
+            | ControlError::LogUnavailable { .. }
+            | ControlError::StateChanged { .. } => K::Unavailable,
             ControlError::Log(e) if e.store_unreachable() => K::Unavailable,
             ControlError::Rails(RailsError::Embedder { .. })
             | ControlError::NoModelStore

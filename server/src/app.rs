@@ -12,7 +12,7 @@ use flywheel_proto::v1::admin_server::AdminServer;
 use flywheel_proto::v1::chat_server::ChatServer;
 use flywheel_proto::v1::feedback_server::FeedbackServer;
 use flywheel_proto::v1::router_server::RouterServer;
-use flywheel_router::data::log::{LogError, RequestLog};
+use flywheel_router::data::log::{LogError, LogLocation, RequestLog, SharedServingState};
 use flywheel_router::embed::Embedder;
 use flywheel_router::engine::EngineError;
 use flywheel_router::engine::EngineLoader;
@@ -153,8 +153,13 @@ impl App {
         let mut control = ControlPlane::new(pipeline.clone());
         if let Some(dir) = &config.registry_dir {
             control = control.with_model_store(ModelStore::open(dir)?, loader);
-            for (slot, version) in control.restore_promoted().await? {
-                tracing::info!(slot, version, "serving the last promoted version");
+            // Replicas sharing a store share what they serve too.
+            if let LogLocation::Postgres(url) = LogLocation::of(&settings.log) {
+                let state = SharedServingState::connect(&url, &config.replica_id).await?;
+                control = control.with_shared_state(state);
+            }
+            for (slot, change) in control.restore_promoted().await? {
+                tracing::info!(slot, %change, "serving the recorded state");
             }
         }
         pipeline.warm_up().await?;
@@ -265,6 +270,7 @@ impl App {
             ));
         }
         let _stop_metrics = stop_metrics.drop_guard();
+        let _stop_following = AbortOnDrop(self.control.follow());
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChatServer<ChatService>>().await;
@@ -385,6 +391,15 @@ impl App {
             "request log flushed; stopped"
         );
         result
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -34,8 +34,10 @@ const PEER_RECORD_POLL: std::time::Duration = std::time::Duration::from_millis(2
 mod promotion;
 mod shadows;
 mod splits;
+mod state;
 
 pub use promotion::SwapReport;
+pub use state::STATE_POLL;
 
 /// Changes what a [`Pipeline`] serves, one change at a time per kind.
 pub struct ControlPlane {

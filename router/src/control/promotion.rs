@@ -5,14 +5,17 @@
 //! slot's `ArcSwap` stored. Requests in flight keep the `Arc` they took and
 //! finish on the old model, which is dropped when the last of them ends. A
 //! model that fails to load, validate or warm is rejected and the slot keeps
-//! serving what it served. Every swap is recorded in the [`ModelStore`] so a
-//! restarted server serves the last promoted versions.
+//! serving what it served. Every swap is recorded in the serving state
+//! (see [`super::state`]) before it is made, so a restarted server serves the
+//! last promoted versions and replicas sharing a store follow it.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use super::ControlPlane;
 use crate::config::ModelSpec;
+use crate::data::log::SharedServingState;
 use crate::engine::EngineLoader;
 use crate::error::ControlError;
 use crate::models::slots::{ROUTER_SLOT, ServedModel, Slot};
@@ -23,9 +26,13 @@ use crate::models::store::{Binding, ModelStore};
 pub(super) struct Promotion {
     store: Option<ModelStore>,
     loader: Option<Arc<dyn EngineLoader>>,
-    /// One swap at a time: two promotions of one slot must not interleave
-    /// their load, swap and record steps.
-    lock: tokio::sync::Mutex<()>,
+    /// The serving state shared with other replicas, when there is one.
+    pub(super) shared: Option<Arc<SharedServingState>>,
+    /// Per slot, the state revision this replica serves.
+    pub(super) applied: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// One change at a time: two changes of the serving state must not
+    /// interleave their load, record and swap steps.
+    pub(super) lock: tokio::sync::Mutex<()>,
 }
 
 /// What a promotion or rollback did.
@@ -43,7 +50,7 @@ pub struct SwapReport {
     pub warm_ms: f64,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
@@ -165,29 +172,65 @@ impl ControlPlane {
         Ok((model, load_ms, start.elapsed().as_secs_f64() * 1e3))
     }
 
-    async fn swap_to(&self, slot_name: &str, binding: Binding, rollback: bool) -> Result<SwapReport, ControlError> {
-        let _one_at_a_time = self.promotion.lock.lock().await;
+    /// Serve `version` (from the model registry) in `slot`.
+    ///
+    /// # Errors
+    /// Unknown slot or version, no registry, or a model that fails to load,
+    /// validate or warm ([`ControlError::ModelRejected`]; the slot keeps its model).
+    pub async fn promote(&self, slot_name: &str, version: &str) -> Result<SwapReport, ControlError> {
         let (store, _) = self.store_and_loader()?;
         let slot = self.slot_named(slot_name)?;
+        let binding = Binding {
+            version: version.to_string(),
+            path: store.model_path(version)?,
+        };
+        let _one_at_a_time = self.promotion.lock.lock().await;
         let (model, load_ms, warm_ms) = self.prepare(&slot, &binding).await?;
+        let current = slot.current();
+        let served = Binding {
+            version: current.version.clone(),
+            path: current.path.clone(),
+        };
+        self.update_slot(slot_name, |state| {
+            let old = state.serving.clone().unwrap_or(served);
+            state.promote(old, binding.clone());
+            Ok(())
+        })
+        .await?;
+        Ok(self.swap_in(&slot, model, load_ms, warm_ms, false))
+    }
+
+    /// Serve again the version `slot` served before its current one.
+    ///
+    /// # Errors
+    /// Nothing to roll back to, or the previous model fails to load;
+    /// [`ControlError::StateChanged`] when another replica changed the slot
+    /// meanwhile.
+    pub async fn rollback(&self, slot_name: &str) -> Result<SwapReport, ControlError> {
+        self.store_and_loader()?;
+        let slot = self.slot_named(slot_name)?;
+        let _one_at_a_time = self.promotion.lock.lock().await;
+        let state = self.slot_state(slot_name).await?;
+        let previous = state.previous(slot_name)?.clone();
+        let (model, load_ms, warm_ms) = self.prepare(&slot, &self.local_binding(&previous)).await?;
+        self.update_slot(slot_name, |now| {
+            if now.revision != state.revision {
+                return Err(ControlError::StateChanged {
+                    slot: slot_name.to_string(),
+                });
+            }
+            now.roll_back(slot_name).map(drop).map_err(ControlError::from)
+        })
+        .await?;
+        Ok(self.swap_in(&slot, model, load_ms, warm_ms, true))
+    }
+
+    /// Swap `model` into `slot` (its change already recorded).
+    fn swap_in(&self, slot: &Slot, model: ServedModel, load_ms: f64, warm_ms: f64, rollback: bool) -> SwapReport {
         let new = Arc::new(model);
         let old = slot.swap(new.clone());
-        let old_binding = Binding {
-            version: old.version.clone(),
-            path: old.path.clone(),
-        };
-        let recorded = if rollback {
-            store.record_rollback(slot_name).map(drop)
-        } else {
-            store.record_promotion(slot_name, old_binding, binding.clone())
-        };
-        if let Err(e) = recorded {
-            // Keep memory and disk in agreement: the swap did not happen.
-            slot.swap(old);
-            return Err(e.into());
-        }
         tracing::info!(
-            slot = slot_name,
+            slot = slot.name(),
             from = %old.version,
             to = %new.version,
             rollback,
@@ -195,67 +238,12 @@ impl ControlPlane {
             warm_ms,
             "model swapped"
         );
-        Ok(SwapReport {
-            slot: slot_name.to_string(),
+        SwapReport {
+            slot: slot.name().to_string(),
             previous_version: old.version.clone(),
             version: new.version.clone(),
             load_ms,
             warm_ms,
-        })
-    }
-
-    /// Serve `version` (from the model registry) in `slot`.
-    ///
-    /// # Errors
-    /// Unknown slot or version, no registry, or a model that fails to load,
-    /// validate or warm ([`ControlError::ModelRejected`]; the slot keeps its model).
-    pub async fn promote(&self, slot: &str, version: &str) -> Result<SwapReport, ControlError> {
-        let (store, _) = self.store_and_loader()?;
-        self.slot_named(slot)?;
-        let path = store.model_path(version)?;
-        self.swap_to(
-            slot,
-            Binding {
-                version: version.to_string(),
-                path,
-            },
-            false,
-        )
-        .await
-    }
-
-    /// Serve again the version `slot` served before its current one.
-    ///
-    /// # Errors
-    /// Nothing to roll back to, or the previous model fails to load.
-    pub async fn rollback(&self, slot: &str) -> Result<SwapReport, ControlError> {
-        let (store, _) = self.store_and_loader()?;
-        self.slot_named(slot)?;
-        let previous = store.previous(slot)?;
-        self.swap_to(slot, previous, true).await
-    }
-
-    /// At startup: serve in each slot the version last promoted to it, when
-    /// it differs from the configured one. Returns `(slot, version)` pairs.
-    ///
-    /// # Errors
-    /// A recorded version that no longer loads.
-    pub async fn restore_promoted(&self) -> Result<Vec<(String, String)>, ControlError> {
-        let Ok((store, _)) = self.store_and_loader() else {
-            return Ok(Vec::new());
-        };
-        let mut restored = Vec::new();
-        for slot in self.serving.registry.slots() {
-            let Some(binding) = store.slot(slot.name())?.serving else {
-                continue;
-            };
-            if binding.version == slot.current().version && binding.path == slot.current().path {
-                continue;
-            }
-            let (model, _, _) = self.prepare(slot, &binding).await?;
-            slot.swap(Arc::new(model));
-            restored.push((slot.name().to_string(), binding.version));
         }
-        Ok(restored)
     }
 }

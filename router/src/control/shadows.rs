@@ -8,8 +8,8 @@ use super::ControlPlane;
 use crate::data::feedback::latest_explicit;
 use crate::error::ControlError;
 use crate::models::slots::ROUTER_SLOT;
-use crate::models::store::Binding;
-use crate::trials::shadow::{Shadow, ShadowRecord, ShadowReport, percentile};
+use crate::models::store::{Binding, ShadowSetting};
+use crate::trials::shadow::{ShadowRecord, ShadowReport, percentile};
 
 impl ControlPlane {
     /// Mirror `fraction` of live requests to `version` (from the model
@@ -42,24 +42,39 @@ impl ControlPlane {
             version: version.to_string(),
             path: store.model_path(version)?,
         };
-        let (model, _, _) = self.prepare(&target, &binding).await?;
-        let shadow = Arc::new(Shadow::new(slot, Arc::new(model), fraction, max_concurrency));
-        let mut map: BTreeMap<String, Arc<Shadow>> = (**self.serving.shadows.load()).clone();
-        map.insert(slot.to_string(), shadow);
-        self.serving.shadows.store(Arc::new(map));
+        let setting = ShadowSetting {
+            version: version.to_string(),
+            fraction,
+            max_concurrency,
+        };
+        {
+            let _one_at_a_time = self.promotion.lock.lock().await;
+            let (model, _, _) = self.prepare(&target, &binding).await?;
+            self.update_slot(slot, |state| {
+                state.shadow = Some(setting.clone());
+                Ok(())
+            })
+            .await?;
+            self.install_shadow(slot, Some((&setting, Arc::new(model))));
+        }
         tracing::info!(slot, version, fraction, "shadow set");
         self.shadow_report(slot).await
     }
 
-    /// Stop mirroring `slot`; returns the shadow's final report.
+    /// Stop mirroring `slot` (on every replica sharing the serving state);
+    /// returns the shadow's final report.
     ///
     /// # Errors
     /// [`ControlError::NoShadow`].
     pub async fn clear_shadow(&self, slot: &str) -> Result<ShadowReport, ControlError> {
         let report = self.shadow_report(slot).await?;
-        let mut map: BTreeMap<String, Arc<Shadow>> = (**self.serving.shadows.load()).clone();
-        map.remove(slot);
-        self.serving.shadows.store(Arc::new(map));
+        let _one_at_a_time = self.promotion.lock.lock().await;
+        self.update_slot(slot, |state| {
+            state.shadow = None;
+            Ok(())
+        })
+        .await?;
+        self.install_shadow(slot, None);
         Ok(report)
     }
 

@@ -1,18 +1,13 @@
 //! A/B splits set, cleared and reported through the control plane (the
 //! per-request pick: [`crate::serving`]; the rules: [`crate::trials::split`]).
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::SystemTime;
-
 use super::ControlPlane;
-use crate::clock::unix_ms;
+use super::state::split_setting;
 use crate::data::feedback::latest_explicit;
 use crate::error::ControlError;
 use crate::models::slots::ROUTER_SLOT;
-use crate::models::store::Binding;
 use crate::trials::shadow::percentile;
-use crate::trials::split::{Arm, ArmReport, Split, SplitReport, recommend, validate, wilson};
+use crate::trials::split::{ArmReport, SplitReport, recommend, validate, wilson};
 
 impl ControlPlane {
     /// Split `slot`'s live traffic between versions (from the model registry)
@@ -23,43 +18,38 @@ impl ControlPlane {
     /// that fails to load, validate or warm.
     pub async fn set_split(&self, slot: &str, weights: &[(String, f64)]) -> Result<SplitReport, ControlError> {
         validate(weights).map_err(|reason| ControlError::InvalidSplit { reason })?;
-        let (store, _) = self.store_and_loader()?;
+        self.store_and_loader()?;
         let target = self.slot_named(slot)?;
-        let mut arms = Vec::with_capacity(weights.len());
-        for (version, weight) in weights {
-            let binding = Binding {
-                version: version.clone(),
-                path: store.model_path(version)?,
-            };
-            let (model, _, _) = self.prepare(&target, &binding).await?;
-            arms.push(Arm {
-                version: version.clone(),
-                weight: *weight,
-                model: Arc::new(model),
-            });
+        {
+            let _one_at_a_time = self.promotion.lock.lock().await;
+            let arms = self.prepare_arms(&target, weights).await?;
+            let setting = split_setting(weights);
+            let since_ms = setting.since_ms;
+            self.update_slot(slot, |state| {
+                state.split = Some(setting);
+                Ok(())
+            })
+            .await?;
+            self.install_split(slot, Some((arms, since_ms)));
         }
-        let split = Arc::new(Split {
-            slot: slot.to_string(),
-            arms,
-            since_ms: unix_ms(SystemTime::now()),
-        });
-        let mut map: BTreeMap<String, Arc<Split>> = (**self.serving.splits.load()).clone();
-        map.insert(slot.to_string(), split);
-        self.serving.splits.store(Arc::new(map));
         tracing::info!(slot, arms = weights.len(), "split set");
         self.split_report(slot).await
     }
 
-    /// End `slot`'s split (the slot's own model serves everything again);
-    /// returns the final report.
+    /// End `slot`'s split (the slot's own model serves everything again, on
+    /// every replica sharing the serving state); returns the final report.
     ///
     /// # Errors
     /// [`ControlError::NoSplit`] when the slot has no split.
     pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, ControlError> {
         let report = self.split_report(slot).await?;
-        let mut map: BTreeMap<String, Arc<Split>> = (**self.serving.splits.load()).clone();
-        map.remove(slot);
-        self.serving.splits.store(Arc::new(map));
+        let _one_at_a_time = self.promotion.lock.lock().await;
+        self.update_slot(slot, |state| {
+            state.split = None;
+            Ok(())
+        })
+        .await?;
+        self.install_split(slot, None);
         Ok(report)
     }
 

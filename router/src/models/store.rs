@@ -78,14 +78,77 @@ pub struct Binding {
     pub path: PathBuf,
 }
 
-/// One slot's state.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A shadow as it is kept in the serving state: what every replica
+/// mirrors a slot's traffic to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowSetting {
+    /// The candidate version.
+    pub version: String,
+    /// Share of live requests mirrored.
+    pub fraction: f64,
+    /// Runs at once at most (per replica).
+    pub max_concurrency: usize,
+}
+
+/// An A/B split as it is kept in the serving state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SplitSetting {
+    /// `(version, weight)` per arm, in the order given.
+    pub weights: Vec<(String, f64)>,
+    /// Unix ms when the split started (its report counts from there).
+    pub since_ms: i64,
+}
+
+/// One slot's serving state: what it serves, what it served before, and
+/// the trials running on it. Every change raises `revision`, which is how
+/// a replica following a shared state knows it has a change to apply.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SlotState {
     /// What it serves.
     pub serving: Option<Binding>,
     /// What it served before, oldest first (rollback pops the last).
     #[serde(default)]
     pub history: Vec<Binding>,
+    /// The shadow mirroring it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowSetting>,
+    /// The split sharing its traffic, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<SplitSetting>,
+    /// Changes made so far.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl SlotState {
+    /// Serve `new`, having served `old`.
+    pub fn promote(&mut self, old: Binding, new: Binding) {
+        self.history.push(old);
+        self.serving = Some(new);
+    }
+
+    /// The version served before the current one.
+    ///
+    /// # Errors
+    /// [`StoreError::NothingToRollBack`].
+    pub fn previous(&self, slot: &str) -> Result<&Binding, StoreError> {
+        self.history
+            .last()
+            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))
+    }
+
+    /// Serve again the version served before; returns it.
+    ///
+    /// # Errors
+    /// [`StoreError::NothingToRollBack`].
+    pub fn roll_back(&mut self, slot: &str) -> Result<Binding, StoreError> {
+        let prev = self
+            .history
+            .pop()
+            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))?;
+        self.serving = Some(prev.clone());
+        Ok(prev)
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -272,44 +335,32 @@ impl ModelStore {
         Ok(self.read_slots()?.slots.remove(slot).unwrap_or_default())
     }
 
-    /// Record that `slot` now serves `new`, having served `old`.
+    /// Every slot's state, by slot.
     ///
     /// # Errors
-    /// I/O failures.
-    pub fn record_promotion(&self, slot: &str, old: Binding, new: Binding) -> Result<(), StoreError> {
-        let mut file = self.read_slots()?;
-        let state = file.slots.entry(slot.to_string()).or_default();
-        state.history.push(old);
-        state.serving = Some(new);
-        self.write_slots(&file)
+    /// Unreadable `slots.json`.
+    pub fn slot_states(&self) -> Result<BTreeMap<String, SlotState>, StoreError> {
+        Ok(self.read_slots()?.slots)
     }
 
-    /// The version `slot` served before its current one.
+    /// Change `slot`'s state with `change` and record it (its revision
+    /// raised by one); returns what `change` returned and the new state.
+    /// Nothing is written when `change` fails.
     ///
     /// # Errors
-    /// [`StoreError::NothingToRollBack`].
-    pub fn previous(&self, slot: &str) -> Result<Binding, StoreError> {
-        self.slot(slot)?
-            .history
-            .last()
-            .cloned()
-            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))
-    }
-
-    /// Record a rollback of `slot` to its previous version.
-    ///
-    /// # Errors
-    /// [`StoreError::NothingToRollBack`], I/O failures.
-    pub fn record_rollback(&self, slot: &str) -> Result<Binding, StoreError> {
+    /// `change`'s error, I/O failures.
+    pub fn update_slot<T, E: From<StoreError>>(
+        &self,
+        slot: &str,
+        change: impl FnOnce(&mut SlotState) -> Result<T, E>,
+    ) -> Result<(T, SlotState), E> {
         let mut file = self.read_slots()?;
         let state = file.slots.entry(slot.to_string()).or_default();
-        let prev = state
-            .history
-            .pop()
-            .ok_or_else(|| StoreError::NothingToRollBack(slot.to_string()))?;
-        state.serving = Some(prev.clone());
+        let out = change(state)?;
+        state.revision += 1;
+        let state = state.clone();
         self.write_slots(&file)?;
-        Ok(prev)
+        Ok((out, state))
     }
 }
 
@@ -407,22 +458,41 @@ mod tests {
     fn promotions_and_rollbacks_survive_reopening() {
         let dir = tempfile::tempdir().unwrap();
         let store = ModelStore::open(dir.path()).unwrap();
-        assert!(matches!(
-            store.previous("router"),
-            Err(StoreError::NothingToRollBack(_))
-        ));
-        store
-            .record_promotion("router", binding("base"), binding("v1"))
-            .unwrap();
-        store.record_promotion("router", binding("v1"), binding("v2")).unwrap();
+        let promote = |store: &ModelStore, old: &str, new: &str| {
+            store
+                .update_slot("router", |s| {
+                    s.promote(binding(old), binding(new));
+                    Ok::<_, StoreError>(())
+                })
+                .unwrap()
+                .1
+        };
+        let roll_back = |store: &ModelStore| store.update_slot("router", |s| s.roll_back("router"));
+        assert!(matches!(roll_back(&store), Err(StoreError::NothingToRollBack(_))));
+        assert_eq!(promote(&store, "base", "v1").revision, 1);
+        assert_eq!(promote(&store, "v1", "v2").revision, 2);
         let reopened = ModelStore::open(dir.path()).unwrap();
         assert_eq!(reopened.slot("router").unwrap().serving, Some(binding("v2")));
-        assert_eq!(reopened.record_rollback("router").unwrap(), binding("v1"));
-        assert_eq!(reopened.record_rollback("router").unwrap(), binding("base"));
-        assert!(matches!(
-            reopened.record_rollback("router"),
-            Err(StoreError::NothingToRollBack(_))
-        ));
-        assert_eq!(reopened.slot("router").unwrap().serving, Some(binding("base")));
+        assert_eq!(
+            reopened.slot("router").unwrap().previous("router").unwrap(),
+            &binding("v1")
+        );
+        assert_eq!(roll_back(&reopened).unwrap().0, binding("v1"));
+        assert_eq!(roll_back(&reopened).unwrap().0, binding("base"));
+        assert!(matches!(roll_back(&reopened), Err(StoreError::NothingToRollBack(_))));
+        let state = reopened.slot("router").unwrap();
+        assert_eq!(state.serving, Some(binding("base")));
+        // A refused change wrote nothing.
+        assert_eq!(state.revision, 4);
+    }
+
+    #[test]
+    fn a_slots_file_of_an_earlier_version_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"slots":{"router":{"serving":{"version":"v1","path":"/m/v1.gguf"},"history":[]}}}"#;
+        std::fs::write(dir.path().join(SLOTS_FILE), old).unwrap();
+        let state = ModelStore::open(dir.path()).unwrap().slot("router").unwrap();
+        assert_eq!(state.serving.unwrap().version, "v1");
+        assert_eq!((state.revision, state.shadow, state.split), (0, None, None));
     }
 }

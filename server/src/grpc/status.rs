@@ -206,6 +206,7 @@ mod tests {
             ControlError::InvalidSplit { reason: s() },
             ControlError::NoSplit { slot: s() },
             ControlError::NoShadow { slot: s() },
+            ControlError::StateChanged { slot: s() },
             ControlError::ModelRejected {
                 version: s(),
                 serving: s(),
@@ -262,9 +263,10 @@ mod tests {
                 ControlError::NoShadow { .. } => 15,
                 ControlError::ModelRejected { .. } => 16,
                 ControlError::LogUnavailable { .. } => 17,
+                ControlError::StateChanged { .. } => 18,
             });
             logged_as_sent(&e, e.status_name());
         }
-        assert_eq!(seen.len(), 18, "a control error variant is missing from the list");
+        assert_eq!(seen.len(), 19, "a control error variant is missing from the list");
     }
 }

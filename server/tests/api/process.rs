@@ -11,8 +11,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use flywheel_proto::v1::admin_client::AdminClient;
 use flywheel_proto::v1::router_client::RouterClient;
-use flywheel_proto::v1::{ChatRequest, RouteRequest};
+use flywheel_proto::v1::{ChatRequest, ListModelsRequest, PromoteRequest, RouteRequest};
 use flywheel_router::data::log::LogReader;
 use flywheel_server::Config;
 use flywheel_server::config::EngineKind;
@@ -185,7 +186,8 @@ fn assert_durable(reader: &LogReader, done: &[(String, Instant)], killed_at: Ins
 
 /// Three replicas on one PostgreSQL log under load; one is killed with
 /// SIGKILL: the others go on answering, and the shared log holds every
-/// request the killed one finished more than a flush interval before.
+/// request the killed one finished more than a flush interval before. A
+/// promotion made while it is down is what it serves when it comes back.
 #[tokio::test]
 async fn kill_9_of_one_replica_on_postgres_loses_at_most_its_last_flush_interval() {
     let Some(url) = flywheel_router::testing::postgres_database() else {
@@ -193,7 +195,12 @@ async fn kill_9_of_one_replica_on_postgres_loses_at_most_its_last_flush_interval
     };
     let dir = tempfile::tempdir().unwrap();
     let unused = dir.path().join("unused.db");
-    let mut replicas: Vec<Proc> = (0..3).map(|_| spawn(&unused, &["--store-url", &url])).collect();
+    let store = flywheel_router::models::store::ModelStore::open(dir.path().join("registry")).unwrap();
+    common::register_stub(&store, dir.path(), "v2", &[]);
+    let registry = store.root().to_str().unwrap().to_string();
+    const TOKEN: &str = "replica-admin-token";
+    let args = ["--store-url", &url, "--registry-dir", &registry, "--admin-token", TOKEN];
+    let mut replicas: Vec<Proc> = (0..3).map(|_| spawn(&unused, &args)).collect();
     let mut clients = Vec::new();
     for r in &replicas {
         clients.push(RouterClient::connect(r.url.clone()).await.unwrap());
@@ -230,6 +237,29 @@ async fn kill_9_of_one_replica_on_postgres_loses_at_most_its_last_flush_interval
     let lost = assert_durable(&reader, &done, killed_at);
     assert_eq!(reader.count().unwrap(), (done.len() + 50 - lost) as u64);
     eprintln!("{} requests over 3 replicas, {lost} lost to kill -9 of one", done.len());
+
+    // Promoted while it is down; restarted, it serves the promoted version.
+    let mut admin = AdminClient::connect(replicas[0].url.clone()).await.unwrap();
+    admin
+        .promote(common::authorized(
+            PromoteRequest {
+                slot: "expert/hr".into(),
+                version: "v2".into(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+    replicas[1] = spawn(&unused, &args);
+    let mut restarted = AdminClient::connect(replicas[1].url.clone()).await.unwrap();
+    let slots = restarted
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .slots;
+    let hr = slots.iter().find(|s| s.slot == "expert/hr").unwrap();
+    assert_eq!(hr.version, "v2");
 }
 
 #[tokio::test]

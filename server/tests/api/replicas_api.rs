@@ -142,3 +142,238 @@ async fn replicas_on_one_postgres_log_share_traffic_and_take_feedback_for_each_o
         assert_eq!(status.replica, name);
     }
 }
+
+const SLOT: &str = "expert/hr";
+/// How soon a change sent to one replica must be served by all of them.
+const REACH: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A replica promoting from the shared `registry`, its stub signing every
+/// word with the version that produced it.
+fn replica_of(store_url: &str, registry: &std::path::Path, name: &str) -> common::TestServer {
+    let mut config = Config {
+        engine: EngineKind::Stub,
+        stub_sign_tokens: true,
+        registry_dir: Some(registry.to_path_buf()),
+        admin_token: Some(TOKEN.into()),
+        replica_id: name.into(),
+        ..Config::default()
+    };
+    config.settings.log.store_url = Some(store_url.to_string());
+    common::start(config)
+}
+
+/// Wait (up to [`REACH`]) until `holds` is true on every one of `servers`;
+/// returns how long it took.
+async fn on_every<F, Fut>(servers: &[&'static common::TestServer], what: &str, holds: F) -> std::time::Duration
+where
+    F: Fn(&'static common::TestServer) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        let mut all = true;
+        for s in servers {
+            all &= holds(s).await;
+        }
+        if all {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < REACH,
+            "{what} did not reach every replica within {REACH:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn serves(server: &common::TestServer, version: &str) -> bool {
+    common::model_slot(server, SLOT).await.version == version
+}
+
+async fn has_shadow(server: &common::TestServer, version: Option<&str>) -> bool {
+    let slot = common::model_slot(server, SLOT).await;
+    slot.shadow_version == version.unwrap_or_default()
+}
+
+async fn has_split(server: &common::TestServer, on: bool) -> bool {
+    let slot = common::model_slot(server, SLOT).await;
+    slot.split_versions.is_empty() != on
+}
+
+#[tokio::test]
+async fn a_change_sent_to_any_replica_reaches_all_of_them_and_a_restarted_one() {
+    use flywheel_proto::v1 as pb;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let Some(url) = flywheel_router::testing::postgres_database() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = flywheel_router::models::store::ModelStore::open(dir.path().join("registry")).unwrap();
+    for v in ["v2", "v3", "v4"] {
+        common::register_stub(&store, dir.path(), v, &[]);
+    }
+    let replicas: Vec<&'static common::TestServer> = ["a", "b", "c"]
+        .map(|name| &*Box::leak(Box::new(replica_of(&url, store.root(), name))))
+        .into_iter()
+        .collect();
+    let (a, b, c) = (replicas[0], replicas[1], replicas[2]);
+    let configured = common::model_slot(a, SLOT).await.version;
+
+    // Traffic on all three for the whole test; not one request may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (answered, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for server in &replicas {
+        let (stop, answered, failed) = (stop.clone(), answered.clone(), failed.clone());
+        let mut chat = server.chat().await;
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let request = pb::ChatRequest {
+                    query: "How many vacation days do I get?".into(),
+                    expert: Some("hr".into()),
+                    ..Default::default()
+                };
+                match chat.complete(request).await {
+                    Ok(_) => answered.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("failed: {e:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+
+    // A promotion sent to B.
+    b.admin()
+        .await
+        .promote(common::authorized(
+            pb::PromoteRequest {
+                slot: SLOT.into(),
+                version: "v2".into(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+    let took = on_every(&replicas, "the promotion", |s| serves(s, "v2")).await;
+    eprintln!("promotion reached every replica in {took:?}");
+    // New answers everywhere come from v2.
+    for server in &replicas {
+        let answer = server
+            .chat()
+            .await
+            .complete(pb::ChatRequest {
+                query: "How many vacation days do I get?".into(),
+                expert: Some("hr".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .answer;
+        assert!(answer.contains("@v2"), "{answer}");
+    }
+
+    // A rollback sent to C.
+    c.admin()
+        .await
+        .rollback(common::authorized(pb::RollbackRequest { slot: SLOT.into() }, TOKEN))
+        .await
+        .unwrap();
+    let took = on_every(&replicas, "the rollback", |s| serves(s, &configured)).await;
+    eprintln!("rollback reached every replica in {took:?}");
+
+    // A shadow set on A mirrors on all three, and A's report counts their runs.
+    a.admin()
+        .await
+        .set_shadow(common::authorized(
+            pb::SetShadowRequest {
+                slot: SLOT.into(),
+                version: "v3".into(),
+                fraction: 1.0,
+                max_concurrency: 64,
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+    on_every(&replicas, "the shadow", |s| has_shadow(s, Some("v3"))).await;
+    // An A/B split set on C, likewise.
+    let mut weights = std::collections::HashMap::new();
+    weights.insert("v2".to_string(), 0.5);
+    weights.insert("v4".to_string(), 0.5);
+    c.admin()
+        .await
+        .set_split(common::authorized(
+            pb::SetSplitRequest {
+                slot: SLOT.into(),
+                weights,
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+    on_every(&replicas, "the split", |s| has_split(s, true)).await;
+    assert_eq!(common::model_slot(a, SLOT).await.split_versions.len(), 2);
+
+    // A replica started now serves what the others serve, shadow and split included.
+    let d: &'static common::TestServer = Box::leak(Box::new(replica_of(&url, store.root(), "d")));
+    assert!(serves(d, &configured).await);
+    assert!(has_shadow(d, Some("v3")).await);
+    assert!(has_split(d, true).await);
+
+    let before = answered.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while answered.load(Ordering::Relaxed) < before + 60 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Shadow runs are detached: let the last ones land.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    for server in &replicas {
+        server.pipeline.log().flush().await.unwrap();
+    }
+    let report = a
+        .admin()
+        .await
+        .shadow_report(common::authorized(pb::ShadowSlotRequest { slot: SLOT.into() }, TOKEN))
+        .await
+        .unwrap()
+        .into_inner();
+    let reader = LogReader::open(LogLocation::Postgres(url.clone())).unwrap();
+    let mut by_replica = std::collections::BTreeSet::new();
+    for run in reader.shadow_records(SLOT).unwrap() {
+        if let Some(record) = reader.get(&run.request_id).unwrap() {
+            by_replica.insert(record.replica.unwrap_or_default());
+        }
+    }
+    assert!(
+        ["a", "b", "c"].iter().all(|r| by_replica.contains(*r)),
+        "shadow runs came from {by_replica:?}"
+    );
+    assert!(report.logged as u64 > report.mirrored, "{report:?}");
+
+    // Clearing on B clears everywhere.
+    b.admin()
+        .await
+        .clear_shadow(common::authorized(pb::ShadowSlotRequest { slot: SLOT.into() }, TOKEN))
+        .await
+        .unwrap();
+    a.admin()
+        .await
+        .clear_split(common::authorized(pb::SplitSlotRequest { slot: SLOT.into() }, TOKEN))
+        .await
+        .unwrap();
+    let all = [a, b, c, d];
+    on_every(&all, "clearing the shadow", |s| has_shadow(s, None)).await;
+    on_every(&all, "clearing the split", |s| has_split(s, false)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    assert!(answered.load(Ordering::Relaxed) > 100);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the changes");
+}

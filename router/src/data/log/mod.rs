@@ -24,6 +24,7 @@ mod columns;
 mod copy;
 mod postgres;
 mod record;
+mod serving_state;
 mod sqlite;
 mod writer;
 
@@ -100,6 +101,15 @@ pub enum LogError {
     /// The writer has stopped.
     #[error("the request log writer has stopped")]
     Closed,
+    /// A slot's serving state in the store does not parse.
+    #[error("the serving state of slot `{slot}` in the store is not valid")]
+    CorruptState {
+        /// The slot.
+        slot: String,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// The writer could not commit the batch holding the row (disk or
     /// `log.max_size_mb` full, database unreachable, I/O error); the row is
     /// not stored.
@@ -183,6 +193,7 @@ trait LogReads: Send {
 pub use crate::clock::unix_ms;
 pub use copy::{CopyReport, copy_log};
 pub use record::{RequestRecord, RetrievedRef, ShadowRecord};
+pub use serving_state::{Changes, SharedServingState, StoreCycleLock};
 
 /// Counters of the log, shared with the writer.
 #[derive(Debug, Default)]

@@ -198,13 +198,13 @@ pub(crate) fn redact(url: &str) -> String {
 
 /// A parsed URL and how to name it in messages.
 #[derive(Clone)]
-struct Target {
+pub(super) struct Target {
     config: Config,
     shown: String,
 }
 
 impl Target {
-    fn parse(url: &str) -> Result<Self, LogError> {
+    pub(super) fn parse(url: &str) -> Result<Self, LogError> {
         let shown = redact(url);
         let mut config: Config = url.parse().map_err(|source| LogError::Connect {
             url: shown.clone(),
@@ -220,7 +220,7 @@ impl Target {
     }
 
     /// Connect, driving the connection on the current runtime.
-    async fn connect(&self) -> Result<Client, LogError> {
+    pub(super) async fn connect(&self) -> Result<Client, LogError> {
         let (client, connection) = self.config.connect(NoTls).await.map_err(|source| LogError::Connect {
             url: self.shown.clone(),
             source,
@@ -233,35 +233,98 @@ impl Target {
         });
         Ok(client)
     }
+
+    /// Connect and pass on every notification the connection receives
+    /// (after a `LISTEN`); the receiver ends when the connection does.
+    pub(super) async fn connect_listening(
+        &self,
+    ) -> Result<
+        (
+            Client,
+            tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+        ),
+        LogError,
+    > {
+        let (client, mut connection) = self.config.connect(NoTls).await.map_err(|source| LogError::Connect {
+            url: self.shown.clone(),
+            source,
+        })?;
+        let (send, receive) = tokio::sync::mpsc::unbounded_channel();
+        let shown = self.shown.clone();
+        tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(message) = futures::StreamExt::next(&mut messages).await {
+                match message {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if send.send(n).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, url = %shown, "serving state connection to PostgreSQL closed");
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((client, receive))
+    }
+
+    /// The URL, password hidden.
+    pub(super) fn shown(&self) -> &str {
+        &self.shown
+    }
 }
 
 /// Bring the database to [`SCHEMA_VERSION`], one replica at a time.
 async fn migrate(client: &mut Client) -> Result<(), LogError> {
+    migrate_tables(client, "flywheel_schema", MIGRATIONS, SCHEMA_VERSION).await
+}
+
+/// Apply the `migrations` (`(version reached, SQL)`, oldest first) newer
+/// than the version kept in `version_table`, up to `supported`, in one
+/// transaction under the migration lock (replicas starting together
+/// migrate one at a time).
+pub(super) async fn migrate_tables(
+    client: &mut Client,
+    version_table: &str,
+    migrations: &[(i64, &str)],
+    supported: i64,
+) -> Result<(), LogError> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await?;
-    tx.batch_execute("CREATE TABLE IF NOT EXISTS flywheel_schema (version BIGINT NOT NULL)")
-        .await?;
-    let current: i64 = match tx.query_opt("SELECT version FROM flywheel_schema", &[]).await? {
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {version_table} (version BIGINT NOT NULL)"
+    ))
+    .await?;
+    let current: i64 = match tx
+        .query_opt(&format!("SELECT version FROM {version_table}"), &[])
+        .await?
+    {
         Some(row) => row.try_get(0)?,
         None => 0,
     };
-    if current > SCHEMA_VERSION {
+    if current > supported {
         return Err(LogError::NewerSchema {
             found: current,
-            supported: SCHEMA_VERSION,
+            supported,
         });
     }
     let mut reached = current;
-    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+    for (version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
         tx.batch_execute(sql).await?;
         reached = *version;
     }
     if current == 0 {
-        tx.execute("INSERT INTO flywheel_schema (version) VALUES ($1)", &[&reached])
-            .await?;
+        tx.execute(
+            &format!("INSERT INTO {version_table} (version) VALUES ($1)"),
+            &[&reached],
+        )
+        .await?;
     } else if reached != current {
-        tx.execute("UPDATE flywheel_schema SET version = $1", &[&reached])
+        tx.execute(&format!("UPDATE {version_table} SET version = $1"), &[&reached])
             .await?;
     }
     tx.commit().await?;
