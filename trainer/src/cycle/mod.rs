@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flywheel_router::data::journal::{CycleDataset, CycleJournal, CycleMetrics, CycleRecord, CycleStatus, StageTime};
-use flywheel_router::data::log::{LogLocation, LogReader, unix_ms};
+use flywheel_router::data::log::{LogLocation, LogReader, StoreCycleLock, unix_ms};
 
 use crate::curate::select::Filters;
 use crate::curate::{self, CurateOptions, CurationSpec, MANIFEST};
@@ -220,6 +220,16 @@ pub async fn run_once(args: &CycleArgs) -> anyhow::Result<CycleRecord> {
     args.candidate_specs()?;
     let journal = CycleJournal::open(&args.registry_dir)?;
     let _lock = journal.lock()?;
+    // Trainers on other machines sharing the store take turns too.
+    let _store_lock = match LogLocation::from(args.log.as_path()) {
+        LogLocation::Postgres(url) => Some(StoreCycleLock::try_take(&url).await?.with_context(|| {
+            format!(
+                "another flywheel cycle is running on the store {} (see Admin.ListCycles); wait for it to finish",
+                LogLocation::from(args.log.as_path())
+            )
+        })?),
+        LogLocation::Sqlite(_) => None,
+    };
     let interrupted = journal
         .list()?
         .into_iter()
