@@ -28,8 +28,8 @@ pub(super) struct Promotion {
     loader: Option<Arc<dyn EngineLoader>>,
     /// The serving state shared with other replicas, when there is one.
     pub(super) shared: Option<Arc<SharedServingState>>,
-    /// Per slot, the state revision this replica serves.
-    pub(super) applied: std::sync::Mutex<BTreeMap<String, u64>>,
+    /// Per slot, how far this replica has followed its recorded state.
+    pub(super) followed: std::sync::Mutex<BTreeMap<String, super::state::Followed>>,
     /// One change at a time: two changes of the serving state must not
     /// interleave their load, record and swap steps.
     pub(super) lock: tokio::sync::Mutex<()>,

@@ -60,25 +60,32 @@ impl ControlPlane {
             Some(shared) => shared.update_slot(slot, change).await?,
             None => self.store_and_loader()?.0.update_slot(slot, change)?,
         };
-        // Applied here once the caller installs it, unless another replica's
-        // change came in between: then the follower applies the whole state.
-        let mut applied = self.promotion.applied.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = applied.entry(slot.to_string()).or_default();
-        if *seen + 1 == state.revision {
-            *seen = state.revision;
+        // Applied here once the caller installs it, unless this replica was
+        // behind (another replica's change came in between, or one failed
+        // here): then the follower applies the whole state.
+        let mut followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let f = followed.entry(slot.to_string()).or_default();
+        if f.tried == f.served && f.served + 1 == state.revision {
+            *f = Followed::all(state.revision);
         }
-        drop(applied);
+        drop(followed);
         Ok((out, state))
     }
 
-    fn mark_applied(&self, slot: &str, revision: u64) {
-        let mut applied = self.promotion.applied.lock().unwrap_or_else(|e| e.into_inner());
-        applied.insert(slot.to_string(), revision);
+    fn followed(&self, slot: &str) -> Followed {
+        let followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        followed.get(slot).copied().unwrap_or_default()
     }
 
-    fn applied(&self, slot: &str) -> u64 {
-        let applied = self.promotion.applied.lock().unwrap_or_else(|e| e.into_inner());
-        applied.get(slot).copied().unwrap_or_default()
+    fn set_followed(&self, slot: &str, f: Followed) {
+        let mut followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        followed.insert(slot.to_string(), f);
+    }
+
+    /// The revision of `slot`'s recorded state this replica serves (0 when
+    /// none was recorded): behind the store's when a change failed to apply here.
+    pub fn applied_revision(&self, slot: &str) -> u64 {
+        self.followed(slot).served
     }
 
     /// `binding` as this replica finds it: its version's file in the local
@@ -227,7 +234,7 @@ impl ControlPlane {
             for change in self.apply_state(slot, state).await? {
                 restored.push((slot.name().to_string(), change));
             }
-            self.mark_applied(slot.name(), state.revision);
+            self.set_followed(slot.name(), Followed::all(state.revision));
         }
         Ok(restored)
     }
@@ -246,17 +253,20 @@ impl ControlPlane {
             let Some(state) = states.get(slot.name()) else {
                 continue;
             };
-            if state.revision <= self.applied(slot.name()) {
+            if state.revision <= self.followed(slot.name()).tried {
                 continue;
             }
             let _one_at_a_time = self.promotion.lock.lock().await;
             // A change made here while waiting for the lock is applied already.
             let state = self.slot_state(slot.name()).await?;
-            if state.revision <= self.applied(slot.name()) {
+            let mut followed = self.followed(slot.name());
+            if state.revision <= followed.tried {
                 continue;
             }
+            followed.tried = state.revision;
             match self.apply_state(slot, &state).await {
                 Ok(changes) => {
+                    followed.served = state.revision;
                     for change in changes {
                         tracing::info!(slot = slot.name(), revision = state.revision, %change, "followed the shared serving state");
                         done.push((slot.name().to_string(), change));
@@ -269,7 +279,7 @@ impl ControlPlane {
                     "cannot apply the shared serving state; this replica keeps what it serves"
                 ),
             }
-            self.mark_applied(slot.name(), state.revision);
+            self.set_followed(slot.name(), followed);
         }
         Ok(done)
     }
@@ -294,6 +304,24 @@ impl ControlPlane {
                 }
             }
         })
+    }
+}
+
+/// How far a replica has followed one slot's recorded state.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Followed {
+    /// The revision it serves.
+    pub(super) served: u64,
+    /// The newest revision it tried to apply (tried again only when a newer one comes).
+    pub(super) tried: u64,
+}
+
+impl Followed {
+    fn all(revision: u64) -> Self {
+        Self {
+            served: revision,
+            tried: revision,
+        }
     }
 }
 

@@ -69,11 +69,11 @@ impl AdminService {
     }
 
     fn slots(&self, paths: Paths) -> Vec<pb::ModelSlot> {
-        let serving = self.control.serving();
-        serving
+        self.control
+            .serving()
             .registry()
             .slots()
-            .map(|s| convert::slot(s, serving, paths))
+            .map(|s| convert::slot(s, &self.control, paths))
             .collect()
     }
 }

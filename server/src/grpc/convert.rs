@@ -208,9 +208,9 @@ impl Paths {
 }
 
 /// A slot, the model it serves and the trials on it.
-pub fn slot(s: &Slot, serving: &flywheel_router::Pipeline, paths: Paths) -> pb::ModelSlot {
+pub fn slot(s: &Slot, control: &flywheel_router::ControlPlane, paths: Paths) -> pb::ModelSlot {
     let m = s.current();
-    let (shadow, split_versions) = serving.trial_versions(s.name());
+    let (shadow, split_versions) = control.serving().trial_versions(s.name());
     pb::ModelSlot {
         slot: s.name().to_string(),
         version: m.version.clone(),
@@ -221,6 +221,7 @@ pub fn slot(s: &Slot, serving: &flywheel_router::Pipeline, paths: Paths) -> pb::
         kind: m.kind().as_str().to_string(),
         shadow_version: shadow.unwrap_or_default(),
         split_versions,
+        state_revision: control.applied_revision(s.name()),
     }
 }
 

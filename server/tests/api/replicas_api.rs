@@ -330,11 +330,42 @@ async fn a_change_sent_to_any_replica_reaches_all_of_them_and_a_restarted_one() 
     while answered.load(Ordering::Relaxed) < before + 60 && std::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    // Shadow runs are detached: let the last ones land.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    for server in &replicas {
-        server.pipeline.log().flush().await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
     }
+    assert!(answered.load(Ordering::Relaxed) > 100);
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the changes");
+
+    // Shadow runs are detached: wait until the last ones are in the log.
+    let reader = LogReader::open(LogLocation::Postgres(url.clone())).unwrap();
+    let mut runs = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        for server in &replicas {
+            server.pipeline.log().flush().await.unwrap();
+        }
+        let now = reader.shadow_records(SLOT).unwrap();
+        if !now.is_empty() && now.len() == runs.len() {
+            break;
+        }
+        runs = now;
+        assert!(std::time::Instant::now() < deadline, "shadow runs never settled");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let mut by_replica = std::collections::BTreeMap::<String, usize>::new();
+    for run in &runs {
+        let record = reader
+            .get(&run.request_id)
+            .unwrap()
+            .expect("the mirrored request's record");
+        *by_replica.entry(record.replica.unwrap_or_default()).or_default() += 1;
+    }
+    assert!(
+        ["a", "b", "c"].iter().all(|r| by_replica.contains_key(*r)),
+        "shadow runs came from {by_replica:?}"
+    );
+    // A's report counts the runs of all of them.
     let report = a
         .admin()
         .await
@@ -342,18 +373,7 @@ async fn a_change_sent_to_any_replica_reaches_all_of_them_and_a_restarted_one() 
         .await
         .unwrap()
         .into_inner();
-    let reader = LogReader::open(LogLocation::Postgres(url.clone())).unwrap();
-    let mut by_replica = std::collections::BTreeSet::new();
-    for run in reader.shadow_records(SLOT).unwrap() {
-        if let Some(record) = reader.get(&run.request_id).unwrap() {
-            by_replica.insert(record.replica.unwrap_or_default());
-        }
-    }
-    assert!(
-        ["a", "b", "c"].iter().all(|r| by_replica.contains(*r)),
-        "shadow runs came from {by_replica:?}"
-    );
-    assert!(report.logged as u64 > report.mirrored, "{report:?}");
+    assert_eq!(report.logged as usize, runs.len(), "{report:?}");
 
     // Clearing on B clears everywhere.
     b.admin()
@@ -369,11 +389,12 @@ async fn a_change_sent_to_any_replica_reaches_all_of_them_and_a_restarted_one() 
     let all = [a, b, c, d];
     on_every(&all, "clearing the shadow", |s| has_shadow(s, None)).await;
     on_every(&all, "clearing the split", |s| has_split(s, false)).await;
-
-    stop.store(true, Ordering::Relaxed);
-    for task in load {
-        task.await.unwrap();
-    }
-    assert!(answered.load(Ordering::Relaxed) > 100);
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "requests failed during the changes");
+    // Every replica has followed every change: promote, rollback, shadow,
+    // split, clear, clear.
+    let latest = common::model_slot(a, SLOT).await.state_revision;
+    assert_eq!(latest, 6);
+    on_every(&all, "the latest revision", |s| async move {
+        common::model_slot(s, SLOT).await.state_revision == latest
+    })
+    .await;
 }
