@@ -29,10 +29,28 @@ pub(super) struct Promotion {
     /// The serving state shared with other replicas, when there is one.
     pub(super) shared: Option<Arc<SharedServingState>>,
     /// Per slot, how far this replica has followed its recorded state.
-    pub(super) followed: std::sync::Mutex<BTreeMap<String, super::state::Followed>>,
+    pub(super) followed: std::sync::Mutex<BTreeMap<String, Followed>>,
     /// One change at a time: two changes of the serving state must not
     /// interleave their load, record and swap steps.
     pub(super) lock: tokio::sync::Mutex<()>,
+}
+
+/// How far a replica has followed one slot's recorded state.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Followed {
+    /// The revision it serves.
+    pub(super) served: u64,
+    /// The newest revision it tried to apply (tried again only when a newer one comes).
+    pub(super) tried: u64,
+}
+
+impl Followed {
+    pub(super) fn all(revision: u64) -> Self {
+        Self {
+            served: revision,
+            tried: revision,
+        }
+    }
 }
 
 /// What a promotion or rollback did.

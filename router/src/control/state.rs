@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::ControlPlane;
+use super::promotion::Followed;
 use crate::clock::unix_ms;
 use crate::data::log::SharedServingState;
 use crate::error::ControlError;
@@ -304,24 +305,6 @@ impl ControlPlane {
                 }
             }
         })
-    }
-}
-
-/// How far a replica has followed one slot's recorded state.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Followed {
-    /// The revision it serves.
-    pub(super) served: u64,
-    /// The newest revision it tried to apply (tried again only when a newer one comes).
-    pub(super) tried: u64,
-}
-
-impl Followed {
-    fn all(revision: u64) -> Self {
-        Self {
-            served: revision,
-            tried: revision,
-        }
     }
 }
 
