@@ -679,6 +679,27 @@ mod tests {
         drop(held);
     }
 
+    #[tokio::test]
+    async fn a_second_cycle_on_another_machine_sharing_the_store_is_refused() {
+        let Some(url) = flywheel_router::testing::postgres_database() else {
+            return;
+        };
+        // The running cycle holds the store's lock (its registry, and so its
+        // file lock, is elsewhere); this trainer has a registry of its own.
+        let held = StoreCycleLock::try_take(&url).await.unwrap().expect("a free lock");
+        let dir = tempfile::tempdir().unwrap();
+        let mut second = args(dir.path());
+        second.log = url.clone().into();
+        let err = run_once(&second).await.unwrap_err();
+        let message = format!("{err:#}");
+        assert!(
+            message.contains("another flywheel cycle is running on the store"),
+            "{message}"
+        );
+        assert!(!message.contains("password"), "{message}");
+        drop(held);
+    }
+
     #[test]
     fn the_device_reaches_training_and_the_gate() {
         use flywheel_router::device::DeviceChoice;
