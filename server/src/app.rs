@@ -27,6 +27,7 @@ use flywheel_router::{ControlPlane, Pipeline};
 use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -270,7 +271,7 @@ impl App {
             ));
         }
         let _stop_metrics = stop_metrics.drop_guard();
-        let _stop_following = AbortOnDrop(self.control.follow());
+        let _stop_following = AbortOnDropHandle::new(self.control.follow());
         let addr = listener.local_addr()?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<ChatServer<ChatService>>().await;
@@ -391,15 +392,6 @@ impl App {
             "request log flushed; stopped"
         );
         result
-    }
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -31,6 +31,18 @@ pub const PEER_RECORD_WAIT: std::time::Duration = std::time::Duration::from_mill
 /// How often that look is repeated.
 const PEER_RECORD_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// `e` with its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 mod promotion;
 mod shadows;
 mod splits;
@@ -43,6 +55,7 @@ pub use state::STATE_POLL;
 pub struct ControlPlane {
     serving: Arc<Pipeline>,
     promotion: promotion::Promotion,
+    state: state::Keeping,
 }
 
 impl ControlPlane {
@@ -51,6 +64,7 @@ impl ControlPlane {
         Self {
             serving,
             promotion: promotion::Promotion::default(),
+            state: state::Keeping::default(),
         }
     }
 

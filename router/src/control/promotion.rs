@@ -9,13 +9,11 @@
 //! (see [`super::state`]) before it is made, so a restarted server serves the
 //! last promoted versions and replicas sharing a store follow it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::ControlPlane;
+use super::{ControlPlane, chain};
 use crate::config::ModelSpec;
-use crate::data::log::SharedServingState;
 use crate::engine::EngineLoader;
 use crate::error::ControlError;
 use crate::models::slots::{ROUTER_SLOT, ServedModel, Slot};
@@ -26,31 +24,6 @@ use crate::models::store::{Binding, ModelStore};
 pub(super) struct Promotion {
     store: Option<ModelStore>,
     loader: Option<Arc<dyn EngineLoader>>,
-    /// The serving state shared with other replicas, when there is one.
-    pub(super) shared: Option<Arc<SharedServingState>>,
-    /// Per slot, how far this replica has followed its recorded state.
-    pub(super) followed: std::sync::Mutex<BTreeMap<String, Followed>>,
-    /// One change at a time: two changes of the serving state must not
-    /// interleave their load, record and swap steps.
-    pub(super) lock: tokio::sync::Mutex<()>,
-}
-
-/// How far a replica has followed one slot's recorded state.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Followed {
-    /// The revision it serves.
-    pub(super) served: u64,
-    /// The newest revision it tried to apply (tried again only when a newer one comes).
-    pub(super) tried: u64,
-}
-
-impl Followed {
-    pub(super) fn all(revision: u64) -> Self {
-        Self {
-            served: revision,
-            tried: revision,
-        }
-    }
 }
 
 /// What a promotion or rollback did.
@@ -66,17 +39,6 @@ pub struct SwapReport {
     pub load_ms: f64,
     /// Time to check and warm it.
     pub warm_ms: f64,
-}
-
-pub(super) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 impl ControlPlane {
@@ -130,6 +92,15 @@ impl ControlPlane {
             (Some(s), Some(l)) => Ok((s, l)),
             _ => Err(ControlError::NoModelStore),
         }
+    }
+
+    /// `version` of the model registry, bound to its file there.
+    pub(super) fn registry_binding(&self, version: &str) -> Result<Binding, ControlError> {
+        let (store, _) = self.store_and_loader()?;
+        Ok(Binding {
+            version: version.to_string(),
+            path: store.model_path(version)?,
+        })
     }
 
     /// Load `binding` for `slot`, check and warm it, without swapping.
@@ -196,13 +167,10 @@ impl ControlPlane {
     /// Unknown slot or version, no registry, or a model that fails to load,
     /// validate or warm ([`ControlError::ModelRejected`]; the slot keeps its model).
     pub async fn promote(&self, slot_name: &str, version: &str) -> Result<SwapReport, ControlError> {
-        let (store, _) = self.store_and_loader()?;
+        self.store_and_loader()?;
         let slot = self.slot_named(slot_name)?;
-        let binding = Binding {
-            version: version.to_string(),
-            path: store.model_path(version)?,
-        };
-        let _one_at_a_time = self.promotion.lock.lock().await;
+        let binding = self.registry_binding(version)?;
+        let _one_at_a_time = self.state.lock.lock().await;
         let (model, load_ms, warm_ms) = self.prepare(&slot, &binding).await?;
         let current = slot.current();
         let served = Binding {
@@ -227,7 +195,7 @@ impl ControlPlane {
     pub async fn rollback(&self, slot_name: &str) -> Result<SwapReport, ControlError> {
         self.store_and_loader()?;
         let slot = self.slot_named(slot_name)?;
-        let _one_at_a_time = self.promotion.lock.lock().await;
+        let _one_at_a_time = self.state.lock.lock().await;
         let state = self.slot_state(slot_name).await?;
         let previous = state.previous(slot_name)?.clone();
         let (model, load_ms, warm_ms) = self.prepare(&slot, &self.local_binding(&previous)).await?;

@@ -8,7 +8,7 @@ use super::ControlPlane;
 use crate::data::feedback::latest_explicit;
 use crate::error::ControlError;
 use crate::models::slots::ROUTER_SLOT;
-use crate::models::store::{Binding, ShadowSetting};
+use crate::models::store::ShadowSetting;
 use crate::trials::shadow::{ShadowRecord, ShadowReport, percentile};
 
 impl ControlPlane {
@@ -36,19 +36,16 @@ impl ControlPlane {
                 reason: "max_concurrency must be at least 1".into(),
             });
         }
-        let (store, _) = self.store_and_loader()?;
+        self.store_and_loader()?;
         let target = self.slot_named(slot)?;
-        let binding = Binding {
-            version: version.to_string(),
-            path: store.model_path(version)?,
-        };
+        let binding = self.registry_binding(version)?;
         let setting = ShadowSetting {
             version: version.to_string(),
             fraction,
             max_concurrency,
         };
         {
-            let _one_at_a_time = self.promotion.lock.lock().await;
+            let _one_at_a_time = self.state.lock.lock().await;
             let (model, _, _) = self.prepare(&target, &binding).await?;
             self.update_slot(slot, |state| {
                 state.shadow = Some(setting.clone());
@@ -68,7 +65,7 @@ impl ControlPlane {
     /// [`ControlError::NoShadow`].
     pub async fn clear_shadow(&self, slot: &str) -> Result<ShadowReport, ControlError> {
         let report = self.shadow_report(slot).await?;
-        let _one_at_a_time = self.promotion.lock.lock().await;
+        let _one_at_a_time = self.state.lock.lock().await;
         self.update_slot(slot, |state| {
             state.shadow = None;
             Ok(())

@@ -21,7 +21,7 @@ impl ControlPlane {
         self.store_and_loader()?;
         let target = self.slot_named(slot)?;
         {
-            let _one_at_a_time = self.promotion.lock.lock().await;
+            let _one_at_a_time = self.state.lock.lock().await;
             let arms = self.prepare_arms(&target, weights).await?;
             let setting = split_setting(weights);
             let since_ms = setting.since_ms;
@@ -43,7 +43,7 @@ impl ControlPlane {
     /// [`ControlError::NoSplit`] when the slot has no split.
     pub async fn clear_split(&self, slot: &str) -> Result<SplitReport, ControlError> {
         let report = self.split_report(slot).await?;
-        let _one_at_a_time = self.promotion.lock.lock().await;
+        let _one_at_a_time = self.state.lock.lock().await;
         self.update_slot(slot, |state| {
             state.split = None;
             Ok(())

@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::ControlPlane;
-use super::promotion::Followed;
 use crate::clock::unix_ms;
 use crate::data::log::SharedServingState;
 use crate::error::ControlError;
@@ -28,17 +27,47 @@ use crate::trials::split::{Arm, Split};
 /// (the fallback when notifications are lost).
 pub const STATE_POLL: Duration = Duration::from_secs(2);
 
+/// How this replica keeps the serving state.
+#[derive(Default)]
+pub(super) struct Keeping {
+    /// The serving state shared with other replicas, when there is one.
+    shared: Option<Arc<SharedServingState>>,
+    /// Per slot, how far this replica has followed its recorded state.
+    followed: std::sync::Mutex<BTreeMap<String, Followed>>,
+    /// One change at a time: two changes of the serving state must not
+    /// interleave their load, record and swap steps.
+    pub(super) lock: tokio::sync::Mutex<()>,
+}
+
+/// How far a replica has followed one slot's recorded state.
+#[derive(Debug, Clone, Copy, Default)]
+struct Followed {
+    /// The revision it serves.
+    served: u64,
+    /// The newest revision it tried to apply (tried again only when a newer one comes).
+    tried: u64,
+}
+
+impl Followed {
+    fn all(revision: u64) -> Self {
+        Self {
+            served: revision,
+            tried: revision,
+        }
+    }
+}
+
 impl ControlPlane {
     /// Keep the serving state in the shared store `state` instead of the
     /// registry's `slots.json` (the registry still holds the model files).
     pub fn with_shared_state(mut self, state: SharedServingState) -> Self {
-        self.promotion.shared = Some(Arc::new(state));
+        self.state.shared = Some(Arc::new(state));
         self
     }
 
     /// Every slot's recorded state, by slot.
     pub(super) async fn slot_states(&self) -> Result<BTreeMap<String, SlotState>, ControlError> {
-        if let Some(shared) = &self.promotion.shared {
+        if let Some(shared) = &self.state.shared {
             return Ok(shared.slot_states().await?);
         }
         let (store, _) = self.store_and_loader()?;
@@ -57,14 +86,14 @@ impl ControlPlane {
         slot: &str,
         change: impl FnOnce(&mut SlotState) -> Result<T, ControlError>,
     ) -> Result<(T, SlotState), ControlError> {
-        let (out, state) = match &self.promotion.shared {
+        let (out, state) = match &self.state.shared {
             Some(shared) => shared.update_slot(slot, change).await?,
             None => self.store_and_loader()?.0.update_slot(slot, change)?,
         };
         // Applied here once the caller installs it, unless this replica was
         // behind (another replica's change came in between, or one failed
         // here): then the follower applies the whole state.
-        let mut followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut followed = self.state.followed.lock().unwrap_or_else(|e| e.into_inner());
         let f = followed.entry(slot.to_string()).or_default();
         if f.tried == f.served && f.served + 1 == state.revision {
             *f = Followed::all(state.revision);
@@ -74,12 +103,12 @@ impl ControlPlane {
     }
 
     fn followed(&self, slot: &str) -> Followed {
-        let followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let followed = self.state.followed.lock().unwrap_or_else(|e| e.into_inner());
         followed.get(slot).copied().unwrap_or_default()
     }
 
     fn set_followed(&self, slot: &str, f: Followed) {
-        let mut followed = self.promotion.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut followed = self.state.followed.lock().unwrap_or_else(|e| e.into_inner());
         followed.insert(slot.to_string(), f);
     }
 
@@ -147,14 +176,9 @@ impl ControlPlane {
 
     /// Load and warm the arms of `weights` for `slot`.
     pub(super) async fn prepare_arms(&self, slot: &Slot, weights: &[(String, f64)]) -> Result<Vec<Arm>, ControlError> {
-        let (store, _) = self.store_and_loader()?;
         let mut arms = Vec::with_capacity(weights.len());
         for (version, weight) in weights {
-            let binding = Binding {
-                version: version.clone(),
-                path: store.model_path(version)?,
-            };
-            let (model, _, _) = self.prepare(slot, &binding).await?;
+            let (model, _, _) = self.prepare(slot, &self.registry_binding(version)?).await?;
             arms.push(Arm {
                 version: version.clone(),
                 weight: *weight,
@@ -189,11 +213,7 @@ impl ControlPlane {
                     c.model.version != s.version || c.fraction != s.fraction || c.max_concurrency != s.max_concurrency
                 }) =>
             {
-                let binding = self.local_binding(&Binding {
-                    version: s.version.clone(),
-                    path: self.store_and_loader()?.0.model_path(&s.version)?,
-                });
-                let (model, _, _) = self.prepare(slot, &binding).await?;
+                let (model, _, _) = self.prepare(slot, &self.registry_binding(&s.version)?).await?;
                 self.install_shadow(name, Some((s, Arc::new(model))));
                 changed.push(format!("shadow {}", s.version));
             }
@@ -225,7 +245,7 @@ impl ControlPlane {
         if self.store_and_loader().is_err() {
             return Ok(Vec::new());
         }
-        let _one_at_a_time = self.promotion.lock.lock().await;
+        let _one_at_a_time = self.state.lock.lock().await;
         let states = self.slot_states().await?;
         let mut restored = Vec::new();
         for slot in self.serving.registry.slots() {
@@ -257,7 +277,7 @@ impl ControlPlane {
             if state.revision <= self.followed(slot.name()).tried {
                 continue;
             }
-            let _one_at_a_time = self.promotion.lock.lock().await;
+            let _one_at_a_time = self.state.lock.lock().await;
             // A change made here while waiting for the lock is applied already.
             let state = self.slot_state(slot.name()).await?;
             let mut followed = self.followed(slot.name());
@@ -276,7 +296,7 @@ impl ControlPlane {
                 Err(error) => tracing::error!(
                     slot = slot.name(),
                     revision = state.revision,
-                    error = %super::promotion::chain(&error),
+                    error = %super::chain(&error),
                     "cannot apply the shared serving state; this replica keeps what it serves"
                 ),
             }
@@ -291,13 +311,13 @@ impl ControlPlane {
     pub fn follow(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let control = self.clone();
         tokio::spawn(async move {
-            let Some(shared) = control.promotion.shared.clone() else {
+            let Some(shared) = control.state.shared.clone() else {
                 return;
             };
             let changes = shared.changes().await;
             loop {
                 if let Err(error) = control.catch_up().await {
-                    tracing::warn!(error = %super::promotion::chain(&error), "cannot read the shared serving state");
+                    tracing::warn!(error = %super::chain(&error), "cannot read the shared serving state");
                 }
                 tokio::select! {
                     () = changes.next() => {}

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Mutex, Notify};
 use tokio_postgres::Client;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::LogError;
 use super::postgres::{Target, migrate_tables};
@@ -187,8 +188,8 @@ impl SharedServingState {
         let wake = notify.clone();
         let (ready, listening_now) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            // Present until the first try: after it, a reconnection wakes the follower.
             let mut ready = Some(ready);
-            let mut first = true;
             loop {
                 let listening = async {
                     let (client, receive) = target.connect_listening().await?;
@@ -197,20 +198,18 @@ impl SharedServingState {
                 };
                 match listening.await {
                     Ok((_client, mut receive)) => {
-                        if let Some(ready) = ready.take() {
-                            let _ = ready.send(());
+                        match ready.take() {
+                            Some(ready) => {
+                                let _ = ready.send(());
+                            }
+                            None => wake.notify_one(),
                         }
-                        if !first {
-                            wake.notify_one();
-                        }
-                        first = false;
                         while receive.recv().await.is_some() {
                             wake.notify_one();
                         }
                     }
                     Err(error) => {
                         ready = None;
-                        first = false;
                         tracing::warn!(error = %error, "cannot listen for serving state changes");
                     }
                 }
@@ -218,26 +217,23 @@ impl SharedServingState {
             }
         });
         let _ = listening_now.await;
-        Changes { notify, task }
+        Changes {
+            notify,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 }
 
 /// Wake-ups for serving state changes (see [`SharedServingState::changes`]).
 pub struct Changes {
     notify: Arc<Notify>,
-    task: tokio::task::JoinHandle<()>,
+    _task: AbortOnDropHandle<()>,
 }
 
 impl Changes {
     /// Resolves at the next change (at once when one came since the last call).
     pub async fn next(&self) {
         self.notify.notified().await;
-    }
-}
-
-impl Drop for Changes {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
